@@ -1,0 +1,85 @@
+"""Ray Data access to image tables: lazy reads with column projection, and a decode step that
+quarantines bad rows (with their reason) instead of failing the whole job."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+
+from raybackfill.data import io
+from raybackfill.data.images import decode_batch
+from raybackfill.data.schema import ID, IMAGE, quarantine_table, validate_image_schema
+
+
+def image_shards(uri: str, *, require_label: bool = False) -> list[str]:
+    """The table's shard URIs, each checked for the image schema (footers only, no data read)."""
+    shards = io.list_shards(uri)
+    if not shards:
+        raise io.StorageError(f"{uri}: table has no parquet shards")
+    for shard in shards:
+        fs, path = io.resolve(shard)
+        try:
+            schema = pq.read_schema(path, filesystem=fs)
+        except OSError as err:
+            raise io.StorageError(f"{shard}: cannot read parquet footer ({err})") from err
+        validate_image_schema(schema, shard, require_label=require_label)
+    return shards
+
+
+def read_images(uri: str, *, columns: list[str] | None = None, require_label: bool = False) -> ray.data.Dataset:
+    """A lazy Ray Dataset over an image table (local or s3://), projected to ``columns``."""
+    shards = image_shards(uri, require_label=require_label)
+    fs, _ = io.resolve(uri)
+    paths = [io.resolve(s)[1] for s in shards]
+    return ray.data.read_parquet(paths, filesystem=fs, columns=columns)
+
+
+def decode_images(
+    ds: ray.data.Dataset,
+    *,
+    size: int,
+    quarantine_uri: str | None = None,
+    batch_size: int = 256,
+    num_cpus: float = 1.0,
+) -> ray.data.Dataset:
+    """Decode the ``image`` column to normalised ``pixels`` (N, 3, size, size) float32.
+
+    Rows whose bytes are corrupt or of the wrong size are dropped from the stream and written to the
+    quarantine table (id, reason, stage) when ``quarantine_uri`` is given.
+    """
+    return ds.map_batches(
+        _decode_numpy_batch,
+        fn_kwargs={"size": size, "quarantine_uri": quarantine_uri},
+        batch_format="numpy",
+        batch_size=batch_size,
+        num_cpus=num_cpus,
+    )
+
+
+def _decode_numpy_batch(batch: dict[str, np.ndarray], size: int, quarantine_uri: str | None) -> dict:
+    decoded = decode_batch(batch[IMAGE], size)
+    if not decoded.ok.all():
+        bad_ids = batch[ID][~decoded.ok]
+        if quarantine_uri is not None:
+            write_quarantine(quarantine_uri, bad_ids, decoded.reasons, stage="decode")
+    out = {name: values[decoded.ok] for name, values in batch.items() if name != IMAGE}
+    out["pixels"] = decoded.pixels
+    return out
+
+
+def write_quarantine(uri: str, ids: np.ndarray, reasons: list[str], *, stage: str) -> str:
+    """Write quarantined rows under a name derived from their ids, so a retried batch writes it once."""
+    ids = np.asarray(ids, dtype=np.int64)
+    digest = hashlib.sha1(np.sort(ids).tobytes() + stage.encode()).hexdigest()[:16]
+    return io.write_shard(quarantine_table(ids, reasons, stage), uri, f"{stage}-{digest}.parquet", if_exists="skip")
+
+
+def read_quarantine(uri: str) -> np.ndarray:
+    """Ids quarantined so far (empty if nothing was quarantined)."""
+    if not io.exists(uri):
+        return np.zeros(0, dtype=np.int64)
+    return io.read_table(uri, columns=[ID]).column(ID).to_numpy()
+
