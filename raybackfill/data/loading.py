@@ -34,7 +34,8 @@ def read_images(uri: str, *, columns: list[str] | None = None, require_label: bo
     shards = image_shards(uri, require_label=require_label)
     fs, _ = io.resolve(uri)
     paths = [io.resolve(s)[1] for s in shards]
-    return ray.data.read_parquet(paths, filesystem=fs, columns=columns)
+    ds = ray.data.read_parquet(paths, filesystem=fs)
+    return ds.select_columns(columns) if columns is not None else ds
 
 
 def decode_images(

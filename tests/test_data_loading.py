@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+
+from raybackfill.data import io
+from raybackfill.data.images import encode_png
+from raybackfill.data.loading import decode_images, read_images, read_quarantine
+from raybackfill.data.schema import SchemaError, image_table
+
+
+def _gallery(n=12, size=8, corrupt=(), wrong_size=()):
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(n):
+        side = size + 2 if i in wrong_size else size
+        png = encode_png(rng.integers(0, 255, size=(side, side, 3), dtype=np.uint8))
+        images.append(png[: len(png) // 2] if i in corrupt else png)
+    return image_table(np.arange(n), images, labels=np.arange(n) % 3)
+
+
+def test_ray_data_reads_local_table_with_projection(ray_cluster, tmp_path):
+    uri = str(tmp_path / "g")
+    io.write_table(_gallery(), uri, rows_per_shard=5)
+    ds = read_images(uri, columns=["id", "label"])
+    rows = ds.take_all()
+    assert sorted(r["id"] for r in rows) == list(range(12))
+    assert set(rows[0]) == {"id", "label"}
+
+
+def test_ray_data_reads_table_from_s3(ray_cluster, s3_bucket):
+    uri = f"{s3_bucket}/gallery"
+    io.write_table(_gallery(), uri, rows_per_shard=5)
+    assert sorted(read_images(uri, columns=["id"]).to_pandas()["id"]) == list(range(12))
+
+
+def test_decode_yields_normalised_pixels(ray_cluster, tmp_path):
+    uri = str(tmp_path / "g")
+    io.write_table(_gallery(n=4), uri)
+    batch = decode_images(read_images(uri), size=8).take_batch(4)
+    assert batch["pixels"].shape == (4, 3, 8, 8) and batch["pixels"].dtype == np.float32
+    assert "image" not in batch
+    assert -2.01 <= batch["pixels"].min() and batch["pixels"].max() <= 2.01
+
+
+def test_corrupt_and_wrong_size_images_are_quarantined_not_fatal(ray_cluster, tmp_path):
+    uri, quarantine = str(tmp_path / "g"), str(tmp_path / "quarantine")
+    io.write_table(_gallery(corrupt=(3, 7), wrong_size=(5,)), uri, rows_per_shard=4)
+    ids = decode_images(read_images(uri), size=8, quarantine_uri=quarantine).to_pandas()["id"]
+    assert sorted(ids) == [0, 1, 2, 4, 6, 8, 9, 10, 11]
+    assert sorted(read_quarantine(quarantine)) == [3, 5, 7]
+    reasons = dict(zip(*io.read_table(quarantine).select(["id", "reason"]).to_pydict().values(), strict=True))
+    assert "corrupt image bytes" in reasons[3] and "expected 8x8" in reasons[5]
+
+
+def test_schema_errors_are_raised_before_any_read(ray_cluster, tmp_path):
+    uri = str(tmp_path / "g")
+    io.write_table(_gallery().drop(["label"]), uri)
+    with pytest.raises(SchemaError, match="part-00000.parquet: missing column 'label'"):
+        read_images(uri, require_label=True)
