@@ -1,0 +1,178 @@
+"""Model artefacts: a directory (local or s3://) holding ``model.json`` and ``model.safetensors``.
+
+model.json names a registered architecture and its keyword arguments, so any job rebuilds the module
+without importing or executing anything from the artefact; weights are safetensors (no pickle). A legacy
+``model.pt`` is read only through ``torch.load(weights_only=True)``, which refuses arbitrary objects.
+Artefacts are versioned and never overwritten: model.json is written last and marks a committed artefact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import pickle
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from raybackfill.compat.recipes import RECIPES
+from raybackfill.data.io import exists, join, read_bytes, write_bytes
+from raybackfill.models.registry import BUILDERS, build_model
+
+MODEL_JSON = "model.json"
+SAFETENSORS_FILE = "model.safetensors"
+WEIGHTS_FILES = (SAFETENSORS_FILE, "model.pt")
+METRICS = ("cosine", "l2")
+FORMAT_VERSION = 1
+
+
+class ArtifactError(ValueError):
+    """An artefact is missing, malformed, or does not match its architecture; the message names the file."""
+
+
+class ArtifactExistsError(FileExistsError):
+    """Refusing to overwrite a committed artefact."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What model.json says about a model.
+
+    ``dims`` (e.g. {"embedding": 128} or {"old": 64, "side": 32, "new": 128}) and ``created`` (UTC,
+    ISO 8601) are filled in by :func:`save_model` from the module and the clock.
+    """
+
+    architecture: str
+    version: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    metric: str = "cosine"
+    method: str = "independent"
+    training_data: str | None = None
+    parent: str | None = None
+    dims: dict[str, int] = field(default_factory=dict)
+    created: str | None = None
+    weights: str = SAFETENSORS_FILE
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.architecture not in BUILDERS:
+            problems.append(f"unknown architecture {self.architecture!r} (valid: {', '.join(sorted(BUILDERS))})")
+        if not isinstance(self.version, str) or not self.version:
+            problems.append("version must be a non-empty string")
+        if not isinstance(self.kwargs, dict):
+            problems.append("kwargs must be an object")
+        if self.metric not in METRICS:
+            problems.append(f"metric must be one of {METRICS}, got {self.metric!r}")
+        if self.method not in RECIPES:
+            problems.append(f"unknown method {self.method!r} (valid: {', '.join(RECIPES)})")
+        if self.weights not in WEIGHTS_FILES:
+            problems.append(f"weights must be one of {WEIGHTS_FILES}, got {self.weights!r}")
+        if not isinstance(self.dims, dict) or not all(isinstance(v, int) for v in self.dims.values()):
+            problems.append("dims must map names to integers")
+        if problems:
+            raise ArtifactError("; ".join(problems))
+
+    def to_json(self) -> str:
+        return json.dumps({"format_version": FORMAT_VERSION, **dataclasses.asdict(self)}, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, source: str) -> ModelSpec:
+        try:
+            raw = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ArtifactError(f"{source}: not valid JSON ({err})") from err
+        if not isinstance(raw, dict):
+            raise ArtifactError(f"{source}: expected a JSON object, found {type(raw).__name__}")
+        if raw.pop("format_version", None) != FORMAT_VERSION:
+            raise ArtifactError(f"{source}: missing or unsupported format_version (this code reads {FORMAT_VERSION})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ArtifactError(f"{source}: unknown keys {unknown}")
+        try:
+            return cls(**raw)
+        except TypeError as err:
+            raise ArtifactError(f"{source}: missing keys ({err})") from err
+        except ArtifactError as err:
+            raise ArtifactError(f"{source}: {err}") from err
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    module: nn.Module  # in eval mode, on the CPU
+    spec: ModelSpec
+
+
+def save_model(module: nn.Module, uri: str, spec: ModelSpec) -> ModelSpec:
+    """Write ``module`` as a new artefact at ``uri`` and return the spec as written.
+
+    Refuses to overwrite a committed artefact, and refuses a module that the spec's architecture and
+    kwargs would not rebuild (checked now, not discovered later by the job that loads it).
+    """
+    json_uri = join(uri, MODEL_JSON)
+    if exists(json_uri):
+        raise ArtifactExistsError(f"{json_uri}: artefact already exists; save under a new version instead")
+    state = {name: t.detach().cpu().contiguous() for name, t in module.state_dict().items()}
+    expected = {name: tuple(t.shape) for name, t in build_model(spec.architecture, **spec.kwargs).state_dict().items()}
+    found = {name: tuple(t.shape) for name, t in state.items()}
+    if expected != found:
+        diff = sorted(set(expected.items()) ^ set(found.items()))[:5]
+        raise ArtifactError(
+            f"{uri}: module does not match architecture {spec.architecture!r} with kwargs {spec.kwargs} "
+            f"(first differing parameters: {diff})"
+        )
+    final = dataclasses.replace(
+        spec,
+        dims=dict(getattr(module, "dims", {})),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        weights=SAFETENSORS_FILE,
+    )
+    write_bytes(join(uri, SAFETENSORS_FILE), save_safetensors(state))
+    write_bytes(json_uri, final.to_json().encode())  # last: its presence commits the artefact
+    return final
+
+
+def read_spec(uri: str) -> ModelSpec:
+    """Read and validate model.json only (cheap: no weights)."""
+    json_uri = join(uri, MODEL_JSON)
+    return ModelSpec.from_json(read_bytes(json_uri), json_uri)
+
+
+def load_model(uri: str) -> LoadedModel:
+    """Rebuild the module named by model.json and load its weights; never executes stored code."""
+    spec = read_spec(uri)
+    json_uri = join(uri, MODEL_JSON)
+    try:
+        module = build_model(spec.architecture, **spec.kwargs)
+    except ValueError as err:
+        raise ArtifactError(f"{json_uri}: {err}") from err
+    weights_uri = join(uri, spec.weights)
+    state = _decode_weights(read_bytes(weights_uri), weights_uri)
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ArtifactError(f"{weights_uri}: weights do not match architecture {spec.architecture!r} ({err})") from err
+    module.eval()
+    return LoadedModel(module, spec)
+
+
+def _decode_weights(data: bytes, source: str) -> dict[str, torch.Tensor]:
+    if source.endswith(".safetensors"):
+        try:
+            return load_safetensors(data)
+        except SafetensorError as err:
+            raise ArtifactError(f"{source}: not a readable safetensors file, truncated or corrupt ({err})") from err
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise ArtifactError(f"{source}: refused: not a plain tensor checkpoint or truncated ({err})") from err
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ArtifactError(f"{source}: expected a mapping of parameter names to tensors")
+    return state
