@@ -1,0 +1,254 @@
+"""The evaluation report (report.json): one stable schema that tools, plots and the checker read.
+
+Schema (version 1); all metrics are fractions in [0, 1], null where undefined:
+    {
+      "schema": 1,
+      "metric": "cosine" | "l2",               # similarity used for every number below
+      "protocol": "disjoint" | "leave_one_out",
+      "queries": {"evaluated": int, "dropped": int},   # dropped: no relevant gallery item
+      "auc": "mean over even grid",             # what auc_top1 / auc_map mean
+      "anchors": {                              # fixed-model evaluations; old_old and new_new always
+        "old_old": {"top1", "top5", "map", "map_at_r"},
+        "new_new": {...},
+        "<other cross test, e.g. new_old, new_transformed>": {...}
+      },
+      "runs": [{
+        "method": str, "policy": str, "strategy": "old" | "compatible" | "rank_merge",
+        "betas": [...], "top1": [...], "top5": [...], "map": [...], "nfr": [...],   # one per beta
+        "auc_top1", "auc_map",                    # mean over the even beta grid
+        "auc_top1_trapezoid", "auc_map_trapezoid",
+        "relative_gain_top1", "relative_gain_map",  # (auc - old_old) / (new_new - old_old)
+        "max_nfr", "final_top1", "final_map"
+      }],
+      "online": {...}                           # optional, written by the online (serving) evaluation
+    }
+"map" is mAP over the whole gallery (mAP@all); nfr is the share of queries correct at top-1 under
+old/old and wrong at that beta.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from raybackfill.data.io import read_bytes, write_bytes
+from raybackfill.eval.curves import BackfillCurve, summarize
+from raybackfill.eval.metrics import RetrievalResult
+
+SCHEMA_VERSION = 1
+AUC_DEFINITION = "mean over even grid"
+ANCHOR_KEYS = ("top1", "top5", "map", "map_at_r")
+CURVE_KEYS = ("betas", "top1", "top5", "map", "nfr")
+SUMMARY_KEYS = (
+    "auc_top1",
+    "auc_map",
+    "auc_top1_trapezoid",
+    "auc_map_trapezoid",
+    "relative_gain_top1",
+    "relative_gain_map",
+    "max_nfr",
+    "final_top1",
+    "final_map",
+)
+TABLE_COLUMNS = {
+    "auc_top1": "AUC top1",
+    "auc_map": "AUC mAP",
+    "auc_top1_trapezoid": "AUC top1 (trap.)",
+    "auc_map_trapezoid": "AUC mAP (trap.)",
+    "relative_gain_top1": "gain top1",
+    "relative_gain_map": "gain mAP",
+    "max_nfr": "max NFR",
+    "final_top1": "final top1",
+    "final_map": "final mAP",
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One backfill curve: which compatibility method, which backfill order, which serving strategy."""
+
+    method: str
+    policy: str
+    strategy: str
+    curve: BackfillCurve
+
+
+def _number(x: float) -> float | None:
+    """JSON has no NaN: undefined values (e.g. a gain with equal anchors) become null."""
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def run_entry(run: Run, old_old: RetrievalResult, new_new: RetrievalResult) -> dict:
+    summary = summarize(run.curve, old_old, new_new)
+    entry: dict = {"method": run.method, "policy": run.policy, "strategy": run.strategy}
+    for key in CURVE_KEYS:
+        entry[key] = [float(v) for v in getattr(run.curve, key)]
+    for key in SUMMARY_KEYS:
+        entry[key] = _number(getattr(summary, key))
+    return entry
+
+
+def build_report(anchors: Mapping[str, RetrievalResult], runs: Sequence[Run], online: Mapping | None = None) -> dict:
+    """`anchors` needs "old_old" and "new_new"; all anchors must come from the same metric/protocol/queries."""
+    for name in ("old_old", "new_new"):
+        if name not in anchors:
+            raise ValueError(f"anchors need '{name}' (got {sorted(anchors)})")
+    ref = anchors["old_old"]
+    for name, result in anchors.items():
+        if (result.metric, result.protocol, result.n_queries) != (ref.metric, ref.protocol, ref.n_queries):
+            raise ValueError(
+                f"anchor {name} was evaluated with {result.metric}/{result.protocol}/{result.n_queries} queries, "
+                f"old_old with {ref.metric}/{ref.protocol}/{ref.n_queries}"
+            )
+    report: dict = {
+        "schema": SCHEMA_VERSION,
+        "metric": ref.metric,
+        "protocol": ref.protocol,
+        "queries": {"evaluated": ref.n_queries, "dropped": ref.n_dropped},
+        "auc": AUC_DEFINITION,
+        "anchors": {name: {k: _number(getattr(r, k)) for k in ANCHOR_KEYS} for name, r in anchors.items()},
+        "runs": [run_entry(run, anchors["old_old"], anchors["new_new"]) for run in runs],
+    }
+    if online is not None:
+        report["online"] = dict(online)
+    validate_report(report)
+    return report
+
+
+def validate_report(report: Mapping) -> None:
+    """Raise ValueError naming the first thing a reader of the schema would miss."""
+    for key in ("metric", "protocol", "queries", "auc", "anchors", "runs"):
+        if key not in report:
+            raise ValueError(f"report: missing '{key}'")
+    for name in ("old_old", "new_new"):
+        missing = [k for k in ANCHOR_KEYS if k not in report["anchors"].get(name, {})]
+        if missing:
+            raise ValueError(f"report: anchors.{name} lacks {missing}")
+    for i, run in enumerate(report["runs"]):
+        missing = [k for k in ("method", "policy", "strategy", *CURVE_KEYS, *SUMMARY_KEYS) if k not in run]
+        if missing:
+            raise ValueError(f"report: run {i} lacks {missing}")
+        lengths = {k: len(run[k]) for k in CURVE_KEYS}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"report: run {i} ({run['method']}/{run['policy']}) curve lengths differ: {lengths}")
+
+
+def save_report(report: Mapping, uri: str) -> str:
+    """Write report.json (local path or s3://) after checking it against the schema."""
+    validate_report(report)
+    write_bytes(uri, (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
+    return uri
+
+
+def load_report(uri: str) -> dict:
+    report = json.loads(read_bytes(uri))
+    validate_report(report)
+    return report
+
+
+def _key(run: Mapping) -> tuple[str, str, str]:
+    return run["method"], run["policy"], run["strategy"]
+
+
+def merge_reports(reports: Sequence[Mapping]) -> dict:
+    """One report from several over the same evaluation (e.g. one job per method): runs concatenated.
+
+    Metric, protocol, query counts and shared anchors must agree; a run (method, policy, strategy) may
+    appear once; at most one report may carry an online section.
+    """
+    if not reports:
+        raise ValueError("nothing to merge")
+    first = reports[0]
+    merged: dict = {k: first[k] for k in ("schema", "metric", "protocol", "queries", "auc") if k in first}
+    merged["anchors"], merged["runs"] = {}, []
+    seen: set[tuple[str, str, str]] = set()
+    onlines = [r["online"] for r in reports if "online" in r]
+    for i, report in enumerate(reports):
+        validate_report(report)
+        for key in ("metric", "protocol", "queries", "auc"):
+            if report[key] != first[key]:
+                raise ValueError(f"report {i} has {key}={report[key]!r}, report 0 has {first[key]!r}")
+        for name, values in report["anchors"].items():
+            if merged["anchors"].setdefault(name, values) != values:
+                raise ValueError(f"report {i}: anchor {name} differs from an earlier report's")
+        for run in report["runs"]:
+            if _key(run) in seen:
+                raise ValueError(f"report {i}: run {'/'.join(_key(run))} appears twice")
+            seen.add(_key(run))
+            merged["runs"].append(dict(run))
+    if len(onlines) > 1:
+        raise ValueError(f"{len(onlines)} reports carry an online section; merge keeps one")
+    if onlines:
+        merged["online"] = onlines[0]
+    return merged
+
+
+def _cell(value: float | str | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def render_table(header: Sequence[str], rows: Sequence[Sequence], markdown: bool = False) -> str:
+    """Aligned plain-text table for the terminal, or a GitHub markdown table."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    numeric = [all(row[i] is None or isinstance(row[i], float) for row in rows) for i in range(len(header))]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in cells]
+        return "\n".join(lines)
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:>{w}}}" if num else f"{{:<{w}}}" for w, num in zip(widths, numeric, strict=True))
+    lines = [fmt.format(*header), "  ".join("-" * w for w in widths)]
+    lines += [fmt.format(*row) for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _preamble(report: Mapping) -> str:
+    q = report["queries"]
+    return (
+        f"metric {report['metric']}, protocol {report['protocol']}, {q['evaluated']} queries "
+        f"({q['dropped']} dropped: no relevant gallery item); AUC = {report['auc']}"
+    )
+
+
+def summary_table(report: Mapping, markdown: bool = False) -> str:
+    """Anchors table, then one row per run with its AUCs, gains, max NFR and final metrics."""
+    anchors = render_table(
+        ["anchor", "top1", "top5", "mAP", "mAP@R"],
+        [[name, *(values[k] for k in ANCHOR_KEYS)] for name, values in report["anchors"].items()],
+        markdown,
+    )
+    runs = render_table(
+        ["method", "policy", "strategy", *TABLE_COLUMNS.values()],
+        [[*_key(run), *(run[k] for k in TABLE_COLUMNS)] for run in report["runs"]],
+        markdown,
+    )
+    return f"{_preamble(report)}\n\n{anchors}\n\n{runs}"
+
+
+def compare_reports(
+    reports: Mapping[str, Mapping],
+    keys: Sequence[str] = ("auc_top1", "auc_map", "max_nfr"),
+    markdown: bool = False,
+) -> str:
+    """Several reports side by side (e.g. datasets, seeds, code versions): `keys` per report per run."""
+    unknown = [k for k in keys if k not in TABLE_COLUMNS]
+    if unknown:
+        raise ValueError(f"unknown summary keys {unknown}; choose from {list(TABLE_COLUMNS)}")
+    lines = []
+    for label, report in reports.items():
+        validate_report(report)
+        oo, nn = report["anchors"]["old_old"], report["anchors"]["new_new"]
+        lines.append(
+            f"{label}: {_preamble(report)}; old/old top1 {_cell(oo['top1'])} mAP {_cell(oo['map'])}, "
+            f"new/new top1 {_cell(nn['top1'])} mAP {_cell(nn['map'])}"
+        )
+    by_label = {label: {_key(run): run for run in report["runs"]} for label, report in reports.items()}
+    order = list(dict.fromkeys(key for runs in by_label.values() for key in runs))
+    header = ["method", "policy", "strategy"] + [f"{label}: {TABLE_COLUMNS[k]}" for label in reports for k in keys]
+    rows = [[*key, *(by_label[label].get(key, {}).get(k) for label in reports for k in keys)] for key in order]
+    return "\n".join(lines) + "\n\n" + render_table(header, rows, markdown)

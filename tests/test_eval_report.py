@@ -1,0 +1,129 @@
+"""report.json: schema, JSON round trip, tables, merging and side-by-side comparison."""
+
+import json
+
+import numpy as np
+import pytest
+
+from raybackfill.eval.curves import BackfillCurve
+from raybackfill.eval.metrics import RetrievalResult
+from raybackfill.eval.report import (
+    Run,
+    build_report,
+    compare_reports,
+    load_report,
+    merge_reports,
+    save_report,
+    summary_table,
+    validate_report,
+)
+
+
+def anchor(top1, map_, metric="cosine", n=4):
+    kept = np.ones(n + 1, bool)
+    kept[-1] = False  # one dropped query
+    return RetrievalResult(
+        metric, "leave_one_out", top1, top1 + 0.1, map_, map_ / 2, kept, np.ones(n, bool), np.ones(n)
+    )
+
+
+def curve(top1, map_, nfr=(0.0, 0.1, 0.05)):
+    return BackfillCurve(
+        np.array([0.0, 0.5, 1.0]), np.array(top1), np.array(top1) + 0.05, np.array(map_), np.array(nfr)
+    )
+
+
+def runs():
+    return [
+        Run("fct", "random", "compatible", curve([0.4, 0.5, 0.8], [0.2, 0.3, 0.5])),
+        Run("fastfill", "uncertainty", "compatible", curve([0.4, 0.7, 0.8], [0.2, 0.4, 0.5])),
+    ]
+
+
+ANCHORS = {"old_old": anchor(0.4, 0.2), "new_new": anchor(0.8, 0.5), "new_old": anchor(0.3, 0.1)}
+
+
+def test_report_follows_the_schema_with_summaries_per_run():
+    report = build_report(ANCHORS, runs(), online={"query_errors": 0})
+    assert (report["metric"], report["protocol"], report["auc"]) == ("cosine", "leave_one_out", "mean over even grid")
+    assert report["queries"] == {"evaluated": 4, "dropped": 1}
+    assert report["anchors"]["old_old"] == {"top1": 0.4, "top5": 0.5, "map": 0.2, "map_at_r": 0.1}
+    assert set(report["anchors"]) == {"old_old", "new_new", "new_old"}
+    assert report["online"] == {"query_errors": 0}
+    ff = report["runs"][1]
+    assert (ff["method"], ff["policy"], ff["strategy"]) == ("fastfill", "uncertainty", "compatible")
+    assert ff["betas"] == [0.0, 0.5, 1.0] and ff["top1"] == [0.4, 0.7, 0.8]
+    assert ff["auc_top1"] == pytest.approx(1.9 / 3)
+    assert ff["auc_top1_trapezoid"] == pytest.approx(0.25 * 1.1 + 0.25 * 1.5)
+    assert ff["relative_gain_top1"] == pytest.approx((1.9 / 3 - 0.4) / 0.4)
+    assert ff["relative_gain_map"] == pytest.approx((1.1 / 3 - 0.2) / 0.3)
+    assert (ff["max_nfr"], ff["final_top1"], ff["final_map"]) == (0.1, 0.8, 0.5)
+    assert "online" not in build_report(ANCHORS, runs())
+
+
+def test_undefined_gain_is_null_and_report_is_strict_json(tmp_path):
+    report = build_report({"old_old": anchor(0.5, 0.3), "new_new": anchor(0.5, 0.3)}, runs())
+    assert report["runs"][0]["relative_gain_top1"] is None
+    path = save_report(report, str(tmp_path / "out" / "report.json"))
+    assert load_report(path) == report
+    json.loads((tmp_path / "out" / "report.json").read_text())
+
+
+def test_anchors_must_share_metric_and_be_complete():
+    with pytest.raises(ValueError, match="anchors need 'new_new'"):
+        build_report({"old_old": anchor(0.4, 0.2)}, runs())
+    with pytest.raises(ValueError, match="anchor new_new was evaluated with l2"):
+        build_report({"old_old": anchor(0.4, 0.2), "new_new": anchor(0.8, 0.5, metric="l2")}, runs())
+
+
+def test_validation_names_what_is_missing():
+    report = build_report(ANCHORS, runs())
+    del report["runs"][0]["auc_map"]
+    with pytest.raises(ValueError, match=r"run 0 lacks \['auc_map'\]"):
+        validate_report(report)
+    report = build_report(ANCHORS, runs())
+    report["runs"][1]["nfr"].pop()
+    with pytest.raises(ValueError, match="fastfill/uncertainty.*curve lengths differ"):
+        validate_report(report)
+
+
+def test_summary_table_as_text_and_markdown():
+    report = build_report(ANCHORS, runs())
+    text = summary_table(report)
+    assert "metric cosine, protocol leave_one_out, 4 queries (1 dropped" in text
+    lines = text.splitlines()
+    ff_line = next(line for line in lines if line.startswith("fastfill"))
+    assert ff_line.split()[:3] == ["fastfill", "uncertainty", "compatible"]
+    assert "0.633" in ff_line  # AUC top1
+    md = summary_table(report, markdown=True)
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + 3 + 2 + 2  # anchors: header, rule, 3 rows; runs: header, rule, 2 rows
+    assert len({line.count("|") for line in table[5:]}) == 1
+
+
+def test_merge_concatenates_runs_of_the_same_evaluation():
+    all_runs = runs()
+    first = build_report(ANCHORS, all_runs[:1], online={"query_errors": 0})
+    second = build_report(ANCHORS, all_runs[1:])
+    merged = merge_reports([first, second])
+    assert [r["method"] for r in merged["runs"]] == ["fct", "fastfill"]
+    assert merged["online"] == {"query_errors": 0}
+    assert merged == build_report(ANCHORS, all_runs, online={"query_errors": 0})
+    with pytest.raises(ValueError, match="fct/random/compatible appears twice"):
+        merge_reports([first, first])
+    other = build_report({"old_old": anchor(0.4, 0.2, "l2"), "new_new": anchor(0.8, 0.5, "l2")}, all_runs[1:])
+    with pytest.raises(ValueError, match="metric='l2'"):
+        merge_reports([first, other])
+
+
+def test_compare_puts_reports_side_by_side_and_marks_missing_runs():
+    a = build_report(ANCHORS, runs())
+    b = build_report(ANCHORS, runs()[1:])
+    text = compare_reports({"cifar": a, "tiny": b}, keys=("auc_top1", "max_nfr"))
+    assert "cifar: metric cosine" in text and "tiny: metric cosine" in text
+    header = next(line for line in text.splitlines() if line.startswith("method"))
+    assert "cifar: AUC top1" in header and "tiny: max NFR" in header
+    fct = next(line for line in text.splitlines() if line.startswith("fct"))
+    assert fct.split()[-2:] == ["-", "-"]
+    with pytest.raises(ValueError, match="unknown summary keys"):
+        compare_reports({"a": a}, keys=("auc",))
