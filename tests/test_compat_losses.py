@@ -36,7 +36,7 @@ def log_softmax_row(row: np.ndarray) -> np.ndarray:
 def ce_loop(logits: np.ndarray, labels: np.ndarray, eps: float = 0.0) -> np.ndarray:
     """Per-item cross-entropy with label smoothing, one item at a time."""
     out = []
-    for row, y in zip(logits, labels):
+    for row, y in zip(logits, labels, strict=True):
         logp = log_softmax_row(row)
         classes = len(row)
         out.append(-sum(((1 - eps) * (c == y) + eps / classes) * logp[c] for c in range(classes)))
