@@ -100,11 +100,8 @@ def augment(
         return values.view(n, 1, 1, 1)
 
     x = (x * per_image(uniform(1 - config.brightness, 1 + config.brightness))).clamp(0, 1)
-    gray = (x * gray_weights).sum(1, keepdim=True)
-    x = (
-        (x - gray.mean((2, 3), keepdim=True)) * per_image(uniform(1 - config.contrast, 1 + config.contrast))
-        + gray.mean((2, 3), keepdim=True)
-    ).clamp(0, 1)
+    mean_gray = (x * gray_weights).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+    x = ((x - mean_gray) * per_image(uniform(1 - config.contrast, 1 + config.contrast)) + mean_gray).clamp(0, 1)
     gray = (x * gray_weights).sum(1, keepdim=True)
     x = ((x - gray) * per_image(uniform(1 - config.saturation, 1 + config.saturation)) + gray).clamp(0, 1)
     to_gray = per_image(uniform(0.0, 1.0) < config.grayscale_p)
