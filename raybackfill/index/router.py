@@ -1,0 +1,343 @@
+"""The index router: a named, detached Ray actor in front of S shard actors.
+
+Ids hash to shards (raybackfill.index.routing); an upsert is split by shard, checked on every shard
+(``dry_run``) and only then applied, so a bad id or a version mismatch refuses the whole batch instead
+of applying part of it. A query goes to every shard at once (the query batch is put in the object store
+once) and the per-shard top-k lists are merged by raybackfill.index.merge.
+
+Strategies (chosen per query):
+    old         old query vs every item's old vector: the pre-upgrade answer (until promote);
+    compatible  one (new-model) query vs the new space plus the old vectors of items not moved yet
+                (BCT/RACT: the new model is compatible with the old space; FCT/FastFill: everything is
+                transformed first, so only the new space is searched);
+    rank_merge  old query on the items not moved yet, new query on the moved ones, merged by score.
+
+The router is an async actor: a search awaits its shards, so other calls proceed meanwhile, and the
+light calls (``progress``, ``health``) run in their own concurrency group (their own event loop), so
+they answer even while the default loop merges a large result. Shards and the router are detached and
+named, so any process attaches with :func:`connect`, and a restarted router finds its shards by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+from ray.exceptions import RayTaskError
+
+from raybackfill import NAMESPACE
+from raybackfill.data.io import exists, join, read_bytes, write_bytes
+from raybackfill.index.merge import SPACES, TopK, merge_results
+from raybackfill.index.progress import (
+    Progress,
+    ProgressGauges,
+    RateTracker,
+    check_phase,
+    eta_seconds,
+    remaining_items,
+)
+from raybackfill.index.routing import split_by_shard
+from raybackfill.index.shard import IndexConfig, IndexShard, ItemVectors, check_strategy
+from raybackfill.index.validate import as_batch, as_ids, check_k
+
+DEFAULT_NAME = "raybackfill-router"
+ROUTER_STATE = "router.json"
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """An index: its actor name, shard count and per-shard resources, index kind, snapshot location.
+    The defaults fit a 2-CPU laptop; on a cluster give shards whole CPUs (FAISS threads follow them)."""
+
+    name: str = DEFAULT_NAME
+    shards: int = 2
+    shard_num_cpus: float = 0.25
+    shard_num_gpus: float = 0.0
+    index: IndexConfig = field(default_factory=IndexConfig)
+    snapshot_uri: str | None = None
+    rate_window_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("name must be a non-empty actor name")
+        if self.shards <= 0:
+            raise ValueError(f"shards must be positive, got {self.shards}")
+        if self.shard_num_cpus < 0 or self.shard_num_gpus < 0:
+            raise ValueError("shard resources must be non-negative")
+        if self.rate_window_s <= 0:
+            raise ValueError(f"rate_window_s must be positive, got {self.rate_window_s}")
+
+    def shard_name(self, shard: int) -> str:
+        return f"{self.name}-shard-{shard:03d}"
+
+    def shard_snapshot_uri(self, shard: int) -> str | None:
+        return join(self.snapshot_uri, f"shard-{shard:03d}") if self.snapshot_uri else None
+
+
+def _cause(err: RayTaskError) -> Exception:
+    """A remote ValueError is the user's mistake: re-raise it with its own message, not a traceback."""
+    return err.cause if isinstance(err.cause, ValueError) else err
+
+
+def get(refs, timeout: float | None = None):
+    """``ray.get`` for index calls: a ValueError raised by the router or a shard comes back as itself."""
+    try:
+        return ray.get(refs, timeout=timeout)
+    except RayTaskError as err:
+        raise _cause(err) from None
+
+
+async def _gather(refs: list) -> list:
+    try:
+        return list(await asyncio.gather(*refs))
+    except RayTaskError as err:
+        raise _cause(err) from None
+
+
+@ray.remote(concurrency_groups={"light": 2})
+class IndexRouter:
+    def __init__(self, config: RouterConfig) -> None:
+        self._config = config
+        self._shards = [
+            IndexShard.options(
+                name=config.shard_name(i),
+                namespace=NAMESPACE,
+                lifetime="detached",
+                get_if_exists=True,
+                max_restarts=-1,
+                num_cpus=config.shard_num_cpus,
+                num_gpus=config.shard_num_gpus,
+            ).remote(config.index, config.shard_snapshot_uri(i))
+            for i in range(config.shards)
+        ]
+        # Small state shared by the default and the light event loops (two threads).
+        self._lock = threading.Lock()
+        self._shard_counts: list[dict[str, int]] = [dict.fromkeys(SPACES, 0) for _ in self._shards]
+        self._tracker = RateTracker(config.rate_window_s)
+        self._phase, self._started_at, self._last_error = "idle", None, None
+        self._gauges = ProgressGauges()
+        self._state_uri = join(config.snapshot_uri, ROUTER_STATE) if config.snapshot_uri else None
+        if self._state_uri and exists(self._state_uri):
+            state = json.loads(read_bytes(self._state_uri))
+            self._phase, self._started_at, self._last_error = state["phase"], state["started_at"], state["last_error"]
+
+    # ----------------------------------------------------------------- light calls
+    @ray.method(concurrency_group="light")
+    async def health(self) -> dict:
+        counts = await _gather([s.counts.remote() for s in self._shards])
+        return {
+            "name": self._config.name,
+            "config": dataclasses.asdict(self._config),
+            "shard_names": [self._config.shard_name(i) for i in range(self._config.shards)],
+            "shard_counts": counts,
+        }
+
+    @ray.method(concurrency_group="light")
+    async def progress(self) -> Progress:
+        self._record_counts(await _gather([s.counts.remote() for s in self._shards]))
+        return self._progress()
+
+    @ray.method(concurrency_group="light")
+    async def set_phase(self, phase: str) -> Progress:
+        """Set by the backfill ("instant", "backfill", "done", ...); restarts the rate measurement."""
+        check_phase(phase)
+        self._record_counts(await _gather([s.counts.remote() for s in self._shards]))
+        self._enter_phase(phase)
+        return self._progress()
+
+    @ray.method(concurrency_group="light")
+    async def report_error(self, message: str) -> None:
+        """The backfill's last error (shown by `raybackfill status`); None clears it."""
+        with self._lock:
+            self._last_error = message
+        self._save_state()
+
+    # ----------------------------------------------------------------- data
+    async def load_old(self, ids, vectors, version: str) -> dict[str, int]:
+        """Add gallery items with their old-model vectors, split by shard; all-or-nothing validation."""
+        return await self._apply("load_old", ids, vectors, version)
+
+    async def upsert(self, ids, vectors, state: str, version: str) -> dict[str, int]:
+        """Move items to the new space ("transformed" or "new" vectors of model ``version``)."""
+        return await self._apply("upsert", ids, vectors, state, version)
+
+    async def _apply(self, method: str, ids, vectors, *args) -> dict[str, int]:
+        try:
+            ids, vectors = as_batch(ids, vectors)
+            groups = split_by_shard(ids, len(self._shards))
+            pieces = [(i, ray.put(ids[g]), ray.put(vectors[g])) for i, g in enumerate(groups) if len(g)]
+            calls = [getattr(self._shards[i], method) for i, _, _ in pieces]
+            await _gather([call.remote(p_ids, p_vec, *args, dry_run=True)
+                           for call, (_, p_ids, p_vec) in zip(calls, pieces, strict=True)])
+            counts = await _gather([call.remote(p_ids, p_vec, *args)
+                                    for call, (_, p_ids, p_vec) in zip(calls, pieces, strict=True)])
+        except Exception as err:
+            with self._lock:
+                self._last_error = f"{method}: {err}"
+            raise
+        self._record_counts(counts, [i for i, _, _ in pieces])
+        return self._progress().counts
+
+    async def search(self, queries_old, queries_new, k: int, strategy: str) -> TopK:
+        """Top-k per query over every shard, merged and de-duplicated (see raybackfill.index.merge)."""
+        check_strategy(strategy)
+        k = check_k(k, self._config.index.max_k)
+        q_old = None if queries_old is None else ray.put(np.asarray(queries_old))
+        q_new = None if queries_new is None else ray.put(np.asarray(queries_new))
+        results = await _gather([s.search.remote(q_old, q_new, k, strategy) for s in self._shards])
+        return merge_results(results, k, self._config.index.metric)
+
+    async def vectors(self, ids) -> ItemVectors:
+        """Stored vectors of some items, in the order asked (e.g. to query with an item)."""
+        ids = as_ids(ids)
+        groups = split_by_shard(ids, len(self._shards))
+        parts = await _gather([self._shards[i].vectors.remote(ids[g]) for i, g in enumerate(groups) if len(g)])
+        order = np.concatenate([g for g in groups if len(g)])
+        states = np.zeros(len(ids), dtype=np.int8)
+        states[order] = np.concatenate([p.states for p in parts])
+        return ItemVectors(ids, states, _scatter(order, [p.old for p in parts], len(ids)),
+                           _scatter(order, [p.new for p in parts], len(ids)))
+
+    # ----------------------------------------------------------------- lifecycle
+    async def promote(self) -> dict[str, int]:
+        """New space only, on every shard; refused (on all shards) while any item is still old."""
+        counts = await _gather([s.counts.remote() for s in self._shards])
+        waiting = sum(c["old"] for c in counts)
+        if waiting:
+            raise ValueError(f"cannot promote: {waiting} items are not in the new space yet")
+        self._record_counts(await _gather([s.promote.remote() for s in self._shards]))
+        self._enter_phase("promoted")
+        return self._progress().counts
+
+    async def rollback(self) -> dict[str, int]:
+        """Every shard back to the old space (refused after promote)."""
+        self._record_counts(await _gather([s.rollback.remote() for s in self._shards]))
+        self._enter_phase("rolled_back")
+        return self._progress().counts
+
+    async def snapshot(self) -> list[str]:
+        """Snapshot every shard (concurrently); each shard restores its own on restart."""
+        if not self._config.snapshot_uri:
+            raise ValueError("this index has no snapshot_uri; create it with one to take snapshots")
+        uris = await _gather([s.snapshot.remote() for s in self._shards])
+        self._save_state()
+        return uris
+
+    # ----------------------------------------------------------------- helpers
+    def _enter_phase(self, phase: str) -> None:
+        with self._lock:
+            self._phase = phase
+            if phase in ("instant", "backfill") and self._started_at is None:
+                self._started_at = time.time()
+            self._tracker.reset(time.time(), self._done())
+        self._save_state()
+
+    def _record_counts(self, counts: list[dict[str, int]], shards: list[int] | None = None) -> None:
+        with self._lock:
+            for i, c in zip(shards if shards is not None else range(len(counts)), counts, strict=True):
+                self._shard_counts[i] = c
+            self._tracker.observe(time.time(), self._done())
+
+    def _totals(self) -> dict[str, int]:
+        return {s: sum(c[s] for c in self._shard_counts) for s in SPACES}
+
+    def _done(self) -> int:
+        totals = self._totals()
+        return sum(totals.values()) - remaining_items(totals, self._phase)
+
+    def _progress(self) -> Progress:
+        with self._lock:
+            now = time.time()
+            totals = self._totals()
+            remaining = remaining_items(totals, self._phase)
+            rate = self._tracker.rate(now)
+            progress = Progress(
+                name=self._config.name,
+                phase=self._phase,
+                counts=totals,
+                per_shard=[dict(c) for c in self._shard_counts],
+                total=sum(totals.values()),
+                remaining=remaining,
+                rate=rate,
+                eta_seconds=eta_seconds(remaining, rate),
+                started_at=self._started_at,
+                updated_at=now,
+                last_error=self._last_error,
+            )
+        self._gauges.export(progress)
+        return progress
+
+    def _save_state(self) -> None:
+        if self._state_uri:
+            with self._lock:
+                state = {"phase": self._phase, "started_at": self._started_at, "last_error": self._last_error}
+            write_bytes(self._state_uri, json.dumps(state).encode())
+
+
+def _scatter(order: np.ndarray, parts: list[np.ndarray | None], n: int) -> np.ndarray | None:
+    """Reassemble per-shard rows in request order; rows of shards without that space stay zero."""
+    dims = {p.shape[1] for p in parts if p is not None}
+    if not dims:
+        return None
+    out = np.zeros((n, dims.pop()), dtype=np.float32)
+    start = 0
+    for part, size in zip(parts, [len(p) if p is not None else 0 for p in parts], strict=True):
+        if part is not None:
+            out[order[start : start + size]] = part
+        start += size
+    return out
+
+
+# --------------------------------------------------------------------- attach / create / destroy
+def _ensure_ray() -> None:
+    if not ray.is_initialized():
+        # "auto" honours RAY_ADDRESS, else finds the cluster started on this machine (`ray start`).
+        ray.init(address="auto", namespace=NAMESPACE, log_to_driver=False)
+
+
+def connect(name: str = DEFAULT_NAME):
+    """The router actor named ``name``, from any process attached to (or able to reach) the cluster."""
+    _ensure_ray()
+    try:
+        return ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError as err:
+        raise ValueError(f"no index named {name!r} in Ray namespace {NAMESPACE!r}; start one with "
+                         f"`raybackfill serve`") from err
+
+
+def create_index(config: RouterConfig | None = None):
+    """Create (or attach to, if it already runs with the same config) the router and its shards."""
+    config = config or RouterConfig()
+    _ensure_ray()
+    router = IndexRouter.options(
+        name=config.name,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        max_restarts=-1,
+        num_cpus=0,
+    ).remote(config)
+    running = get(router.health.remote())["config"]
+    if running != dataclasses.asdict(config):
+        raise ValueError(f"an index named {config.name!r} already runs with another configuration "
+                         f"({running}); connect to it, or destroy it first")
+    return router
+
+
+def destroy_index(name: str = DEFAULT_NAME) -> list[str]:
+    """Kill the router and its shards for good (no restart); returns the names of the killed actors."""
+    router = connect(name)
+    shard_names = get(router.health.remote())["shard_names"]
+    for shard in shard_names:
+        try:
+            ray.kill(ray.get_actor(shard, namespace=NAMESPACE), no_restart=True)
+        except ValueError:
+            continue  # already gone
+    ray.kill(router, no_restart=True)
+    return [*shard_names, name]
