@@ -9,14 +9,18 @@ import numpy as np
 import pytest
 
 from raybackfill.eval.metrics import (
+    BYTES_PER_CELL,
+    BYTES_PER_RELEVANT,
     EvalConfig,
     GalleryPart,
+    QueryPlan,
     cross_tests,
     evaluate,
     evaluate_parts,
     negative_flip_rate,
     negative_flips,
-    rank_block,
+    rank_keys,
+    ranking_keys,
 )
 
 # Integer vectors of squared norm 64: normalised entries are multiples of 1/8, dot products exact.
@@ -121,13 +125,13 @@ def test_disjoint_drops_queries_whose_label_is_absent_from_gallery():
     assert result.top1 == 1.0 and result.n_dropped == 1
 
 
-def test_rank_block_orders_signed_zeros_and_infinities_like_a_float_sort():
+def test_ranking_orders_signed_zeros_and_infinities_like_a_float_sort():
     rng = np.random.default_rng(3)
     row = np.array([0.5, -0.0, 0.0, -1e-30, 1e-30, -2.0, 2.0, -np.inf, 0.5, -2.0, 3e38, -3e38], dtype=np.float32)
     for _ in range(30):
         rel = rng.random(len(row)) < 0.4
         rel[rng.integers(len(row))] = True
-        stats = rank_block(row[None, :].copy(), rel[None, :])
+        stats = rank_keys(ranking_keys(row[None, :].copy(), rel[None, :]))
         ref = brute_force(row[None, :].astype(np.float64), np.ones(1, int), rel.astype(int), "disjoint")
         assert stats.correct_top1[0] == ref["top1"][0]
         assert stats.ap[0] == pytest.approx(ref["ap"][0], abs=1e-12)
@@ -164,11 +168,15 @@ def test_block_size_does_not_change_results():
         assert (other.top5, other.map_at_r) == (results[0].top5, results[0].map_at_r)
 
 
-def test_memory_budget_sets_block_rows():
+def test_memory_budget_sets_block_rows_from_gallery_size_and_relevant_share():
     config = EvalConfig(memory_budget_mb=1)
-    assert config.rows_per_block(n_gallery=1000) == 2**20 // (24 * 1000)
-    assert EvalConfig(block_size=5).rows_per_block(10**9) == 5
-    assert config.rows_per_block(n_gallery=10**9) == 1
+    assert config.rows_per_block(1000, bytes_per_cell=24) == 2**20 // (24 * 1000)
+    assert config.rows_per_block(10**9, bytes_per_cell=24) == 1
+    assert EvalConfig(block_size=5).rows_per_block(10**9, bytes_per_cell=24) == 5
+    labels = np.array([0, 0, 0, 1])  # under leave-one-out a label-0 query has 2 of 4 items relevant
+    plan = QueryPlan.build(labels, labels, "leave_one_out")
+    assert plan.bytes_per_cell() == BYTES_PER_CELL + BYTES_PER_RELEVANT * 2 / 4
+    np.testing.assert_array_equal(plan.kept, [True, True, True, False])
 
 
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
