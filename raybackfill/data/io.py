@@ -184,10 +184,7 @@ def write_table(table: pa.Table, uri: str, *, rows_per_shard: int = 100_000, app
     start = next_shard_index(uri)
     if start and not append:
         raise ShardExistsError(f"{uri}: table already has {start} shard(s); pass append=True or use a new URI")
-    shards = [
-        write_shard(chunk, uri, shard_name(start + i))
-        for i, chunk in enumerate(_chunks(table, rows_per_shard))
-    ]
+    shards = [write_shard(chunk, uri, shard_name(start + i)) for i, chunk in enumerate(_chunks(table, rows_per_shard))]
     return WriteResult(uri, shards, table.num_rows)
 
 

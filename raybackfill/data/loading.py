@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import ray
 
 from raybackfill.data import io
-from raybackfill.data.images import decode_batch
+from raybackfill.data.images import decode_batch, decode_rgb
 from raybackfill.data.schema import ID, IMAGE, quarantine_table, validate_image_schema
 
 
@@ -84,3 +84,13 @@ def read_quarantine(uri: str) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     return io.read_table(uri, columns=[ID]).column(ID).to_numpy()
 
+
+def probe_image_size(uri: str) -> int:
+    """The side of the (square) images of a table, read from its first row."""
+    first = io.read_shard(io.list_shards(uri)[0], columns=[IMAGE]).column(IMAGE)
+    if len(first) == 0:
+        raise io.StorageError(f"{uri}: first shard is empty; cannot tell the image size")
+    height, width = decode_rgb(first[0].as_py()).shape[:2]
+    if height != width:
+        raise ValueError(f"{uri}: images must be square, the first is {width}x{height}")
+    return height

@@ -1,0 +1,1 @@
+"""Ray Data actor pools that embed images (backbones, side-info) and transform stored embeddings."""

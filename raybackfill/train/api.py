@@ -1,0 +1,213 @@
+"""Fit each kind of model on Ray Train and save it as a versioned artefact.
+
+Backbones and the side-information model read images through Ray Data; transformations train on
+embedding tables computed once (old, side-info, new), never by re-running backbones every epoch.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import torch
+
+from raybackfill.compat.losses import synthesize_old_classifier
+from raybackfill.compat.recipes import get_recipe
+from raybackfill.data import io
+from raybackfill.data.loading import decode_images, probe_image_size, read_images
+from raybackfill.data.schema import EMBEDDING, ID, LABEL, SIDE_INFO, validate_embedding_table, vectors_of
+from raybackfill.embed.pipeline import embed_images
+from raybackfill.models.artifacts import ModelSpec, load_model, save_model
+from raybackfill.models.registry import build_model
+from raybackfill.train import loops
+from raybackfill.train.trainer import TrainConfig, fit
+
+
+def _image_dataset(images_uri: str) -> ray.data.Dataset:
+    """Decoded training images. Small sets are decoded once and kept in the object store, so epochs do
+    not re-read and re-decode; large ones stream (and are re-decoded) every epoch."""
+    size = probe_image_size(images_uri)
+    ds = read_images(images_uri, require_label=True).select_columns([ID, "image", LABEL])
+    ds = decode_images(ds, size=size).select_columns(["pixels", LABEL])
+    decoded_bytes = ds.count() * 3 * size * size * 4
+    if decoded_bytes < 0.25 * ray.available_resources().get("object_store_memory", 0):
+        ds = ds.materialize()
+    return ds
+
+
+def _num_classes(images_uri: str) -> int:
+    labels = io.read_table(images_uri, columns=[LABEL]).column(LABEL)
+    return int(pc.max(labels).as_py()) + 1
+
+
+def _save(state: dict, architecture: str, kwargs: dict, out_uri: str, **spec_fields) -> ModelSpec:
+    module = build_model(architecture, **kwargs)
+    module.load_state_dict(state["model"])
+    spec = ModelSpec(architecture=architecture, kwargs=kwargs, **spec_fields)
+    return save_model(module, out_uri, spec)
+
+
+def train_backbone(
+    images_uri: str,
+    out_uri: str,
+    *,
+    method: str = "independent",
+    architecture: str = "small_cnn",
+    embedding_dim: int = 128,
+    num_classes: int | None = None,
+    old_model: str | None = None,
+    version: str | None = None,
+    train: TrainConfig,
+    tau: float = 0.01,
+    k: int = 10,
+) -> ModelSpec:
+    """Train a new (or the old) backbone with the method's loss: independent, bct or ract."""
+    loss = get_recipe(method).backbone_loss
+    if loss != "classification" and old_model is None:
+        raise ValueError(f"method {method!r} trains against the old model: pass old_model")
+    num_classes = num_classes or _num_classes(images_uri)
+    kwargs = {"embedding_dim": embedding_dim, "num_classes": num_classes}
+    config: dict = {"architecture": architecture, "kwargs": kwargs, "method": loss, "tau": tau, "k": k}
+    if loss == "bct":
+        weight, bias = _bct_old_classifier(images_uri, old_model, num_classes)
+        config.update(old_classifier_weight=weight, old_classifier_bias=bias)
+    elif loss == "ract":
+        config["old_model"] = old_model
+    state = fit(loops.backbone_loop, train, config, {"train": _image_dataset(images_uri)})
+    return _save(
+        state,
+        architecture,
+        kwargs,
+        out_uri,
+        version=version or _version_of(out_uri),
+        method=method,
+        training_data=images_uri,
+        parent=old_model,
+    )
+
+
+def _bct_old_classifier(images_uri: str, old_model: str, num_classes: int) -> tuple[np.ndarray, ...]:
+    """BCT's frozen old classifier, with rows synthesized (class-mean old features) for new classes."""
+    old = load_model(old_model).module
+    with tempfile.TemporaryDirectory() as scratch:
+        embed_images(images_uri, {EMBEDDING: old_model}, scratch, progress=False)
+        table = io.read_table(scratch, columns=[EMBEDDING, LABEL])
+    weight, bias = synthesize_old_classifier(
+        old.classifier.weight,
+        old.classifier.bias,
+        torch.from_numpy(vectors_of(table)),
+        torch.from_numpy(table.column(LABEL).to_numpy().astype(np.int64)),
+        num_classes,
+    )
+    return weight.numpy(), bias.numpy()
+
+
+def train_side_info(
+    images_uri: str, out_uri: str, *, embedding_dim: int = 32, version: str | None = None, train: TrainConfig
+) -> ModelSpec:
+    """Self-supervised (SimCLR) side-information model, trained on the old model's training images."""
+    kwargs = {"embedding_dim": embedding_dim}
+    config = {"architecture": "side_info_cnn", "kwargs": kwargs}
+    state = fit(loops.side_info_loop, train, config, {"train": _image_dataset(images_uri)})
+    return _save(
+        state, "side_info_cnn", kwargs, out_uri, version=version or _version_of(out_uri), training_data=images_uri
+    )
+
+
+def joined_embeddings(old_uri: str, new_uri: str, *, side_info: bool) -> pa.Table:
+    """Rows present in both tables, keyed by id: ``old``, ``new``, ``label`` and optionally ``side``."""
+    old = validate_embedding_table(
+        io.read_table(old_uri), old_uri, require=(LABEL,) + ((SIDE_INFO,) if side_info else ())
+    )
+    new = validate_embedding_table(io.read_table(new_uri), new_uri)
+    old_cols = {"old": EMBEDDING, LABEL: LABEL, **({"side": SIDE_INFO} if side_info else {})}
+    left = pa.table({ID: old.column(ID), **{k: old.column(v) for k, v in old_cols.items()}})
+    right = pa.table({ID: new.column(ID), "new": new.column(EMBEDDING)})
+    joined = left.join(right, ID, join_type="inner").combine_chunks()
+    if joined.num_rows == 0:
+        raise ValueError(f"{old_uri} and {new_uri} share no ids")
+    return joined.sort_by(ID)
+
+
+def train_transformation(
+    old_uri: str,
+    new_uri: str,
+    out_uri: str,
+    *,
+    new_model: str,
+    side_info: bool = False,
+    uncertainty: bool = False,
+    hidden_dim: int = 128,
+    mixer_dim: int = 512,
+    version: str | None = None,
+    train: TrainConfig,
+) -> ModelSpec:
+    """FCT (``uncertainty=False``) or FastFill forward transformation h(old, side) -> new space."""
+    table = joined_embeddings(old_uri, new_uri, side_info=side_info)
+    dims = {
+        name: table.schema.field(name).type.list_size for name in table.schema.names if name in ("old", "side", "new")
+    }
+    kwargs = {
+        "old_dim": dims["old"],
+        "new_dim": dims["new"],
+        "side_dim": dims.get("side"),
+        "hidden_dim": hidden_dim,
+        "mixer_dim": mixer_dim,
+    }
+    architecture = "fastfill_transformation" if uncertainty else "forward_transformation"
+    config: dict = {"architecture": architecture, "kwargs": kwargs}
+    if uncertainty:
+        classifier = load_model(new_model).module.classifier
+        config.update(
+            new_classifier_weight=classifier.weight.detach().numpy(),
+            new_classifier_bias=classifier.bias.detach().numpy(),
+        )
+    method = ("fastfill" if uncertainty else "fct") + ("_side_info" if side_info else "")
+    state = fit(loops.transformation_loop, train, config, {"train": ray.data.from_arrow(table.drop([ID]))})
+    return _save(
+        state,
+        architecture,
+        kwargs,
+        out_uri,
+        version=version or _version_of(out_uri),
+        method=method,
+        training_data=f"{old_uri} -> {new_uri}",
+        parent=new_model,
+    )
+
+
+def train_reverse(
+    old_uri: str,
+    new_uri: str,
+    out_uri: str,
+    *,
+    hidden_dim: int = 256,
+    tau: float = 0.05,
+    version: str | None = None,
+    train: TrainConfig,
+) -> ModelSpec:
+    """psi: new -> old space with metric-compatible contrastive training (for rank merge with one query pass)."""
+    table = joined_embeddings(old_uri, new_uri, side_info=False)
+    kwargs = {
+        "new_dim": table.schema.field("new").type.list_size,
+        "old_dim": table.schema.field("old").type.list_size,
+        "hidden_dim": hidden_dim,
+    }
+    config = {"architecture": "reverse_transformation", "kwargs": kwargs, "tau": tau}
+    state = fit(loops.reverse_loop, train, config, {"train": ray.data.from_arrow(table.drop([ID]))})
+    return _save(
+        state,
+        "reverse_transformation",
+        kwargs,
+        out_uri,
+        version=version or _version_of(out_uri),
+        method="rank_merge_psi",
+        training_data=f"{new_uri} -> {old_uri}",
+    )
+
+
+def _version_of(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[-1]
