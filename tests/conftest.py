@@ -6,6 +6,10 @@ import os
 import uuid
 
 import pytest
+import torch
+
+# Tiny models on a loaded 2-core box run 10-50x slower with torch's default intra-op threads than with one.
+torch.set_num_threads(1)
 
 # Loopback only, no auth token dance for the local test cluster, quiet Ray.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")

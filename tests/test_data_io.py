@@ -88,3 +88,12 @@ def test_unreachable_s3_is_a_clear_error_without_credentials(s3_server, monkeypa
         io.read_table("s3://bucket/table")
     assert "s3://bucket/table" in str(err.value)
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in str(err.value)
+
+
+def test_write_bytes_can_refuse_to_replace(tmp_path, s3_bucket):
+    for uri in (str(tmp_path / "m" / "model.json"), f"{s3_bucket}/m/model.json"):
+        io.write_bytes(uri, b"1", if_exists="error")
+        with pytest.raises(FileExistsError, match="refusing to overwrite"):
+            io.write_bytes(uri, b"2", if_exists="error")
+        io.write_bytes(uri, b"3")
+        assert io.read_bytes(uri) == b"3"

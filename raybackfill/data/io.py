@@ -198,12 +198,20 @@ def _chunks(table: pa.Table, rows: int) -> Iterator[pa.Table]:
         yield table.slice(offset, rows)
 
 
-def write_bytes(uri: str, data: bytes) -> None:
-    """Write a small file (e.g. model.json) in one atomic step."""
+def write_bytes(uri: str, data: bytes, *, if_exists: str = "replace") -> None:
+    """Write a small file (e.g. model.json) in one atomic step.
+
+    ``if_exists="error"`` never replaces a committed file (local: hard link to the final name, which
+    fails if it is taken; S3: checked, then a single atomic PUT).
+    """
+    if if_exists not in ("replace", "error"):
+        raise ValueError(f"if_exists must be 'replace' or 'error', got {if_exists!r}")
     fs, path = resolve(uri)
     try:
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         if is_s3(uri):
+            if if_exists == "error" and fs.get_file_info(path).type != pafs.FileType.NotFound:
+                raise FileExistsError(f"{uri}: already exists; refusing to overwrite it")
             with fs.open_output_stream(path) as out:
                 out.write(data)
             return
@@ -212,7 +220,17 @@ def write_bytes(uri: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if if_exists == "replace":
+            os.replace(tmp, path)
+            return
+        try:
+            os.link(tmp, path)
+        except FileExistsError as err:
+            raise FileExistsError(f"{uri}: already exists; refusing to overwrite it") from err
+        finally:
+            os.unlink(tmp)
+    except FileExistsError:
+        raise
     except OSError as err:
         raise StorageError(_describe(uri, err)) from err
 
