@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from raybackfill.data.io import StorageError, join
+from raybackfill.data.io import StorageError, join, read_bytes, write_bytes
+from raybackfill.models import artifacts
 from raybackfill.models.artifacts import (
     ArtifactError,
     ArtifactExistsError,
@@ -23,13 +24,9 @@ CNN_KWARGS = {"embedding_dim": 8, "num_classes": 3, "width": 4}
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    # Tiny models on a shared 2-core box: two intra-op threads oversubscribe and run 10-50x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _seed():
+    # Same random inputs on every run (conftest.py already pins torch to one thread for the session).
     torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
 
 
 def trained_cnn() -> torch.nn.Module:
@@ -98,6 +95,20 @@ def test_saving_over_an_existing_artefact_is_refused_and_keeps_it(tmp_path):
     with pytest.raises(ArtifactExistsError, match="model.json: artefact already exists"):
         save_model(build_model("small_cnn", **CNN_KWARGS), uri, cnn_spec(version="v2"))
     assert {name: (tmp_path / "m" / name).read_bytes() for name in os.listdir(uri)} == before
+
+
+@pytest.mark.parametrize("storage", ["local", "s3"])
+def test_a_concurrent_save_that_commits_first_wins_and_its_model_json_is_kept(storage, request, tmp_path, monkeypatch):
+    root = str(tmp_path) if storage == "local" else request.getfixturevalue("s3_bucket")
+    uri = join(root, "m")
+    theirs = cnn_spec(version="theirs").to_json().encode()
+    write_bytes(join(uri, "model.json"), theirs)
+    # The other writer commits after our up-front check: only the final model.json write can notice it.
+    monkeypatch.setattr(artifacts, "exists", lambda _uri: False)
+    with pytest.raises(ArtifactExistsError, match="model.json: artefact already exists") as caught:
+        save_model(trained_cnn(), uri, cnn_spec(version="ours"))
+    assert caught.value.args[0].startswith(join(uri, "model.json"))
+    assert read_bytes(join(uri, "model.json")) == theirs
 
 
 def test_saving_a_module_that_the_spec_would_not_rebuild_is_refused(tmp_path):

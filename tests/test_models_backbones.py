@@ -11,13 +11,9 @@ from raybackfill.models.registry import BUILDERS, build_model
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    # Tiny models on a shared 2-core box: two intra-op threads oversubscribe and run 10-50x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _seed():
+    # Same random inputs on every run (conftest.py already pins torch to one thread for the session).
     torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_small_cnn_embeds_32x32_images_and_classifies_them():

@@ -14,13 +14,9 @@ FULL_VIEW = {"crop_scale": (1.0, 1.0), "crop_ratio": (1.0, 1.0)}
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    # Tiny models on a shared 2-core box: two intra-op threads oversubscribe and run 10-50x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _seed():
+    # Same random inputs on every run (conftest.py already pins torch to one thread for the session).
     torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
 
 
 def normalised_images(n: int, size: int = 16) -> torch.Tensor:

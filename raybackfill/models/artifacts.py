@@ -117,8 +117,8 @@ def save_model(module: nn.Module, uri: str, spec: ModelSpec) -> ModelSpec:
     kwargs would not rebuild (checked now, not discovered later by the job that loads it).
     """
     json_uri = join(uri, MODEL_JSON)
-    if exists(json_uri):
-        raise ArtifactExistsError(f"{json_uri}: artefact already exists; save under a new version instead")
+    if exists(json_uri):  # before writing weights, so a committed artefact's weights are never replaced
+        raise _already_committed(json_uri)
     state = {name: t.detach().cpu().contiguous() for name, t in module.state_dict().items()}
     expected = {name: tuple(t.shape) for name, t in build_model(spec.architecture, **spec.kwargs).state_dict().items()}
     found = {name: tuple(t.shape) for name, t in state.items()}
@@ -135,8 +135,16 @@ def save_model(module: nn.Module, uri: str, spec: ModelSpec) -> ModelSpec:
         weights=SAFETENSORS_FILE,
     )
     write_bytes(join(uri, SAFETENSORS_FILE), save_safetensors(state))
-    write_bytes(json_uri, final.to_json().encode())  # last: its presence commits the artefact
+    try:
+        # Last: its presence commits the artefact. "error" also refuses a concurrent save that committed first.
+        write_bytes(json_uri, final.to_json().encode(), if_exists="error")
+    except FileExistsError as err:
+        raise _already_committed(json_uri) from err
     return final
+
+
+def _already_committed(json_uri: str) -> ArtifactExistsError:
+    return ArtifactExistsError(f"{json_uri}: artefact already exists; save under a new version instead")
 
 
 def read_spec(uri: str) -> ModelSpec:
