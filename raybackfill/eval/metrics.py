@@ -114,16 +114,6 @@ class RetrievalResult:
     def n_dropped(self) -> int:
         return int(len(self.kept) - self.kept.sum())
 
-    def as_dict(self) -> dict:
-        return {
-            "top1": self.top1,
-            "top5": self.top5,
-            "map": self.map,
-            "map_at_r": self.map_at_r,
-            "n_queries": self.n_queries,
-            "n_dropped": self.n_dropped,
-        }
-
 
 def prepare(vectors: np.ndarray, metric: str, name: str = "vectors") -> np.ndarray:
     """float32 copy ready for scoring: L2-normalised for cosine; checked finite (and non-zero for cosine)."""
@@ -274,35 +264,22 @@ class QueryPlan:
             block_scores[np.arange(len(idx)), idx] = -np.inf
 
 
-class StatsCollector:
-    """Concatenates per-block stats into a RetrievalResult."""
-
-    def __init__(self, plan: QueryPlan, metric: str) -> None:
-        self.plan, self.metric = plan, metric
-        self.blocks: list[BlockStats] = []
-
-    def add(self, stats: BlockStats) -> None:
-        self.blocks.append(stats)
-
-    def result(self) -> RetrievalResult:
-        def cat(name: str, dtype: type) -> np.ndarray:
-            return np.concatenate([getattr(b, name) for b in self.blocks] or [np.zeros(0, dtype)])
-
-        top1, top5 = cat("correct_top1", bool), cat("correct_top5", bool)
-        ap, ap_r = cat("ap", float), cat("ap_at_r", float)
-        if len(top1) == 0:
-            raise ValueError("no query has a relevant gallery item: nothing to evaluate")
-        return RetrievalResult(
-            metric=self.metric,
-            protocol=self.plan.protocol,
-            top1=float(top1.mean()),
-            top5=float(top5.mean()),
-            map=float(ap.mean()),
-            map_at_r=float(ap_r.mean()),
-            kept=self.plan.kept,
-            correct_top1=top1,
-            average_precision=ap,
-        )
+def _result(plan: QueryPlan, metric: str, blocks: list[BlockStats]) -> RetrievalResult:
+    if not blocks:
+        raise ValueError("no query has a relevant gallery item: nothing to evaluate")
+    top1 = np.concatenate([b.correct_top1 for b in blocks])
+    ap = np.concatenate([b.ap for b in blocks])
+    return RetrievalResult(
+        metric=metric,
+        protocol=plan.protocol,
+        top1=float(top1.mean()),
+        top5=float(np.concatenate([b.correct_top5 for b in blocks]).mean()),
+        map=float(ap.mean()),
+        map_at_r=float(np.concatenate([b.ap_at_r for b in blocks]).mean()),
+        kept=plan.kept,
+        correct_top1=top1,
+        average_precision=ap,
+    )
 
 
 def check_partition(parts: Sequence[GalleryPart], n_gallery: int) -> None:
@@ -339,7 +316,7 @@ def evaluate_parts(
     queries = [prepare(p.queries, config.metric, f"part {i} queries") for i, p in enumerate(parts)]
     positions = [np.asarray(p.positions, dtype=np.int64) for p in parts]
     whole = len(parts) == 1 and np.array_equal(positions[0], np.arange(n_gallery))
-    out = StatsCollector(plan, config.metric)
+    stats = []
     for idx in plan.blocks(config.rows_per_block(n_gallery, plan.bytes_per_cell())):
         if whole:
             block = scores(queries[0][idx], galleries[0], config.metric)
@@ -348,8 +325,8 @@ def evaluate_parts(
             for q, g, pos in zip(queries, galleries, positions, strict=True):
                 block[:, pos] = scores(q[idx], g, config.metric)
         plan.exclude_self(block, idx)
-        out.add(rank_keys(ranking_keys(block, plan.relevance(idx))))
-    return out.result()
+        stats.append(rank_keys(ranking_keys(block, plan.relevance(idx))))
+    return _result(plan, config.metric, stats)
 
 
 def evaluate(

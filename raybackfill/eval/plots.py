@@ -22,7 +22,7 @@ ANCHORS = (("old_old", "old/old", "0.3"), ("new_new", "new/new", "0.0"))
 def curve_figure(report: Mapping) -> Figure:
     """Two panels (top-1, mAP); one line per run, old/old and new/new as dashed horizontal lines."""
     validate_report(report)
-    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    fig = Figure(figsize=(13, 4.5), layout="constrained")
     FigureCanvasAgg(fig)
     for ax, (key, title) in zip(fig.subplots(1, 2), PANELS, strict=True):
         for run in report["runs"]:
@@ -37,7 +37,7 @@ def curve_figure(report: Mapping) -> Figure:
         ax.set_xlim(0, 1)
         ax.set_title(f"{title} ({report['metric']}, {report['protocol']})")
         ax.grid(alpha=0.3)
-    fig.axes[1].legend(fontsize="small", loc="lower right")
+    fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize="small")
     return fig
 
 

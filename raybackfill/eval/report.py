@@ -161,13 +161,14 @@ def merge_reports(reports: Sequence[Mapping]) -> dict:
     """
     if not reports:
         raise ValueError("nothing to merge")
+    for report in reports:
+        validate_report(report)
     first = reports[0]
     merged: dict = {k: first[k] for k in ("schema", "metric", "protocol", "queries", "auc") if k in first}
     merged["anchors"], merged["runs"] = {}, []
     seen: set[tuple[str, str, str]] = set()
     onlines = [r["online"] for r in reports if "online" in r]
     for i, report in enumerate(reports):
-        validate_report(report)
         for key in ("metric", "protocol", "queries", "auc"):
             if report[key] != first[key]:
                 raise ValueError(f"report {i} has {key}={report[key]!r}, report 0 has {first[key]!r}")
