@@ -1,0 +1,74 @@
+"""What a stored table holds (rows, shards, columns, classes, embedding dim), read as cheaply as possible.
+
+Class names travel in the Parquet schema metadata, so a table imported from an ImageFolder or CIFAR
+still says which label is "cat" after it has been split, sharded or copied to S3.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raybackfill.data.io import StorageError, list_shards, read_table, resolve
+from raybackfill.data.schema import EMBEDDING, LABEL, embedding_dim
+
+CLASS_NAMES_KEY = b"raybackfill.class_names"
+
+
+def with_class_names(table: pa.Table, names: list[str]) -> pa.Table:
+    """The table with ``names[label]`` recorded in its schema metadata (kept by Parquet)."""
+    metadata = dict(table.schema.metadata or {})
+    metadata[CLASS_NAMES_KEY] = json.dumps(list(names)).encode()
+    return table.replace_schema_metadata(metadata)
+
+
+def class_names(schema: pa.Schema) -> list[str] | None:
+    """The class names stored by ``with_class_names``, or None when the table has none."""
+    raw = (schema.metadata or {}).get(CLASS_NAMES_KEY)
+    return None if raw is None else json.loads(raw)
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    uri: str
+    rows: int
+    shards: int
+    columns: dict[str, str]  # name -> Arrow type
+    classes: int | None  # distinct labels, when there is a label column
+    class_names: list[str] | None
+    embedding_dim: int | None
+
+
+def table_info(uri: str) -> TableInfo:
+    """Describe a table from its Parquet footers; only the label column is read, and only if present."""
+    shards = list_shards(uri)
+    if not shards:
+        raise StorageError(f"{uri}: table has no parquet shards")
+    rows = 0
+    schema = None
+    for shard in shards:
+        fs, path = resolve(shard)
+        try:
+            meta = pq.read_metadata(path, filesystem=fs)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise StorageError(f"{shard}: not a readable parquet file ({err})") from err
+        rows += meta.num_rows
+        schema = schema or meta.schema.to_arrow_schema()
+    classes = None
+    if LABEL in schema.names:
+        labels = read_table(uri, columns=[LABEL]).column(LABEL).drop_null().to_numpy()
+        classes = len(np.unique(labels))
+    dim = embedding_dim(schema, EMBEDDING, uri) if EMBEDDING in schema.names else None
+    return TableInfo(
+        uri=uri,
+        rows=rows,
+        shards=len(shards),
+        columns={field.name: str(field.type) for field in schema},
+        classes=classes,
+        class_names=class_names(schema),
+        embedding_dim=dim,
+    )
