@@ -1,0 +1,199 @@
+"""IndexRouter on the session's Ray cluster: merged answers vs brute force, all-or-nothing batches,
+exactly-once visibility, progress, lifecycle, restarts, and attaching from a second process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+from index_testing import (
+    Gallery,
+    assert_each_id_exactly_once,
+    assert_matches,
+    brute_force,
+    kill_and_wait_for_restart,
+)
+
+from raybackfill import NAMESPACE
+from raybackfill.index.router import RouterConfig, connect, create_index, destroy_index, get
+from raybackfill.index.routing import shard_of
+from raybackfill.index.shard import IndexConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def make_index(ray_cluster):
+    names = []
+
+    def make(**kwargs):
+        config = RouterConfig(name=f"test-router-{uuid.uuid4().hex[:8]}", **kwargs)
+        names.append(config.name)
+        return create_index(config), config
+
+    yield make
+    for name in names:
+        destroy_index(name)
+
+
+def test_merged_answers_match_brute_force_and_batches_are_all_or_nothing(make_index):
+    router, config = make_index(shards=3)
+    g = Gallery.random(200, 8, seed=21)
+    get(router.load_old.remote(g.ids, g.old, "v1"))
+    per_shard = [c["old"] for c in get(router.progress.remote()).per_shard]
+    assert per_shard == np.bincount(shard_of(g.ids, 3), minlength=3).tolist()
+
+    rng = np.random.default_rng(0)
+    first = rng.permutation(200)[:120]
+    g.upsert(first, rng.standard_normal((120, 8)).astype(np.float32), "transformed")
+    get(router.upsert.remote(g.ids[first], g.new[first], "transformed", "v2"))
+    second = first[:50]
+    g.upsert(second, rng.standard_normal((50, 8)).astype(np.float32), "new")
+    get(router.upsert.remote(g.ids[second], g.new[second], "new", "v2"))
+
+    q_old, q_new = rng.standard_normal((2, 7, 8)).astype(np.float32)
+    for strategy in ("old", "compatible", "rank_merge"):
+        for k in (1, 10, 200):
+            result = get(router.search.remote(q_old, q_new, k, strategy))
+            assert_matches(result, brute_force(g, q_old, q_new, k, strategy), atol=1e-3)
+
+    # One unknown id in a batch spread over every shard: no shard applies anything.
+    counts = get(router.progress.remote()).counts
+    untouched = np.flatnonzero(g.state == 0)[:30]
+    bad_ids = np.append(g.ids[untouched], 7)
+    with pytest.raises(ValueError, match="unknown ids .*: 7$"):
+        get(router.upsert.remote(bad_ids, np.ones((31, 8)), "new", "v2"))
+    progress = get(router.progress.remote())
+    assert progress.counts == counts == {"old": 80, "transformed": 70, "new": 50}
+    assert "unknown ids" in progress.last_error
+    with pytest.raises(ValueError, match="new space holds model version 'v2'"):
+        get(router.upsert.remote(g.ids[untouched], np.ones((30, 8)), "new", "v9"))
+
+    # Lifecycle through the router.
+    with pytest.raises(ValueError, match="cannot promote: 80 items"):
+        get(router.promote.remote())
+    assert get(router.rollback.remote()) == {"old": 200, "transformed": 0, "new": 0}
+    assert get(router.progress.remote()).phase == "rolled_back"
+    get(router.upsert.remote(g.ids, g.old * 2, "new", "v3"))
+    assert get(router.promote.remote()) == {"old": 0, "transformed": 0, "new": 200}
+    stored = get(router.vectors.remote(g.ids[[5, 0, 150]]))
+    np.testing.assert_array_equal(stored.states, [2, 2, 2])
+    np.testing.assert_allclose(stored.new, g.old[[5, 0, 150]] * 2)
+    assert stored.old is None
+
+
+def test_each_id_is_seen_exactly_once_across_shards_and_progress_tracks_the_backfill(make_index):
+    router, _ = make_index(shards=2, rate_window_s=30.0)
+    g = Gallery.random(240, 8, seed=5)
+    get(router.load_old.remote(g.ids, g.old, "v1"))
+    assert get(router.set_phase.remote("backfill")).remaining == 240
+    with pytest.raises(ValueError, match="phase must be one of"):
+        get(router.set_phase.remote("running"))
+    rng = np.random.default_rng(1)
+    errors: list[BaseException] = []
+
+    def backfill() -> None:
+        try:
+            for start in range(0, 240, 24):
+                batch = g.ids[start : start + 24]
+                get(router.upsert.remote(batch, rng.standard_normal((24, 8)), "new", "v2"))
+        except BaseException as err:  # surfaced by the main thread
+            errors.append(err)
+
+    writer = threading.Thread(target=backfill)
+    writer.start()
+    q = np.random.default_rng(2).standard_normal((2, 8)).astype(np.float32)
+    searches = 0
+    while writer.is_alive() or searches < 3:
+        for strategy in ("compatible", "rank_merge"):
+            assert_each_id_exactly_once(get(router.search.remote(q, q, 240, strategy)), g.ids)
+            searches += 1
+    writer.join()
+    assert not errors, errors
+
+    progress = get(router.progress.remote())
+    assert progress.phase == "backfill" and progress.started_at is not None
+    assert progress.counts == {"old": 0, "transformed": 0, "new": 240} and progress.total == 240
+    assert [sum(c.values()) for c in progress.per_shard] == np.bincount(shard_of(g.ids, 2)).tolist()
+    assert progress.remaining == 0 and progress.eta_seconds == 0.0
+    assert progress.rate > 0 and progress.fraction_new == 1.0
+    get(router.report_error.remote("embedding actor lost"))
+    assert get(router.progress.remote()).last_error == "embedding actor lost"
+
+
+def test_progress_answers_while_a_heavy_search_runs(make_index):
+    router, _ = make_index(shards=2)
+    rng = np.random.default_rng(0)
+    n, d = 60_000, 32
+    get(router.load_old.remote(np.arange(n), rng.standard_normal((n, d), dtype=np.float32), "v1"))
+    queries = rng.standard_normal((4000, d), dtype=np.float32)
+    started = time.monotonic()
+    search = router.search.remote(queries, None, 50, "old")
+    time.sleep(0.2)  # let the search reach the shards
+    progress = router.progress.remote()
+    ready, _ = ray.wait([progress, search], num_returns=1, timeout=120)
+    assert ready == [progress], "progress waited behind the search"
+    assert get(progress).counts["old"] == n
+    result = get(search)
+    assert result.ids.shape == (4000, 50)
+    assert time.monotonic() - started > 0.3  # the search was heavy enough for the check to mean something
+
+
+def test_index_is_found_by_name_from_another_process_and_survives_restarts(make_index, tmp_path):
+    router, config = make_index(shards=2, snapshot_uri=str(tmp_path / "index"),
+                                index=IndexConfig(kind="ivf", nlist=2, nprobe=2))
+    assert create_index(config)._actor_id == router._actor_id  # get_if_exists: the same actor
+    with pytest.raises(ValueError, match="already runs with another configuration"):
+        create_index(RouterConfig(name=config.name, shards=3))
+    with pytest.raises(ValueError, match="no index named 'nobody'"):
+        connect("nobody")
+
+    g = Gallery.random(40, 4, seed=8)
+    get(router.load_old.remote(g.ids, g.old, "v1"))
+    get(router.set_phase.remote("instant"))
+    get(router.upsert.remote(g.ids[:20], g.old[:20] + 1, "transformed", "v2"))
+    get(router.snapshot.remote())
+
+    # A second driver attaches to the session cluster and queries the router by name.
+    address = ray.get_runtime_context().gcs_address
+    script = (
+        "import json, numpy as np, ray\n"
+        "from raybackfill import NAMESPACE\n"
+        "from raybackfill.index.router import connect, get\n"
+        f"ray.init(address={address!r}, namespace=NAMESPACE, log_to_driver=False)\n"
+        f"router = connect({config.name!r})\n"
+        f"result = get(router.search.remote(np.array({g.old[:2].tolist()}, dtype=np.float32), None, 3, 'old'))\n"
+        "print(json.dumps(result.ids.tolist()))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    expected = get(router.search.remote(g.old[:2], None, 3, "old")).ids.tolist()
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == expected
+
+    # The router restarts (max_restarts=-1), finds its shards by name and restores its phase.
+    kill_and_wait_for_restart(router)
+    progress = get(router.progress.remote())
+    assert progress.phase == "instant" and progress.counts == {"old": 20, "transformed": 20, "new": 0}
+    # A shard restarts from its snapshot.
+    shard = ray.get_actor(config.shard_name(0), namespace=NAMESPACE)
+    before = get(shard.counts.remote())
+    kill_and_wait_for_restart(shard)
+    assert get(shard.counts.remote()) == before
+    q = g.old[:3]
+    assert_matches(get(router.search.remote(q, q + 1, 10, "rank_merge")),
+                   brute_force(_moved(g, 20), q, q + 1, 10, "rank_merge"), atol=1e-3)
+
+
+def _moved(g: Gallery, n: int) -> Gallery:
+    g.upsert(np.arange(n), g.old[:n] + 1, "transformed")
+    return g
