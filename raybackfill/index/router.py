@@ -130,12 +130,16 @@ class IndexRouter:
     # ----------------------------------------------------------------- light calls
     @ray.method(concurrency_group="light")
     async def health(self) -> dict:
-        counts = await _gather([s.counts.remote() for s in self._shards])
+        """Config, shard names, and each space's provenance (model version and dim) as the shards hold it."""
+        shards = await _gather([s.describe.remote() for s in self._shards])
+        spaces = {key: next((d[key] for d in shards if d[key]), None) for key in ("old_space", "new_space")}
         return {
             "name": self._config.name,
             "config": dataclasses.asdict(self._config),
             "shard_names": [self._config.shard_name(i) for i in range(self._config.shards)],
-            "shard_counts": counts,
+            "shard_counts": [d["counts"] for d in shards],
+            "promoted": any(d["promoted"] for d in shards),
+            **spaces,
         }
 
     @ray.method(concurrency_group="light")

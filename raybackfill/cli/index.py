@@ -1,0 +1,256 @@
+"""`raybackfill serve | query | status | promote | rollback | stop`: run and use the serving index.
+
+Every command attaches to the running Ray cluster (RAY_ADDRESS, or the cluster started on this machine)
+and finds the index by its actor name in the raybackfill namespace, so they work from any shell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from raybackfill.data.io import read_table
+from raybackfill.data.schema import ID, MODEL, validate_embedding_table, vectors_of
+from raybackfill.index.merge import METRICS, OLD, SPACES, TopK
+from raybackfill.index.progress import Progress
+from raybackfill.index.router import DEFAULT_NAME, RouterConfig, connect, create_index, destroy_index, get
+from raybackfill.index.shard import STRATEGIES, IndexConfig
+
+LOAD_ROWS = 100_000
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser(
+        "serve",
+        help="start the serving index over a table of old embeddings",
+        description="Create the index router and shard actors (named, detached: they keep serving after "
+        "this command exits) and load the old embeddings (Parquet: id, embedding fixed_size_list<float32,d>).",
+    )
+    serve.add_argument("--old-embeddings", required=True, metavar="URI", help="old embedding table (path or s3://)")
+    serve.add_argument("--shards", type=int, default=2, help="number of shard actors (default 2)")
+    serve.add_argument("--version", help="old model version tag (default: the table's 'model' column)")
+    serve.add_argument("--metric", choices=METRICS, default="ip", help="ip (cosine on normalised vectors) or l2")
+    serve.add_argument("--kind", choices=("flat", "ivf"), default="flat", help="flat (exact, default) or ivf")
+    serve.add_argument("--nlist", type=int, default=IndexConfig.nlist, help="IVF lists per space and shard")
+    serve.add_argument("--nprobe", type=int, default=IndexConfig.nprobe, help="IVF lists searched per query")
+    serve.add_argument("--shard-cpus", type=float, default=RouterConfig.shard_num_cpus,
+                       help="CPUs per shard actor (FAISS threads follow; default 0.25)")
+    serve.add_argument("--shard-gpus", type=float, default=0.0, help="GPUs per shard actor (default 0)")
+    serve.add_argument("--snapshot-uri", metavar="URI", help="where shards snapshot and restore (path or s3://)")
+    _name(serve)
+    serve.set_defaults(func=_serve)
+
+    query = subparsers.add_parser(
+        "query",
+        help="top-k of the serving index for an item, a vector or an image",
+        description="Query with a stored item (--id: its old and/or new vector), with vectors (--vector, "
+        ".npy of shape (d,) or (n, d); rank_merge takes two: --vector OLD.npy --vector NEW.npy), or with "
+        "an image embedded by model artefacts (--image with one --model per space the strategy needs).",
+    )
+    source = query.add_mutually_exclusive_group(required=True)
+    source.add_argument("--id", type=int, help="id of a gallery item to use as the query")
+    source.add_argument("--vector", action="append", metavar="FILE.npy", help="query vector(s) (.npy)")
+    source.add_argument("--image", metavar="FILE", help="query image (PNG/JPEG)")
+    query.add_argument("--model", action="append", metavar="DIR",
+                       help="model artefact that embeds --image; its version picks the space (repeatable)")
+    query.add_argument("--k", type=int, default=10, help="results per query (default 10)")
+    query.add_argument("--strategy", choices=STRATEGIES, default="rank_merge", help="default rank_merge")
+    query.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _name(query)
+    query.set_defaults(func=_query)
+
+    status = subparsers.add_parser("status", help="backfill progress of the serving index",
+                                   description="Counts per state and shard, rate, ETA, phase and last error.")
+    _name(status)
+    status.set_defaults(func=_status)
+
+    for command, help_text in (
+        ("promote", "make the new space the only one (every item must be in it)"),
+        ("rollback", "return every item to the old space (before promote)"),
+        ("stop", "kill the index router and its shards"),
+    ):
+        parser = subparsers.add_parser(command, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
+        _name(parser)
+        parser.set_defaults(func=_lifecycle)
+
+
+def _name(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--name", default=DEFAULT_NAME, help=f"index (router actor) name (default {DEFAULT_NAME})")
+
+
+# ------------------------------------------------------------------------- serve
+def _serve(args: argparse.Namespace) -> int:
+    table = validate_embedding_table(read_table(args.old_embeddings), args.old_embeddings)
+    version = args.version or _table_version(table, args.old_embeddings)
+    config = RouterConfig(
+        name=args.name,
+        shards=args.shards,
+        shard_num_cpus=args.shard_cpus,
+        shard_num_gpus=args.shard_gpus,
+        index=IndexConfig(kind=args.kind, metric=args.metric, nlist=args.nlist, nprobe=args.nprobe),
+        snapshot_uri=args.snapshot_uri,
+    )
+    router = create_index(config)
+    serving = get(router.progress.remote()).total
+    if serving:
+        raise ValueError(f"index {args.name!r} already serves {serving} items; `raybackfill stop --name "
+                         f"{args.name}` first, or serve under another --name")
+    ids = table.column(ID).to_numpy()
+    vectors = vectors_of(table)
+    started = time.monotonic()
+    for start in range(0, len(ids), LOAD_ROWS):
+        get(router.load_old.remote(ids[start : start + LOAD_ROWS], vectors[start : start + LOAD_ROWS], version))
+    print(f"index {args.name!r}: serving {len(ids)} items of model {version!r} (dim {vectors.shape[1]}, "
+          f"{args.metric}, {args.kind}) on {args.shards} shards; loaded in {time.monotonic() - started:.1f} s")
+    return 0
+
+
+def _table_version(table, source: str) -> str:
+    if MODEL not in table.schema.names:
+        raise ValueError(f"{source}: no 'model' column; pass --version (the old model's version tag)")
+    versions = table.column(MODEL).unique().to_pylist()
+    if len(versions) != 1 or not versions[0]:
+        raise ValueError(f"{source}: column 'model' holds {len(versions)} versions ({versions[:5]}); "
+                         f"an old space holds one model; pass --version to choose")
+    return versions[0]
+
+
+# ------------------------------------------------------------------------- query
+def _query(args: argparse.Namespace) -> int:
+    router = connect(args.name)
+    if args.id is not None:
+        q_old, q_new = _item_queries(router, args.id, args.strategy)
+    elif args.vector:
+        q_old, q_new = _vector_queries(args.vector, args.strategy)
+    else:
+        q_old, q_new = _image_queries(router, args.image, args.model, args.strategy)
+    result = get(router.search.remote(q_old, q_new, args.k, args.strategy))
+    print(json.dumps(_as_json(result)) if args.json else format_results(result))
+    return 0
+
+
+def _item_queries(router, item: int, strategy: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+    stored = get(router.vectors.remote(np.array([item], dtype=np.int64)))
+    if strategy == "old":
+        if stored.old is None:
+            raise ValueError("the index was promoted: items have no old vector any more")
+        return stored.old, None
+    if stored.new is None or stored.states[0] == OLD:
+        raise ValueError(f"item {item} has no new-space vector yet (state old); use --strategy old")
+    return (stored.old if strategy == "rank_merge" else None), stored.new
+
+
+def _vector_queries(files: list[str], strategy: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+    vectors = [np.load(Path(f), allow_pickle=False) for f in files]
+    needed = 2 if strategy == "rank_merge" else 1
+    if len(vectors) != needed:
+        raise ValueError(f"strategy {strategy!r} takes {needed} --vector file(s), got {len(vectors)}"
+                         + (" (rank_merge: --vector OLD.npy --vector NEW.npy)" if needed == 2 else ""))
+    if strategy == "old":
+        return vectors[0], None
+    if strategy == "compatible":
+        return None, vectors[0]
+    return vectors[0], vectors[1]
+
+
+def _image_queries(router, image: str, models: list[str] | None, strategy: str):
+    """Embed the image with each --model; the model's version tag says which space its query is for."""
+    if not models:
+        raise ValueError("image queries need --model DIR (the model artefact(s) that embed the image)")
+    import torch  # torch and the artefacts are only needed for image queries
+
+    from raybackfill.data.images import decode_rgb, normalise
+    from raybackfill.models.artifacts import load_model
+
+    spaces = get(router.health.remote())
+    slots = {"old": None, "new": None}
+    pixels = torch.from_numpy(normalise(decode_rgb(Path(image).read_bytes())[None]))
+    for uri in models:
+        model = load_model(uri)
+        slot = next((s for s in ("old", "new") if (spaces[f"{s}_space"] or {}).get("version") == model.spec.version),
+                    None)
+        if slot is None:
+            raise ValueError(f"{uri}: model version {model.spec.version!r} is neither the old space's "
+                             f"({spaces['old_space']}) nor the new space's ({spaces['new_space']})")
+        with torch.inference_mode():
+            vector = model.module.embed(pixels).float().numpy()
+        if model.spec.metric == "cosine":
+            vector = vector / np.maximum(np.linalg.norm(vector, axis=1, keepdims=True), 1e-12)
+        slots[slot] = vector
+    needs = {"old": ("old",), "compatible": ("new",), "rank_merge": ("old", "new")}[strategy]
+    missing = [s for s in needs if slots[s] is None]
+    if missing:
+        raise ValueError(f"strategy {strategy!r} needs a --model for the {' and '.join(missing)} space")
+    return tuple(slots[s] if s in needs else None for s in ("old", "new"))
+
+
+def _as_json(result: TopK) -> list[list[dict]]:
+    names = result.space_names()
+    return [
+        [{"id": int(i), "score": float(s), "space": n} for i, s, n in zip(ids, scores, row, strict=True) if i >= 0]
+        for ids, scores, row in zip(result.ids, result.scores, names, strict=True)
+    ]
+
+
+def format_results(result: TopK) -> str:
+    lines = []
+    for q, hits in enumerate(_as_json(result)):
+        if result.ids.shape[0] > 1:
+            lines.append(f"query {q}")
+        lines.append(f"{'rank':>4}  {'id':>12}  {'score':>12}  space")
+        lines += [f"{r:>4}  {h['id']:>12}  {h['score']:>12.5f}  {h['space']}" for r, h in enumerate(hits, 1)]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------- status
+def _status(args: argparse.Namespace) -> int:
+    print(format_status(get(connect(args.name).progress.remote())))
+    return 0
+
+
+def progress_bar(fraction: float, width: int = 30) -> str:
+    filled = int(round(min(max(fraction, 0.0), 1.0) * width))
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def format_status(p: Progress, now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    started = "not started"
+    if p.started_at is not None:
+        when = datetime.fromtimestamp(p.started_at, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        started = f"started {when} ({_duration(now - p.started_at)} ago)"
+    lines = [f"index {p.name}   phase {p.phase}   {started}", ""]
+    lines.append(f"{'shard':<6}" + "".join(f"{s:>13}" for s in SPACES) + f"{'total':>13}")
+    for i, counts in enumerate(p.per_shard):
+        lines.append(f"{i:<6}" + "".join(f"{counts[s]:>13,}" for s in SPACES) + f"{sum(counts.values()):>13,}")
+    lines.append(f"{'all':<6}" + "".join(f"{p.counts[s]:>13,}" for s in SPACES) + f"{p.total:>13,}")
+    lines.append("")
+    lines.append(f"new model  {progress_bar(p.fraction_new)} {100 * p.fraction_new:5.1f}%")
+    lines.append(f"new space  {progress_bar(p.fraction_in_new_space)} {100 * p.fraction_in_new_space:5.1f}%"
+                 "  (transformed or new)")
+    eta = "unknown" if p.eta_seconds is None else _duration(p.eta_seconds)
+    lines.append(f"rate {p.rate:,.1f} items/s   remaining {p.remaining:,}   ETA {eta}")
+    if p.last_error:
+        lines.append(f"last error: {p.last_error}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------- lifecycle
+def _lifecycle(args: argparse.Namespace) -> int:
+    if args.command == "stop":
+        print("stopped: " + ", ".join(destroy_index(args.name)))
+        return 0
+    router = connect(args.name)
+    counts = get(getattr(router, args.command).remote())
+    print(f"{args.command}: " + ", ".join(f"{s} {counts[s]:,}" for s in SPACES))
+    return 0
