@@ -136,16 +136,14 @@ def test_progress_answers_while_a_heavy_search_runs(make_index):
     n, d = 60_000, 32
     get(router.load_old.remote(np.arange(n), rng.standard_normal((n, d), dtype=np.float32), "v1"))
     queries = rng.standard_normal((4000, d), dtype=np.float32)
-    started = time.monotonic()
     search = router.search.remote(queries, None, 50, "old")
     time.sleep(0.2)  # let the search reach the shards
     progress = router.progress.remote()
-    ready, _ = ray.wait([progress, search], num_returns=1, timeout=120)
-    assert ready == [progress], "progress waited behind the search"
-    assert get(progress).counts["old"] == n
-    result = get(search)
-    assert result.ids.shape == (4000, 50)
-    assert time.monotonic() - started > 0.3  # the search was heavy enough for the check to mean something
+    assert get(progress, timeout=60).counts["old"] == n
+    # The check means something only if the search was still running when progress answered.
+    finished, _ = ray.wait([search], timeout=0)
+    assert finished == [], "the search finished first: make it heavier"
+    assert get(search).ids.shape == (4000, 50)
 
 
 def test_index_is_found_by_name_from_another_process_and_survives_restarts(make_index, tmp_path):

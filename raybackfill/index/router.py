@@ -179,13 +179,14 @@ class IndexRouter:
             calls = [getattr(self._shards[i], method) for i, _, _ in pieces]
             await _gather([call.remote(p_ids, p_vec, *args, dry_run=True)
                            for call, (_, p_ids, p_vec) in zip(calls, pieces, strict=True)])
-            counts = await _gather([call.remote(p_ids, p_vec, *args)
-                                    for call, (_, p_ids, p_vec) in zip(calls, pieces, strict=True)])
+            await _gather([call.remote(p_ids, p_vec, *args)
+                           for call, (_, p_ids, p_vec) in zip(calls, pieces, strict=True)])
         except Exception as err:
             with self._lock:
                 self._last_error = f"{method}: {err}"
             raise
-        self._record_counts(counts, [i for i, _, _ in pieces])
+        # Every shard's counts (light calls), so totals are right even for shards this batch missed.
+        self._record_counts(await _gather([s.counts.remote() for s in self._shards]))
         return self._progress().counts
 
     async def search(self, queries_old, queries_new, k: int, strategy: str) -> TopK:
@@ -242,10 +243,9 @@ class IndexRouter:
             self._tracker.reset(time.time(), self._done())
         self._save_state()
 
-    def _record_counts(self, counts: list[dict[str, int]], shards: list[int] | None = None) -> None:
+    def _record_counts(self, counts: list[dict[str, int]]) -> None:
         with self._lock:
-            for i, c in zip(shards if shards is not None else range(len(counts)), counts, strict=True):
-                self._shard_counts[i] = c
+            self._shard_counts = list(counts)
             self._tracker.observe(time.time(), self._done())
 
     def _totals(self) -> dict[str, int]:
