@@ -38,7 +38,7 @@ def test_decode_yields_normalised_pixels(ray_cluster, tmp_path):
     batch = decode_images(read_images(uri), size=8).take_batch(4)
     assert batch["pixels"].shape == (4, 3, 8, 8) and batch["pixels"].dtype == np.float32
     assert "image" not in batch
-    assert -2.01 <= batch["pixels"].min() and batch["pixels"].max() <= 2.01
+    assert batch["pixels"].min() >= -2.01 and batch["pixels"].max() <= 2.01
 
 
 def test_corrupt_and_wrong_size_images_are_quarantined_not_fatal(ray_cluster, tmp_path):

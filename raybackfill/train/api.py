@@ -119,17 +119,18 @@ def train_side_info(
 
 def joined_embeddings(old_uri: str, new_uri: str, *, side_info: bool) -> pa.Table:
     """Rows present in both tables, keyed by id: ``old``, ``new``, ``label`` and optionally ``side``."""
-    old = validate_embedding_table(
-        io.read_table(old_uri), old_uri, require=(LABEL,) + ((SIDE_INFO,) if side_info else ())
-    )
+    required = (LABEL, SIDE_INFO) if side_info else (LABEL,)
+    old = validate_embedding_table(io.read_table(old_uri), old_uri, require=required)
     new = validate_embedding_table(io.read_table(new_uri), new_uri)
-    old_cols = {"old": EMBEDDING, LABEL: LABEL, **({"side": SIDE_INFO} if side_info else {})}
-    left = pa.table({ID: old.column(ID), **{k: old.column(v) for k, v in old_cols.items()}})
-    right = pa.table({ID: new.column(ID), "new": new.column(EMBEDDING)})
-    joined = left.join(right, ID, join_type="inner").combine_chunks()
-    if joined.num_rows == 0:
+    # Arrow's hash join cannot carry fixed-size-list columns; ids are unique, so intersect positions.
+    ids, in_old, in_new = np.intersect1d(old.column(ID).to_numpy(), new.column(ID).to_numpy(), return_indices=True)
+    if len(ids) == 0:
         raise ValueError(f"{old_uri} and {new_uri} share no ids")
-    return joined.sort_by(ID)
+    old, new = old.take(in_old), new.take(in_new)
+    columns = {"old": old.column(EMBEDDING), "new": new.column(EMBEDDING), LABEL: old.column(LABEL)}
+    if side_info:
+        columns["side"] = old.column(SIDE_INFO)
+    return pa.table({ID: pa.array(ids), **columns}).combine_chunks()
 
 
 def train_transformation(

@@ -2,13 +2,16 @@
 
 A run is identified by ``(storage_path, name)``. Re-running the same command after a crash finds the
 run's latest checkpoint and continues from the epoch after it, which is how a killed training job
-resumes without redoing finished epochs.
+resumes without redoing finished epochs. ``num_workers=0`` is Ray Train's local mode: the loop runs in
+the driver with no worker start-up cost (seconds instead of tens of seconds on a 2-core box), which
+suits tests and small demos, but its checkpoints are not persisted, so a killed local run starts over.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -31,7 +34,7 @@ class TrainConfig:
 
     name: str
     storage_path: str = "./runs"
-    num_workers: int = 1
+    num_workers: int = 1  # 0: Ray Train local mode (in the driver, no resume)
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
     cpus_per_worker: float = 1.0
     epochs: int = 5
@@ -81,7 +84,9 @@ def fit(
     if result.checkpoint is None:
         raise RuntimeError(f"training run {config.name!r} finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:
-        return torch.load(os.path.join(directory, STATE_FILE), weights_only=True)
+        state = torch.load(os.path.join(directory, STATE_FILE), weights_only=True)
+    _forget_local_checkpoint()
+    return state
 
 
 # ---- helpers used inside training loops (they run in Ray Train workers) -------------------------------
@@ -116,16 +121,34 @@ def report_epoch(
     if ray.train.get_context().get_world_rank() != 0:
         ray.train.report({"epoch": epoch, **metrics}, checkpoint=None)
         return history
-    with tempfile.TemporaryDirectory() as directory:
-        state = {
-            "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
-            "optimizer": optimizer.state_dict(),
-            "epoch": epoch,
-            "history": history,
-        }
-        torch.save(state, os.path.join(directory, STATE_FILE))
-        ray.train.report({"epoch": epoch, **metrics}, checkpoint=Checkpoint.from_directory(directory))
+    # Ray Train copies the directory to the run's storage and then deletes the local copy.
+    directory = tempfile.mkdtemp(prefix="raybackfill-ckpt-")
+    state = {
+        "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "history": history,
+    }
+    torch.save(state, os.path.join(directory, STATE_FILE))
+    ray.train.report(
+        {"epoch": epoch, **metrics},
+        checkpoint=Checkpoint.from_directory(directory),
+        delete_local_checkpoint_after_upload=True,
+    )
+    if os.path.isdir(directory):
+        # Local mode (num_workers=0) keeps the checkpoint where it was written and never uploads it:
+        # keep only the latest one (it is the run's result) and delete it once fit() has read it.
+        _forget_local_checkpoint()
+        _LOCAL_CHECKPOINT.append(directory)
     return history
+
+
+_LOCAL_CHECKPOINT: list[str] = []
+
+
+def _forget_local_checkpoint() -> None:
+    while _LOCAL_CHECKPOINT:
+        shutil.rmtree(_LOCAL_CHECKPOINT.pop(), ignore_errors=True)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,0 +1,81 @@
+"""Ray Train loops on a real local cluster: artefacts, resume from the latest checkpoint, data-parallel."""
+
+import numpy as np
+import pytest
+import torch
+
+from raybackfill.data import io
+from raybackfill.data.schema import embedding_table
+from raybackfill.data.synth import write_synthetic
+from raybackfill.models.artifacts import load_model
+from raybackfill.train.api import train_backbone, train_side_info, train_transformation
+from raybackfill.train.trainer import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> str:
+    uri = str(tmp_path_factory.mktemp("train") / "images")
+    write_synthetic(uri, classes=4, per_class=8, size=16, seed=0)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def embeddings(tmp_path_factory) -> tuple[str, str]:
+    """An old table with side-info and a new table whose vectors are a fixed function of them."""
+    rng = np.random.default_rng(0)
+    n, root = 256, tmp_path_factory.mktemp("emb")
+    labels = rng.integers(0, 4, n)
+    old = rng.normal(size=(n, 8)).astype(np.float32) + labels[:, None]
+    side = rng.normal(size=(n, 4)).astype(np.float32)
+    new = np.tanh(np.concatenate([old, side], 1) @ rng.normal(size=(12, 6))).astype(np.float32)
+    old_uri, new_uri = str(root / "old"), str(root / "new")
+    io.write_table(
+        embedding_table(np.arange(n), old, side_info=side, extra={"label": labels.astype(np.int32)}), old_uri
+    )
+    io.write_table(embedding_table(np.arange(n), new), new_uri)
+    return old_uri, new_uri
+
+
+def _cfg(tmp_path, name, **kw) -> TrainConfig:
+    return TrainConfig(name=name, storage_path=str(tmp_path / "runs"), seed=0, **kw)
+
+
+def test_local_mode_backbone_artifact_embeds_images(ray_cluster, images, tmp_path):
+    out = str(tmp_path / "old")
+    spec = train_backbone(images, out, train=_cfg(tmp_path, "old", num_workers=0, epochs=1, batch_size=16))
+    assert spec.dims == {"embedding": 128, "num_classes": 4} and spec.method == "independent"
+    model = load_model(out).module
+    assert model.embed(torch.zeros(2, 3, 16, 16)).shape == (2, 128)
+    side = train_side_info(images, str(tmp_path / "side"), train=_cfg(tmp_path, "side", num_workers=0, epochs=1))
+    assert side.dims == {"embedding": 32}
+
+
+def test_bct_and_ract_need_an_old_model(images, tmp_path):
+    with pytest.raises(ValueError, match="pass old_model"):
+        train_backbone(images, str(tmp_path / "m"), method="ract", train=_cfg(tmp_path, "r"))
+
+
+def test_rerunning_a_finished_run_with_more_epochs_resumes_from_its_checkpoint(ray_cluster, embeddings, tmp_path):
+    old_uri, new_uri = embeddings
+    common = {"new_model": "unused", "side_info": True}
+    first = train_transformation(old_uri, new_uri, str(tmp_path / "h1"), train=_cfg(tmp_path, "h", epochs=2), **common)
+    second = train_transformation(old_uri, new_uri, str(tmp_path / "h2"), train=_cfg(tmp_path, "h", epochs=3), **common)
+    assert first.kwargs == second.kwargs
+    history = _history(tmp_path / "runs" / "h")
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+
+
+def test_two_workers_follow_the_loss_trajectory_of_one(ray_cluster, embeddings, tmp_path):
+    old_uri, new_uri = embeddings
+    losses = {}
+    for workers in (1, 2):
+        cfg = _cfg(tmp_path, f"w{workers}", num_workers=workers, cpus_per_worker=0.5, epochs=4, batch_size=64)
+        train_transformation(old_uri, new_uri, str(tmp_path / f"w{workers}"), new_model="unused", train=cfg)
+        losses[workers] = [h["loss"] for h in _history(tmp_path / "runs" / f"w{workers}")]
+    assert losses[1][-1] < losses[1][0] and losses[2][-1] < losses[2][0]
+    np.testing.assert_allclose(losses[2], losses[1], rtol=0.25)
+
+
+def _history(run_dir) -> list[dict]:
+    checkpoints = sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
+    return torch.load(checkpoints[-1] / "state.pt", weights_only=True)["history"]
