@@ -84,10 +84,10 @@ def test_every_strategy_matches_brute_force(make_shard, name):
 def test_ivf_is_trained_on_the_first_batch_of_a_space(make_shard):
     shard = make_shard(IndexConfig(kind="ivf", nlist=16, nprobe=16))
     g = Gallery.random(40, 4)
-    with pytest.raises(ValueError, match="nlist=16 .* only 8 vectors"):
+    with pytest.raises(ValueError, match="nlist=16 .* old space .* only 8 vectors"):
         get(shard.load_old.remote(g.ids[:8], g.old[:8], "v1"))
     get(shard.load_old.remote(g.ids, g.old, "v1"))
-    with pytest.raises(ValueError, match="first batch of the new space, which has only 3 vectors"):
+    with pytest.raises(ValueError, match=r"first batch of the new space \(per shard\), which has only 3 vectors"):
         get(shard.upsert.remote(g.ids[:3], g.old[:3], "new", "v2"))
     assert get(shard.counts.remote()) == {"old": 40, "transformed": 0, "new": 0}
 

@@ -146,6 +146,7 @@ class IndexShard:
         self._ids = np.zeros(0, dtype=np.int64)  # slot -> item id
         self._state = np.zeros(0, dtype=np.int8)  # slot -> OLD / TRANSFORMED / NEW
         self._by_id = np.zeros(0, dtype=np.int64)  # slots sorted by id, for vectorised lookups
+        self._sorted_ids = np.zeros(0, dtype=np.int64)  # = self._ids[self._by_id]
         self._old_space: Space | None = None
         self._new_space: Space | None = None
         self._pending: faiss.Index | None = None
@@ -185,15 +186,18 @@ class IndexShard:
         index.set_direct_map_type(faiss.DirectMap.Hashtable)
         return index
 
-    def _trained_index(self, vectors: np.ndarray, space: str) -> faiss.Index:
+    def _check_trainable(self, n: int, space: str) -> None:
+        """An IVF space is trained on its first batch, which must hold at least nlist vectors."""
+        if self._config.kind == "ivf" and n < self._config.nlist:
+            raise ValueError(
+                f"IVF index with nlist={self._config.nlist} is trained on the first batch of the {space} space "
+                f"(per shard), which has only {n} vectors; send at least nlist vectors first, lower nlist, or "
+                f"use kind='flat'"
+            )
+
+    def _trained_index(self, vectors: np.ndarray) -> faiss.Index:
         index = self._empty_index(vectors.shape[1])
         if not index.is_trained:
-            if len(vectors) < self._config.nlist:
-                raise ValueError(
-                    f"IVF index with nlist={self._config.nlist} is trained on the first batch of the {space} "
-                    f"space, which has only {len(vectors)} vectors; send at least nlist vectors first, "
-                    f"lower nlist, or use kind='flat'"
-                )
             index.train(vectors)
         return index
 
@@ -206,11 +210,20 @@ class IndexShard:
         if removed != len(slots):
             raise RuntimeError(f"index inconsistency: removed {removed} of {len(slots)} vectors")
 
+    def _sort_ids(self) -> None:
+        self._by_id = np.argsort(self._ids, kind="stable")
+        self._sorted_ids = self._ids[self._by_id]
+
+    def _find(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(position in the sorted ids, found mask) of each id: a binary search, no per-id Python."""
+        if not len(self._sorted_ids):
+            return np.zeros(len(ids), dtype=np.int64), np.zeros(len(ids), dtype=bool)
+        pos = np.minimum(np.searchsorted(self._sorted_ids, ids), len(self._sorted_ids) - 1)
+        return pos, self._sorted_ids[pos] == ids
+
     def _lookup(self, ids: np.ndarray) -> np.ndarray:
         """Slots of known ids; unknown ids are refused by name."""
-        sorted_ids = self._ids[self._by_id]
-        pos = np.minimum(np.searchsorted(sorted_ids, ids), max(len(sorted_ids) - 1, 0))
-        found = sorted_ids[pos] == ids if len(sorted_ids) else np.zeros(len(ids), dtype=bool)
+        pos, found = self._find(ids)
         if not found.all():
             raise ValueError(
                 f"unknown ids (not in the gallery loaded by load_old on this shard): {show_ids(ids[~found])}"
@@ -234,20 +247,22 @@ class IndexShard:
                 raise ValueError(f"old space holds model version {self._old_space.version!r}; refusing "
                                  f"vectors of version {version!r} (spaces never mix)")
             ids, vectors = as_batch(ids, vectors, self._old_space.dim if self._old_space else None)
-            known = np.isin(ids, self._ids)
+            known = self._find(ids)[1]
             if known.any():
                 raise ValueError(f"ids already loaded in this shard: {show_ids(ids[known])}")
+            if self._pending is None:
+                self._check_trainable(len(ids), "old")
             if dry_run:
                 return self._counts
             if self._pending is None:
-                self._pending = self._trained_index(vectors, "old")
+                self._pending = self._trained_index(vectors)
                 self._backfilled = faiss.clone_index(self._pending)
                 self._old_space = Space(version, vectors.shape[1])
             slots = np.arange(len(self._ids), len(self._ids) + len(ids), dtype=np.int64)
             self._pending.add_with_ids(vectors, slots)
             self._ids = np.concatenate([self._ids, ids])
             self._state = np.concatenate([self._state, np.full(len(ids), OLD, dtype=np.int8)])
-            self._by_id = np.argsort(self._ids, kind="stable")
+            self._sort_ids()
             self._touch("pending")
             self._publish()
             return self._counts
@@ -261,7 +276,7 @@ class IndexShard:
             if dry_run:
                 return self._counts
             if self._new is None:
-                self._new = self._trained_index(vectors, "new")
+                self._new = self._trained_index(vectors)
                 self._new_space = Space(version, vectors.shape[1])
             current = self._state[slots]
             moving = slots[current == OLD]
@@ -286,7 +301,10 @@ class IndexShard:
             raise ValueError(f"new space holds model version {self._new_space.version!r}; refusing vectors "
                              f"of version {version!r} (spaces never mix; rollback first to change models)")
         ids, vectors = as_batch(ids, vectors, self._new_space.dim if self._new_space else None)
-        return ids, vectors, self._lookup(ids), UPSERT_STATES[state]
+        slots = self._lookup(ids)
+        if self._new is None:
+            self._check_trainable(len(ids), "new")
+        return ids, vectors, slots, UPSERT_STATES[state]
 
     def promote(self) -> dict[str, int]:
         """Make the new space the only one (every item must be in it); the old vectors are dropped."""
@@ -295,8 +313,6 @@ class IndexShard:
             if waiting.any():
                 raise ValueError(f"cannot promote: {int(waiting.sum())} items are not in the new space yet "
                                  f"(ids {show_ids(self._ids[waiting])})")
-            if self._new is None and len(self._ids):
-                raise ValueError("cannot promote: the new space is empty")
             self._pending = self._backfilled = None
             self._promoted = True
             self._touch("pending", "backfilled")
@@ -472,7 +488,7 @@ class IndexShard:
         with np.load(io.BytesIO(blobs["items.npz"])) as items:
             self._ids = items["ids"].astype(np.int64)
             self._state = items["state"].astype(np.int8)
-        self._by_id = np.argsort(self._ids, kind="stable")
+        self._sort_ids()
         self._old_space = Space(**meta["old_space"]) if meta["old_space"] else None
         self._new_space = Space(**meta["new_space"]) if meta["new_space"] else None
         self._promoted = bool(meta["promoted"])
