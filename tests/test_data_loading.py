@@ -56,3 +56,15 @@ def test_schema_errors_are_raised_before_any_read(ray_cluster, tmp_path):
     io.write_table(_gallery().drop(["label"]), uri)
     with pytest.raises(SchemaError, match="part-00000.parquet: missing column 'label'"):
         read_images(uri, require_label=True)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_cli_synth_writes_a_50_row_table_that_ray_data_reads_back(ray_cluster, tmp_path, s3_bucket, where):
+    from raybackfill.cli.main import main
+
+    uri = str(tmp_path / "synth") if where == "local" else f"{s3_bucket}/synth"
+    assert main(["data", "synth", "--out", uri, "--classes", "10", "--per-class", "5", "--seed", "0"]) == 0
+    batch = decode_images(read_images(uri, require_label=True), size=32).take_batch(100)
+    assert sorted(batch["id"]) == list(range(50))
+    assert sorted(set(batch["label"])) == list(range(10))
+    assert batch["pixels"].shape == (50, 3, 32, 32)
