@@ -1,0 +1,237 @@
+"""Offline evaluation of one upgrade method on embedding tables: anchors, backfill curves per order, report files.
+
+The glue between stored tables and the evaluation math (metrics, curves, report, plots): tables are
+matched by id (every table of a set must hold the set's ids; rows are reordered to the old table's), the
+method's recipe says which vectors score the not-yet-backfilled and the backfilled items, and each
+backfill order is a priority policy (raybackfill.backfill.policies) or a stored score column.
+Labels come from the old query and old gallery tables (``label`` column); protocol "disjoint".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from raybackfill.backfill.policies import POLICIES, priority_order, priority_scores
+from raybackfill.compat.recipes import RECIPES, get_recipe
+from raybackfill.data.io import join, read_table, write_bytes
+from raybackfill.data.schema import ID, LABEL, SIDE_INFO, validate_embedding_table, vectors_of
+from raybackfill.eval.curves import DEFAULT_POINTS, BackfillSpaces, backfill_curve, even_betas
+from raybackfill.eval.metrics import EvalConfig, RetrievalResult, evaluate
+from raybackfill.eval.plots import plot_curves
+from raybackfill.eval.report import Run, build_report, save_report, summary_table
+from raybackfill.models.artifacts import load_model
+
+COLUMN_ORDER = "column:"
+REPORT_FILE = "report.json"
+PLOT_FILE = "backfill_curves.png"
+MARKDOWN_FILE = "report.md"
+METHODS = tuple(RECIPES)
+
+
+def rows_of(ids: np.ndarray, wanted: np.ndarray, source: str) -> np.ndarray:
+    """Row positions of the ``wanted`` ids among unique ``ids`` (vectorised: sort + searchsorted)."""
+    ids, wanted = np.asarray(ids, dtype=np.int64), np.asarray(wanted, dtype=np.int64)
+    order = np.argsort(ids, kind="stable")
+    where = np.minimum(np.searchsorted(ids[order], wanted), max(len(ids) - 1, 0))
+    found = ids[order][where] == wanted if len(ids) else np.zeros(len(wanted), dtype=bool)
+    if not found.all():
+        missing = wanted[~found]
+        raise ValueError(f"{source}: {len(missing)} ids are missing (e.g. {missing[:5].tolist()})")
+    return order[where]
+
+
+@dataclass(frozen=True)
+class EvalInputs:
+    """Embedding table URIs: queries and gallery in the old and new model's space, and optional extras.
+
+    ``gallery_transformed``: the old gallery sent through the forward transformation (FCT / FastFill);
+    ``psi_queries``: psi(new query embeddings), the old-space query of rank_merge_psi.
+    """
+
+    queries_old: str
+    queries_new: str
+    gallery_old: str
+    gallery_new: str
+    gallery_transformed: str | None = None
+    psi_queries: str | None = None
+
+
+@dataclass(frozen=True)
+class OfflineConfig:
+    """What to evaluate: the method (a recipe name), backfill orders, beta grid and metric.
+
+    ``orders``: policy names (random, id, uncertainty, entropy, least_confidence) or ``column:NAME``, a
+    numeric score column of the old (then the transformed) gallery table, highest first.
+    ``transformation``: FastFill artefact for ``uncertainty``; ``old_model``: old backbone artefact whose
+    classifier gives ``entropy`` / ``least_confidence``.
+    """
+
+    method: str
+    orders: tuple[str, ...] = ("random",)
+    beta_points: int = DEFAULT_POINTS
+    metric: str = "cosine"
+    seed: int = 0
+    memory_budget_mb: int = 2048
+    transformation: str | None = None
+    old_model: str | None = None
+
+    def __post_init__(self) -> None:
+        get_recipe(self.method)
+        if not self.orders:
+            raise ValueError("give at least one backfill order")
+        if len(set(self.orders)) != len(self.orders):
+            raise ValueError(f"backfill orders repeat: {list(self.orders)}")
+        for order in self.orders:
+            if order not in POLICIES and not (order.startswith(COLUMN_ORDER) and len(order) > len(COLUMN_ORDER)):
+                raise ValueError(f"unknown order {order!r}; use one of {', '.join(POLICIES)} or column:NAME")
+        even_betas(self.beta_points)
+        EvalConfig(metric=self.metric, memory_budget_mb=self.memory_budget_mb)
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """One embedding table's rows in a given id order."""
+
+    ids: np.ndarray
+    vectors: np.ndarray
+    table: pa.Table
+
+
+def read_embeddings(uri: str, ids: np.ndarray | None = None, *, require: tuple[str, ...] = ()) -> Embeddings:
+    """Read and validate a table; with ``ids``, its rows in that order (every id must be present)."""
+    table = validate_embedding_table(read_table(uri), uri, require=require)
+    if ids is not None:
+        table = table.take(pa.array(rows_of(table.column(ID).to_numpy(), ids, uri)))
+    return Embeddings(table.column(ID).to_numpy(), vectors_of(table), table)
+
+
+@dataclass(frozen=True)
+class LoadedTables:
+    query_labels: np.ndarray
+    gallery_labels: np.ndarray
+    queries: dict[str, Embeddings]  # "old", "new" and optionally "psi"
+    gallery: dict[str, Embeddings]  # "old", "new" and optionally "transformed"
+
+
+def load_tables(inputs: EvalInputs) -> LoadedTables:
+    """Old tables give the ids and labels; the other tables are matched to them by id."""
+    q_old = read_embeddings(inputs.queries_old, require=(LABEL,))
+    g_old = read_embeddings(inputs.gallery_old, require=(LABEL,))
+    queries = {"old": q_old, "new": read_embeddings(inputs.queries_new, q_old.ids)}
+    gallery = {"old": g_old, "new": read_embeddings(inputs.gallery_new, g_old.ids)}
+    if inputs.psi_queries:
+        queries["psi"] = read_embeddings(inputs.psi_queries, q_old.ids)
+    if inputs.gallery_transformed:
+        gallery["transformed"] = read_embeddings(inputs.gallery_transformed, g_old.ids)
+    return LoadedTables(q_old.table.column(LABEL).to_numpy(), g_old.table.column(LABEL).to_numpy(), queries, gallery)
+
+
+def method_spaces(method: str, tables: LoadedTables) -> BackfillSpaces:
+    """The vectors a method scores with before and after an item is backfilled (see compat.recipes)."""
+    recipe = get_recipe(method)
+    q = {name: e.vectors for name, e in tables.queries.items()}
+    g = {name: e.vectors for name, e in tables.gallery.items()}
+    if recipe.query_strategy == "old":
+        return BackfillSpaces.old(q["old"], g["old"])
+    if recipe.query_strategy == "compatible":
+        if recipe.forward_transformation and "transformed" not in g:
+            raise ValueError(f"method {method!r} serves transformed old embeddings: give --gallery-transformed")
+        return BackfillSpaces.compatible(
+            q["new"], g["transformed" if recipe.forward_transformation else "old"], g["new"]
+        )
+    if recipe.old_query_source == "psi" and "psi" not in q:
+        raise ValueError(f"method {method!r} queries the old part with psi(new query): give --psi-queries")
+    return BackfillSpaces.rank_merge(
+        q["psi" if recipe.old_query_source == "psi" else "old"], g["old"], q["new"], g["new"]
+    )
+
+
+def anchors(tables: LoadedTables, config: EvalConfig) -> dict[str, RetrievalResult]:
+    """old/old and new/new, plus every cross test the inputs allow (new/old only when the dims agree)."""
+    q = {name: e.vectors for name, e in tables.queries.items()}
+    g = {name: e.vectors for name, e in tables.gallery.items()}
+    pairs = {"old_old": (q["old"], g["old"]), "new_new": (q["new"], g["new"])}
+    if q["new"].shape[1] == g["old"].shape[1]:
+        pairs["new_old"] = (q["new"], g["old"])
+    if "transformed" in g:
+        pairs["new_transformed"] = (q["new"], g["transformed"])
+    if "psi" in q:
+        pairs["psi_old"] = (q["psi"], g["old"])
+    return {
+        name: evaluate(queries, gallery, tables.query_labels, tables.gallery_labels, config)
+        for name, (queries, gallery) in pairs.items()
+    }
+
+
+def _score_column(tables: LoadedTables, name: str) -> np.ndarray:
+    for space in ("old", "transformed"):
+        if space in tables.gallery and name in tables.gallery[space].table.schema.names:
+            column = tables.gallery[space].table.column(name)
+            if not pa.types.is_integer(column.type) and not pa.types.is_floating(column.type):
+                raise ValueError(f"order column {name!r} must be numeric, found {column.type}")
+            return column.to_numpy().astype(np.float64)
+    raise ValueError(f"order column {name!r} is in neither the old nor the transformed gallery table")
+
+
+def backfill_order(spec: str, tables: LoadedTables, config: OfflineConfig) -> np.ndarray:
+    """Gallery positions, highest priority first (ties by ascending id)."""
+    ids = tables.gallery["old"].ids
+    if spec.startswith(COLUMN_ORDER):
+        return priority_order(_score_column(tables, spec[len(COLUMN_ORDER) :]), ids)
+    old = tables.gallery["old"].vectors
+    kwargs: dict = {"old": old, "seed": config.seed}
+    if spec == "uncertainty":
+        if not config.transformation:
+            raise ValueError("order 'uncertainty' needs the FastFill transformation artefact (--transformation)")
+        head = load_model(config.transformation).module
+        kwargs["transformation"] = head
+        if head.uses_side_info:
+            table = tables.gallery["old"].table
+            if SIDE_INFO not in table.schema.names:
+                raise ValueError(f"the transformation reads side-information; the old gallery has no {SIDE_INFO!r}")
+            kwargs["side"] = vectors_of(table, SIDE_INFO)
+    elif spec in ("entropy", "least_confidence"):
+        if not config.old_model:
+            raise ValueError(f"order {spec!r} needs the old model artefact (--old-model) for its classifier")
+        classifier = load_model(config.old_model).module.classifier
+        kwargs["classifier"] = (classifier.weight.detach().numpy(), classifier.bias.detach().numpy())
+    return priority_order(priority_scores(spec, ids, **kwargs), ids)
+
+
+def evaluate_tables(inputs: EvalInputs, config: OfflineConfig) -> dict:
+    """Anchors and one backfill curve per order for ``config.method``: a report dict (eval.report schema)."""
+    eval_config = EvalConfig(metric=config.metric, protocol="disjoint", memory_budget_mb=config.memory_budget_mb)
+    tables = load_tables(inputs)
+    spaces = method_spaces(config.method, tables)
+    fixed = anchors(tables, eval_config)
+    betas = even_betas(config.beta_points)
+    runs = [
+        Run(
+            config.method,
+            order,
+            spaces.strategy,
+            backfill_curve(
+                spaces,
+                backfill_order(order, tables, config),
+                tables.query_labels,
+                tables.gallery_labels,
+                fixed["old_old"].correct_top1,
+                betas=betas,
+                config=eval_config,
+            ),
+        )
+        for order in config.orders
+    ]
+    return build_report(fixed, runs)
+
+
+def write_outputs(report: dict, out_uri: str) -> dict[str, str]:
+    """report.json, backfill_curves.png and report.md (the markdown tables) under ``out_uri``."""
+    paths = {name: join(out_uri, name) for name in (REPORT_FILE, PLOT_FILE, MARKDOWN_FILE)}
+    save_report(report, paths[REPORT_FILE])
+    plot_curves(report, paths[PLOT_FILE])
+    write_bytes(paths[MARKDOWN_FILE], (summary_table(report, markdown=True) + "\n").encode())
+    return paths
