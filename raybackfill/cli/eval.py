@@ -1,0 +1,164 @@
+"""`raybackfill eval run | compare | live`: offline backfill curves, reports side by side, live index quality.
+
+`run` is also the argument list of jobs/evaluate.py (`add_run_arguments` + `run_command`), so the job and
+the CLI take the same flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from raybackfill.backfill.policies import POLICIES
+from raybackfill.eval.curves import DEFAULT_POINTS
+from raybackfill.eval.live import DEFAULT_K, DEFAULT_MAX_PROBES, LabelLookup, ProbeSet, live_quality
+from raybackfill.eval.metrics import METRICS
+from raybackfill.eval.offline import METHODS, EvalInputs, OfflineConfig, evaluate_tables, write_outputs
+from raybackfill.eval.report import TABLE_COLUMNS, compare_reports, load_report, summary_table
+from raybackfill.index.router import DEFAULT_NAME, connect
+from raybackfill.index.shard import STRATEGIES
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    evaluate = subparsers.add_parser(
+        "eval",
+        help="evaluate an upgrade: backfill curves, reports, live index quality",
+        description="Offline: backfill curves of a method on embedding tables (run), several reports side "
+        "by side (compare). Online: top-1 / mAP@k of the serving index on a labelled probe set (live).",
+    )
+    sub = evaluate.add_subparsers(dest="eval_command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser(
+        "run",
+        help="backfill curves, AUC, relative gain and NFR of one method on embedding tables",
+        description="Evaluate one method over a grid of backfilled fractions for each backfill order; write "
+        "OUT/report.json, OUT/backfill_curves.png and OUT/report.md, and print the tables.",
+    )
+    add_run_arguments(run)
+    run.set_defaults(func=run_command)
+
+    compare = sub.add_parser(
+        "compare",
+        help="several report.json files side by side",
+        description="Print the summaries of several reports side by side, one row per run.",
+    )
+    compare.add_argument("reports", nargs="+", metavar="REPORT", help="report.json files (path or s3://)")
+    compare.add_argument(
+        "--keys",
+        nargs="+",
+        choices=list(TABLE_COLUMNS),
+        default=["auc_top1", "auc_map", "max_nfr"],
+        help="summary values per report (default auc_top1 auc_map max_nfr)",
+    )
+    compare.add_argument("--markdown", action="store_true", help="print a markdown table")
+    compare.set_defaults(func=_compare)
+
+    live = sub.add_parser(
+        "live",
+        help="top-1 and mAP@k of the serving index on a labelled probe set",
+        description="One batched search of a fixed seeded sample of probes against the running index; mAP@k "
+        "is the AP over the returned top-k list, normalised by min(k, #relevant). Probes must not be gallery "
+        "items (disjoint protocol).",
+    )
+    live.add_argument("--probes-old", metavar="URI", help="probe embedding table in the old space (with label)")
+    live.add_argument("--probes-new", metavar="URI", help="probe embedding table in the new space (with label)")
+    live.add_argument(
+        "--gallery-labels",
+        required=True,
+        metavar="URI",
+        help="table with the served gallery's id and label (embedding or image table)",
+    )
+    live.add_argument("--strategy", choices=STRATEGIES, default="rank_merge", help="default rank_merge")
+    live.add_argument("--k", type=int, default=DEFAULT_K, help=f"results per probe (default {DEFAULT_K})")
+    live.add_argument(
+        "--max-probes",
+        type=int,
+        default=DEFAULT_MAX_PROBES,
+        help=f"probes per reading, a fixed sample (default {DEFAULT_MAX_PROBES})",
+    )
+    live.add_argument("--seed", type=int, default=0, help="seed of the probe sample (default 0)")
+    live.add_argument("--name", default=DEFAULT_NAME, help=f"index (router actor) name (default {DEFAULT_NAME})")
+    live.add_argument("--json", action="store_true", help="print JSON")
+    live.set_defaults(func=_live)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The offline evaluation's flags (shared by `raybackfill eval run` and jobs/evaluate.py)."""
+    tables = parser.add_argument_group("embedding tables (id, embedding; the old tables also label)")
+    tables.add_argument("--queries-old", required=True, metavar="URI", help="queries, old model")
+    tables.add_argument("--queries-new", required=True, metavar="URI", help="queries, new model")
+    tables.add_argument("--gallery-old", required=True, metavar="URI", help="gallery, old model")
+    tables.add_argument("--gallery-new", required=True, metavar="URI", help="gallery, new model")
+    tables.add_argument(
+        "--gallery-transformed",
+        metavar="URI",
+        help="gallery, old embeddings through the forward transformation (FCT / FastFill)",
+    )
+    tables.add_argument("--psi-queries", metavar="URI", help="psi(new query embeddings) (rank_merge_psi)")
+    parser.add_argument("--method", required=True, choices=METHODS, help="compatibility method (its serving strategy)")
+    parser.add_argument(
+        "--order", action="append", metavar="ORDER", dest="orders",
+        help=f"backfill order, repeatable: {', '.join(POLICIES)} or column:NAME (a score column of the old or "
+        "transformed gallery table, highest first); default random",
+    )  # fmt: skip
+    parser.add_argument("--transformation", metavar="DIR", help="FastFill artefact (order uncertainty)")
+    parser.add_argument("--old-model", metavar="DIR", help="old backbone artefact (orders entropy, least_confidence)")
+    parser.add_argument(
+        "--betas",
+        type=int,
+        default=DEFAULT_POINTS,
+        help=f"points of the even beta grid 0..1 (default {DEFAULT_POINTS})",
+    )
+    parser.add_argument("--metric", choices=METRICS, default="cosine", help="cosine (default) or l2")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random order (default 0)")
+    parser.add_argument("--memory-mb", type=int, default=2048, help="working memory per query block (default 2048)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory (path or s3://)")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    inputs = EvalInputs(
+        args.queries_old,
+        args.queries_new,
+        args.gallery_old,
+        args.gallery_new,
+        args.gallery_transformed,
+        args.psi_queries,
+    )
+    config = OfflineConfig(
+        method=args.method,
+        orders=tuple(args.orders or ("random",)),
+        beta_points=args.betas,
+        metric=args.metric,
+        seed=args.seed,
+        memory_budget_mb=args.memory_mb,
+        transformation=args.transformation,
+        old_model=args.old_model,
+    )
+    report = evaluate_tables(inputs, config)
+    paths = write_outputs(report, args.out)
+    print(summary_table(report))
+    print("\nwrote " + ", ".join(paths.values()))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    reports = {uri: load_report(uri) for uri in args.reports}
+    print(compare_reports(reports, keys=args.keys, markdown=args.markdown))
+    return 0
+
+
+def _live(args: argparse.Namespace) -> int:
+    probes = ProbeSet.read(args.probes_old, args.probes_new)
+    lookup = LabelLookup.read(args.gallery_labels)
+    quality = live_quality(
+        connect(args.name), probes, lookup, strategy=args.strategy, k=args.k, max_probes=args.max_probes, seed=args.seed
+    )
+    if args.json:
+        print(json.dumps(quality.as_dict()))
+    else:
+        print(
+            f"index {args.name!r}, strategy {quality.strategy}, {quality.protocol}: top-1 {quality.top1:.3f}, "
+            f"mAP@{quality.k} {quality.map_at_k:.3f} over {quality.probes} probes "
+            f"({quality.dropped} dropped: no relevant gallery item); search {quality.latency_s * 1000:.0f} ms"
+        )
+    return 0
