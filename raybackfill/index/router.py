@@ -156,7 +156,7 @@ class IndexRouter:
         return self._progress()
 
     @ray.method(concurrency_group="light")
-    async def report_error(self, message: str) -> None:
+    async def report_error(self, message: str | None) -> None:
         """The backfill's last error (shown by `raybackfill status`); None clears it."""
         with self._lock:
             self._last_error = message
@@ -201,6 +201,8 @@ class IndexRouter:
     async def vectors(self, ids) -> ItemVectors:
         """Stored vectors of some items, in the order asked (e.g. to query with an item)."""
         ids = as_ids(ids)
+        if not len(ids):
+            raise ValueError("vectors: no ids given")
         groups = split_by_shard(ids, len(self._shards))
         parts = await _gather([self._shards[i].vectors.remote(ids[g]) for i, g in enumerate(groups) if len(g)])
         order = np.concatenate([g for g in groups if len(g)])
