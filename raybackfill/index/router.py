@@ -45,6 +45,7 @@ from raybackfill.index.progress import (
 from raybackfill.index.routing import split_by_shard
 from raybackfill.index.shard import IndexConfig, IndexShard, ItemVectors, check_strategy
 from raybackfill.index.validate import as_batch, as_ids, check_k
+from raybackfill.runtime import init_ray
 
 DEFAULT_NAME = "raybackfill-router"
 ROUTER_STATE = "router.json"
@@ -301,15 +302,15 @@ def _scatter(order: np.ndarray, parts: list[np.ndarray | None], n: int) -> np.nd
 
 
 # --------------------------------------------------------------------- attach / create / destroy
-def _ensure_ray() -> None:
-    if not ray.is_initialized():
-        # "auto" honours RAY_ADDRESS, else finds the cluster started on this machine (`ray start`).
-        ray.init(address="auto", namespace=NAMESPACE, log_to_driver=False)
+def _attach() -> None:
+    """Attach to a running cluster: "auto" honours RAY_ADDRESS, else finds the one started on this machine.
+    Never starts a throwaway local cluster: the index actors must outlive this process."""
+    init_ray("auto")
 
 
 def connect(name: str = DEFAULT_NAME):
     """The router actor named ``name``, from any process attached to (or able to reach) the cluster."""
-    _ensure_ray()
+    _attach()
     try:
         return ray.get_actor(name, namespace=NAMESPACE)
     except ValueError as err:
@@ -320,7 +321,7 @@ def connect(name: str = DEFAULT_NAME):
 def create_index(config: RouterConfig | None = None):
     """Create (or attach to, if it already runs with the same config) the router and its shards."""
     config = config or RouterConfig()
-    _ensure_ray()
+    _attach()
     router = IndexRouter.options(
         name=config.name,
         namespace=NAMESPACE,
