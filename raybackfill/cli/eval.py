@@ -48,7 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         nargs="+",
         choices=list(TABLE_COLUMNS),
         default=["auc_top1", "auc_map", "max_nfr"],
-        help="summary values per report (default auc_top1 auc_map max_nfr)",
+        metavar="KEY",
+        help=f"summary values per report, from: {', '.join(TABLE_COLUMNS)} (default auc_top1 auc_map max_nfr)",
     )
     compare.add_argument("--markdown", action="store_true", help="print a markdown table")
     compare.set_defaults(func=_compare)
