@@ -1,0 +1,134 @@
+"""The backfill's outputs are its ledger: what is written is done, and nothing else records progress.
+
+Layout under the output URI (local or s3://)::
+
+    plan/                        tiers of gallery rows in priority order (raybackfill.backfill.plan)
+    transformed/batch-*.parquet  instant phase: forward-transformed old embeddings
+    new/tier-NNNNN/batch-*.parquet  re-embedded items, one directory per priority tier
+    quarantine/*.parquet         bad rows (id, reason, stage)
+
+A batch file is named after a hash of its sorted ids, so writing the same batch twice (a retry) is a
+no-op, and a batch is committed atomically (raybackfill.data.io.write_shard). A restarted job reads the
+ids of every committed batch and skips them; it never re-emits a written id, so every id is in the
+outputs exactly once. Because each batch is written *before* it is upserted, the index holds a subset
+of the ledger, and :meth:`Ledger.replay` closes the gap left by a kill between the two steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+
+from raybackfill.data import io
+from raybackfill.data.schema import EMBEDDING, ID, vectors_of
+from raybackfill.index.router import get
+
+# Quarantine stages of each phase: an id quarantined by the transform still gets re-embedded.
+INSTANT_STAGES = ("transform",)
+BACKFILL_STAGES = ("decode", "embed")
+
+
+def batch_name(ids: np.ndarray) -> str:
+    """A deterministic file name for a batch: the same ids always give the same name."""
+    digest = hashlib.sha1(np.sort(np.asarray(ids, dtype=np.int64)).tobytes()).hexdigest()[:20]
+    return f"batch-{digest}.parquet"
+
+
+def _files(uri: str) -> list[pafs.FileInfo]:
+    """Committed Parquet files under ``uri`` (recursive), oldest first; none if the directory is absent."""
+    fs, path = io.resolve(uri)
+    try:
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return []
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    except OSError as err:
+        raise io.StorageError(f"{uri}: cannot list ({err})") from err
+    files = [i for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")]
+    # Hidden names are uncommitted temporary files of a write that was interrupted.
+    files = [i for i in files if not i.base_name.startswith(".")]
+    return sorted(files, key=lambda i: (i.mtime_ns or 0, i.path))
+
+
+def _read_columns(uri: str, infos: list[pafs.FileInfo], columns: list[str]) -> pa.Table:
+    fs, _ = io.resolve(uri)
+    if not infos:
+        return pa.table({c: pa.array([], type=pa.int64() if c == ID else pa.string()) for c in columns})
+    return pads.dataset([i.path for i in infos], filesystem=fs, format="parquet").to_table(columns=columns)
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """The output directory of one backfill: where each phase writes, and what is already done."""
+
+    uri: str
+
+    @property
+    def plan_uri(self) -> str:
+        return io.join(self.uri, "plan")
+
+    @property
+    def transformed_uri(self) -> str:
+        return io.join(self.uri, "transformed")
+
+    @property
+    def new_uri(self) -> str:
+        return io.join(self.uri, "new")
+
+    @property
+    def quarantine_uri(self) -> str:
+        return io.join(self.uri, "quarantine")
+
+    def tier_uri(self, tier: int) -> str:
+        return io.join(self.new_uri, f"tier-{tier:05d}")
+
+    def write(self, directory: str, table: pa.Table) -> str:
+        """Commit one batch under ``directory`` (a retried batch is skipped, never duplicated)."""
+        return io.write_shard(table, directory, batch_name(table.column(ID).to_numpy()), if_exists="skip")
+
+    def files(self, directory: str) -> list[str]:
+        """Committed batch files under ``directory``, oldest first (the order they were written)."""
+        return [io.join(directory, i.path[len(io.resolve(directory)[1]) + 1 :]) for i in _files(directory)]
+
+    def ids(self, directory: str) -> np.ndarray:
+        """Ids of every committed batch under ``directory`` (id column only: cheap)."""
+        return _read_columns(directory, _files(directory), [ID]).column(ID).to_numpy()
+
+    def quarantined(self, stages: tuple[str, ...]) -> np.ndarray:
+        """Ids quarantined at any of ``stages``."""
+        table = _read_columns(self.quarantine_uri, _files(self.quarantine_uri), [ID, "stage"])
+        stage = table.column("stage").to_numpy(zero_copy_only=False)
+        return table.column(ID).to_numpy()[np.isin(stage, stages)]
+
+    def replay(self, router, version: str) -> int:
+        """Re-upsert committed batches that did not reach the index (killed between write and upsert).
+
+        Cheap in the usual case: the index's counts are compared with the ledger's first, and files are
+        replayed newest first only until they match (a kill leaves at most the last batch behind; an
+        index restored from an older snapshot needs more). New batches go before transformed ones, and a
+        transformed vector never replaces a new one. Returns the number of rows re-sent.
+        """
+        new_ids = self.ids(self.new_uri)
+        moved_ids = np.union1d(self.ids(self.transformed_uri), new_ids)
+        counts = get(router.progress.remote()).counts
+        sent = 0
+        for path in reversed(self.files(self.new_uri)):
+            if counts["new"] == len(new_ids):
+                break
+            table = io.read_shard(path, [ID, EMBEDDING])
+            counts = get(router.upsert.remote(table.column(ID).to_numpy(), vectors_of(table), "new", version))
+            sent += table.num_rows
+        for path in reversed(self.files(self.transformed_uri)):
+            if counts["transformed"] + counts["new"] == len(moved_ids):
+                break
+            table = io.read_shard(path, [ID, EMBEDDING])
+            ids = table.column(ID).to_numpy()
+            keep = ~np.isin(ids, new_ids)
+            if keep.any():
+                counts = get(router.upsert.remote(ids[keep], vectors_of(table)[keep], "transformed", version))
+                sent += int(keep.sum())
+        return sent

@@ -1,0 +1,274 @@
+"""The backfill orchestrator: plan, instant phase, then the re-embedding tier by tier, resumable.
+
+1. Plan (raybackfill.backfill.plan): rank every gallery item with a policy, cut into tiers of files.
+2. Instant phase (methods with a forward transformation): transform every stored old embedding into the
+   new space (no images read) and upsert it as "transformed": the whole gallery is queryable in the new
+   space within minutes.
+3. Backfill phase: per tier, highest priority first, ``read_parquet`` -> keep the rows still to do ->
+   decode (bad images flagged, not dropped, so the sink can account for them) -> an actor pool running the
+   new backbone -> the sink (raybackfill.backfill.sink) writes and upserts each batch as "new".
+
+Resume: the ledger (raybackfill.backfill.ledger) is read first; done ids are filtered out of every
+stream, and batches written but not upserted before a kill are replayed. A budget (``budget`` items or
+``until`` a fraction of the gallery) stops a partial backfill; the next run continues from the ledger.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import ray
+from tqdm import tqdm
+
+from raybackfill.backfill.ledger import BACKFILL_STAGES, INSTANT_STAGES, Ledger
+from raybackfill.backfill.plan import RANK, Plan, PlanConfig, Tier, ensure_plan
+from raybackfill.backfill.sink import BAD_REASON, BatchSink, PhaseStats
+from raybackfill.compat.recipes import get_recipe
+from raybackfill.data import io
+from raybackfill.data.images import decode_batch
+from raybackfill.data.loading import probe_image_size
+from raybackfill.data.schema import EMBEDDING, ID, IMAGE, SIDE_INFO
+from raybackfill.embed.actors import EmbedImages, TransformEmbeddings
+from raybackfill.embed.pipeline import PoolConfig
+from raybackfill.index.router import connect, get
+from raybackfill.models.artifacts import read_spec
+
+
+@dataclass(frozen=True)
+class BackfillConfig:
+    """One backfill. ``index=None`` only writes the outputs (no live index to update)."""
+
+    gallery: str
+    old_embeddings: str
+    upgrade: str  # the new backbone artefact
+    out: str
+    method: str = "fastfill"
+    transformation: str | None = None  # forward transformation artefact (FCT / FastFill)
+    old_model: str | None = None  # old backbone artefact: its classifier, for entropy / least_confidence
+    policy: str = "uncertainty"
+    seed: int = 0
+    tiers: int = 8
+    budget: int | None = None  # re-embed at most this many items in this run
+    until: float | None = None  # stop once this fraction of the gallery is re-embedded
+    max_bad_fraction: float = 0.01
+    index: str | None = "raybackfill-router"
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    transform_batch_size: int = 8192
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        recipe = get_recipe(self.method)
+        if recipe.forward_transformation and not self.transformation:
+            raise ValueError(f"method {self.method!r} transforms the stored embeddings first: pass --transformation")
+        if self.budget is not None and self.until is not None:
+            raise ValueError("pass --budget or --until, not both")
+        if self.budget is not None and self.budget < 0:
+            raise ValueError(f"budget must be non-negative, got {self.budget}")
+        if self.until is not None and not 0.0 <= self.until <= 1.0:
+            raise ValueError(f"until must be a fraction in [0, 1], got {self.until}")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+        self.plan_config()  # validates the policy and what it needs
+
+    def plan_config(self) -> PlanConfig:
+        return PlanConfig(
+            gallery=self.gallery,
+            old_embeddings=self.old_embeddings,
+            policy=self.policy,
+            tiers=self.tiers,
+            seed=self.seed,
+            transformation=self.transformation if self.policy == "uncertainty" else None,
+            old_model=self.old_model if self.policy in ("entropy", "least_confidence") else None,
+        )
+
+
+@dataclass(frozen=True)
+class BackfillSummary:
+    total: int  # items in the plan
+    new: int  # items re-embedded so far (all runs)
+    backfill_quarantined: int  # planned items the backfill quarantined so far (bad image, NaN output)
+    quarantined: int  # ids quarantined so far, every stage (plan, transform, decode, embed)
+    replayed: int  # rows re-sent to the index on start (written but not upserted before a kill)
+    phases: list[PhaseStats]
+
+    @property
+    def complete(self) -> bool:
+        return self.new + self.backfill_quarantined >= self.total
+
+
+def run_backfill(config: BackfillConfig) -> BackfillSummary:
+    """Run (or continue) a backfill; Ray must be initialised. Returns what this run did and the totals."""
+    ledger = Ledger(config.out)
+    router = connect(config.index) if config.index else None
+    version = read_spec(config.upgrade).version
+    try:
+        plan = ensure_plan(config.plan_config(), ledger.plan_uri, ledger.quarantine_uri)
+        replayed = ledger.replay(router, version) if router is not None else 0
+        phases = []
+        if get_recipe(config.method).forward_transformation:
+            _set_phase(router, "instant")
+            phases.append(_instant_phase(config, ledger, router, version))
+        _set_phase(router, "backfill")
+        phases.append(_backfill_phase(config, plan, ledger, router, version))
+    except Exception as err:
+        if router is not None:
+            get(router.report_error.remote(f"backfill: {err}"))
+            _set_phase(router, "paused")
+        raise
+    new = ledger.ids(ledger.new_uri)
+    summary = BackfillSummary(
+        total=plan.total,
+        new=len(new),
+        backfill_quarantined=len(np.setdiff1d(ledger.quarantined(BACKFILL_STAGES), new)),
+        quarantined=len(np.unique(ledger.quarantined(("plan", *INSTANT_STAGES, *BACKFILL_STAGES)))),
+        replayed=replayed,
+        phases=phases,
+    )
+    _set_phase(router, "done" if summary.complete else "paused")
+    return summary
+
+
+def _set_phase(router, phase: str) -> None:
+    if router is not None:
+        get(router.set_phase.remote(phase))
+
+
+def _keep(ids: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Mask of ``ids`` that are in the sorted array ``keep`` (binary search, no per-row Python)."""
+    if not len(keep):
+        return np.zeros(len(ids), dtype=bool)
+    pos = np.minimum(np.searchsorted(keep, ids), len(keep) - 1)
+    return keep[pos] == ids
+
+
+def _keep_rows(batch: pa.Table, keep: np.ndarray) -> pa.Table:
+    return batch.filter(pa.array(_keep(batch.column(ID).to_numpy(), keep)))
+
+
+def _decode_kept(batch: dict[str, np.ndarray], keep: np.ndarray, size: int) -> dict[str, np.ndarray]:
+    """Keep the rows still to do and decode them; an undecodable row gets zero pixels and its reason."""
+    mask = _keep(batch[ID], keep)
+    ids, images = batch[ID][mask], batch[IMAGE][mask]
+    decoded = decode_batch(images, size)
+    pixels = np.zeros((len(ids), 3, size, size), dtype=np.float32)
+    pixels[decoded.ok] = decoded.pixels
+    reasons = np.full(len(ids), "", dtype=object)
+    reasons[~decoded.ok] = decoded.reasons
+    return {ID: ids, "pixels": pixels, BAD_REASON: reasons}
+
+
+def _bar(config: BackfillConfig, name: str, total: int) -> tqdm:
+    return tqdm(total=total, desc=name, unit="item", disable=not config.progress, dynamic_ncols=True)
+
+
+def _instant_phase(config: BackfillConfig, ledger: Ledger, router, version: str) -> PhaseStats:
+    """Transform the stored old embeddings not yet transformed (nor re-embedded) into the new space."""
+    stats = PhaseStats("instant")
+    old_ids = io.read_table(config.old_embeddings, [ID]).column(ID).to_numpy()
+    done = np.concatenate([ledger.ids(ledger.transformed_uri), ledger.ids(ledger.new_uri),
+                           ledger.quarantined(INSTANT_STAGES)])
+    keep = np.setdiff1d(old_ids, done)
+    if not len(keep):
+        return stats
+    columns = [ID, EMBEDDING] + ([SIDE_INFO] if read_spec(config.transformation).dims.get("side") else [])
+    fs, _ = io.resolve(config.old_embeddings)
+    paths = [io.resolve(s)[1] for s in io.list_shards(config.old_embeddings)]
+    pool = config.pool
+    ds = (
+        ray.data.read_parquet(paths, filesystem=fs)
+        .select_columns(columns)
+        .map_batches(_keep_rows, fn_kwargs={"keep": keep}, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
+        .map_batches(
+            TransformEmbeddings,
+            fn_constructor_kwargs={"model_uri": config.transformation, "num_threads": max(int(pool.cpus_per_actor), 1)},
+            compute=ray.data.ActorPoolStrategy(size=pool.actors),
+            batch_size=config.transform_batch_size,
+            batch_format="pyarrow",
+            num_cpus=pool.cpus_per_actor,
+            num_gpus=pool.gpus(),
+        )
+    )
+    with _bar(config, "instant (transform)", len(keep)) as bar:
+        sink = BatchSink(ledger, router, state="transformed", version=version, stats=stats,
+                         max_bad_fraction=config.max_bad_fraction, bar=bar)
+        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+            sink.consume(batch, ledger.transformed_uri)
+    return stats
+
+
+def _tier_order(tier: Tier) -> np.ndarray:
+    """The tier's ids, highest priority (lowest rank) first (id and rank columns only)."""
+    if not tier.files:
+        return np.zeros(0, dtype=np.int64)
+    fs, _ = io.resolve(tier.files[0])
+    table = pads.dataset([io.resolve(f)[1] for f in tier.files], filesystem=fs, format="parquet").to_table(
+        columns=[ID, RANK])
+    return table.column(ID).to_numpy()[np.argsort(table.column(RANK).to_numpy(), kind="stable")]
+
+
+def _backfill_limit(config: BackfillConfig, plan: Plan, done: int) -> int:
+    """How many more items this run may re-embed (quarantined items count: they were processed)."""
+    if config.budget is not None:
+        return config.budget
+    if config.until is not None:
+        return max(0, math.ceil(config.until * plan.total) - done)
+    return plan.total
+
+
+def _backfill_phase(config: BackfillConfig, plan: Plan, ledger: Ledger, router, version: str) -> PhaseStats:
+    """Re-embed the images tier by tier; each tier is a complete Ray Data run before the next starts."""
+    stats = PhaseStats("backfill")
+    done = np.union1d(ledger.ids(ledger.new_uri), ledger.quarantined(BACKFILL_STAGES))
+    left = _backfill_limit(config, plan, len(done))
+    todo = []
+    for tier in plan.tiers:
+        order = _tier_order(tier)
+        order = order[~np.isin(order, done)][: max(left, 0)]
+        left -= len(order)
+        todo.append(order)
+    if not sum(len(t) for t in todo):
+        return stats
+    size = probe_image_size(config.gallery)
+    pool = config.pool
+    with _bar(config, "backfill (re-embed)", sum(len(t) for t in todo)) as bar:
+        sink = BatchSink(ledger, router, state="new", version=version, stats=stats,
+                         max_bad_fraction=config.max_bad_fraction, bar=bar)
+        for tier, ids in zip(plan.tiers, todo, strict=True):
+            if not len(ids):
+                continue
+            fs, _ = io.resolve(tier.files[0])
+            ds = (
+                ray.data.read_parquet([io.resolve(f)[1] for f in tier.files], filesystem=fs)
+                .select_columns([ID, IMAGE])
+                .map_batches(_decode_kept, fn_kwargs={"keep": np.sort(ids), "size": size}, batch_format="numpy",
+                             batch_size=pool.batch_size, num_cpus=0.5)
+                .map_batches(
+                    EmbedImages,
+                    fn_constructor_kwargs={"models": {EMBEDDING: config.upgrade},
+                                           "num_threads": max(int(pool.cpus_per_actor), 1)},
+                    compute=ray.data.ActorPoolStrategy(size=pool.actors),
+                    batch_size=pool.batch_size,
+                    batch_format="numpy",
+                    num_cpus=pool.cpus_per_actor,
+                    num_gpus=pool.gpus(),
+                )
+            )
+            bar.set_description(f"backfill tier {tier.index + 1}/{len(plan.tiers)}")
+            for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+                sink.consume(batch, ledger.tier_uri(tier.index))
+    return stats
+
+
+def summary_table(summary: BackfillSummary) -> str:
+    """The end-of-run table: per phase items, quarantined, time and rate; then the totals."""
+    lines = [f"{'phase':<10} {'items':>10} {'quarantined':>12} {'seconds':>9} {'items/s':>9}"]
+    for p in summary.phases:
+        lines.append(f"{p.name:<10} {p.items:>10} {p.quarantined:>12} {p.seconds:>9.1f} {p.rate:>9.1f}")
+    state = "complete" if summary.complete else "partial (re-run the same command to continue)"
+    lines.append(f"re-embedded {summary.new} of {summary.total} items; {summary.quarantined} quarantined in all; "
+                 f"{summary.replayed} rows replayed into the index on start; backfill {state}")
+    return "\n".join(lines)

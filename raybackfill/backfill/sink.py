@@ -1,0 +1,97 @@
+"""Where every finished batch of a backfill phase goes: quarantine, durable write, upsert, progress.
+
+The order inside a batch is what makes a kill at any point safe: bad rows are quarantined first, the
+good rows are committed to the ledger, and only then upserted into the index (so the index never holds
+a vector the ledger lacks). The bad-row limit is checked after the batch is complete, so a job that
+fails on it leaves only whole batches behind.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from raybackfill.backfill.ledger import Ledger
+from raybackfill.data.loading import write_quarantine
+from raybackfill.data.schema import EMBEDDING, ID, UNCERTAINTY, embedding_table
+from raybackfill.index.router import get
+
+# Column set by the decode step: "" for a good row, the reason for a row that could not be decoded.
+BAD_REASON = "bad_reason"
+FINITE = "finite"  # set by the embedding actors (raybackfill.embed.actors)
+
+
+class TooManyBadRows(ValueError):
+    """More than the allowed share of rows was quarantined: the job stops (what is written stays valid)."""
+
+
+@dataclass
+class PhaseStats:
+    """What one phase did in this run (rows skipped because an earlier run did them are not counted)."""
+
+    name: str
+    items: int = 0
+    quarantined: int = 0
+    seconds: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return (self.items + self.quarantined) / self.seconds if self.seconds > 0 else 0.0
+
+
+class BatchSink:
+    """Consumes the output batches of one phase (driver side, one batch at a time, in arrival order)."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        router,
+        *,
+        state: str,
+        version: str,
+        stats: PhaseStats,
+        max_bad_fraction: float,
+        bar: tqdm,
+    ) -> None:
+        self.ledger, self.router, self.state, self.version = ledger, router, state, version
+        self.stats, self.max_bad_fraction, self.bar = stats, max_bad_fraction, bar
+        self.stage = "embed" if state == "new" else "transform"
+        self.started = time.monotonic()
+
+    def consume(self, batch: dict[str, np.ndarray], directory: str) -> None:
+        ids = batch[ID]
+        undecoded = batch[BAD_REASON] != "" if BAD_REASON in batch else np.zeros(len(ids), dtype=bool)
+        if undecoded.any():
+            self._quarantine(ids[undecoded], [str(r) for r in batch[BAD_REASON][undecoded]], "decode")
+        nonfinite = ~batch[FINITE] & ~undecoded
+        if nonfinite.any():
+            self._quarantine(ids[nonfinite], ["non-finite embedding"] * int(nonfinite.sum()), self.stage)
+        good = ~(undecoded | nonfinite)
+        if good.any():
+            vectors = batch[EMBEDDING][good]
+            uncertainty = batch[UNCERTAINTY][good] if UNCERTAINTY in batch else None
+            table = embedding_table(ids[good], vectors, uncertainty=uncertainty, model=self.version)
+            self.ledger.write(directory, table)
+            if self.router is not None:
+                counts = get(self.router.upsert.remote(ids[good], vectors, self.state, self.version))
+                self.bar.set_postfix(counts, refresh=False)
+            self.stats.items += int(good.sum())
+        self.stats.seconds = time.monotonic() - self.started
+        self.bar.update(len(ids))
+        self._check_bad_fraction()
+
+    def _quarantine(self, ids: np.ndarray, reasons: list[str], stage: str) -> None:
+        write_quarantine(self.ledger.quarantine_uri, ids, reasons, stage=stage)
+        self.stats.quarantined += len(ids)
+
+    def _check_bad_fraction(self) -> None:
+        processed = self.stats.items + self.stats.quarantined
+        if processed and self.stats.quarantined / processed > self.max_bad_fraction:
+            raise TooManyBadRows(
+                f"{self.stats.name}: {self.stats.quarantined} of {processed} rows quarantined "
+                f"({self.stats.quarantined / processed:.1%} > --max-bad-fraction {self.max_bad_fraction:.1%}); "
+                f"reasons in {self.ledger.quarantine_uri}. Written batches are complete: fix the input and re-run."
+            )

@@ -1,0 +1,72 @@
+"""`raybackfill backfill`: move a live index to a new model, highest-priority items first, resumably."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from raybackfill.backfill.policies import POLICIES
+from raybackfill.compat.recipes import RECIPES
+from raybackfill.index.router import DEFAULT_NAME
+
+DESCRIPTION = (
+    "Rank the gallery with a priority policy and write the plan (tiers of Parquet files) under OUT/plan; "
+    "methods with a forward transformation first transform every stored old embedding (the instant phase); "
+    "then re-embed the images with the new model tier by tier, writing each batch under OUT/new and "
+    "upserting it into the running index. Re-running the same command after a crash or a --budget/--until "
+    "stop continues where the last run stopped; bad rows go to OUT/quarantine."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The backfill's arguments, shared by this command and jobs/backfill.py."""
+    parser.add_argument("--gallery", required=True, metavar="URI", help="gallery image table (path or s3://)")
+    parser.add_argument("--old-embeddings", required=True, metavar="URI", help="stored old embeddings (+ side_info)")
+    parser.add_argument("--upgrade", required=True, metavar="MODEL_DIR", help="the new backbone artefact")
+    parser.add_argument("--transformation", metavar="MODEL_DIR", help="forward transformation (FCT / FastFill)")
+    parser.add_argument("--old-model", metavar="MODEL_DIR", help="old backbone (its classifier: entropy policies)")
+    parser.add_argument("--method", required=True, choices=list(RECIPES), help="the compatible-upgrade method")
+    parser.add_argument("--policy", default="uncertainty", choices=POLICIES, help="priority (default uncertainty)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random policy (default 0)")
+    parser.add_argument("--tiers", type=int, default=8, help="priority tiers (default 8)")
+    parser.add_argument("--out", required=True, metavar="URI", help="outputs and ledger (same URI = resume)")
+    stop = parser.add_mutually_exclusive_group()
+    stop.add_argument("--budget", type=int, help="re-embed at most N items in this run")
+    stop.add_argument("--until", type=float, metavar="FRACTION", help="stop once FRACTION of the gallery is done")
+    parser.add_argument("--max-bad-fraction", type=float, default=0.01,
+                        help="fail when more than this share of rows is quarantined (default 0.01)")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--index", default=DEFAULT_NAME, help=f"name of the running index (default {DEFAULT_NAME})")
+    target.add_argument("--no-index", action="store_true", help="only write the outputs; update no index")
+    parser.add_argument("--actors", type=int, default=1, help="embedding actors (default 1)")
+    parser.add_argument("--cpus-per-actor", type=float, default=0.5, help="CPUs per actor (default 0.5)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else the cluster on this machine)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("backfill", help="backfill a live index with a new model", description=DESCRIPTION)
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Attach to Ray, run the backfill, print the summary table."""
+    from raybackfill.backfill.run import BackfillConfig, run_backfill, summary_table
+    from raybackfill.embed.pipeline import PoolConfig
+    from raybackfill.runtime import init_ray
+
+    config = BackfillConfig(
+        gallery=args.gallery, old_embeddings=args.old_embeddings, upgrade=args.upgrade, out=args.out,
+        method=args.method, transformation=args.transformation, old_model=args.old_model, policy=args.policy,
+        seed=args.seed, tiers=args.tiers, budget=args.budget, until=args.until,
+        max_bad_fraction=args.max_bad_fraction, index=None if args.no_index else args.index,
+        pool=PoolConfig(actors=args.actors, cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size),
+        progress=not args.no_progress,
+    )  # fmt: skip
+    # A live index runs on an existing cluster: attach to it (RAY_ADDRESS or the one on this machine).
+    init_ray(args.address or os.environ.get("RAY_ADDRESS") or ("auto" if config.index else None))
+    summary = run_backfill(config)
+    print(summary_table(summary))
+    return 0
