@@ -75,14 +75,14 @@ def inputs(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def id_plan(inputs, ray_cluster) -> str:
-    """One plan (policy id, 4 tiers) built once; tests copy it so they skip the plan's two Ray Data passes."""
+    """One plan (policy id, 2 tiers) built once; tests copy it so they skip the plan's two Ray Data passes."""
     uri = str(inputs["root"] / "id-plan")
     ensure_plan(_id_plan_config(inputs), uri, str(inputs["root"] / "id-plan-quarantine"))
     return uri
 
 
 def _id_plan_config(inputs) -> PlanConfig:
-    return PlanConfig(gallery=inputs["gallery"], old_embeddings=inputs["old"], policy="id", tiers=4)
+    return PlanConfig(gallery=inputs["gallery"], old_embeddings=inputs["old"], policy="id", tiers=2)
 
 
 def _out_with_plan(id_plan: str, out: Path) -> str:
@@ -118,14 +118,14 @@ def test_plan_tiers_hold_the_policy_order_and_quarantine_unknown_ids(inputs, id_
         assert all(np.all(np.diff(f.column(RANK).to_numpy()) > 0) for f in files)  # each file sorted by rank
         table = pa.concat_tables(files)
         ranks.append(np.sort(table.column(RANK).to_numpy()))
-        # policy "id": ascending ids first, so tier t holds ids 4t .. 4t+3
-        assert sorted(table.column(ID).to_pylist()) == list(range(4 * tier.index, 4 * tier.index + 4))
+        # policy "id": ascending ids first, so tier t holds ids 8t .. 8t+7
+        assert sorted(table.column(ID).to_pylist()) == list(range(8 * tier.index, 8 * tier.index + 8))
     assert np.array_equal(np.concatenate(ranks), np.arange(N))
     quarantine = read_table(str(inputs["root"] / "id-plan-quarantine"))
     assert quarantine.column(ID).to_pylist() == [UNKNOWN_ID]
     assert "unknown id" in quarantine.column("reason")[0].as_py()
     with pytest.raises(ValueError, match="holds a plan for"):
-        ensure_plan(PlanConfig(inputs["gallery"], inputs["old"], policy="random", tiers=4), id_plan, "unused")
+        ensure_plan(PlanConfig(inputs["gallery"], inputs["old"], policy="random", tiers=2), id_plan, "unused")
 
 
 def test_fastfill_backfill_writes_tiers_in_order_exactly_once_while_queries_keep_working(
@@ -193,7 +193,7 @@ def _address() -> str:
 def _run_job(inputs, out: str, name: str, address: str) -> subprocess.Popen:
     args = [
         sys.executable, str(ROOT / "jobs" / "backfill.py"), "--gallery", inputs["gallery"], "--old-embeddings",
-        inputs["old"], "--upgrade", inputs["new"], "--method", "bct", "--policy", "id", "--tiers", "4", "--out", out,
+        inputs["old"], "--upgrade", inputs["new"], "--method", "bct", "--policy", "id", "--tiers", "2", "--out", out,
         "--index", name, "--batch-size", "2", "--max-bad-fraction", "0.5", "--no-progress", "--address", address,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -206,18 +206,18 @@ def test_budget_then_a_sigkilled_run_then_a_rerun_end_with_every_id_once(inputs,
     ledger = Ledger(out)
     config = BackfillConfig(
         gallery=inputs["gallery"], old_embeddings=inputs["old"], upgrade=inputs["new"], out=out, method="bct",
-        policy="id", tiers=4, max_bad_fraction=0.5, index="bf-resume", pool=PoolConfig(batch_size=2),
+        policy="id", tiers=2, max_bad_fraction=0.5, index="bf-resume", pool=PoolConfig(batch_size=2),
         progress=False,
     )  # fmt: skip
     partial = run_backfill(BackfillConfig(**{**config.__dict__, "budget": 3}))
     assert sorted(_ledger_ids(ledger, ledger.new_uri)) == [0, 1, 2]  # policy id: lowest ids first
     assert not partial.complete and get(router.progress.remote()).phase == "paused"
 
-    # Continue in a real process (the job entry point) and SIGKILL it once it has written more.
+    # Continue in a real process (the job entry point) and SIGKILL it as soon as it has written a batch.
     job = _run_job(inputs, out, "bf-resume", _address())
     try:
         deadline = time.monotonic() + 240
-        while len(ledger.files(ledger.new_uri)) < 4 and job.poll() is None and time.monotonic() < deadline:
+        while len(ledger.files(ledger.new_uri)) < 3 and job.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert job.poll() is None, f"the job ended before it was killed: {job.stdout.read().decode()[-2000:]}"
         job.send_signal(signal.SIGKILL)
@@ -244,7 +244,7 @@ def test_nan_outputs_are_quarantined_and_too_many_fail_the_job_cleanly(inputs, i
     out = _out_with_plan(id_plan, tmp_path / "out")
     config = BackfillConfig(
         gallery=inputs["gallery"], old_embeddings=inputs["old"], upgrade=inputs["nan_model"], out=out,
-        method="bct", policy="id", tiers=4, max_bad_fraction=0.2, index="bf-nan", pool=POOL, progress=False,
+        method="bct", policy="id", tiers=2, max_bad_fraction=0.2, index="bf-nan", pool=POOL, progress=False,
     )  # fmt: skip
     with pytest.raises(TooManyBadRows, match="quarantined"):
         run_backfill(config)
@@ -252,6 +252,6 @@ def test_nan_outputs_are_quarantined_and_too_many_fail_the_job_cleanly(inputs, i
     assert ledger.files(ledger.new_uri) == []  # nothing written, nothing half-written
     quarantine = read_table(ledger.quarantine_uri)
     assert set(quarantine.column("reason").to_pylist()) == {"non-finite embedding"}
-    assert set(quarantine.column(ID).to_pylist()) <= {0, 1, 2, 3}  # stopped in the first tier
+    assert set(quarantine.column(ID).to_pylist()) <= set(range(8))  # stopped in the first tier
     progress = get(router.progress.remote())
     assert progress.counts["new"] == 0 and progress.phase == "paused" and "quarantined" in progress.last_error

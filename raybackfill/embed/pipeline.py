@@ -15,7 +15,16 @@ from tqdm import tqdm
 
 from raybackfill.data import io
 from raybackfill.data.loading import decode_images, probe_image_size, read_images, write_quarantine
-from raybackfill.data.schema import EMBEDDING, ID, MODEL, UNCERTAINTY, embedding_table, validate_embedding_table
+from raybackfill.data.schema import (
+    EMBEDDING,
+    ID,
+    MODEL,
+    SIDE_INFO,
+    UNCERTAINTY,
+    embedding_table,
+    fixed_size_list,
+    validate_embedding_table,
+)
 from raybackfill.embed.actors import EmbedImages, TransformEmbeddings
 from raybackfill.models.artifacts import read_spec
 
@@ -141,12 +150,10 @@ def _write_embeddings(
 def _to_table(batch: dict[str, np.ndarray], version: str) -> pa.Table:
     vectors = {k: v for k, v in batch.items() if isinstance(v, np.ndarray) and v.ndim == 2}
     extra = {k: v for k, v in batch.items() if k not in vectors and k not in (ID, UNCERTAINTY, MODEL)}
+    embeddings, side_info = vectors.pop(EMBEDDING), vectors.pop(SIDE_INFO, None)
+    # Any further model columns (embed_images with more models) are kept as vector columns, not dropped.
+    extra |= {k: fixed_size_list(v) for k, v in vectors.items()}
     table = embedding_table(
-        batch[ID],
-        vectors.pop(EMBEDDING),
-        side_info=vectors.pop("side_info", None),
-        uncertainty=batch.get(UNCERTAINTY),
-        model=version,
-        extra=extra,
+        batch[ID], embeddings, side_info=side_info, uncertainty=batch.get(UNCERTAINTY), model=version, extra=extra
     )
     return validate_embedding_table(table, "embedding batch")

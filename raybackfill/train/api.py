@@ -17,6 +17,7 @@ import torch
 from raybackfill.compat.losses import synthesize_old_classifier
 from raybackfill.compat.recipes import get_recipe
 from raybackfill.data import io
+from raybackfill.data.info import table_info
 from raybackfill.data.loading import decode_images, probe_image_size, read_images
 from raybackfill.data.schema import EMBEDDING, ID, LABEL, SIDE_INFO, validate_embedding_table, vectors_of
 from raybackfill.embed.pipeline import embed_images
@@ -28,11 +29,12 @@ from raybackfill.train.trainer import TrainConfig, fit
 
 def _image_dataset(images_uri: str) -> ray.data.Dataset:
     """Decoded training images. Small sets are decoded once and kept in the object store, so epochs do
-    not re-read and re-decode; large ones stream (and are re-decoded) every epoch."""
+    not re-read and re-decode; large ones stream (and are re-decoded) every epoch. The size check reads
+    the row count from the Parquet footers: ``Dataset.count()`` would read and decode everything once more."""
     size = probe_image_size(images_uri)
     ds = read_images(images_uri, require_label=True).select_columns([ID, "image", LABEL])
     ds = decode_images(ds, size=size).select_columns(["pixels", LABEL])
-    decoded_bytes = ds.count() * 3 * size * size * 4
+    decoded_bytes = table_info(images_uri).rows * 3 * size * size * 4
     if decoded_bytes < 0.25 * ray.available_resources().get("object_store_memory", 0):
         ds = ds.materialize()
     return ds
@@ -63,13 +65,17 @@ def train_backbone(
     train: TrainConfig,
     tau: float = 0.01,
     k: int = 10,
+    backbone_kwargs: dict | None = None,
 ) -> ModelSpec:
-    """Train a new (or the old) backbone with the method's loss: independent, bct or ract."""
+    """Train a new (or the old) backbone with the method's loss: independent, bct or ract.
+
+    ``backbone_kwargs`` go to the architecture's builder (e.g. ``{"width": 16}`` for small_cnn).
+    """
     loss = get_recipe(method).backbone_loss
     if loss != "classification" and old_model is None:
         raise ValueError(f"method {method!r} trains against the old model: pass old_model")
     num_classes = num_classes or _num_classes(images_uri)
-    kwargs = {"embedding_dim": embedding_dim, "num_classes": num_classes}
+    kwargs = {**(backbone_kwargs or {}), "embedding_dim": embedding_dim, "num_classes": num_classes}
     config: dict = {"architecture": architecture, "kwargs": kwargs, "method": loss, "tau": tau, "k": k}
     if loss == "bct":
         weight, bias = _bct_old_classifier(images_uri, old_model, num_classes)
