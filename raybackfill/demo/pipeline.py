@@ -1,0 +1,491 @@
+"""The offline half of `raybackfill demo`: data -> every compatible-upgrade method -> report.json + plot.
+
+One run makes (or reads) a labelled image table, splits it (old classes = the old model's world), trains
+the old model, the new one and every compatibility artefact with the train API (Ray Train), embeds all
+images once per backbone with the embed jobs (Ray Data), transforms the stored old gallery embeddings
+(FCT / FastFill, no images read), and evaluates every method x backfill policy offline with
+raybackfill.eval. The online phase (live index, backfill while a client queries) plugs in through
+``run_offline(..., online=...)``; without it the report has no ``online`` section rather than a made-up one.
+
+Everything lands under ``config.out``: data/, models/, embeddings/, runs/ (Ray Train), report.json,
+backfill_curves.png and demo.json (the resolved config). An out directory holding a finished or partial
+demo is refused: artefacts are never overwritten, so a second run needs a new directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from raybackfill.backfill.policies import priority_scores
+from raybackfill.compat.recipes import get_recipe
+from raybackfill.data import io
+from raybackfill.data.schema import EMBEDDING, ID, LABEL, SIDE_INFO, embedding_table, vectors_of
+from raybackfill.data.splits import OLD_TRAIN, split_table, write_splits
+from raybackfill.data.synth import write_synthetic
+from raybackfill.embed.pipeline import embed_images
+from raybackfill.eval.curves import backfill_curve, even_betas
+from raybackfill.eval.metrics import EvalConfig, RetrievalResult, evaluate
+from raybackfill.eval.offline import (
+    Embeddings,
+    LoadedTables,
+    OfflineConfig,
+    backfill_order,
+    method_spaces,
+    write_outputs,
+)
+from raybackfill.eval.report import Run, build_report
+from raybackfill.models.artifacts import load_model
+from raybackfill.train.api import train_backbone, train_reverse, train_side_info, train_transformation
+from raybackfill.train.trainer import TrainConfig
+
+BACKBONES = ("old", "new", "bct", "ract")
+TRANSFORMATIONS = ("fct", "fct_side_info", "fastfill", "fastfill_side_info")
+# Backfill orders evaluated per method (first listed = the one the method is usually quoted with).
+METHOD_POLICIES: dict[str, tuple[str, ...]] = {
+    "bct": ("entropy", "random"),
+    "ract": ("entropy", "random"),
+    "fct": ("random",),
+    "fct_side_info": ("random",),
+    "fastfill": ("uncertainty", "random", "entropy"),
+    "fastfill_side_info": ("uncertainty", "random", "entropy"),
+    "rank_merge": ("random", "entropy"),
+    "rank_merge_psi": ("random", "entropy"),
+}
+
+
+@dataclass(frozen=True)
+class DemoScale:
+    """How big the demo is: built-in data size, model size, epochs per model, learning rates."""
+
+    classes: int = 100  # built-in data only (ignored with --data)
+    per_class: int = 60
+    image_size: int = 32
+    width: int = 16  # small_cnn trunk width of the backbones
+    embedding_dim: int = 64
+    side_info_dim: int = 32
+    old_epochs: int = 8
+    new_epochs: int = 12  # new (independent), BCT and RACT backbones
+    side_info_epochs: int = 10
+    transformation_epochs: int = 30  # FCT / FastFill
+    reverse_epochs: int = 20  # psi
+    batch_size: int = 128
+    lr: float = 3e-3  # backbones and side-info
+    transformation_lr: float = 1e-3  # FCT / FastFill / psi
+    hidden_dim: int = 128  # transformation branches
+    mixer_dim: int = 512
+    beta_points: int = 21
+
+
+FULL = DemoScale()
+QUICK = DemoScale(
+    classes=40,
+    per_class=40,
+    width=16,
+    old_epochs=5,
+    new_epochs=8,
+    side_info_epochs=5,
+    transformation_epochs=20,
+    reverse_epochs=12,
+    beta_points=11,
+)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """One demo run. ``data=None`` uses the built-in synthetic dataset at ``scale``."""
+
+    out: str = "raybackfill-demo"
+    quick: bool = False
+    data: str | None = None  # any labelled image table (id, image, label), local or s3://
+    old_classes: str = "half"  # classes the old model is trained on: "half", "0-49", "0,1,5-9"
+    seed: int = 0  # data, splits, training and the random policy
+    scale: DemoScale | None = None  # None: QUICK or FULL by ``quick``
+    fractions: dict[str, float] = field(default_factory=lambda: {"train": 0.6, "gallery": 0.3, "query": 0.1})
+    num_workers: int = 0  # Ray Train workers per model; 0 = local mode in the driver (fastest on 2 cores)
+    cpus_per_worker: float = 1.0
+    metric: str = "cosine"
+
+    def resolved_scale(self) -> DemoScale:
+        if self.scale is not None:
+            return self.scale
+        return QUICK if self.quick else FULL
+
+
+@dataclass(frozen=True)
+class DemoLayout:
+    """Where each artefact of a demo lives under its out directory."""
+
+    out: str
+
+    def path(self, *parts: str) -> str:
+        return io.join(self.out, *parts)
+
+    @property
+    def images(self) -> str:
+        return self.path("data", "images")
+
+    def split(self, name: str) -> str:
+        return self.path("data", "splits", name)
+
+    def model(self, name: str) -> str:
+        return self.path("models", name)
+
+    def embeddings(self, model: str, split: str) -> str:
+        return self.path("embeddings", model, split)
+
+    @property
+    def runs(self) -> str:
+        return self.path("runs")
+
+    @property
+    def config(self) -> str:
+        return self.path("demo.json")
+
+
+@dataclass(frozen=True)
+class DemoArtifacts:
+    """What the offline phase produced: everything the online phase needs to serve and backfill.
+
+    ``embeddings``: one table of every image under every backbone (columns ``embedding`` = old,
+    ``side_info``, ``new``, ``bct``, ``ract``); ``gallery_old``: the stored old gallery embeddings with
+    side-information, which FCT/FastFill transform and the priority policies score.
+    """
+
+    layout: DemoLayout
+    images: str
+    splits: dict[str, str]
+    models: dict[str, str]
+    embeddings: str
+    gallery_old: str
+
+
+# The online phase: gets the artefacts, runs the live index + backfill + query client, and returns
+# the report's ``online`` section: {items, seconds, items_per_s, queries, query_errors}.
+OnlinePhase = Callable[[DemoArtifacts], Mapping[str, float]]
+
+
+def run_offline(config: DemoConfig, *, online: OnlinePhase | None = None, log: Callable[[str], None] = print) -> dict:
+    """Run the demo (Ray must be initialised) and return the report dict it also saved to report.json."""
+    scale = config.resolved_scale()
+    layout = DemoLayout(config.out)
+    if io.exists(layout.config):
+        raise FileExistsError(f"{layout.config}: a demo already ran in {config.out}; choose a new --out")
+    io.write_bytes(
+        layout.config, json.dumps(dataclasses.asdict(config) | {"scale": dataclasses.asdict(scale)}, indent=2).encode()
+    )
+    timings: dict[str, float] = {}
+    clock = _Clock(timings, log)
+
+    with clock("data"):
+        images = config.data or _make_builtin_data(layout, scale, config.seed)
+        splits = _split(images, layout, config)
+    with clock("train backbones"):
+        models = _train_backbones(layout, splits, scale, config, log)
+    with clock("embed"):
+        embeddings = _embed_all(images, layout, models)
+        table = io.read_table(embeddings)
+        labels = {name: io.read_table(uri, columns=[ID, LABEL]) for name, uri in splits.items()}
+        gallery_old = _write_split(table, labels["gallery"], EMBEDDING, layout.embeddings("old", "gallery"))
+        old_train = _write_split(table, labels["train"], EMBEDDING, layout.embeddings("old", "train"))
+        new_train = _write_split(table, labels["train"], "new", layout.embeddings("new", "train"))
+    with clock("train transformations"):
+        models |= _train_transformations(layout, old_train, new_train, models["new"], scale, config)
+    artifacts = DemoArtifacts(layout, images, splits, models, embeddings, gallery_old)
+    online_section = None
+    if online is not None:
+        with clock("online"):
+            online_section = dict(online(artifacts))
+    with clock("evaluate"):
+        report = evaluate_demo(artifacts, table, labels, scale, config)
+    if online_section is not None:
+        report["online"] = online_section
+    report["timings"] = timings
+    write_outputs(report, config.out)
+    return report
+
+
+class _Clock:
+    """Times named stages into ``timings`` and logs each one as it ends."""
+
+    def __init__(self, timings: dict[str, float], log: Callable[[str], None]) -> None:
+        self.timings, self.log = timings, log
+
+    def __call__(self, stage: str) -> _Clock:
+        self.stage = stage
+        return self
+
+    def __enter__(self) -> None:
+        self.log(f"[demo] {self.stage} ...")
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        seconds = time.perf_counter() - self.start
+        self.timings[self.stage] = round(seconds, 2)
+        if exc[0] is None:
+            self.log(f"[demo] {self.stage}: {seconds:.1f}s")
+
+
+# ---- data ------------------------------------------------------------------------------------------------
+
+
+def _make_builtin_data(layout: DemoLayout, scale: DemoScale, seed: int) -> str:
+    write_synthetic(layout.images, classes=scale.classes, per_class=scale.per_class, size=scale.image_size, seed=seed)
+    return layout.images
+
+
+def _split(images: str, layout: DemoLayout, config: DemoConfig) -> dict[str, str]:
+    table = io.read_table(images, columns=[ID, "image", LABEL])
+    parts = split_table(table, config.fractions, old_classes=config.old_classes, seed=config.seed, source=images)
+    for name in ("train", "gallery", "query"):
+        if name not in parts:
+            raise ValueError(f"the demo needs a '{name}' split; fractions give {sorted(parts)}")
+    write_splits(parts, layout.path("data", "splits"))
+    return {name: layout.split(name) for name in parts}
+
+
+def _write_split(table: pa.Table, rows: pa.Table, column: str, uri: str) -> str:
+    """One backbone's vectors (``column`` of the all-images table) for the ids of a split, as an embedding
+    table with the split's labels (and the side-information next to the old vectors)."""
+    positions = _positions(table.column(ID).to_numpy(), rows.column(ID).to_numpy())
+    part = table.take(pa.array(positions))
+    side = vectors_of(part, SIDE_INFO) if column == EMBEDDING else None
+    out = embedding_table(
+        part.column(ID).to_numpy(),
+        vectors_of(part, column),
+        side_info=side,
+        model=column if column != EMBEDDING else "old",
+        extra={LABEL: part.column(LABEL)},
+    )
+    io.write_table(out, uri)
+    return uri
+
+
+def _positions(all_ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Row positions of ``wanted`` ids in ``all_ids`` (every wanted id must be present)."""
+    order = np.argsort(all_ids, kind="stable")
+    where = np.searchsorted(all_ids[order], wanted)
+    where = np.minimum(where, len(order) - 1)
+    found = all_ids[order][where] == wanted
+    if not found.all():
+        raise ValueError(f"{int((~found).sum())} ids have no embedding (quarantined while embedding?)")
+    return order[where]
+
+
+# ---- training --------------------------------------------------------------------------------------------
+
+
+def _train_config(name: str, layout: DemoLayout, config: DemoConfig, epochs: int, lr: float, batch: int) -> TrainConfig:
+    return TrainConfig(
+        name=name,
+        storage_path=layout.runs,
+        num_workers=config.num_workers,
+        cpus_per_worker=config.cpus_per_worker,
+        epochs=epochs,
+        batch_size=batch,
+        lr=lr,
+        seed=config.seed,
+    )
+
+
+def _train_backbones(
+    layout: DemoLayout, splits: dict[str, str], scale: DemoScale, config: DemoConfig, log: Callable[[str], None]
+) -> dict[str, str]:
+    models = {name: layout.model(name) for name in (*BACKBONES, "side_info")}
+    common = {"embedding_dim": scale.embedding_dim, "backbone_kwargs": {"width": scale.width}}
+    train_all, train_old = splits["train"], splits[OLD_TRAIN]
+
+    def cfg(name: str, epochs: int) -> TrainConfig:
+        return _train_config(name, layout, config, epochs, scale.lr, scale.batch_size)
+
+    start = time.perf_counter()
+    train_backbone(train_old, models["old"], train=cfg("old", scale.old_epochs), version="old", **common)
+    log(f"[demo]   old model: {time.perf_counter() - start:.1f}s")
+    for name in ("new", "bct", "ract"):
+        start = time.perf_counter()
+        method = "independent" if name == "new" else name
+        train_backbone(
+            train_all,
+            models[name],
+            method=method,
+            old_model=None if name == "new" else models["old"],
+            train=cfg(name, scale.new_epochs),
+            version=name,
+            **common,
+        )
+        log(f"[demo]   {name} model: {time.perf_counter() - start:.1f}s")
+    start = time.perf_counter()
+    train_side_info(
+        train_old,
+        models["side_info"],
+        embedding_dim=scale.side_info_dim,
+        train=cfg("side_info", scale.side_info_epochs),
+    )
+    log(f"[demo]   side-info model: {time.perf_counter() - start:.1f}s")
+    return models
+
+
+def _train_transformations(
+    layout: DemoLayout, old_train: str, new_train: str, new_model: str, scale: DemoScale, config: DemoConfig
+) -> dict[str, str]:
+    models = {}
+    for method in TRANSFORMATIONS:
+        recipe = get_recipe(method)
+        models[method] = layout.model(method)
+        train_transformation(
+            old_train,
+            new_train,
+            models[method],
+            new_model=new_model,
+            side_info=recipe.side_info,
+            uncertainty=recipe.uncertainty,
+            hidden_dim=scale.hidden_dim,
+            mixer_dim=scale.mixer_dim,
+            version=method,
+            train=_train_config(
+                method, layout, config, scale.transformation_epochs, scale.transformation_lr, scale.batch_size
+            ),
+        )
+    models["psi"] = layout.model("psi")
+    train_reverse(
+        old_train,
+        new_train,
+        models["psi"],
+        version="psi",
+        train=_train_config("psi", layout, config, scale.reverse_epochs, scale.transformation_lr, scale.batch_size),
+    )
+    return models
+
+
+# ---- embedding -------------------------------------------------------------------------------------------
+
+
+def _embed_all(images: str, layout: DemoLayout, models: dict[str, str]) -> str:
+    """Every image under every backbone in one pass (one decode, one actor holding all the models): the old
+    vectors as ``embedding`` with their ``side_info``, the others under their own names."""
+    columns = {EMBEDDING: models["old"], SIDE_INFO: models["side_info"]}
+    columns |= {name: models[name] for name in BACKBONES if name != "old"}
+    return embed_images(images, columns, layout.path("embeddings", "all"), progress=False).uri
+
+
+# ---- evaluation ------------------------------------------------------------------------------------------
+
+
+def _matrix(table: pa.Table, ids: np.ndarray, column: str) -> np.ndarray:
+    return vectors_of(table, column)[_positions(table.column(ID).to_numpy(), ids)]
+
+
+def _apply(module: torch.nn.Module, *inputs: np.ndarray) -> np.ndarray:
+    """A transformation (FCT h, FastFill h, psi) on stored vectors, in eval mode; FastFill's s is dropped."""
+    module.eval()
+    with torch.inference_mode():
+        out = module(*(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) for x in inputs))
+    return (out[0] if isinstance(out, tuple) else out).numpy()
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (ties broken by position: fine for continuous scores)."""
+    ranks = []
+    for x in (a, b):
+        r = np.empty(len(x))
+        r[np.argsort(x, kind="stable")] = np.arange(len(x))
+        ranks.append(r)
+    return float(np.corrcoef(*ranks)[0, 1])
+
+
+def _cosine_error(h: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """1 - cos(h_i, target_i): how far a transformed vector points from the true new one."""
+    norms = np.linalg.norm(h, axis=1) * np.linalg.norm(target, axis=1)
+    return 1.0 - (h * target).sum(axis=1) / np.maximum(norms, 1e-12)
+
+
+def evaluate_demo(
+    artifacts: DemoArtifacts, table: pa.Table, labels: dict[str, pa.Table], scale: DemoScale, config: DemoConfig
+) -> dict:
+    """Anchors (old/old, new/new and every cross test) and one backfill curve per method x policy.
+
+    ``table`` holds every image under every backbone (see :func:`_embed_all`). The FCT/FastFill gallery
+    and psi(new query) are computed here from the stored vectors with the trained transformations; which
+    vectors each method scores with, and each policy's order, come from raybackfill.eval.offline.
+    """
+    eval_config = EvalConfig(metric=config.metric, protocol="disjoint")
+    q_ids, q_labels = (labels["query"].column(c).to_numpy() for c in (ID, LABEL))
+    g_ids, g_labels = (labels["gallery"].column(c).to_numpy() for c in (ID, LABEL))
+    columns = {"old": EMBEDDING, "new": "new", "bct": "bct", "ract": "ract"}
+    query = {name: _matrix(table, q_ids, column) for name, column in columns.items()}
+    gallery = {name: _matrix(table, g_ids, column) for name, column in columns.items()}
+    side = _matrix(table, g_ids, SIDE_INFO)
+    heads = {m: load_model(artifacts.models[m]).module for m in TRANSFORMATIONS}
+    transformed = {
+        m: _apply(h, gallery["old"], side) if h.uses_side_info else _apply(h, gallery["old"]) for m, h in heads.items()
+    }
+    query["psi"] = _apply(load_model(artifacts.models["psi"]).module, query["new"])
+
+    def measure(q: np.ndarray, g: np.ndarray) -> RetrievalResult:
+        return evaluate(q, g, q_labels, g_labels, eval_config)
+
+    anchors = {
+        "old_old": measure(query["old"], gallery["old"]),
+        "new_new": measure(query["new"], gallery["new"]),
+        "bct_old": measure(query["bct"], gallery["old"]),
+        "bct_bct": measure(query["bct"], gallery["bct"]),
+        "ract_old": measure(query["ract"], gallery["old"]),
+        "ract_ract": measure(query["ract"], gallery["ract"]),
+        "psi_old": measure(query["psi"], gallery["old"]),
+        **{f"new_{m}": measure(query["new"], transformed[m]) for m in TRANSFORMATIONS},
+    }
+
+    def embeddings(ids: np.ndarray, vectors: np.ndarray, side_info: np.ndarray | None = None) -> Embeddings:
+        return Embeddings(ids, vectors, embedding_table(ids, vectors, side_info=side_info))
+
+    old_gallery = embeddings(g_ids, gallery["old"], side)
+    betas = even_betas(scale.beta_points)
+    runs, diagnostics = [], {}
+    for method, policies in METHOD_POLICIES.items():
+        recipe = get_recipe(method)
+        backbone = recipe.backbone_loss if recipe.backbone_loss in ("bct", "ract") else "new"
+        tables = LoadedTables(
+            q_labels,
+            g_labels,
+            queries={name: embeddings(q_ids, query[name]) for name in ("old", "psi")}
+            | {"new": embeddings(q_ids, query[backbone])},
+            gallery={"old": old_gallery, "new": embeddings(g_ids, gallery[backbone])}
+            | ({"transformed": embeddings(g_ids, transformed[method])} if recipe.forward_transformation else {}),
+        )
+        spaces = method_spaces(method, tables)
+        offline = OfflineConfig(
+            method,
+            orders=policies,
+            beta_points=scale.beta_points,
+            metric=config.metric,
+            seed=config.seed,
+            transformation=artifacts.models[method] if recipe.uncertainty else None,
+            old_model=artifacts.models["old"],
+        )
+        for policy in policies:
+            order = backfill_order(policy, tables, offline)
+            curve = backfill_curve(
+                spaces, order, q_labels, g_labels, anchors["old_old"].correct_top1, betas=betas, config=eval_config
+            )
+            runs.append(Run(method, policy, spaces.strategy, curve))
+        if recipe.uncertainty:
+            scores = priority_scores(
+                "uncertainty",
+                g_ids,
+                old=gallery["old"],
+                side=side if heads[method].uses_side_info else None,
+                transformation=heads[method],
+            )
+            error = _cosine_error(transformed[method], gallery["new"])
+            diagnostics[f"{method}_uncertainty_spearman"] = spearman(scores, error)
+    report = build_report(anchors, runs)
+    # Does FastFill's predicted uncertainty rank the gallery by the true transformation error (1 - cosine)?
+    report["diagnostics"] = diagnostics
+    return report

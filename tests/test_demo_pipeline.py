@@ -1,0 +1,107 @@
+"""The offline demo end to end on tiny data (numbers are noise at this size: only structure and invariants)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from raybackfill.demo.pipeline import METHOD_POLICIES, TRANSFORMATIONS, DemoConfig, DemoScale, run_offline
+from raybackfill.eval.report import load_report
+
+TINY = DemoScale(
+    classes=6,
+    per_class=10,
+    image_size=16,
+    width=4,
+    embedding_dim=8,
+    side_info_dim=4,
+    old_epochs=1,
+    new_epochs=1,
+    side_info_epochs=1,
+    transformation_epochs=1,
+    reverse_epochs=1,
+    batch_size=32,
+    hidden_dim=8,
+    mixer_dim=16,
+    beta_points=5,
+)
+ONLINE = {"items": 18, "seconds": 1.5, "items_per_s": 12.0, "queries": 7, "query_errors": 0}
+
+
+@pytest.fixture(scope="module")
+def demo(ray_cluster, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("demo") / "out")
+    seen = []
+
+    def online(artifacts):
+        seen.append(artifacts)
+        return ONLINE
+
+    config = DemoConfig(out=out, scale=TINY, old_classes="0-2", seed=3)
+    report = run_offline(config, online=online, log=lambda line: None)
+    return config, report, seen
+
+
+def _runs(report):
+    return {(r["method"], r["policy"]): r for r in report["runs"]}
+
+
+def test_report_has_every_method_and_policy_with_full_curves(demo):
+    config, report, _ = demo
+    runs = _runs(report)
+    assert set(runs) == {(m, p) for m, policies in METHOD_POLICIES.items() for p in policies}
+    for run in report["runs"]:
+        assert run["betas"] == pytest.approx(np.linspace(0, 1, TINY.beta_points))
+        assert len(run["top1"]) == len(run["map"]) == len(run["nfr"]) == TINY.beta_points
+        for key in ("auc_top1", "auc_map", "relative_gain_top1"):
+            assert key in run
+    for anchor in ("old_old", "new_new"):
+        assert 0 <= report["anchors"][anchor]["top1"] <= 1 and 0 <= report["anchors"][anchor]["map"] <= 1
+    assert report["queries"]["evaluated"] == 6  # 6 classes x 10 images x 0.1 query fraction
+    assert set(report["diagnostics"]) == {"fastfill_uncertainty_spearman", "fastfill_side_info_uncertainty_spearman"}
+    assert load_report(os.path.join(config.out, "report.json")) == json.loads(json.dumps(report))
+    with open(os.path.join(config.out, "backfill_curves.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_curves_start_and_end_at_their_anchors(demo):
+    _, report, _ = demo
+    anchors, runs = report["anchors"], _runs(report)
+    for (method, _policy), run in runs.items():
+        if method in TRANSFORMATIONS:
+            start, end = anchors[f"new_{method}"], anchors["new_new"]  # transformed gallery -> new gallery
+        elif method in ("bct", "ract"):
+            start, end = anchors[f"{method}_old"], anchors[f"{method}_{method}"]  # old gallery -> new gallery
+        elif method == "rank_merge":
+            start, end = anchors["old_old"], anchors["new_new"]
+        else:  # rank_merge_psi: psi(new query) on the old gallery -> new/new
+            start, end = anchors["psi_old"], anchors["new_new"]
+        for key in ("top1", "map"):
+            assert run[key][0] == pytest.approx(start[key]), (method, key)
+            assert run[key][-1] == pytest.approx(end[key]), (method, key)
+    assert runs[("rank_merge", "random")]["nfr"][0] == 0.0  # beta = 0 is the old system itself
+
+
+def test_policies_change_only_the_order_not_the_endpoints(demo):
+    _, report, _ = demo
+    runs = _runs(report)
+    unc, rand = runs[("fastfill", "uncertainty")], runs[("fastfill", "random")]
+    assert unc["top1"][0] == rand["top1"][0] and unc["top1"][-1] == rand["top1"][-1]
+
+
+def test_online_hook_gets_the_artifacts_and_fills_the_online_section(demo):
+    config, report, seen = demo
+    assert report["online"] == ONLINE
+    (artifacts,) = seen
+    assert artifacts.layout.out == config.out
+    for uri in (artifacts.images, artifacts.embeddings, artifacts.gallery_old, *artifacts.splits.values()):
+        assert os.path.isdir(uri), uri
+    for name in ("old", "new", "bct", "ract", "side_info", *TRANSFORMATIONS, "psi"):
+        assert os.path.isfile(os.path.join(artifacts.models[name], "model.json")), name
+
+
+def test_a_second_demo_in_the_same_directory_is_refused(demo):
+    config, _, _ = demo
+    with pytest.raises(FileExistsError, match="choose a new --out"):
+        run_offline(config, log=lambda line: None)
