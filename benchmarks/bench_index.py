@@ -5,18 +5,30 @@ the whole gallery in this process, searching the same query batch with ``--cpus`
 one thread (OpenMP barriers suffer on a busy machine), whichever is faster. The index runs
 ``--shards`` shard actors with ``--cpus / --shards`` CPUs each (so the same total threads) behind the
 router, with a fraction ``--beta`` of the gallery backfilled into the new space. Each measurement is the
-best of ``--repeats`` runs, taken while the other side is idle. Writes JSON (default
-benchmarks/results/bench_index.json) and prints the ratio merged QPS / bare QPS per strategy.
+best of ``--repeats`` runs, taken while the other side is idle.
+
+Then the latency a user sees: ``--latency-probes`` single queries (k=10, rank_merge, one query per call,
+sequential) against the router while it is idle, and the same queries again while a background thread
+upserts new-space vectors in batches of 10k like a backfill (first the items still in the old space,
+then, if those run out, re-upserting moved ones). A shard runs one search or upsert at a time, so a
+query that arrives during an upsert waits for it: that wait is what the p99 shows.
+
+Writes JSON (default benchmarks/results/bench_index.json) with the machine (cores, FAISS/numpy/BLAS
+versions, load average at start and end: the box may be shared) and prints a summary. Uses a Ray that
+is already initialised (or RAY_ADDRESS) and otherwise starts a local one with ``--cpus`` CPUs.
 
     PYTHONPATH=. python benchmarks/bench_index.py --n 1000000 --d 128 --queries 1000 --k 10
+    PYTHONPATH=. python benchmarks/bench_index.py --quick   # 50k vectors, well under a minute
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
+import threading
 import time
 from pathlib import Path
 
@@ -24,10 +36,13 @@ import faiss
 import numpy as np
 import ray
 
-from raybackfill import NAMESPACE
 from raybackfill.index.router import RouterConfig, create_index, destroy_index, get
+from raybackfill.runtime import init_ray
 
 CHUNK = 10_000  # rows per load_old / upsert call, like a backfill batch
+QUICK = {"n": 50_000, "queries": 200, "latency_probes": 100}
+LATENCY_K, LATENCY_STRATEGY = 10, "rank_merge"
+WARMUP_PROBES = 3  # single queries before the idle measurement, not recorded
 
 
 def unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -54,7 +69,82 @@ def bare_flat_ip(gallery: np.ndarray, queries: np.ndarray, k: int, threads: int,
     return add_s, search_s, ids
 
 
+def machine_info() -> dict:
+    """What the numbers depend on: cores, library builds, BLAS (as numpy and threadpoolctl see it)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        threadpool_info = None
+    blas = np.show_config(mode="dicts").get("Build Dependencies", {}).get("blas", {})
+    return {
+        "cpus": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "faiss": faiss.__version__,
+        "faiss_compile_options": faiss.get_compile_options(),
+        "numpy": np.__version__,
+        "numpy_blas": {key: blas.get(key) for key in ("name", "version", "openblas configuration")},
+        "threadpools": threadpool_info() if threadpool_info else None,
+        "ray": ray.__version__,
+    }
+
+
+def percentiles_ms(seconds: list[float]) -> dict[str, float]:
+    p50, p99 = np.percentile(np.asarray(seconds) * 1000.0, [50, 99])
+    return {"p50_ms": float(p50), "p99_ms": float(p99)}
+
+
+def probe_latency(router, q_old: np.ndarray, q_new: np.ndarray) -> list[float]:
+    """Seconds of each single-query search, one call at a time (as one user's requests arrive)."""
+    seconds = []
+    for i in range(len(q_old)):
+        start = time.perf_counter()
+        get(router.search.remote(q_old[i : i + 1], q_new[i : i + 1], LATENCY_K, LATENCY_STRATEGY))
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def probe_during_upserts(router, q_old: np.ndarray, q_new: np.ndarray, batches: list[np.ndarray], d: int,
+                         seed: int) -> tuple[list[float], dict]:
+    """Probe latency while a thread upserts ``batches`` (cycling) of fresh new-space vectors until the probes
+    end; returns the probe seconds and what the upsert thread achieved."""
+    stop, first_sent = threading.Event(), threading.Event()
+    done = {"items": 0, "calls": 0, "seconds": 0.0, "error": None}
+
+    def upsert_loop() -> None:
+        rng = np.random.default_rng(seed)
+        start = time.perf_counter()
+        try:
+            for batch in itertools.cycle(batches):
+                if stop.is_set():
+                    break
+                ref = router.upsert.remote(batch, unit_rows(rng, len(batch), d), "new", "v2")
+                first_sent.set()
+                get(ref)
+                done["items"] += len(batch)
+                done["calls"] += 1
+        except Exception as err:  # handed to the main thread below
+            done["error"] = err
+        finally:
+            first_sent.set()
+            done["seconds"] = time.perf_counter() - start
+
+    thread = threading.Thread(target=upsert_loop, name="bench-upserts", daemon=True)
+    thread.start()
+    first_sent.wait()
+    try:
+        seconds = probe_latency(router, q_old, q_new)
+    finally:
+        stop.set()
+        thread.join()
+    if done["error"] is not None:
+        raise done["error"]
+    return seconds, done
+
+
 def main(argv: list[str] | None = None) -> dict:
+    load_start = os.getloadavg()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000, help="gallery size (default 1M)")
     parser.add_argument("--d", type=int, default=128, help="dim (default 128)")
@@ -64,9 +154,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="total threads, both sides")
     parser.add_argument("--beta", type=float, default=0.5, help="backfilled fraction for merged queries")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--latency-probes", type=int, default=1000,
+                        help="single queries per latency measurement, idle and during upserts (default 1000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/bench_index.json")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"small run for a smoke test: defaults {QUICK} (explicit flags still win)")
+    if parser.parse_known_args(argv)[0].quick:
+        parser.set_defaults(**QUICK)
     args = parser.parse_args(argv)
+    if args.latency_probes < 1:
+        parser.error("--latency-probes must be at least 1")
 
     rng = np.random.default_rng(args.seed)
     ids = np.arange(args.n, dtype=np.int64)
@@ -77,7 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
     best_threads = min(bare, key=lambda t: bare[t][1])
     add_s, bare_s, bare_ids = bare[best_threads]
 
-    ray.init(num_cpus=args.cpus, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False)
+    owns_ray = not ray.is_initialized()
+    init_ray(num_cpus=args.cpus)
     config = RouterConfig(name="bench-index", shards=args.shards, shard_num_cpus=args.cpus / args.shards)
     router = create_index(config)
     try:
@@ -89,7 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
         old_s, old_result = best_of(args.repeats, lambda: get(router.search.remote(queries, None, args.k, "old")))
         same_as_bare = float(np.mean(old_result.ids == bare_ids))
 
-        moved = rng.permutation(args.n)[: int(args.beta * args.n)]
+        order = rng.permutation(args.n)
+        moved, still_old = order[: int(args.beta * args.n)], order[int(args.beta * args.n) :]
         new = unit_rows(rng, len(moved), args.d)
         start = time.perf_counter()
         for lo in range(0, len(moved), CHUNK):
@@ -104,15 +204,38 @@ def main(argv: list[str] | None = None) -> dict:
             seconds, _ = best_of(args.repeats, search)
             strategies[strategy] = {"seconds": seconds, "qps": args.queries / seconds,
                                     "ratio_to_bare": (args.queries / seconds) / (args.queries / bare_s)}
+
+        probes_old = unit_rows(rng, args.latency_probes, args.d)
+        probes_new = unit_rows(rng, args.latency_probes, args.d)
+        probe_latency(router, probes_old[:WARMUP_PROBES], probes_new[:WARMUP_PROBES])
+        idle = probe_latency(router, probes_old, probes_new)
+        pool = ids[still_old] if len(still_old) else ids
+        batches = [pool[lo : lo + CHUNK] for lo in range(0, len(pool), CHUNK)]
+        busy, upserts = probe_during_upserts(router, probes_old, probes_new, batches, args.d, args.seed + 1)
     finally:
         destroy_index(config.name)
-        ray.shutdown()
+        if owns_ray:
+            ray.shutdown()
+
+    latency = {
+        "what": f"{args.latency_probes} single queries, k={LATENCY_K}, strategy {LATENCY_STRATEGY}, one per call, "
+                f"sequential; during_upserts: a thread upserts {CHUNK} new-space vectors per call meanwhile",
+        "idle": percentiles_ms(idle),
+        "during_upserts": {
+            **percentiles_ms(busy),
+            "upserts_per_s": upserts["items"] / upserts["seconds"],
+            "upsert_items": upserts["items"],
+            "upsert_calls": upserts["calls"],
+            "upsert_seconds": upserts["seconds"],
+        },
+    }
+    latency["p99_ratio"] = latency["during_upserts"]["p99_ms"] / latency["idle"]["p99_ms"]
+    load_end = os.getloadavg()
 
     result = {
         "benchmark": "bench_index",
         "config": vars(args),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "faiss": faiss.__version__,
-                    "ray": ray.__version__},
+        "machine": {**machine_info(), "loadavg_start": load_start, "loadavg_end": load_end},
         "baseline": {"what": f"bare faiss.IndexFlatIP, one process, best of {sorted(bare)} threads",
                      "threads": best_threads, "add_seconds": add_s, "search_seconds": bare_s,
                      "qps": args.queries / bare_s,
@@ -129,6 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
             "upsert_items_per_s": len(moved) / upsert_s if upsert_s else None,
             "strategies_at_beta": strategies,
         },
+        "latency": latency,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -137,7 +261,12 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"index at beta=0, strategy old: {args.queries / old_s:,.0f} QPS (ids equal to bare: {same_as_bare:.4f})")
     for name, r in strategies.items():
         print(f"index at beta={args.beta}, {name}: {r['qps']:,.0f} QPS, ratio {r['ratio_to_bare']:.2f}")
-    print(f"upsert: {result['index']['upsert_items_per_s'] or 0:,.0f} items/s; wrote {out}")
+    print(f"upsert: {result['index']['upsert_items_per_s'] or 0:,.0f} items/s")
+    during = latency["during_upserts"]
+    print(f"single-query {LATENCY_STRATEGY} latency: idle p50 {latency['idle']['p50_ms']:.1f} ms, "
+          f"p99 {latency['idle']['p99_ms']:.1f} ms; during upserts ({during['upserts_per_s']:,.0f} items/s) "
+          f"p50 {during['p50_ms']:.1f} ms, p99 {during['p99_ms']:.1f} ms (p99 x{latency['p99_ratio']:.1f})")
+    print(f"load average {load_start[0]:.1f} -> {load_end[0]:.1f} on {os.cpu_count()} cores; wrote {out}")
     return result
 
 
