@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
             "upsert_items": upserts["items"],
             "upsert_calls": upserts["calls"],
             "upsert_seconds": upserts["seconds"],
+            "items_still_old_before": len(still_old),  # upserted items beyond these were re-upserts
         },
     }
     latency["p99_ratio"] = latency["during_upserts"]["p99_ms"] / latency["idle"]["p99_ms"]

@@ -63,6 +63,6 @@ def test_quick_run_reuses_the_session_ray_and_reports_latency_idle_and_during_up
     during = latency["during_upserts"]
     assert_finite(during["upserts_per_s"], "upserts_per_s")
     assert during["upsert_calls"] >= 1 and during["upsert_items"] >= during["upsert_calls"]
-    assert during["upserts_per_s"] > 0
+    assert during["upserts_per_s"] > 0 and during["items_still_old_before"] == 25_000
     assert_finite(latency["p99_ratio"], "p99_ratio")
     assert latency["p99_ratio"] == pytest.approx(during["p99_ms"] / latency["idle"]["p99_ms"])
