@@ -9,7 +9,7 @@ import sys
 from raybackfill import __version__
 
 # Modules under raybackfill.cli that define `register(subparsers)`; each added parser sets `func`.
-COMMAND_MODULES = ("data", "train", "index", "eval")
+COMMAND_MODULES = ("data", "train", "index", "eval", "backfill", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
