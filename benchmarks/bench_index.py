@@ -28,6 +28,7 @@ import itertools
 import json
 import os
 import platform
+import re
 import threading
 import time
 from pathlib import Path
@@ -69,8 +70,19 @@ def bare_flat_ip(gallery: np.ndarray, queries: np.ndarray, k: int, threads: int,
     return add_s, search_s, ids
 
 
+def loaded_blas_libraries() -> list[str] | None:
+    """BLAS/OpenMP/MKL libraries mapped into this process (Linux): FAISS's wheel brings its own OpenBLAS,
+    which is not the one numpy reports. None where /proc is absent."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        return None
+    names = {Path(line.split()[-1]).name for line in maps.read_text().splitlines() if ".so" in line}
+    return sorted(name for name in names if re.search(r"blas|mkl|^lib[gi]?omp", name))
+
+
 def machine_info() -> dict:
-    """What the numbers depend on: cores, library builds, BLAS (as numpy and threadpoolctl see it)."""
+    """What the numbers depend on: cores, library builds, BLAS (as numpy, the loaded libraries and
+    threadpoolctl, if installed, see it)."""
     try:
         from threadpoolctl import threadpool_info
     except ImportError:
@@ -85,6 +97,7 @@ def machine_info() -> dict:
         "faiss_compile_options": faiss.get_compile_options(),
         "numpy": np.__version__,
         "numpy_blas": {key: blas.get(key) for key in ("name", "version", "openblas configuration")},
+        "blas_libraries_loaded": loaded_blas_libraries(),
         "threadpools": threadpool_info() if threadpool_info else None,
         "ray": ray.__version__,
     }

@@ -43,6 +43,7 @@ def test_quick_run_reuses_the_session_ray_and_reports_latency_idle_and_during_up
 
     machine = result["machine"]
     assert machine["faiss"] and machine["numpy"] and machine["numpy_blas"]["name"]
+    assert any("blas" in name for name in machine["blas_libraries_loaded"])  # Linux: read from /proc/self/maps
     assert_finite(machine["cpus"], "machine.cpus")
     for key in ("loadavg_start", "loadavg_end"):
         assert len(machine[key]) == 3
