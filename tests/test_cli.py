@@ -48,3 +48,13 @@ def test_train_then_embed_from_the_command_line(ray_cluster, tmp_path, capsys):
     table = io.read_table(out)
     assert table.num_rows == 12 and table.schema.field("embedding").type.list_size == 16
     assert set(table.column("model").to_pylist()) == {"m-v1"}
+
+
+def test_the_lazy_command_table_lists_exactly_the_registered_commands():
+    from raybackfill.cli.main import COMMANDS
+
+    registered = {command[0] for command in _commands(build_parser()) if len(command) == 1}
+    assert registered == {*COMMANDS, "version"}
+    for name, (module, _) in COMMANDS.items():
+        lazy = {c[0] for c in _commands(build_parser(name, complete=False)) if len(c) > 1}
+        assert name in lazy or not any(c[0] == name and len(c) > 1 for c in _commands(build_parser())), module

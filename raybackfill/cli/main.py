@@ -1,4 +1,8 @@
-"""Entry point of the `raybackfill` command. Each area registers its subcommands from its own module."""
+"""Entry point of the `raybackfill` command. Each area registers its subcommands from its own module.
+
+Only the module of the command being run is imported: the others pull in torch and Ray, which take
+seconds to import, and `raybackfill data synth` or `raybackfill --help` should not pay for them.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,25 @@ import sys
 
 from raybackfill import __version__
 
-# Modules under raybackfill.cli that define `register(subparsers)`; each added parser sets `func`.
-COMMAND_MODULES = ("data", "train", "index", "eval", "backfill", "demo")
+# command -> (module under raybackfill.cli that registers it, one-line help for the top-level listing)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("data", "make, import, split and inspect datasets"),
+    "train": ("train", "train backbones, side-information, transformations and psi on Ray Train"),
+    "embed": ("train", "embed an image table with a model (Ray Data actor pool)"),
+    "serve": ("index", "start the serving index over a table of old embeddings"),
+    "query": ("index", "top-k of the serving index for an item, a vector or an image"),
+    "status": ("index", "backfill progress of the serving index"),
+    "promote": ("index", "make the new space the only one (every item must be in it)"),
+    "rollback": ("index", "return every item to the old space (before promote)"),
+    "stop": ("index", "kill the index router and its shards"),
+    "backfill": ("backfill", "backfill a live index with a new model"),
+    "eval": ("eval", "evaluate an upgrade: backfill curves, reports, live index quality"),
+    "demo": ("demo", "train every method on built-in data and write report.json + backfill_curves.png"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None, *, complete: bool = True) -> argparse.ArgumentParser:
+    """The full parser (``complete``), or one where only ``command``'s module is imported."""
     parser = argparse.ArgumentParser(
         prog="raybackfill",
         description="Upgrade the embedding model of a retrieval service without downtime, on Ray.",
@@ -20,13 +38,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     version = sub.add_parser("version", help="print the raybackfill version")
     version.set_defaults(func=lambda args: print(__version__))
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"raybackfill.cli.{name}").register(sub)
+    if complete:
+        modules = {module for module, _ in COMMANDS.values()}
+    else:
+        modules = {COMMANDS[command][0]} if command in COMMANDS else set()
+    for module in dict.fromkeys(module for module, _ in COMMANDS.values()):
+        if module in modules:
+            importlib.import_module(f"raybackfill.cli.{module}").register(sub)
+    for name, (module, help_text) in COMMANDS.items():
+        if module not in modules:
+            sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command, complete=False).parse_args(argv)
     try:
         result = args.func(args)
     except KeyboardInterrupt:
