@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from raybackfill.backfill.ledger import Ledger, batch_name
-from raybackfill.backfill.run import BackfillConfig
+from raybackfill.backfill.run import BackfillConfig, backfill_limit
 from raybackfill.cli.backfill import add_arguments, register
 from raybackfill.data.schema import embedding_table
 
@@ -73,3 +73,12 @@ def test_ledger_writes_a_batch_once_and_reads_back_its_ids(tmp_path):
     assert sorted(ledger.ids(ledger.new_uri)) == [2, 4, 7]
     assert ledger.files(ledger.new_uri)[0] == first  # oldest first
     assert len(ledger.ids(ledger.transformed_uri)) == 0 and len(ledger.quarantined(("decode",))) == 0
+
+
+@pytest.mark.parametrize(
+    ("stop", "done", "expected"),
+    [({}, 5, 16), ({"budget": 3}, 5, 3), ({"until": 0.5}, 3, 5), ({"until": 0.5}, 9, 0), ({"until": 0.1}, 0, 2)],
+)
+def test_budget_counts_this_run_and_until_counts_the_whole_gallery(stop, done, expected):
+    config = BackfillConfig(gallery="g", old_embeddings="o", upgrade="m", out="x", method="bct", policy="id", **stop)
+    assert backfill_limit(config, total=16, done=done) == expected

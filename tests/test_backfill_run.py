@@ -180,7 +180,8 @@ def test_fastfill_backfill_writes_tiers_in_order_exactly_once_while_queries_keep
     progress = get(router.progress.remote())
     assert progress.counts == {"old": 0, "transformed": 1, "new": N - 1} and progress.phase == "done"
     assert summary.complete and summary.new == N - 1 and summary.backfill_quarantined == 1
-    assert [(p.name, p.items, p.quarantined) for p in summary.phases] == [("instant", N, 0), ("backfill", N - 1, 1)]
+    assert [(p.name, p.items, p.quarantined) for p in summary.phases] == [
+        ("plan", N, 1), ("instant", N, 0), ("backfill", N - 1, 1)]
     assert "backfill complete" in summary_table(summary)
 
 

@@ -16,6 +16,7 @@ stream, and batches written but not upserted before a kill are replayed. A budge
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,7 +26,7 @@ import ray
 from tqdm import tqdm
 
 from raybackfill.backfill.ledger import BACKFILL_STAGES, INSTANT_STAGES, Ledger
-from raybackfill.backfill.plan import RANK, Plan, PlanConfig, Tier, ensure_plan
+from raybackfill.backfill.plan import RANK, Plan, PlanConfig, Tier, ensure_plan, read_plan
 from raybackfill.backfill.sink import BAD_REASON, BatchSink, PhaseStats
 from raybackfill.compat.recipes import get_recipe
 from raybackfill.data import io
@@ -106,9 +107,12 @@ def run_backfill(config: BackfillConfig) -> BackfillSummary:
     router = connect(config.index) if config.index else None
     version = read_spec(config.upgrade).version
     try:
+        started, built = time.monotonic(), read_plan(ledger.plan_uri) is None
         plan = ensure_plan(config.plan_config(), ledger.plan_uri, ledger.quarantine_uri)
+        # The plan counts as a phase only in the run that built it (later runs reuse it).
+        phases = [PhaseStats("plan", plan.total, len(ledger.quarantined(("plan",))), time.monotonic() - started)]
+        phases = phases if built else []
         replayed = ledger.replay(router, version) if router is not None else 0
-        phases = []
         if get_recipe(config.method).forward_transformation:
             _set_phase(router, "instant")
             phases.append(_instant_phase(config, ledger, router, version))
@@ -210,20 +214,20 @@ def _tier_order(tier: Tier) -> np.ndarray:
     return table.column(ID).to_numpy()[np.argsort(table.column(RANK).to_numpy(), kind="stable")]
 
 
-def _backfill_limit(config: BackfillConfig, plan: Plan, done: int) -> int:
+def backfill_limit(config: BackfillConfig, total: int, done: int) -> int:
     """How many more items this run may re-embed (quarantined items count: they were processed)."""
     if config.budget is not None:
         return config.budget
     if config.until is not None:
-        return max(0, math.ceil(config.until * plan.total) - done)
-    return plan.total
+        return max(0, math.ceil(config.until * total) - done)
+    return total
 
 
 def _backfill_phase(config: BackfillConfig, plan: Plan, ledger: Ledger, router, version: str) -> PhaseStats:
     """Re-embed the images tier by tier; each tier is a complete Ray Data run before the next starts."""
     stats = PhaseStats("backfill")
     done = np.union1d(ledger.ids(ledger.new_uri), ledger.quarantined(BACKFILL_STAGES))
-    left = _backfill_limit(config, plan, len(done))
+    left = backfill_limit(config, plan.total, len(done))
     todo = []
     for tier in plan.tiers:
         order = _tier_order(tier)
