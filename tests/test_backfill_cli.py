@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 import pytest
 
-from raybackfill.backfill.ledger import Ledger, batch_name
 from raybackfill.backfill.run import BackfillConfig, backfill_limit
 from raybackfill.cli.backfill import add_arguments, register
-from raybackfill.data.schema import embedding_table
 
 REQUIRED = ["--gallery", "g", "--old-embeddings", "o", "--upgrade", "m", "--method", "bct", "--out", "x"]
 
@@ -57,22 +54,6 @@ def test_the_subcommand_registers_under_backfill():
 def test_inconsistent_configurations_are_refused_before_anything_runs(kwargs, message):
     with pytest.raises(ValueError, match=message):
         BackfillConfig(gallery="g", old_embeddings="o", upgrade="m", out="x", **kwargs)
-
-
-def test_batch_names_depend_only_on_the_set_of_ids():
-    assert batch_name(np.array([3, 1, 2])) == batch_name(np.array([1, 2, 3]))
-    assert batch_name(np.array([1, 2])) != batch_name(np.array([1, 2, 3]))
-
-
-def test_ledger_writes_a_batch_once_and_reads_back_its_ids(tmp_path):
-    ledger = Ledger(str(tmp_path))
-    table = embedding_table(np.array([4, 2]), np.ones((2, 3), np.float32), model="v")
-    first = ledger.write(ledger.tier_uri(0), table)
-    assert ledger.write(ledger.tier_uri(0), table) == first  # a retried batch is a no-op
-    ledger.write(ledger.tier_uri(1), embedding_table(np.array([7]), np.ones((1, 3), np.float32), model="v"))
-    assert sorted(ledger.ids(ledger.new_uri)) == [2, 4, 7]
-    assert ledger.files(ledger.new_uri)[0] == first  # oldest first
-    assert len(ledger.ids(ledger.transformed_uri)) == 0 and len(ledger.quarantined(("decode",))) == 0
 
 
 @pytest.mark.parametrize(
