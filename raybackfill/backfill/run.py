@@ -106,12 +106,14 @@ def run_backfill(config: BackfillConfig) -> BackfillSummary:
     ledger = Ledger(config.out)
     router = connect(config.index) if config.index else None
     version = read_spec(config.upgrade).version
+    if router is not None:
+        get(router.report_error.remote(None))  # a new attempt: the last run's error is history
     try:
         started, built = time.monotonic(), read_plan(ledger.plan_uri) is None
         plan = ensure_plan(config.plan_config(), ledger.plan_uri, ledger.quarantine_uri)
         # The plan counts as a phase only in the run that built it (later runs reuse it).
-        phases = [PhaseStats("plan", plan.total, len(ledger.quarantined(("plan",))), time.monotonic() - started)]
-        phases = phases if built else []
+        planned = PhaseStats("plan", plan.total, len(ledger.quarantined(("plan",))), time.monotonic() - started)
+        phases = [planned] if built else []
         replayed = ledger.replay(router, version) if router is not None else 0
         if get_recipe(config.method).forward_transformation:
             _set_phase(router, "instant")

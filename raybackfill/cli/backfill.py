@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiers", type=int, default=8, help="priority tiers (default 8)")
     parser.add_argument("--out", required=True, metavar="URI", help="outputs and ledger (same URI = resume)")
     stop = parser.add_mutually_exclusive_group()
-    stop.add_argument("--budget", type=int, help="re-embed at most N items in this run")
+    stop.add_argument("--budget", type=int, metavar="N",
+                      help="re-embed at most N items in this run (the instant phase always completes)")
     stop.add_argument("--until", type=float, metavar="FRACTION", help="stop once FRACTION of the gallery is done")
     parser.add_argument("--max-bad-fraction", type=float, default=0.01,
                         help="fail when more than this share of rows is quarantined (default 0.01)")
