@@ -240,6 +240,8 @@ def test_budget_then_a_sigkilled_run_then_a_rerun_end_with_every_id_once(inputs,
     again = run_backfill(config)
     assert again.replayed == N - 1 and again.phases[-1].items == 0
     assert get(router.progress.remote()).counts == {"old": 1, "transformed": 0, "new": N - 1}
+    # When the index already matches the ledger, a start re-sends nothing (the cheap path).
+    assert run_backfill(config).replayed == 0
 
 
 def test_nan_outputs_are_quarantined_and_too_many_fail_the_job_cleanly(inputs, id_plan, make_index, tmp_path):
