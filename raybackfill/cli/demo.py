@@ -36,13 +36,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.set_defaults(func=_demo)
 
 
+def config_from_args(args: argparse.Namespace) -> DemoConfig:
+    return DemoConfig(out=args.out, quick=args.quick, data=args.data, old_classes=args.old_classes, seed=args.seed)
+
+
 def _demo(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     # Ray Data logs every dataset execution at INFO; the demo prints its own stage lines instead.
     for name in ("ray.data", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
     init_ray()
-    config = DemoConfig(out=args.out, quick=args.quick, data=args.data, old_classes=args.old_classes, seed=args.seed)
+    config = config_from_args(args)
     report = run_offline(config)
     print()
     print(summary_table(report))

@@ -1,0 +1,33 @@
+"""`raybackfill demo` arguments map onto the library's DemoConfig (the run itself: test_demo_pipeline.py)."""
+
+import argparse
+
+import pytest
+
+from raybackfill.cli.demo import DEFAULT_OUT, config_from_args, register
+from raybackfill.demo.pipeline import FULL, QUICK
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["demo", *argv])
+
+
+def test_defaults_run_the_full_demo_on_built_in_data():
+    config = config_from_args(_parse([]))
+    expected = (DEFAULT_OUT, False, None, "half", 0)
+    assert (config.out, config.quick, config.data, config.old_classes, config.seed) == expected
+    assert config.resolved_scale() == FULL
+
+
+def test_flags_reach_the_config():
+    args = _parse(["--out", "o", "--quick", "--data", "s3://b/t", "--old-classes", "0-9", "--seed", "7"])
+    config = config_from_args(args)
+    assert (config.out, config.quick, config.data, config.old_classes, config.seed) == ("o", True, "s3://b/t", "0-9", 7)
+    assert config.resolved_scale() == QUICK
+
+
+def test_a_bad_seed_is_refused_by_the_parser():
+    with pytest.raises(SystemExit):
+        _parse(["--seed", "x"])
