@@ -47,7 +47,9 @@ def _demo(args: argparse.Namespace) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     init_ray()
     config = config_from_args(args)
-    report = run_offline(config)
+    from raybackfill.demo.online import run_online
+
+    report = run_offline(config, online=run_online)
     print()
     print(summary_table(report))
     seconds = time.perf_counter() - start
