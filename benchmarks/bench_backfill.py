@@ -1,0 +1,319 @@
+"""Backfill throughput, side by side in one run: the Ray Data embedding pipeline vs bare torch, and the
+instant (transform) phase vs re-embedding.
+
+``embed_pipeline_vs_bare``: the project's path (``read_parquet`` -> decode -> ``map_batches(EmbedImages,
+ActorPoolStrategy)`` -> the driver consuming batches, Ray Data limited to ``--cpus`` CPUs) vs bare torch
+over the same Parquet table, decoded with the same ``decode_batch``, the same small_cnn and batch size.
+One process with ``--cpus`` torch threads is a weak baseline on few cores (intra-op threading on small
+batches scales badly), so the bare side also runs ``--cpus`` processes x 1 thread, each over its share of
+the rows; the faster wins and is named in the JSON. Bare workers are started and warmed (model loaded,
+one batch run) before the clock starts; the pipeline's time includes starting its actor pool, so its
+steady rate (after the first batch arrives) is reported as well.
+
+``transform_vs_reembed``: ``transform_embeddings`` (a forward transformation over a stored old-embedding
+table, no images read) vs ``embed_images`` (the backbone over the images), both end to end with writes,
+the same pool; the ratio is of items/s.
+
+Every figure is the median of ``--repeats``. Writes JSON (default benchmarks/results/bench_backfill.json)
+with the machine (cores, torch/faiss/numpy versions, load average at start and end: the box is shared)
+and prints a summary. Uses a Ray that is already initialised (or RAY_ADDRESS), else starts one.
+
+    PYTHONPATH=. python benchmarks/bench_backfill.py            # 10k images, 200k embeddings
+    PYTHONPATH=. python benchmarks/bench_backfill.py --quick    # 2k images, 20k embeddings, about a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from raybackfill.data import io
+from raybackfill.data.images import decode_batch
+from raybackfill.data.loading import decode_images, read_images
+from raybackfill.data.schema import EMBEDDING, ID, IMAGE, embedding_table
+from raybackfill.data.synth import synthesize
+from raybackfill.embed.actors import EmbedImages
+from raybackfill.embed.pipeline import PoolConfig, embed_images, transform_embeddings
+from raybackfill.models.artifacts import ModelSpec, load_model, save_model
+from raybackfill.models.registry import build_model
+from raybackfill.runtime import init_ray
+
+QUICK = {"images": 2_000, "size": 32, "embeddings": 20_000}
+CNN_KWARGS = {"embedding_dim": 128, "num_classes": 10, "width": 32}
+OLD_DIM = 128
+FCT_KWARGS = {"old_dim": OLD_DIM, "new_dim": 128}
+
+
+def write_inputs(root: str, args: argparse.Namespace) -> dict[str, str]:
+    """The image table, the old-embedding table, the backbone and the transformation (random weights)."""
+    torch.manual_seed(args.seed)
+    paths = {name: os.path.join(root, name) for name in ("images", "old", "backbone", "fct")}
+    classes = 10
+    images = synthesize(classes=classes, per_class=-(-args.images // classes), size=args.size, seed=args.seed)
+    # Several shards so Ray Data has more than one read unit to spread over the pool.
+    io.write_table(images.slice(0, args.images), paths["images"], rows_per_shard=max(args.images // 4, 1))
+    rng = np.random.default_rng(args.seed)
+    old = rng.standard_normal((args.embeddings, OLD_DIM), dtype=np.float32)
+    ids = np.arange(args.embeddings, dtype=np.int64)
+    # One shard per transform batch: the pool then takes whole blocks (batch_size=None), because
+    # schema.vectors_of misreads a batch that Ray Data cut from the start of a larger block (see transform_pool).
+    io.write_table(embedding_table(ids, old, model="old-v1"), paths["old"], rows_per_shard=args.transform_batch_size)
+    save_model(build_model("small_cnn", **CNN_KWARGS), paths["backbone"], ModelSpec("small_cnn", "new-v2", CNN_KWARGS))
+    fct = build_model("forward_transformation", **FCT_KWARGS)
+    save_model(fct, paths["fct"], ModelSpec("forward_transformation", "fct-v2", FCT_KWARGS, method="fct"))
+    return paths
+
+
+# --- the bare side: plain torch, no Ray -------------------------------------------------------------------
+
+
+def bare_embed(model: torch.nn.Module, images_uri: str, size: int, batch_size: int, part: int, parts: int) -> int:
+    """Read the table, keep this part's contiguous rows, decode and embed them batch by batch; returns rows."""
+    column = io.read_table(images_uri, columns=[IMAGE]).column(IMAGE)
+    lo, hi = len(column) * part // parts, len(column) * (part + 1) // parts
+    rows = 0
+    with torch.inference_mode():
+        for start in range(lo, hi, batch_size):
+            pixels = decode_batch(column.slice(start, min(batch_size, hi - start)).to_pylist(), size).pixels
+            rows += len(model.embed(torch.from_numpy(pixels)))
+    return rows
+
+
+def bare_one_process(images_uri: str, model_uri: str, size: int, batch_size: int, threads: int) -> float:
+    """Seconds for this process, ``threads`` torch threads, over all rows (model loaded and warmed first)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = load_model(model_uri).module.eval()
+        with torch.inference_mode():
+            model.embed(torch.zeros((batch_size, 3, size, size)))
+        start = time.perf_counter()
+        bare_embed(model, images_uri, size, batch_size, 0, 1)
+        return time.perf_counter() - start
+    finally:
+        torch.set_num_threads(previous)
+
+
+def bare_processes(images_uri: str, model_uri: str, size: int, batch_size: int, procs: int, repeats: int) -> list:
+    """Seconds per repeat for ``procs`` worker processes x 1 thread, each over its share of the rows.
+
+    Workers are this file run with ``--bare-worker``: they load the model, warm up, say ``ready``, then
+    run their share each time the parent writes ``go`` (plain pipes: nothing to pickle, no fork of a Ray
+    driver). A repeat ends when the last worker reports.
+    """
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), *sys.path])}
+    workers = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--bare-worker", images_uri, model_uri, str(size), str(batch_size),
+             str(part), str(procs)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+        )
+        for part in range(procs)
+    ]
+    try:
+        for w in workers:
+            if w.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"bare worker {w.pid} failed to start (exit {w.poll()})")
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for w in workers:
+                w.stdin.write("go\n")
+                w.stdin.flush()
+            for w in workers:
+                if not w.stdout.readline().strip().isdigit():
+                    raise RuntimeError(f"bare worker {w.pid} failed (exit {w.poll()})")
+            seconds.append(time.perf_counter() - start)
+        return seconds
+    finally:
+        for w in workers:
+            w.stdin.close()
+            w.wait(timeout=60)
+
+
+def bare_worker(argv: list[str]) -> None:
+    images_uri, model_uri, size, batch_size, part, parts = argv
+    torch.set_num_threads(1)
+    model = load_model(model_uri).module.eval()
+    with torch.inference_mode():
+        model.embed(torch.zeros((int(batch_size), 3, int(size), int(size))))
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "go":
+            print(bare_embed(model, images_uri, int(size), int(batch_size), int(part), int(parts)), flush=True)
+
+
+# --- the project's side ------------------------------------------------------------------------------------
+
+
+def pipeline_embed(images_uri: str, model_uri: str, size: int, pool: PoolConfig) -> tuple[float, float, int]:
+    """(seconds end to end, seconds after the first batch reached the driver, rows after it) for one run of
+    read -> decode -> EmbedImages actor pool -> the driver consuming batches (what the backfill sink sees)."""
+    start = time.perf_counter()
+    ds = decode_images(read_images(images_uri, columns=[ID, IMAGE]), size=size, batch_size=pool.batch_size,
+                       num_cpus=pool.cpus_per_actor)
+    ds = ds.map_batches(
+        EmbedImages,
+        fn_constructor_kwargs={"models": {EMBEDDING: model_uri}, "num_threads": max(int(pool.cpus_per_actor), 1)},
+        compute=ray.data.ActorPoolStrategy(size=pool.actors),
+        batch_size=pool.batch_size,
+        batch_format="numpy",
+        num_cpus=pool.cpus_per_actor,
+    )
+    first, rows_after_first = None, 0
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        if first is None:
+            first = time.perf_counter()
+        else:
+            rows_after_first += len(batch[EMBEDDING])
+    end = time.perf_counter()
+    return end - start, end - first, rows_after_first
+
+
+def median_rate(items: int, seconds: list[float]) -> float:
+    return items / statistics.median(seconds)
+
+
+def machine_info() -> dict:
+    import faiss
+
+    return {
+        "cpus": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torch_parallel": torch.__config__.parallel_info().splitlines()[:4],
+        "faiss": faiss.__version__,
+        "numpy": np.__version__,
+        "ray": ray.__version__,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    load_start = os.getloadavg()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=10_000, help="images embedded (default 10k)")
+    parser.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
+    parser.add_argument("--embeddings", type=int, default=200_000, help="stored old embeddings (default 200k)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--transform-batch-size", type=int, default=8192)
+    parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="total threads, both sides")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results/bench_backfill.json")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"small run for a smoke test: defaults {QUICK} (explicit flags still win)")
+    if parser.parse_known_args(argv)[0].quick:
+        parser.set_defaults(**QUICK)
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.cpus < 1:
+        parser.error("--repeats and --cpus must be at least 1")
+
+    owns_ray = not ray.is_initialized()
+    init_ray(num_cpus=args.cpus)
+    context = ray.data.DataContext.get_current()
+    previous_limits = context.execution_options.resource_limits
+    # One actor (1 torch thread, half a CPU) per CPU of the budget; decode tasks take the other halves.
+    pool = PoolConfig(actors=args.cpus, cpus_per_actor=0.5, gpus_per_actor=0.0, batch_size=args.batch_size)
+    # batch_size=None: whole blocks (one stored shard of --transform-batch-size rows each). A batch sliced from
+    # row 0 of a larger block has offset 0 but the whole block's child values, which vectors_of reshapes wrongly.
+    transform_pool = PoolConfig(actors=args.cpus, cpus_per_actor=0.5, gpus_per_actor=0.0, batch_size=None)
+    with tempfile.TemporaryDirectory(prefix="bench-backfill-") as root:
+        try:
+            context.execution_options.resource_limits = previous_limits.copy(cpu=args.cpus)
+            paths = write_inputs(root, args)
+            n = args.images
+
+            bare_one = [bare_one_process(paths["images"], paths["backbone"], args.size, args.batch_size, args.cpus)
+                        for _ in range(args.repeats)]
+            bare = {f"1 process x {args.cpus} threads": bare_one}
+            if args.cpus > 1:
+                bare[f"{args.cpus} processes x 1 thread"] = bare_processes(
+                    paths["images"], paths["backbone"], args.size, args.batch_size, args.cpus, args.repeats)
+            pipe = [pipeline_embed(paths["images"], paths["backbone"], args.size, pool) for _ in range(args.repeats)]
+
+            transform_s, reembed_s = [], []
+            for r in range(args.repeats):
+                start = time.perf_counter()
+                transform_embeddings(paths["old"], paths["fct"], os.path.join(root, f"transformed-{r}"),
+                                     pool=transform_pool, progress=False)
+                transform_s.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                embed_images(paths["images"], {EMBEDDING: paths["backbone"]}, os.path.join(root, f"reembedded-{r}"),
+                             pool=pool, progress=False)
+                reembed_s.append(time.perf_counter() - start)
+        finally:
+            context.execution_options.resource_limits = previous_limits
+            if owns_ray:
+                ray.shutdown()
+
+    bare_rates = {name: median_rate(n, seconds) for name, seconds in bare.items()}
+    best = max(bare_rates, key=bare_rates.get)
+    pipe_rate = median_rate(n, [p[0] for p in pipe])
+    steady = [rows / seconds for _, seconds, rows in pipe if rows and seconds > 0]  # runs of more than one batch
+    steady_rate = statistics.median(steady) if steady else None
+    transform_rate = median_rate(args.embeddings, transform_s)
+    reembed_rate = median_rate(n, reembed_s)
+    load_end = os.getloadavg()
+
+    result = {
+        "benchmark": "bench_backfill",
+        "config": vars(args),
+        "machine": {**machine_info(), "loadavg_start": load_start, "loadavg_end": load_end},
+        "embed_pipeline_vs_bare": {
+            "what": f"small_cnn {CNN_KWARGS} on {n} {args.size}x{args.size} PNGs, batch {args.batch_size}, "
+                    f"{args.cpus} CPUs per side; pipeline: {pool.actors} EmbedImages actors x 1 thread "
+                    f"({pool.cpus_per_actor} CPU each), Ray Data CPU limit {args.cpus}, driver consumes batches; "
+                    "bare: warmed workers, read Parquet + decode_batch + embed",
+            "ratio": pipe_rate / bare_rates[best],
+            "target": 0.8,
+            "pipeline_items_per_s": pipe_rate,
+            "pipeline_steady_items_per_s": steady_rate,  # None when one batch carried every row to the driver
+            "pipeline_seconds": [p[0] for p in pipe],
+            "baseline": best,
+            "bare_items_per_s": bare_rates[best],
+            "bare_items_per_s_by_config": bare_rates,
+            "bare_seconds_by_config": bare,
+        },
+        "transform_vs_reembed": {
+            "what": f"transform_embeddings of {args.embeddings} stored {OLD_DIM}-d embeddings through "
+                    f"forward_transformation {FCT_KWARGS} vs embed_images of {n} images with the backbone; "
+                    f"both end to end with writes, {args.cpus} actors x 0.5 CPU",
+            "ratio": transform_rate / reembed_rate,
+            "target": 50.0,
+            "transform_items_per_s": transform_rate,
+            "reembed_items_per_s": reembed_rate,
+            "transform_seconds": transform_s,
+            "reembed_seconds": reembed_s,
+        },
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    embed = result["embed_pipeline_vs_bare"]
+    for name, rate in bare_rates.items():
+        print(f"bare {name}: {rate:,.0f} img/s")
+    print(f"pipeline: {pipe_rate:,.0f} img/s end to end ({steady_rate or 0:,.0f} after the first batch); "
+          f"ratio to best bare ({best}) {embed['ratio']:.2f} (target >= 0.8)")
+    print(f"transform: {transform_rate:,.0f} items/s; re-embed: {reembed_rate:,.0f} items/s; "
+          f"ratio {result['transform_vs_reembed']['ratio']:.1f}x (target >= 50)")
+    print(f"load average {load_start[0]:.1f} -> {load_end[0]:.1f} on {os.cpu_count()} cores; wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--bare-worker"]:
+        bare_worker(sys.argv[2:])
+    else:
+        main()
