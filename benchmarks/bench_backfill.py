@@ -304,7 +304,8 @@ def main(argv: list[str] | None = None) -> dict:
     embed = result["embed_pipeline_vs_bare"]
     for name, rate in bare_rates.items():
         print(f"bare {name}: {rate:,.0f} img/s")
-    print(f"pipeline: {pipe_rate:,.0f} img/s end to end ({steady_rate or 0:,.0f} after the first batch); "
+    steady_text = "one batch only" if steady_rate is None else f"{steady_rate:,.0f} img/s after the first batch"
+    print(f"pipeline: {pipe_rate:,.0f} img/s end to end ({steady_text}); "
           f"ratio to best bare ({best}) {embed['ratio']:.2f} (target >= 0.8)")
     print(f"transform: {transform_rate:,.0f} items/s; re-embed: {reembed_rate:,.0f} items/s; "
           f"ratio {result['transform_vs_reembed']['ratio']:.1f}x (target >= 50)")
