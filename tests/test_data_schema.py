@@ -88,3 +88,10 @@ def test_embedding_column_must_be_fixed_size_list():
     table = pa.table({"id": [1], "embedding": pa.array([[1.0, 2.0]])})
     with pytest.raises(SchemaError, match="fixed_size_list"):
         validate_embedding_table(table, "e")
+
+
+def test_vectors_of_a_slice_from_row_zero_of_a_larger_block():
+    emb = np.arange(40, dtype=np.float32).reshape(10, 4)
+    table = embedding_table(np.arange(10), emb)
+    np.testing.assert_array_equal(vectors_of(table.slice(0, 4)), emb[:4])
+    np.testing.assert_array_equal(vectors_of(table.slice(6)), emb[6:])

@@ -106,9 +106,10 @@ def vectors_of(table: pa.Table, column: str = EMBEDDING) -> np.ndarray:
     if col.num_chunks == 0:
         return np.zeros((0, dim), dtype=np.float32)
     arr = col.combine_chunks() if col.num_chunks > 1 else col.chunk(0)
-    if arr.offset or arr.null_count:
-        arr = pa.concat_arrays([arr])  # re-materialise sliced arrays so .values starts at row 0
-    values = arr.values.to_numpy(zero_copy_only=False)
+    if arr.null_count:
+        raise SchemaError(f"column '{column}' has {arr.null_count} null vectors")
+    # flatten() honours the array's offset AND length (a slice from row 0 still shares the whole child).
+    values = arr.flatten().to_numpy(zero_copy_only=False)
     return values.reshape(len(arr), dim).astype(np.float32, copy=False)
 
 
