@@ -6,9 +6,10 @@ import os
 import numpy as np
 import pytest
 
-from raybackfill.demo.pipeline import METHOD_POLICIES, TRANSFORMATIONS, DemoConfig, DemoScale, run_offline
+from raybackfill.demo.pipeline import METHOD_POLICIES, TRANSFORMATIONS, DemoConfig, DemoScale, Fit, run_offline
 from raybackfill.eval.report import load_report
 
+ONE_EPOCH = Fit(epochs=1, batch_size=32, lr=1e-3)
 TINY = DemoScale(
     classes=6,
     per_class=10,
@@ -16,12 +17,11 @@ TINY = DemoScale(
     width=4,
     embedding_dim=8,
     side_info_dim=4,
-    old_epochs=1,
-    new_epochs=1,
-    side_info_epochs=1,
-    transformation_epochs=1,
-    reverse_epochs=1,
-    batch_size=32,
+    old=ONE_EPOCH,
+    new=ONE_EPOCH,
+    side_info=ONE_EPOCH,
+    transformation=ONE_EPOCH,
+    reverse=ONE_EPOCH,
     hidden_dim=8,
     mixer_dim=16,
     beta_points=5,
@@ -58,7 +58,7 @@ def test_report_has_every_method_and_policy_with_full_curves(demo):
             assert key in run
     for anchor in ("old_old", "new_new"):
         assert 0 <= report["anchors"][anchor]["top1"] <= 1 and 0 <= report["anchors"][anchor]["map"] <= 1
-    assert report["queries"]["evaluated"] == 6  # 6 classes x 10 images x 0.1 query fraction
+    assert report["queries"]["evaluated"] == 12  # 6 classes x 10 images x 0.2 query fraction
     assert set(report["diagnostics"]) == {"fastfill_uncertainty_spearman", "fastfill_side_info_uncertainty_spearman"}
     assert load_report(os.path.join(config.out, "report.json")) == json.loads(json.dumps(report))
     with open(os.path.join(config.out, "backfill_curves.png"), "rb") as f:
