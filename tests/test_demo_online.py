@@ -3,13 +3,13 @@
 import pytest
 
 from raybackfill.demo.online import OnlineConfig, run_online
-from raybackfill.demo.pipeline import DemoConfig, DemoScale, run_offline
+from raybackfill.demo.pipeline import DemoConfig, DemoScale, Fit, run_offline
 from raybackfill.index.router import connect
 
+ONE = Fit(epochs=1, batch_size=32, lr=1e-3)
 TINY = DemoScale(
-    classes=4, per_class=10, image_size=16, width=4, embedding_dim=8, side_info_dim=4, old_epochs=1, new_epochs=1,
-    side_info_epochs=1, transformation_epochs=1, reverse_epochs=1, batch_size=32, hidden_dim=8, mixer_dim=16,
-    beta_points=3,
+    classes=4, per_class=10, image_size=16, width=4, embedding_dim=8, side_info_dim=4, old=ONE, new=ONE,
+    side_info=ONE, transformation=ONE, reverse=ONE, hidden_dim=8, mixer_dim=16, beta_points=3,
 )  # fmt: skip
 
 
