@@ -87,12 +87,14 @@ def test_bct_influence_loss_rejects_labels_without_old_classifier_row():
         bct_influence_loss(torch.randn(2, 3), torch.tensor([0, 3]), torch.randn(3, 3), None)
 
 
-def test_synthesized_old_classifier_rows_are_class_mean_old_features():
-    old_weight, old_bias = t([[1.0, 2.0], [3.0, 4.0]]), t([0.5, -0.5])
-    old_features = t([[0.0, 0.0], [1.0, 3.0], [3.0, 5.0], [-2.0, 7.0], [9.0, 9.0]])
+def test_synthesized_old_classifier_rows_are_class_means_at_the_trained_rows_norm():
+    old_weight, old_bias = t([[3.0, 4.0], [0.0, 15.0]]), t([0.5, -0.5])  # row norms 5 and 15: mean 10
+    old_features = t([[0.0, 0.0], [1.0, 3.0], [5.0, 3.0], [-2.0, 0.0], [9.0, 9.0]])
     labels = torch.tensor([0, 2, 2, 3, 1])
     weight, bias = synthesize_old_classifier(old_weight, old_bias, old_features, labels, num_classes_new=4)
-    assert weight.tolist() == [[1.0, 2.0], [3.0, 4.0], [2.0, 4.0], [-2.0, 7.0]]
+    # class 2: mean (3, 3) -> 10 * (3, 3) / (3 * sqrt 2); class 3: mean (-2, 0) -> (-10, 0)
+    expected = [[3.0, 4.0], [0.0, 15.0], [10 / 2**0.5, 10 / 2**0.5], [-10.0, 0.0]]
+    assert torch.allclose(weight, t(expected))
     assert bias.tolist() == [0.5, -0.5, 0.0, 0.0]
     assert not weight.requires_grad and not bias.requires_grad
 

@@ -51,8 +51,12 @@ def synthesize_old_classifier(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Extend the old classifier to ``num_classes_new`` classes, BCT's way for classes it never saw.
 
-    Rows 0..K_old-1 are the old rows; row c >= K_old is w_c = mean{phi_old(x_i) : y_i = c} (the mean old
-    feature of class c), with bias 0. Returns detached (weight (C_new, d), bias (C_new,)).
+    Rows 0..K_old-1 are the old rows; row c >= K_old points along m_c = mean{phi_old(x_i) : y_i = c} (the
+    mean old feature of class c) with bias 0, scaled to the mean norm of the trained rows:
+    w_c = m_c * mean_j ||w_j|| / ||m_c||. Why the scale: unnormalised features are often ~10x longer than
+    classifier rows, and rows that long dominate every logit, so the influence loss would push the new
+    features away from the old classes' rows instead of into the old space. Returns detached
+    (weight (C_new, d), bias (C_new,)).
     """
     old_classes, dim = old_weight.shape
     if num_classes_new < old_classes:
@@ -68,8 +72,10 @@ def synthesize_old_classifier(
     missing = [int(c) for c in new_classes if not bool((labels == c).any())]
     if missing:
         raise ValueError(f"no old features for new classes {missing[:10]}: cannot synthesize their rows")
+    row_norm = old_weight.detach().norm(dim=1).mean()
     for c in new_classes.tolist():
-        weight[c] = old_features.detach()[labels == c].mean(0)
+        mean = old_features.detach()[labels == c].mean(0)
+        weight[c] = mean * (row_norm / mean.norm().clamp_min(1e-12))
     return weight, bias
 
 
