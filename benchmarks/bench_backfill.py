@@ -69,10 +69,15 @@ def write_inputs(root: str, args: argparse.Namespace) -> dict[str, str]:
     # One shard per transform batch: the pool then takes whole blocks (batch_size=None), because
     # schema.vectors_of misreads a batch that Ray Data cut from the start of a larger block (see transform_pool).
     io.write_table(embedding_table(ids, old, model="old-v1"), paths["old"], rows_per_shard=args.transform_batch_size)
-    save_model(build_model("small_cnn", **CNN_KWARGS), paths["backbone"], ModelSpec("small_cnn", "new-v2", CNN_KWARGS))
-    fct = build_model("forward_transformation", **FCT_KWARGS)
-    save_model(fct, paths["fct"], ModelSpec("forward_transformation", "fct-v2", FCT_KWARGS, method="fct"))
+    save_models(paths["backbone"], paths["fct"])
     return paths
+
+
+def save_models(backbone_uri: str, fct_uri: str) -> None:
+    """The new backbone (small_cnn) and the forward transformation, random weights (speed only)."""
+    save_model(build_model("small_cnn", **CNN_KWARGS), backbone_uri, ModelSpec("small_cnn", "new-v2", CNN_KWARGS))
+    fct = build_model("forward_transformation", **FCT_KWARGS)
+    save_model(fct, fct_uri, ModelSpec("forward_transformation", "fct-v2", FCT_KWARGS, method="fct"))
 
 
 # --- the bare side: plain torch, no Ray -------------------------------------------------------------------

@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "backfill": ("backfill", "backfill a live index with a new model"),
     "eval": ("eval", "evaluate an upgrade: backfill curves, reports, live index quality"),
     "demo": ("demo", "train every method on built-in data and write report.json + backfill_curves.png"),
+    "bench": ("bench", "run the benchmark suite and write results JSON"),
 }
 
 

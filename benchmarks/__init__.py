@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks of the project's paths against bare baselines (``python -m benchmarks.run``)."""

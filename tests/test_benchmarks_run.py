@@ -1,0 +1,79 @@
+"""benchmarks/run.py (the suite behind ``raybackfill bench``) at tiny sizes on the session Ray: it writes one JSON
+with every key of the issue, each figure finite, and leaves the session's Ray and Ray Data settings as it found
+them (no timing assertions: the machine is shared)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import ray
+
+from benchmarks import run as suite
+from raybackfill import NAMESPACE
+from raybackfill.cli.main import build_parser
+
+KEYS = ("embed_pipeline_vs_bare", "transform_vs_reembed", "merged_query_vs_bare_faiss", "p99_live_vs_idle",
+        "scale_1m", "growth")
+
+
+def assert_positive(value, where: str) -> None:
+    assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, f"{where} = {value!r}"
+
+
+def test_quick_suite_writes_every_key_with_finite_figures(ray_cluster, tmp_path):
+    out = tmp_path / "results.json"
+    limits = ray.data.DataContext.get_current().execution_options.resource_limits
+    returned = suite.main(["--quick", "--cpus", "1", "--repeats", "1", "--images", "120", "--embeddings", "3000",
+                           "--index-n", "4000", "--sizes", "2000,5000", "--probes", "10", "--out", str(out)])
+
+    assert ray.is_initialized(), "the suite must not shut down a Ray it did not start"
+    assert ray.data.DataContext.get_current().execution_options.resource_limits == limits
+    with pytest.raises(ValueError):
+        ray.get_actor(suite.SCALE_INDEX, namespace=NAMESPACE)  # the scale index was destroyed
+    result = json.loads(out.read_text())
+    assert result == json.loads(json.dumps(returned))
+    assert set(KEYS) <= set(result)
+
+    machine = result["machine"]
+    assert machine["torch"] and machine["faiss"] and machine["ray"] and machine["numpy_blas"]["name"]
+    assert_positive(machine["cpus"], "machine.cpus")
+    for key in ("loadavg_start", "loadavg_end"):
+        assert len(machine[key]) == 3 and all(math.isfinite(x) for x in machine[key])
+
+    for key in KEYS[:4]:
+        assert_positive(result[key]["ratio"], f"{key}.ratio")
+        assert len(result[key]["loadavg_start"]) == 3
+    merged = result["merged_query_vs_bare_faiss"]
+    assert merged["ratio"] == merged["ratio_by_strategy"]["rank_merge"]
+
+    scale = result["scale_1m"]
+    assert scale["items"] == 5000 and scale["phases"]["instant"]["items"] == 5000
+    for key in ("wall_seconds", "items_per_s", "peak_pss_bytes", "peak_rss_sum_bytes"):
+        assert_positive(scale[key], f"scale_1m.{key}")
+    assert scale["peak_processes"] > 1  # the driver and the Ray processes it started
+    assert scale["query"]["p50_ms"] <= scale["query"]["p99_ms"]
+
+    growth = result["growth"]
+    assert growth["items"] == [2000, 5000] and len(growth["points"]) == 2
+    for key in ("exponent_backfill_seconds", "exponent_query_p50"):
+        assert math.isfinite(growth[key]), key
+
+
+def test_loglog_exponent_recovers_a_power_law():
+    sizes = [100_000, 300_000, 1_000_000]
+    assert suite.loglog_exponent(sizes, [3.0 * n**0.5 for n in sizes]) == pytest.approx(0.5)
+    assert suite.loglog_exponent(sizes, [7.0, 7.0, 7.0]) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_too_few_growth_sizes_are_refused():
+    parser = build_parser("bench", complete=False)
+    with pytest.raises(ValueError, match="at least two"):
+        suite.resolve_defaults(parser.parse_args(["bench", "--sizes", "1000"]))
+
+
+def test_bench_command_takes_the_suite_arguments():
+    args = build_parser("bench", complete=False).parse_args(["bench", "--quick", "--out", "r.json", "--cpus", "1"])
+    assert (args.quick, args.out, args.cpus) == (True, "r.json", 1)
+    assert args.func is not None
