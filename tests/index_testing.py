@@ -34,14 +34,23 @@ class Gallery:
         self.state[positions] = TRANSFORMED if state == "transformed" else NEW
 
 
-def brute_force(g: Gallery, q_old, q_new, k: int, strategy: str, metric: str = "ip"):
+def unit(x: np.ndarray) -> np.ndarray:
+    """Rows at unit length: what a cosine index stores."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def brute_force(g: Gallery, q_old, q_new, k: int, strategy: str, metric: str = "cosine"):
     """(ids, scores, spaces) top-k, better score first then lower id, -1 padded."""
     moved = g.state != OLD
 
     def score(q, x):
-        if metric == "ip":
-            return q.astype(np.float64) @ x.T.astype(np.float64)
-        return ((q[:, None, :].astype(np.float64) - x[None].astype(np.float64)) ** 2).sum(-1)
+        q, x = q.astype(np.float64), x.astype(np.float64)
+        if metric == "cosine":
+            q, x = (a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-30) for a in (q, x))  # 0 rows: unused
+        if metric in ("cosine", "ip"):
+            return q @ x.T
+        return ((q[:, None, :] - x[None]) ** 2).sum(-1)
 
     if strategy == "old":
         scores, spaces = score(q_old, g.old), np.full(len(g.ids), OLD, np.int8)
@@ -49,7 +58,7 @@ def brute_force(g: Gallery, q_old, q_new, k: int, strategy: str, metric: str = "
         scores, spaces = np.where(moved, score(q_new, g.new), score(q_new, g.old)), np.where(moved, g.state, OLD)
     else:  # rank_merge
         scores, spaces = np.where(moved, score(q_new, g.new), score(q_old, g.old)), np.where(moved, g.state, OLD)
-    key = scores if metric == "ip" else -scores
+    key = -scores if metric == "l2" else scores
     order = np.lexsort((np.broadcast_to(g.ids, scores.shape), -key), axis=-1)[:, :k]
     rows = np.arange(scores.shape[0])[:, None]
     return g.ids[order], scores[rows, order], np.broadcast_to(spaces, scores.shape)[rows, order]

@@ -47,7 +47,8 @@ def test_serve_query_status_and_lifecycle(index_name, tmp_path, capsys):
 
     run("query", "--id", "105", "--strategy", "old", "--k", "60", "--json", "--name", index_name)
     hits = json.loads(capsys.readouterr().out)[0]
-    scores = old @ old[5]
+    unit = old / np.linalg.norm(old, axis=1, keepdims=True)  # the default metric is cosine
+    scores = unit @ unit[5]
     assert [h["id"] for h in hits[:3]] == (ids[np.argsort(-scores)][:3]).tolist()
     assert {h["space"] for h in hits} == {"old"} and len(hits) == 60
 
@@ -57,7 +58,7 @@ def test_serve_query_status_and_lifecycle(index_name, tmp_path, capsys):
     run("query", "--vector", str(tmp_path / "q.npy"), "--strategy", "compatible", "--k", "3", "--name", index_name)
     table = capsys.readouterr().out
     assert table.splitlines()[0].split() == ["rank", "id", "score", "space"]
-    assert table.splitlines()[1].split()[1:] == ["105", f"{2 * float(old[5] @ old[5]):.5f}", "new"]
+    assert table.splitlines()[1].split()[1:] == ["105", f"{1.0:.5f}", "new"]
     with pytest.raises(ValueError, match=r"takes 2 --vector file\(s\), got 1"):
         run("query", "--vector", str(tmp_path / "q.npy"), "--strategy", "rank_merge", "--name", index_name)
     with pytest.raises(ValueError, match="item 150 has no new-space vector yet"):

@@ -133,7 +133,7 @@ def test_bad_inputs_are_refused_clearly():
     with pytest.raises(ValueError, match="NaN score"):
         merge_topk(ids, scores, spaces, 1, "ip")
     with pytest.raises(ValueError, match="metric must be one of"):
-        merge_topk(ids, np.ones((1, 2)), spaces, 1, "cosine")
+        merge_topk(ids, np.ones((1, 2)), spaces, 1, "hamming")
     with pytest.raises(ValueError, match="k must be positive"):
         merge_topk(ids, np.ones((1, 2)), spaces, 0, "ip")
     with pytest.raises(ValueError, match="one shape"):

@@ -14,6 +14,7 @@ from index_testing import (
     assert_matches,
     brute_force,
     kill_and_wait_for_restart,
+    unit,
 )
 
 from raybackfill.data.io import join
@@ -56,9 +57,10 @@ def backfill_some(shard, g: Gallery, seed: int = 1) -> None:
 
 
 CONFIGS = {
-    "flat-ip": IndexConfig(),
+    "flat-cosine": IndexConfig(),
+    "flat-ip": IndexConfig(metric="ip"),
     "flat-l2": IndexConfig(metric="l2"),
-    "ivf-ip-exhaustive": IndexConfig(kind="ivf", nlist=4, nprobe=4),  # nprobe = nlist: exact
+    "ivf-cosine-exhaustive": IndexConfig(kind="ivf", nlist=4, nprobe=4),  # nprobe = nlist: exact
 }
 
 
@@ -108,8 +110,8 @@ def test_upserts_are_idempotent_and_new_replaces_transformed(make_shard):
     assert get(shard.upsert.remote(g.ids[:5], vectors[:5], "new", "v2")) == {"old": 40, "transformed": 15, "new": 5}
     stored = get(shard.vectors.remote(g.ids[[0, 10, 30]]))
     np.testing.assert_array_equal(stored.states, [2, 1, 0])
-    np.testing.assert_allclose(stored.old, g.old[[0, 10, 30]])
-    np.testing.assert_allclose(stored.new[:2], vectors[[0, 10]].astype(np.float32))
+    np.testing.assert_allclose(stored.old, unit(g.old[[0, 10, 30]]), rtol=1e-5)  # cosine: stored at unit length
+    np.testing.assert_allclose(stored.new[:2], unit(vectors[[0, 10]]), rtol=1e-5)
     assert not stored.new[2].any()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raybackfill.index.validate import as_batch, as_ids, as_queries, as_vectors, check_k
+from raybackfill.index.validate import as_batch, as_ids, as_queries, as_vectors, check_k, unit_rows
 
 
 def test_ids_must_be_unique_non_negative_integers():
@@ -47,3 +47,10 @@ def test_queries_and_k_have_bounds():
     for bad in (0, -1, 6, 2.0, True):
         with pytest.raises(ValueError, match="k must be"):
             check_k(bad, 5)
+
+
+def test_unit_rows_scale_to_length_one_and_refuse_zero_vectors_by_id():
+    out = unit_rows(np.array([[3.0, 4.0], [0.0, -2.0]], dtype=np.float32))
+    np.testing.assert_allclose(out, [[0.6, 0.8], [0.0, -1.0]])
+    with pytest.raises(ValueError, match="zero vector.*ids 11"):
+        unit_rows(np.array([[1.0, 0.0], [0.0, 0.0]]), "vectors", ids=np.array([10, 11]))

@@ -34,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--old-embeddings", required=True, metavar="URI", help="old embedding table (path or s3://)")
     serve.add_argument("--shards", type=int, default=2, help="number of shard actors (default 2)")
     serve.add_argument("--version", help="old model version tag (default: the table's 'model' column)")
-    serve.add_argument("--metric", choices=METRICS, default="ip", help="ip (cosine on normalised vectors) or l2")
+    serve.add_argument("--metric", choices=METRICS, default="cosine",
+                       help="cosine (default; the index normalises vectors and queries), ip (raw inner product) or l2")
     serve.add_argument("--kind", choices=("flat", "ivf"), default="flat", help="flat (exact, default) or ivf")
     serve.add_argument("--nlist", type=int, default=IndexConfig.nlist, help="IVF lists per space and shard")
     serve.add_argument("--nprobe", type=int, default=IndexConfig.nprobe, help="IVF lists searched per query")
@@ -179,8 +180,6 @@ def _image_queries(router, image: str, models: list[str] | None, strategy: str):
                              f"({spaces['old_space']}) nor the new space's ({spaces['new_space']})")
         with torch.inference_mode():
             vector = model.module.embed(pixels).float().numpy()
-        if model.spec.metric == "cosine":
-            vector = vector / np.maximum(np.linalg.norm(vector, axis=1, keepdims=True), 1e-12)
         slots[slot] = vector
     needs = {"old": ("old",), "compatible": ("new",), "rank_merge": ("old", "new")}[strategy]
     missing = [s for s in needs if slots[s] is None]

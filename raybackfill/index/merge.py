@@ -6,9 +6,9 @@ by id, keeping the id's best score. The order is deterministic, so two runs (or 
 the same list: better score first, then lower id; on an exact duplicate (same id, same score) the hit
 from the newer space wins (new > transformed > old), because it carries the fresher embedding.
 
-Conventions: ``ip`` scores are inner products (higher is better), ``l2`` scores are squared L2
-distances (lower is better), as FAISS returns them. Empty slots carry id ``-1`` and the worst score
-(``-inf`` for ip, ``+inf`` for l2), whatever score the input had there.
+Conventions: ``cosine`` and ``ip`` scores are inner products (higher is better), ``l2`` scores are squared
+L2 distances (lower is better), as FAISS returns them. Empty slots carry id ``-1`` and the worst score
+(``-inf`` for cosine/ip, ``+inf`` for l2), whatever score the input had there.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import numpy as np
 # The space a vector lives in, which is also the state of a gallery item: an int8 code per hit/item.
 OLD, TRANSFORMED, NEW = 0, 1, 2
 SPACES = ("old", "transformed", "new")
-METRICS = ("ip", "l2")
+# cosine = inner product of L2-normalised vectors (the shard normalises what it stores and what it is asked).
+METRICS = ("cosine", "ip", "l2")
 EMPTY_ID = -1
 
 
@@ -44,8 +45,13 @@ def check_metric(metric: str) -> str:
     return metric
 
 
+def higher_is_better(metric: str) -> bool:
+    """Similarity metrics (cosine, ip) rank high scores first; l2 distances rank low ones first."""
+    return check_metric(metric) != "l2"
+
+
 def worst_score(metric: str) -> float:
-    return -np.inf if check_metric(metric) == "ip" else np.inf
+    return -np.inf if higher_is_better(metric) else np.inf
 
 
 def empty_topk(nq: int, k: int, metric: str) -> TopK:
@@ -70,7 +76,7 @@ def merge_topk(ids: np.ndarray, scores: np.ndarray, spaces: np.ndarray, k: int, 
     if np.isnan(scores[valid]).any():
         raise ValueError("merge_topk: NaN score in a non-empty result slot")
     # "key" is higher-is-better in both conventions; empty slots sort last via the `invalid` key.
-    key = scores if check_metric(metric) == "ip" else -scores
+    key = scores if higher_is_better(metric) else -scores
     invalid = (~valid).astype(np.int8)
     rows = np.arange(ids.shape[0])[:, None]
 

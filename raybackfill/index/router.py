@@ -16,6 +16,11 @@ The router is an async actor: a search awaits its shards, so other calls proceed
 light calls (``progress``, ``health``) run in their own concurrency group (their own event loop), so
 they answer even while the default loop merges a large result. Shards and the router are detached and
 named, so any process attaches with :func:`connect`, and a restarted router finds its shards by name.
+
+Faults. A call that cannot reach every shard (one is dead or restarting) raises
+:class:`IndexUnavailableError` instead of returning what the other shards said: an answer is complete
+or it is an error, never silently partial. A restarted shard serves its last snapshot; the backfill
+replays its ledger to bring it level again (raybackfill.backfill.ledger).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import ray
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 
 from raybackfill import NAMESPACE
 from raybackfill.data.io import exists, join, read_bytes, write_bytes
@@ -81,24 +86,41 @@ class RouterConfig:
         return join(self.snapshot_uri, f"shard-{shard:03d}") if self.snapshot_uri else None
 
 
+class IndexUnavailableError(RuntimeError):
+    """An index actor (a shard or the router) is dead or restarting, so the call did not reach all of the
+    index: nothing partial was returned or applied for good. Retry once the actor is back."""
+
+
+def _unavailable(err: RayActorError, what: str) -> IndexUnavailableError:
+    return IndexUnavailableError(f"{what} unavailable (dead or restarting: {type(err).__name__}); "
+                                 f"no partial answer was returned, retry")
+
+
 def _cause(err: RayTaskError) -> Exception:
-    """A remote ValueError is the user's mistake: re-raise it with its own message, not a traceback."""
-    return err.cause if isinstance(err.cause, ValueError) else err
+    """A remote ValueError is the user's mistake: re-raise it with its own message, not a traceback;
+    an unavailable shard keeps its type, so callers can tell it from a failure and retry."""
+    return err.cause if isinstance(err.cause, (ValueError, IndexUnavailableError)) else err
 
 
 def get(refs, timeout: float | None = None):
-    """``ray.get`` for index calls: a ValueError raised by the router or a shard comes back as itself."""
+    """``ray.get`` for index calls: a ValueError or IndexUnavailableError raised by the router or a shard
+    comes back as itself; a dead or restarting router is an IndexUnavailableError too."""
     try:
         return ray.get(refs, timeout=timeout)
     except RayTaskError as err:
         raise _cause(err) from None
+    except RayActorError as err:
+        raise _unavailable(err, "index router") from None
 
 
 async def _gather(refs: list) -> list:
+    """Every shard's answer, or an error: a shard that died or is restarting fails the whole call."""
     try:
         return list(await asyncio.gather(*refs))
     except RayTaskError as err:
         raise _cause(err) from None
+    except RayActorError as err:
+        raise _unavailable(err, "an index shard") from None
 
 
 @ray.remote(concurrency_groups={"light": 2})

@@ -54,7 +54,7 @@ from raybackfill.index.merge import (
     merge_results,
 )
 from raybackfill.index.snapshot import read_snapshot, write_snapshot
-from raybackfill.index.validate import as_batch, as_ids, as_queries, check_k, show_ids
+from raybackfill.index.validate import as_batch, as_ids, as_queries, check_k, show_ids, unit_rows
 
 STRATEGIES = ("old", "compatible", "rank_merge")
 UPSERT_STATES = {"transformed": TRANSFORMED, "new": NEW}
@@ -69,7 +69,7 @@ class IndexConfig:
     trained on the first batch that enters a space (which must hold at least ``nlist`` vectors)."""
 
     kind: str = "flat"
-    metric: str = "ip"
+    metric: str = "cosine"  # the models' default; vectors and queries are L2-normalised by the shard
     nlist: int = 1024
     nprobe: int = 16
     max_k: int = 10_000
@@ -177,7 +177,7 @@ class IndexShard:
         return None
 
     def _empty_index(self, dim: int) -> faiss.Index:
-        metric = faiss.METRIC_INNER_PRODUCT if self._config.metric == "ip" else faiss.METRIC_L2
+        metric = faiss.METRIC_L2 if self._config.metric == "l2" else faiss.METRIC_INNER_PRODUCT
         if self._config.kind == "flat":
             return faiss.IndexIDMap2(faiss.IndexFlat(dim, metric))
         index = faiss.IndexIVFFlat(faiss.IndexFlat(dim, metric), dim, self._config.nlist, metric)
@@ -246,7 +246,7 @@ class IndexShard:
             if self._old_space and self._old_space.version != version:
                 raise ValueError(f"old space holds model version {self._old_space.version!r}; refusing "
                                  f"vectors of version {version!r} (spaces never mix)")
-            ids, vectors = as_batch(ids, vectors, self._old_space.dim if self._old_space else None)
+            ids, vectors = self._batch(ids, vectors, self._old_space)
             known = self._find(ids)[1]
             if known.any():
                 raise ValueError(f"ids already loaded in this shard: {show_ids(ids[known])}")
@@ -300,11 +300,20 @@ class IndexShard:
         if self._new_space and self._new_space.version != version:
             raise ValueError(f"new space holds model version {self._new_space.version!r}; refusing vectors "
                              f"of version {version!r} (spaces never mix; rollback first to change models)")
-        ids, vectors = as_batch(ids, vectors, self._new_space.dim if self._new_space else None)
+        ids, vectors = self._batch(ids, vectors, self._new_space)
         slots = self._lookup(ids)
         if self._new is None:
             self._check_trainable(len(ids), "new")
         return ids, vectors, slots, UPSERT_STATES[state]
+
+    def _batch(self, ids, vectors, space: Space | None) -> tuple[np.ndarray, np.ndarray]:
+        """A validated batch, normalised when the metric is cosine (so the index stores unit vectors)."""
+        ids, vectors = as_batch(ids, vectors, space.dim if space else None)
+        return ids, (unit_rows(vectors, "vectors", ids) if self._config.metric == "cosine" else vectors)
+
+    def _queries(self, queries, dim: int | None, name: str) -> np.ndarray:
+        q = as_queries(queries, dim, self._config.max_queries, name)
+        return unit_rows(q, name) if self._config.metric == "cosine" else q
 
     def promote(self) -> dict[str, int]:
         """Make the new space the only one (every item must be in it); the old vectors are dropped."""
@@ -357,17 +366,15 @@ class IndexShard:
 
         A query batch is required for every non-empty part it searches; `rank_merge` also validates a batch
         given for a part that is still empty (e.g. new queries before the first upsert)."""
-        limit = self._config.max_queries
         old_dim = self._old_space.dim if self._old_space else None
         new_dim = self._new_space.dim if self._new_space else None
         if strategy == "old":
             if self._promoted:
                 raise ValueError("strategy 'old' is gone: the index was promoted and the old space dropped")
-            q = as_queries(self._required(queries_old, "queries_old", strategy), old_dim, limit, "queries_old")
+            q = self._queries(self._required(queries_old, "queries_old", strategy), old_dim, "queries_old")
             return [("pending", q, OLD), ("backfilled", q, OLD)]
         if strategy == "compatible":
-            q = as_queries(self._required(queries_new, "queries_new", strategy), new_dim or old_dim, limit,
-                           "queries_new")
+            q = self._queries(self._required(queries_new, "queries_new", strategy), new_dim or old_dim, "queries_new")
             if self._size("pending") and new_dim is not None and new_dim != old_dim:
                 raise ValueError(
                     f"strategy 'compatible' compares new queries with old vectors, but the new space has dim "
@@ -377,10 +384,10 @@ class IndexShard:
             return [("new", q, None), ("pending", q, OLD)]
         parts = []
         if self._size("pending") or (queries_old is not None and not self._promoted):
-            q = as_queries(self._required(queries_old, "queries_old", strategy), old_dim, limit, "queries_old")
+            q = self._queries(self._required(queries_old, "queries_old", strategy), old_dim, "queries_old")
             parts.append(("pending", q, OLD))
         if self._size("new") or queries_new is not None:
-            q = as_queries(self._required(queries_new, "queries_new", strategy), new_dim, limit, "queries_new")
+            q = self._queries(self._required(queries_new, "queries_new", strategy), new_dim, "queries_new")
             parts.append(("new", q, None))
         if not parts:
             raise ValueError("strategy 'rank_merge' needs queries_old and/or queries_new")

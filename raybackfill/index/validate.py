@@ -51,6 +51,16 @@ def as_vectors(vectors, dim: int | None, what: str = "vectors", ids: np.ndarray 
     return arr
 
 
+def unit_rows(vectors: np.ndarray, what: str = "vectors", ids: np.ndarray | None = None) -> np.ndarray:
+    """Rows scaled to unit L2 norm, for the cosine metric; a zero row has no direction and is refused."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    zero = norms[:, 0] == 0
+    if zero.any():
+        where = f"ids {show_ids(ids[zero])}" if ids is not None else f"rows {show_ids(np.flatnonzero(zero))}"
+        raise ValueError(f"{what}: zero vector(s) at {where} have no cosine similarity")
+    return vectors / norms
+
+
 def as_batch(ids, vectors, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Validate an (ids, vectors) batch as a whole: lengths agree, ids unique, vectors finite."""
     ids = as_ids(ids)
