@@ -3,7 +3,7 @@ import pytest
 
 from raybackfill.data import io
 from raybackfill.data.images import encode_png
-from raybackfill.data.loading import decode_images, read_images, read_quarantine
+from raybackfill.data.loading import decode_images, read_images, read_quarantine, read_shards
 from raybackfill.data.schema import SchemaError, image_table
 
 
@@ -24,6 +24,21 @@ def test_ray_data_reads_local_table_with_projection(ray_cluster, tmp_path):
     rows = ds.take_all()
     assert sorted(r["id"] for r in rows) == list(range(12))
     assert set(rows[0]) == {"id", "label"}
+
+
+def test_read_shards_cuts_one_large_shard_into_blocks_of_at_most_rows_per_block(ray_cluster, tmp_path):
+    uri = str(tmp_path / "g")
+    io.write_table(_gallery(n=40), uri, rows_per_shard=30)  # shards of 30 and 10 rows
+    ds = read_shards(io.list_shards(uri), columns=["id"], rows_per_block=8)
+    sizes = [len(block["id"]) for block in ds.iter_batches(batch_size=None, batch_format="numpy")]
+    assert sum(sizes) == 40 and max(sizes) <= 8 and len(sizes) >= 5
+    assert sorted(ds.to_pandas()["id"]) == list(range(40))
+    assert ds.schema().names == ["id"]
+
+
+def test_read_shards_of_a_missing_file_fails_before_any_read(ray_cluster, tmp_path):
+    with pytest.raises(io.StorageError, match="footer"):
+        read_shards([str(tmp_path / "missing.parquet")])
 
 
 def test_ray_data_reads_table_from_s3(ray_cluster, s3_bucket):

@@ -4,12 +4,15 @@
 2. Instant phase (methods with a forward transformation): transform every stored old embedding into the
    new space (no images read) and upsert it as "transformed": the whole gallery is queryable in the new
    space within minutes.
-3. Backfill phase: per tier, highest priority first, ``read_parquet`` -> keep the rows still to do ->
+3. Backfill phase: per tier, highest priority first, read the tier's files -> keep the rows still to do ->
    decode (bad images flagged, not dropped, so the sink can account for them) -> an actor pool running the
    new backbone -> the sink (raybackfill.backfill.sink) writes and upserts each batch as "new".
 
+Inputs that are invalid as a whole (raybackfill.backfill.inputs) stop the job before it writes anything.
+
 Resume: the ledger (raybackfill.backfill.ledger) is read first; done ids are filtered out of every
-stream, and batches written but not upserted before a kill are replayed. A budget (``budget`` items or
+stream, and batches written but not upserted before a kill are replayed (again at the end, for a shard
+that restarted from an older snapshot during the run). A budget (``budget`` items or
 ``until`` a fraction of the gallery) stops a partial backfill; the next run continues from the ledger.
 """
 
@@ -25,13 +28,14 @@ import pyarrow.dataset as pads
 import ray
 from tqdm import tqdm
 
+from raybackfill.backfill.inputs import check_inputs
 from raybackfill.backfill.ledger import BACKFILL_STAGES, INSTANT_STAGES, Ledger
 from raybackfill.backfill.plan import RANK, Plan, PlanConfig, Tier, ensure_plan, read_plan
 from raybackfill.backfill.sink import BAD_REASON, BatchSink, PhaseStats
 from raybackfill.compat.recipes import get_recipe
 from raybackfill.data import io
 from raybackfill.data.images import decode_batch
-from raybackfill.data.loading import probe_image_size
+from raybackfill.data.loading import probe_image_size, read_shards
 from raybackfill.data.schema import EMBEDDING, ID, IMAGE, SIDE_INFO
 from raybackfill.embed.actors import EmbedImages, TransformEmbeddings
 from raybackfill.embed.pipeline import PoolConfig
@@ -181,12 +185,9 @@ def _instant_phase(config: BackfillConfig, ledger: Ledger, router, version: str)
     if not len(keep):
         return stats
     columns = [ID, EMBEDDING] + ([SIDE_INFO] if read_spec(config.transformation).dims.get("side") else [])
-    fs, _ = io.resolve(config.old_embeddings)
-    paths = [io.resolve(s)[1] for s in io.list_shards(config.old_embeddings)]
     pool = config.pool
     ds = (
-        ray.data.read_parquet(paths, filesystem=fs)
-        .select_columns(columns)
+        read_shards(io.list_shards(config.old_embeddings), columns=columns, rows_per_block=config.transform_batch_size)
         .map_batches(_keep_rows, fn_kwargs={"keep": keep}, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
         .map_batches(
             TransformEmbeddings,
@@ -246,10 +247,8 @@ def _backfill_phase(config: BackfillConfig, plan: Plan, ledger: Ledger, router, 
         for tier, ids in zip(plan.tiers, todo, strict=True):
             if not len(ids):
                 continue
-            fs, _ = io.resolve(tier.files[0])
             ds = (
-                ray.data.read_parquet([io.resolve(f)[1] for f in tier.files], filesystem=fs)
-                .select_columns([ID, IMAGE])
+                read_shards(tier.files, columns=[ID, IMAGE], rows_per_block=pool.batch_size)  # one task per batch
                 .map_batches(_decode_kept, fn_kwargs={"keep": np.sort(ids), "size": size}, batch_format="numpy",
                              batch_size=pool.batch_size, num_cpus=0.5)
                 .map_batches(

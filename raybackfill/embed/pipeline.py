@@ -14,7 +14,7 @@ import ray
 from tqdm import tqdm
 
 from raybackfill.data import io
-from raybackfill.data.loading import decode_images, probe_image_size, read_images, write_quarantine
+from raybackfill.data.loading import decode_images, probe_image_size, read_images, read_shards, write_quarantine
 from raybackfill.data.schema import (
     EMBEDDING,
     ID,
@@ -68,7 +68,7 @@ def embed_images(
         raise ValueError(f"models must include the '{EMBEDDING}' column, got {sorted(models)}")
     version = read_spec(models[EMBEDDING]).version
     quarantine_uri = quarantine_uri or io.join(out_uri, "_quarantine")
-    ds = read_images(images_uri)
+    ds = read_images(images_uri, rows_per_block=pool.batch_size)  # one actor task per batch
     columns = [c for c in (ID, "image", *keep_columns) if c in ds.schema().names]
     ds = decode_images(ds.select_columns(columns), size=probe_image_size(images_uri), quarantine_uri=quarantine_uri)
     ds = ds.map_batches(
@@ -89,9 +89,7 @@ def transform_embeddings(
     """Apply a forward transformation to a stored old-embedding table (no images read)."""
     pool = pool or PoolConfig(batch_size=8192)
     spec = read_spec(model_uri)
-    fs, _ = io.resolve(old_uri)
-    paths = [io.resolve(s)[1] for s in io.list_shards(old_uri)]
-    ds = ray.data.read_parquet(paths, filesystem=fs).map_batches(
+    ds = read_shards(io.list_shards(old_uri), rows_per_block=pool.batch_size).map_batches(
         TransformEmbeddings,
         fn_constructor_kwargs={"model_uri": model_uri, "num_threads": max(int(pool.cpus_per_actor), 1)},
         compute=ray.data.ActorPoolStrategy(size=pool.actors),
