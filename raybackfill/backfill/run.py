@@ -97,7 +97,8 @@ class BackfillSummary:
     new: int  # items re-embedded so far (all runs)
     backfill_quarantined: int  # planned items the backfill quarantined so far (bad image, NaN output)
     quarantined: int  # ids quarantined so far, every stage (plan, transform, decode, embed)
-    replayed: int  # rows re-sent to the index on start (written but not upserted before a kill)
+    replayed: int  # rows re-sent to the index: on start (written but not upserted before a kill), after a
+    # shard restart, and at the end (a shard that restarted between two upserts lost what its snapshot lacks)
     phases: list[PhaseStats]
 
     @property
@@ -107,6 +108,8 @@ class BackfillSummary:
 
 def run_backfill(config: BackfillConfig) -> BackfillSummary:
     """Run (or continue) a backfill; Ray must be initialised. Returns what this run did and the totals."""
+    models = [uri for uri in (config.upgrade, config.old_model) if uri]
+    check_inputs(config.gallery, config.old_embeddings, models, config.transformation)  # before any write
     ledger = Ledger(config.out)
     router = connect(config.index) if config.index else None
     version = read_spec(config.upgrade).version
@@ -124,6 +127,8 @@ def run_backfill(config: BackfillConfig) -> BackfillSummary:
             phases.append(_instant_phase(config, ledger, router, version))
         _set_phase(router, "backfill")
         phases.append(_backfill_phase(config, plan, ledger, router, version))
+        if router is not None:  # cheap when the index matches the ledger (counts are compared first)
+            replayed += sum(p.replayed for p in phases) + ledger.replay(router, version)
     except Exception as err:
         if router is not None:
             get(router.report_error.remote(f"backfill: {err}"))
@@ -275,5 +280,5 @@ def summary_table(summary: BackfillSummary) -> str:
         lines.append(f"{p.name:<10} {p.items:>10} {p.quarantined:>12} {p.seconds:>9.1f} {p.rate:>9.1f}")
     state = "complete" if summary.complete else "partial (re-run the same command to continue)"
     lines.append(f"re-embedded {summary.new} of {summary.total} items; {summary.quarantined} quarantined in all; "
-                 f"{summary.replayed} rows replayed into the index on start; backfill {state}")
+                 f"{summary.replayed} rows replayed into the index; backfill {state}")
     return "\n".join(lines)

@@ -4,6 +4,10 @@ The order inside a batch is what makes a kill at any point safe: bad rows are qu
 good rows are committed to the ledger, and only then upserted into the index (so the index never holds
 a vector the ledger lacks). The bad-row limit is checked after the batch is complete, so a job that
 fails on it leaves only whole batches behind.
+
+A shard that dies mid-upsert restarts from its snapshot, which may predate many batches: the sink then
+waits for the index and replays the ledger into it (:meth:`Ledger.replay`, idempotent), which re-sends
+this batch and everything the shard lost, instead of failing the job.
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ from tqdm import tqdm
 from raybackfill.backfill.ledger import Ledger
 from raybackfill.data.loading import write_quarantine
 from raybackfill.data.schema import EMBEDDING, ID, UNCERTAINTY, embedding_table
-from raybackfill.index.router import get
+from raybackfill.index.router import IndexUnavailableError, get
 
 # Column set by the decode step: "" for a good row, the reason for a row that could not be decoded.
 BAD_REASON = "bad_reason"
 FINITE = "finite"  # set by the embedding actors (raybackfill.embed.actors)
+# How long a batch waits for a restarting shard before the job gives up (the ledger keeps the batch).
+RECOVERY_TIMEOUT_S = 120.0
 
 
 class TooManyBadRows(ValueError):
@@ -36,6 +42,7 @@ class PhaseStats:
     items: int = 0
     quarantined: int = 0
     seconds: float = 0.0
+    replayed: int = 0  # ledger rows re-sent to the index after a shard restart during the phase
 
     @property
     def rate(self) -> float:
@@ -76,12 +83,28 @@ class BatchSink:
             table = embedding_table(ids[good], vectors, uncertainty=uncertainty, model=self.version)
             self.ledger.write(directory, table)
             if self.router is not None:
-                counts = get(self.router.upsert.remote(ids[good], vectors, self.state, self.version))
-                self.bar.set_postfix(counts, refresh=False)
+                self.bar.set_postfix(self._upsert(ids[good], vectors), refresh=False)
             self.stats.items += int(good.sum())
         self.stats.seconds = time.monotonic() - self.started
         self.bar.update(len(ids))
         self._check_bad_fraction()
+
+    def _upsert(self, ids: np.ndarray, vectors: np.ndarray) -> dict[str, int]:
+        """Upsert one written batch; if a shard is down, wait for it and replay the ledger instead."""
+        try:
+            return get(self.router.upsert.remote(ids, vectors, self.state, self.version))
+        except IndexUnavailableError:
+            pass
+        deadline, delay = time.monotonic() + RECOVERY_TIMEOUT_S, 0.2
+        while True:
+            time.sleep(delay)
+            try:
+                self.stats.replayed += self.ledger.replay(self.router, self.version)
+                return get(self.router.progress.remote()).counts
+            except IndexUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                delay = min(2 * delay, 5.0)
 
     def _quarantine(self, ids: np.ndarray, reasons: list[str], stage: str) -> None:
         write_quarantine(self.ledger.quarantine_uri, ids, reasons, stage=stage)

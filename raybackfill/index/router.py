@@ -49,7 +49,7 @@ from raybackfill.index.progress import (
 )
 from raybackfill.index.routing import split_by_shard
 from raybackfill.index.shard import IndexConfig, IndexShard, ItemVectors, check_strategy
-from raybackfill.index.validate import as_batch, as_ids, check_k
+from raybackfill.index.validate import as_batch, as_ids, as_queries, check_k
 from raybackfill.runtime import init_ray
 
 DEFAULT_NAME = "raybackfill-router"
@@ -159,11 +159,16 @@ class IndexRouter:
         return {
             "name": self._config.name,
             "config": dataclasses.asdict(self._config),
-            "shard_names": [self._config.shard_name(i) for i in range(self._config.shards)],
+            "shard_names": await self.shard_names(),
             "shard_counts": [d["counts"] for d in shards],
             "promoted": any(d["promoted"] for d in shards),
             **spaces,
         }
+
+    @ray.method(concurrency_group="light")
+    async def shard_names(self) -> list[str]:
+        """The shards' actor names, without asking the shards (so it answers while one is dead)."""
+        return [self._config.shard_name(i) for i in range(self._config.shards)]
 
     @ray.method(concurrency_group="light")
     async def progress(self) -> Progress:
@@ -216,8 +221,10 @@ class IndexRouter:
         """Top-k per query over every shard, merged and de-duplicated (see raybackfill.index.merge)."""
         check_strategy(strategy)
         k = check_k(k, self._config.index.max_k)
-        q_old = None if queries_old is None else ray.put(np.asarray(queries_old))
-        q_new = None if queries_new is None else ray.put(np.asarray(queries_new))
+        # Bounded here, before the batch is copied to the object store and fanned out to every shard.
+        limit = self._config.index.max_queries
+        q_old = None if queries_old is None else ray.put(as_queries(queries_old, None, limit, "queries_old"))
+        q_new = None if queries_new is None else ray.put(as_queries(queries_new, None, limit, "queries_new"))
         results = await _gather([s.search.remote(q_old, q_new, k, strategy) for s in self._shards])
         return merge_results(results, k, self._config.index.metric)
 
@@ -362,7 +369,7 @@ def create_index(config: RouterConfig | None = None):
 def destroy_index(name: str = DEFAULT_NAME) -> list[str]:
     """Kill the router and its shards for good (no restart); returns the names of the killed actors."""
     router = connect(name)
-    shard_names = get(router.health.remote())["shard_names"]
+    shard_names = get(router.shard_names.remote())
     for shard in shard_names:
         try:
             ray.kill(ray.get_actor(shard, namespace=NAMESPACE), no_restart=True)

@@ -1,0 +1,90 @@
+"""Whole-input checks a backfill makes before it writes anything.
+
+Why up front: an input that is invalid as a whole (a gallery shard without its image column, an empty or
+unreadable file, old embeddings of two dims, an id twice, a broken or truncated model artefact) would otherwise
+surface minutes later inside a Ray Data worker, as a traceback that may not name the file, after the plan
+was partly built. These checks read only Parquet footers, id columns and model files. Per-row problems (a corrupt
+image, a NaN vector) are not checked here: the job quarantines those rows and finishes the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from raybackfill.data import io
+from raybackfill.data.schema import (
+    EMBEDDING,
+    ID,
+    SchemaError,
+    check_unique_ids,
+    embedding_dim,
+    validate_image_schema,
+)
+from raybackfill.models.artifacts import load_model
+
+
+def _footer(shard: str) -> pa.Schema:
+    fs, path = io.resolve(shard)
+    try:
+        return pq.read_schema(path, filesystem=fs)
+    except (OSError, pa.ArrowInvalid) as err:  # an empty or truncated file is ArrowInvalid
+        raise io.StorageError(f"{shard}: cannot read parquet footer ({err})") from err
+
+
+def _shards(uri: str) -> list[str]:
+    shards = io.list_shards(uri)
+    if not shards:
+        raise io.StorageError(f"{uri}: table has no parquet shards")
+    return shards
+
+
+def check_gallery(uri: str) -> None:
+    """Every shard of the gallery has the image table's columns and types."""
+    for shard in _shards(uri):
+        validate_image_schema(_footer(shard), shard)
+
+
+def old_embedding_dim(uri: str) -> int:
+    """The dim of a stored embedding table, checked on every shard's footer (one dim for the whole table)."""
+    shards = _shards(uri)
+    dims = {}
+    for shard in shards:
+        schema = _footer(shard)
+        if ID not in schema.names or not pa.types.is_integer(schema.field(ID).type):
+            raise SchemaError(f"{shard}: needs an integer column 'id' (columns: {', '.join(schema.names)})")
+        dims[shard] = embedding_dim(schema, EMBEDDING, shard)
+    first = dims[shards[0]]
+    for shard, dim in dims.items():
+        if dim != first:
+            raise SchemaError(f"{shard}: column 'embedding' has dim {dim}, but {shards[0]} has dim {first}")
+    return first
+
+
+def _ids(uri: str) -> np.ndarray:
+    """The id column of every shard of a table (nothing else is read)."""
+    fs, _ = io.resolve(uri)
+    paths = [io.resolve(shard)[1] for shard in io.list_shards(uri)]
+    try:
+        return pads.dataset(paths, filesystem=fs, format="parquet").to_table(columns=[ID]).column(ID).to_numpy()
+    except (OSError, pa.ArrowInvalid) as err:
+        raise io.StorageError(f"{uri}: cannot read the id column ({err})") from err
+
+
+def check_inputs(gallery: str, old_embeddings: str, models: Sequence[str], transformation: str | None = None) -> None:
+    """Raise (naming the file) if the gallery, the old embeddings or a model cannot be used at all."""
+    check_gallery(gallery)
+    dim = old_embedding_dim(old_embeddings)
+    for table in (gallery, old_embeddings):
+        check_unique_ids(_ids(table), table)
+    for uri in models:
+        load_model(uri)  # model.json and weights: a truncated file fails here, not in a worker
+    if transformation:
+        wants = load_model(transformation).spec.dims.get("old")
+        if wants is not None and wants != dim:
+            raise SchemaError(f"{old_embeddings}: old embeddings have dim {dim}, but the transformation "
+                              f"{transformation} maps dim {wants}")
