@@ -1,10 +1,11 @@
 """The curve figure: a real PNG, two panels, one line per run plus the two anchor lines."""
 
 import numpy as np
+import pytest
 
 from raybackfill.eval.curves import BackfillCurve
 from raybackfill.eval.metrics import RetrievalResult
-from raybackfill.eval.plots import curve_figure, plot_curves
+from raybackfill.eval.plots import curve_figure, online_figure, plot_curves, plot_online
 from raybackfill.eval.report import Run, build_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -41,3 +42,23 @@ def test_plot_writes_a_png_and_returns_its_path(tmp_path):
     data = (tmp_path / "plots" / "curves.png").read_bytes()
     assert path == str(tmp_path / "plots" / "curves.png")
     assert data[:8] == PNG_SIGNATURE and len(data) > 10_000
+
+
+def test_online_figure_plots_live_quality_and_the_new_space_share_over_time(tmp_path):
+    readings = [{"t": t, "phase": "backfill", "fraction_new": t / 4, "top1": 0.4 + t / 20, "map_at_k": 0.2}
+                for t in range(5)]
+    online = {"method": "fastfill", "policy": "uncertainty", "k": 10, "queries": 50, "query_errors": 0,
+              "live_readings": readings}
+    fig = online_figure(online)
+    live, share = fig.axes
+    np.testing.assert_allclose(live.lines[0].get_ydata(), [0.4, 0.45, 0.5, 0.55, 0.6])
+    np.testing.assert_allclose(share.lines[0].get_ydata(), [0, 0.25, 0.5, 0.75, 1])
+    assert "0 errors" in live.get_title()
+    path = plot_online(online, str(tmp_path / "online.png"))
+    with open(path, "rb") as png:
+        assert png.read(8) == PNG_SIGNATURE
+
+
+def test_online_figure_without_readings_is_refused():
+    with pytest.raises(ValueError, match="no live_readings"):
+        online_figure({"queries": 0})

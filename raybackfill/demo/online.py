@@ -26,8 +26,12 @@ LOAD_CHUNK = 10_000
 
 @dataclass(frozen=True)
 class OnlineConfig:
-    method: str = "fastfill"  # serves with `compatible` after the instant phase
+    method: str = "fastfill"
     policy: str = "uncertainty"
+    # How the client queries: with both query embeddings, rank_merge serves old/old while every item is
+    # still old, the transformed/new vectors once moved, and a merge of the two parts in between (a
+    # `compatible` query would score new-model queries against old vectors before the instant phase).
+    strategy: str = "rank_merge"
     shards: int = 2
     k: int = 10
     max_probes: int = 200
@@ -83,7 +87,7 @@ def run_online(artifacts: DemoArtifacts, config: OnlineConfig | None = None, log
         finally:
             seconds = time.perf_counter() - start
             client.stop()
-        after = live_quality(router, probes, lookup, strategy="compatible", k=config.k, max_probes=config.max_probes)
+        after = live_quality(router, probes, lookup, strategy=config.strategy, k=config.k, max_probes=config.max_probes)
     finally:
         destroy_index(INDEX_NAME)
     items = sum(phase.items for phase in summary.phases if phase.name != "plan")
@@ -132,7 +136,7 @@ class _QueryClient:
         while not self._stop.is_set():
             try:
                 reading = live_quality(
-                    self.router, self.probes, self.lookup, strategy="compatible",
+                    self.router, self.probes, self.lookup, strategy=self.config.strategy,
                     k=self.config.k, max_probes=self.config.max_probes,
                 )  # fmt: skip
                 progress = get(self.router.progress.remote())

@@ -20,13 +20,14 @@ from raybackfill.data.io import join, read_table, write_bytes
 from raybackfill.data.schema import ID, LABEL, SIDE_INFO, validate_embedding_table, vectors_of
 from raybackfill.eval.curves import DEFAULT_POINTS, BackfillSpaces, backfill_curve, even_betas
 from raybackfill.eval.metrics import EvalConfig, RetrievalResult, evaluate
-from raybackfill.eval.plots import plot_curves
+from raybackfill.eval.plots import plot_curves, plot_online
 from raybackfill.eval.report import Run, build_report, save_report, summary_table
 from raybackfill.models.artifacts import load_model
 
 COLUMN_ORDER = "column:"
 REPORT_FILE = "report.json"
 PLOT_FILE = "backfill_curves.png"
+ONLINE_PLOT_FILE = "online_quality.png"
 MARKDOWN_FILE = "report.md"
 METHODS = tuple(RECIPES)
 
@@ -229,9 +230,12 @@ def evaluate_tables(inputs: EvalInputs, config: OfflineConfig) -> dict:
 
 
 def write_outputs(report: dict, out_uri: str) -> dict[str, str]:
-    """report.json, backfill_curves.png and report.md (the markdown tables) under ``out_uri``."""
+    """report.json, backfill_curves.png and report.md (the markdown tables) under ``out_uri``, plus
+    online_quality.png when the report has live readings from an online backfill."""
     paths = {name: join(out_uri, name) for name in (REPORT_FILE, PLOT_FILE, MARKDOWN_FILE)}
     save_report(report, paths[REPORT_FILE])
     plot_curves(report, paths[PLOT_FILE])
+    if report.get("online", {}).get("live_readings"):
+        paths[ONLINE_PLOT_FILE] = plot_online(report["online"], join(out_uri, ONLINE_PLOT_FILE))
     write_bytes(paths[MARKDOWN_FILE], (summary_table(report, markdown=True) + "\n").encode())
     return paths

@@ -1,4 +1,5 @@
-"""Backfill-curve figure from a report dict: top-1 and mAP against the backfilled fraction.
+"""Figures from a report dict: backfill curves (top-1 and mAP against the backfilled fraction) and, when
+the report has an online section, the live quality a query client saw while the backfill ran.
 
 Drawn from report.json (not from live objects) so a figure can be redrawn from any saved report. Uses
 matplotlib's Agg canvas directly: no pyplot global state, no display needed on cluster nodes.
@@ -45,5 +46,39 @@ def plot_curves(report: Mapping, uri: str) -> str:
     """Write the figure as PNG (local path or s3://) and return where it went."""
     buf = io.BytesIO()
     curve_figure(report).savefig(buf, format="png", dpi=120)
+    write_bytes(uri, buf.getvalue())
+    return uri
+
+
+def online_figure(online: Mapping) -> Figure:
+    """Live top-1 and mAP@k of the query client against time, with the share of the gallery in the new
+    space on a second axis: whether quality rose as the backfill moved items, and when."""
+    readings = online.get("live_readings") or []
+    if not readings:
+        raise ValueError("the online section has no live_readings to plot")
+    t = [r["t"] for r in readings]
+    fig = Figure(figsize=(9, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.plot(t, [r["top1"] for r in readings], label="live top-1")
+    ax.plot(t, [r["map_at_k"] for r in readings], label=f"live mAP@{online.get('k', 'k')}")
+    ax.set_xlabel("seconds since the backfill started")
+    ax.set_ylabel("live quality")
+    ax.grid(alpha=0.3)
+    share = ax.twinx()
+    share.plot(t, [r["fraction_new"] for r in readings], color="0.5", linestyle=":", label="fraction in new space")
+    share.set_ylabel("fraction of the gallery in the new space")
+    share.set_ylim(0, 1.05)
+    ax.set_title(f"{online.get('method', '')}/{online.get('policy', '')} backfill under live queries "
+                 f"({online.get('queries', 0)} queries, {online.get('query_errors', 0)} errors)")
+    handles = ax.get_legend_handles_labels()[0] + share.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], loc="lower right", fontsize="small")
+    return fig
+
+
+def plot_online(online: Mapping, uri: str) -> str:
+    """Write the live-quality figure as PNG (local path or s3://) and return where it went."""
+    buf = io.BytesIO()
+    online_figure(online).savefig(buf, format="png", dpi=120)
     write_bytes(uri, buf.getvalue())
     return uri
