@@ -65,18 +65,27 @@ def train_backbone(
     train: TrainConfig,
     tau: float = 0.01,
     k: int = 10,
+    compat_weight: float = 1.0,
     backbone_kwargs: dict | None = None,
 ) -> ModelSpec:
     """Train a new (or the old) backbone with the method's loss: independent, bct or ract.
 
-    ``backbone_kwargs`` go to the architecture's builder (e.g. ``{"width": 16}`` for small_cnn).
+    The loss is classification + ``compat_weight`` x the method's compatibility term (lambda = 1 in both
+    papers). ``backbone_kwargs`` go to the architecture's builder (e.g. ``{"width": 16}`` for small_cnn).
     """
     loss = get_recipe(method).backbone_loss
     if loss != "classification" and old_model is None:
         raise ValueError(f"method {method!r} trains against the old model: pass old_model")
     num_classes = num_classes or _num_classes(images_uri)
     kwargs = {**(backbone_kwargs or {}), "embedding_dim": embedding_dim, "num_classes": num_classes}
-    config: dict = {"architecture": architecture, "kwargs": kwargs, "method": loss, "tau": tau, "k": k}
+    config: dict = {
+        "architecture": architecture,
+        "kwargs": kwargs,
+        "method": loss,
+        "tau": tau,
+        "k": k,
+        "compat_weight": compat_weight,
+    }
     if loss == "bct":
         weight, bias = _bct_old_classifier(images_uri, old_model, num_classes)
         config.update(old_classifier_weight=weight, old_classifier_bias=bias)

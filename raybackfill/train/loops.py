@@ -89,7 +89,7 @@ def backbone_loop(config: dict) -> None:
                 compat = losses.ract_loss(features, old_features, labels, config["tau"], config["k"])
             else:
                 compat = torch.zeros((), device=device)
-            loss = ce + config.get("compat_weight", 1.0) * compat
+            loss = ce + config["compat_weight"] * compat
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -14,7 +14,7 @@ import random
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -43,7 +43,6 @@ class TrainConfig:
     weight_decay: float = 1e-4
     seed: int = 0
     max_failures: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def cluster_has_gpus() -> bool:
