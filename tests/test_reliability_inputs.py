@@ -173,7 +173,7 @@ def bad_rows(inputs, tmp_path_factory) -> dict:
 
 @pytest.mark.slow
 def test_bad_rows_are_quarantined_by_id_and_the_good_rows_finish_without_touching_earlier_batches(
-    inputs, bad_rows
+    inputs, bad_rows, ray_cluster
 ):
     config = _config(
         inputs, bad_rows["out"], gallery=bad_rows["gallery"], old_embeddings=bad_rows["old"], method="fastfill",
