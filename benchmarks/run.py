@@ -94,7 +94,7 @@ class PeakMemory:
     the processes take together. Linux only (/proc).
     """
 
-    def __init__(self, interval_s: float = 0.5) -> None:
+    def __init__(self, interval_s: float = 1.0) -> None:
         self.interval_s = interval_s
         self.peak_rss = self.peak_pss = self.peak_processes = 0
         self._stop = threading.Event()
