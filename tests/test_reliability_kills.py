@@ -150,11 +150,12 @@ def test_a_shard_killed_mid_backfill_restarts_from_its_snapshot_and_the_ledger_a
         stop.set()
         client.join()
         job.join(timeout=300)
-    print(f"queries during the shard kill: {outcomes}")
+    print(f"\nqueries during the shard kill: {outcomes}")
     assert not errors, errors[:3]
     assert outcomes["complete"] > 0
     assert "error" not in ended, ended.get("error")
     summary = ended["summary"]
+    print(f"rows replayed: {summary.replayed} in all, by phase {[(p.name, p.replayed) for p in summary.phases]}")
     assert summary.complete and summary.replayed > 0  # the restarted shard got its moved items back
     _assert_every_good_id_once_in_the_new_space(router, ledger)
 
