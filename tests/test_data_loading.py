@@ -3,7 +3,7 @@ import pytest
 
 from raybackfill.data import io
 from raybackfill.data.images import encode_png
-from raybackfill.data.loading import decode_images, read_images, read_quarantine, read_shards
+from raybackfill.data.loading import decode_images, image_shards, read_images, read_quarantine, read_shards
 from raybackfill.data.schema import SchemaError, image_table
 
 
@@ -71,6 +71,14 @@ def test_schema_errors_are_raised_before_any_read(ray_cluster, tmp_path):
     io.write_table(_gallery().drop(["label"]), uri)
     with pytest.raises(SchemaError, match="part-00000.parquet: missing column 'label'"):
         read_images(uri, require_label=True)
+
+
+def test_an_empty_shard_file_is_named_before_any_read(tmp_path):
+    uri = str(tmp_path / "g")
+    io.write_table(_gallery(), uri)
+    (tmp_path / "g" / "part-00001.parquet").write_bytes(b"")
+    with pytest.raises(io.StorageError, match="part-00001.parquet: cannot read parquet footer"):
+        image_shards(uri)
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])

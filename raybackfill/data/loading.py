@@ -26,7 +26,7 @@ def image_shards(uri: str, *, require_label: bool = False) -> list[str]:
         fs, path = io.resolve(shard)
         try:
             schema = pq.read_schema(path, filesystem=fs)
-        except OSError as err:
+        except (OSError, pa.ArrowInvalid) as err:  # ArrowInvalid: an empty or truncated file
             raise io.StorageError(f"{shard}: cannot read parquet footer ({err})") from err
         validate_image_schema(schema, shard, require_label=require_label)
     return shards
