@@ -9,7 +9,7 @@ granularity (no item of tier t before tier t-1 is complete) and each tier stream
 
 Why the plan carries the gallery rows (image bytes included) rather than filtering the gallery by a
 tier's ids: a filter would re-scan the whole gallery once per tier (T full scans), while the copy costs
-one scan and makes every tier a plain ``read_parquet`` of its own files. Files are written into a fresh
+one scan and makes every tier a plain read of its own files. Files are written into a fresh
 attempt directory and ``plan.json`` (written last) lists them, so a plan killed half-way is ignored and
 rebuilt, and a committed plan is reused by every later run of the same backfill.
 """
@@ -27,11 +27,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-import ray
 
 from raybackfill.backfill.policies import POLICIES, priority_order, priority_scores
 from raybackfill.data import io
-from raybackfill.data.loading import read_images, write_quarantine
+from raybackfill.data.loading import read_images, read_shards, write_quarantine
 from raybackfill.data.schema import EMBEDDING, ID, SIDE_INFO, check_unique_ids, vectors_of
 from raybackfill.models.artifacts import load_model
 
@@ -151,11 +150,10 @@ def _score_batch(batch: pa.Table, config: PlanConfig) -> dict[str, np.ndarray]:
 def score_gallery(config: PlanConfig, *, batch_size: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
     """(ids, scores) of every stored old embedding: a Ray Data pass, collected to the driver (16 B/id)."""
     shards = io.list_shards(config.old_embeddings)
-    fs, _ = io.resolve(config.old_embeddings)
-    paths = [io.resolve(s)[1] for s in shards]
-    names = pq.read_schema(paths[0], filesystem=fs).names
+    fs, path = io.resolve(shards[0])
+    names = pq.read_schema(path, filesystem=fs).names
     columns = [ID, EMBEDDING] + ([SIDE_INFO] if SIDE_INFO in names else [])
-    ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(columns).map_batches(
+    ds = read_shards(shards, columns=columns).map_batches(
         _score_batch, fn_kwargs={"config": config}, batch_size=batch_size, batch_format="pyarrow", num_cpus=0.5
     )
     parts = list(ds.iter_batches(batch_format="numpy", batch_size=None))

@@ -209,6 +209,7 @@ def _instant_phase(config: BackfillConfig, ledger: Ledger, router, version: str)
                          max_bad_fraction=config.max_bad_fraction, bar=bar)
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
             sink.consume(batch, ledger.transformed_uri)
+        sink.flush()
     return stats
 
 
@@ -270,6 +271,7 @@ def _backfill_phase(config: BackfillConfig, plan: Plan, ledger: Ledger, router, 
             bar.set_description(f"backfill tier {tier.index + 1}/{len(plan.tiers)}")
             for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
                 sink.consume(batch, ledger.tier_uri(tier.index))
+            sink.flush()  # the tier is in the index before the next tier starts
     return stats
 
 

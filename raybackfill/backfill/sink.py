@@ -5,6 +5,11 @@ good rows are committed to the ledger, and only then upserted into the index (so
 a vector the ledger lacks). The bad-row limit is checked after the batch is complete, so a job that
 fails on it leaves only whole batches behind.
 
+One upsert is in flight while the next batch is written: the driver's Parquet write and the shards'
+index update overlap (at 1M items they cost ~1.5 s and ~2.7 s per 100k). A batch is still committed
+before its own upsert is sent; a kill leaves the ledger at most two batches ahead of the index, which
+the end-of-run replay (and any later run) closes. Call :meth:`BatchSink.flush` when the stream ends.
+
 A shard that dies mid-upsert restarts from its snapshot, which may predate many batches: the sink then
 waits for the index and replays the ledger into it (:meth:`Ledger.replay`, idempotent), which re-sends
 this batch and everything the shard lost, instead of failing the job.
@@ -67,6 +72,7 @@ class BatchSink:
         self.stats, self.max_bad_fraction, self.bar = stats, max_bad_fraction, bar
         self.stage = "embed" if state == "new" else "transform"
         self.started = time.monotonic()
+        self._in_flight = None  # the ObjectRef of the last upsert sent, not yet confirmed
 
     def consume(self, batch: dict[str, np.ndarray], directory: str) -> None:
         ids = batch[ID]
@@ -83,18 +89,30 @@ class BatchSink:
             table = embedding_table(ids[good], vectors, uncertainty=uncertainty, model=self.version)
             self.ledger.write(directory, table)
             if self.router is not None:
-                self.bar.set_postfix(self._upsert(ids[good], vectors), refresh=False)
+                self._confirm_upsert()
+                self._in_flight = self.router.upsert.remote(ids[good], vectors, self.state, self.version)
             self.stats.items += int(good.sum())
         self.stats.seconds = time.monotonic() - self.started
         self.bar.update(len(ids))
         self._check_bad_fraction()
 
-    def _upsert(self, ids: np.ndarray, vectors: np.ndarray) -> dict[str, int]:
-        """Upsert one written batch; if a shard is down, wait for it and replay the ledger instead."""
+    def flush(self) -> None:
+        """Wait for the last upsert: after this every consumed batch is in the index."""
+        self._confirm_upsert()
+        self.stats.seconds = time.monotonic() - self.started
+
+    def _confirm_upsert(self) -> None:
+        """Wait for the upsert in flight; if a shard is down, wait for it and replay the ledger instead."""
+        if self._in_flight is None:
+            return
+        ref, self._in_flight = self._in_flight, None
         try:
-            return get(self.router.upsert.remote(ids, vectors, self.state, self.version))
+            counts = get(ref)
         except IndexUnavailableError:
-            pass
+            counts = self._recover()
+        self.bar.set_postfix(counts, refresh=False)
+
+    def _recover(self) -> dict[str, int]:
         deadline, delay = time.monotonic() + RECOVERY_TIMEOUT_S, 0.2
         while True:
             time.sleep(delay)
