@@ -3,7 +3,7 @@ instant (transform) phase vs re-embedding.
 
 ``embed_pipeline_vs_bare``: the project's path (``read_parquet`` -> decode -> ``map_batches(EmbedImages,
 ActorPoolStrategy)`` -> the driver consuming batches, Ray Data limited to ``--cpus`` CPUs) vs bare torch
-over the same Parquet table, decoded with the same ``decode_batch``, the same small_cnn and batch size.
+over the same Parquet table, decoded with the same ``decode_batch``, the same backbone (``--backbone``) and batch size.
 One process with ``--cpus`` torch threads is a weak baseline on few cores (intra-op threading on small
 batches scales badly), so the bare side also runs ``--cpus`` processes x 1 thread, each over its share of
 the rows; the faster wins and is named in the JSON. Bare workers are started and warmed (model loaded,
@@ -50,7 +50,12 @@ from raybackfill.models.registry import build_model
 from raybackfill.runtime import init_ray
 
 QUICK = {"images": 2_000, "size": 32, "embeddings": 20_000}
-CNN_KWARGS = {"embedding_dim": 128, "num_classes": 10, "width": 32}
+# The re-embedding backbone. small_cnn is the cheapest model a backfill would run (so the transform ratio is
+# its worst case); resnet18 stands for a production backbone.
+BACKBONES = {
+    "small_cnn": {"embedding_dim": 128, "num_classes": 10, "width": 32},
+    "resnet18": {"embedding_dim": 128, "num_classes": 10, "small_images": True},
+}
 OLD_DIM = 128
 FCT_KWARGS = {"old_dim": OLD_DIM, "new_dim": 128}
 
@@ -69,13 +74,14 @@ def write_inputs(root: str, args: argparse.Namespace) -> dict[str, str]:
     # One shard per transform batch: the pool then takes whole blocks (batch_size=None), because
     # schema.vectors_of misreads a batch that Ray Data cut from the start of a larger block (see transform_pool).
     io.write_table(embedding_table(ids, old, model="old-v1"), paths["old"], rows_per_shard=args.transform_batch_size)
-    save_models(paths["backbone"], paths["fct"])
+    save_models(paths["backbone"], paths["fct"], args.backbone)
     return paths
 
 
-def save_models(backbone_uri: str, fct_uri: str) -> None:
-    """The new backbone (small_cnn) and the forward transformation, random weights (speed only)."""
-    save_model(build_model("small_cnn", **CNN_KWARGS), backbone_uri, ModelSpec("small_cnn", "new-v2", CNN_KWARGS))
+def save_models(backbone_uri: str, fct_uri: str, backbone: str = "small_cnn") -> None:
+    """The new backbone and the forward transformation, random weights (speed only)."""
+    kwargs = BACKBONES[backbone]
+    save_model(build_model(backbone, **kwargs), backbone_uri, ModelSpec(backbone, "new-v2", kwargs))
     fct = build_model("forward_transformation", **FCT_KWARGS)
     save_model(fct, fct_uri, ModelSpec("forward_transformation", "fct-v2", FCT_KWARGS, method="fct"))
 
@@ -211,6 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--images", type=int, default=10_000, help="images embedded (default 10k)")
     parser.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
     parser.add_argument("--embeddings", type=int, default=200_000, help="stored old embeddings (default 200k)")
+    parser.add_argument("--backbone", choices=sorted(BACKBONES), default="small_cnn",
+                        help="the re-embedding backbone (default small_cnn, the cheapest: worst case for the ratio)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--transform-batch-size", type=int, default=8192)
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="total threads, both sides")
@@ -277,7 +285,8 @@ def main(argv: list[str] | None = None) -> dict:
         "config": vars(args),
         "machine": {**machine_info(), "loadavg_start": load_start, "loadavg_end": load_end},
         "embed_pipeline_vs_bare": {
-            "what": f"small_cnn {CNN_KWARGS} on {n} {args.size}x{args.size} PNGs, batch {args.batch_size}, "
+            "what": f"{args.backbone} {BACKBONES[args.backbone]} on {n} {args.size}x{args.size} PNGs, "
+                    f"batch {args.batch_size}, "
                     f"{args.cpus} CPUs per side; pipeline: {pool.actors} EmbedImages actors x 1 thread "
                     f"({pool.cpus_per_actor} CPU each), Ray Data CPU limit {args.cpus}, driver consumes batches; "
                     "bare: warmed workers, read Parquet + decode_batch + embed",
