@@ -43,11 +43,8 @@ def curve_figure(report: Mapping) -> Figure:
 
 
 def plot_curves(report: Mapping, uri: str) -> str:
-    """Write the figure as PNG (local path or s3://) and return where it went."""
-    buf = io.BytesIO()
-    curve_figure(report).savefig(buf, format="png", dpi=120)
-    write_bytes(uri, buf.getvalue())
-    return uri
+    """Write the curve figure as PNG (local path or s3://) and return where it went."""
+    return _save_png(curve_figure(report), uri)
 
 
 def online_figure(online: Mapping) -> Figure:
@@ -78,7 +75,11 @@ def online_figure(online: Mapping) -> Figure:
 
 def plot_online(online: Mapping, uri: str) -> str:
     """Write the live-quality figure as PNG (local path or s3://) and return where it went."""
+    return _save_png(online_figure(online), uri)
+
+
+def _save_png(fig: Figure, uri: str) -> str:
     buf = io.BytesIO()
-    online_figure(online).savefig(buf, format="png", dpi=120)
+    fig.savefig(buf, format="png", dpi=120)
     write_bytes(uri, buf.getvalue())
     return uri
