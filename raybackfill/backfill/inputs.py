@@ -14,47 +14,25 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 
 from raybackfill.data import io
+from raybackfill.data.loading import image_shards
 from raybackfill.data.schema import (
     EMBEDDING,
     ID,
     SchemaError,
     check_unique_ids,
     embedding_dim,
-    validate_image_schema,
 )
 from raybackfill.models.artifacts import load_model
 
 
-def _footer(shard: str) -> pa.Schema:
-    fs, path = io.resolve(shard)
-    try:
-        return pq.read_schema(path, filesystem=fs)
-    except (OSError, pa.ArrowInvalid) as err:  # an empty or truncated file is ArrowInvalid
-        raise io.StorageError(f"{shard}: cannot read parquet footer ({err})") from err
-
-
-def _shards(uri: str) -> list[str]:
-    shards = io.list_shards(uri)
-    if not shards:
-        raise io.StorageError(f"{uri}: table has no parquet shards")
-    return shards
-
-
-def check_gallery(uri: str) -> None:
-    """Every shard of the gallery has the image table's columns and types."""
-    for shard in _shards(uri):
-        validate_image_schema(_footer(shard), shard)
-
-
 def old_embedding_dim(uri: str) -> int:
     """The dim of a stored embedding table, checked on every shard's footer (one dim for the whole table)."""
-    shards = _shards(uri)
+    shards = io.table_shards(uri)
     dims = {}
     for shard in shards:
-        schema = _footer(shard)
+        schema = io.read_footer(shard).schema.to_arrow_schema()
         if ID not in schema.names or not pa.types.is_integer(schema.field(ID).type):
             raise SchemaError(f"{shard}: needs an integer column 'id' (columns: {', '.join(schema.names)})")
         dims[shard] = embedding_dim(schema, EMBEDDING, shard)
@@ -77,7 +55,7 @@ def _ids(uri: str) -> np.ndarray:
 
 def check_inputs(gallery: str, old_embeddings: str, models: Sequence[str], transformation: str | None = None) -> None:
     """Raise (naming the file) if the gallery, the old embeddings or a model cannot be used at all."""
-    check_gallery(gallery)
+    image_shards(gallery)  # every shard's footer has the image table's columns and types
     dim = old_embedding_dim(old_embeddings)
     for table in (gallery, old_embeddings):
         check_unique_ids(_ids(table), table)

@@ -26,7 +26,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 
 from raybackfill.backfill.policies import POLICIES, priority_order, priority_scores
 from raybackfill.data import io
@@ -149,9 +148,8 @@ def _score_batch(batch: pa.Table, config: PlanConfig) -> dict[str, np.ndarray]:
 
 def score_gallery(config: PlanConfig, *, batch_size: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
     """(ids, scores) of every stored old embedding: a Ray Data pass, collected to the driver (16 B/id)."""
-    shards = io.list_shards(config.old_embeddings)
-    fs, path = io.resolve(shards[0])
-    names = pq.read_schema(path, filesystem=fs).names
+    shards = io.table_shards(config.old_embeddings)
+    names = io.read_footer(shards[0]).schema.to_arrow_schema().names
     columns = [ID, EMBEDDING] + ([SIDE_INFO] if SIDE_INFO in names else [])
     ds = read_shards(shards, columns=columns).map_batches(
         _score_batch, fn_kwargs={"config": config}, batch_size=batch_size, batch_format="pyarrow", num_cpus=0.5

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from raybackfill.data.io import StorageError, list_shards, read_table, resolve
+from raybackfill.data.io import read_footer, read_table, table_shards
 from raybackfill.data.schema import EMBEDDING, LABEL, embedding_dim
 
 CLASS_NAMES_KEY = b"raybackfill.class_names"
@@ -45,17 +44,11 @@ class TableInfo:
 
 def table_info(uri: str) -> TableInfo:
     """Describe a table from its Parquet footers; only the label column is read, and only if present."""
-    shards = list_shards(uri)
-    if not shards:
-        raise StorageError(f"{uri}: table has no parquet shards")
+    shards = table_shards(uri)
     rows = 0
     schema = None
     for shard in shards:
-        fs, path = resolve(shard)
-        try:
-            meta = pq.read_metadata(path, filesystem=fs)
-        except (pa.ArrowInvalid, OSError) as err:
-            raise StorageError(f"{shard}: not a readable parquet file ({err})") from err
+        meta = read_footer(shard)
         rows += meta.num_rows
         schema = schema or meta.schema.to_arrow_schema()
     classes = None

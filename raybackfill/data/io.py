@@ -59,13 +59,18 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *parts]) if is_s3(uri) else os.path.join(uri, *parts)
 
 
-def _describe(uri: str, err: Exception) -> str:
+def _scrub(err: Exception) -> str:
+    """The error's text with any AWS credential from the environment masked."""
     text = str(err)
     for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"):
         secret = os.environ.get(var)
         if secret:
             text = text.replace(secret, "***")
-    return f"{uri}: {text}"
+    return text
+
+
+def _describe(uri: str, err: Exception) -> str:
+    return f"{uri}: {_scrub(err)}"
 
 
 def exists(uri: str) -> bool:
@@ -99,11 +104,27 @@ def list_shards(uri: str) -> list[str]:
     return [join(uri, n) for n in names if not n.startswith(".")]
 
 
+def table_shards(uri: str) -> list[str]:
+    """``list_shards`` of a table that must hold data: a table without shards is an error naming it."""
+    shards = list_shards(uri)
+    if not shards:
+        raise StorageError(f"{uri}: table has no parquet shards")
+    return shards
+
+
+def read_footer(uri: str) -> pq.FileMetaData:
+    """One shard's Parquet footer (rows, schema, sizes), no data read; an empty or truncated file
+    (ArrowInvalid) or an unreachable one is a StorageError naming the shard."""
+    fs, path = resolve(uri)
+    try:
+        return pq.read_metadata(path, filesystem=fs)
+    except (OSError, pa.ArrowInvalid) as err:
+        raise StorageError(f"{uri}: cannot read parquet footer ({_scrub(err)})") from err
+
+
 def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
     """Read every committed shard of a table (or one file) into memory."""
-    tables = [read_shard(u, columns) for u in list_shards(uri)]
-    if not tables:
-        raise StorageError(f"{uri}: table has no parquet shards")
+    tables = [read_shard(u, columns) for u in table_shards(uri)]
     return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
 
 

@@ -19,16 +19,9 @@ from raybackfill.data.schema import ID, IMAGE, quarantine_table, validate_image_
 
 def image_shards(uri: str, *, require_label: bool = False) -> list[str]:
     """The table's shard URIs, each checked for the image schema (footers only, no data read)."""
-    shards = io.list_shards(uri)
-    if not shards:
-        raise io.StorageError(f"{uri}: table has no parquet shards")
+    shards = io.table_shards(uri)
     for shard in shards:
-        fs, path = io.resolve(shard)
-        try:
-            schema = pq.read_schema(path, filesystem=fs)
-        except (OSError, pa.ArrowInvalid) as err:  # ArrowInvalid: an empty or truncated file
-            raise io.StorageError(f"{shard}: cannot read parquet footer ({err})") from err
-        validate_image_schema(schema, shard, require_label=require_label)
+        validate_image_schema(io.read_footer(shard).schema.to_arrow_schema(), shard, require_label=require_label)
     return shards
 
 
@@ -49,10 +42,7 @@ class ShardFiles(Datasource):
         self.files = []
         for uri in uris:
             fs, path = io.resolve(uri)
-            try:
-                meta = pq.read_metadata(path, filesystem=fs)
-            except OSError as err:
-                raise io.StorageError(f"{uri}: cannot read parquet footer ({err})") from err
+            meta = io.read_footer(uri)
             schema = meta.schema.to_arrow_schema()
             if columns is not None:
                 schema = pa.schema([schema.field(c) for c in columns])
