@@ -15,8 +15,9 @@ FAISS 1.15 runs a flat search that has a selector on its non-BLAS path (measured
 split every search is a plain BLAS search, and the work of a merged query stays the gallery size:
 `rank_merge` searches pending + new, `compatible` new + pending, `old` pending + backfilled (which is
 exactly the pre-upgrade answer, since no old vector is dropped until `promote`). Moving an id is
-remove-from-pending + add-to-backfilled + add-to-new (remove_ids on a flat index is O(n), ~0.1 s per
-batch at 1M). Old vectors are kept until `promote`, so `rollback` only moves them back.
+remove-from-pending + add-to-backfilled + add-to-new, each O(batch) (raybackfill.index.slots), so an
+upsert holds the shard for milliseconds, not for a compaction of the whole index. Old vectors are kept
+until `promote`, so `rollback` only moves them back.
 
 Atomicity. All mutations and searches run under one lock, so a search sees every id exactly once
 (in pending, or in new) and never half a batch. The actor's default concurrency group runs one call at a
@@ -53,12 +54,14 @@ from raybackfill.index.merge import (
     empty_topk,
     merge_results,
 )
+from raybackfill.index.slots import SlotIndex, slot_index
 from raybackfill.index.snapshot import read_snapshot, write_snapshot
 from raybackfill.index.validate import as_batch, as_ids, as_queries, check_k, show_ids, unit_rows
 
 STRATEGIES = ("old", "compatible", "rank_merge")
+INDEXES = ("pending", "backfilled", "new")
 UPSERT_STATES = {"transformed": TRANSFORMED, "new": NEW}
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2  # 2: flat indexes are plain IndexFlat with a row -> slot map (items.npz)
 # GPU flat search handles at most this k; larger k searches the CPU index.
 GPU_MAX_K = 2048
 
@@ -149,9 +152,9 @@ class IndexShard:
         self._sorted_ids = np.zeros(0, dtype=np.int64)  # = self._ids[self._by_id]
         self._old_space: Space | None = None
         self._new_space: Space | None = None
-        self._pending: faiss.Index | None = None
-        self._backfilled: faiss.Index | None = None
-        self._new: faiss.Index | None = None
+        self._pending: SlotIndex | None = None
+        self._backfilled: SlotIndex | None = None
+        self._new: SlotIndex | None = None
         self._promoted = False
         self._publish()
 
@@ -176,15 +179,15 @@ class IndexShard:
             return faiss.StandardGpuResources()
         return None
 
-    def _empty_index(self, dim: int) -> faiss.Index:
+    def _empty_index(self, dim: int) -> SlotIndex:
         metric = faiss.METRIC_L2 if self._config.metric == "l2" else faiss.METRIC_INNER_PRODUCT
         if self._config.kind == "flat":
-            return faiss.IndexIDMap2(faiss.IndexFlat(dim, metric))
+            return slot_index(faiss.IndexFlat(dim, metric))
         index = faiss.IndexIVFFlat(faiss.IndexFlat(dim, metric), dim, self._config.nlist, metric)
         index.nprobe = self._config.nprobe
         # Hashtable direct map: reconstruct and remove by id (slot) without scanning the lists.
         index.set_direct_map_type(faiss.DirectMap.Hashtable)
-        return index
+        return slot_index(index)
 
     def _check_trainable(self, n: int, space: str) -> None:
         """An IVF space is trained on its first batch, which must hold at least nlist vectors."""
@@ -195,20 +198,11 @@ class IndexShard:
                 f"use kind='flat'"
             )
 
-    def _trained_index(self, vectors: np.ndarray) -> faiss.Index:
-        index = self._empty_index(vectors.shape[1])
-        if not index.is_trained:
-            index.train(vectors)
-        return index
-
-    def _remove(self, index: faiss.Index, slots: np.ndarray) -> None:
-        slots = np.ascontiguousarray(slots, dtype=np.int64)
-        # IVF's hashtable direct map removes by an explicit array; the IDMap of a flat index tests every
-        # stored id for membership, which needs the hashed IDSelectorBatch.
-        kind = faiss.IDSelectorArray if self._config.kind == "ivf" else faiss.IDSelectorBatch
-        removed = index.remove_ids(kind(len(slots), faiss.swig_ptr(slots)))
-        if removed != len(slots):
-            raise RuntimeError(f"index inconsistency: removed {removed} of {len(slots)} vectors")
+    def _trained_index(self, vectors: np.ndarray) -> SlotIndex:
+        store = self._empty_index(vectors.shape[1])
+        if not store.index.is_trained:
+            store.index.train(vectors)
+        return store
 
     def _sort_ids(self) -> None:
         self._by_id = np.argsort(self._ids, kind="stable")
@@ -256,10 +250,10 @@ class IndexShard:
                 return self._counts
             if self._pending is None:
                 self._pending = self._trained_index(vectors)
-                self._backfilled = faiss.clone_index(self._pending)
+                self._backfilled = slot_index(faiss.clone_index(self._pending.index))  # empty, same training
                 self._old_space = Space(version, vectors.shape[1])
             slots = np.arange(len(self._ids), len(self._ids) + len(ids), dtype=np.int64)
-            self._pending.add_with_ids(vectors, slots)
+            self._pending.add(slots, vectors)
             self._ids = np.concatenate([self._ids, ids])
             self._state = np.concatenate([self._state, np.full(len(ids), OLD, dtype=np.int8)])
             self._sort_ids()
@@ -281,13 +275,13 @@ class IndexShard:
             current = self._state[slots]
             moving = slots[current == OLD]
             if len(moving):
-                old_vectors = self._pending.reconstruct_batch(moving)
-                self._remove(self._pending, moving)
-                self._backfilled.add_with_ids(old_vectors, moving)
-            replacing = slots[current != OLD]
-            if len(replacing):
-                self._remove(self._new, replacing)
-            self._new.add_with_ids(vectors, slots)
+                old_vectors = self._pending.reconstruct(moving)
+                self._pending.remove(moving)
+                self._backfilled.add(moving, old_vectors)
+                self._new.add(moving, vectors[current == OLD])
+            replacing = current != OLD
+            if replacing.any():
+                self._new.replace(slots[replacing], vectors[replacing])
             self._state[slots] = code
             self._touch("pending", "backfilled", "new")
             self._publish()
@@ -336,7 +330,7 @@ class IndexShard:
                 raise ValueError("cannot roll back: the index was promoted and the old space dropped")
             moved = np.flatnonzero(self._state != OLD).astype(np.int64)
             if len(moved):
-                self._pending.add_with_ids(self._backfilled.reconstruct_batch(moved), moved)
+                self._pending.add(moved, self._backfilled.reconstruct(moved))
                 self._backfilled.reset()
             self._new = None
             self._new_space = None
@@ -399,7 +393,7 @@ class IndexShard:
             raise ValueError(f"strategy {strategy!r} needs {name}")
         return queries
 
-    def _index(self, name: str) -> faiss.Index | None:
+    def _index(self, name: str) -> SlotIndex | None:
         return {"pending": self._pending, "backfilled": self._backfilled, "new": self._new}[name]
 
     def _size(self, name: str) -> int:
@@ -407,8 +401,9 @@ class IndexShard:
         return int(index.ntotal) if index is not None else 0
 
     def _search_part(self, name: str, queries: np.ndarray, k: int, code: int | None) -> TopK:
-        index = self._index(name)
-        scores, slots = self._searchable(name, index, k).search(queries, min(k, index.ntotal))
+        store = self._index(name)
+        scores, labels = self._searchable(name, store.index, k).search(queries, min(k, store.ntotal))
+        slots = store.slots_of(labels)
         hit = slots >= 0
         safe = np.where(hit, slots, 0)
         ids = np.where(hit, self._ids[safe], EMPTY_ID)
@@ -438,14 +433,14 @@ class IndexShard:
                 old = np.zeros((len(ids), self._old_space.dim), dtype=np.float32)
                 waiting = states == OLD
                 if waiting.any():
-                    old[waiting] = self._pending.reconstruct_batch(slots[waiting])
+                    old[waiting] = self._pending.reconstruct(slots[waiting])
                 if (~waiting).any():
-                    old[~waiting] = self._backfilled.reconstruct_batch(slots[~waiting])
+                    old[~waiting] = self._backfilled.reconstruct(slots[~waiting])
             if self._new is not None:
                 new = np.zeros((len(ids), self._new_space.dim), dtype=np.float32)
                 moved = states != OLD
                 if moved.any():
-                    new[moved] = self._new.reconstruct_batch(slots[moved])
+                    new[moved] = self._new.reconstruct(slots[moved])
             return ItemVectors(ids, states, old, new)
 
     # ----------------------------------------------------------------- light calls
@@ -465,13 +460,12 @@ class IndexShard:
             raise ValueError("this shard has no snapshot_uri; create it with one to take snapshots")
         with self._lock:
             self._set_threads()
+            stores = {name: self._index(name) for name in INDEXES if self._index(name) is not None}
             items = io.BytesIO()
-            np.savez(items, ids=self._ids, state=self._state)
+            np.savez(items, ids=self._ids, state=self._state,
+                     **{f"{name}_rows": store.row_slots() for name, store in stores.items()})
             blobs = {"meta.json": json.dumps(self._meta()).encode(), "items.npz": items.getvalue()}
-            for name in ("pending", "backfilled", "new"):
-                index = self._index(name)
-                if index is not None:
-                    blobs[f"{name}.faiss"] = _to_bytes(index)
+            blobs |= {f"{name}.faiss": _to_bytes(store.index) for name, store in stores.items()}
         return write_snapshot(self._snapshot_uri, blobs)
 
     def _meta(self) -> dict:
@@ -495,15 +489,15 @@ class IndexShard:
         with np.load(io.BytesIO(blobs["items.npz"])) as items:
             self._ids = items["ids"].astype(np.int64)
             self._state = items["state"].astype(np.int8)
+            restored = {name: slot_index(_from_bytes(blobs[f"{name}.faiss"]), items[f"{name}_rows"])
+                        for name in INDEXES if f"{name}.faiss" in blobs}
         self._sort_ids()
         self._old_space = Space(**meta["old_space"]) if meta["old_space"] else None
         self._new_space = Space(**meta["new_space"]) if meta["new_space"] else None
         self._promoted = bool(meta["promoted"])
-        restored = {name: _from_bytes(blobs[f"{name}.faiss"]) for name in ("pending", "backfilled", "new")
-                    if f"{name}.faiss" in blobs}
-        for index in restored.values():
+        for store in restored.values():
             if self._config.kind == "ivf":
-                index.nprobe = self._config.nprobe
+                store.index.nprobe = self._config.nprobe
         self._pending = restored.get("pending")
         self._backfilled = restored.get("backfilled")
         self._new = restored.get("new")
