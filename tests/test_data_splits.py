@@ -49,6 +49,40 @@ def test_parse_class_spec_rejects_classes_not_in_the_table():
         parse_class_spec("8-11", np.arange(10))
 
 
+_NAMES = ["disk-dots-hue000", "ring-dots-hue030", "disk-stripes-hue210", "cat"]
+
+
+def test_named_spec_takes_classes_with_a_listed_word_or_whole_name():
+    assert parse_class_spec("named:hue000,hue030", names=_NAMES).tolist() == [0, 1]
+    assert parse_class_spec("named: DISK ", names=_NAMES).tolist() == [0, 2]
+    assert parse_class_spec("named:cat,dots", names=_NAMES).tolist() == [0, 1, 3]
+    assert parse_class_spec("named:disk", np.array([2, 3, 2]), names=_NAMES).tolist() == [2]
+
+
+def test_named_spec_does_not_match_inside_a_word():
+    with pytest.raises(ValueError, match="no class name has the word"):
+        parse_class_spec("named:dis", names=_NAMES)
+
+
+@pytest.mark.parametrize(
+    ("spec", "names", "message"),
+    [
+        ("named:", _NAMES, "without empty words"),
+        ("named:disk,,ring", _NAMES, "without empty words"),
+        ("named:disk", None, "needs class names"),
+        ("named:disk,hexagon,dog", _NAMES, "no class name has the word.s. hexagon, dog"),
+    ],
+)
+def test_named_spec_rejects_empty_words_missing_names_and_unknown_words(spec, names, message):
+    with pytest.raises(ValueError, match=message):
+        parse_class_spec(spec, names=names)
+
+
+def test_named_spec_only_sees_the_classes_present():
+    with pytest.raises(ValueError, match="no class name has the word.s. cat"):
+        parse_class_spec("named:cat", np.array([0, 1, 2]), names=_NAMES)
+
+
 def test_parse_fractions():
     assert parse_fractions("train=0.6,gallery=0.3,query=0.1") == {"train": 0.6, "gallery": 0.3, "query": 0.1}
     for bad, message in [
@@ -119,6 +153,15 @@ def test_train_old_holds_the_train_rows_of_the_old_classes():
     assert sorted(set(half.column("label").to_pylist())) == [0, 1]
     with pytest.raises(ValueError, match="needs a 'train' split"):
         split_table(table, {"fit": 0.5, "eval": 0.5}, old_classes="0")
+
+
+def test_train_old_by_class_name_words_reads_the_table_class_names():
+    table = with_class_names(_table(classes=4, per_class=10), ["a-red", "b-blue", "c-red", "d-green"])
+    old = split_table(table, old_classes="named:red", seed=0)["train_old"]
+    assert sorted(set(old.column("label").to_pylist())) == [0, 2]
+    unnamed = table.replace_schema_metadata(None)
+    with pytest.raises(ValueError, match="needs class names"):
+        split_table(unnamed, old_classes="named:red", seed=0)
 
 
 def test_splits_keep_columns_and_class_names():

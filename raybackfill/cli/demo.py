@@ -29,8 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--old-classes",
         default="half",
         metavar="SPEC",
-        help="classes the old model trains on: 'half' (lower half of the class ids), '0-49' or '0,1,5-9' "
-        "(default half)",
+        help="classes the old model trains on: 'half' (lower half of the class ids), '0-49', '0,1,5-9' or "
+        "'named:WORD,WORD' (classes whose name has one of the words, e.g. named:hue000,hue030) (default half)",
     )
     demo.add_argument("--seed", type=int, default=0, help="seed for data, splits, training and random order")
     demo.set_defaults(func=_demo)

@@ -14,6 +14,7 @@ import re
 import numpy as np
 import pyarrow as pa
 
+from raybackfill.data.info import class_names
 from raybackfill.data.io import WriteResult, join, write_table
 from raybackfill.data.schema import ID, LABEL, SchemaError, check_unique_ids
 
@@ -22,15 +23,20 @@ TRAIN = "train"
 OLD_TRAIN = "train_old"
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+_NAMED = "named:"
+_WORD_SEPARATORS = re.compile(r"[-_\s]+")
 
 
-def parse_class_spec(spec: str, available: np.ndarray | None = None) -> np.ndarray:
-    """Class ids from "0-49", "0,1,5-9" or "half" (the lower half of the ``available`` class ids).
+def parse_class_spec(spec: str, available: np.ndarray | None = None, names: list[str] | None = None) -> np.ndarray:
+    """Class ids from "0-49", "0,1,5-9", "half" (the lower half of the ``available`` class ids) or
+    "named:WORD,WORD" (see :func:`named_classes`; needs ``names``, the class names indexed by label).
 
     Returns sorted unique ids. With ``available`` given, every listed id must be one of them.
     """
     text = spec.strip().lower()
     present = None if available is None else np.unique(np.asarray(available, dtype=np.int64))
+    if text.startswith(_NAMED):
+        return named_classes(text[len(_NAMED) :], names, present, spec)
     if text == "half":
         if present is None or len(present) < 2:
             raise ValueError("class spec 'half' needs a table with at least 2 classes")
@@ -52,6 +58,28 @@ def parse_class_spec(spec: str, available: np.ndarray | None = None) -> np.ndarr
             shown = ", ".join(str(x) for x in missing[:5])
             raise ValueError(f"class spec {spec!r} names classes not in the table: {shown}")
     return out
+
+
+def named_classes(words: str, names: list[str] | None, present: np.ndarray | None, spec: str) -> np.ndarray:
+    """Ids of the classes whose name, or one of its '-'/'_'/space-separated words, is in ``words``
+    (comma-separated, case-insensitive), among ``present`` ids (all named ones when None).
+
+    Why: an old model trained on a random half of the classes still sees every attribute value when classes
+    are conjunctions of shared attributes (as in the built-in data), so it generalises to the other half. Picking
+    old classes by a word of their names ("named:hue000,hue030") leaves the old model blind to the attribute
+    values it never saw, the situation the FastFill paper's uncertainty-ordered backfill is built for.
+    """
+    wanted = [w.strip() for w in words.split(",")]
+    if not all(wanted):
+        raise ValueError(f"bad class spec {spec!r}: give 'named:WORD[,WORD...]' without empty words")
+    if names is None:
+        raise ValueError(f"class spec {spec!r} needs class names, and the table records none")
+    ids = np.arange(len(names)) if present is None else present[present < len(names)]
+    parts = {int(i): {names[i].lower(), *_WORD_SEPARATORS.split(names[i].lower())} for i in ids}
+    unmatched = [w for w in wanted if not any(w in words_of for words_of in parts.values())]
+    if unmatched:
+        raise ValueError(f"class spec {spec!r}: no class name has the word(s) {', '.join(unmatched)}")
+    return np.array(sorted(i for i, words_of in parts.items() if words_of.intersection(wanted)), dtype=np.int64)
 
 
 def parse_fractions(text: str) -> dict[str, float]:
@@ -121,7 +149,10 @@ def split_table(
     if old_classes is not None:
         if TRAIN not in fractions:
             raise ValueError(f"old_classes needs a '{TRAIN}' split to take the old classes' rows from")
-        old = parse_class_spec(old_classes, classes) if isinstance(old_classes, str) else np.asarray(old_classes)
+        if isinstance(old_classes, str):
+            old = parse_class_spec(old_classes, classes, class_names(table.schema))
+        else:
+            old = np.asarray(old_classes)
         train = result[TRAIN]
         keep = np.isin(train.column(LABEL).to_numpy(), old)
         result[OLD_TRAIN] = train.filter(pa.array(keep))
