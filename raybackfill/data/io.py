@@ -143,6 +143,13 @@ def read_shard(uri: str, columns: list[str] | None = None) -> pa.Table:
         raise StorageError(_describe(uri, err)) from err
 
 
+def dictionary_columns(table: pa.Table) -> list[str]:
+    """Columns worth Parquet dictionary encoding: strings (model tags, class names repeat). Vectors and image
+    bytes are all distinct: trying a dictionary on them made writing an embedding batch 3x slower
+    (8192 x 128 floats: 40 ms vs 14 ms) for a larger file."""
+    return [f.name for f in table.schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+
+
 def write_shard(table: pa.Table, uri: str, name: str, *, if_exists: str = "error") -> str:
     """Write one shard atomically under a table directory and return its URI.
 
@@ -163,10 +170,10 @@ def write_shard(table: pa.Table, uri: str, name: str, *, if_exists: str = "error
         parent = path.rsplit("/", 1)[0]
         fs.create_dir(parent, recursive=True)
         if is_s3(target):
-            pq.write_table(table, path, filesystem=fs)
+            pq.write_table(table, path, filesystem=fs, use_dictionary=dictionary_columns(table))
             return target
         tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}-{name}")
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, use_dictionary=dictionary_columns(table))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         try:
