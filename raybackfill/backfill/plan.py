@@ -31,7 +31,6 @@ from raybackfill.backfill.policies import POLICIES, priority_order, priority_sco
 from raybackfill.data import io
 from raybackfill.data.loading import read_images, read_shards, write_quarantine
 from raybackfill.data.schema import EMBEDDING, ID, SIDE_INFO, check_unique_ids, vectors_of
-from raybackfill.models.artifacts import load_model
 
 PLAN_JSON = "plan.json"
 ID_POLICIES = ("random", "id")  # policies that rank by the id alone
@@ -125,9 +124,11 @@ def _score_batch(batch: pa.Table, config: PlanConfig) -> dict[str, np.ndarray]:
     per batch (a task, not an actor): the batches are large (the policy models are small MLPs/heads) and
     tasks reuse warm workers.
     """
+    # Imported here, not at the top: the workers that copy the gallery into tiers (_split_block) import this
+    # module too, and importing torch there cost each new worker ~3 s of CPU.
+    from raybackfill.models.artifacts import load_model
+
     ids = batch.column(ID).to_numpy()
-    if config.policy in ID_POLICIES:
-        return {ID: ids, "score": priority_scores(config.policy, ids, seed=config.seed)}
     transformation = load_model(config.transformation).module if config.policy == "uncertainty" else None
     classifier = None
     if config.policy in ("entropy", "least_confidence"):
@@ -152,10 +153,15 @@ def _score_batch(batch: pa.Table, config: PlanConfig) -> dict[str, np.ndarray]:
 
 def score_gallery(config: PlanConfig, *, batch_size: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
     """(ids, scores) of every stored old embedding: a Ray Data pass, collected to the driver (16 B/id).
-    Policies of the id alone read only the id column (a 1M x 128 table is 512 MB of vectors they ignore)."""
+    Policies of the id alone read only the id column, in the driver (8 MB for 1M ids: a Ray Data pass would
+    start workers to read 512 MB of vectors these policies ignore)."""
+    if config.policy in ID_POLICIES:
+        ids = io.read_table(config.old_embeddings, [ID]).column(ID).to_numpy().astype(np.int64)
+        check_unique_ids(ids, config.old_embeddings)
+        return ids, priority_scores(config.policy, ids, seed=config.seed).astype(np.float64)
     shards = io.table_shards(config.old_embeddings)
     names = io.read_footer(shards[0]).schema.to_arrow_schema().names
-    columns = [ID] if config.policy in ID_POLICIES else [ID, EMBEDDING] + ([SIDE_INFO] if SIDE_INFO in names else [])
+    columns = [ID, EMBEDDING] + ([SIDE_INFO] if SIDE_INFO in names else [])
     ds = read_shards(shards, columns=columns).map_batches(
         _score_batch, fn_kwargs={"config": config}, batch_size=batch_size, batch_format="pyarrow", num_cpus=0.5
     )
