@@ -4,9 +4,13 @@
 2. Instant phase (methods with a forward transformation): transform every stored old embedding into the
    new space (no images read) and upsert it as "transformed": the whole gallery is queryable in the new
    space within minutes.
-3. Backfill phase: per tier, highest priority first, read the tier's files -> keep the rows still to do ->
-   decode (bad images flagged, not dropped, so the sink can account for them) -> an actor pool running the
-   new backbone -> the sink (raybackfill.backfill.sink) writes and upserts each batch as "new".
+3. Backfill phase: one Ray Data run over every tier's files, highest priority tier first, consumed in order
+   (``preserve_order`` on this dataset only): keep the rows still to do -> decode (bad images flagged, not
+   dropped, so the sink can account for them) -> one actor pool running the new backbone -> the sink
+   (raybackfill.backfill.sink) writes and upserts each batch as "new" into its tier's ledger directory. The
+   pool starts once for the whole phase (a run per tier paid the worker start, torch import and model load
+   once per tier), and the sink flushes at each tier boundary, so no item of tier t is written or upserted
+   before every item of tier t-1 is in the index.
 
 Inputs that are invalid as a whole (raybackfill.backfill.inputs) stop the job before it writes anything.
 
@@ -20,10 +24,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.dataset as pads
 import ray
 from tqdm import tqdm
@@ -31,10 +35,10 @@ from tqdm import tqdm
 from raybackfill.backfill.inputs import check_inputs
 from raybackfill.backfill.ledger import BACKFILL_STAGES, INSTANT_STAGES, Ledger
 from raybackfill.backfill.plan import RANK, Plan, PlanConfig, Tier, ensure_plan, read_plan
-from raybackfill.backfill.sink import BAD_REASON, BatchSink, PhaseStats
+from raybackfill.backfill.rows import TIER, decode_kept, keep_rows
+from raybackfill.backfill.sink import BatchSink, PhaseStats
 from raybackfill.compat.recipes import get_recipe
 from raybackfill.data import io
-from raybackfill.data.images import decode_batch
 from raybackfill.data.loading import probe_image_size, read_shards
 from raybackfill.data.schema import EMBEDDING, ID, IMAGE, SIDE_INFO
 from raybackfill.embed.actors import EmbedImages, TransformEmbeddings
@@ -152,28 +156,10 @@ def _set_phase(router, phase: str) -> None:
         get(router.set_phase.remote(phase))
 
 
-def _keep(ids: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """Mask of ``ids`` that are in the sorted array ``keep`` (binary search, no per-row Python)."""
-    if not len(keep):
-        return np.zeros(len(ids), dtype=bool)
-    pos = np.minimum(np.searchsorted(keep, ids), len(keep) - 1)
-    return keep[pos] == ids
-
-
-def _keep_rows(batch: pa.Table, keep: np.ndarray) -> pa.Table:
-    return batch.filter(pa.array(_keep(batch.column(ID).to_numpy(), keep)))
-
-
-def _decode_kept(batch: dict[str, np.ndarray], keep: np.ndarray, size: int) -> dict[str, np.ndarray]:
-    """Keep the rows still to do and decode them; an undecodable row gets zero pixels and its reason."""
-    mask = _keep(batch[ID], keep)
-    ids, images = batch[ID][mask], batch[IMAGE][mask]
-    decoded = decode_batch(images, size)
-    pixels = np.zeros((len(ids), 3, size, size), dtype=np.float32)
-    pixels[decoded.ok] = decoded.pixels
-    reasons = np.full(len(ids), "", dtype=object)
-    reasons[~decoded.ok] = decoded.reasons
-    return {ID: ids, "pixels": pixels, BAD_REASON: reasons}
+def tier_runs(tiers: np.ndarray) -> list[tuple[int, int, int]]:
+    """(tier, start, stop) of each run of equal values in a batch's tier column, in batch order."""
+    bounds = np.r_[0, np.flatnonzero(np.diff(tiers)) + 1, len(tiers)] if len(tiers) else np.zeros(1, np.int64)
+    return [(int(tiers[a]), int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def _bar(config: BackfillConfig, name: str, total: int) -> tqdm:
@@ -191,18 +177,17 @@ def _instant_phase(config: BackfillConfig, ledger: Ledger, router, version: str)
         return stats
     columns = [ID, EMBEDDING] + ([SIDE_INFO] if read_spec(config.transformation).dims.get("side") else [])
     pool = config.pool
-    ds = (
-        read_shards(io.list_shards(config.old_embeddings), columns=columns, rows_per_block=config.transform_batch_size)
-        .map_batches(_keep_rows, fn_kwargs={"keep": keep}, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
-        .map_batches(
-            TransformEmbeddings,
-            fn_constructor_kwargs={"model_uri": config.transformation, "num_threads": max(int(pool.cpus_per_actor), 1)},
-            compute=ray.data.ActorPoolStrategy(size=pool.actors),
-            batch_size=config.transform_batch_size,
-            batch_format="pyarrow",
-            num_cpus=pool.cpus_per_actor,
-            num_gpus=pool.gpus(),
-        )
+    ds = read_shards(io.list_shards(config.old_embeddings), columns=columns, rows_per_block=config.transform_batch_size)
+    if len(keep) < len(old_ids):  # a resumed run: drop what is done (a first run skips this whole pass)
+        ds = ds.map_batches(keep_rows, fn_kwargs={"keep": keep}, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
+    ds = ds.map_batches(
+        TransformEmbeddings,
+        fn_constructor_kwargs={"model_uri": config.transformation, "num_threads": max(int(pool.cpus_per_actor), 1)},
+        compute=ray.data.ActorPoolStrategy(size=pool.actors),
+        batch_size=config.transform_batch_size,
+        batch_format="pyarrow",
+        num_cpus=pool.cpus_per_actor,
+        num_gpus=pool.gpus(),
     )
     with _bar(config, "instant (transform)", len(keep)) as bar:
         sink = BatchSink(ledger, router, state="transformed", version=version, stats=stats,
@@ -233,46 +218,72 @@ def backfill_limit(config: BackfillConfig, total: int, done: int) -> int:
 
 
 def _backfill_phase(config: BackfillConfig, plan: Plan, ledger: Ledger, router, version: str) -> PhaseStats:
-    """Re-embed the images tier by tier; each tier is a complete Ray Data run before the next starts."""
+    """Re-embed the images tier by tier in one Ray Data run; each tier is in the index before the next starts."""
     stats = PhaseStats("backfill")
     done = np.union1d(ledger.ids(ledger.new_uri), ledger.quarantined(BACKFILL_STAGES))
     left = backfill_limit(config, plan.total, len(done))
-    todo = []
+    files, todo, tier_of = [], [], []
     for tier in plan.tiers:
         order = _tier_order(tier)
         order = order[~np.isin(order, done)][: max(left, 0)]
         left -= len(order)
-        todo.append(order)
-    if not sum(len(t) for t in todo):
+        if len(order):  # a tier with nothing left to do is not read at all
+            files += tier.files
+            todo.append(order)
+            tier_of.append(np.full(len(order), tier.index, dtype=np.int64))
+    if not todo:
         return stats
-    size = probe_image_size(config.gallery)
-    pool = config.pool
-    with _bar(config, "backfill (re-embed)", sum(len(t) for t in todo)) as bar:
+    ids, tiers = np.concatenate(todo), np.concatenate(tier_of)
+    ds = backfill_stream(files, ids, tiers, probe_image_size(config.gallery), config.upgrade, config.pool)
+    with _bar(config, "backfill (re-embed)", len(ids)) as bar:
         sink = BatchSink(ledger, router, state="new", version=version, stats=stats,
                          max_bad_fraction=config.max_bad_fraction, bar=bar)
-        for tier, ids in zip(plan.tiers, todo, strict=True):
-            if not len(ids):
-                continue
-            ds = (
-                read_shards(tier.files, columns=[ID, IMAGE], rows_per_block=pool.batch_size)  # one task per batch
-                .map_batches(_decode_kept, fn_kwargs={"keep": np.sort(ids), "size": size}, batch_format="numpy",
-                             batch_size=pool.batch_size, num_cpus=0.5)
-                .map_batches(
-                    EmbedImages,
-                    fn_constructor_kwargs={"models": {EMBEDDING: config.upgrade},
-                                           "num_threads": max(int(pool.cpus_per_actor), 1)},
-                    compute=ray.data.ActorPoolStrategy(size=pool.actors),
-                    batch_size=pool.batch_size,
-                    batch_format="numpy",
-                    num_cpus=pool.cpus_per_actor,
-                    num_gpus=pool.gpus(),
-                )
-            )
-            bar.set_description(f"backfill tier {tier.index + 1}/{len(plan.tiers)}")
-            for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-                sink.consume(batch, ledger.tier_uri(tier.index))
-            sink.flush()  # the tier is in the index before the next tier starts
+        batches = ds.iter_batches(batch_format="numpy", batch_size=None)
+        consume_in_tier_order(batches, sink, ledger, lambda t: bar.set_description(
+            f"backfill tier {t + 1}/{len(plan.tiers)}"))
     return stats
+
+
+def backfill_stream(files: list[str], ids: np.ndarray, tiers: np.ndarray, size: int, upgrade: str,
+                    pool: PoolConfig) -> ray.data.Dataset:
+    """One dataset over ``files`` (listed in tier order) that keeps ``ids`` (``tiers``: the tier of each),
+    decodes and embeds them with one actor pool, and yields its batches in the order of ``files``."""
+    by_id = np.argsort(ids, kind="stable")
+    ds = (
+        read_shards(files, columns=[ID, IMAGE], rows_per_block=pool.batch_size)  # one task per batch
+        .map_batches(decode_kept, fn_kwargs={"keep": ids[by_id], "tiers": tiers[by_id], "size": size},
+                     batch_format="numpy", batch_size=pool.batch_size, num_cpus=0.5)
+        .map_batches(
+            EmbedImages,
+            fn_constructor_kwargs={"models": {EMBEDDING: upgrade}, "num_threads": max(int(pool.cpus_per_actor), 1)},
+            compute=ray.data.ActorPoolStrategy(size=pool.actors),
+            batch_size=pool.batch_size,
+            batch_format="numpy",
+            num_cpus=pool.cpus_per_actor,
+            num_gpus=pool.gpus(),
+        )
+    )
+    # ds.context is this dataset's own copy of the DataContext: the setting does not leak into other datasets.
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
+def consume_in_tier_order(batches: Iterable[dict[str, np.ndarray]], sink: BatchSink, ledger: Ledger,
+                          on_tier: Callable[[int], None]) -> None:
+    """Write each row to its tier's ledger directory; flush the sink before a tier's first write, so every item
+    of the previous tier is in the index first. A batch may span a tier boundary; a stream whose tiers go down
+    is refused (the order was lost upstream: a lower tier would be written after a higher one)."""
+    current = -1
+    for batch in batches:
+        for tier, start, stop in tier_runs(batch[TIER]):
+            if tier != current:
+                if tier < current:
+                    raise RuntimeError(f"backfill stream out of tier order: tier {tier} after tier {current}")
+                sink.flush()
+                current = tier
+                on_tier(tier)
+            sink.consume({k: v[start:stop] for k, v in batch.items()}, ledger.tier_uri(tier))  # views, no copy
+    sink.flush()
 
 
 def summary_table(summary: BackfillSummary) -> str:

@@ -1,0 +1,87 @@
+"""The backfill phase's single Ray Data run: rows arrive in the order of the tier files (one actor pool for every
+tier), and the consumer writes each tier's rows to that tier's ledger directory, flushing between tiers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from raybackfill.backfill.ledger import Ledger
+from raybackfill.backfill.rows import TIER
+from raybackfill.backfill.run import backfill_stream, consume_in_tier_order, tier_runs
+from raybackfill.data import io
+from raybackfill.data.schema import EMBEDDING, ID
+from raybackfill.data.synth import synthesize
+from raybackfill.embed.pipeline import PoolConfig
+from raybackfill.models.artifacts import ModelSpec, save_model
+from raybackfill.models.registry import build_model
+
+
+def test_tier_runs_split_a_batch_at_each_tier_change():
+    assert tier_runs(np.array([0, 0, 1, 1, 1, 3])) == [(0, 0, 2), (1, 2, 5), (3, 5, 6)]
+    assert tier_runs(np.array([2])) == [(2, 0, 1)]
+    assert tier_runs(np.array([], dtype=np.int64)) == []
+
+
+class RecordingSink:
+    """Stands in for BatchSink: records what was consumed where, and each flush."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def consume(self, batch: dict[str, np.ndarray], directory: str) -> None:
+        self.events.append(("consume", directory.rsplit("/", 1)[-1], batch[ID].tolist()))
+
+    def flush(self) -> None:
+        self.events.append(("flush",))
+
+
+def _batch(ids: list[int], tiers: list[int]) -> dict[str, np.ndarray]:
+    return {ID: np.array(ids), TIER: np.array(tiers), EMBEDDING: np.zeros((len(ids), 2), np.float32)}
+
+
+def test_consumer_routes_rows_to_their_tier_and_flushes_before_each_new_tier(tmp_path):
+    sink, seen = RecordingSink(), []
+    batches = [_batch([1, 2], [0, 0]), _batch([3, 4, 5], [0, 2, 2]), _batch([6], [2])]
+    consume_in_tier_order(iter(batches), sink, Ledger(str(tmp_path)), seen.append)
+    assert seen == [0, 2]
+    assert sink.events == [
+        ("flush",), ("consume", "tier-00000", [1, 2]), ("consume", "tier-00000", [3]),
+        ("flush",), ("consume", "tier-00002", [4, 5]), ("consume", "tier-00002", [6]), ("flush",),
+    ]  # fmt: skip
+
+
+def test_consumer_refuses_a_stream_whose_tiers_go_down(tmp_path):
+    sink = RecordingSink()
+    with pytest.raises(RuntimeError, match="tier 0 after tier 1"):
+        consume_in_tier_order(iter([_batch([1, 2], [0, 1]), _batch([3], [0])]), sink, Ledger(str(tmp_path)), print)
+    assert ("consume", "tier-00000", [3]) not in sink.events  # nothing of the late row was written
+
+
+def test_stream_yields_rows_in_file_order_with_their_tier_and_leaves_the_global_context_alone(ray_cluster, tmp_path):
+    """A big first file and small later ones: unordered, the small files' rows overtake the big file's tail
+    (they are read and cut into blocks first). preserve_order on the dataset keeps the listed order."""
+    torch.manual_seed(0)
+    images = synthesize(classes=2, per_class=120, size=8)
+    sizes = [200, 4, 4, 4, 4, 4]
+    bounds = np.cumsum([0, *sizes])
+    files = [io.write_shard(images.slice(a, b - a), str(tmp_path / "g"), f"part-{i}.parquet")
+             for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))]
+    kwargs = {"embedding_dim": 4, "num_classes": 2, "width": 4}
+    model = str(tmp_path / "model")
+    save_model(build_model("small_cnn", **kwargs), model, ModelSpec("small_cnn", "v", kwargs))
+    ids = np.arange(bounds[-1])[::-1].copy()  # any order: the stream must follow the files, not these ids
+    tiers = np.where(ids < sizes[0], 0, 1)
+    before = ray.data.DataContext.get_current().execution_options.preserve_order
+
+    pool = PoolConfig(actors=2, cpus_per_actor=0.25, batch_size=4, gpus_per_actor=0.0)
+    ds = backfill_stream(files, ids, tiers, 8, model, pool)
+    batches = list(ds.iter_batches(batch_format="numpy", batch_size=None))
+
+    assert ray.data.DataContext.get_current().execution_options.preserve_order == before
+    got = np.concatenate([b[ID] for b in batches])
+    assert got.tolist() == list(range(bounds[-1]))
+    assert np.concatenate([b[TIER] for b in batches]).tolist() == [0] * sizes[0] + [1] * sum(sizes[1:])
+    assert all(b[EMBEDDING].shape[1] == 4 for b in batches)
