@@ -51,8 +51,12 @@ def test_quick_run_reports_both_ratios_against_the_best_bare_baseline(ray_cluste
     assert embed["baseline"] == max(embed["bare_items_per_s_by_config"], key=embed["bare_items_per_s_by_config"].get)
     for key in ("ratio", "pipeline_items_per_s", "bare_items_per_s"):
         assert_positive(embed[key], key)
-    if embed["pipeline_steady_items_per_s"] is not None:  # None when one batch carried every row to the driver
-        assert_positive(embed["pipeline_steady_items_per_s"], "pipeline_steady_items_per_s")
+    assert len(embed["pipeline_seconds_2x"]) == len(embed["bare_seconds_2x"]) == result["config"]["repeats"]
+    if embed["ratio_steady"] is not None:  # None when noise made the 2N run no slower than the N run
+        for key in ("pipeline_steady_items_per_s", "bare_steady_items_per_s", "ratio_steady"):
+            assert_positive(embed[key], key)
+        assert math.isclose(embed["ratio_steady"],
+                            embed["pipeline_steady_items_per_s"] / embed["bare_steady_items_per_s"])
     assert math.isclose(embed["ratio"], embed["pipeline_items_per_s"] / embed["bare_items_per_s"])
 
     transform = result["transform_vs_reembed"]
