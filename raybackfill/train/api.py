@@ -32,7 +32,7 @@ def _image_dataset(images_uri: str) -> ray.data.Dataset:
     not re-read and re-decode; large ones stream (and are re-decoded) every epoch. The size check reads
     the row count from the Parquet footers: ``Dataset.count()`` would read and decode everything once more."""
     size = probe_image_size(images_uri)
-    ds = read_images(images_uri, require_label=True).select_columns([ID, "image", LABEL])
+    ds = read_images(images_uri, require_label=True, block_per_file=False).select_columns([ID, "image", LABEL])
     ds = decode_images(ds, size=size).select_columns(["pixels", LABEL])
     decoded_bytes = table_info(images_uri).rows * 3 * size * size * 4
     if decoded_bytes < 0.25 * ray.available_resources().get("object_store_memory", 0):
