@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -41,8 +41,7 @@ from raybackfill.compat.recipes import get_recipe
 from raybackfill.data import io
 from raybackfill.data.loading import probe_image_size, read_shards
 from raybackfill.data.schema import EMBEDDING, ID, IMAGE, SIDE_INFO
-from raybackfill.embed.actors import EmbedImages, TransformEmbeddings
-from raybackfill.embed.pipeline import PoolConfig
+from raybackfill.embed.pipeline import PoolConfig, map_embed, map_transform
 from raybackfill.index.router import connect, get
 from raybackfill.models.artifacts import read_spec
 
@@ -180,15 +179,7 @@ def _instant_phase(config: BackfillConfig, ledger: Ledger, router, version: str)
     ds = read_shards(io.list_shards(config.old_embeddings), columns=columns, rows_per_block=config.transform_batch_size)
     if len(keep) < len(old_ids):  # a resumed run: drop what is done (a first run skips this whole pass)
         ds = ds.map_batches(keep_rows, fn_kwargs={"keep": keep}, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
-    ds = ds.map_batches(
-        TransformEmbeddings,
-        fn_constructor_kwargs={"model_uri": config.transformation, "num_threads": max(int(pool.cpus_per_actor), 1)},
-        compute=ray.data.ActorPoolStrategy(size=pool.actors),
-        batch_size=config.transform_batch_size,
-        batch_format="pyarrow",
-        num_cpus=pool.cpus_per_actor,
-        num_gpus=pool.gpus(),
-    )
+    ds = map_transform(ds, config.transformation, replace(pool, batch_size=config.transform_batch_size))
     with _bar(config, "instant (transform)", len(keep)) as bar:
         sink = BatchSink(ledger, router, state="transformed", version=version, stats=stats,
                          max_bad_fraction=config.max_bad_fraction, bar=bar)
@@ -249,20 +240,10 @@ def backfill_stream(files: list[str], ids: np.ndarray, tiers: np.ndarray, size: 
     """One dataset over ``files`` (listed in tier order) that keeps ``ids`` (``tiers``: the tier of each),
     decodes and embeds them with one actor pool, and yields its batches in the order of ``files``."""
     by_id = np.argsort(ids, kind="stable")
-    ds = (
-        read_shards(files, columns=[ID, IMAGE], rows_per_block=pool.batch_size)  # one task per batch
-        .map_batches(decode_kept, fn_kwargs={"keep": ids[by_id], "tiers": tiers[by_id], "size": size},
-                     batch_format="numpy", batch_size=pool.batch_size, num_cpus=0.5)
-        .map_batches(
-            EmbedImages,
-            fn_constructor_kwargs={"models": {EMBEDDING: upgrade}, "num_threads": max(int(pool.cpus_per_actor), 1)},
-            compute=ray.data.ActorPoolStrategy(size=pool.actors),
-            batch_size=pool.batch_size,
-            batch_format="numpy",
-            num_cpus=pool.cpus_per_actor,
-            num_gpus=pool.gpus(),
-        )
-    )
+    ds = read_shards(files, columns=[ID, IMAGE], rows_per_block=pool.batch_size)  # one task per batch
+    ds = ds.map_batches(decode_kept, fn_kwargs={"keep": ids[by_id], "tiers": tiers[by_id], "size": size},
+                        batch_format="numpy", batch_size=pool.batch_size, num_cpus=0.5)
+    ds = map_embed(ds, {EMBEDDING: upgrade}, pool)
     # ds.context is this dataset's own copy of the DataContext: the setting does not leak into other datasets.
     ds.context.execution_options.preserve_order = True
     return ds

@@ -52,6 +52,34 @@ class EmbedResult:
     quarantined: int
 
 
+def map_embed(ds: ray.data.Dataset, models: dict[str, str], pool: PoolConfig) -> ray.data.Dataset:
+    """Add the embedding stage: decoded ``pixels`` -> one column per model, on an actor pool that loads the
+    models once per actor (not once per batch), with torch threads matched to the actor's CPUs."""
+    return ds.map_batches(
+        EmbedImages,
+        fn_constructor_kwargs={"models": models, "num_threads": max(int(pool.cpus_per_actor), 1)},
+        compute=ray.data.ActorPoolStrategy(size=pool.actors),
+        batch_size=pool.batch_size,
+        batch_format="numpy",
+        num_cpus=pool.cpus_per_actor,
+        num_gpus=pool.gpus(),
+    )
+
+
+def map_transform(ds: ray.data.Dataset, model_uri: str, pool: PoolConfig) -> ray.data.Dataset:
+    """Add the forward-transformation stage: stored old embeddings (+ side-info) -> new-space embeddings
+    (+ uncertainty). Arrow batches, so the fixed-size-list vectors reach the actor without a copy."""
+    return ds.map_batches(
+        TransformEmbeddings,
+        fn_constructor_kwargs={"model_uri": model_uri, "num_threads": max(int(pool.cpus_per_actor), 1)},
+        compute=ray.data.ActorPoolStrategy(size=pool.actors),
+        batch_size=pool.batch_size,
+        batch_format="pyarrow",
+        num_cpus=pool.cpus_per_actor,
+        num_gpus=pool.gpus(),
+    )
+
+
 def embed_images(
     images_uri: str,
     models: dict[str, str],
@@ -71,15 +99,7 @@ def embed_images(
     ds = read_images(images_uri, rows_per_block=pool.batch_size)  # one actor task per batch
     columns = [c for c in (ID, "image", *keep_columns) if c in ds.schema().names]
     ds = decode_images(ds.select_columns(columns), size=probe_image_size(images_uri), quarantine_uri=quarantine_uri)
-    ds = ds.map_batches(
-        EmbedImages,
-        fn_constructor_kwargs={"models": models, "num_threads": max(int(pool.cpus_per_actor), 1)},
-        compute=ray.data.ActorPoolStrategy(size=pool.actors),
-        batch_size=pool.batch_size,
-        batch_format="numpy",
-        num_cpus=pool.cpus_per_actor,
-        num_gpus=pool.gpus(),
-    )
+    ds = map_embed(ds, models, pool)
     return _write_embeddings(ds, out_uri, version, quarantine_uri, pool, progress, f"embed {images_uri}")
 
 
@@ -89,15 +109,7 @@ def transform_embeddings(
     """Apply a forward transformation to a stored old-embedding table (no images read)."""
     pool = pool or PoolConfig(batch_size=8192)
     spec = read_spec(model_uri)
-    ds = read_shards(io.list_shards(old_uri), rows_per_block=pool.batch_size).map_batches(
-        TransformEmbeddings,
-        fn_constructor_kwargs={"model_uri": model_uri, "num_threads": max(int(pool.cpus_per_actor), 1)},
-        compute=ray.data.ActorPoolStrategy(size=pool.actors),
-        batch_size=pool.batch_size,
-        batch_format="pyarrow",
-        num_cpus=pool.cpus_per_actor,
-        num_gpus=pool.gpus(),
-    )
+    ds = map_transform(read_shards(io.list_shards(old_uri), rows_per_block=pool.batch_size), model_uri, pool)
     quarantine_uri = io.join(out_uri, "_quarantine")
     return _write_embeddings(ds, out_uri, spec.version, quarantine_uri, pool, progress, f"transform {old_uri}")
 
