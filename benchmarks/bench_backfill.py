@@ -14,7 +14,11 @@ rates a gallery of millions would see, and ``pipeline_startup_seconds`` is what 
 
 ``transform_vs_reembed``: ``transform_embeddings`` (a forward transformation over a stored old-embedding
 table, no images read) vs ``embed_images`` (the backbone over the images), both end to end with writes,
-the same pool; the ratio is of items/s.
+the same pool; the ratio is of items/s. Both also run over tables twice as large, so ``ratio_steady`` is the
+ratio without either pool's start. ``compute_bound_ratio`` is the ceiling no pipeline can beat: bare
+transformation items/s (read + forward, warmed, one process) over the bare embedding baseline above. The
+ratio is the backbone's cost over the transformation's, so ``--reembed-also`` repeats the re-embedding side
+with heavier backbones (default ResNet-18 on fewer images) against the same transform runs.
 
 Every figure is the median of ``--repeats``. Writes JSON (default benchmarks/results/bench_backfill.json)
 with the machine (cores, torch/faiss/numpy versions, load average at start and end: the box is shared)
@@ -27,6 +31,7 @@ and prints a summary. Uses a Ray that is already initialised (or RAY_ADDRESS), e
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -43,15 +48,14 @@ import torch
 from raybackfill.data import io
 from raybackfill.data.images import decode_batch
 from raybackfill.data.loading import decode_images, read_images
-from raybackfill.data.schema import EMBEDDING, ID, IMAGE, embedding_table
+from raybackfill.data.schema import EMBEDDING, ID, IMAGE, embedding_table, vectors_of
 from raybackfill.data.synth import synthesize
-from raybackfill.embed.actors import EmbedImages
-from raybackfill.embed.pipeline import PoolConfig, embed_images, transform_embeddings
+from raybackfill.embed.pipeline import PoolConfig, embed_images, map_embed, transform_embeddings
 from raybackfill.models.artifacts import ModelSpec, load_model, save_model
 from raybackfill.models.registry import build_model
 from raybackfill.runtime import init_ray
 
-QUICK = {"images": 2_000, "size": 32, "embeddings": 20_000}
+QUICK = {"images": 2_000, "size": 32, "embeddings": 20_000, "reembed_also": ""}
 # The re-embedding backbone. small_cnn is the cheapest model a backfill would run (so the transform ratio is
 # its worst case); resnet18 stands for a production backbone.
 BACKBONES = {
@@ -65,28 +69,40 @@ FCT_KWARGS = {"old_dim": OLD_DIM, "new_dim": 128}
 def write_inputs(root: str, args: argparse.Namespace) -> dict[str, str]:
     """The image table, the old-embedding table, the backbone and the transformation (random weights)."""
     torch.manual_seed(args.seed)
-    paths = {name: os.path.join(root, name) for name in ("images", "images_2x", "old", "backbone", "fct")}
+    paths = {name: os.path.join(root, name) for name in ("images", "images_2x", "old", "old_2x", "backbone", "fct")}
     classes = 10
-    images = synthesize(classes=classes, per_class=-(-2 * args.images // classes), size=args.size, seed=args.seed)
+    most = max([args.images, *(n for _, n in args.reembed_also)])
+    images = synthesize(classes=classes, per_class=-(-2 * most // classes), size=args.size, seed=args.seed)
     # Several shards so Ray Data has more than one read unit to spread over the pool; the 2x table has the
     # same shard size, so the difference of the two runs is N more images of the same kind.
     rows_per_shard = max(args.images // 4, 1)
     io.write_table(images.slice(0, args.images), paths["images"], rows_per_shard=rows_per_shard)
     io.write_table(images.slice(0, 2 * args.images), paths["images_2x"], rows_per_shard=rows_per_shard)
+    for name, n in args.reembed_also:
+        for suffix, rows in (("", n), ("_2x", 2 * n)):
+            paths[f"images_{name}{suffix}"] = os.path.join(root, f"images_{name}{suffix}")
+            io.write_table(images.slice(0, rows), paths[f"images_{name}{suffix}"], rows_per_shard=max(n // 4, 1))
+        paths[f"backbone_{name}"] = os.path.join(root, f"backbone_{name}")
+        save_backbone(paths[f"backbone_{name}"], name)
     rng = np.random.default_rng(args.seed)
-    old = rng.standard_normal((args.embeddings, OLD_DIM), dtype=np.float32)
-    ids = np.arange(args.embeddings, dtype=np.int64)
-    # One shard per transform batch: the pool then takes whole blocks (batch_size=None), because
-    # schema.vectors_of misreads a batch that Ray Data cut from the start of a larger block (see transform_pool).
-    io.write_table(embedding_table(ids, old, model="old-v1"), paths["old"], rows_per_shard=args.transform_batch_size)
+    old = rng.standard_normal((2 * args.embeddings, OLD_DIM), dtype=np.float32)
+    ids = np.arange(2 * args.embeddings, dtype=np.int64)
+    table = embedding_table(ids, old, model="old-v1")
+    io.write_table(table.slice(0, args.embeddings), paths["old"], rows_per_shard=args.transform_batch_size)
+    io.write_table(table, paths["old_2x"], rows_per_shard=args.transform_batch_size)
     save_models(paths["backbone"], paths["fct"], args.backbone)
     return paths
 
 
+def save_backbone(uri: str, backbone: str) -> None:
+    """A re-embedding backbone, random weights (speed only)."""
+    kwargs = BACKBONES[backbone]
+    save_model(build_model(backbone, **kwargs), uri, ModelSpec(backbone, "new-v2", kwargs))
+
+
 def save_models(backbone_uri: str, fct_uri: str, backbone: str = "small_cnn") -> None:
     """The new backbone and the forward transformation, random weights (speed only)."""
-    kwargs = BACKBONES[backbone]
-    save_model(build_model(backbone, **kwargs), backbone_uri, ModelSpec(backbone, "new-v2", kwargs))
+    save_backbone(backbone_uri, backbone)
     fct = build_model("forward_transformation", **FCT_KWARGS)
     save_model(fct, fct_uri, ModelSpec("forward_transformation", "fct-v2", FCT_KWARGS, method="fct"))
 
@@ -170,6 +186,24 @@ def bare_worker(argv: list[str]) -> None:
             print(bare_embed(model, images_uri, int(size), int(batch_size), int(part), int(parts)), flush=True)
 
 
+def bare_transform(old_uri: str, fct_uri: str, batch_size: int, threads: int) -> float:
+    """Seconds for this process (``threads`` torch threads) to read the old-embedding table and transform every
+    row (model loaded and warmed first): the compute the transform path cannot avoid, without writes."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = load_model(fct_uri).module.eval()
+        with torch.inference_mode():
+            model(torch.zeros((batch_size, OLD_DIM)))
+            start = time.perf_counter()
+            old = torch.from_numpy(vectors_of(io.read_table(old_uri, columns=[EMBEDDING])))
+            for begin in range(0, len(old), batch_size):
+                model(old[begin : begin + batch_size])
+            return time.perf_counter() - start
+    finally:
+        torch.set_num_threads(previous)
+
+
 # --- the project's side ------------------------------------------------------------------------------------
 
 
@@ -179,14 +213,7 @@ def pipeline_embed(images_uri: str, model_uri: str, size: int, pool: PoolConfig)
     start = time.perf_counter()
     images = read_images(images_uri, columns=[ID, IMAGE], rows_per_block=pool.batch_size)
     ds = decode_images(images, size=size, batch_size=pool.batch_size, num_cpus=pool.cpus_per_actor)
-    ds = ds.map_batches(
-        EmbedImages,
-        fn_constructor_kwargs={"models": {EMBEDDING: model_uri}, "num_threads": max(int(pool.cpus_per_actor), 1)},
-        compute=ray.data.ActorPoolStrategy(size=pool.actors),
-        batch_size=pool.batch_size,
-        batch_format="numpy",
-        num_cpus=pool.cpus_per_actor,
-    )
+    ds = map_embed(ds, {EMBEDDING: model_uri}, pool)
     for _ in ds.iter_batches(batch_format="numpy", batch_size=None):
         pass
     return time.perf_counter() - start
@@ -200,6 +227,35 @@ def steady_rate(items: int, seconds: list[float], seconds_2x: list[float]) -> fl
     """Items/s of the extra ``items`` of the 2x run: fixed costs cancel. None if noise made it non-positive."""
     extra = statistics.median(seconds_2x) - statistics.median(seconds)
     return items / extra if extra > 0 else None
+
+
+def transform_ratios(transform_rate: float, transform_steady: float | None, images: int, seconds: list[float],
+                     seconds_2x: list[float]) -> dict:
+    """Transform vs one backbone's re-embedding: end to end, and in steady state when both sides have one."""
+    reembed_rate, reembed_steady = median_rate(images, seconds), steady_rate(images, seconds, seconds_2x)
+    return {
+        "ratio": transform_rate / reembed_rate,
+        "ratio_steady": transform_steady / reembed_steady if transform_steady and reembed_steady else None,
+        "transform_items_per_s": transform_rate,
+        "transform_steady_items_per_s": transform_steady,
+        "reembed_images": images,
+        "reembed_items_per_s": reembed_rate,
+        "reembed_steady_items_per_s": reembed_steady,
+        "reembed_seconds": seconds,
+        "reembed_seconds_2x": seconds_2x,
+    }
+
+
+def backbone_sizes(text: str) -> list[tuple[str, int]]:
+    """``resnet18:1000,...`` -> [("resnet18", 1000), ...]; '' -> []."""
+    pairs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, count = item.partition(":")
+        if name not in BACKBONES or not count.isdigit() or int(count) < 1:
+            raise argparse.ArgumentTypeError(f"expected BACKBONE:IMAGES with BACKBONE in {sorted(BACKBONES)}, "
+                                             f"got {item!r}")
+        pairs.append((name, int(count)))
+    return pairs
 
 
 def machine_info() -> dict:
@@ -225,6 +281,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--embeddings", type=int, default=200_000, help="stored old embeddings (default 200k)")
     parser.add_argument("--backbone", choices=sorted(BACKBONES), default="small_cnn",
                         help="the re-embedding backbone (default small_cnn, the cheapest: worst case for the ratio)")
+    parser.add_argument("--reembed-also", type=backbone_sizes, default="resnet18:1000",
+                        help="heavier backbones for transform_vs_reembed, as NAME:IMAGES,... ('' for none)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--transform-batch-size", type=int, default=8192)
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="total threads, both sides")
@@ -238,6 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.cpus < 1:
         parser.error("--repeats and --cpus must be at least 1")
+    args.reembed_also = [(name, count) for name, count in args.reembed_also if name != args.backbone]
 
     owns_ray = not ray.is_initialized()
     init_ray(num_cpus=args.cpus)
@@ -245,9 +304,8 @@ def main(argv: list[str] | None = None) -> dict:
     previous_limits = context.execution_options.resource_limits
     # One actor (1 torch thread, half a CPU) per CPU of the budget; decode tasks take the other halves.
     pool = PoolConfig(actors=args.cpus, cpus_per_actor=0.5, gpus_per_actor=0.0, batch_size=args.batch_size)
-    # batch_size=None: whole blocks (one stored shard of --transform-batch-size rows each). A batch sliced from
-    # row 0 of a larger block has offset 0 but the whole block's child values, which vectors_of reshapes wrongly.
-    transform_pool = PoolConfig(actors=args.cpus, cpus_per_actor=0.5, gpus_per_actor=0.0, batch_size=None)
+    transform_pool = PoolConfig(actors=args.cpus, cpus_per_actor=0.5, gpus_per_actor=0.0,
+                                batch_size=args.transform_batch_size)
     with tempfile.TemporaryDirectory(prefix="bench-backfill-") as root:
         try:
             context.execution_options.resource_limits = previous_limits.copy(cpu=args.cpus)
@@ -269,16 +327,31 @@ def main(argv: list[str] | None = None) -> dict:
             pipe_2x = [pipeline_embed(paths["images_2x"], paths["backbone"], args.size, pool)
                        for _ in range(args.repeats)]
 
-            transform_s, reembed_s = [], []
-            for r in range(args.repeats):
+            outputs = iter(os.path.join(root, f"out-{i}") for i in itertools.count())
+
+            def transform_seconds(old_uri: str) -> float:
                 start = time.perf_counter()
-                transform_embeddings(paths["old"], paths["fct"], os.path.join(root, f"transformed-{r}"),
-                                     pool=transform_pool, progress=False)
-                transform_s.append(time.perf_counter() - start)
+                transform_embeddings(old_uri, paths["fct"], next(outputs), pool=transform_pool, progress=False)
+                return time.perf_counter() - start
+
+            def reembed_seconds(images_uri: str, backbone_uri: str) -> float:
                 start = time.perf_counter()
-                embed_images(paths["images"], {EMBEDDING: paths["backbone"]}, os.path.join(root, f"reembedded-{r}"),
-                             pool=pool, progress=False)
-                reembed_s.append(time.perf_counter() - start)
+                embed_images(images_uri, {EMBEDDING: backbone_uri}, next(outputs), pool=pool, progress=False)
+                return time.perf_counter() - start
+
+            bare_transform_s = [bare_transform(paths["old"], paths["fct"], args.transform_batch_size, args.cpus)
+                                for _ in range(args.repeats)]
+            transform_s = [transform_seconds(paths["old"]) for _ in range(args.repeats)]
+            transform_2x = [transform_seconds(paths["old_2x"]) for _ in range(args.repeats)]
+            reembed = {args.backbone: (n, [reembed_seconds(paths["images"], paths["backbone"])
+                                           for _ in range(args.repeats)],
+                                       [reembed_seconds(paths["images_2x"], paths["backbone"])
+                                        for _ in range(args.repeats)])}
+            for name, count in args.reembed_also:
+                reembed[name] = (count, [reembed_seconds(paths[f"images_{name}"], paths[f"backbone_{name}"])
+                                         for _ in range(args.repeats)],
+                                 [reembed_seconds(paths[f"images_{name}_2x"], paths[f"backbone_{name}"])
+                                  for _ in range(args.repeats)])
         finally:
             context.execution_options.resource_limits = previous_limits
             if owns_ray:
@@ -291,7 +364,10 @@ def main(argv: list[str] | None = None) -> dict:
     bare_steady = steady_rate(n, bare[best], bare_2x)
     steady_ratio = pipe_steady / bare_steady if pipe_steady and bare_steady else None
     transform_rate = median_rate(args.embeddings, transform_s)
-    reembed_rate = median_rate(n, reembed_s)
+    transform_steady = steady_rate(args.embeddings, transform_s, transform_2x)
+    by_backbone = {name: transform_ratios(transform_rate, transform_steady, count, seconds, seconds_2x)
+                   for name, (count, seconds, seconds_2x) in reembed.items()}
+    bare_transform_rate = median_rate(args.embeddings, bare_transform_s)
     load_end = os.getloadavg()
 
     result = {
@@ -324,14 +400,17 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "transform_vs_reembed": {
             "what": f"transform_embeddings of {args.embeddings} stored {OLD_DIM}-d embeddings through "
-                    f"forward_transformation {FCT_KWARGS} vs embed_images of {n} images with the backbone; "
-                    f"both end to end with writes, {args.cpus} actors x 0.5 CPU",
-            "ratio": transform_rate / reembed_rate,
+                    f"forward_transformation {FCT_KWARGS} vs embed_images of {n} images with {args.backbone}; "
+                    f"both end to end with writes, {args.cpus} actors x 0.5 CPU; by_backbone: the same transform "
+                    "runs against other backbones' re-embedding",
+            **by_backbone[args.backbone],
             "target": 50.0,
-            "transform_items_per_s": transform_rate,
-            "reembed_items_per_s": reembed_rate,
+            "compute_bound_ratio": bare_transform_rate / bare_rates[best],
+            "bare_transform_items_per_s": bare_transform_rate,
+            "bare_transform_seconds": bare_transform_s,
             "transform_seconds": transform_s,
-            "reembed_seconds": reembed_s,
+            "transform_seconds_2x": transform_2x,
+            "by_backbone": by_backbone,
         },
     }
     out = Path(args.out)
@@ -345,8 +424,14 @@ def main(argv: list[str] | None = None) -> dict:
                    f"start-up {embed['pipeline_startup_seconds']:.1f} s")
     print(f"pipeline: {pipe_rate:,.0f} img/s end to end, ratio to best bare ({best}) {embed['ratio']:.2f}; "
           f"{steady_text} (target >= 0.8)")
-    print(f"transform: {transform_rate:,.0f} items/s; re-embed: {reembed_rate:,.0f} items/s; "
-          f"ratio {result['transform_vs_reembed']['ratio']:.1f}x (target >= 50)")
+    for name, figures in by_backbone.items():
+        steady = figures["ratio_steady"]
+        print(f"transform vs re-embed with {name}: {figures['transform_items_per_s']:,.0f} vs "
+              f"{figures['reembed_items_per_s']:,.0f} items/s = {figures['ratio']:.1f}x end to end, "
+              + ("steady state lost in noise" if steady is None else f"{steady:.1f}x in steady state")
+              + " (target >= 50)")
+    print(f"compute bound with {args.backbone}: bare transform {bare_transform_rate:,.0f} items/s vs bare embed "
+          f"{bare_rates[best]:,.0f} img/s = {result['transform_vs_reembed']['compute_bound_ratio']:.1f}x")
     print(f"load average {load_start[0]:.1f} -> {load_end[0]:.1f} on {os.cpu_count()} cores; wrote {out}")
     return result
 

@@ -4,11 +4,13 @@ the machine is shared)."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
 from pathlib import Path
 
+import pytest
 import ray
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +33,7 @@ def test_quick_run_reports_both_ratios_against_the_best_bare_baseline(ray_cluste
     # Tiny sizes keep the test to seconds; explicit flags beat --quick. Two CPUs: both bare baselines run.
     returned = load_benchmark().main(
         ["--quick", "--images", "200", "--size", "16", "--embeddings", "4000", "--transform-batch-size", "1000",
-         "--batch-size", "64", "--cpus", "2", "--repeats", "1", "--out", str(out)]
+         "--batch-size", "64", "--cpus", "2", "--repeats", "1", "--reembed-also", "resnet18:40", "--out", str(out)]
     )
 
     assert ray.is_initialized(), "the benchmark must not shut down a Ray it did not start"
@@ -60,6 +62,27 @@ def test_quick_run_reports_both_ratios_against_the_best_bare_baseline(ray_cluste
     assert math.isclose(embed["ratio"], embed["pipeline_items_per_s"] / embed["bare_items_per_s"])
 
     transform = result["transform_vs_reembed"]
-    for key in ("ratio", "transform_items_per_s", "reembed_items_per_s"):
-        assert_positive(transform[key], key)
-    assert math.isclose(transform["ratio"], transform["transform_items_per_s"] / transform["reembed_items_per_s"])
+    assert set(transform["by_backbone"]) == {"small_cnn", "resnet18"}
+    assert transform["by_backbone"]["resnet18"]["reembed_images"] == 40
+    headline = transform["by_backbone"]["small_cnn"]  # the --backbone's figures are the top-level ones
+    assert all(transform[key] == value for key, value in headline.items())
+    for figures in transform["by_backbone"].values():
+        for key in ("ratio", "transform_items_per_s", "reembed_items_per_s"):
+            assert_positive(figures[key], key)
+        assert math.isclose(figures["ratio"], figures["transform_items_per_s"] / figures["reembed_items_per_s"])
+        assert len(figures["reembed_seconds_2x"]) == result["config"]["repeats"]
+        if figures["ratio_steady"] is not None:
+            assert math.isclose(figures["ratio_steady"], figures["transform_steady_items_per_s"]
+                                / figures["reembed_steady_items_per_s"])
+    assert_positive(transform["compute_bound_ratio"], "compute_bound_ratio")
+    assert math.isclose(transform["compute_bound_ratio"],
+                        transform["bare_transform_items_per_s"] / embed["bare_items_per_s"])
+
+
+def test_reembed_backbones_are_parsed_and_unknown_ones_refused():
+    parse = load_benchmark().backbone_sizes
+    assert parse("resnet18:1000, small_cnn:20") == [("resnet18", 1000), ("small_cnn", 20)]
+    assert parse("") == []
+    for bad in ("resnet18", "resnet18:0", "vgg:10", "resnet18:ten"):
+        with pytest.raises(argparse.ArgumentTypeError, match=bad):
+            parse(bad)
