@@ -10,6 +10,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 
@@ -33,7 +34,7 @@ def test_quick_run_reports_both_ratios_against_the_best_bare_baseline(ray_cluste
     # Tiny sizes keep the test to seconds; explicit flags beat --quick. Two CPUs: both bare baselines run.
     returned = load_benchmark().main(
         ["--quick", "--images", "200", "--size", "16", "--embeddings", "4000", "--transform-batch-size", "1000",
-         "--batch-size", "64", "--cpus", "2", "--repeats", "1", "--reembed-also", "resnet18:40", "--out", str(out)]
+         "--batch-size", "16", "--cpus", "2", "--repeats", "1", "--reembed-also", "resnet18:40", "--out", str(out)]
     )
 
     assert ray.is_initialized(), "the benchmark must not shut down a Ray it did not start"
@@ -54,11 +55,10 @@ def test_quick_run_reports_both_ratios_against_the_best_bare_baseline(ray_cluste
     for key in ("ratio", "pipeline_items_per_s", "bare_items_per_s"):
         assert_positive(embed[key], key)
     assert len(embed["pipeline_seconds_2x"]) == len(embed["bare_seconds_2x"]) == result["config"]["repeats"]
-    if embed["ratio_steady"] is not None:  # None when noise made the 2N run no slower than the N run
-        for key in ("pipeline_steady_items_per_s", "bare_steady_items_per_s", "ratio_steady"):
-            assert_positive(embed[key], key)
-        assert math.isclose(embed["ratio_steady"],
-                            embed["pipeline_steady_items_per_s"] / embed["bare_steady_items_per_s"])
+    for key in ("pipeline_steady_items_per_s", "bare_steady_items_per_s", "ratio_steady", "pipeline_startup_seconds"):
+        assert_positive(embed[key], key)
+    assert math.isclose(embed["ratio_steady"], embed["pipeline_steady_items_per_s"] / embed["bare_steady_items_per_s"])
+    assert embed["pipeline_startup_seconds"] < min(embed["pipeline_seconds_2x"])
     assert math.isclose(embed["ratio"], embed["pipeline_items_per_s"] / embed["bare_items_per_s"])
 
     transform = result["transform_vs_reembed"]
@@ -86,3 +86,13 @@ def test_reembed_backbones_are_parsed_and_unknown_ones_refused():
     for bad in ("resnet18", "resnet18:0", "vgg:10", "resnet18:ten"):
         with pytest.raises(argparse.ArgumentTypeError, match=bad):
             parse(bad)
+
+
+def test_steady_rate_is_the_slope_over_the_middle_of_the_rows_and_ignores_start_and_tail():
+    middle_slope = load_benchmark().middle_slope
+    # 10 batches of 100 rows: a 5 s start, then one batch every 0.5 s (200 rows/s), then a slow last batch.
+    seconds = np.array([5.0 + 0.5 * i for i in range(9)] + [20.0])
+    delivered = np.arange(1, 11) * 100
+    assert middle_slope(seconds, delivered) == pytest.approx(200.0)
+    with pytest.raises(ValueError, match="too few batches"):
+        middle_slope(np.array([1.0, 2.0]), np.array([100, 200]))
