@@ -59,6 +59,13 @@ def test_report_has_every_method_and_policy_with_full_curves(demo):
     for anchor in ("old_old", "new_new"):
         assert 0 <= report["anchors"][anchor]["top1"] <= 1 and 0 <= report["anchors"][anchor]["map"] <= 1
     assert report["queries"]["evaluated"] == 12  # 6 classes x 10 images x 0.2 query fraction
+    # Methods with a priority order get a band of random orders (seeds 3, 4, ...) to be judged against.
+    for (method, policy), run in runs.items():
+        banded = policy == "random" and len(METHOD_POLICIES[method]) > 1
+        assert ("seed_aucs" in run) == banded, (method, policy)
+        if banded:
+            assert run["seed_aucs"]["seeds"] == list(range(3, 3 + TINY.random_seeds))
+            assert run["seed_aucs"]["auc_top1"][0] == pytest.approx(run["auc_top1"])
     assert set(report["diagnostics"]) == {"fastfill_uncertainty_spearman", "fastfill_side_info_uncertainty_spearman"}
     assert load_report(os.path.join(config.out, "report.json")) == json.loads(json.dumps(report))
     with open(os.path.join(config.out, "backfill_curves.png"), "rb") as f:

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from raybackfill.backfill.policies import entropy_scores, priority_order, uncertainty_scores
+from raybackfill.backfill.policies import entropy_scores, priority_order, priority_scores, uncertainty_scores
 from raybackfill.cli.eval import register
 from raybackfill.data import io
 from raybackfill.data.schema import embedding_table
-from raybackfill.eval.curves import BackfillSpaces, backfill_curve, even_betas
+from raybackfill.eval.curves import BackfillSpaces, auc_mean, backfill_curve, even_betas
 from raybackfill.eval.metrics import EvalConfig, evaluate
 from raybackfill.index.router import RouterConfig, create_index, destroy_index, get
 from raybackfill.models.artifacts import ModelSpec, save_model
@@ -115,6 +115,35 @@ def test_run_writes_report_plot_and_markdown_matching_the_library(tables, tmp_pa
     printed = capsys.readouterr().out
     assert "AUC top1" in printed and "new_transformed" in printed and "column:uncertainty" in printed
     assert str(out / "report.json") in printed
+
+
+def test_random_seeds_measure_the_random_order_over_several_seeds_and_judge_other_orders_by_that_band(
+    tables, tmp_path, capsys
+):
+    uris, data = tables
+    out = tmp_path / "band"
+    args = ["--method", "fct", "--order", "column:uncertainty", "--order", "random", "--seed", "5"]
+    assert run("eval", "run", *table_args(uris, "transformed"), *args, "--random-seeds", "3", "--betas", "5",
+               "--out", str(out)) == 0
+
+    report = json.loads((out / "report.json").read_text())
+    by_uncertainty, random_run = report["runs"]
+    spread = random_run["seed_aucs"]
+    assert spread["seeds"] == [5, 6, 7] and "seed_aucs" not in by_uncertainty
+    # The run's own curve is seed 5's; seeds 6 and 7 are the library's random orders with those seeds.
+    assert spread["auc_top1"][0] == pytest.approx(random_run["auc_top1"])
+    spaces = BackfillSpaces.compatible(data["q_new"], data["g_transformed"], data["g_new"])
+    reference = evaluate(data["q_old"], data["g_old"], data["q_labels"], data["g_labels"]).correct_top1
+    for seed, auc_top1, auc_map in zip(spread["seeds"], spread["auc_top1"], spread["auc_map"], strict=True):
+        order = priority_order(priority_scores("random", data["g_ids"], seed=seed), data["g_ids"])
+        expected = curve_for(data, spaces, order, reference, 5)
+        assert auc_top1 == pytest.approx(auc_mean(expected.betas, expected.top1))
+        assert auc_map == pytest.approx(auc_mean(expected.betas, expected.map))
+    assert len(set(spread["auc_map"])) == 3, "three seeds, three different random orders"
+    assert "orders against 3 random orders" in (out / "report.md").read_text()
+    assert "z top1" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="random_seeds must be at least 1"):
+        run("eval", "run", *table_args(uris, "transformed"), *args, "--random-seeds", "0", "--out", str(out))
 
 
 def test_policy_orders_read_model_artefacts(tables, tmp_path):

@@ -16,6 +16,7 @@ from raybackfill.eval.report import (
     save_report,
     summary_table,
     validate_report,
+    versus_random,
 )
 
 
@@ -127,3 +128,26 @@ def test_compare_puts_reports_side_by_side_and_marks_missing_runs():
     assert fct.split()[-2:] == ["-", "-"]
     with pytest.raises(ValueError, match="unknown summary keys"):
         compare_reports({"a": a}, keys=("auc",))
+
+
+def test_orders_are_judged_against_the_band_of_random_seeds():
+    seed_aucs = {0: (0.55, 0.33), 1: (0.60, 0.35), 2: (0.65, 0.37)}  # top-1 mean 0.60, sd 0.05; mAP 0.35, 0.02
+    with_band = [
+        Run("fastfill", "random", "compatible", curve([0.4, 0.5, 0.8], [0.2, 0.3, 0.5]), seed_aucs),
+        Run("fastfill", "uncertainty", "compatible", curve([0.4, 0.7, 0.8], [0.2, 0.4, 0.5])),
+        Run("fct", "entropy", "compatible", curve([0.4, 0.7, 0.8], [0.2, 0.4, 0.5])),  # no random band: skipped
+    ]
+    report = build_report(ANCHORS, with_band)
+    assert report["runs"][0]["seed_aucs"] == {"seeds": [0, 1, 2], "auc_top1": [0.55, 0.6, 0.65],
+                                              "auc_map": [0.33, 0.35, 0.37]}
+    assert "seed_aucs" not in report["runs"][1]
+    (row,) = versus_random(report)
+    assert (row["method"], row["policy"], row["random_seeds"]) == ("fastfill", "uncertainty", 3)
+    assert row["auc_top1"] == pytest.approx(1.9 / 3)
+    assert (row["auc_top1_random_mean"], row["auc_top1_random_sd"]) == (pytest.approx(0.6), pytest.approx(0.05))
+    assert row["auc_top1_z"] == pytest.approx((1.9 / 3 - 0.6) / 0.05)
+    assert row["auc_map_z"] == pytest.approx((1.1 / 3 - 0.35) / 0.02)
+    table = summary_table(report)
+    assert "orders against 3 random orders" in table and "0.600 ± 0.050" in table and "+0.7" in table
+    # One seed is no band: nothing to judge against.
+    assert versus_random(build_report(ANCHORS, runs())) == []

@@ -112,6 +112,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--metric", choices=METRICS, default="cosine", help="cosine (default) or l2")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random order (default 0)")
+    parser.add_argument(
+        "--random-seeds", type=int, default=1, metavar="N",
+        help="measure the random order over N seeds (seed, seed+1, ...) and judge the other orders against "
+        "that band (default 1: one random order)",
+    )
     parser.add_argument("--memory-mb", type=int, default=2048, help="working memory per query block (default 2048)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (path or s3://)")
 
@@ -131,6 +136,7 @@ def run_command(args: argparse.Namespace) -> int:
         beta_points=args.betas,
         metric=args.metric,
         seed=args.seed,
+        random_seeds=args.random_seeds,
         memory_budget_mb=args.memory_mb,
         transformation=args.transformation,
         old_model=args.old_model,

@@ -9,7 +9,7 @@ Labels come from the old query and old gallery tables (``label`` column); protoc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -18,7 +18,14 @@ from raybackfill.backfill.policies import POLICIES, priority_order, priority_sco
 from raybackfill.compat.recipes import RECIPES, get_recipe
 from raybackfill.data.io import join, read_table, write_bytes
 from raybackfill.data.schema import ID, LABEL, SIDE_INFO, validate_embedding_table, vectors_of
-from raybackfill.eval.curves import DEFAULT_POINTS, BackfillSpaces, backfill_curve, even_betas
+from raybackfill.eval.curves import (
+    DEFAULT_POINTS,
+    BackfillCurve,
+    BackfillSpaces,
+    auc_mean,
+    backfill_curve,
+    even_betas,
+)
 from raybackfill.eval.metrics import EvalConfig, RetrievalResult, evaluate
 from raybackfill.eval.plots import plot_curves, plot_online
 from raybackfill.eval.report import Run, build_report, save_report, summary_table
@@ -67,7 +74,9 @@ class OfflineConfig:
     ``orders``: policy names (random, id, uncertainty, entropy, least_confidence) or ``column:NAME``, a
     numeric score column of the old (then the transformed) gallery table, highest first.
     ``transformation``: FastFill artefact for ``uncertainty``; ``old_model``: old backbone artefact whose
-    classifier gives ``entropy`` / ``least_confidence``.
+    classifier gives ``entropy`` / ``least_confidence``. ``random_seeds``: how many random orders (seeds
+    ``seed``, ``seed + 1``, ...) the random run is measured over; the report then gives their AUC band, which
+    other orders are judged against (see eval.report.versus_random). Its curve stays the one of ``seed``.
     """
 
     method: str
@@ -78,9 +87,12 @@ class OfflineConfig:
     memory_budget_mb: int = 2048
     transformation: str | None = None
     old_model: str | None = None
+    random_seeds: int = 1
 
     def __post_init__(self) -> None:
         get_recipe(self.method)
+        if self.random_seeds < 1:
+            raise ValueError(f"random_seeds must be at least 1, got {self.random_seeds}")
         if not self.orders:
             raise ValueError("give at least one backfill order")
         if len(set(self.orders)) != len(self.orders):
@@ -202,30 +214,45 @@ def backfill_order(spec: str, tables: LoadedTables, config: OfflineConfig) -> np
     return priority_order(priority_scores(spec, ids, **kwargs), ids)
 
 
+def order_run(
+    order: str,
+    spaces: BackfillSpaces,
+    tables: LoadedTables,
+    config: OfflineConfig,
+    old_old: RetrievalResult,
+    eval_config: EvalConfig,
+) -> Run:
+    """One order's backfill curve; for ``random`` with ``config.random_seeds > 1`` also the AUCs of the
+    other seeds' orders."""
+
+    def curve_of(run_config: OfflineConfig) -> BackfillCurve:
+        return backfill_curve(
+            spaces,
+            backfill_order(order, tables, run_config),
+            tables.query_labels,
+            tables.gallery_labels,
+            old_old.correct_top1,
+            betas=even_betas(config.beta_points),
+            config=eval_config,
+        )
+
+    curve = curve_of(config)
+    seed_aucs = None
+    if order == "random" and config.random_seeds > 1:
+        seed_aucs = {config.seed: (auc_mean(curve.betas, curve.top1), auc_mean(curve.betas, curve.map))}
+        for seed in range(config.seed + 1, config.seed + config.random_seeds):
+            other = curve_of(replace(config, seed=seed))
+            seed_aucs[seed] = (auc_mean(other.betas, other.top1), auc_mean(other.betas, other.map))
+    return Run(config.method, order, spaces.strategy, curve, seed_aucs)
+
+
 def evaluate_tables(inputs: EvalInputs, config: OfflineConfig) -> dict:
     """Anchors and one backfill curve per order for ``config.method``: a report dict (eval.report schema)."""
     eval_config = EvalConfig(metric=config.metric, protocol="disjoint", memory_budget_mb=config.memory_budget_mb)
     tables = load_tables(inputs)
     spaces = method_spaces(config.method, tables)
     fixed = anchors(tables, eval_config)
-    betas = even_betas(config.beta_points)
-    runs = [
-        Run(
-            config.method,
-            order,
-            spaces.strategy,
-            backfill_curve(
-                spaces,
-                backfill_order(order, tables, config),
-                tables.query_labels,
-                tables.gallery_labels,
-                fixed["old_old"].correct_top1,
-                betas=betas,
-                config=eval_config,
-            ),
-        )
-        for order in config.orders
-    ]
+    runs = [order_run(order, spaces, tables, config, fixed["old_old"], eval_config) for order in config.orders]
     return build_report(fixed, runs)
 
 

@@ -18,8 +18,9 @@ Schema (version 1); all metrics are fractions in [0, 1], null where undefined:
         "auc_top1", "auc_map",                    # mean over the even beta grid
         "auc_top1_trapezoid", "auc_map_trapezoid",
         "relative_gain_top1", "relative_gain_map",  # (auc - old_old) / (new_new - old_old)
-        "max_nfr", "final_top1", "final_map"
-      }],
+        "max_nfr", "final_top1", "final_map",
+        "seed_aucs": {"seeds": [...], "auc_top1": [...], "auc_map": [...]}   # optional, random runs: the
+      }],                                                # AUCs of several random orders, the noise band
       "online": {...}                           # optional, written by the online (serving) evaluation
     }
 "map" is mAP over the whole gallery (mAP@all); nfr is the share of queries correct at top-1 under
@@ -73,6 +74,8 @@ class Run:
     policy: str
     strategy: str
     curve: BackfillCurve
+    # Random runs only: seed -> (auc_top1, auc_map) of that random order; ``curve`` is one of them.
+    seed_aucs: Mapping[int, tuple[float, float]] | None = None
 
 
 def _number(x: float) -> float | None:
@@ -88,7 +91,38 @@ def run_entry(run: Run, old_old: RetrievalResult, new_new: RetrievalResult) -> d
         entry[key] = [float(v) for v in getattr(run.curve, key)]
     for key in SUMMARY_KEYS:
         entry[key] = _number(getattr(summary, key))
+    if run.seed_aucs:
+        seeds = sorted(run.seed_aucs)
+        entry["seed_aucs"] = {
+            "seeds": seeds,
+            "auc_top1": [float(run.seed_aucs[s][0]) for s in seeds],
+            "auc_map": [float(run.seed_aucs[s][1]) for s in seeds],
+        }
     return entry
+
+
+def versus_random(report: Mapping) -> list[dict]:
+    """Each priority order against its method's random orders: the gap in AUC and that gap in standard
+    deviations of the random AUCs (z). One random permutation is a noisy baseline at a thousand queries; an
+    order that truly helps should stand clear of the band, not merely above one draw."""
+    rows = []
+    for random_run in report["runs"]:
+        spread = random_run.get("seed_aucs")
+        if random_run["policy"] != "random" or not spread or len(spread["seeds"]) < 2:
+            continue
+        for run in report["runs"]:
+            if run["method"] != random_run["method"] or run["policy"] == "random":
+                continue
+            row: dict = {"method": run["method"], "policy": run["policy"], "random_seeds": len(spread["seeds"])}
+            for key in ("auc_top1", "auc_map"):
+                values = spread[key]
+                mean = sum(values) / len(values)
+                sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+                row[key] = run[key]
+                row[f"{key}_random_mean"], row[f"{key}_random_sd"] = mean, sd
+                row[f"{key}_z"] = _number((run[key] - mean) / sd) if sd > 0 else None
+            rows.append(row)
+    return rows
 
 
 def build_report(anchors: Mapping[str, RetrievalResult], runs: Sequence[Run], online: Mapping | None = None) -> dict:
@@ -228,7 +262,28 @@ def summary_table(report: Mapping, markdown: bool = False) -> str:
         [[*_key(run), *(run[k] for k in TABLE_COLUMNS)] for run in report["runs"]],
         markdown,
     )
-    return f"{_preamble(report)}\n\n{anchors}\n\n{runs}"
+    text = f"{_preamble(report)}\n\n{anchors}\n\n{runs}"
+    rows = versus_random(report)
+    if rows:
+        versus = render_table(
+            ["method", "policy", "AUC top1", "random top1", "z top1", "AUC mAP", "random mAP", "z mAP"],
+            [
+                [r["method"], r["policy"]]
+                + [
+                    cell
+                    for key in ("auc_top1", "auc_map")
+                    for cell in (
+                        r[key],
+                        f"{_cell(r[f'{key}_random_mean'])} ± {_cell(r[f'{key}_random_sd'])}",
+                        "-" if r[f"{key}_z"] is None else f"{r[f'{key}_z']:+.1f}",
+                    )
+                ]
+                for r in rows
+            ],
+            markdown,
+        )
+        text += f"\n\norders against {rows[0]['random_seeds']} random orders (mean ± sd; z in sd):\n\n{versus}"
+    return text
 
 
 def compare_reports(
