@@ -320,8 +320,13 @@ def summary(result: dict) -> str:
     lines = [f"{key}: {result[key]['ratio']:.2f} (target {TARGETS[key]})"
              for key in ("embed_pipeline_vs_bare", "transform_vs_reembed", "merged_query_vs_bare_faiss",
                          "p99_live_vs_idle")]
-    steady = result["embed_pipeline_vs_bare"]["ratio_steady"]
-    lines[0] += "" if steady is None else f"; steady state {steady:.2f}"
+    lines[0] += f"; steady state {result['embed_pipeline_vs_bare']['ratio_steady']:.2f}"
+    transform = result["transform_vs_reembed"]
+    lines[1] += "".join(
+        f"; {name} {figures['ratio']:.1f}x"
+        + ("" if figures["ratio_steady"] is None else f" ({figures['ratio_steady']:.1f}x steady)")
+        for name, figures in transform["by_backbone"].items()
+    ) + f"; compute bound {transform['compute_bound_ratio']:.1f}x"
     lines.append(f"scale ({scale['items']:,} items): {scale['wall_seconds']:.1f} s, "
                  f"{scale['items_per_s']:,.0f} items/s, peak PSS {scale['peak_pss_gb']:.2f} GB "
                  f"(target {TARGETS['scale_1m']})")

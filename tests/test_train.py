@@ -8,7 +8,7 @@ from raybackfill.data import io
 from raybackfill.data.schema import embedding_table
 from raybackfill.data.synth import write_synthetic
 from raybackfill.models.artifacts import load_model
-from raybackfill.train.api import train_backbone, train_side_info, train_transformation
+from raybackfill.train.api import _image_dataset, train_backbone, train_side_info, train_transformation
 from raybackfill.train.trainer import TrainConfig
 
 
@@ -48,6 +48,20 @@ def test_local_mode_backbone_artifact_embeds_images(ray_cluster, images, tmp_pat
     assert model.embed(torch.zeros(2, 3, 16, 16)).shape == (2, 128)
     side = train_side_info(images, str(tmp_path / "side"), train=_cfg(tmp_path, "side", num_workers=0, epochs=1))
     assert side.dims == {"embedding": 32}
+
+
+def test_a_seeded_backbone_run_reads_images_in_table_order_and_trains_the_same_model_twice(ray_cluster, tmp_path):
+    # Several files and several decode blocks: decode tasks may finish in any order.
+    uri = str(tmp_path / "images")
+    write_synthetic(uri, classes=4, per_class=24, size=16, seed=1, rows_per_shard=16)
+    assert _image_dataset(uri).context.execution_options.preserve_order
+    states = []
+    for run in ("a", "b"):
+        train = _cfg(tmp_path, f"seeded-{run}", num_workers=0, epochs=2, batch_size=8)
+        train_backbone(uri, str(tmp_path / run), train=train, backbone_kwargs={"width": 4})
+        states.append(load_model(str(tmp_path / run)).module.state_dict())
+    for name, tensor in states[0].items():
+        assert torch.equal(tensor, states[1][name]), name
 
 
 def test_bct_and_ract_need_an_old_model(images, tmp_path):

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from raybackfill.data import io
@@ -78,6 +78,7 @@ def fit(
             failure_config=FailureConfig(max_failures=config.max_failures),
         ),
         datasets=datasets,
+        dataset_config=_ordered_ingest(),
     )
     result = trainer.fit()
     if result.checkpoint is None:
@@ -86,6 +87,15 @@ def fit(
         state = torch.load(os.path.join(directory, STATE_FILE), weights_only=True)
     _forget_local_checkpoint()
     return state
+
+
+def _ordered_ingest() -> DataConfig:
+    """Ray Train's default ingest options with ``preserve_order``: Train replaces a dataset's own execution
+    options with these, and a seeded run must see its rows in the same order every time (exactly so with
+    one worker or local mode; several workers still split the stream by who asks first)."""
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(execution_options=options)
 
 
 # ---- helpers used inside training loops (they run in Ray Train workers) -------------------------------
