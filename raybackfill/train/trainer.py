@@ -9,6 +9,7 @@ suits tests and small demos, but its checkpoints are not persisted, so a killed 
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import shutil
@@ -90,10 +91,11 @@ def fit(
 
 
 def _ordered_ingest() -> DataConfig:
-    """Ray Train's default ingest options with ``preserve_order``: Train replaces a dataset's own execution
-    options with these, and a seeded run must see its rows in the same order every time (exactly so with
-    one worker or local mode; several workers still split the stream by who asks first)."""
-    options = DataConfig.default_ingest_options()
+    """The session's Ray Data options with ``preserve_order``: Train replaces a dataset's own execution
+    options with its ingest options, and a seeded run must see its rows in the same order every time
+    (exactly so with one worker or local mode; several workers still split the stream by who asks first).
+    A copy, not ``DataConfig.default_ingest_options()``, which passes a deprecated field and warns."""
+    options = copy.deepcopy(ray.data.DataContext.get_current().execution_options)
     options.preserve_order = True
     return DataConfig(execution_options=options)
 
