@@ -53,28 +53,27 @@ class EmbedResult:
 
 
 def map_embed(ds: ray.data.Dataset, models: dict[str, str], pool: PoolConfig) -> ray.data.Dataset:
-    """Add the embedding stage: decoded ``pixels`` -> one column per model, on an actor pool that loads the
-    models once per actor (not once per batch), with torch threads matched to the actor's CPUs."""
-    return ds.map_batches(
-        EmbedImages,
-        fn_constructor_kwargs={"models": models, "num_threads": max(int(pool.cpus_per_actor), 1)},
-        compute=ray.data.ActorPoolStrategy(size=pool.actors),
-        batch_size=pool.batch_size,
-        batch_format="numpy",
-        num_cpus=pool.cpus_per_actor,
-        num_gpus=pool.gpus(),
-    )
+    """Add the embedding stage: decoded ``pixels`` -> one column per model."""
+    return _actor_stage(ds, EmbedImages, {"models": models}, pool, "numpy")
 
 
 def map_transform(ds: ray.data.Dataset, model_uri: str, pool: PoolConfig) -> ray.data.Dataset:
     """Add the forward-transformation stage: stored old embeddings (+ side-info) -> new-space embeddings
     (+ uncertainty). Arrow batches, so the fixed-size-list vectors reach the actor without a copy."""
+    return _actor_stage(ds, TransformEmbeddings, {"model_uri": model_uri}, pool, "pyarrow")
+
+
+def _actor_stage(
+    ds: ray.data.Dataset, actor: type, kwargs: dict, pool: PoolConfig, batch_format: str
+) -> ray.data.Dataset:
+    """An actor pool that loads its models once per actor (not once per batch), with torch threads matched
+    to the actor's CPUs."""
     return ds.map_batches(
-        TransformEmbeddings,
-        fn_constructor_kwargs={"model_uri": model_uri, "num_threads": max(int(pool.cpus_per_actor), 1)},
+        actor,
+        fn_constructor_kwargs={**kwargs, "num_threads": max(int(pool.cpus_per_actor), 1)},
         compute=ray.data.ActorPoolStrategy(size=pool.actors),
         batch_size=pool.batch_size,
-        batch_format="pyarrow",
+        batch_format=batch_format,
         num_cpus=pool.cpus_per_actor,
         num_gpus=pool.gpus(),
     )
