@@ -200,6 +200,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, help="repeats per ratio (default 3, quick 2)")
     parser.add_argument("--sizes", help=f"comma-separated growth sizes (default {FULL_SIZES}, quick {QUICK_SIZES})")
     parser.add_argument("--images", type=int, help="images for the embedding benchmarks (bench_backfill's default)")
+    parser.add_argument("--batch-size", type=int, help="images per embedding batch (bench_backfill's default)")
     parser.add_argument("--embeddings", type=int, help="stored embeddings for the transform benchmark")
     parser.add_argument("--index-n", type=int, help="gallery of the query benchmarks (bench_index's default)")
     parser.add_argument("--probes", type=int, help=f"single queries per latency figure (default {SCALE_PROBES})")
@@ -242,7 +243,7 @@ def run(args: argparse.Namespace) -> dict:
     try:
         with tempfile.TemporaryDirectory(prefix="bench-suite-") as root:
             backfill = bench_backfill.main(sub_argv(args, os.path.join(root, "backfill.json"), images=args.images,
-                                                    embeddings=args.embeddings))
+                                                    batch_size=args.batch_size, embeddings=args.embeddings))
             index = bench_index.main(sub_argv(args, os.path.join(root, "index.json"), n=args.index_n,
                                               latency_probes=args.probes))
             points = [scale_point(root, n, args.probes, args.seed) for n in args.sizes]
