@@ -56,7 +56,7 @@ def test_quick_run_reuses_the_session_ray_and_reports_latency_idle_and_during_up
         assert_finite(result["index"]["strategies_at_beta"][strategy]["ratio_to_bare"], strategy)
 
     latency = result["latency"]
-    for phase in ("idle", "during_upserts"):
+    for phase in ("idle", "during_upserts", "during_paced_upserts"):
         p50, p99 = latency[phase]["p50_ms"], latency[phase]["p99_ms"]
         assert_finite(p50, f"{phase}.p50_ms")
         assert_finite(p99, f"{phase}.p99_ms")
@@ -67,3 +67,8 @@ def test_quick_run_reuses_the_session_ray_and_reports_latency_idle_and_during_up
     assert during["upserts_per_s"] > 0 and during["items_still_old_before"] == 25_000
     assert_finite(latency["p99_ratio"], "p99_ratio")
     assert latency["p99_ratio"] == pytest.approx(during["p99_ms"] / latency["idle"]["p99_ms"])
+    paced = latency["during_paced_upserts"]
+    assert paced["paced_rate"] == 20_000 and paced["upsert_calls"] >= 1
+    # the pace holds: the thread sleeps off any lead, so it never runs ahead by more than one batch
+    assert paced["upsert_items"] <= paced["paced_rate"] * paced["upsert_seconds"] + 10_000
+    assert latency["p99_ratio_paced"] == pytest.approx(paced["p99_ms"] / latency["idle"]["p99_ms"])

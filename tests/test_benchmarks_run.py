@@ -48,6 +48,9 @@ def test_quick_suite_writes_every_key_with_finite_figures(ray_cluster, tmp_path)
         assert len(result[key]["loadavg_start"]) == 3
     merged = result["merged_query_vs_bare_faiss"]
     assert merged["ratio"] == merged["ratio_by_strategy"]["rank_merge"]
+    live = result["p99_live_vs_idle"]
+    assert_positive(live["ratio_paced"], "p99_live_vs_idle.ratio_paced")
+    assert live["ratio_paced"] == live["during_paced_upserts"]["p99_ms"] / live["idle"]["p99_ms"]
 
     scale = result["scale_1m"]
     assert scale["items"] == 5000 and scale["phases"]["instant"]["items"] == 5000
