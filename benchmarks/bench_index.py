@@ -47,6 +47,7 @@ CHUNK = 10_000  # rows per load_old / upsert call, like a backfill batch
 QUICK = {"n": 50_000, "queries": 200, "latency_probes": 100}
 LATENCY_K, LATENCY_STRATEGY = 10, "rank_merge"
 WARMUP_PROBES = 3  # single queries before the idle measurement, not recorded
+BACKFILL_TARGET_ITEMS_PER_S = 20_000  # the rate for the transform path: the pace of the paced upserts
 
 
 def unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--latency-probes", type=int, default=1000,
                         help="single queries per latency measurement, idle and during upserts (default 1000)")
-    parser.add_argument("--paced-rate", type=float, default=20_000.0,
+    parser.add_argument("--paced-rate", type=float, default=float(BACKFILL_TARGET_ITEMS_PER_S),
                         help="items/s of the paced upserts during the second latency measurement (default 20k)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/bench_index.json")

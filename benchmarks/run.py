@@ -294,7 +294,7 @@ def run(args: argparse.Namespace) -> dict:
             **largest,
             "peak_pss_gb": largest["peak_pss_bytes"] / 1e9,
             "target_gb": 8.0,
-            "target_items_per_s": 20_000,
+            "target_items_per_s": bench_index.BACKFILL_TARGET_ITEMS_PER_S,
         },
         "growth": {
             "items": [p["items"] for p in points],
