@@ -12,8 +12,8 @@ sequential) against the router while it is idle, and the same queries again whil
 upserts new-space vectors in batches of 10k like a backfill (first the items still in the old space,
 then, if those run out, re-upserting moved ones). A shard runs one search or upsert at a time, so a
 query that arrives during an upsert waits for it, and on a small box the upserts also take CPU from the
-queries. The thread upserts as fast as the shards take it (a stress test, ~3x what this box's instant
-phase produces), then again paced at ``--paced-rate`` items/s (default 20k, the backfill rate the
+queries. The thread upserts as fast as the shards take it (a stress test: faster than an instant phase
+produces on the same box), then again paced at ``--paced-rate`` items/s (default 20k, the backfill rate the
 issue asks of the transform path) for the latency of a backfill running at a real pace.
 
 Writes JSON (default benchmarks/results/bench_index.json) with the machine (cores, FAISS/numpy/BLAS
