@@ -6,7 +6,15 @@ import os
 import numpy as np
 import pytest
 
-from raybackfill.demo.pipeline import METHOD_POLICIES, TRANSFORMATIONS, DemoConfig, DemoScale, Fit, run_offline
+from raybackfill.demo.pipeline import (
+    METHOD_POLICIES,
+    TRANSFORMATIONS,
+    DemoConfig,
+    DemoScale,
+    Fit,
+    run_offline,
+    uncertainty_agreement,
+)
 from raybackfill.eval.report import load_report
 
 ONE_EPOCH = Fit(epochs=1, batch_size=32, lr=1e-3)
@@ -66,7 +74,8 @@ def test_report_has_every_method_and_policy_with_full_curves(demo):
         if banded:
             assert run["seed_aucs"]["seeds"] == list(range(3, 3 + TINY.random_seeds))
             assert run["seed_aucs"]["auc_top1"][0] == pytest.approx(run["auc_top1"])
-    assert set(report["diagnostics"]) == {"fastfill_uncertainty_spearman", "fastfill_side_info_uncertainty_spearman"}
+    methods, kinds = ("fastfill", "fastfill_side_info"), ("", "_angular")
+    assert set(report["diagnostics"]) == {f"{m}_uncertainty_spearman{k}" for m in methods for k in kinds}
     assert load_report(os.path.join(config.out, "report.json")) == json.loads(json.dumps(report))
     with open(os.path.join(config.out, "backfill_curves.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -112,3 +121,13 @@ def test_a_second_demo_in_the_same_directory_is_refused(demo):
     config, _, _ = demo
     with pytest.raises(FileExistsError, match="choose a new --out"):
         run_offline(config, log=lambda line: None)
+
+
+def test_uncertainty_agreement_tells_norm_error_from_angular_error():
+    # Item 0 is only too short (MSE 2, angle 0), item 1 points elsewhere (MSE 0.4, 1 - cos 0.4), item 2 is
+    # almost right (MSE 0.02, 1 - cos 0.005). Scores that follow the norm error rank MSE perfectly, but the
+    # angular ranks (0, 2, 1) against the score ranks (2, 1, 0) give Spearman -0.5.
+    new = np.array([[4.0, 0.0], [1.0, 0.0], [2.0, 0.0]])
+    transformed = np.array([[2.0, 0.0], [0.6, 0.8], [2.0, 0.2]])
+    agreement = uncertainty_agreement(np.array([3.0, 2.0, 1.0]), transformed, new)
+    assert agreement == pytest.approx({"": 1.0, "_angular": -0.5})

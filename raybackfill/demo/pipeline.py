@@ -33,7 +33,7 @@ from raybackfill.data.schema import EMBEDDING, ID, LABEL, SIDE_INFO, embedding_t
 from raybackfill.data.splits import OLD_TRAIN, split_table, write_splits
 from raybackfill.data.synth import write_synthetic
 from raybackfill.embed.pipeline import embed_images
-from raybackfill.eval.metrics import EvalConfig, RetrievalResult, evaluate
+from raybackfill.eval.metrics import EvalConfig, RetrievalResult, evaluate, prepare
 from raybackfill.eval.offline import (
     Embeddings,
     LoadedTables,
@@ -423,6 +423,16 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(*ranks)[0, 1])
 
 
+def uncertainty_agreement(scores: np.ndarray, transformed: np.ndarray, new: np.ndarray) -> dict[str, float]:
+    """Does FastFill's predicted uncertainty rank items by their true transformation error? Spearman of the
+    scores against the per-item MSE the head is trained on (key ``""``) and against the angular error
+    1 - cos(h, new) (key ``"_angular"``), the only part of the error a cosine index ranks by: the two disagree
+    where the new embeddings' norms vary from item to item."""
+    mse = ((transformed - new) ** 2).mean(axis=1)
+    cosines = (prepare(transformed, "cosine") * prepare(new, "cosine")).sum(axis=1)
+    return {"": spearman(scores, mse), "_angular": spearman(scores, 1.0 - cosines)}
+
+
 def evaluate_demo(
     artifacts: DemoArtifacts, table: pa.Table, labels: dict[str, pa.Table], scale: DemoScale, config: DemoConfig
 ) -> dict:
@@ -496,9 +506,8 @@ def evaluate_demo(
                 side=side if heads[method].uses_side_info else None,
                 transformation=heads[method],
             )
-            error = ((transformed[method] - gallery["new"]) ** 2).mean(axis=1)  # FCT's per-item MSE
-            diagnostics[f"{method}_uncertainty_spearman"] = spearman(scores, error)
+            agreement = uncertainty_agreement(scores, transformed[method], gallery["new"])
+            diagnostics |= {f"{method}_uncertainty_spearman{suffix}": value for suffix, value in agreement.items()}
     report = build_report(anchors, runs)
-    # Does FastFill's predicted uncertainty rank the gallery by the true transformation error (per-item MSE)?
     report["diagnostics"] = diagnostics
     return report
