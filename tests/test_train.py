@@ -4,11 +4,18 @@ import numpy as np
 import pytest
 import torch
 
+from raybackfill.compat.losses import synthesize_old_classifier
 from raybackfill.data import io
 from raybackfill.data.schema import embedding_table
 from raybackfill.data.synth import write_synthetic
 from raybackfill.models.artifacts import load_model
-from raybackfill.train.api import _image_dataset, train_backbone, train_side_info, train_transformation
+from raybackfill.train.api import (
+    _image_dataset,
+    old_features_by_id,
+    train_backbone,
+    train_side_info,
+    train_transformation,
+)
 from raybackfill.train.trainer import TrainConfig
 
 
@@ -62,6 +69,28 @@ def test_a_seeded_backbone_run_reads_images_in_table_order_and_trains_the_same_m
         states.append(load_model(str(tmp_path / run)).module.state_dict())
     for name, tensor in states[0].items():
         assert torch.equal(tensor, states[1][name]), name
+
+
+def test_bct_class_means_do_not_depend_on_the_order_the_embed_job_wrote_rows_in():
+    rng = np.random.default_rng(0)
+    ids = np.arange(400)
+    # Magnitudes from 1e-3 to 1e3: float32 sums of these come out differently in different orders.
+    vectors = (rng.standard_normal((400, 8)) * 10.0 ** rng.uniform(-3, 3, (400, 1))).astype(np.float32)
+    labels = ids % 4
+    shuffled = rng.permutation(400)
+    tables = [
+        embedding_table(ids[rows], vectors[rows], extra={"label": labels[rows]}) for rows in (ids, shuffled)
+    ]
+    (sorted_features, sorted_labels), (features, labels_out) = (old_features_by_id(t) for t in tables)
+    assert torch.equal(features, sorted_features) and torch.equal(labels_out, sorted_labels)
+    old_weight = torch.ones(2, 8)
+    weight, _ = synthesize_old_classifier(old_weight, None, features, labels_out, num_classes_new=4)
+    unsorted, _ = synthesize_old_classifier(
+        old_weight, None, torch.from_numpy(vectors[shuffled]), torch.from_numpy(labels[shuffled]), 4
+    )
+    reference, _ = synthesize_old_classifier(old_weight, None, sorted_features, sorted_labels, 4)
+    assert torch.equal(weight, reference)
+    assert not torch.equal(unsorted, reference)  # the order did matter before the sort
 
 
 def test_bct_and_ract_need_an_old_model(images, tmp_path):
