@@ -71,6 +71,20 @@ def test_a_seeded_backbone_run_reads_images_in_table_order_and_trains_the_same_m
         assert torch.equal(tensor, states[1][name]), name
 
 
+def test_backbone_training_augments_batches_only_when_asked(ray_cluster, images, tmp_path, monkeypatch):
+    import raybackfill.train.loops as loops
+
+    calls = []
+    real = loops.augment
+    monkeypatch.setattr(loops, "augment", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for augment in (True, False):
+        calls.clear()
+        train = _cfg(tmp_path, f"augment-{augment}", num_workers=0, epochs=1, batch_size=16)
+        out = str(tmp_path / f"m-{augment}")
+        train_backbone(images, out, train=train, backbone_kwargs={"width": 4}, augment=augment)
+        assert len(calls) == (2 if augment else 0)  # 32 images in batches of 16
+
+
 def test_bct_class_means_do_not_depend_on_the_order_the_embed_job_wrote_rows_in():
     rng = np.random.default_rng(0)
     ids = np.arange(400)

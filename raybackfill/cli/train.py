@@ -34,6 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     backbone.add_argument("--num-classes", type=int, help="classifier size (default: max label + 1)")
     backbone.add_argument("--tau", type=float, default=0.01, help="RACT temperature (default 0.01)")
     backbone.add_argument("--k", type=int, default=10, help="RACT hardest negatives per kind (default 10)")
+    backbone.add_argument(
+        "--no-augment", dest="augment", action="store_false", help="train on the images as stored (no crops, jitter)"
+    )
     backbone.set_defaults(func=_backbone)
 
     side = sub.add_parser("side-info", help="self-supervised side-information model (SimCLR)")
@@ -127,7 +130,7 @@ def _backbone(args: argparse.Namespace) -> None:
         train_backbone(
             args.images, args.out, method=args.method, architecture=args.architecture,
             embedding_dim=args.embedding_dim, num_classes=args.num_classes, old_model=args.old_model,
-            version=args.version, train=train, tau=args.tau, k=args.k,
+            version=args.version, train=train, tau=args.tau, k=args.k, augment=args.augment,
         )
     )  # fmt: skip
 

@@ -73,11 +73,16 @@ def train_backbone(
     k: int = 10,
     compat_weight: float = 1.0,
     backbone_kwargs: dict | None = None,
+    augment: bool = True,
 ) -> ModelSpec:
     """Train a new (or the old) backbone with the method's loss: independent, bct or ract.
 
     The loss is classification + ``compat_weight`` x the method's compatibility term (lambda = 1 in both
     papers). ``backbone_kwargs`` go to the architecture's builder (e.g. ``{"width": 16}`` for small_cnn).
+    ``augment``: mild crops and colour jitter on each batch. Turn it off to let a new model fit its training
+    set, as the papers' ResNets do (~100 % train accuracy): FastFill's uncertainty head learns where the
+    transformation fails from that set, and it can only tell that apart from the new model's own mistakes
+    when the new model makes none there.
     """
     loss = get_recipe(method).backbone_loss
     if loss != "classification" and old_model is None:
@@ -91,6 +96,7 @@ def train_backbone(
         "tau": tau,
         "k": k,
         "compat_weight": compat_weight,
+        "augment": augment,
     }
     if loss == "bct":
         weight, bias = _bct_old_classifier(images_uri, old_model, num_classes)

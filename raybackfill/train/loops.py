@@ -77,7 +77,9 @@ def backbone_loop(config: dict) -> None:
         meters = {"loss": RunningMean(), "ce": RunningMean(), "compat": RunningMean()}
         generator = _generator(train, epoch)
         for batch in _batches(train, epoch):
-            images = augment(batch["pixels"], SUPERVISED_AUGMENT, generator)
+            images = batch["pixels"]
+            if config["augment"]:
+                images = augment(images, SUPERVISED_AUGMENT, generator)
             labels = batch["label"].long()
             features, logits = model(images)
             ce = losses.classification_loss(logits, labels)
