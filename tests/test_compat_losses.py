@@ -11,6 +11,7 @@ import torch
 from raybackfill.compat.losses import (
     bct_influence_loss,
     classification_loss,
+    fastfill_item_loss,
     fastfill_loss,
     fct_loss,
     metric_compatible_loss,
@@ -191,6 +192,16 @@ def test_fastfill_loss_matches_hand_computed_value():
     expected = ((0.5 * l0 + 0.0) + (0.5 * 0.5 * l1 + 0.5 * math.log(2.0))) / 2
     got = fastfill_loss(h, s, target, torch.tensor([0, 1]), weight, bias).item()
     assert got == pytest.approx(expected, abs=1e-12)
+
+
+def test_fastfill_item_loss_is_mse_plus_smoothed_ce_per_item():
+    h = t([[1.0, 0.0], [0.0, 0.0]])
+    target = t([[1.0, 2.0], [0.0, 1.0]])
+    weight, bias = t([[1.0, 0.0], [0.0, 1.0]]), t([0.0, 0.0])
+    p0 = math.e / (math.e + 1)
+    expected = [2.0 - (0.95 * math.log(p0) + 0.05 * math.log(1 - p0)), 0.5 + math.log(2.0)]
+    got = fastfill_item_loss(h, target, torch.tensor([0, 1]), weight, bias)
+    assert got.tolist() == pytest.approx(expected, abs=1e-12)
 
 
 def test_fastfill_loss_matches_loop_reference_and_accepts_column_uncertainty():

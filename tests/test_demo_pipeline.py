@@ -5,16 +5,20 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
+from raybackfill.data.schema import embedding_table
 from raybackfill.demo.pipeline import (
     METHOD_POLICIES,
     TRANSFORMATIONS,
     DemoConfig,
     DemoScale,
     Fit,
+    _with_oracle_loss,
     run_offline,
     uncertainty_agreement,
 )
+from raybackfill.eval.offline import Embeddings
 from raybackfill.eval.report import load_report
 
 ONE_EPOCH = Fit(epochs=1, batch_size=32, lr=1e-3)
@@ -131,3 +135,19 @@ def test_uncertainty_agreement_tells_norm_error_from_angular_error():
     transformed = np.array([[2.0, 0.0], [0.6, 0.8], [2.0, 0.2]])
     agreement = uncertainty_agreement(np.array([3.0, 2.0, 1.0]), transformed, new)
     assert agreement == pytest.approx({"": 1.0, "_angular": -0.5})
+
+
+def test_oracle_loss_column_is_each_items_true_fastfill_error():
+    rng = np.random.default_rng(0)
+    ids = np.arange(10, 16)
+    old, transformed, new = (rng.normal(size=(6, 3)).astype(np.float32) for _ in range(3))
+    labels = rng.integers(0, 4, size=6)
+    classifier = torch.nn.Linear(3, 4)
+    gallery = _with_oracle_loss(Embeddings(ids, old, embedding_table(ids, old)), transformed, new, labels, classifier)
+    weight, bias = classifier.weight.detach().numpy(), classifier.bias.detach().numpy()
+    logits = transformed @ weight.T + bias
+    log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    smoothed_ce = -(0.9 * log_p[np.arange(6), labels] + 0.1 * log_p.mean(1))
+    expected = ((new - transformed) ** 2).mean(1) + smoothed_ce
+    assert gallery.table.column("oracle_loss").to_numpy() == pytest.approx(expected, rel=1e-5)
+    assert np.array_equal(gallery.ids, ids) and gallery.vectors is old

@@ -107,6 +107,25 @@ def fct_loss(new_features: torch.Tensor, transformed: torch.Tensor) -> torch.Ten
     return F.mse_loss(transformed, new_features.detach())
 
 
+def fastfill_item_loss(
+    h: torch.Tensor,
+    target_new: torch.Tensor,
+    labels: torch.Tensor,
+    new_classifier_weight: torch.Tensor,
+    new_classifier_bias: torch.Tensor | None,
+    label_smoothing: float = 0.1,
+) -> torch.Tensor:
+    """FastFill's per-item error ``L_i = mean_d (phi_new(x_i)_d - h_i_d)^2 + CE_eps(W_new h_i + b_new, y_i)``,
+    shape (N,): what the uncertainty head learns to predict, and so the order a perfect head would give.
+    W_new, b_new and phi_new are frozen; CE_eps uses label smoothing eps."""
+    weight = new_classifier_weight.detach()
+    bias = None if new_classifier_bias is None else new_classifier_bias.detach()
+    _check_labels(labels, weight.shape[0], "new classifier")
+    return ((target_new.detach() - h) ** 2).mean(1) + F.cross_entropy(
+        F.linear(h, weight, bias), labels, label_smoothing=label_smoothing, reduction="none"
+    )
+
+
 def fastfill_loss(
     h: torch.Tensor,
     s: torch.Tensor,
@@ -116,22 +135,14 @@ def fastfill_loss(
     new_classifier_bias: torch.Tensor | None,
     label_smoothing: float = 0.1,
 ) -> torch.Tensor:
-    """FastFill's uncertainty-weighted alignment loss:
-
-        L_i  = mean_d (phi_new(x_i)_d - h_i_d)^2 + CE_eps(W_new h_i + b_new, y_i)
-        loss = mean_i [ 0.5 * exp(-s_i) * L_i + 0.5 * s_i ]
+    """FastFill's uncertainty-weighted alignment loss, ``mean_i [ 0.5 * exp(-s_i) * L_i + 0.5 * s_i ]`` with
+    L_i from :func:`fastfill_item_loss`.
 
     s_i is the predicted log-variance: items the transformation cannot fit learn a high s_i (their
-    L_i is down-weighted at the price of 0.5 s_i), which is the backfill priority. W_new, b_new and
-    phi_new are frozen; CE_eps uses label smoothing eps.
+    L_i is down-weighted at the price of 0.5 s_i), which is the backfill priority.
     """
-    weight = new_classifier_weight.detach()
-    bias = None if new_classifier_bias is None else new_classifier_bias.detach()
-    _check_labels(labels, weight.shape[0], "new classifier")
+    per_item = fastfill_item_loss(h, target_new, labels, new_classifier_weight, new_classifier_bias, label_smoothing)
     s = s.reshape(-1)
-    per_item = ((target_new.detach() - h) ** 2).mean(1) + F.cross_entropy(
-        F.linear(h, weight, bias), labels, label_smoothing=label_smoothing, reduction="none"
-    )
     return (0.5 * torch.exp(-s) * per_item + 0.5 * s).mean()
 
 

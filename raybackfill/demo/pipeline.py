@@ -27,6 +27,7 @@ import pyarrow as pa
 import torch
 
 from raybackfill.backfill.policies import priority_scores
+from raybackfill.compat.losses import fastfill_item_loss
 from raybackfill.compat.recipes import get_recipe
 from raybackfill.data import io
 from raybackfill.data.schema import EMBEDDING, ID, LABEL, SIDE_INFO, embedding_table, vectors_of
@@ -35,6 +36,7 @@ from raybackfill.data.synth import write_synthetic
 from raybackfill.embed.pipeline import embed_images
 from raybackfill.eval.metrics import EvalConfig, RetrievalResult, evaluate, prepare
 from raybackfill.eval.offline import (
+    COLUMN_ORDER,
     Embeddings,
     LoadedTables,
     OfflineConfig,
@@ -49,14 +51,19 @@ from raybackfill.train.trainer import TrainConfig
 
 BACKBONES = ("old", "new", "bct", "ract")
 TRANSFORMATIONS = ("fct", "fct_side_info", "fastfill", "fastfill_side_info")
+# The order a perfect FastFill head would give: by each gallery item's true L_i, computed here from the new
+# embeddings the backfill has not made yet. Not a policy (production has no new embeddings to rank by); it
+# shows how much any uncertainty head could gain on this data.
+ORACLE_LOSS = "oracle_loss"
+ORACLE_ORDER = COLUMN_ORDER + ORACLE_LOSS
 # Backfill orders evaluated per method (first listed = the one the method is usually quoted with).
 METHOD_POLICIES: dict[str, tuple[str, ...]] = {
     "bct": ("entropy", "random"),
     "ract": ("entropy", "random"),
     "fct": ("random",),
     "fct_side_info": ("random",),
-    "fastfill": ("uncertainty", "random", "entropy"),
-    "fastfill_side_info": ("uncertainty", "random", "entropy"),
+    "fastfill": ("uncertainty", "random", "entropy", ORACLE_ORDER),
+    "fastfill_side_info": ("uncertainty", "random", "entropy", ORACLE_ORDER),
     "rank_merge": ("random", "entropy"),
     "rank_merge_psi": ("random", "entropy"),
 }
@@ -442,6 +449,22 @@ def uncertainty_agreement(scores: np.ndarray, transformed: np.ndarray, new: np.n
     return {"": spearman(scores, mse), "_angular": spearman(scores, 1.0 - cosines)}
 
 
+def _with_oracle_loss(
+    gallery: Embeddings, transformed: np.ndarray, new: np.ndarray, labels: np.ndarray, new_classifier: torch.nn.Linear
+) -> Embeddings:
+    """The old gallery with an ``oracle_loss`` column: each item's true FastFill L_i (see ORACLE_ORDER)."""
+    with torch.inference_mode():
+        loss = fastfill_item_loss(
+            torch.from_numpy(transformed),
+            torch.from_numpy(new),
+            torch.from_numpy(labels).long(),
+            new_classifier.weight,
+            new_classifier.bias,
+        ).numpy()
+    column = pa.array(loss.astype(np.float64))
+    return dataclasses.replace(gallery, table=gallery.table.append_column(ORACLE_LOSS, column))
+
+
 def evaluate_demo(
     artifacts: DemoArtifacts, table: pa.Table, labels: dict[str, pa.Table], scale: DemoScale, config: DemoConfig
 ) -> dict:
@@ -482,16 +505,22 @@ def evaluate_demo(
         return Embeddings(ids, vectors, embedding_table(ids, vectors, side_info=side_info))
 
     old_gallery = embeddings(g_ids, gallery["old"], side)
+    new_classifier = load_model(artifacts.models["new"]).module.classifier
     runs, diagnostics = [], {}
     for method, policies in METHOD_POLICIES.items():
         recipe = get_recipe(method)
         backbone = recipe.backbone_loss if recipe.backbone_loss in ("bct", "ract") else "new"
+        old_of_method = old_gallery
+        if recipe.uncertainty:
+            old_of_method = _with_oracle_loss(
+                old_gallery, transformed[method], gallery["new"], g_labels, new_classifier
+            )
         tables = LoadedTables(
             q_labels,
             g_labels,
             queries={name: embeddings(q_ids, query[name]) for name in ("old", "psi")}
             | {"new": embeddings(q_ids, query[backbone])},
-            gallery={"old": old_gallery, "new": embeddings(g_ids, gallery[backbone])}
+            gallery={"old": old_of_method, "new": embeddings(g_ids, gallery[backbone])}
             | ({"transformed": embeddings(g_ids, transformed[method])} if recipe.forward_transformation else {}),
         )
         spaces = method_spaces(method, tables)
