@@ -62,3 +62,16 @@ def test_online_figure_plots_live_quality_and_the_new_space_share_over_time(tmp_
 def test_online_figure_without_readings_is_refused():
     with pytest.raises(ValueError, match="no live_readings"):
         online_figure({"queries": 0})
+
+
+def test_runs_share_a_colour_per_method_and_a_line_style_per_order():
+    betas = np.linspace(0, 1, 3)
+    curve = BackfillCurve(betas, betas, betas, betas, betas * 0)
+    runs = [Run(m, p, "compatible", curve) for m, p in [("fastfill", "uncertainty"), ("fastfill", "random"),
+                                                        ("fct", "random")]]
+    anchor = RetrievalResult("cosine", "disjoint", 0.5, 0.5, 0.2, 0.2, np.ones(2, bool), np.ones(2, bool), np.ones(2))
+    ax = curve_figure(build_report({"old_old": anchor, "new_new": anchor}, runs)).axes[0]
+    unc, rand, fct = ax.lines[:3]
+    assert unc.get_color() == rand.get_color() != fct.get_color()
+    assert unc.get_linestyle() != rand.get_linestyle() == fct.get_linestyle()
+    assert "--" not in {line.get_linestyle() for line in (unc, rand, fct)}  # dashed = the anchors

@@ -18,6 +18,7 @@ from raybackfill.eval.report import validate_report
 
 PANELS = (("top1", "CMC top-1"), ("map", "mAP@all"))
 ANCHORS = (("old_old", "old/old", "0.3"), ("new_new", "new/new", "0.0"))
+LINE_STYLES = ("-", "-.", ":", (0, (5, 1)))  # "--" is kept for the anchors
 
 
 def curve_figure(report: Mapping) -> Figure:
@@ -25,10 +26,15 @@ def curve_figure(report: Mapping) -> Figure:
     validate_report(report)
     fig = Figure(figsize=(13, 4.5), layout="constrained")
     FigureCanvasAgg(fig)
+    # One colour per method and one line style per order, so that a dozen runs stay tellable apart.
+    methods = list(dict.fromkeys(run["method"] for run in report["runs"]))
+    orders = list(dict.fromkeys(run["policy"] for run in report["runs"]))
     for ax, (key, title) in zip(fig.subplots(1, 2), PANELS, strict=True):
         for run in report["runs"]:
             label = f"{run['method']}/{run['policy']} ({run['strategy']})"
-            ax.plot(run["betas"], run[key], marker="o", markersize=3, label=label)
+            color = f"C{methods.index(run['method']) % 10}"
+            style = LINE_STYLES[orders.index(run["policy"]) % len(LINE_STYLES)]
+            ax.plot(run["betas"], run[key], color=color, linestyle=style, marker="o", markersize=3, label=label)
         for name, label, color in ANCHORS:
             value = report["anchors"][name][key]
             if value is not None:
