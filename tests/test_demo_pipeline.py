@@ -78,7 +78,7 @@ def test_report_has_every_method_and_policy_with_full_curves(demo):
         if banded:
             assert run["seed_aucs"]["seeds"] == list(range(3, 3 + TINY.random_seeds))
             assert run["seed_aucs"]["auc_top1"][0] == pytest.approx(run["auc_top1"])
-    methods, kinds = ("fastfill", "fastfill_side_info"), ("", "_angular")
+    methods, kinds = ("fastfill", "fastfill_side_info"), ("", "_angular", "_norm")
     assert set(report["diagnostics"]) == {f"{m}_uncertainty_spearman{k}" for m in methods for k in kinds}
     assert load_report(os.path.join(config.out, "report.json")) == json.loads(json.dumps(report))
     with open(os.path.join(config.out, "backfill_curves.png"), "rb") as f:
@@ -130,11 +130,20 @@ def test_a_second_demo_in_the_same_directory_is_refused(demo):
 def test_uncertainty_agreement_tells_norm_error_from_angular_error():
     # Item 0 is only too short (MSE 2, angle 0), item 1 points elsewhere (MSE 0.4, 1 - cos 0.4), item 2 is
     # almost right (MSE 0.02, 1 - cos 0.005). Scores that follow the norm error rank MSE perfectly, but the
-    # angular ranks (0, 2, 1) against the score ranks (2, 1, 0) give Spearman -0.5.
+    # angular ranks (0, 2, 1) against the score ranks (2, 1, 0) give Spearman -0.5, and so do the ranks of
+    # |h| (2, 1, 2.01: ranks 1, 0, 2).
     new = np.array([[4.0, 0.0], [1.0, 0.0], [2.0, 0.0]])
     transformed = np.array([[2.0, 0.0], [0.6, 0.8], [2.0, 0.2]])
     agreement = uncertainty_agreement(np.array([3.0, 2.0, 1.0]), transformed, new)
-    assert agreement == pytest.approx({"": 1.0, "_angular": -0.5})
+    assert agreement == pytest.approx({"": 1.0, "_angular": -0.5, "_norm": -0.5})
+
+
+def test_uncertainty_agreement_sees_scores_that_follow_the_norm_of_h():
+    # Same directions as the new vectors, so every angular error is 0; the scores rank exactly by |h|.
+    new = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    transformed = new * np.array([[0.5], [3.0], [1.0]])
+    agreement = uncertainty_agreement(np.array([0.1, 0.9, 0.4]), transformed, new)
+    assert agreement["_norm"] == pytest.approx(1.0)
 
 
 def test_oracle_loss_column_is_each_items_true_fastfill_error():

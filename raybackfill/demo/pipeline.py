@@ -446,10 +446,15 @@ def uncertainty_agreement(scores: np.ndarray, transformed: np.ndarray, new: np.n
     """Does FastFill's predicted uncertainty rank items by their true transformation error? Spearman of the
     scores against the per-item MSE the head is trained on (key ``""``) and against the angular error
     1 - cos(h, new) (key ``"_angular"``), the only part of the error a cosine index ranks by: the two disagree
-    where the new embeddings' norms vary from item to item."""
+    where the new embeddings' norms vary from item to item. Key ``"_norm"``: against |h| itself, which a
+    cosine index ignores; near 1 means the head mostly ranks by how long the vectors it emits are."""
     mse = ((transformed - new) ** 2).mean(axis=1)
     cosines = (prepare(transformed, "cosine") * prepare(new, "cosine")).sum(axis=1)
-    return {"": spearman(scores, mse), "_angular": spearman(scores, 1.0 - cosines)}
+    return {
+        "": spearman(scores, mse),
+        "_angular": spearman(scores, 1.0 - cosines),
+        "_norm": spearman(scores, np.linalg.norm(transformed, axis=1)),
+    }
 
 
 def _with_oracle_loss(
