@@ -102,6 +102,17 @@ def test_summary_table_as_text_and_markdown():
     assert len({line.count("|") for line in table[5:]}) == 1
 
 
+def test_summary_table_ends_with_the_diagnostics_when_the_report_has_them():
+    report = build_report(ANCHORS, runs())
+    assert "diagnostic" not in summary_table(report)
+    report["diagnostics"] = {"fastfill_uncertainty_spearman": 0.4461, "fastfill_uncertainty_spearman_norm": 0.7006}
+    last = summary_table(report).splitlines()[-2:]
+    assert [line.split() for line in last] == [
+        ["fastfill_uncertainty_spearman", "0.446"],
+        ["fastfill_uncertainty_spearman_norm", "0.701"],
+    ]
+
+
 def test_merge_concatenates_runs_of_the_same_evaluation():
     all_runs = runs()
     first = build_report(ANCHORS, all_runs[:1], online={"query_errors": 0})

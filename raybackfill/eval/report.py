@@ -21,7 +21,8 @@ Schema (version 1); all metrics are fractions in [0, 1], null where undefined:
         "max_nfr", "final_top1", "final_map",
         "seed_aucs": {"seeds": [...], "auc_top1": [...], "auc_map": [...]}   # optional, random runs: the
       }],                                                # AUCs of several random orders, the noise band
-      "online": {...}                           # optional, written by the online (serving) evaluation
+      "online": {...},                          # optional, written by the online (serving) evaluation
+      "diagnostics": {str: float}               # optional, e.g. the demo's uncertainty-vs-error Spearmans
     }
 "map" is mAP over the whole gallery (mAP@all); nfr is the share of queries correct at top-1 under
 old/old and wrong at that beta.
@@ -251,7 +252,8 @@ def _preamble(report: Mapping) -> str:
 
 
 def summary_table(report: Mapping, markdown: bool = False) -> str:
-    """Anchors table, then one row per run with its AUCs, gains, max NFR and final metrics."""
+    """Anchors table, then one row per run with its AUCs, gains, max NFR and final metrics; then, where the
+    report has them, the orders judged against random ones and the diagnostics."""
     anchors = render_table(
         ["anchor", "top1", "top5", "mAP", "mAP@R"],
         [[name, *(values[k] for k in ANCHOR_KEYS)] for name, values in report["anchors"].items()],
@@ -283,6 +285,10 @@ def summary_table(report: Mapping, markdown: bool = False) -> str:
             markdown,
         )
         text += f"\n\norders against {rows[0]['random_seeds']} random orders (mean ± sd; z in sd):\n\n{versus}"
+    diagnostics = report.get("diagnostics")
+    if diagnostics:
+        table = render_table(["diagnostic", "value"], [[k, float(v)] for k, v in diagnostics.items()], markdown)
+        text += f"\n\n{table}"
     return text
 
 
