@@ -128,6 +128,17 @@ def test_merge_concatenates_runs_of_the_same_evaluation():
         merge_reports([first, other])
 
 
+def test_merge_keeps_every_reports_diagnostics_and_refuses_conflicting_ones():
+    all_runs = runs()
+    first, second = build_report(ANCHORS, all_runs[:1]), build_report(ANCHORS, all_runs[1:])
+    first["diagnostics"], second["diagnostics"] = {"a": 0.5}, {"a": 0.5, "b": -0.25}
+    assert merge_reports([first, second])["diagnostics"] == {"a": 0.5, "b": -0.25}
+    assert "diagnostics" not in merge_reports([build_report(ANCHORS, all_runs[:1])])
+    second["diagnostics"]["a"] = 0.75
+    with pytest.raises(ValueError, match="report 1: diagnostic a differs"):
+        merge_reports([first, second])
+
+
 def test_compare_puts_reports_side_by_side_and_marks_missing_runs():
     a = build_report(ANCHORS, runs())
     b = build_report(ANCHORS, runs()[1:])

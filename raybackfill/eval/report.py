@@ -192,7 +192,8 @@ def merge_reports(reports: Sequence[Mapping]) -> dict:
     """One report from several over the same evaluation (e.g. one job per method): runs concatenated.
 
     Metric, protocol, query counts and shared anchors must agree; a run (method, policy, strategy) may
-    appear once; at most one report may carry an online section.
+    appear once; at most one report may carry an online section. Diagnostics are joined like anchors: a
+    name two reports share must have one value.
     """
     if not reports:
         raise ValueError("nothing to merge")
@@ -210,6 +211,9 @@ def merge_reports(reports: Sequence[Mapping]) -> dict:
         for name, values in report["anchors"].items():
             if merged["anchors"].setdefault(name, values) != values:
                 raise ValueError(f"report {i}: anchor {name} differs from an earlier report's")
+        for name, value in report.get("diagnostics", {}).items():
+            if merged.setdefault("diagnostics", {}).setdefault(name, value) != value:
+                raise ValueError(f"report {i}: diagnostic {name} differs from an earlier report's")
         for run in report["runs"]:
             if _key(run) in seen:
                 raise ValueError(f"report {i}: run {'/'.join(_key(run))} appears twice")
