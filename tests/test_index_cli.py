@@ -1,4 +1,4 @@
-"""`raybackfill serve | query | status | promote | rollback | stop` on the session's Ray cluster."""
+"""`raybackfill serve | query | status | snapshot | promote | rollback | stop` on the session's Ray cluster."""
 
 from __future__ import annotations
 
@@ -9,13 +9,17 @@ import uuid
 
 import numpy as np
 import pytest
+import ray
+from index_testing import kill_and_wait_for_restart
 
+from raybackfill import NAMESPACE
 from raybackfill.cli.index import format_status, progress_bar, register
 from raybackfill.data.images import encode_png
 from raybackfill.data.io import write_table
 from raybackfill.data.schema import embedding_table
 from raybackfill.index.progress import Progress
 from raybackfill.index.router import connect, destroy_index, get
+from raybackfill.index.snapshot import latest_version
 
 
 def run(*argv: str) -> int:
@@ -79,6 +83,34 @@ def test_serve_query_status_and_lifecycle(index_name, tmp_path, capsys):
     assert capsys.readouterr().out.startswith(f"stopped: {index_name}-shard-000, {index_name}-shard-001")
     with pytest.raises(ValueError, match="no index named"):
         run("status", "--name", index_name)
+
+
+def test_serve_snapshots_the_loaded_gallery_so_a_restarted_shard_comes_back_with_it(index_name, tmp_path, capsys):
+    ids = np.arange(40)
+    old = np.random.default_rng(2).standard_normal((40, 8)).astype(np.float32)
+    write_table(embedding_table(ids, old, model="v1"), str(tmp_path / "old"))
+    snapshots = str(tmp_path / "snapshots")
+    run("serve", "--old-embeddings", str(tmp_path / "old"), "--snapshot-uri", snapshots, "--name", index_name)
+    assert "snapshot of 2 shards" in capsys.readouterr().out
+    first = latest_version(f"{snapshots}/shard-000")
+    assert first is not None
+
+    router = connect(index_name)
+    get(router.upsert.remote(ids[:4], old[:4], "new", "v2"))
+    run("snapshot", "--name", index_name)
+    assert "snapshot of 2 shards" in capsys.readouterr().out
+    assert latest_version(f"{snapshots}/shard-000") != first
+
+    shard = ray.get_actor(f"{index_name}-shard-000", namespace=NAMESPACE)
+    kill_and_wait_for_restart(shard)
+    assert get(router.progress.remote()).counts == {"old": 36, "transformed": 0, "new": 4}
+
+
+def test_snapshot_of_an_index_without_a_snapshot_uri_is_a_clear_error(index_name, tmp_path, capsys):
+    write_table(embedding_table(np.arange(6), np.ones((6, 4), np.float32), model="v1"), str(tmp_path / "old"))
+    run("serve", "--old-embeddings", str(tmp_path / "old"), "--name", index_name)
+    with pytest.raises(ValueError, match="no snapshot_uri"):
+        run("snapshot", "--name", index_name)
 
 
 def test_image_queries_embed_with_the_model_of_the_matching_space(index_name, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""`raybackfill serve | query | status | promote | rollback | stop`: run and use the serving index.
+"""`raybackfill serve | query | status | snapshot | promote | rollback | stop`: run and use the serving index.
 
 Every command attaches to the running Ray cluster (RAY_ADDRESS, or the cluster started on this machine)
 and finds the index by its actor name in the raybackfill namespace, so they work from any shell.
@@ -42,7 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--shard-cpus", type=float, default=RouterConfig.shard_num_cpus,
                        help="CPUs per shard actor (FAISS threads follow; default 0.25)")
     serve.add_argument("--shard-gpus", type=float, default=0.0, help="GPUs per shard actor (default 0)")
-    serve.add_argument("--snapshot-uri", metavar="URI", help="where shards snapshot and restore (path or s3://)")
+    serve.add_argument("--snapshot-uri", metavar="URI",
+                       help="where shards snapshot and restore (path or s3://); the loaded gallery is snapshotted "
+                       "there at once, so a shard Ray restarts comes back with it instead of empty")
     _name(serve)
     serve.set_defaults(func=_serve)
 
@@ -69,6 +71,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                    description="Counts per state and shard, rate, ETA, phase and last error.")
     _name(status)
     status.set_defaults(func=_status)
+
+    snapshot = subparsers.add_parser(
+        "snapshot",
+        help="snapshot every shard now (a restart point)",
+        description="Write every shard's state under the index's --snapshot-uri. A shard that Ray restarts "
+        "serves its last snapshot, and a backfill replays only what came after it, so snapshot after long runs.",
+    )
+    _name(snapshot)
+    snapshot.set_defaults(func=_snapshot)
 
     for command, help_text in (
         ("promote", "make the new space the only one (every item must be in it)"),
@@ -108,7 +119,18 @@ def _serve(args: argparse.Namespace) -> int:
         get(router.load_old.remote(ids[start : start + LOAD_ROWS], vectors[start : start + LOAD_ROWS], version))
     print(f"index {args.name!r}: serving {len(ids)} items of model {version!r} (dim {vectors.shape[1]}, "
           f"{args.metric}, {args.kind}) on {args.shards} shards; loaded in {time.monotonic() - started:.1f} s")
+    if args.snapshot_uri:
+        _print_snapshots(get(router.snapshot.remote()))
     return 0
+
+
+def _snapshot(args: argparse.Namespace) -> int:
+    _print_snapshots(get(connect(args.name).snapshot.remote()))
+    return 0
+
+
+def _print_snapshots(uris: list[str]) -> None:
+    print(f"snapshot of {len(uris)} shards: " + ", ".join(uris))
 
 
 def _table_version(table, source: str) -> str:

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("index", "start the serving index over a table of old embeddings"),
     "query": ("index", "top-k of the serving index for an item, a vector or an image"),
     "status": ("index", "backfill progress of the serving index"),
+    "snapshot": ("index", "snapshot every shard now (a restart point)"),
     "promote": ("index", "make the new space the only one (every item must be in it)"),
     "rollback": ("index", "return every item to the old space (before promote)"),
     "stop": ("index", "kill the index router and its shards"),
