@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import ray
@@ -80,4 +83,21 @@ def test_too_few_growth_sizes_are_refused():
 def test_bench_command_takes_the_suite_arguments():
     args = build_parser("bench", complete=False).parse_args(["bench", "--quick", "--out", "r.json", "--cpus", "1"])
     assert (args.quick, args.out, args.cpus) == (True, "r.json", 1)
-    assert args.func is not None
+
+
+def bench_console(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The installed console script, as a user runs it (pytest's sys.path does not reach it)."""
+    script = Path(sys.executable).with_name("raybackfill")
+    return subprocess.run([str(script), "bench", *argv], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_the_bench_console_script_finds_the_suite_from_the_checkout_root():
+    done = bench_console("--help", cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert "--quick" in done.stdout and "--sizes" in done.stdout
+
+
+def test_the_bench_console_script_outside_a_checkout_says_where_to_run_it(tmp_path):
+    done = bench_console("--quick", "--out", "r.json", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "run this command from the root of a source checkout" in done.stderr
