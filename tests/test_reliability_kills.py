@@ -19,6 +19,7 @@ from test_backfill_run import CORRUPT_ID, DIM, N, _address, _out_with_plan, _run
 from raybackfill import NAMESPACE
 from raybackfill.backfill.ledger import Ledger
 from raybackfill.backfill.run import BackfillConfig, run_backfill
+from raybackfill.cli.main import main
 from raybackfill.data.io import read_table
 from raybackfill.data.schema import ID
 from raybackfill.embed.pipeline import PoolConfig
@@ -160,7 +161,7 @@ def test_a_shard_killed_mid_backfill_restarts_from_its_snapshot_and_the_ledger_a
     _assert_every_good_id_once_in_the_new_space(router, ledger)
 
 
-def test_a_dead_shard_fails_queries_and_upserts_with_a_typed_error_not_a_short_answer(inputs, make_index):
+def test_a_dead_shard_fails_queries_and_upserts_with_a_typed_error_not_a_short_answer(inputs, make_index, capsys):
     router = make_index("rel-dead-shard")
     ray.kill(ray.get_actor("rel-dead-shard-shard-001", namespace=NAMESPACE), no_restart=True)
     q = np.ones((1, DIM), np.float32)
@@ -168,3 +169,6 @@ def test_a_dead_shard_fails_queries_and_upserts_with_a_typed_error_not_a_short_a
                  router.upsert.remote(np.arange(4), np.ones((4, DIM), np.float32), "new", "new-v2")):
         with pytest.raises(IndexUnavailableError, match="an index shard unavailable"):
             get(call, timeout=60)
+    # The CLI reports it as an error line (exit 2), not a traceback.
+    assert main(["status", "--name", "rel-dead-shard"]) == 2
+    assert "raybackfill status: error: an index shard unavailable" in capsys.readouterr().err

@@ -86,9 +86,10 @@ class RouterConfig:
         return join(self.snapshot_uri, f"shard-{shard:03d}") if self.snapshot_uri else None
 
 
-class IndexUnavailableError(RuntimeError):
+class IndexUnavailableError(ConnectionError):
     """An index actor (a shard or the router) is dead or restarting, so the call did not reach all of the
-    index: nothing partial was returned or applied for good. Retry once the actor is back."""
+    index: nothing partial was returned or applied for good. Retry once the actor is back. A ConnectionError
+    (an OSError), so the CLI prints it as one error line."""
 
 
 def _unavailable(err: RayActorError, what: str) -> IndexUnavailableError:
