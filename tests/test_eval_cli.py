@@ -218,6 +218,24 @@ def test_job_takes_the_run_flags_and_compare_prints_reports_side_by_side(tables,
     assert "| rank_merge_psi | random | rank_merge |" in capsys.readouterr().out
 
 
+def test_merge_joins_reports_of_separate_jobs_into_one_report_with_every_curve(tables, tmp_path, capsys):
+    uris, _ = tables
+    plain, psi, merged = tmp_path / "plain", tmp_path / "psi", tmp_path / "merged"
+    run("eval", "run", *table_args(uris), "--method", "rank_merge", "--betas", "3", "--out", str(plain))
+    run("eval", "run", *table_args(uris, "psi"), "--method", "rank_merge_psi", "--betas", "3", "--out", str(psi))
+    capsys.readouterr()
+    parts = [json.loads((d / "report.json").read_text()) for d in (plain, psi)]
+
+    assert run("eval", "merge", str(plain / "report.json"), str(psi / "report.json"), "--out", str(merged)) == 0
+    report = json.loads((merged / "report.json").read_text())
+    assert report["runs"] == parts[0]["runs"] + parts[1]["runs"]
+    assert report["anchors"] == parts[0]["anchors"] | parts[1]["anchors"]
+    assert (merged / "backfill_curves.png").stat().st_size > 0 and (merged / "report.md").exists()
+    assert "rank_merge_psi" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="appears twice"):
+        run("eval", "merge", str(plain / "report.json"), str(plain / "report.json"), "--out", str(tmp_path / "x"))
+
+
 def test_live_command_reads_probe_tables_and_prints_quality(ray_cluster, tables, capsys):
     uris, data = tables
     name = f"test-eval-live-{uuid.uuid4().hex[:8]}"

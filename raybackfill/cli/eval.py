@@ -1,4 +1,5 @@
-"""`raybackfill eval run | compare | live`: offline backfill curves, reports side by side, live index quality.
+"""`raybackfill eval run | compare | merge | live`: offline backfill curves, reports side by side or as one,
+live index quality.
 
 `run` is also the argument list of jobs/evaluate.py (`add_run_arguments` + `run_command`), so the job and
 the CLI take the same flags.
@@ -14,7 +15,7 @@ from raybackfill.eval.curves import DEFAULT_POINTS
 from raybackfill.eval.live import DEFAULT_K, DEFAULT_MAX_PROBES, LabelLookup, ProbeSet, live_quality
 from raybackfill.eval.metrics import METRICS
 from raybackfill.eval.offline import METHODS, EvalInputs, OfflineConfig, evaluate_tables, write_outputs
-from raybackfill.eval.report import TABLE_COLUMNS, compare_reports, load_report, summary_table
+from raybackfill.eval.report import TABLE_COLUMNS, compare_reports, load_report, merge_reports, summary_table
 from raybackfill.index.router import DEFAULT_NAME, connect
 from raybackfill.index.shard import STRATEGIES
 
@@ -24,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "eval",
         help="evaluate an upgrade: backfill curves, reports, live index quality",
         description="Offline: backfill curves of a method on embedding tables (run), several reports side "
-        "by side (compare). Online: top-1 / mAP@k of the serving index on a labelled probe set (live).",
+        "by side (compare) or as one (merge). Online: top-1 / mAP@k of the serving index on a labelled probe "
+        "set (live).",
     )
     sub = evaluate.add_subparsers(dest="eval_command", metavar="COMMAND", required=True)
 
@@ -53,6 +55,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     compare.add_argument("--markdown", action="store_true", help="print a markdown table")
     compare.set_defaults(func=_compare)
+
+    merge = sub.add_parser(
+        "merge",
+        help="several report.json files of one evaluation as one report",
+        description="Join the reports of one evaluation run as several jobs (e.g. one per method) into one "
+        "report: OUT/report.json, OUT/backfill_curves.png with every curve, OUT/report.md. Metric, protocol, "
+        "queries and shared anchors must agree, and each run may appear once.",
+    )
+    merge.add_argument("reports", nargs="+", metavar="REPORT", help="report.json files (path or s3://)")
+    merge.add_argument("--out", required=True, metavar="DIR", help="output directory (path or s3://)")
+    merge.set_defaults(func=_merge)
 
     live = sub.add_parser(
         "live",
@@ -151,6 +164,14 @@ def run_command(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     reports = {uri: load_report(uri) for uri in args.reports}
     print(compare_reports(reports, keys=args.keys, markdown=args.markdown))
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    report = merge_reports([load_report(uri) for uri in args.reports])
+    paths = write_outputs(report, args.out)
+    print(summary_table(report))
+    print("\nwrote " + ", ".join(paths.values()))
     return 0
 
 
