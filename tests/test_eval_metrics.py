@@ -247,6 +247,12 @@ def test_negative_flips_are_correct_before_and_wrong_now():
         negative_flips(reference, current[:3])
 
 
+def test_negative_flip_rate_of_stacked_systems_is_one_rate_per_system():
+    reference = np.array([True, True, False, False])
+    stacked = np.array([[True, False, True, False], [False, False, False, False], [True, True, True, True]])
+    np.testing.assert_array_equal(negative_flip_rate(reference, stacked), [0.25, 0.5, 0.0])
+
+
 def test_cross_tests_evaluate_each_query_gallery_pairing():
     rng = np.random.default_rng(8)
     labels = rng.integers(0, 4, 40)
@@ -270,3 +276,14 @@ def test_cross_tests_evaluate_each_query_gallery_pairing():
         labels, labels, old_queries=old, new_queries=new, old_gallery=old, new_gallery=new, config=config
     )
     assert "new_transformed" not in no_transform
+
+
+def test_cross_tests_skip_new_on_old_across_dimensions_and_add_psi_on_old():
+    rng = np.random.default_rng(9)
+    labels = rng.integers(0, 4, 30)
+    old, psi = exact_vectors(rng, 30, "cosine"), exact_vectors(rng, 30, "cosine")
+    new = rng.standard_normal((30, 5)).astype(np.float32)
+    results = cross_tests(labels, labels, old_queries=old, new_queries=new, old_gallery=old, new_gallery=new,
+                          psi_queries=psi)
+    assert list(results) == ["old_old", "new_new", "psi_old"]
+    assert results["psi_old"].top1 == evaluate(psi, old, labels, labels).top1

@@ -28,6 +28,7 @@ from raybackfill.eval.metrics import (
     GalleryPart,
     QueryPlan,
     RetrievalResult,
+    negative_flip_rate,
     prepare,
     rank_keys,
     ranking_keys,
@@ -197,7 +198,7 @@ def backfill_curve(
         top1=top1.mean(axis=1)[which],
         top5=top5.mean(axis=1)[which],
         map=ap.mean(axis=1)[which],
-        nfr=(reference[None, :] & ~top1).mean(axis=1)[which],
+        nfr=negative_flip_rate(reference, top1)[which],
     )
 
 

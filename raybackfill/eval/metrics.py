@@ -342,16 +342,20 @@ def evaluate(
 
 
 def negative_flips(reference_top1: np.ndarray, current_top1: np.ndarray) -> np.ndarray:
-    """Per query: top-1 was correct under the reference (old/old) and is wrong now."""
+    """Per query (last axis): top-1 was correct under the reference (old/old) and is wrong now.
+
+    ``current_top1`` may stack several systems (e.g. one row per backfilled fraction) on leading axes.
+    """
     ref, cur = np.asarray(reference_top1, dtype=bool), np.asarray(current_top1, dtype=bool)
-    if ref.shape != cur.shape:
+    if ref.ndim != 1 or cur.shape[-1:] != ref.shape:
         raise ValueError(f"reference has {ref.shape} queries, current {cur.shape}: evaluate the same queries")
     return ref & ~cur
 
 
-def negative_flip_rate(reference_top1: np.ndarray, current_top1: np.ndarray) -> float:
-    """Share of all evaluated queries that flipped from correct to wrong."""
-    return float(negative_flips(reference_top1, current_top1).mean())
+def negative_flip_rate(reference_top1: np.ndarray, current_top1: np.ndarray) -> float | np.ndarray:
+    """Share of all evaluated queries that flipped from correct to wrong (one rate per stacked system)."""
+    rate = negative_flips(reference_top1, current_top1).mean(axis=-1)
+    return float(rate) if rate.ndim == 0 else rate
 
 
 def cross_tests(
@@ -363,14 +367,17 @@ def cross_tests(
     old_gallery: np.ndarray,
     new_gallery: np.ndarray,
     transformed_gallery: np.ndarray | None = None,
+    psi_queries: np.ndarray | None = None,
     config: EvalConfig = DEFAULT_CONFIG,
 ) -> dict[str, RetrievalResult]:
-    """M(old,old), M(new,new), M(new Q, old G) and, given a transformed gallery, M(new Q, transformed G)."""
-    pairs = {
-        "old_old": (old_queries, old_gallery),
-        "new_new": (new_queries, new_gallery),
-        "new_old": (new_queries, old_gallery),
-    }
+    """M(old,old), M(new,new), and every cross test the inputs allow: M(new Q, old G) when the two models
+    share a dimension (BCT/RACT), M(new Q, h(old) G) given a transformed gallery, M(psi(new Q), old G)
+    given psi queries."""
+    pairs = {"old_old": (old_queries, old_gallery), "new_new": (new_queries, new_gallery)}
+    if new_queries.shape[1] == old_gallery.shape[1]:
+        pairs["new_old"] = (new_queries, old_gallery)
     if transformed_gallery is not None:
         pairs["new_transformed"] = (new_queries, transformed_gallery)
+    if psi_queries is not None:
+        pairs["psi_old"] = (psi_queries, old_gallery)
     return {name: evaluate(q, g, query_labels, gallery_labels, config) for name, (q, g) in pairs.items()}

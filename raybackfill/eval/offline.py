@@ -26,7 +26,7 @@ from raybackfill.eval.curves import (
     backfill_curve,
     even_betas,
 )
-from raybackfill.eval.metrics import EvalConfig, RetrievalResult, evaluate
+from raybackfill.eval.metrics import EvalConfig, RetrievalResult, cross_tests
 from raybackfill.eval.plots import plot_curves, plot_online
 from raybackfill.eval.report import Run, build_report, save_report, summary_table
 from raybackfill.models.artifacts import load_model
@@ -163,20 +163,20 @@ def method_spaces(method: str, tables: LoadedTables) -> BackfillSpaces:
 
 
 def anchors(tables: LoadedTables, config: EvalConfig) -> dict[str, RetrievalResult]:
-    """old/old and new/new, plus every cross test the inputs allow (new/old only when the dims agree)."""
+    """old/old and new/new, plus every cross test the inputs allow (``cross_tests``)."""
     q = {name: e.vectors for name, e in tables.queries.items()}
     g = {name: e.vectors for name, e in tables.gallery.items()}
-    pairs = {"old_old": (q["old"], g["old"]), "new_new": (q["new"], g["new"])}
-    if q["new"].shape[1] == g["old"].shape[1]:
-        pairs["new_old"] = (q["new"], g["old"])
-    if "transformed" in g:
-        pairs["new_transformed"] = (q["new"], g["transformed"])
-    if "psi" in q:
-        pairs["psi_old"] = (q["psi"], g["old"])
-    return {
-        name: evaluate(queries, gallery, tables.query_labels, tables.gallery_labels, config)
-        for name, (queries, gallery) in pairs.items()
-    }
+    return cross_tests(
+        tables.query_labels,
+        tables.gallery_labels,
+        old_queries=q["old"],
+        new_queries=q["new"],
+        old_gallery=g["old"],
+        new_gallery=g["new"],
+        transformed_gallery=g.get("transformed"),
+        psi_queries=q.get("psi"),
+        config=config,
+    )
 
 
 def _score_column(tables: LoadedTables, name: str) -> np.ndarray:
