@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from raybackfill.cli.main import main
 from raybackfill.data.images import decode_rgb, encode_png
-from raybackfill.data.io import list_shards, read_table
+from raybackfill.data.io import list_shards, read_table, write_table
 from raybackfill.data.schema import validate_image_table
 
 
@@ -50,6 +51,15 @@ def test_errors_are_reported_without_a_traceback(tmp_path, capsys):
     argv = ["data", "split", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--fractions", "a=0.2"]
     assert main(argv) == 2
     assert "sum to 1" in capsys.readouterr().err
+
+
+def test_data_split_refuses_a_table_whose_image_column_is_not_bytes_before_writing(tmp_path, capsys):
+    src, out = str(tmp_path / "paths"), tmp_path / "splits"
+    write_table(pa.table({"id": pa.array([1, 2], pa.int64()), "image": ["a.png", "b.png"],
+                          "label": pa.array([0, 1], pa.int32())}), src)  # fmt: skip
+    assert main(["data", "split", src, "--out", str(out)]) == 2
+    assert "column 'image' must be binary" in capsys.readouterr().err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import numpy as np
 from raybackfill.data.importers import import_cifar, import_idx, import_image_folder
 from raybackfill.data.info import table_info
 from raybackfill.data.io import WriteResult, read_table
-from raybackfill.data.schema import LABEL
+from raybackfill.data.schema import LABEL, validate_image_table
 from raybackfill.data.splits import DEFAULT_FRACTIONS, parse_fractions, split_table, write_splits
 from raybackfill.data.synth import write_synthetic
 
@@ -83,7 +83,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     split.add_argument(
         "--old-classes",
         metavar="SPEC",
-        help="classes the old model trains on: 'half' (lower half of the class ids), '0-49' or '0,1,5-9'",
+        help="classes the old model trains on: 'half' (lower half of the class ids), '0-49', '0,1,5-9', or "
+        "'named:WORD,...' (every class whose name holds one of the words, e.g. named:disk,ring)",
     )
     default_fractions = ",".join(f"{name}={value}" for name, value in DEFAULT_FRACTIONS.items())
     split.add_argument(
@@ -142,7 +143,7 @@ def _import(args: argparse.Namespace) -> None:
 
 def _split(args: argparse.Namespace) -> None:
     fractions = parse_fractions(args.fractions)
-    table = read_table(args.src)
+    table = validate_image_table(read_table(args.src), args.src, require_label=True)
     splits = split_table(table, fractions, old_classes=args.old_classes, seed=args.seed, source=args.src)
     for name, result in write_splits(splits, args.out, rows_per_shard=args.rows_per_shard).items():
         classes = len(np.unique(splits[name].column(LABEL).to_numpy()))

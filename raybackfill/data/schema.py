@@ -65,7 +65,7 @@ def validate_image_table(table: pa.Table, source: str, require_label: bool = Fal
     check_unique_ids(table.column(ID).to_numpy(), source)
     if table.column(ID).null_count:
         raise SchemaError(f"{source}: column 'id' has nulls")
-    return _cast_columns(table, {ID: pa.int64(), IMAGE: pa.binary(), LABEL: pa.int32()})
+    return _cast_columns(table, IMAGE_FIELDS)
 
 
 def embedding_dim(schema: pa.Schema, column: str, source: str) -> int:

@@ -30,7 +30,16 @@ from raybackfill.backfill.policies import priority_scores
 from raybackfill.compat.losses import fastfill_item_loss
 from raybackfill.compat.recipes import get_recipe
 from raybackfill.data import io
-from raybackfill.data.schema import EMBEDDING, ID, LABEL, SIDE_INFO, embedding_table, vectors_of
+from raybackfill.data.schema import (
+    EMBEDDING,
+    ID,
+    IMAGE,
+    LABEL,
+    SIDE_INFO,
+    embedding_table,
+    validate_image_table,
+    vectors_of,
+)
 from raybackfill.data.splits import OLD_TRAIN, split_table, write_splits
 from raybackfill.data.synth import write_synthetic
 from raybackfill.embed.pipeline import embed_images
@@ -282,7 +291,7 @@ def _make_builtin_data(layout: DemoLayout, scale: DemoScale, seed: int) -> str:
 
 
 def _split(images: str, layout: DemoLayout, config: DemoConfig) -> dict[str, str]:
-    table = io.read_table(images, columns=[ID, "image", LABEL])
+    table = validate_image_table(io.read_table(images, columns=[ID, IMAGE, LABEL]), images, require_label=True)
     parts = split_table(table, config.fractions, old_classes=config.old_classes, seed=config.seed, source=images)
     for name in ("train", "gallery", "query"):
         if name not in parts:
