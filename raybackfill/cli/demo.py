@@ -7,6 +7,7 @@ import logging
 import time
 
 from raybackfill.demo.pipeline import DemoConfig, run_offline
+from raybackfill.eval.offline import output_files
 from raybackfill.eval.report import summary_table
 from raybackfill.runtime import init_ray
 
@@ -16,11 +17,12 @@ DEFAULT_OUT = "raybackfill-demo"
 def register(subparsers: argparse._SubParsersAction) -> None:
     demo = subparsers.add_parser(
         "demo",
-        help="train every method on built-in data and write report.json + backfill_curves.png",
+        help="train every method on built-in data and write report.json, report.md and the plots",
         description="Make the built-in dataset (or read --data), train the old and new models and every "
         "compatibility artefact (BCT, RACT, side-information, FCT, FastFill, psi), embed and transform the "
-        "gallery, evaluate every method x backfill policy, and write OUT/report.json and "
-        "OUT/backfill_curves.png. Starts a local Ray cluster unless RAY_ADDRESS names one.",
+        "gallery, serve it from a live index backfilled under queries, evaluate every method x backfill policy, "
+        "and write OUT/report.json, OUT/report.md, OUT/backfill_curves.png and OUT/online_quality.png. Starts "
+        "a local Ray cluster unless RAY_ADDRESS names one.",
     )
     demo.add_argument("--out", default=DEFAULT_OUT, help=f"output directory, must be new (default {DEFAULT_OUT})")
     demo.add_argument("--quick", action="store_true", help="smaller data and fewer epochs (a few minutes)")
@@ -53,6 +55,6 @@ def _demo(args: argparse.Namespace) -> None:
     print()
     print(summary_table(report))
     seconds = time.perf_counter() - start
-    print(f"\nwrote {config.out}/report.json and {config.out}/backfill_curves.png in {seconds:.0f}s")
+    print(f"\nwrote {', '.join(f'{config.out}/{name}' for name in output_files(report))} in {seconds:.0f}s")
     if "online" not in report:
         print("note: the online phase (live index + backfill under queries) did not run; report.json has no 'online'")

@@ -9,6 +9,7 @@ Labels come from the old query and old gallery tables (``label`` column); protoc
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -256,13 +257,19 @@ def evaluate_tables(inputs: EvalInputs, config: OfflineConfig) -> dict:
     return build_report(fixed, runs)
 
 
+def output_files(report: Mapping) -> list[str]:
+    """What ``write_outputs`` writes for this report: report.json, backfill_curves.png and report.md (the
+    markdown tables), plus online_quality.png when the report has live readings from an online backfill."""
+    online = [ONLINE_PLOT_FILE] if report.get("online", {}).get("live_readings") else []
+    return [REPORT_FILE, PLOT_FILE, MARKDOWN_FILE, *online]
+
+
 def write_outputs(report: dict, out_uri: str) -> dict[str, str]:
-    """report.json, backfill_curves.png and report.md (the markdown tables) under ``out_uri``, plus
-    online_quality.png when the report has live readings from an online backfill."""
-    paths = {name: join(out_uri, name) for name in (REPORT_FILE, PLOT_FILE, MARKDOWN_FILE)}
+    """Write ``output_files(report)`` under ``out_uri``; file name -> URI."""
+    paths = {name: join(out_uri, name) for name in output_files(report)}
     save_report(report, paths[REPORT_FILE])
     plot_curves(report, paths[PLOT_FILE])
-    if report.get("online", {}).get("live_readings"):
-        paths[ONLINE_PLOT_FILE] = plot_online(report["online"], join(out_uri, ONLINE_PLOT_FILE))
+    if ONLINE_PLOT_FILE in paths:
+        plot_online(report["online"], paths[ONLINE_PLOT_FILE])
     write_bytes(paths[MARKDOWN_FILE], (summary_table(report, markdown=True) + "\n").encode())
     return paths
