@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rollback": ("index", "return every item to the old space (before promote)"),
     "stop": ("index", "kill the index router and its shards"),
     "backfill": ("backfill", "backfill a live index with a new model"),
+    "transform": ("transform", "map an embedding table through a trained transformation (FCT/FastFill h, or psi)"),
     "eval": ("eval", "evaluate an upgrade: backfill curves, reports, live index quality"),
     "demo": ("demo", "train every method on built-in data and write report.json, report.md and the plots"),
     "bench": ("bench", "run the benchmark suite and write results JSON"),

@@ -55,6 +55,7 @@ from raybackfill.eval.offline import (
 )
 from raybackfill.eval.report import build_report
 from raybackfill.models.artifacts import load_model
+from raybackfill.models.transformations import apply_transformation
 from raybackfill.train.api import train_backbone, train_reverse, train_side_info, train_transformation
 from raybackfill.train.trainer import TrainConfig
 
@@ -433,14 +434,6 @@ def _matrix(table: pa.Table, ids: np.ndarray, column: str) -> np.ndarray:
     return vectors_of(table, column)[_positions(table.column(ID).to_numpy(), ids)]
 
 
-def _apply(module: torch.nn.Module, *inputs: np.ndarray) -> np.ndarray:
-    """A transformation (FCT h, FastFill h, psi) on stored vectors, in eval mode; FastFill's s is dropped."""
-    module.eval()
-    with torch.inference_mode():
-        out = module(*(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) for x in inputs))
-    return (out[0] if isinstance(out, tuple) else out).numpy()
-
-
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman rank correlation (ties broken by position: fine for continuous scores)."""
     ranks = []
@@ -499,10 +492,11 @@ def evaluate_demo(
     gallery = {name: _matrix(table, g_ids, column) for name, column in columns.items()}
     side = _matrix(table, g_ids, SIDE_INFO)
     heads = {m: load_model(artifacts.models[m]).module for m in TRANSFORMATIONS}
+    # FastFill's s is not kept here: the uncertainty order scores the gallery itself (priority_scores below).
     transformed = {
-        m: _apply(h, gallery["old"], side) if h.uses_side_info else _apply(h, gallery["old"]) for m, h in heads.items()
+        m: apply_transformation(h, gallery["old"], side if h.uses_side_info else None)[0] for m, h in heads.items()
     }
-    query["psi"] = _apply(load_model(artifacts.models["psi"]).module, query["new"])
+    query["psi"] = apply_transformation(load_model(artifacts.models["psi"]).module, query["new"])[0]
 
     def measure(q: np.ndarray, g: np.ndarray) -> RetrievalResult:
         return evaluate(q, g, q_labels, g_labels, eval_config)

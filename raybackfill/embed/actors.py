@@ -10,9 +10,11 @@ import numpy as np
 import pyarrow as pa
 import ray
 import torch
+from torch import nn
 
 from raybackfill.data.schema import EMBEDDING, ID, SIDE_INFO, UNCERTAINTY, vectors_of
 from raybackfill.models.artifacts import load_model
+from raybackfill.models.transformations import apply_transformation
 
 
 def actor_device() -> torch.device:
@@ -62,32 +64,29 @@ class TransformEmbeddings:
     def __init__(self, model_uri: str, num_threads: int = 1, chunk: int = 256) -> None:
         torch.set_num_threads(max(int(num_threads), 1))
         self.device = actor_device()
-        loaded = load_model(model_uri)
-        self.model = loaded.module.to(self.device).eval()
-        self.spec = loaded.spec
+        self.model = load_model(model_uri).module.to(self.device).eval()
         self.chunk = chunk
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        old = torch.from_numpy(np.array(vectors_of(batch, EMBEDDING)))
-        side = torch.from_numpy(np.array(vectors_of(batch, SIDE_INFO))) if self.model_uses_side_info() else None
-        new_parts, unc_parts = [], []
-        with torch.inference_mode():
-            for start in range(0, len(old), self.chunk):
-                stop = start + self.chunk
-                args = (old[start:stop].to(self.device), None if side is None else side[start:stop].to(self.device))
-                result = self.model(*args)
-                h, s = result if isinstance(result, tuple) else (result, None)
-                new_parts.append(h.float().cpu())
-                if s is not None:
-                    unc_parts.append(s.float().cpu())
-        new = torch.cat(new_parts).numpy() if new_parts else np.zeros((0, self.spec.dims["new"]), np.float32)
-        out = {ID: batch.column(ID).to_numpy(), EMBEDDING: new, "finite": np.isfinite(new).all(axis=1)}
-        if unc_parts:
-            out[UNCERTAINTY] = torch.cat(unc_parts).numpy()
-        for name in batch.schema.names:
-            if name not in (ID, EMBEDDING, SIDE_INFO, UNCERTAINTY):
-                out[name] = batch.column(name).to_numpy(zero_copy_only=False)
-        return out
+        return transform_batch(self.model, batch, chunk=self.chunk, device=self.device)
 
-    def model_uses_side_info(self) -> bool:
-        return bool(getattr(self.model, "uses_side_info", False))
+
+def transform_batch(
+    model: nn.Module, batch: pa.Table, *, chunk: int = 256, device: torch.device | str = "cpu"
+) -> dict[str, np.ndarray]:
+    """An embedding-table batch through a transformation (FCT / FastFill h, or psi): the one way a table is
+    transformed, by the actors above (the backfill's instant phase) and in the driver (`raybackfill transform`).
+
+    Returns ``id``, ``embedding`` (the transformed vectors), ``uncertainty`` for FastFill, ``finite`` (so the sink
+    can quarantine non-finite rows) and every other column passed through; ``side_info`` is read only when the
+    transformation was trained with it.
+    """
+    side = vectors_of(batch, SIDE_INFO) if getattr(model, "uses_side_info", False) else None
+    vectors, uncertainty = apply_transformation(model, vectors_of(batch, EMBEDDING), side, chunk=chunk, device=device)
+    out = {ID: batch.column(ID).to_numpy(), EMBEDDING: vectors, "finite": np.isfinite(vectors).all(axis=1)}
+    if uncertainty is not None:
+        out[UNCERTAINTY] = uncertainty
+    for name in batch.schema.names:
+        if name not in (ID, EMBEDDING, SIDE_INFO, UNCERTAINTY):
+            out[name] = batch.column(name).to_numpy(zero_copy_only=False)
+    return out

@@ -7,6 +7,7 @@ FCT and FastFill. All MLPs use :class:`SingleSafeBatchNorm1d` so a batch of one 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -121,3 +122,36 @@ class ReverseTransformation(nn.Module):
 
     def forward(self, new: torch.Tensor) -> torch.Tensor:
         return self.net(new)
+
+
+def apply_transformation(
+    module: nn.Module,
+    vectors: np.ndarray,
+    side: np.ndarray | None = None,
+    *,
+    chunk: int = 256,
+    device: torch.device | str = "cpu",
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(h, s)`` of stored vectors: FCT h and psi give ``s = None``, FastFill its uncertainty head.
+
+    The one implementation behind the backfill's instant phase, `raybackfill transform` and the demo. Eval mode
+    (BatchNorm with its running statistics, so rows do not depend on their chunk), restored afterwards; ``chunk``
+    rows per forward pass bound the activations' memory; ``side`` only for a transformation trained with it.
+    """
+    was_training = module.training
+    module.eval()
+    inputs = [vectors] if side is None else [vectors, side]
+    h_parts, s_parts = [], []
+    try:
+        with torch.inference_mode():
+            for start in range(0, max(len(vectors), 1), chunk):  # an empty input still gives an (0, d) output
+                # A copy per chunk: Arrow's zero-copy arrays are read-only, which torch.from_numpy warns about.
+                args = [torch.from_numpy(np.array(x[start : start + chunk], dtype=np.float32)) for x in inputs]
+                out = module(*(a.to(device) for a in args))
+                h, s = out if isinstance(out, tuple) else (out, None)
+                h_parts.append(h.float().cpu())
+                if s is not None:
+                    s_parts.append(s.float().cpu())
+    finally:
+        module.train(was_training)
+    return torch.cat(h_parts).numpy(), torch.cat(s_parts).numpy() if s_parts else None
