@@ -20,6 +20,7 @@ from raybackfill.data.loading import image_shards
 from raybackfill.data.schema import (
     EMBEDDING,
     ID,
+    SIDE_INFO,
     SchemaError,
     check_unique_ids,
     embedding_dim,
@@ -62,7 +63,22 @@ def check_inputs(gallery: str, old_embeddings: str, models: Sequence[str], trans
     for uri in models:
         load_model(uri)  # model.json and weights: a truncated file fails here, not in a worker
     if transformation:
-        wants = load_model(transformation).spec.dims.get("old")
+        loaded = load_model(transformation)
+        wants = loaded.spec.dims.get("old")
         if wants is not None and wants != dim:
             raise SchemaError(f"{old_embeddings}: old embeddings have dim {dim}, but the transformation "
                               f"{transformation} maps dim {wants}")
+        if getattr(loaded.module, "uses_side_info", False):
+            _check_side_info(old_embeddings, loaded.spec.dims["side"], transformation)
+
+
+def _check_side_info(old_embeddings: str, dim: int, transformation: str) -> None:
+    """A transformation trained with side-information reads it from every old-embedding shard."""
+    for shard in io.table_shards(old_embeddings):
+        schema = io.read_footer(shard).schema.to_arrow_schema()
+        if SIDE_INFO not in schema.names:
+            raise SchemaError(f"{shard}: missing column '{SIDE_INFO}', which the transformation {transformation} "
+                              f"reads (embed the old gallery with --side-info-model)")
+        if (found := embedding_dim(schema, SIDE_INFO, shard)) != dim:
+            raise SchemaError(f"{shard}: column '{SIDE_INFO}' has dim {found}, but the transformation "
+                              f"{transformation} reads dim {dim}")
