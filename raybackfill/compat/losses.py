@@ -1,4 +1,6 @@
-"""Losses of the compatible-upgrade methods, as pure functions on tensors (formulas: ALGORITHMS.md).
+"""Losses of the compatible-upgrade methods, as pure functions on tensors. Each docstring gives its formula,
+after the papers: BCT (Shen et al., CVPR 2020), RACT (Zhang et al., ICLR 2022), FCT (Ramanujan et al., CVPR
+2022), FastFill (Jaeckle et al., ICLR 2023), metric-compatible online backfilling (Seo et al., WACV 2025).
 
 Conventions: features are (N, d) rows, labels (N,) int64. Whatever is frozen by the method (old
 features, old/new classifiers, the target new embedding) is detached *inside* the loss, so a caller

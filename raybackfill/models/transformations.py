@@ -39,7 +39,7 @@ class ForwardTransformation(nn.Module):
 
     Two branches (old: old_dim -> hidden -> hidden; side: side_dim -> hidden -> hidden), concatenated,
     then a mixer 2*hidden -> mixer -> mixer -> new_dim (last layer linear). The reference sizes
-    (ALGORITHMS.md, FCT) are ``hidden_dim=256, mixer_dim=2048``; the defaults here (128, 512) train in
+    (FCT paper's reference code) are ``hidden_dim=256, mixer_dim=2048``; the defaults here (128, 512) train in
     seconds on a CPU for galleries of 10^4 items. Pass the reference sizes on a GPU cluster.
 
     Without side-information (``side_dim=None``) the side branch is fed the old embedding itself
