@@ -12,6 +12,9 @@ no-op, and a batch is committed atomically (raybackfill.data.io.write_shard). A 
 ids of every committed batch and skips them; it never re-emits a written id, so every id is in the
 outputs exactly once. Because each batch is written *before* it is upserted, the index holds a subset
 of the ledger, and :meth:`Ledger.replay` closes the gap left by a kill between the two steps.
+
+:func:`committed_ids` and :func:`quarantined_ids` are the skip lists of any resumable job over Parquet
+outputs; the embed job (raybackfill.embed.pipeline) resumes with them too.
 """
 
 from __future__ import annotations
@@ -39,13 +42,13 @@ def batch_name(ids: np.ndarray) -> str:
     return f"batch-{digest}.parquet"
 
 
-def _files(uri: str) -> list[pafs.FileInfo]:
-    """Committed Parquet files under ``uri`` (recursive), oldest first; none if the directory is absent."""
+def _files(uri: str, *, recursive: bool = True) -> list[pafs.FileInfo]:
+    """Committed Parquet files under ``uri``, oldest first; none if the directory is absent."""
     fs, path = io.resolve(uri)
     try:
         if fs.get_file_info(path).type == pafs.FileType.NotFound:
             return []
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive))
     except OSError as err:
         raise io.StorageError(f"{uri}: cannot list ({err})") from err
     files = [i for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")]
@@ -59,6 +62,19 @@ def _read_columns(uri: str, infos: list[pafs.FileInfo], columns: list[str]) -> p
     if not infos:
         return pa.table({c: pa.array([], type=pa.int64() if c == ID else pa.string()) for c in columns})
     return pads.dataset([i.path for i in infos], filesystem=fs, format="parquet").to_table(columns=columns)
+
+
+def committed_ids(uri: str, *, recursive: bool = True) -> np.ndarray:
+    """Ids of every committed Parquet file under ``uri`` (id column only: cheap); none if it is absent.
+    ``recursive=False`` for a table whose directory also holds other tables (e.g. its ``_quarantine``)."""
+    return _read_columns(uri, _files(uri, recursive=recursive), [ID]).column(ID).to_numpy()
+
+
+def quarantined_ids(uri: str, stages: tuple[str, ...]) -> np.ndarray:
+    """Ids in the quarantine table at ``uri`` quarantined at any of ``stages`` (none if it is absent)."""
+    table = _read_columns(uri, _files(uri), [ID, "stage"])
+    stage = table.column("stage").to_numpy(zero_copy_only=False)
+    return table.column(ID).to_numpy()[np.isin(stage, stages)]
 
 
 @dataclass(frozen=True)
@@ -96,13 +112,11 @@ class Ledger:
 
     def ids(self, directory: str) -> np.ndarray:
         """Ids of every committed batch under ``directory`` (id column only: cheap)."""
-        return _read_columns(directory, _files(directory), [ID]).column(ID).to_numpy()
+        return committed_ids(directory)
 
     def quarantined(self, stages: tuple[str, ...]) -> np.ndarray:
         """Ids quarantined at any of ``stages``."""
-        table = _read_columns(self.quarantine_uri, _files(self.quarantine_uri), [ID, "stage"])
-        stage = table.column("stage").to_numpy(zero_copy_only=False)
-        return table.column(ID).to_numpy()[np.isin(stage, stages)]
+        return quarantined_ids(self.quarantine_uri, stages)
 
     def replay(self, router, version: str) -> int:
         """Re-upsert committed batches that did not reach the index (killed between write and upsert).

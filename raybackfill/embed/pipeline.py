@@ -2,17 +2,26 @@
 
 Both stream with Ray Data through an actor pool that loads the model once per actor. The driver is the
 sink: it writes finished rows as shards and quarantines rows with non-finite outputs.
+
+Resumable like the backfill (raybackfill.backfill.ledger): ``OUT/_manifest.json`` names the models' versions
+before the first shard is written. A re-run with the same models skips the ids of the committed shards and of
+the quarantine, and writes its shards after the committed ones (which stay as they are); the manifest is
+marked complete, with the counts, once every input row is in a shard or quarantined. A re-run of a complete
+table does nothing; a table made by other models is refused.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pyarrow as pa
 import ray
 from tqdm import tqdm
 
+from raybackfill.backfill.ledger import committed_ids, quarantined_ids
+from raybackfill.backfill.rows import keep_rows
 from raybackfill.data import io
 from raybackfill.data.loading import decode_images, probe_image_size, read_images, read_shards, write_quarantine
 from raybackfill.data.schema import (
@@ -28,6 +37,9 @@ from raybackfill.data.schema import (
 from raybackfill.embed.actors import EmbedImages, TransformEmbeddings
 from raybackfill.models.artifacts import read_spec
 
+MANIFEST = "_manifest.json"
+QUARANTINE_STAGES = ("decode", "embed")  # the stages these jobs quarantine at
+
 
 @dataclass
 class PoolConfig:
@@ -35,11 +47,24 @@ class PoolConfig:
 
     actors: int = 1
     cpus_per_actor: float = 0.5
-    gpus_per_actor: float | None = None  # None: one GPU per actor when the cluster has GPUs
+    # None: one GPU per actor when the cluster has GPUs at the start. An autoscaling cluster whose GPU nodes
+    # scale from zero has none then: a number is requested as is, and the request makes the autoscaler add them.
+    gpus_per_actor: float | None = None
     batch_size: int = 256
-    rows_per_shard: int = 50_000
+    rows_per_shard: int = 50_000  # the embed jobs' shard size: also the most work a kill loses
+
+    def __post_init__(self) -> None:
+        """Refuse sizes that Ray would reject deep inside a job (or wait on for ever: no actors)."""
+        for name in ("actors", "batch_size", "rows_per_shard"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("cpus_per_actor", "gpus_per_actor"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be non-negative, got {value}")
 
     def gpus(self) -> float:
+        """GPUs each actor requests: ``gpus_per_actor``, else 1 if the cluster has a GPU now."""
         if self.gpus_per_actor is not None:
             return self.gpus_per_actor
         return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
@@ -48,8 +73,20 @@ class PoolConfig:
 @dataclass(frozen=True)
 class EmbedResult:
     uri: str
-    rows: int
-    quarantined: int
+    rows: int  # in the table, this run's and earlier runs'
+    quarantined: int  # likewise
+    written: int  # rows this run wrote
+    already_complete: bool = False  # the table was complete before this run: nothing was done
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """``OUT/_manifest.json``: the models that make the table, and whether (and with what) it is complete."""
+
+    models: dict[str, str]  # output column -> model version
+    complete: bool = False
+    rows: int = 0
+    quarantined: int = 0
 
 
 def map_embed(ds: ray.data.Dataset, models: dict[str, str], pool: PoolConfig) -> ray.data.Dataset:
@@ -89,43 +126,95 @@ def embed_images(
     keep_columns: tuple[str, ...] = ("label",),
     progress: bool = True,
 ) -> EmbedResult:
-    """Embed every image with each model in ``models`` (output column -> artefact URI)."""
+    """Embed every image with each model in ``models`` (output column -> artefact URI); continue a table
+    that a killed run of the same models left partial."""
     pool = pool or PoolConfig()
     if EMBEDDING not in models:
         raise ValueError(f"models must include the '{EMBEDDING}' column, got {sorted(models)}")
-    version = read_spec(models[EMBEDDING]).version
+    manifest = _open_table(out_uri, {column: read_spec(uri).version for column, uri in models.items()})
+    if manifest.complete:
+        return EmbedResult(out_uri, manifest.rows, manifest.quarantined, 0, already_complete=True)
     quarantine_uri = quarantine_uri or io.join(out_uri, "_quarantine")
     ds = read_images(images_uri, rows_per_block=pool.batch_size)  # one actor task per batch
     columns = [c for c in (ID, "image", *keep_columns) if c in ds.schema().names]
-    ds = decode_images(ds.select_columns(columns), size=probe_image_size(images_uri), quarantine_uri=quarantine_uri)
-    ds = map_embed(ds, models, pool)
-    return _write_embeddings(ds, out_uri, version, quarantine_uri, pool, progress, f"embed {images_uri}")
+    ds = _skip_done(ds.select_columns(columns), images_uri, out_uri, quarantine_uri)
+    if ds is not None:
+        # Decoded in batches of the pool's size too: at the default 256 a small-batch run reached the sink
+        # as a few large blocks, so its shards (and the work a kill can lose) were far above rows_per_shard.
+        ds = decode_images(ds, size=probe_image_size(images_uri), quarantine_uri=quarantine_uri,
+                           batch_size=pool.batch_size)
+        ds = map_embed(ds, models, pool)
+    return _write_embeddings(ds, out_uri, manifest, quarantine_uri, pool, progress, f"embed {images_uri}")
 
 
 def transform_embeddings(
     old_uri: str, model_uri: str, out_uri: str, *, pool: PoolConfig | None = None, progress: bool = True
 ) -> EmbedResult:
-    """Apply a forward transformation to a stored old-embedding table (no images read)."""
+    """Apply a forward transformation to a stored old-embedding table (no images read); resumable likewise."""
     pool = pool or PoolConfig(batch_size=8192)
-    spec = read_spec(model_uri)
-    ds = map_transform(read_shards(io.list_shards(old_uri), rows_per_block=pool.batch_size), model_uri, pool)
+    manifest = _open_table(out_uri, {EMBEDDING: read_spec(model_uri).version})
+    if manifest.complete:
+        return EmbedResult(out_uri, manifest.rows, manifest.quarantined, 0, already_complete=True)
     quarantine_uri = io.join(out_uri, "_quarantine")
-    return _write_embeddings(ds, out_uri, spec.version, quarantine_uri, pool, progress, f"transform {old_uri}")
+    ds = read_shards(io.list_shards(old_uri), rows_per_block=pool.batch_size)
+    ds = _skip_done(ds, old_uri, out_uri, quarantine_uri)
+    if ds is not None:
+        ds = map_transform(ds, model_uri, pool)
+    return _write_embeddings(ds, out_uri, manifest, quarantine_uri, pool, progress, f"transform {old_uri}")
+
+
+def read_manifest(out_uri: str) -> Manifest | None:
+    """The table's manifest, or None when it has none (a new table)."""
+    uri = io.join(out_uri, MANIFEST)
+    return Manifest(**json.loads(io.read_bytes(uri))) if io.exists(uri) else None
+
+
+def _write_manifest(out_uri: str, manifest: Manifest, *, if_exists: str = "replace") -> None:
+    """Write the manifest in one atomic step (``raybackfill.data.io.write_bytes``)."""
+    io.write_bytes(io.join(out_uri, MANIFEST), json.dumps(asdict(manifest)).encode(), if_exists=if_exists)
+
+
+def _open_table(out_uri: str, models: dict[str, str]) -> Manifest:
+    """The manifest of the table that ``models`` (output column -> version) write at ``out_uri``. A new table
+    gets one before its first shard, so that a partial table says what made it; other models' table is refused."""
+    manifest = read_manifest(out_uri)
+    if manifest is None:
+        if io.exists(out_uri) and io.list_shards(out_uri):
+            raise io.ShardExistsError(f"{out_uri}: holds shards but no {MANIFEST} (not an embed job's); use a new URI")
+        manifest = Manifest(models)
+        _write_manifest(out_uri, manifest, if_exists="error")  # two runs starting at once: one fails
+    if manifest.models != models:
+        raise ValueError(f"{out_uri}: holds embeddings by models {manifest.models}, not {models}; "
+                         "use a new URI, or the same models to continue it")
+    return manifest
+
+
+def _skip_done(ds: ray.data.Dataset, input_uri: str, out_uri: str, quarantine_uri: str) -> ray.data.Dataset | None:
+    """``ds`` (rows of ``input_uri``) without the ids an earlier run committed to ``out_uri`` or quarantined;
+    None when no row is left. A first run skips the filter pass."""
+    done = np.union1d(committed_ids(out_uri, recursive=False), quarantined_ids(quarantine_uri, QUARANTINE_STAGES))
+    if not len(done):
+        return ds
+    keep = np.setdiff1d(io.read_table(input_uri, [ID]).column(ID).to_numpy(), done)
+    if not len(keep):
+        return None
+    return ds.map_batches(keep_rows, fn_kwargs={"keep": keep}, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
 
 
 def _write_embeddings(
-    ds: ray.data.Dataset,
+    ds: ray.data.Dataset | None,
     out_uri: str,
-    version: str,
+    manifest: Manifest,
     quarantine_uri: str,
     pool: PoolConfig,
     progress: bool,
     label: str,
 ) -> EmbedResult:
-    if io.next_shard_index(out_uri):
-        raise io.ShardExistsError(f"{out_uri}: already holds an embedding table; use a new URI")
+    """Write ``ds`` (None: nothing left) as shards after the committed ones, then mark the table complete."""
+    version = manifest.models[EMBEDDING]
     pending: list[pa.Table] = []
-    buffered = rows = quarantined = shard = 0
+    buffered = rows = 0
+    shard = io.next_shard_index(out_uri)
     bar = tqdm(desc=label, unit="item", disable=not progress)
 
     def flush() -> None:
@@ -135,12 +224,11 @@ def _write_embeddings(
             shard += 1
             pending, buffered = [], 0
 
-    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None) if ds is not None else ():
         finite = batch.pop("finite")
         if not finite.all():
             bad = batch[ID][~finite]
             write_quarantine(quarantine_uri, bad, ["non-finite embedding"] * len(bad), stage="embed")
-            quarantined += len(bad)
             batch = {k: v[finite] for k, v in batch.items()}
         table = _to_table(batch, version)
         pending.append(table)
@@ -151,9 +239,12 @@ def _write_embeddings(
             flush()
     flush()
     bar.close()
-    if rows == 0:
+    total = sum(io.read_footer(uri).num_rows for uri in io.list_shards(out_uri))
+    quarantined = len(np.unique(quarantined_ids(quarantine_uri, QUARANTINE_STAGES)))
+    if total == 0:
         raise ValueError(f"{label}: no rows were embedded (all {quarantined} quarantined or empty input)")
-    return EmbedResult(out_uri, rows, quarantined)
+    _write_manifest(out_uri, replace(manifest, complete=True, rows=total, quarantined=quarantined))
+    return EmbedResult(out_uri, total, quarantined, rows)
 
 
 def _to_table(batch: dict[str, np.ndarray], version: str) -> pa.Table:
