@@ -1,9 +1,17 @@
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from raybackfill.data import io
 from raybackfill.data.images import encode_png
-from raybackfill.data.loading import decode_images, image_shards, read_images, read_quarantine, read_shards
+from raybackfill.data.loading import (
+    decode_images,
+    image_shards,
+    keep_rows,
+    quarantined_ids,
+    read_images,
+    read_shards,
+)
 from raybackfill.data.schema import SchemaError, image_table
 
 
@@ -61,7 +69,8 @@ def test_corrupt_and_wrong_size_images_are_quarantined_not_fatal(ray_cluster, tm
     io.write_table(_gallery(corrupt=(3, 7), wrong_size=(5,)), uri, rows_per_shard=4)
     ids = decode_images(read_images(uri), size=8, quarantine_uri=quarantine).to_pandas()["id"]
     assert sorted(ids) == [0, 1, 2, 4, 6, 8, 9, 10, 11]
-    assert sorted(read_quarantine(quarantine)) == [3, 5, 7]
+    assert sorted(quarantined_ids(quarantine, ("decode",))) == [3, 5, 7]
+    assert len(quarantined_ids(quarantine, ("embed",))) == 0
     reasons = dict(zip(*io.read_table(quarantine).select(["id", "reason"]).to_pydict().values(), strict=True))
     assert "corrupt image bytes" in reasons[3] and "expected 8x8" in reasons[5]
 
@@ -91,3 +100,11 @@ def test_cli_synth_writes_a_50_row_table_that_ray_data_reads_back(ray_cluster, t
     assert sorted(batch["id"]) == list(range(50))
     assert sorted(set(batch["label"])) == list(range(10))
     assert batch["pixels"].shape == (50, 3, 32, 32)
+
+
+def test_keep_rows_keeps_exactly_the_ids_still_to_do():
+    batch = pa.table({"id": pa.array([9, 2, 7, 4, 11], pa.int64()), "x": ["a", "b", "c", "d", "e"]})
+    kept = keep_rows(batch, np.array([2, 4, 5, 11]))
+    assert kept.column("id").to_pylist() == [2, 4, 11] and kept.column("x").to_pylist() == ["b", "d", "e"]
+    assert keep_rows(batch, np.array([], np.int64)).num_rows == 0
+    assert keep_rows(batch, np.array([100])).num_rows == 0  # beyond every id: no false match at the end

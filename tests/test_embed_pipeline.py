@@ -21,12 +21,11 @@ import torch
 import raybackfill.backfill.run as backfill_run
 import raybackfill.cli.train as cli_train
 import raybackfill.embed.pipeline as pipeline
-from raybackfill.backfill.ledger import quarantined_ids
 from raybackfill.cli.backfill import add_arguments
 from raybackfill.cli.backfill import run as run_backfill_command
 from raybackfill.cli.main import main
 from raybackfill.data import io
-from raybackfill.data.loading import write_quarantine
+from raybackfill.data.loading import quarantined_ids, write_quarantine
 from raybackfill.data.schema import EMBEDDING, ID, IMAGE, embedding_table, image_table
 from raybackfill.data.synth import synthesize
 from raybackfill.embed.pipeline import MANIFEST, EmbedResult, PoolConfig, read_manifest, transform_embeddings

@@ -13,8 +13,8 @@ ids of every committed batch and skips them; it never re-emits a written id, so 
 outputs exactly once. Because each batch is written *before* it is upserted, the index holds a subset
 of the ledger, and :meth:`Ledger.replay` closes the gap left by a kill between the two steps.
 
-:func:`committed_ids` and :func:`quarantined_ids` are the skip lists of any resumable job over Parquet
-outputs; the embed job (raybackfill.embed.pipeline) resumes with them too.
+The skip lists (``io.committed_ids``, ``loading.quarantined_ids``) live in the data layer: the embed job
+(raybackfill.embed.pipeline) resumes with them too.
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 
 from raybackfill.data import io
+from raybackfill.data.loading import quarantined_ids
 from raybackfill.data.schema import EMBEDDING, ID, vectors_of
 from raybackfill.index.router import get
 
@@ -40,41 +39,6 @@ def batch_name(ids: np.ndarray) -> str:
     """A deterministic file name for a batch: the same ids always give the same name."""
     digest = hashlib.sha1(np.sort(np.asarray(ids, dtype=np.int64)).tobytes()).hexdigest()[:20]
     return f"batch-{digest}.parquet"
-
-
-def _files(uri: str, *, recursive: bool = True) -> list[pafs.FileInfo]:
-    """Committed Parquet files under ``uri``, oldest first; none if the directory is absent."""
-    fs, path = io.resolve(uri)
-    try:
-        if fs.get_file_info(path).type == pafs.FileType.NotFound:
-            return []
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive))
-    except OSError as err:
-        raise io.StorageError(f"{uri}: cannot list ({err})") from err
-    files = [i for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")]
-    # Hidden names are uncommitted temporary files of a write that was interrupted.
-    files = [i for i in files if not i.base_name.startswith(".")]
-    return sorted(files, key=lambda i: (i.mtime_ns or 0, i.path))
-
-
-def _read_columns(uri: str, infos: list[pafs.FileInfo], columns: list[str]) -> pa.Table:
-    fs, _ = io.resolve(uri)
-    if not infos:
-        return pa.table({c: pa.array([], type=pa.int64() if c == ID else pa.string()) for c in columns})
-    return pads.dataset([i.path for i in infos], filesystem=fs, format="parquet").to_table(columns=columns)
-
-
-def committed_ids(uri: str, *, recursive: bool = True) -> np.ndarray:
-    """Ids of every committed Parquet file under ``uri`` (id column only: cheap); none if it is absent.
-    ``recursive=False`` for a table whose directory also holds other tables (e.g. its ``_quarantine``)."""
-    return _read_columns(uri, _files(uri, recursive=recursive), [ID]).column(ID).to_numpy()
-
-
-def quarantined_ids(uri: str, stages: tuple[str, ...]) -> np.ndarray:
-    """Ids in the quarantine table at ``uri`` quarantined at any of ``stages`` (none if it is absent)."""
-    table = _read_columns(uri, _files(uri), [ID, "stage"])
-    stage = table.column("stage").to_numpy(zero_copy_only=False)
-    return table.column(ID).to_numpy()[np.isin(stage, stages)]
 
 
 @dataclass(frozen=True)
@@ -108,11 +72,11 @@ class Ledger:
 
     def files(self, directory: str) -> list[str]:
         """Committed batch files under ``directory``, oldest first (the order they were written)."""
-        return [io.join(directory, i.path[len(io.resolve(directory)[1]) + 1 :]) for i in _files(directory)]
+        return [io.join(directory, i.path[len(io.resolve(directory)[1]) + 1 :]) for i in io.committed_files(directory)]
 
     def ids(self, directory: str) -> np.ndarray:
         """Ids of every committed batch under ``directory`` (id column only: cheap)."""
-        return committed_ids(directory)
+        return io.committed_ids(directory)
 
     def quarantined(self, stages: tuple[str, ...]) -> np.ndarray:
         """Ids quarantined at any of ``stages``."""

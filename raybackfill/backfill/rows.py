@@ -1,4 +1,4 @@
-"""Per-batch row work that runs inside Ray Data tasks: keep the rows still to do, decode images.
+"""Per-batch row work that runs inside Ray Data tasks: decode the images of the rows still to do.
 
 Kept apart from the orchestrator (raybackfill.backfill.run) on purpose: Ray sends a task's function by
 reference, so a fresh worker imports the function's module, and run.py imports torch through the embedding
@@ -9,25 +9,13 @@ decodes starts in ~1.5 s.
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 
 from raybackfill.backfill.sink import BAD_REASON
 from raybackfill.data.images import decode_batch
+from raybackfill.data.loading import keep_mask
 from raybackfill.data.schema import ID, IMAGE
 
 TIER = "tier"  # column carried from decode to the sink: the tier (ledger directory) of each row
-
-
-def keep_mask(ids: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """Mask of ``ids`` that are in the sorted array ``keep`` (binary search, no per-row Python)."""
-    if not len(keep):
-        return np.zeros(len(ids), dtype=bool)
-    pos = np.minimum(np.searchsorted(keep, ids), len(keep) - 1)
-    return keep[pos] == ids
-
-
-def keep_rows(batch: pa.Table, keep: np.ndarray) -> pa.Table:
-    return batch.filter(pa.array(keep_mask(batch.column(ID).to_numpy(), keep)))
 
 
 def decode_kept(batch: dict[str, np.ndarray], keep: np.ndarray, tiers: np.ndarray, size: int

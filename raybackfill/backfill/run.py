@@ -35,11 +35,11 @@ from tqdm import tqdm
 from raybackfill.backfill.inputs import check_inputs
 from raybackfill.backfill.ledger import BACKFILL_STAGES, INSTANT_STAGES, Ledger
 from raybackfill.backfill.plan import RANK, Plan, PlanConfig, Tier, ensure_plan, read_plan
-from raybackfill.backfill.rows import TIER, decode_kept, keep_rows
+from raybackfill.backfill.rows import TIER, decode_kept
 from raybackfill.backfill.sink import BatchSink, PhaseStats
 from raybackfill.compat.recipes import get_recipe
 from raybackfill.data import io
-from raybackfill.data.loading import probe_image_size, read_shards
+from raybackfill.data.loading import keep_rows, probe_image_size, read_shards
 from raybackfill.data.schema import EMBEDDING, ID, IMAGE, SIDE_INFO
 from raybackfill.embed.pipeline import PoolConfig, map_embed, map_transform
 from raybackfill.index.router import connect, get

@@ -13,11 +13,13 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from raybackfill.data.schema import SchemaError
+from raybackfill.data.schema import ID, SchemaError
 
 SHARD_PATTERN = re.compile(r"^part-(\d{5,})\.parquet$")
 
@@ -141,6 +143,40 @@ def read_shard(uri: str, columns: list[str] | None = None) -> pa.Table:
         raise StorageError(f"{uri}: not a readable parquet file ({err})") from err
     except OSError as err:
         raise StorageError(_describe(uri, err)) from err
+
+
+def committed_files(uri: str, *, recursive: bool = True) -> list[pafs.FileInfo]:
+    """Committed Parquet files under ``uri``, oldest first; none if the directory is absent. Written by
+    jobs that resume (the backfill's batches, embed's shards), which list what an earlier run finished."""
+    fs, path = resolve(uri)
+    try:
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return []
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive))
+    except OSError as err:
+        raise StorageError(f"{uri}: cannot list ({_scrub(err)})") from err
+    files = [i for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")]
+    # Hidden names are uncommitted temporary files of a write that was interrupted.
+    files = [i for i in files if not i.base_name.startswith(".")]
+    return sorted(files, key=lambda i: (i.mtime_ns or 0, i.path))
+
+
+def read_committed(uri: str, columns: list[str], *, recursive: bool = True) -> pa.Table:
+    """``columns`` of every committed file under ``uri`` (an empty table, id int64 and strings, if none)."""
+    infos = committed_files(uri, recursive=recursive)
+    if not infos:
+        return pa.table({c: pa.array([], type=pa.int64() if c == ID else pa.string()) for c in columns})
+    fs, _ = resolve(uri)
+    try:
+        return pads.dataset([i.path for i in infos], filesystem=fs, format="parquet").to_table(columns=columns)
+    except (OSError, pa.ArrowInvalid) as err:
+        raise StorageError(f"{uri}: cannot read {', '.join(columns)} ({_scrub(err)})") from err
+
+
+def committed_ids(uri: str, *, recursive: bool = True) -> np.ndarray:
+    """Ids of every committed file under ``uri`` (id column only: cheap); none if it is absent.
+    ``recursive=False`` for a table whose directory also holds other tables (e.g. its ``_quarantine``)."""
+    return read_committed(uri, [ID], recursive=recursive).column(ID).to_numpy()
 
 
 def dictionary_columns(table: pa.Table) -> list[str]:

@@ -125,11 +125,24 @@ def write_quarantine(uri: str, ids: np.ndarray, reasons: list[str], *, stage: st
     return io.write_shard(quarantine_table(ids, reasons, stage), uri, f"{stage}-{digest}.parquet", if_exists="skip")
 
 
-def read_quarantine(uri: str) -> np.ndarray:
-    """Ids quarantined so far (empty if nothing was quarantined)."""
-    if not io.exists(uri):
-        return np.zeros(0, dtype=np.int64)
-    return io.read_table(uri, columns=[ID]).column(ID).to_numpy()
+def quarantined_ids(uri: str, stages: tuple[str, ...]) -> np.ndarray:
+    """Ids in the quarantine table at ``uri`` quarantined at any of ``stages`` (none if it is absent)."""
+    table = io.read_committed(uri, [ID, "stage"])
+    stage = table.column("stage").to_numpy(zero_copy_only=False)
+    return table.column(ID).to_numpy()[np.isin(stage, stages)]
+
+
+def keep_mask(ids: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Mask of ``ids`` that are in the sorted array ``keep`` (binary search, no per-row Python)."""
+    if not len(keep):
+        return np.zeros(len(ids), dtype=bool)
+    pos = np.minimum(np.searchsorted(keep, ids), len(keep) - 1)
+    return keep[pos] == ids
+
+
+def keep_rows(batch: pa.Table, keep: np.ndarray) -> pa.Table:
+    """The rows of ``batch`` whose id is in the sorted array ``keep``: what a resumed job still has to do."""
+    return batch.filter(pa.array(keep_mask(batch.column(ID).to_numpy(), keep)))
 
 
 def probe_image_size(uri: str) -> int:

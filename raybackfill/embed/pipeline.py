@@ -3,11 +3,11 @@
 Both stream with Ray Data through an actor pool that loads the model once per actor. The driver is the
 sink: it writes finished rows as shards and quarantines rows with non-finite outputs.
 
-Resumable like the backfill (raybackfill.backfill.ledger): ``OUT/_manifest.json`` names the models' versions
-before the first shard is written. A re-run with the same models skips the ids of the committed shards and of
-the quarantine, and writes its shards after the committed ones (which stay as they are); the manifest is
-marked complete, with the counts, once every input row is in a shard or quarantined. A re-run of a complete
-table does nothing; a table made by other models is refused.
+Resumable like the backfill (raybackfill.backfill.ledger), with the same skip lists from the data layer:
+``OUT/_manifest.json`` names the models' versions before the first shard is written. A re-run with the same
+models skips the ids of the committed shards and of the quarantine, and writes its shards after the committed
+ones (which stay as they are); the manifest is marked complete, with the counts, once every input row is in a
+shard or quarantined. A re-run of a complete table does nothing; a table made by other models is refused.
 """
 
 from __future__ import annotations
@@ -20,10 +20,16 @@ import pyarrow as pa
 import ray
 from tqdm import tqdm
 
-from raybackfill.backfill.ledger import committed_ids, quarantined_ids
-from raybackfill.backfill.rows import keep_rows
 from raybackfill.data import io
-from raybackfill.data.loading import decode_images, probe_image_size, read_images, read_shards, write_quarantine
+from raybackfill.data.loading import (
+    decode_images,
+    keep_rows,
+    probe_image_size,
+    quarantined_ids,
+    read_images,
+    read_shards,
+    write_quarantine,
+)
 from raybackfill.data.schema import (
     EMBEDDING,
     ID,
@@ -192,7 +198,7 @@ def _open_table(out_uri: str, models: dict[str, str]) -> Manifest:
 def _skip_done(ds: ray.data.Dataset, input_uri: str, out_uri: str, quarantine_uri: str) -> ray.data.Dataset | None:
     """``ds`` (rows of ``input_uri``) without the ids an earlier run committed to ``out_uri`` or quarantined;
     None when no row is left. A first run skips the filter pass."""
-    done = np.union1d(committed_ids(out_uri, recursive=False), quarantined_ids(quarantine_uri, QUARANTINE_STAGES))
+    done = np.union1d(io.committed_ids(out_uri, recursive=False), quarantined_ids(quarantine_uri, QUARANTINE_STAGES))
     if not len(done):
         return ds
     keep = np.setdiff1d(io.read_table(input_uri, [ID]).column(ID).to_numpy(), done)
