@@ -39,7 +39,7 @@ from raybackfill.backfill.rows import TIER, decode_kept
 from raybackfill.backfill.sink import BatchSink, PhaseStats
 from raybackfill.compat.recipes import get_recipe
 from raybackfill.data import io
-from raybackfill.data.loading import keep_rows, probe_image_size, read_shards
+from raybackfill.data.loading import keep_only, probe_image_size, read_shards
 from raybackfill.data.schema import EMBEDDING, ID, IMAGE, SIDE_INFO
 from raybackfill.embed.pipeline import PoolConfig, map_embed, map_transform
 from raybackfill.index.router import connect, get
@@ -178,7 +178,7 @@ def _instant_phase(config: BackfillConfig, ledger: Ledger, router, version: str)
     pool = config.pool
     ds = read_shards(io.list_shards(config.old_embeddings), columns=columns, rows_per_block=config.transform_batch_size)
     if len(keep) < len(old_ids):  # a resumed run: drop what is done (a first run skips this whole pass)
-        ds = ds.map_batches(keep_rows, fn_kwargs={"keep": keep}, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
+        ds = keep_only(ds, keep)
     ds = map_transform(ds, config.transformation, replace(pool, batch_size=config.transform_batch_size))
     with _bar(config, "instant (transform)", len(keep)) as bar:
         sink = BatchSink(ledger, router, state="transformed", version=version, stats=stats,

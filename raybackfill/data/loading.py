@@ -145,6 +145,11 @@ def keep_rows(batch: pa.Table, keep: np.ndarray) -> pa.Table:
     return batch.filter(pa.array(keep_mask(batch.column(ID).to_numpy(), keep)))
 
 
+def keep_only(ds: ray.data.Dataset, keep: np.ndarray) -> ray.data.Dataset:
+    """``ds`` without the rows a resumed job already finished: only ids in the sorted array ``keep``."""
+    return ds.map_batches(keep_rows, fn_kwargs={"keep": keep}, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
+
+
 def probe_image_size(uri: str) -> int:
     """The side of the (square) images of a table, read from its first row."""
     first = io.read_shard(io.list_shards(uri)[0], columns=[IMAGE]).column(IMAGE)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from raybackfill.data import io
 from raybackfill.data.loading import (
     decode_images,
-    keep_rows,
+    keep_only,
     probe_image_size,
     quarantined_ids,
     read_images,
@@ -204,7 +204,7 @@ def _skip_done(ds: ray.data.Dataset, input_uri: str, out_uri: str, quarantine_ur
     keep = np.setdiff1d(io.read_table(input_uri, [ID]).column(ID).to_numpy(), done)
     if not len(keep):
         return None
-    return ds.map_batches(keep_rows, fn_kwargs={"keep": keep}, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
+    return keep_only(ds, keep)
 
 
 def _write_embeddings(
