@@ -8,7 +8,7 @@ import pytest
 from raybackfill.data.info import class_names, with_class_names
 from raybackfill.data.io import read_table
 from raybackfill.data.schema import SchemaError, image_table
-from raybackfill.data.splits import parse_class_spec, parse_fractions, split_table, write_splits
+from raybackfill.data.splits import holdout, parse_class_spec, parse_fractions, split_table, write_splits
 
 
 def _table(classes: int = 4, per_class: int = 10) -> pa.Table:
@@ -114,8 +114,18 @@ def test_splits_partition_the_rows():
     all_ids = [i for s in splits.values() for i in _ids(s)]
     assert sorted(all_ids) == sorted(_ids(table))
     assert len(set(all_ids)) == len(all_ids)
-    for split in splits.values():
-        assert _ids(split) == sorted(_ids(split))
+
+
+def test_a_table_sorted_by_class_is_written_in_a_shuffled_order():
+    # What an ImageFolder import looks like: ids numbered class after class.
+    labels = np.repeat(np.arange(5), 40)
+    table = image_table(np.arange(200), [b"x"] * 200, labels)
+    train = split_table(table, {"train": 0.8, "query": 0.2}, seed=0)["train"]
+    written = train.column("label").to_numpy()
+    # Sorted by class, 160 rows of 5 classes change label 4 times; a random order changes it ~128 times.
+    assert np.count_nonzero(np.diff(written)) > 100
+    assert _ids(train) != sorted(_ids(train))
+    assert split_table(table, {"train": 0.8, "query": 0.2}, seed=0)["train"].equals(train)  # seeded
 
 
 def test_same_seed_same_split_regardless_of_row_order():
@@ -137,7 +147,7 @@ def test_a_class_split_does_not_depend_on_other_classes():
     subset = table.filter(pc.less(table.column("label"), 2))
     full = split_table(table, seed=3)["gallery"]
     part = split_table(subset, seed=3)["gallery"]
-    assert _ids(full.filter(pc.less(full.column("label"), 2))) == _ids(part)
+    assert sorted(_ids(full.filter(pc.less(full.column("label"), 2)))) == sorted(_ids(part))
 
 
 def test_train_old_holds_the_train_rows_of_the_old_classes():
@@ -190,3 +200,32 @@ def test_write_splits_writes_one_table_per_split(tmp_path):
         assert results[name].uri == str(tmp_path / "splits" / name)
         assert read_table(results[name].uri).equals(split)
     assert len(results["train"].shards) == 5  # 24 rows, 5 per shard
+
+
+# ----------------------------------------------------------------------------------------------- holdout
+
+
+def test_holdout_takes_its_fraction_of_every_class_rounded():
+    labels = np.array([0] * 10 + [1] * 25 + [2] * 1)
+    ids = np.arange(36) * 7
+    mask = holdout(ids, labels, 0.2, seed=0)
+    # round(0.2 x 10) = 2, round(0.2 x 25) = 5, and a class of one row keeps it for training
+    assert [int(mask[labels == c].sum()) for c in (0, 1, 2)] == [2, 5, 0]
+
+
+def test_holdout_does_not_depend_on_row_order_and_changes_with_the_seed():
+    rng = np.random.default_rng(1)
+    ids, labels = np.arange(300) + 1000, rng.integers(0, 6, 300)
+    order = rng.permutation(300)
+    mask = holdout(ids, labels, 0.1, seed=4)
+    assert np.array_equal(holdout(ids[order], labels[order], 0.1, seed=4), mask[order])
+    assert not np.array_equal(holdout(ids, labels, 0.1, seed=5), mask)
+
+
+def test_holdout_caps_the_rows_and_works_without_labels():
+    ids = np.arange(1000)
+    assert holdout(ids, None, 0.1, seed=0).sum() == 100
+    assert holdout(ids, None, 0.1, max_rows=30, seed=0).sum() == 30
+    assert holdout(ids, None, 0.0, seed=0).sum() == 0
+    with pytest.raises(ValueError, match="fraction"):
+        holdout(ids, None, 1.0)

@@ -14,7 +14,7 @@ TINY = DemoScale(
 
 
 def test_live_backfill_under_queries_reports_items_queries_and_no_errors(ray_cluster, tmp_path):
-    config = DemoConfig(out=str(tmp_path / "demo"), scale=TINY, old_classes="0-1", seed=1)
+    config = DemoConfig(out=str(tmp_path / "demo"), scale=TINY, old_classes="0-1", seed=1, require_learning=False)
     online = OnlineConfig(max_probes=8, pause_s=0.0, tiers=2)
     report = run_offline(config, online=lambda artifacts: run_online(artifacts, online, log=print), log=print)
     section = report["online"]

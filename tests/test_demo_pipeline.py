@@ -50,7 +50,7 @@ def demo(ray_cluster, tmp_path_factory):
         seen.append(artifacts)
         return ONLINE
 
-    config = DemoConfig(out=out, scale=TINY, old_classes="0-2", seed=3)
+    config = DemoConfig(out=out, scale=TINY, old_classes="0-2", seed=3, require_learning=False)
     report = run_offline(config, online=online, log=lambda line: None)
     return config, report, seen
 

@@ -4,7 +4,8 @@ The compatible-upgrade protocol (FCT, FastFill) trains the old model on a subset
 the new one on all of them, and evaluates both on the same gallery and queries. ``split_table``
 produces exactly that: the row splits of every class and ``train_old``, the training rows of the old
 classes. Each class is shuffled by a generator seeded with ``(seed, label)`` after sorting its rows by
-id, so the result does not depend on the input's row order or on which other classes are present.
+id, so the result does not depend on the input's row order or on which other classes are present. Each
+split is written in a seeded random order, never grouped by class.
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def split_table(
     Each class contributes round(cumulative fraction x its size) boundaries, so every split gets its
     share of every class and the splits partition the rows. With ``old_classes`` (a class spec or an
     array of ids) the result also has ``train_old``: the train rows of those classes. Rows in each
-    split are ordered by id; schema metadata (class names) is kept.
+    split are in a seeded random order (see ``_take_shuffled``); schema metadata (class names) is kept.
     """
     fractions = dict(DEFAULT_FRACTIONS if fractions is None else fractions)
     check_fractions(fractions)
@@ -145,7 +146,7 @@ def split_table(
         bounds[-1] = len(rows)
         for name, lo, hi in zip(fractions, bounds[:-1], bounds[1:], strict=True):
             parts[name].append(rows[lo:hi])
-    result = {name: _take_by_id(table, ids, chunks) for name, chunks in parts.items()}
+    result = {name: _take_shuffled(table, ids, chunks, seed) for name, chunks in parts.items()}
     if old_classes is not None:
         if TRAIN not in fractions:
             raise ValueError(f"old_classes needs a '{TRAIN}' split to take the old classes' rows from")
@@ -157,6 +158,36 @@ def split_table(
         keep = np.isin(train.column(LABEL).to_numpy(), old)
         result[OLD_TRAIN] = train.filter(pa.array(keep))
     return result
+
+
+def holdout(
+    ids: np.ndarray,
+    labels: np.ndarray | None,
+    fraction: float,
+    *,
+    max_rows: int | None = None,
+    seed: int = 0,
+) -> np.ndarray:
+    """A boolean mask of the rows held out for validation: ``fraction`` of each class (of all rows when
+    ``labels`` is None), at most ``max_rows`` in all, drawn with a generator seeded by ``(seed, label)`` over the
+    rows sorted by id, so the mask depends neither on the rows' order nor on which other classes are present.
+    A class of one row keeps it for training.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"validation fraction must be in [0, 1), got {fraction}")
+    if max_rows is not None and len(ids):
+        fraction = min(fraction, max_rows / len(ids))
+    labels = np.zeros(len(ids), dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
+    mask = np.zeros(len(ids), dtype=bool)
+    order = np.lexsort((ids, labels))
+    classes, starts = np.unique(labels[order], return_index=True)
+    for label, start, end in zip(classes, starts, np.append(starts[1:], len(order)), strict=True):
+        rows = order[start:end]
+        take = min(int(np.floor(fraction * len(rows) + 0.5)), len(rows) - 1)
+        if take > 0:
+            mask[rows[np.random.default_rng([seed, int(label)]).permutation(len(rows))[:take]]] = True
+    return mask
 
 
 def write_splits(splits: dict[str, pa.Table], out_uri: str, rows_per_shard: int = 10_000) -> dict[str, WriteResult]:
@@ -180,6 +211,11 @@ def _ids_and_labels(table: pa.Table, source: str) -> tuple[np.ndarray, np.ndarra
     return ids, labels
 
 
-def _take_by_id(table: pa.Table, ids: np.ndarray, chunks: list[np.ndarray]) -> pa.Table:
+def _take_shuffled(table: pa.Table, ids: np.ndarray, chunks: list[np.ndarray], seed: int) -> pa.Table:
+    """The rows of ``chunks`` in a seeded random order (a pure function of the ids taken and ``seed``).
+
+    Why not by id: importers number rows in class order (one folder after another), and a split written in
+    that order is a table sorted by label, whose every file, block and batch holds one class or two."""
     rows = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
-    return table.take(pa.array(rows[np.argsort(ids[rows], kind="stable")]))
+    rows = rows[np.argsort(ids[rows], kind="stable")]
+    return table.take(pa.array(rows[np.random.default_rng([seed, len(rows)]).permutation(len(rows))]))

@@ -54,9 +54,10 @@ from raybackfill.eval.offline import (
     write_outputs,
 )
 from raybackfill.eval.report import build_report
-from raybackfill.models.artifacts import load_model
+from raybackfill.models.artifacts import ModelSpec, load_model
 from raybackfill.models.transformations import apply_transformation
 from raybackfill.train.api import train_backbone, train_reverse, train_side_info, train_transformation
+from raybackfill.train.quality import require_learned
 from raybackfill.train.trainer import TrainConfig
 
 BACKBONES = ("old", "new", "bct", "ract")
@@ -159,6 +160,9 @@ class DemoConfig:
     # epoch than two on a 2-core box: a second thread fights Ray Data's batch iteration threads.
     torch_threads: int = 1
     metric: str = "cosine"
+    # Stop with ModelDidNotLearnError when a backbone ends near chance on its validation split. Off only for
+    # structural tests on data too small to tell (a few images per class).
+    require_learning: bool = True
 
     def resolved_scale(self) -> DemoScale:
         if self.scale is not None:
@@ -355,15 +359,25 @@ def _train_backbones(
     def cfg(name: str, fit: Fit) -> TrainConfig:
         return _train_config(name, layout, config, fit)
 
+    def report(name: str, spec: ModelSpec, seconds: float) -> None:
+        """Log how the backbone trained and stop the demo if it did not learn (see raybackfill.train.quality)."""
+        t = spec.training
+        figures = f"train accuracy {t['train_accuracy']:.3f}"
+        if "val_accuracy" in t:
+            figures += f", validation {t['val_accuracy']:.3f} (largest class {t['chance_accuracy']:.3f})"
+        log(f"[demo]   {name} model: {seconds:.1f}s, epoch {t['best_epoch'] + 1}/{t['epochs']}: {figures}")
+        if config.require_learning:
+            require_learned(t, name)
+
     start = time.perf_counter()
-    train_backbone(
+    spec = train_backbone(
         train_old, models["old"], train=cfg("old", scale.old), version="old", augment=scale.old.augment, **common
     )
-    log(f"[demo]   old model: {time.perf_counter() - start:.1f}s")
+    report("old", spec, time.perf_counter() - start)
     for name in ("new", "bct", "ract"):
         start = time.perf_counter()
         method = "independent" if name == "new" else name
-        train_backbone(
+        spec = train_backbone(
             train_all,
             models[name],
             method=method,
@@ -374,7 +388,7 @@ def _train_backbones(
             tau=scale.ract_tau,
             **common,
         )
-        log(f"[demo]   {name} model: {time.perf_counter() - start:.1f}s")
+        report(name, spec, time.perf_counter() - start)
     start = time.perf_counter()
     train_side_info(
         train_old,

@@ -59,6 +59,9 @@ class ModelSpec:
     dims: dict[str, int] = field(default_factory=dict)
     created: str | None = None
     weights: str = SAFETENSORS_FILE
+    # How the run went (see raybackfill.train.api.training_summary): epochs, the best epoch and its training
+    # and validation figures. Empty for models saved outside raybackfill's training.
+    training: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         problems = []
@@ -76,6 +79,8 @@ class ModelSpec:
             problems.append(f"weights must be one of {WEIGHTS_FILES}, got {self.weights!r}")
         if not isinstance(self.dims, dict) or not all(isinstance(v, int) for v in self.dims.values()):
             problems.append("dims must map names to integers")
+        if not isinstance(self.training, dict):
+            problems.append("training must be an object")
         if problems:
             raise ArtifactError("; ".join(problems))
 

@@ -1,7 +1,9 @@
 """Fit each kind of model on Ray Train and save it as a versioned artefact.
 
 Backbones and the side-information model read images through Ray Data; transformations train on
-embedding tables computed once (old, side-info, new), never by re-running backbones every epoch.
+embedding tables computed once (old, side-info, new), never by re-running backbones every epoch. Every run
+holds out a validation share of its training rows (``TrainConfig.validation_fraction``) that picks its best
+epoch; model.json records that epoch's training and validation figures (``ModelSpec.training``).
 """
 
 from __future__ import annotations
@@ -17,33 +19,79 @@ import torch
 from raybackfill.compat.losses import synthesize_old_classifier
 from raybackfill.compat.recipes import get_recipe
 from raybackfill.data import io
-from raybackfill.data.info import table_info
-from raybackfill.data.loading import decode_images, probe_image_size, read_images
-from raybackfill.data.schema import EMBEDDING, ID, LABEL, SIDE_INFO, validate_embedding_table, vectors_of
+from raybackfill.data.loading import decode_images, keep_only, probe_image_size, read_images
+from raybackfill.data.schema import EMBEDDING, ID, IMAGE, LABEL, SIDE_INFO, validate_embedding_table, vectors_of
+from raybackfill.data.splits import holdout
 from raybackfill.embed.pipeline import embed_images
 from raybackfill.models.artifacts import ModelSpec, load_model, save_model
 from raybackfill.models.registry import build_model
 from raybackfill.train import loops
-from raybackfill.train.trainer import TrainConfig, fit
+from raybackfill.train.quality import majority_share
+from raybackfill.train.trainer import TRAIN, VALIDATION, Ingest, TrainConfig, fit
 
 
-def _image_dataset(images_uri: str) -> ray.data.Dataset:
-    """Decoded training images. Small sets are decoded once and kept in the object store, so epochs do
-    not re-read and re-decode; large ones stream (and are re-decoded) every epoch. The size check reads
-    the row count from the Parquet footers: ``Dataset.count()`` would read and decode everything once more.
+def image_datasets(images_uri: str, train: TrainConfig) -> dict[str, ray.data.Dataset]:
+    """Decoded training images, split into ``train`` and (when ``train.validation_fraction`` > 0)
+    ``validation`` rows: a stratified, seeded hold-out of the table (see :func:`raybackfill.data.splits.holdout`).
 
-    Rows keep the table's order (``preserve_order``): decode tasks finish in any order, and the blocks an
-    epoch's shuffle buffer is filled from decide which images share a batch, so without it two runs with
-    the same seed trained different models (the full demo's old/old top-1 moved between 0.476 and 0.495).
-    The materialise decision uses the cluster's total object store, not what happens to be free."""
+    A part small enough is decoded once and materialised in the object store, so epochs neither re-read nor
+    re-decode it and each worker permutes it afresh every epoch; a larger one streams and is shuffled by Ray Data
+    every epoch (see :func:`raybackfill.train.trainer.fit`). The decision uses the cluster's total object store,
+    not what happens to be free. Rows keep their ids, which fix the order a seeded permutation starts from.
+    """
     size = probe_image_size(images_uri)
-    ds = read_images(images_uri, require_label=True, block_per_file=False).select_columns([ID, "image", LABEL])
-    ds = decode_images(ds, size=size).select_columns(["pixels", LABEL])
-    ds.context.execution_options.preserve_order = True
-    decoded_bytes = table_info(images_uri).rows * 3 * size * size * 4
-    if decoded_bytes < 0.25 * ray.cluster_resources().get("object_store_memory", 0):
-        ds = ds.materialize()
-    return ds
+    labelled = io.read_table(images_uri, columns=[ID, LABEL])
+    ids, labels = labelled.column(ID).to_numpy(), labelled.column(LABEL).to_numpy()
+    held_out = holdout(
+        ids, labels, train.validation_fraction, max_rows=train.max_validation_rows, seed=train.seed
+    )
+    parts = {TRAIN: np.sort(ids[~held_out])}
+    if held_out.any():
+        parts[VALIDATION] = np.sort(ids[held_out])
+    budget = 0.25 * ray.cluster_resources().get("object_store_memory", 0)
+    datasets = {}
+    for name, keep in parts.items():
+        ds = keep_only(read_images(images_uri, require_label=True).select_columns([ID, IMAGE, LABEL]), keep)
+        ds = decode_images(ds, size=size).select_columns([ID, "pixels", LABEL])
+        ds.context.execution_options.preserve_order = True
+        fits = len(keep) * 3 * size * size * 4 < budget
+        if train.ingest is Ingest.MEMORY or (train.ingest is None and fits):
+            ds = ds.materialize()
+        datasets[name] = ds
+    return datasets
+
+
+def table_datasets(table: pa.Table, train: TrainConfig) -> dict[str, ray.data.Dataset]:
+    """An in-memory table of embeddings as ``train`` and (stratified by label) ``validation`` datasets."""
+    held_out = holdout(
+        table.column(ID).to_numpy(),
+        table.column(LABEL).to_numpy() if LABEL in table.schema.names else None,
+        train.validation_fraction,
+        max_rows=train.max_validation_rows,
+        seed=train.seed,
+    )
+    parts = {TRAIN: table.filter(pa.array(~held_out))}
+    if held_out.any():
+        parts[VALIDATION] = table.filter(pa.array(held_out))
+    return {name: ray.data.from_arrow(part) for name, part in parts.items()}
+
+
+def training_summary(state: dict, validation_labels: np.ndarray | None = None) -> dict:
+    """What model.json records of a run: epochs, the chosen (best) epoch and its metrics, every epoch's
+    metrics, and for classifiers the validation rows and the accuracy of always guessing the largest class."""
+    history = state["history"]
+    best = state["best_epoch"]
+    chosen = next((h for h in history if h["epoch"] == best), history[-1])
+    summary = {
+        "epochs": len(history),
+        "best_epoch": int(best),
+        **{k: float(v) for k, v in chosen.items() if k != "epoch"},
+        "history": [{k: (int(v) if k == "epoch" else round(float(v), 6)) for k, v in h.items()} for h in history],
+    }
+    if validation_labels is not None and len(validation_labels):
+        summary["validation_rows"] = int(len(validation_labels))
+        summary["chance_accuracy"] = majority_share(validation_labels)
+    return summary
 
 
 def _num_classes(images_uri: str) -> int:
@@ -102,7 +150,8 @@ def train_backbone(
         config.update(old_classifier_weight=weight, old_classifier_bias=bias)
     elif loss == "ract":
         config["old_model"] = old_model
-    state = fit(loops.backbone_loop, train, config, {"train": _image_dataset(images_uri)})
+    datasets = image_datasets(images_uri, train)
+    state = fit(loops.backbone_loop, train, config | {"name": f"{method} backbone"}, datasets)
     return _save(
         state,
         architecture,
@@ -112,7 +161,14 @@ def train_backbone(
         method=method,
         training_data=images_uri,
         parent=old_model,
+        training=training_summary(state, _labels_of(datasets.get(VALIDATION))),
     )
+
+
+def _labels_of(ds: ray.data.Dataset | None) -> np.ndarray | None:
+    if ds is None:
+        return None
+    return np.concatenate([np.asarray(b[LABEL]) for b in ds.select_columns([LABEL]).iter_batches(batch_format="numpy")])
 
 
 def _bct_old_classifier(images_uri: str, old_model: str, num_classes: int) -> tuple[np.ndarray, ...]:
@@ -142,9 +198,15 @@ def train_side_info(
     """Self-supervised (SimCLR) side-information model, trained on the old model's training images."""
     kwargs = {"embedding_dim": embedding_dim}
     config = {"architecture": "side_info_cnn", "kwargs": kwargs}
-    state = fit(loops.side_info_loop, train, config, {"train": _image_dataset(images_uri)})
+    state = fit(loops.side_info_loop, train, config | {"name": "side-info"}, image_datasets(images_uri, train))
     return _save(
-        state, "side_info_cnn", kwargs, out_uri, version=version or _version_of(out_uri), training_data=images_uri
+        state,
+        "side_info_cnn",
+        kwargs,
+        out_uri,
+        version=version or _version_of(out_uri),
+        training_data=images_uri,
+        training=training_summary(state),
     )
 
 
@@ -198,7 +260,7 @@ def train_transformation(
             new_classifier_bias=classifier.bias.detach().numpy(),
         )
     method = ("fastfill" if uncertainty else "fct") + ("_side_info" if side_info else "")
-    state = fit(loops.transformation_loop, train, config, {"train": ray.data.from_arrow(table.drop([ID]))})
+    state = fit(loops.transformation_loop, train, config | {"name": method}, table_datasets(table, train))
     return _save(
         state,
         architecture,
@@ -208,6 +270,7 @@ def train_transformation(
         method=method,
         training_data=f"{old_uri} -> {new_uri}",
         parent=new_model,
+        training=training_summary(state),
     )
 
 
@@ -228,8 +291,8 @@ def train_reverse(
         "old_dim": table.schema.field("old").type.list_size,
         "hidden_dim": hidden_dim,
     }
-    config = {"architecture": "reverse_transformation", "kwargs": kwargs, "tau": tau}
-    state = fit(loops.reverse_loop, train, config, {"train": ray.data.from_arrow(table.drop([ID]))})
+    config = {"architecture": "reverse_transformation", "kwargs": kwargs, "tau": tau, "name": "psi"}
+    state = fit(loops.reverse_loop, train, config, table_datasets(table, train))
     return _save(
         state,
         "reverse_transformation",
@@ -238,6 +301,7 @@ def train_reverse(
         version=version or _version_of(out_uri),
         method="rank_merge_psi",
         training_data=f"{new_uri} -> {old_uri}",
+        training=training_summary(state),
     )
 
 

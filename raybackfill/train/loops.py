@@ -1,14 +1,18 @@
 """Training loops that run inside Ray Train workers, one per kind of model.
 
-Each loop reads its data with ``ray.train.get_dataset_shard("train")``, trains for the configured epochs
-and reports a checkpoint per epoch (see :mod:`raybackfill.train.trainer`). Frozen models a loss needs
-(the old backbone for RACT) are loaded from their artefact inside the worker; small frozen tensors (the
-old or new classifier) travel in the loop config.
+Each loop reads its rows through :class:`~raybackfill.train.trainer.WorkerData` (a fresh seeded order every
+epoch), trains for the configured epochs and ends each epoch with a checkpoint (see
+:mod:`raybackfill.train.trainer`). When the run has a ``validation`` dataset (carved from the training rows by
+:mod:`raybackfill.train.api`), each epoch is also scored on it and the best epoch is what the run returns.
+Frozen models a loss needs (the old backbone for RACT) are loaded from their artefact inside the worker; small
+frozen tensors (the old or new classifier) travel in the loop config.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable, Iterator
 
 import ray.train
 import ray.train.torch
@@ -18,20 +22,92 @@ from raybackfill.compat import losses
 from raybackfill.models.artifacts import load_model
 from raybackfill.models.registry import build_model
 from raybackfill.models.side_info import AugmentConfig, augment
-from raybackfill.train.trainer import RunningMean, TrainConfig, report_epoch, restore, seed_everything
+from raybackfill.train.trainer import (
+    TRAIN,
+    VALIDATION,
+    Goal,
+    Ingest,
+    Monitor,
+    RunningMean,
+    Session,
+    TrainConfig,
+    WorkerData,
+    seed_everything,
+)
 
 # Mild augmentation for supervised backbones (SimCLR's strong views are for the side-info model only).
 SUPERVISED_AUGMENT = AugmentConfig(crop_scale=(0.6, 1.0), brightness=0.2, contrast=0.2, saturation=0.2, grayscale_p=0.0)
+_LOG_FORMAT = "%(asctime)s %(name)s: %(message)s"
 
 
-def _setup(config: dict) -> tuple[TrainConfig, torch.nn.Module, torch.optim.Optimizer, int, list[dict]]:
-    train = TrainConfig(**config["train"])
-    seed_everything(train.seed)
-    model = build_model(config["architecture"], **config["kwargs"])
-    model = ray.train.torch.prepare_model(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
-    start, history = restore(model, optimizer)
-    return train, model, optimizer, start, history
+class Worker:
+    """What every loop sets up: config, device, model, optimizer, its datasets and the session."""
+
+    def __init__(self, config: dict, monitor: Monitor | None) -> None:
+        _log_to_stderr()
+        self.config = config
+        self.train = TrainConfig(**config["train"])
+        seed_everything(self.train.seed)
+        self.device = ray.train.torch.get_device()
+        self.model = ray.train.torch.prepare_model(build_model(config["architecture"], **config["kwargs"]))
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=self.train.lr, weight_decay=self.train.weight_decay
+        )
+        self.data = {name: WorkerData(name, Ingest(mode), self.device) for name, mode in config["ingest"].items()}
+        self.has_validation = VALIDATION in self.data
+        self.session = Session(self.model, self.optimizer, self.train.epochs, monitor if self.has_validation else None)
+
+    def epochs(self) -> Iterator[int]:
+        for epoch in self.session.remaining():
+            _set_lr(self.optimizer, self.train, epoch)
+            self.model.train()
+            yield epoch
+
+    def batches(self, epoch: int, name: str = TRAIN) -> Iterator[dict[str, torch.Tensor]]:
+        """Training batches in a fresh order per epoch; validation batches in a fixed order."""
+        return self.data[name].batches(self.train.batch_size, seed=self.train.seed, epoch=epoch, shuffle=name == TRAIN)
+
+    def generator(self, epoch: int) -> torch.Generator:
+        rank = ray.train.get_context().get_world_rank()
+        return torch.Generator().manual_seed(self.train.seed * 1_000_003 + epoch * 1009 + rank)
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def meters(self, *names: str) -> dict[str, RunningMean]:
+        return {name: RunningMean(self.device) for name in names}
+
+    def validate(self, score: Callable[[dict[str, torch.Tensor]], dict[str, tuple[torch.Tensor, int]]]) -> dict:
+        """``val_<name>`` means over the validation rows of what ``score(batch)`` returns as (value, n) pairs,
+        and ``val_rows`` (none without a validation dataset). The model is in eval mode, without gradients."""
+        if not self.has_validation:
+            return {}
+        self.model.eval()
+        meters: dict[str, RunningMean] = {}
+        with torch.no_grad():
+            for batch in self.batches(0, VALIDATION):
+                for name, (value, n) in score(batch).items():
+                    meters.setdefault(name, RunningMean(self.device)).add(value, n)
+        self.model.train()
+        rows = next(iter(meters.values())).total_count() if meters else 0.0
+        return {f"val_{name}": meter.value() for name, meter in meters.items()} | {"val_rows": rows}
+
+    def end_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.session.end_epoch(epoch, metrics, self.config.get("name", ""))
+
+
+def _log_to_stderr() -> None:
+    """Per-epoch lines reach the driver's console: Ray forwards a worker's stderr, and in local mode the loop
+    runs in the driver, whose CLI may already have configured logging."""
+    log = logging.getLogger("raybackfill")
+    if not log.hasHandlers():
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+        log.addHandler(handler)
+    if log.getEffectiveLevel() > logging.INFO:
+        log.setLevel(logging.INFO)
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, train: TrainConfig, epoch: int) -> None:
@@ -41,28 +117,16 @@ def _set_lr(optimizer: torch.optim.Optimizer, train: TrainConfig, epoch: int) ->
         group["lr"] = lr
 
 
-def _batches(train: TrainConfig, epoch: int):
-    world = ray.train.get_context().get_world_size()
-    rank = ray.train.get_context().get_world_rank()
-    shard = ray.train.get_dataset_shard("train")
-    return shard.iter_torch_batches(
-        batch_size=max(train.batch_size // world, 1),
-        local_shuffle_buffer_size=4 * train.batch_size,
-        local_shuffle_seed=train.seed * 100_003 + epoch * 101 + rank,
-        device=ray.train.torch.get_device(),
-    )
-
-
-def _generator(train: TrainConfig, epoch: int) -> torch.Generator:
-    rank = ray.train.get_context().get_world_rank()
-    return torch.Generator().manual_seed(train.seed * 1_000_003 + epoch * 1009 + rank)
+def correct(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of rows whose arg-max class is the label."""
+    return float((logits.argmax(dim=1) == labels).float().mean()) if len(labels) else 0.0
 
 
 def backbone_loop(config: dict) -> None:
-    """independent / bct / ract: classification loss plus the method's compatibility term."""
-    train, model, optimizer, start, history = _setup(config)
-    method = config["method"]
-    device = ray.train.torch.get_device()
+    """independent / bct / ract: classification loss plus the method's compatibility term. With a validation
+    split, the run keeps the latest epoch within a standard error of the best validation accuracy."""
+    worker = Worker(config, Monitor("val_accuracy", Goal.MAX, rows="val_rows"))
+    model, device, method = worker.model, worker.device, config["method"]
     old_model = None
     if method == "ract":
         old_model = load_model(config["old_model"]).module.to(device).eval()
@@ -71,12 +135,17 @@ def backbone_loop(config: dict) -> None:
     if method == "bct":
         old_weight = torch.as_tensor(config["old_classifier_weight"], device=device)
         old_bias = torch.as_tensor(config["old_classifier_bias"], device=device)
-    for epoch in range(start, train.epochs):
-        _set_lr(optimizer, train, epoch)
-        model.train()
-        meters = {"loss": RunningMean(), "ce": RunningMean(), "compat": RunningMean()}
-        generator = _generator(train, epoch)
-        for batch in _batches(train, epoch):
+
+    def score(batch: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, int]]:
+        labels = batch["label"].long()
+        _, logits = model(batch["pixels"])
+        n = len(labels)
+        return {"accuracy": (correct(logits, labels), n), "ce": (losses.classification_loss(logits, labels), n)}
+
+    for epoch in worker.epochs():
+        meters = worker.meters("loss", "ce", "compat", "train_accuracy")
+        generator = worker.generator(epoch)
+        for batch in worker.batches(epoch):
             images = batch["pixels"]
             if config["augment"]:
                 images = augment(images, SUPERVISED_AUGMENT, generator)
@@ -92,80 +161,88 @@ def backbone_loop(config: dict) -> None:
             else:
                 compat = torch.zeros((), device=device)
             loss = ce + config["compat_weight"] * compat
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            worker.step(loss)
             n = len(labels)
             meters["loss"].add(loss, n)
             meters["ce"].add(ce, n)
             meters["compat"].add(compat, n)
-        history = report_epoch(model, optimizer, epoch, history, {k: m.value() for k, m in meters.items()})
+            meters["train_accuracy"].add(correct(logits, labels), n)
+        worker.end_epoch(epoch, {k: m.value() for k, m in meters.items()} | worker.validate(score))
 
 
 def side_info_loop(config: dict) -> None:
-    """SimCLR: NT-Xent between two augmented views of each image; labels are not used."""
-    train, model, optimizer, start, history = _setup(config)
-    for epoch in range(start, train.epochs):
-        _set_lr(optimizer, train, epoch)
-        model.train()
-        meter = RunningMean()
-        generator = _generator(train, epoch)
-        for batch in _batches(train, epoch):
-            images = batch["pixels"]
-            _, z1 = model(augment(images, generator=generator))
-            _, z2 = model(augment(images, generator=generator))
-            loss = losses.nt_xent_loss(z1, z2, config.get("tau", 0.5))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            meter.add(loss, len(images))
-        history = report_epoch(model, optimizer, epoch, history, {"loss": meter.value()})
+    """SimCLR: NT-Xent between two augmented views of each image; labels are not used. The best epoch has the
+    lowest NT-Xent on the validation images (views drawn from one fixed generator, so epochs compare)."""
+    worker = Worker(config, Monitor("val_loss", Goal.MIN))
+    model, tau = worker.model, config.get("tau", 0.5)
+
+    def nt_xent(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        _, z1 = model(augment(images, generator=generator))
+        _, z2 = model(augment(images, generator=generator))
+        return losses.nt_xent_loss(z1, z2, tau)
+
+    for epoch in worker.epochs():
+        meter = RunningMean(worker.device)
+        generator = worker.generator(epoch)
+        for batch in worker.batches(epoch):
+            loss = nt_xent(batch["pixels"], generator)
+            worker.step(loss)
+            meter.add(loss, len(batch["pixels"]))
+        views = torch.Generator().manual_seed(worker.train.seed)  # the same validation views every epoch
+        validation = worker.validate(lambda b, g=views: {"loss": (nt_xent(b["pixels"], g), len(b["pixels"]))})
+        worker.end_epoch(epoch, {"loss": meter.value()} | validation)
 
 
 def transformation_loop(config: dict) -> None:
     """FCT (MSE to the new embedding) or FastFill (uncertainty-weighted MSE + CE through the frozen new
-    classifier) on stored embeddings: rows of ``old``, optional ``side``, ``new`` and ``label``."""
-    train, model, optimizer, start, history = _setup(config)
-    device = ray.train.torch.get_device()
+    classifier) on stored embeddings: rows of ``old``, optional ``side``, ``new`` and ``label``. The best
+    epoch has the lowest validation loss."""
+    worker = Worker(config, Monitor("val_loss", Goal.MIN))
+    model, device = worker.model, worker.device
     fastfill = config["architecture"] == "fastfill_transformation"
     if fastfill:
         new_weight = torch.as_tensor(config["new_classifier_weight"], device=device)
         new_bias = torch.as_tensor(config["new_classifier_bias"], device=device)
-    for epoch in range(start, train.epochs):
-        _set_lr(optimizer, train, epoch)
-        model.train()
-        meters = {"loss": RunningMean(), "mse": RunningMean()}
-        for batch in _batches(train, epoch):
-            side = batch.get("side")
-            if fastfill:
-                h, s = model(batch["old"], side)
-                loss = losses.fastfill_loss(h, s, batch["new"], batch["label"].long(), new_weight, new_bias)
-            else:
-                h = model(batch["old"], side)
-                loss = losses.fct_loss(batch["new"], h)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            n = len(h)
+
+    def losses_of(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        side = batch.get("side")
+        if fastfill:
+            h, s = model(batch["old"], side)
+            loss = losses.fastfill_loss(h, s, batch["new"], batch["label"].long(), new_weight, new_bias)
+        else:
+            h = model(batch["old"], side)
+            loss = losses.fct_loss(batch["new"], h)
+        return loss, losses.fct_loss(batch["new"], h), len(h)
+
+    def score(batch: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, int]]:
+        loss, mse, n = losses_of(batch)
+        return {"loss": (loss, n), "mse": (mse, n)}
+
+    for epoch in worker.epochs():
+        meters = worker.meters("loss", "mse")
+        for batch in worker.batches(epoch):
+            loss, mse, n = losses_of(batch)
+            worker.step(loss)
             meters["loss"].add(loss, n)
-            meters["mse"].add(losses.fct_loss(batch["new"], h), n)
-        history = report_epoch(model, optimizer, epoch, history, {k: m.value() for k, m in meters.items()})
+            meters["mse"].add(mse, n)
+        worker.end_epoch(epoch, {k: m.value() for k, m in meters.items()} | worker.validate(score))
 
 
 def reverse_loop(config: dict) -> None:
-    """psi: new -> old with the metric-compatible contrastive loss (the new model stays frozen)."""
-    train, model, optimizer, start, history = _setup(config)
-    for epoch in range(start, train.epochs):
-        _set_lr(optimizer, train, epoch)
-        model.train()
-        meter = RunningMean()
-        for batch in _batches(train, epoch):
-            new = batch["new"]
-            loss = losses.metric_compatible_loss(
-                model(new), batch["old"], new.detach(), batch["label"].long(), config.get("tau", 0.05)
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            meter.add(loss, len(new))
-        history = report_epoch(model, optimizer, epoch, history, {"loss": meter.value()})
+    """psi: new -> old with the metric-compatible contrastive loss (the new model stays frozen). The best
+    epoch has the lowest validation loss."""
+    worker = Worker(config, Monitor("val_loss", Goal.MIN))
+    model, tau = worker.model, config.get("tau", 0.05)
+
+    def loss_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        new = batch["new"]
+        return losses.metric_compatible_loss(model(new), batch["old"], new.detach(), batch["label"].long(), tau)
+
+    for epoch in worker.epochs():
+        meter = RunningMean(worker.device)
+        for batch in worker.batches(epoch):
+            loss = loss_of(batch)
+            worker.step(loss)
+            meter.add(loss, len(batch["new"]))
+        validation = worker.validate(lambda b: {"loss": (loss_of(b), len(b["new"]))})
+        worker.end_epoch(epoch, {"loss": meter.value()} | validation)
