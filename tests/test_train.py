@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import ray
 import torch
 
 from raybackfill.compat.losses import synthesize_old_classifier
@@ -15,7 +16,7 @@ from raybackfill.train.api import (
     train_side_info,
     train_transformation,
 )
-from raybackfill.train.trainer import TrainConfig
+from raybackfill.train.trainer import Goal, Monitor, TrainConfig, epoch_order, shuffled_every_epoch
 
 
 @pytest.fixture(scope="module")
@@ -138,3 +139,65 @@ def test_two_workers_follow_the_loss_trajectory_of_one(ray_cluster, embeddings, 
 def _history(run_dir) -> list[dict]:
     checkpoints = sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
     return torch.load(checkpoints[-1] / "state.pt", weights_only=True)["history"]
+
+
+# ---- epoch order and epoch choice (pure) -------------------------------------------------------------------
+
+
+def test_epoch_order_is_a_fresh_seeded_permutation_dealt_evenly_to_the_workers():
+    one = epoch_order(10, seed=3, epoch=0, rank=0, world=1, shuffle=True)
+    assert sorted(one) == list(range(10))
+    assert np.array_equal(one, epoch_order(10, seed=3, epoch=0, rank=0, world=1, shuffle=True))
+    assert not np.array_equal(one, epoch_order(10, seed=3, epoch=1, rank=0, world=1, shuffle=True))
+    assert not np.array_equal(one, epoch_order(10, seed=4, epoch=0, rank=0, world=1, shuffle=True))
+    # Three workers: the same permutation dealt rank::3, 10 // 3 = 3 rows each, disjoint.
+    parts = [epoch_order(10, seed=3, epoch=0, rank=r, world=3, shuffle=True) for r in range(3)]
+    assert [len(p) for p in parts] == [3, 3, 3]
+    assert np.array_equal(parts[1], one[1::3][:3])
+    assert len(set(np.concatenate(parts))) == 9
+    assert epoch_order(5, seed=0, epoch=7, rank=1, world=2, shuffle=False).tolist() == [1, 3]
+
+
+def _chosen_by_brute_force(history: list[dict], monitor: Monitor) -> int:
+    """The latest epoch whose score is within the best epoch's tolerance of the best (first best on ties)."""
+    scores = [monitor.score(h) for h in history]
+    best = int(np.argmax(scores))
+    tolerance = monitor.tolerance(history[best])
+    return max(i for i, s in enumerate(scores) if s >= scores[best] - tolerance)
+
+
+def test_monitor_keeps_the_latest_epoch_within_a_standard_error_of_the_best():
+    monitor = Monitor("val_accuracy", Goal.MAX, rows="val_rows")
+    # best 0.80 on 100 rows: se = sqrt(0.8 * 0.2 / 100) = 0.04, so 0.76 ties and 0.75 does not
+    accuracies = [0.5, 0.8, 0.77, 0.76, 0.75]
+    history = [{"val_accuracy": a, "val_rows": 100} for a in accuracies]
+    best, chosen = None, None
+    for epoch, metrics in enumerate(history):
+        best, is_chosen = monitor.update(best, epoch, metrics)
+        chosen = epoch if is_chosen else chosen
+    assert best["epoch"] == 1 and abs(best["tolerance"] - 0.04) < 1e-12
+    assert chosen == 3 == _chosen_by_brute_force(history, monitor)
+
+
+def test_monitor_online_choice_equals_the_brute_force_one():
+    rng = np.random.default_rng(0)
+    for goal, rows in ((Goal.MAX, "val_rows"), (Goal.MIN, None)):
+        monitor = Monitor("m", goal, rows=rows)
+        for _ in range(200):
+            history = [{"m": float(v), "val_rows": 50} for v in rng.uniform(0.3, 0.9, rng.integers(1, 12)).round(2)]
+            best, chosen = None, None
+            for epoch, metrics in enumerate(history):
+                best, is_chosen = monitor.update(best, epoch, metrics)
+                chosen = epoch if is_chosen else chosen
+            assert chosen == _chosen_by_brute_force(history, monitor)
+
+
+def test_a_streamed_training_dataset_is_shuffled_anew_at_every_epoch(ray_cluster):
+    def orders(ds, times):
+        return [[row["id"] for row in ds.iter_rows()] for _ in range(times)]
+
+    first, second = orders(shuffled_every_epoch(ray.data.range(200), seed=5), 2)
+    assert sorted(first) == list(range(200)) and first != list(range(200))
+    assert first != second  # a new permutation per execution
+    assert orders(shuffled_every_epoch(ray.data.range(200), seed=5), 2) == [first, second]  # same seed, same orders
+    assert orders(shuffled_every_epoch(ray.data.range(200), seed=6), 1)[0] != first

@@ -116,6 +116,17 @@ class Monitor:
         p, n = float(metrics[self.metric]), max(float(metrics[self.rows]), 1.0)
         return math.sqrt(max(p * (1.0 - p), 0.0) / n)
 
+    def update(self, best: dict | None, epoch: int, metrics: dict[str, float]) -> tuple[dict, bool]:
+        """Fold one epoch in: returns the best epoch so far (``{"epoch", "score", "tolerance"}``) and whether
+        this epoch is now the chosen one (the latest within tolerance of the best).
+
+        Online and exact: if this epoch is the new best it is also the latest tied one; if the best did not
+        change, the epoch chosen before stays valid and this one replaces it only when it ties with the best."""
+        score = self.score(metrics)
+        if best is None or score > best["score"]:
+            best = {"epoch": epoch, "score": score, "tolerance": self.tolerance(metrics)}
+        return best, score >= best["score"] - best["tolerance"]
+
 
 def fit(
     loop: Callable[[dict], None],
@@ -140,8 +151,7 @@ def fit(
         storage_path = os.path.abspath(storage_path)
     ingest = {name: _ingest_of(ds) for name, ds in datasets.items()}
     if TRAIN in datasets and ingest[TRAIN] is Ingest.STREAM:
-        # A new seeded permutation at each execution (Ray Train executes the dataset once per epoch).
-        datasets = {**datasets, TRAIN: datasets[TRAIN].random_shuffle(seed=RandomSeedConfig(seed=config.seed))}
+        datasets = {**datasets, TRAIN: shuffled_every_epoch(datasets[TRAIN], config.seed)}
     trainer = TorchTrainer(
         loop,
         train_loop_config={
@@ -177,6 +187,13 @@ def fit(
         "history": state["history"],
         "best_epoch": chosen["epoch"] if chosen else state["epoch"],
     }
+
+
+def shuffled_every_epoch(ds: ray.data.Dataset, seed: int) -> ray.data.Dataset:
+    """``ds`` globally shuffled, with a new permutation at each execution (Ray Train executes a training
+    dataset once per epoch) drawn from ``seed`` and the execution's index: a fresh pipeline repeats the same
+    sequence of orders. A resumed run restarts that sequence at its first order."""
+    return ds.random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
 
 
 def _ingest_of(ds: ray.data.Dataset) -> Ingest:
@@ -228,17 +245,6 @@ class Session:
             self.start, self.history = int(state["epoch"]) + 1, list(state["history"])
             self.best, self.chosen = state.get("best"), state.get("chosen")
 
-    def _choose(self, epoch: int, metrics: dict[str, float], weights: dict[str, torch.Tensor]) -> None:
-        """Keep the latest epoch within the monitor's tolerance of the best one so far (see :class:`Monitor`).
-
-        Online and exact: if this epoch is the new best it is also the latest tied one; if the best did not
-        change, the chosen epoch stays valid and this one replaces it only when it ties with the best too."""
-        score = self.monitor.score(metrics)
-        if self.best is None or score > self.best["score"]:
-            self.best = {"epoch": epoch, "score": score, "tolerance": self.monitor.tolerance(metrics)}
-        if score >= self.best["score"] - self.best["tolerance"]:
-            self.chosen = {"epoch": epoch, "model": weights}
-
     def remaining(self) -> range:
         return range(self.start, self.epochs)
 
@@ -248,7 +254,9 @@ class Session:
         self.history = [*self.history, {"epoch": epoch, **metrics}]
         weights = {k: v.detach().cpu().clone() for k, v in unwrap(self.model).state_dict().items()}
         if self.monitor is not None:
-            self._choose(epoch, metrics, weights)
+            self.best, chosen = self.monitor.update(self.best, epoch, metrics)
+            if chosen:
+                self.chosen = {"epoch": epoch, "model": weights}
         rank = ray.train.get_context().get_world_rank()
         if rank == 0:
             shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
