@@ -9,16 +9,19 @@ import ray
 from raybackfill import NAMESPACE
 
 
-def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_driver: bool = False) -> None:
     """Attach to ``address`` (or ``RAY_ADDRESS``) when given; otherwise start a local cluster.
 
     A local cluster gets explicit resources (this machine's CPUs, no dashboard) so it behaves the same
     on a laptop and in CI. Under ``ray job submit`` RAY_ADDRESS is set and the job joins its cluster.
+    ``log_to_driver`` forwards what workers print (training loops' per-epoch lines) to this console.
     """
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=log_to_driver)
         return
-    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, namespace=NAMESPACE, log_to_driver=False)
+    ray.init(
+        num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, namespace=NAMESPACE, log_to_driver=log_to_driver
+    )

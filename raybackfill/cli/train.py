@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from raybackfill.compat.recipes import RECIPES
 from raybackfill.runtime import init_ray
@@ -13,8 +14,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train",
         help="train backbones, side-information, transformations and psi on Ray Train",
         description="Each subcommand trains one model on Ray Train and writes a versioned artefact "
-        "(model.json + safetensors) to OUT. Re-running the same command with the same --name and "
-        "--storage resumes from the run's latest epoch checkpoint.",
+        "(model.json + safetensors) to OUT. Each run holds out --validation-fraction of its rows: every "
+        "epoch is scored on them and the artefact keeps the epoch they choose (model.json 'training' records "
+        "every epoch). A backbone that ends near chance is an error. Re-running the same command with the "
+        "same --name and --storage resumes from the run's latest epoch checkpoint.",
     )
     sub = train.add_subparsers(dest="train_command", metavar="MODEL", required=True)
 
@@ -105,15 +108,19 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=128, help="global batch size (default 128)")
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
     parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    parser.add_argument(
+        "--validation-fraction", type=float, default=0.1, metavar="F",
+        help="share of the training rows held out (per class) to choose the epoch kept and to tell whether a "
+        "backbone learned; 0 keeps the last epoch (default 0.1)",
+    )  # fmt: skip
     parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local cluster)")
 
 
 def _config(args: argparse.Namespace):
     from raybackfill.train.trainer import TrainConfig
 
-    init_ray(args.address)
     version = args.version or args.out.rstrip("/").rsplit("/", 1)[-1]
-    return TrainConfig(
+    config = TrainConfig(
         name=args.name or version,
         storage_path=args.storage,
         num_workers=args.workers,
@@ -123,18 +130,34 @@ def _config(args: argparse.Namespace):
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
-    )
+        validation_fraction=args.validation_fraction,
+    )  # checked before Ray starts
+    init_ray(args.address, log_to_driver=True)  # the loops' per-epoch lines
+    return config
 
 
-def _print(spec) -> None:
+def _print(spec) -> int:
+    """The artefact, the epoch kept and its figures; for a classifier that did not learn, the error and 1."""
+    from raybackfill.train.quality import ModelDidNotLearnError, require_learned
+
     print(f"wrote {spec.architecture} model {spec.version!r} (method {spec.method}, dims {spec.dims})")
+    t = spec.training
+    figures = ", ".join(f"{k} {t[k]:.4g}" for k in sorted(t) if k.startswith(("val_", "train_", "loss", "mse")))
+    print(f"kept epoch {t['best_epoch'] + 1} of {t['epochs']}: {figures}")
+    if "val_accuracy" in t:
+        try:
+            require_learned(t, spec.version)
+        except ModelDidNotLearnError as err:
+            print(f"raybackfill train: error: {err}", file=sys.stderr)
+            return 1
+    return 0
 
 
-def _backbone(args: argparse.Namespace) -> None:
+def _backbone(args: argparse.Namespace) -> int:
     from raybackfill.train.api import train_backbone
 
     train = _config(args)
-    _print(
+    return _print(
         train_backbone(
             args.images, args.out, method=args.method, architecture=args.architecture,
             embedding_dim=args.embedding_dim, num_classes=args.num_classes, old_model=args.old_model,
@@ -143,18 +166,19 @@ def _backbone(args: argparse.Namespace) -> None:
     )  # fmt: skip
 
 
-def _side_info(args: argparse.Namespace) -> None:
+def _side_info(args: argparse.Namespace) -> int:
     from raybackfill.train.api import train_side_info
 
     train = _config(args)
-    _print(train_side_info(args.images, args.out, embedding_dim=args.embedding_dim, version=args.version, train=train))
+    spec = train_side_info(args.images, args.out, embedding_dim=args.embedding_dim, version=args.version, train=train)
+    return _print(spec)
 
 
-def _transformation(args: argparse.Namespace) -> None:
+def _transformation(args: argparse.Namespace) -> int:
     from raybackfill.train.api import train_transformation
 
     train = _config(args)
-    _print(
+    return _print(
         train_transformation(
             args.old_embeddings, args.new_embeddings, args.out, new_model=args.new_model,
             side_info=args.side_info, uncertainty=args.uncertainty, hidden_dim=args.hidden_dim,
@@ -163,11 +187,11 @@ def _transformation(args: argparse.Namespace) -> None:
     )  # fmt: skip
 
 
-def _reverse(args: argparse.Namespace) -> None:
+def _reverse(args: argparse.Namespace) -> int:
     from raybackfill.train.api import train_reverse
 
     train = _config(args)
-    _print(
+    return _print(
         train_reverse(
             args.old_embeddings, args.new_embeddings, args.out, hidden_dim=args.hidden_dim, tau=args.tau,
             version=args.version, train=train,
