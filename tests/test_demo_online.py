@@ -9,7 +9,7 @@ from raybackfill.index.router import connect
 ONE = Fit(epochs=1, batch_size=32, lr=1e-3)
 TINY = DemoScale(
     classes=4, per_class=10, image_size=16, width=4, embedding_dim=8, side_info_dim=4, old=ONE, new=ONE,
-    side_info=ONE, transformation=ONE, reverse=ONE, hidden_dim=8, mixer_dim=16, beta_points=3,
+    side_info=ONE, transformation=ONE, reverse=ONE, hidden_dim=8, mixer_dim=16, beta_points=3, backbone_lrs=(1e-3,),
 )  # fmt: skip
 
 

@@ -37,6 +37,7 @@ TINY = DemoScale(
     hidden_dim=8,
     mixer_dim=16,
     beta_points=5,
+    backbone_lrs=(1e-3,),
 )
 ONLINE = {"items": 18, "seconds": 1.5, "items_per_s": 12.0, "queries": 7, "query_errors": 0}
 
@@ -83,6 +84,15 @@ def test_report_has_every_method_and_policy_with_full_curves(demo):
     assert load_report(os.path.join(config.out, "report.json")) == json.loads(json.dumps(report))
     with open(os.path.join(config.out, "backfill_curves.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_records_how_each_backbone_trained(demo):
+    _, report, _ = demo
+    training = report["training"]
+    assert training["backbone_lr"] == 1e-3 and list(training["lr_search"]) == ["0.001"]
+    for name in ("old", "new", "bct", "ract"):
+        kept = training["backbones"][name]
+        assert kept["epochs"] == 1 and kept["best_epoch"] == 0 and 0.0 <= kept["train_accuracy"] <= 1.0
 
 
 def test_curves_start_and_end_at_their_anchors(demo):

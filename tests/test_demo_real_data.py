@@ -41,6 +41,12 @@ def test_quick_demo_on_the_real_digits_gives_the_new_model_a_wide_lead(ray_clust
     assert new["map"] > old["map"] + 0.2
     trained = json.loads(io.read_bytes(os.path.join(out, "models", "new", "model.json")))["training"]
     assert trained["val_accuracy"] > 0.9 and trained["chance_accuracy"] < 0.15
+    # The backbones' learning rate was chosen on the old model's validation split, among three.
+    training = report["training"]
+    assert len(training["lr_search"]) == 3 and f"{training['backbone_lr']:g}" in training["lr_search"]
+    assert training["lr_search"][f"{training['backbone_lr']:g}"] == max(training["lr_search"].values())
+    assert set(training["backbones"]) == {"old", "new", "bct", "ract"}
+    assert f"learning rate {training['backbone_lr']:g}" in printed
 
 
 def test_demo_on_random_labels_stops_with_the_not_learned_message(ray_cluster, digits, tmp_path, capsys):

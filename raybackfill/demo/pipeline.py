@@ -54,7 +54,7 @@ from raybackfill.eval.offline import (
     write_outputs,
 )
 from raybackfill.eval.report import build_report
-from raybackfill.models.artifacts import ModelSpec, load_model
+from raybackfill.models.artifacts import ModelSpec, load_model, save_model
 from raybackfill.models.transformations import apply_transformation
 from raybackfill.train.api import train_backbone, train_reverse, train_side_info, train_transformation
 from raybackfill.train.quality import require_learned
@@ -95,14 +95,13 @@ class Fit:
 class DemoScale:
     """How big the demo is: built-in data size, model sizes and how each kind of model trains.
 
-    The defaults (FULL) were tuned on a 2-core CPU box: small batches for the backbones (more optimizer
-    steps per epoch at the same cost; batch 128 left the new model under-fitted at ~37% train accuracy),
-    50 classes x 140 images so each class has 70 training images, and a query split large enough
-    (1400 queries) that one query is 0.07 points of top-1. The backbones train without augmentation, the
-    new ones until they fit their training set (40 epochs: 100 % train accuracy), as the papers' ResNets
-    do. With 14 augmented epochs (75 %) FastFill's head learned much of the new model's own difficulty,
-    and its order lost to random ones on top-1 area (mean z -1.2 over 5 runs); now it is ahead on average
-    (+0.7 over 18 runs), with more spread than that (README, "What FastFill's order needs").
+    Epoch counts are budgets, not choices: every run holds out a validation share of its own training rows
+    and keeps the epoch that split chooses (see :class:`raybackfill.train.trainer.Monitor`); the backbones'
+    learning rate is chosen among ``backbone_lrs`` on the old model's validation split. What stays fixed is
+    the shape of the search: small batches for the backbones (more optimizer steps per epoch at the same
+    cost on a CPU), no augmentation (the new models fit their training set, as the papers' ResNets do, which
+    FastFill's head relies on), and for the built-in data 50 classes x 140 images so that the query split
+    (1400 queries) makes one query 0.07 points of top-1.
     """
 
     classes: int = 50  # built-in data only (ignored with --data)
@@ -114,6 +113,9 @@ class DemoScale:
     # it on the quick run's mAP for every transformation seed; with 64 (quick: 12 SimCLR epochs) it was
     # ahead on top-1 and mAP for 5 of 5 seeds, retrained on both runs' stored embeddings.
     side_info_dim: int = 64
+    # Learning rates the old model is trained at; its validation split picks the one every backbone uses (the
+    # ``lr`` of ``old`` and ``new`` is then replaced). A single rate skips the search.
+    backbone_lrs: tuple[float, ...] = (3e-3, 1e-3, 1e-2)
     old: Fit = Fit(epochs=8, batch_size=32, lr=3e-3, augment=False)
     new: Fit = Fit(epochs=40, batch_size=32, lr=3e-3, augment=False)  # the new (independent), BCT, RACT backbones
     side_info: Fit = Fit(epochs=10, batch_size=128, lr=3e-3)  # SimCLR wants many in-batch negatives
@@ -251,7 +253,7 @@ def _run(config: DemoConfig, online: OnlinePhase | None, log: Callable[[str], No
         images = config.data or _make_builtin_data(layout, scale, config.seed)
         splits = _split(images, layout, config)
     with stage("train backbones"):
-        models = _train_backbones(layout, splits, scale, config, log)
+        models, training = _train_backbones(layout, splits, scale, config, log)
     with stage("embed"):
         embeddings = _embed_all(images, layout, models)
         table = io.read_table(embeddings)
@@ -268,6 +270,7 @@ def _run(config: DemoConfig, online: OnlinePhase | None, log: Callable[[str], No
             online_section = dict(online(artifacts))
     with stage("evaluate"):
         report = evaluate_demo(artifacts, table, labels, scale, config)
+    report["training"] = training
     if online_section is not None:
         report["online"] = online_section
     timings["total"] = round(time.perf_counter() - started, 2)
@@ -351,7 +354,9 @@ def _train_config(name: str, layout: DemoLayout, config: DemoConfig, fit: Fit) -
 
 def _train_backbones(
     layout: DemoLayout, splits: dict[str, str], scale: DemoScale, config: DemoConfig, log: Callable[[str], None]
-) -> dict[str, str]:
+) -> tuple[dict[str, str], dict]:
+    """Train the old, new, BCT and RACT backbones and the side-information model. Returns their artefacts and
+    the report's ``training`` section (the learning rate chosen, each backbone's kept epoch and figures)."""
     models = {name: layout.model(name) for name in (*BACKBONES, "side_info")}
     common = {"embedding_dim": scale.embedding_dim, "backbone_kwargs": {"width": scale.width}}
     train_all, train_old = splits["train"], splits[OLD_TRAIN]
@@ -370,10 +375,10 @@ def _train_backbones(
             require_learned(t, name)
 
     start = time.perf_counter()
-    spec = train_backbone(
-        train_old, models["old"], train=cfg("old", scale.old), version="old", augment=scale.old.augment, **common
-    )
-    report("old", spec, time.perf_counter() - start)
+    lr, searched = _choose_backbone_lr(layout, train_old, models["old"], scale, config, common, log)
+    report("old", load_model(models["old"]).spec, time.perf_counter() - start)
+    training: dict = {"backbone_lr": lr, "lr_search": searched, "backbones": {"old": _summary(models["old"])}}
+    new_fit = dataclasses.replace(scale.new, lr=lr)
     for name in ("new", "bct", "ract"):
         start = time.perf_counter()
         method = "independent" if name == "new" else name
@@ -382,13 +387,14 @@ def _train_backbones(
             models[name],
             method=method,
             old_model=None if name == "new" else models["old"],
-            train=cfg(name, scale.new),
+            train=cfg(name, new_fit),
             augment=scale.new.augment,
             version=name,
             tau=scale.ract_tau,
             **common,
         )
         report(name, spec, time.perf_counter() - start)
+        training["backbones"][name] = _summary(models[name])
     start = time.perf_counter()
     train_side_info(
         train_old,
@@ -397,7 +403,50 @@ def _train_backbones(
         train=cfg("side_info", scale.side_info),
     )
     log(f"[demo]   side-info model: {time.perf_counter() - start:.1f}s")
-    return models
+    return models, training
+
+
+def _summary(model: str) -> dict:
+    """A backbone's run as the report keeps it: the epoch kept and its figures (model.json has every epoch)."""
+    t = load_model(model).spec.training
+    keys = ("best_epoch", "epochs", "train_accuracy", "val_accuracy", "chance_accuracy", "validation_rows")
+    return {k: t[k] for k in keys if k in t}
+
+
+def _choose_backbone_lr(
+    layout: DemoLayout,
+    images: str,
+    out: str,
+    scale: DemoScale,
+    config: DemoConfig,
+    common: dict,
+    log: Callable[[str], None],
+) -> tuple[float, dict[str, float]]:
+    """Train the old model at each of ``scale.backbone_lrs`` and keep the one with the best validation accuracy
+    (the first listed on a tie) as ``out``; the new, BCT and RACT backbones then train at its learning rate.
+
+    The old model is the cheapest backbone (half the classes, fewest epochs) and shares the new ones'
+    architecture and images, so its validation split picks the rate for all of them: no rate is tuned on the
+    query or gallery split. Returns the rate and every candidate's validation accuracy.
+    """
+    candidates = {}
+    for lr in scale.backbone_lrs:
+        uri = layout.path("models", "lr-search", f"old-lr{lr:g}")
+        spec = train_backbone(
+            images,
+            uri,
+            train=_train_config(f"old-lr{lr:g}", layout, config, dataclasses.replace(scale.old, lr=lr)),
+            version="old",
+            augment=scale.old.augment,
+            **common,
+        )
+        candidates[lr] = (spec.training.get("val_accuracy", spec.training["train_accuracy"]), uri)
+    best = max(candidates, key=lambda lr: (candidates[lr][0], -scale.backbone_lrs.index(lr)))
+    chosen = load_model(candidates[best][1])
+    save_model(chosen.module, out, chosen.spec)
+    shown = ", ".join(f"{lr:g} -> {acc:.3f}" for lr, (acc, _) in candidates.items())
+    log(f"[demo]   learning rate {best:g} (old model's validation accuracy by rate: {shown})")
+    return best, {f"{lr:g}": acc for lr, (acc, _) in candidates.items()}
 
 
 def _train_transformations(
