@@ -98,15 +98,19 @@ def test_summary_table_as_text_and_markdown():
     assert "0.633" in ff_line  # AUC top1
     md = summary_table(report, markdown=True)
     table = [line for line in md.splitlines() if line.startswith("|")]
-    assert len(table) == 2 + 3 + 2 + 2  # anchors: header, rule, 3 rows; runs: header, rule, 2 rows
-    assert len({line.count("|") for line in table[5:]}) == 1
+    # anchors: header, rule, 3 rows; runs: header, rule, 2 rows; then the 8 papers' findings
+    assert len(table) == 2 + 3 + 2 + 2 + 2 + 8
+    assert len({line.count("|") for line in table[5:9]}) == 1
+    assert md.rstrip().splitlines()[-1].startswith("| rank merge: psi")
+    assert "| the new model retrieves better than the old (top1) | new/new " in md
 
 
-def test_summary_table_ends_with_the_diagnostics_when_the_report_has_them():
+def test_summary_table_has_the_diagnostics_before_the_findings_when_the_report_has_them():
     report = build_report(ANCHORS, runs())
     assert "diagnostic" not in summary_table(report)
     report["diagnostics"] = {"fastfill_uncertainty_spearman": 0.4461, "fastfill_uncertainty_spearman_norm": 0.7006}
-    last = summary_table(report).splitlines()[-2:]
+    text = summary_table(report)
+    last = text[: text.index("the papers' directions")].rstrip().splitlines()[-2:]
     assert [line.split() for line in last] == [
         ["fastfill_uncertainty_spearman", "0.446"],
         ["fastfill_uncertainty_spearman_norm", "0.701"],

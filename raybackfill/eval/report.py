@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 from raybackfill.data.io import read_bytes, write_bytes
 from raybackfill.eval.curves import BackfillCurve, summarize
+from raybackfill.eval.findings import Finding, findings
 from raybackfill.eval.metrics import RetrievalResult
 
 SCHEMA_VERSION = 1
@@ -293,7 +294,28 @@ def summary_table(report: Mapping, markdown: bool = False) -> str:
     if diagnostics:
         table = render_table(["diagnostic", "value"], [[k, float(v)] for k, v in diagnostics.items()], markdown)
         text += f"\n\n{table}"
+    directions = findings_table([report], markdown=markdown)
+    text += f"\n\nthe papers' directions (z: the gap in standard errors of its measurement):\n\n{directions}"
     return text
+
+
+def findings_table(reports: Sequence[Mapping], labels: Sequence[str] | None = None, markdown: bool = False) -> str:
+    """One row per finding of :func:`raybackfill.eval.findings.findings`, one column per report: the
+    verdict and z (for a single report, also the two figures compared)."""
+    per_report = [findings(report) for report in reports]
+    labels = list(labels) if labels is not None else [""] * len(reports)
+
+    def cell(f: Finding) -> str:
+        z = "" if f.z is None else f" (z {f.z:+.1f})"
+        return f"{f.verdict.value}{z}"
+
+    if len(reports) == 1:
+        rows = [
+            [f.claim, f"{f.a_label} {_cell(f.a)}", f"{f.b_label} {_cell(f.b)}", cell(f)] for f in per_report[0]
+        ]
+        return render_table(["finding", "measured", "against", "verdict"], rows, markdown)
+    rows = [[group[0].claim, *(cell(f) for f in group)] for group in zip(*per_report, strict=True)]
+    return render_table(["finding", *labels], rows, markdown)
 
 
 def compare_reports(
