@@ -1,5 +1,7 @@
 """Ray Train loops on a real local cluster: artefacts, resume from the latest checkpoint, data-parallel."""
 
+import math
+
 import numpy as np
 import pytest
 import ray
@@ -168,15 +170,21 @@ def _chosen_by_brute_force(history: list[dict], monitor: Monitor) -> int:
 
 def test_monitor_keeps_the_latest_epoch_within_a_standard_error_of_the_best():
     monitor = Monitor("val_accuracy", Goal.MAX, rows="val_rows")
-    # best 0.80 on 100 rows: se = sqrt(0.8 * 0.2 / 100) = 0.04, so 0.76 ties and 0.75 does not
-    accuracies = [0.5, 0.8, 0.77, 0.76, 0.75]
+    # best 0.80 on 100 rows: smoothed p = 81 / 102, se of a difference = sqrt(2 p (1 - p) / 100) = 0.0572,
+    # so 0.75 ties and 0.74 does not
+    accuracies = [0.5, 0.8, 0.77, 0.75, 0.74]
     history = [{"val_accuracy": a, "val_rows": 100} for a in accuracies]
     best, chosen = None, None
     for epoch, metrics in enumerate(history):
         best, is_chosen = monitor.update(best, epoch, metrics)
         chosen = epoch if is_chosen else chosen
-    assert best["epoch"] == 1 and abs(best["tolerance"] - 0.04) < 1e-12
+    p = 81 / 102
+    assert best["epoch"] == 1 and best["tolerance"] == pytest.approx(math.sqrt(2 * p * (1 - p) / 100))
     assert chosen == 3 == _chosen_by_brute_force(history, monitor)
+    # A perfect epoch still has an error bar: one miss in 180 rows ties with it, two do not.
+    perfect = monitor.update(None, 0, {"val_accuracy": 1.0, "val_rows": 180})[0]
+    assert monitor.update(perfect, 1, {"val_accuracy": 179 / 180, "val_rows": 180})[1]
+    assert not monitor.update(perfect, 1, {"val_accuracy": 178 / 180, "val_rows": 180})[1]
 
 
 def test_monitor_online_choice_equals_the_brute_force_one():

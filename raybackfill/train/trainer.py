@@ -93,11 +93,13 @@ class Goal(str, Enum):
 class Monitor:
     """The validation metric that picks a run's epoch, e.g. ``Monitor("val_accuracy", Goal.MAX, "val_rows")``.
 
-    With ``rows`` (the metric that counts the validation rows) the metric is a proportion, and epochs within
-    one binomial standard error of the best one are taken as tied with it: the run keeps the *latest* of
-    them. On a few hundred validation rows the single best epoch is mostly noise, and under a decaying
-    learning rate a later epoch is the more converged model; an earlier epoch wins only when the validation
-    split measurably prefers it (over-fitting). Without ``rows`` the best value wins outright.
+    With ``rows`` (the metric that counts the validation rows) the metric is a proportion, and an epoch whose
+    proportion is within one standard error of the difference between two proportions measured on those rows
+    of the best one is taken as tied with it: the run keeps the *latest* of them. On a few hundred validation
+    rows the single best epoch is mostly noise, and under a decaying learning rate a later epoch is the more
+    converged model; an earlier epoch wins only when the validation split measurably prefers it (over-fitting).
+    The proportion is Laplace-smoothed, (k + 1) / (n + 2), so a perfect epoch still has an error bar. Without
+    ``rows`` the best value wins outright.
     """
 
     metric: str
@@ -113,8 +115,9 @@ class Monitor:
         """How far below the best epoch's score (whose ``metrics`` these are) another epoch still ties."""
         if self.rows is None:
             return 0.0
-        p, n = float(metrics[self.metric]), max(float(metrics[self.rows]), 1.0)
-        return math.sqrt(max(p * (1.0 - p), 0.0) / n)
+        n = max(float(metrics[self.rows]), 1.0)
+        p = (float(metrics[self.metric]) * n + 1.0) / (n + 2.0)
+        return math.sqrt(2.0 * p * (1.0 - p) / n)
 
     def update(self, best: dict | None, epoch: int, metrics: dict[str, float]) -> tuple[dict, bool]:
         """Fold one epoch in: returns the best epoch so far (``{"epoch", "score", "tolerance"}``) and whether
