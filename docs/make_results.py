@@ -16,7 +16,8 @@ from pathlib import Path
 from raybackfill.eval.report import compare_reports, findings_table, load_report, render_table
 
 HERE = Path(__file__).resolve().parent
-RESULTS, PAGE = HERE / "results", HERE / "results.md"
+RESULTS, PAGE, README = HERE / "results", HERE / "results.md", HERE.parent / "README.md"
+README_START, README_END = "<!-- results:start (docs/make_results.py) -->", "<!-- results:end -->"
 DIGITS = "digits"  # the table made by the commands in DIGITS_SETUP
 
 
@@ -156,9 +157,42 @@ def render() -> str:
     return "\n".join(lines)
 
 
+README_ROWS = (
+    ("anchor", "old_old", "old model: old query / old gallery"),
+    ("anchor", "new_new", "new model, gallery fully re-embedded"),
+    ("anchor", "new_fastfill_side_info", "new query / FastFill-transformed gallery (no image read)"),
+    ("run", ("fastfill_side_info", "uncertainty"), "FastFill + side-info backfill, uncertainty order (area)"),
+    ("run", ("rank_merge_psi", "random"), "rank merge with psi, random order (area)"),
+)
+
+
+def readme_table() -> str:
+    """The README's one results table: top-1 / mAP of the upgrade's key stages on the main runs."""
+    main = _reports(MAIN_RUNS)
+    rows = []
+    for kind, key, label in README_ROWS:
+        cells = []
+        for report in main.values():
+            if kind == "anchor":
+                a = report["anchors"][key]
+                cells.append(f"{a['top1']:.3f} / {a['map']:.3f}")
+            else:
+                run = next(r for r in report["runs"] if (r["method"], r["policy"]) == key)
+                cells.append(f"{run['auc_top1']:.3f} / {run['auc_map']:.3f}")
+        rows.append([label, *cells])
+    return render_table(["top-1 / mAP", *(run.label for run in main)], rows, markdown=True)
+
+
+def readme_with_table(text: str) -> str:
+    """``text`` (the README) with the block between the results markers replaced by :func:`readme_table`."""
+    start, end = text.index(README_START) + len(README_START), text.index(README_END)
+    return text[:start] + "\n" + readme_table() + "\n" + text[end:]
+
+
 def main(argv: list[str]) -> int:
     PAGE.write_text(render())
-    print(f"wrote {PAGE}")
+    README.write_text(readme_with_table(README.read_text()))
+    print(f"wrote {PAGE} and the results table of {README}")
     return 0
 
 

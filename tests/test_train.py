@@ -209,3 +209,33 @@ def test_a_streamed_training_dataset_is_shuffled_anew_at_every_epoch(ray_cluster
     assert first != second  # a new permutation per execution
     assert orders(shuffled_every_epoch(ray.data.range(200), seed=5), 2) == [first, second]  # same seed, same orders
     assert orders(shuffled_every_epoch(ray.data.range(200), seed=6), 1)[0] != first
+
+
+def test_collectives_run_on_the_workers_training_device(monkeypatch):
+    """What NCCL needs, checked without a GPU: every tensor handed to all_reduce is on the worker's device."""
+    import ray.train.torch
+
+    import raybackfill.train.trainer as trainer
+
+    reduced = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t: reduced.append(t.device))
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
+    meter = trainer.RunningMean(torch.device("cpu"))
+    meter.add(torch.tensor(2.0), 3)
+    assert meter.value() == 2.0 and reduced == [torch.device("cpu")]
+    # A worker training on a GPU: the meter built for it reduces there; a CPU tensor is refused.
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cuda", 0))
+    with pytest.raises(RuntimeError, match="collective on cpu, but this worker trains on cuda:0"):
+        trainer.RunningMean(torch.device("cpu")).value()
+    with pytest.raises(RuntimeError, match="collective on cpu"):
+        trainer.RunningMean().value()  # the default device is the CPU: the loops must pass theirs
+
+
+def test_a_backbone_trains_with_two_workers(ray_cluster, images, tmp_path):
+    out = str(tmp_path / "two")
+    train = _cfg(tmp_path, "two-workers", num_workers=2, cpus_per_worker=0.5, epochs=2, batch_size=16)
+    spec = train_backbone(images, out, train=train, backbone_kwargs={"width": 4}, augment=False)
+    assert [h["epoch"] for h in spec.training["history"]] == [0, 1]
+    assert all(0.0 <= h["train_accuracy"] <= 1.0 for h in spec.training["history"])
+    assert load_model(out).module.embed(torch.zeros(2, 3, 16, 16)).shape == (2, 128)

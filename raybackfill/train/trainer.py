@@ -401,7 +401,14 @@ class RunningMean:
 
 
 def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over the workers in place (a no-op outside a distributed run)."""
+    """Sum ``tensor`` over the workers in place (a no-op outside a distributed run).
+
+    Refuses a tensor that is not on the worker's training device: gloo (CPU workers) reduces any tensor, but
+    NCCL (GPU workers) only CUDA ones, so a CPU tensor here would pass every CPU test and fail on a GPU
+    cluster after the first epoch."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        device = ray.train.torch.get_device()
+        if tensor.device != device:
+            raise RuntimeError(f"collective on {tensor.device}, but this worker trains on {device}")
         torch.distributed.all_reduce(tensor)
     return tensor
