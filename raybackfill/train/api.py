@@ -30,9 +30,10 @@ from raybackfill.train.quality import majority_share
 from raybackfill.train.trainer import TRAIN, VALIDATION, Ingest, TrainConfig, fit
 
 
-def image_datasets(images_uri: str, train: TrainConfig) -> dict[str, ray.data.Dataset]:
+def image_datasets(images_uri: str, train: TrainConfig) -> tuple[dict[str, ray.data.Dataset], np.ndarray]:
     """Decoded training images, split into ``train`` and (when ``train.validation_fraction`` > 0)
     ``validation`` rows: a stratified, seeded hold-out of the table (see :func:`raybackfill.data.splits.holdout`).
+    Returns the datasets and the labels of the validation rows (read from the table, not the datasets).
 
     A part small enough is decoded once and materialised in the object store, so epochs neither re-read nor
     re-decode it and each worker permutes it afresh every epoch; a larger one streams and is shuffled by Ray Data
@@ -58,7 +59,7 @@ def image_datasets(images_uri: str, train: TrainConfig) -> dict[str, ray.data.Da
         if train.ingest is Ingest.MEMORY or (train.ingest is None and fits):
             ds = ds.materialize()
         datasets[name] = ds
-    return datasets
+    return datasets, labels[held_out]
 
 
 def table_datasets(table: pa.Table, train: TrainConfig) -> dict[str, ray.data.Dataset]:
@@ -150,7 +151,7 @@ def train_backbone(
         config.update(old_classifier_weight=weight, old_classifier_bias=bias)
     elif loss == "ract":
         config["old_model"] = old_model
-    datasets = image_datasets(images_uri, train)
+    datasets, validation_labels = image_datasets(images_uri, train)
     state = fit(loops.backbone_loop, train, config | {"name": f"{method} backbone"}, datasets)
     return _save(
         state,
@@ -161,14 +162,8 @@ def train_backbone(
         method=method,
         training_data=images_uri,
         parent=old_model,
-        training=training_summary(state, _labels_of(datasets.get(VALIDATION))),
+        training=training_summary(state, validation_labels),
     )
-
-
-def _labels_of(ds: ray.data.Dataset | None) -> np.ndarray | None:
-    if ds is None:
-        return None
-    return np.concatenate([np.asarray(b[LABEL]) for b in ds.select_columns([LABEL]).iter_batches(batch_format="numpy")])
 
 
 def _bct_old_classifier(images_uri: str, old_model: str, num_classes: int) -> tuple[np.ndarray, ...]:
@@ -198,7 +193,7 @@ def train_side_info(
     """Self-supervised (SimCLR) side-information model, trained on the old model's training images."""
     kwargs = {"embedding_dim": embedding_dim}
     config = {"architecture": "side_info_cnn", "kwargs": kwargs}
-    state = fit(loops.side_info_loop, train, config | {"name": "side-info"}, image_datasets(images_uri, train))
+    state = fit(loops.side_info_loop, train, config | {"name": "side-info"}, image_datasets(images_uri, train)[0])
     return _save(
         state,
         "side_info_cnn",
