@@ -227,8 +227,8 @@ class Session:
     """One worker's view of a run: epochs to do, the per-epoch report with its checkpoint, the best epoch.
 
     A checkpoint holds the current weights and optimizer (to resume), the history of every epoch's metrics
-    and, with a ``monitor``, the weights of the best epoch so far by that validation metric: a resumed run
-    keeps comparing against the best epoch it had before the kill.
+    and, with a ``monitor``, the best epoch's score and the weights of the epoch chosen so far (see
+    :meth:`Monitor.update`): a resumed run goes on choosing exactly as an uninterrupted one.
     """
 
     def __init__(
@@ -260,13 +260,11 @@ class Session:
             self.best, chosen = self.monitor.update(self.best, epoch, metrics)
             if chosen:
                 self.chosen = {"epoch": epoch, "model": weights}
-        rank = ray.train.get_context().get_world_rank()
-        if rank == 0:
-            shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-            logger.info("%s epoch %d/%d: %s", name or "train", epoch + 1, self.epochs, shown)
-        if rank != 0:
+        if ray.train.get_context().get_world_rank() != 0:
             ray.train.report({"epoch": epoch, **metrics}, checkpoint=None)
             return
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        logger.info("%s epoch %d/%d: %s", name or "train", epoch + 1, self.epochs, shown)
         # Ray Train copies the directory to the run's storage and then deletes the local copy.
         directory = tempfile.mkdtemp(prefix="raybackfill-ckpt-")
         state = {
