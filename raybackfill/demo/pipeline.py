@@ -54,7 +54,7 @@ from raybackfill.eval.offline import (
     write_outputs,
 )
 from raybackfill.eval.report import build_report
-from raybackfill.models.artifacts import ModelSpec, load_model, save_model
+from raybackfill.models.artifacts import ModelSpec, load_model, read_spec, save_model
 from raybackfill.models.transformations import apply_transformation
 from raybackfill.train.api import train_backbone, train_reverse, train_side_info, train_transformation
 from raybackfill.train.quality import require_learned
@@ -371,7 +371,7 @@ def _train_backbones(
 
     start = time.perf_counter()
     lr, searched = _choose_backbone_lr(layout, train_old, models["old"], scale, config, common, log)
-    report("old", load_model(models["old"]).spec, time.perf_counter() - start)
+    report("old", read_spec(models["old"]), time.perf_counter() - start)
     training: dict = {"backbone_lr": lr, "lr_search": searched, "backbones": {"old": _summary(models["old"])}}
     new_fit = dataclasses.replace(scale.new, lr=lr)
     for name in ("new", "bct", "ract"):
@@ -403,7 +403,7 @@ def _train_backbones(
 
 def _summary(model: str) -> dict:
     """A backbone's run as the report keeps it: the epoch kept and its figures (model.json has every epoch)."""
-    t = load_model(model).spec.training
+    t = read_spec(model).training
     keys = ("best_epoch", "epochs", "train_accuracy", "val_accuracy", "chance_accuracy", "validation_rows")
     return {k: t[k] for k in keys if k in t}
 
