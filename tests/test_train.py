@@ -121,6 +121,10 @@ def test_rerunning_a_finished_run_with_more_epochs_resumes_from_its_checkpoint(r
     assert first.kwargs == second.kwargs
     history = _history(tmp_path / "runs" / "h")
     assert [h["epoch"] for h in history] == [0, 1, 2]
+    # The resumed run chose its epoch over all three, the two before the resume included.
+    assert [h["epoch"] for h in second.training["history"]] == [0, 1, 2]
+    losses = [h["val_loss"] for h in second.training["history"]]
+    assert second.training["best_epoch"] == int(np.argmin(losses))
 
 
 def test_two_workers_follow_the_loss_trajectory_of_one(ray_cluster, embeddings, tmp_path):
