@@ -67,7 +67,10 @@ def require_learned(training: dict, name: str) -> LearningVerdict:
     classifier trained with a validation split) learned. Returns the verdict."""
     missing = [k for k in ("val_accuracy", "chance_accuracy", "validation_rows") if k not in training]
     if missing:
-        raise ValueError(f"{name}: no validation figures recorded ({', '.join(missing)}); train with validation")
+        raise ValueError(
+            f"the {name} model has no validation figures ({', '.join(missing)}): its run held no rows out "
+            "(validation_fraction 0, or too few images per class to hold any out), so whether it learned is unknown"
+        )
     verdict = learning_verdict(training["val_accuracy"], training["chance_accuracy"], int(training["validation_rows"]))
     if not verdict.learned:
         train_accuracy = training.get("train_accuracy")
