@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from raybackfill.data.io import read_bytes, write_bytes
 from raybackfill.eval.curves import BackfillCurve, summarize
-from raybackfill.eval.findings import Finding, findings
+from raybackfill.eval.findings import Finding, findings, random_sd
 from raybackfill.eval.metrics import RetrievalResult
 
 SCHEMA_VERSION = 1
@@ -118,8 +118,7 @@ def versus_random(report: Mapping) -> list[dict]:
             row: dict = {"method": run["method"], "policy": run["policy"], "random_seeds": len(spread["seeds"])}
             for key in ("auc_top1", "auc_map"):
                 values = spread[key]
-                mean = sum(values) / len(values)
-                sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+                mean, sd = sum(values) / len(values), random_sd(random_run, key)
                 row[key] = run[key]
                 row[f"{key}_random_mean"], row[f"{key}_random_sd"] = mean, sd
                 row[f"{key}_z"] = _number((run[key] - mean) / sd) if sd > 0 else None
