@@ -255,14 +255,14 @@ class Session:
         """Record and log an epoch's metrics and report them with a checkpoint (every rank must call this;
         rank 0 writes the checkpoint)."""
         self.history = [*self.history, {"epoch": epoch, **metrics}]
+        if ray.train.get_context().get_world_rank() != 0:  # only rank 0's checkpoint becomes the result
+            ray.train.report({"epoch": epoch, **metrics}, checkpoint=None)
+            return
         weights = {k: v.detach().cpu().clone() for k, v in unwrap(self.model).state_dict().items()}
         if self.monitor is not None:
             self.best, chosen = self.monitor.update(self.best, epoch, metrics)
             if chosen:
                 self.chosen = {"epoch": epoch, "model": weights}
-        if ray.train.get_context().get_world_rank() != 0:
-            ray.train.report({"epoch": epoch, **metrics}, checkpoint=None)
-            return
         shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         logger.info("%s epoch %d/%d: %s", name or "train", epoch + 1, self.epochs, shown)
         # Ray Train copies the directory to the run's storage and then deletes the local copy.
