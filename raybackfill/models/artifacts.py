@@ -1,8 +1,11 @@
-"""Model artefacts: a directory (local or s3://) holding ``model.json`` and ``model.safetensors``.
+"""Model artefacts: a directory (local or s3://) holding ``model.json`` and the model's file.
 
-model.json names a registered architecture and its keyword arguments, so any job rebuilds the module
-without importing or executing anything from the artefact; weights are safetensors (no pickle). A legacy
-``model.pt`` is read only through ``torch.load(weights_only=True)``, which refuses arbitrary objects.
+model.json records the model's *kind* (:class:`EncoderKind`): raybackfill's own models name a registered
+architecture and its keyword arguments, so any job rebuilds the module without importing or executing anything
+from the artefact; weights are safetensors (no pickle). A legacy ``model.pt`` is read only through
+``torch.load(weights_only=True)``, which refuses arbitrary objects. Encoders brought from elsewhere
+(TorchScript, torch.export, torchvision with the user's weights, a user entrypoint) are described here and
+loaded by :mod:`raybackfill.encoders`; an entrypoint is only ever imported when the user trusts it.
 Artefacts are versioned and never overwritten: model.json is written last and marks a committed artefact.
 """
 
@@ -12,8 +15,10 @@ import dataclasses
 import io
 import json
 import pickle
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from enum import StrEnum
 from typing import Any
 
 import torch
@@ -28,7 +33,34 @@ from raybackfill.models.registry import BUILDERS, build_model
 
 MODEL_JSON = "model.json"
 SAFETENSORS_FILE = "model.safetensors"
-WEIGHTS_FILES = (SAFETENSORS_FILE, "model.pt")
+STATE_DICT_FILE = "model.pt"
+TORCHSCRIPT_FILE = "model.torchscript"
+EXPORT_FILE = "model.pt2"
+WEIGHTS_FILES = (SAFETENSORS_FILE, STATE_DICT_FILE)
+
+
+class EncoderKind(StrEnum):
+    """Where a model comes from, and so how it is loaded."""
+
+    RAYBACKFILL = "raybackfill"  # trained by raybackfill: a registered architecture + safetensors
+    TORCHSCRIPT = "torchscript"  # a ``torch.jit.save`` file
+    TORCH_EXPORT = "torch_export"  # a ``torch.export.save`` program (.pt2)
+    TORCHVISION = "torchvision"  # a torchvision architecture by name + the user's weights
+    ENTRYPOINT = "entrypoint"  # ``package.module:factory``: user code, honoured only when trusted
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The file names this kind may keep its model in (none for an entrypoint)."""
+        return {
+            EncoderKind.RAYBACKFILL: WEIGHTS_FILES,
+            EncoderKind.TORCHVISION: WEIGHTS_FILES,
+            EncoderKind.TORCHSCRIPT: (TORCHSCRIPT_FILE,),
+            EncoderKind.TORCH_EXPORT: (EXPORT_FILE,),
+            EncoderKind.ENTRYPOINT: ("",),
+        }[self]
+
+
+ENTRYPOINT_PATTERN = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 METRICS = ("cosine", "l2")
 FORMAT_VERSION = 1
 
@@ -62,11 +94,37 @@ class ModelSpec:
     # How the run went (see raybackfill.train.api.training_summary): epochs, the best epoch and its training
     # and validation figures. Empty for models saved outside raybackfill's training.
     training: dict[str, Any] = field(default_factory=dict)
+    kind: EncoderKind = EncoderKind.RAYBACKFILL
+    # What the encoder does to a row first (raybackfill.encoders.preprocessing, as a dict). Empty for an image
+    # model raybackfill trained before sizes were recorded: the gallery's first image gives the size.
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    embedding_layer: str | None = None  # torchvision: the graph node giving the embedding (None: penultimate)
+    entrypoint: str | None = None  # "package.module:factory" (kind entrypoint only)
 
     def __post_init__(self) -> None:
         problems = []
-        if self.architecture not in BUILDERS:
+        try:
+            object.__setattr__(self, "kind", EncoderKind(self.kind))
+        except ValueError:
+            raise ArtifactError(
+                f"unknown kind {self.kind!r} (valid: {', '.join(k.value for k in EncoderKind)})") from None
+        if self.weights == SAFETENSORS_FILE and self.weights not in self.kind.files:  # the default: the kind's file
+            object.__setattr__(self, "weights", self.kind.files[0])
+        if self.kind is EncoderKind.RAYBACKFILL and self.architecture not in BUILDERS:
             problems.append(f"unknown architecture {self.architecture!r} (valid: {', '.join(sorted(BUILDERS))})")
+        if self.kind is EncoderKind.TORCHVISION and not _is_torchvision_model(self.architecture):
+            problems.append(f"unknown torchvision architecture {self.architecture!r} "
+                            "(torchvision.models.list_models() names the valid ones)")
+        if not isinstance(self.architecture, str):
+            problems.append("architecture must be a string")
+        if (self.entrypoint is not None) != (self.kind is EncoderKind.ENTRYPOINT):
+            problems.append("entrypoint is required for kind 'entrypoint' and allowed for no other kind")
+        elif self.entrypoint is not None and not ENTRYPOINT_PATTERN.match(str(self.entrypoint)):
+            problems.append(f"entrypoint must look like 'package.module:factory', got {self.entrypoint!r}")
+        if self.embedding_layer is not None and self.kind is not EncoderKind.TORCHVISION:
+            problems.append("embedding_layer applies to kind 'torchvision' only")
+        if not isinstance(self.preprocessing, dict):
+            problems.append("preprocessing must be an object")
         if not isinstance(self.version, str) or not self.version:
             problems.append("version must be a non-empty string")
         if not isinstance(self.kwargs, dict):
@@ -75,8 +133,9 @@ class ModelSpec:
             problems.append(f"metric must be one of {METRICS}, got {self.metric!r}")
         if self.method not in RECIPES:
             problems.append(f"unknown method {self.method!r} (valid: {', '.join(RECIPES)})")
-        if self.weights not in WEIGHTS_FILES:
-            problems.append(f"weights must be one of {WEIGHTS_FILES}, got {self.weights!r}")
+        if self.weights not in self.kind.files:
+            problems.append(
+                f"weights must be one of {self.kind.files} for kind {self.kind.value!r}, got {self.weights!r}")
         if not isinstance(self.dims, dict) or not all(isinstance(v, int) for v in self.dims.values()):
             problems.append("dims must map names to integers")
         if not isinstance(self.training, dict):
@@ -85,7 +144,13 @@ class ModelSpec:
             raise ArtifactError("; ".join(problems))
 
     def to_json(self) -> str:
-        return json.dumps({"format_version": FORMAT_VERSION, **dataclasses.asdict(self)}, indent=2, sort_keys=True)
+        fields = {**dataclasses.asdict(self), "kind": self.kind.value}
+        return json.dumps({"format_version": FORMAT_VERSION, **fields}, indent=2, sort_keys=True)
+
+    @property
+    def modality(self) -> str:
+        """``image`` or ``text``: the gallery column the model reads."""
+        return str(self.preprocessing.get("modality", "image"))
 
     @classmethod
     def from_json(cls, text: str | bytes, source: str) -> ModelSpec:
@@ -115,12 +180,21 @@ class LoadedModel:
     spec: ModelSpec
 
 
+def _is_torchvision_model(name: str) -> bool:
+    from torchvision.models import list_models  # imported here: only torchvision specs need it
+
+    return isinstance(name, str) and name in list_models()
+
+
 def save_model(module: nn.Module, uri: str, spec: ModelSpec) -> ModelSpec:
     """Write ``module`` as a new artefact at ``uri`` and return the spec as written.
 
     Refuses to overwrite a committed artefact, and refuses a module that the spec's architecture and
     kwargs would not rebuild (checked now, not discovered later by the job that loads it).
     """
+    if spec.kind is not EncoderKind.RAYBACKFILL:
+        raise ArtifactError(f"{uri}: save_model writes raybackfill's own models; register a {spec.kind.value} "
+                            "encoder with raybackfill.encoders.register")
     json_uri = join(uri, MODEL_JSON)
     if exists(json_uri):  # before writing weights, so a committed artefact's weights are never replaced
         raise _already_committed(json_uri)
@@ -139,13 +213,22 @@ def save_model(module: nn.Module, uri: str, spec: ModelSpec) -> ModelSpec:
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         weights=SAFETENSORS_FILE,
     )
-    write_bytes(join(uri, SAFETENSORS_FILE), save_safetensors(state))
+    return commit_artifact(uri, final, {SAFETENSORS_FILE: save_safetensors(state)})
+
+
+def commit_artifact(uri: str, spec: ModelSpec, files: dict[str, bytes]) -> ModelSpec:
+    """Write ``files`` under ``uri``, then model.json, whose presence commits the artefact; never overwrites."""
+    json_uri = join(uri, MODEL_JSON)
+    if exists(json_uri):  # before writing any file, so a committed artefact's files are never replaced
+        raise _already_committed(json_uri)
+    for name, data in files.items():
+        write_bytes(join(uri, name), data)
     try:
-        # Last: its presence commits the artefact. "error" also refuses a concurrent save that committed first.
-        write_bytes(json_uri, final.to_json().encode(), if_exists="error")
+        # Last. "error" also refuses a concurrent save that committed first.
+        write_bytes(json_uri, spec.to_json().encode(), if_exists="error")
     except FileExistsError as err:
         raise _already_committed(json_uri) from err
-    return final
+    return spec
 
 
 def _already_committed(json_uri: str) -> ArtifactExistsError:
@@ -162,12 +245,15 @@ def load_model(uri: str) -> LoadedModel:
     """Rebuild the module named by model.json and load its weights; never executes stored code."""
     spec = read_spec(uri)
     json_uri = join(uri, MODEL_JSON)
+    if spec.kind is not EncoderKind.RAYBACKFILL:
+        raise ArtifactError(f"{json_uri}: a {spec.kind.value} encoder, not a model raybackfill trained: load it with "
+                            "raybackfill.encoders.load_encoder (this step needs raybackfill's own model)")
     try:
         module = build_model(spec.architecture, **spec.kwargs)
     except ValueError as err:
         raise ArtifactError(f"{json_uri}: {err}") from err
     weights_uri = join(uri, spec.weights)
-    state = _decode_weights(read_bytes(weights_uri), weights_uri)
+    state = decode_weights(read_bytes(weights_uri), weights_uri)
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as err:
@@ -176,7 +262,7 @@ def load_model(uri: str) -> LoadedModel:
     return LoadedModel(module, spec)
 
 
-def _decode_weights(data: bytes, source: str) -> dict[str, torch.Tensor]:
+def decode_weights(data: bytes, source: str) -> dict[str, torch.Tensor]:
     if source.endswith(".safetensors"):
         try:
             return load_safetensors(data)

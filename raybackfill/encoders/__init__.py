@@ -1,0 +1,42 @@
+"""Encoders: every model that embeds gallery rows, whatever it came from, behind one interface.
+
+- :mod:`~raybackfill.encoders.preprocessing`: images of any size/mode and texts -> model inputs (no torch).
+- :mod:`~raybackfill.encoders.encoder`: :func:`load_encoder` for every :class:`EncoderKind`, with entrypoint trust.
+- :mod:`~raybackfill.encoders.register`: make an artefact from a TorchScript file, a ``.pt2`` program, a
+  torchvision architecture with its weights, or a user entrypoint.
+"""
+
+from raybackfill.encoders.encoder import (
+    Encoder,
+    EntrypointTrust,
+    UntrustedEntrypointError,
+    check_trusted,
+    encoder_preprocessing,
+    load_encoder,
+)
+from raybackfill.encoders.preprocessing import (
+    ImagePreprocessing,
+    Modality,
+    Prepared,
+    TextPreprocessing,
+    Tokenizer,
+)
+from raybackfill.encoders.register import EncoderSource, register_encoder
+from raybackfill.models.artifacts import EncoderKind
+
+__all__ = [
+    "Encoder",
+    "EncoderKind",
+    "EncoderSource",
+    "EntrypointTrust",
+    "ImagePreprocessing",
+    "Modality",
+    "Prepared",
+    "TextPreprocessing",
+    "Tokenizer",
+    "UntrustedEntrypointError",
+    "check_trusted",
+    "encoder_preprocessing",
+    "load_encoder",
+    "register_encoder",
+]
