@@ -1,9 +1,11 @@
 """Backfill throughput, side by side in one run: the Ray Data embedding pipeline vs bare torch, and the
 instant (transform) phase vs re-embedding.
 
-``embed_pipeline_vs_bare``: the project's path (``read_parquet`` -> decode -> ``map_batches(EmbedImages,
+``embed_pipeline_vs_bare``: the project's path (``read_parquet`` -> decode -> ``map_batches(EmbedRows,
 ActorPoolStrategy)`` -> the driver consuming batches, Ray Data limited to ``--cpus`` CPUs) vs bare torch
-over the same Parquet table, decoded with the same ``decode_batch``, the same backbone (``--backbone``) and batch size.
+over the same Parquet table, prepared with the same ``ImagePreprocessing``, the same backbone (``--backbone``)
+and batch size.
+batch size.
 One process with ``--cpus`` torch threads is a weak baseline on few cores (intra-op threading on small
 batches scales badly), so the bare side also runs ``--cpus`` processes x 1 thread, each over its share of
 the rows; the faster wins and is named in the JSON. Bare workers are started and warmed (model loaded,
@@ -16,7 +18,7 @@ tail counts; the warmed bare side has no start to remove, its rate over the same
 rate. ``pipeline_startup_seconds`` is the time to the first batch, what the pipeline pays once.
 
 ``transform_vs_reembed``: ``transform_embeddings`` (a forward transformation over a stored old-embedding
-table, no images read) vs ``embed_images`` (the backbone over the images), both end to end with writes,
+table, no images read) vs ``embed_gallery`` (the backbone over the images), both end to end with writes,
 the same pool; the ratio is of items/s. Both also run over tables twice as large, so ``ratio_steady`` is the
 ratio without either pool's start. ``compute_bound_ratio`` is the ceiling no pipeline can beat: bare
 transformation items/s (read + forward, warmed, one process) over the bare embedding baseline above. The
@@ -49,11 +51,11 @@ import ray
 import torch
 
 from raybackfill.data import io
-from raybackfill.data.images import decode_batch
-from raybackfill.data.loading import decode_images, read_images
+from raybackfill.data.loading import prepare_rows, read_gallery
+from raybackfill.data.preprocessing import ImagePreprocessing
 from raybackfill.data.schema import EMBEDDING, ID, IMAGE, embedding_table, vectors_of
 from raybackfill.data.synth import synthesize
-from raybackfill.embed.pipeline import PoolConfig, embed_images, map_embed, transform_embeddings
+from raybackfill.embed.pipeline import PoolConfig, embed_gallery, map_embed, plan_inputs, transform_embeddings
 from raybackfill.models.artifacts import ModelSpec, load_model, save_model
 from raybackfill.models.registry import build_model
 from raybackfill.runtime import init_ray
@@ -120,7 +122,8 @@ def bare_embed(model: torch.nn.Module, images_uri: str, size: int, batch_size: i
     rows = 0
     with torch.inference_mode():
         for start in range(lo, hi, batch_size):
-            pixels = decode_batch(column.slice(start, min(batch_size, hi - start)).to_pylist(), size).pixels
+            pixels = ImagePreprocessing(crop=size).prepare(column.slice(start, min(batch_size, hi - start)).to_pylist()
+                                                           ).values
             rows += len(model.embed(torch.from_numpy(pixels)))
     return rows
 
@@ -211,13 +214,14 @@ def bare_transform(old_uri: str, fct_uri: str, batch_size: int, threads: int) ->
 
 
 def pipeline_embed(images_uri: str, model_uri: str, size: int, pool: PoolConfig) -> tuple[float, float, float]:
-    """One run of read -> decode -> EmbedImages actor pool -> the driver consuming batches (what the backfill
+    """One run of read -> decode -> EmbedRows actor pool -> the driver consuming batches (what the backfill
     sink sees): seconds end to end, seconds to the first batch, and the steady rate (rows/s, the slope of
     rows delivered against time between 25% and 90% of the rows)."""
     start = time.perf_counter()
-    images = read_images(images_uri, columns=[ID, IMAGE], rows_per_block=pool.batch_size)
-    ds = decode_images(images, size=size, batch_size=pool.batch_size, num_cpus=pool.cpus_per_actor)
-    ds = map_embed(ds, {EMBEDDING: model_uri}, pool)
+    images = read_gallery(images_uri, columns=[ID, IMAGE], rows_per_block=pool.batch_size)
+    inputs = plan_inputs({EMBEDDING: model_uri}, images_uri)
+    ds = prepare_rows(images, inputs.preprocessing, batch_size=pool.batch_size, num_cpus=pool.cpus_per_actor)
+    ds = map_embed(ds, inputs, pool)
     arrivals, delivered = [], []
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
         arrivals.append(time.perf_counter() - start)
@@ -353,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
 
             def reembed_seconds(images_uri: str, backbone_uri: str) -> float:
                 start = time.perf_counter()
-                embed_images(images_uri, {EMBEDDING: backbone_uri}, next(outputs), pool=pool, progress=False)
+                embed_gallery(images_uri, {EMBEDDING: backbone_uri}, next(outputs), pool=pool, progress=False)
                 return time.perf_counter() - start
 
             bare_transform_s = [bare_transform(paths["old"], paths["fct"], args.transform_batch_size, args.cpus)
@@ -394,9 +398,9 @@ def main(argv: list[str] | None = None) -> dict:
         "embed_pipeline_vs_bare": {
             "what": f"{args.backbone} {BACKBONES[args.backbone]} on {n} {args.size}x{args.size} PNGs, "
                     f"batch {args.batch_size}, "
-                    f"{args.cpus} CPUs per side; pipeline: {pool.actors} EmbedImages actors x 1 thread "
+                    f"{args.cpus} CPUs per side; pipeline: {pool.actors} EmbedRows actors x 1 thread "
                     f"({pool.cpus_per_actor} CPU each), Ray Data CPU limit {args.cpus}, driver consumes batches; "
-                    "bare: warmed workers, read Parquet + decode_batch + embed",
+                    "bare: warmed workers, read Parquet + ImagePreprocessing.prepare + embed",
             "ratio": pipe_rate / bare_rates[best],
             "target": 0.8,
             "pipeline_items_per_s": pipe_rate,
@@ -418,7 +422,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "transform_vs_reembed": {
             "what": f"transform_embeddings of {args.embeddings} stored {OLD_DIM}-d embeddings through "
-                    f"forward_transformation {FCT_KWARGS} vs embed_images of {n} images with {args.backbone}; "
+                    f"forward_transformation {FCT_KWARGS} vs embed_gallery of {n} images with {args.backbone}; "
                     f"both end to end with writes, {args.cpus} actors x 0.5 CPU; by_backbone: the same transform "
                     "runs against other backbones' re-embedding",
             **by_backbone[args.backbone],

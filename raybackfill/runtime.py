@@ -9,19 +9,23 @@ import ray
 from raybackfill import NAMESPACE
 
 
-def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_driver: bool = False) -> None:
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_driver: bool = False,
+             py_modules: list[str] | None = None) -> None:
     """Attach to ``address`` (or ``RAY_ADDRESS``) when given; otherwise start a local cluster.
 
     A local cluster gets explicit resources (this machine's CPUs, no dashboard) so it behaves the same
     on a laptop and in CI. Under ``ray job submit`` RAY_ADDRESS is set and the job joins its cluster.
     ``log_to_driver`` forwards what workers print (training loops' per-epoch lines) to this console.
+    ``py_modules`` (local directories) ship user code, such as an encoder entrypoint, to every worker.
     """
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    extra = {"runtime_env": {"py_modules": [os.path.abspath(p) for p in py_modules]}} if py_modules else {}
     if address:
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=log_to_driver)
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=log_to_driver, **extra)
         return
     ray.init(
-        num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, namespace=NAMESPACE, log_to_driver=log_to_driver
+        num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, namespace=NAMESPACE, log_to_driver=log_to_driver,
+        **extra,
     )

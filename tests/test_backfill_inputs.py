@@ -35,6 +35,14 @@ def side_info_transformation(tmp_path) -> str:
     return uri
 
 
+@pytest.fixture
+def upgrade(tmp_path) -> str:
+    kwargs = {"embedding_dim": NEW, "num_classes": 2, "width": 4}
+    uri = str(tmp_path / "new")
+    save_model(build_model("small_cnn", **kwargs).eval(), uri, ModelSpec("small_cnn", "v2", kwargs))
+    return uri
+
+
 def old_table(tmp_path, name: str, side_dim: int | None) -> str:
     side = None if side_dim is None else np.zeros((2, side_dim), np.float32)
     uri = str(tmp_path / name)
@@ -43,10 +51,10 @@ def old_table(tmp_path, name: str, side_dim: int | None) -> str:
 
 
 def test_a_side_info_transformation_needs_side_info_of_its_dim_in_the_old_embeddings(
-    tmp_path, gallery, side_info_transformation
+    tmp_path, gallery, side_info_transformation, upgrade
 ):
     with pytest.raises(SchemaError, match=r"part-00000\.parquet: missing column 'side_info'.*--side-info-model"):
-        check_inputs(gallery, old_table(tmp_path, "no-side", None), [], side_info_transformation)
+        check_inputs(gallery, old_table(tmp_path, "no-side", None), upgrade, side_info_transformation)
     with pytest.raises(SchemaError, match=r"column 'side_info' has dim 5, but the transformation .* reads dim 3"):
-        check_inputs(gallery, old_table(tmp_path, "wrong-side", 5), [], side_info_transformation)
-    check_inputs(gallery, old_table(tmp_path, "with-side", SIDE), [], side_info_transformation)
+        check_inputs(gallery, old_table(tmp_path, "wrong-side", 5), upgrade, side_info_transformation)
+    check_inputs(gallery, old_table(tmp_path, "with-side", SIDE), upgrade, side_info_transformation)

@@ -33,7 +33,7 @@ def test_version(capsys):
 
 
 def test_library_errors_are_one_line_messages_not_tracebacks(ray_cluster, tmp_path, capsys):
-    assert main(["embed", "--images", str(tmp_path / "missing"), "--model", "m", "--out", str(tmp_path / "o")]) == 2
+    assert main(["embed", "--gallery", str(tmp_path / "missing"), "--model", "m", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "raybackfill embed: error:" in err and "Traceback" not in err
 
@@ -44,7 +44,7 @@ def test_train_then_embed_from_the_command_line(ray_cluster, tmp_path, capsys):
     train = ["train", "backbone", "--images", images, "--out", model, "--workers", "0", "--epochs", "1"]
     assert main([*train, "--storage", str(tmp_path / "runs"), "--embedding-dim", "16", "--no-augment"]) == 0
     assert "wrote small_cnn model 'm-v1'" in capsys.readouterr().out
-    assert main(["embed", "--images", images, "--model", model, "--out", out]) == 0
+    assert main(["embed", "--gallery", images, "--model", model, "--out", out]) == 0
     table = io.read_table(out)
     assert table.num_rows == 12 and table.schema.field("embedding").type.list_size == 16
     assert set(table.column("model").to_pylist()) == {"m-v1"}

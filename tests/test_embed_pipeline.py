@@ -51,7 +51,7 @@ class _RecordingDataset:
 
 def _requested_gpus(pool: PoolConfig) -> float:
     ds = _RecordingDataset()
-    pipeline.map_embed(ds, {EMBEDDING: "unused"}, pool)
+    pipeline.map_embed(ds, pipeline.EncoderInputs({EMBEDDING: "unused"}, "image", {}, {}), pool)
     return ds.kwargs["num_gpus"]
 
 
@@ -84,24 +84,24 @@ def test_pool_sizes_ray_cannot_run_are_refused_with_the_field_named(kwargs, mess
 
 
 def test_embed_with_zero_actors_fails_with_a_message_before_ray_starts(monkeypatch, capsys):
-    monkeypatch.setattr(cli_train, "init_ray", lambda address: pytest.fail("Ray was started"))
-    assert main(["embed", "--images", "i", "--model", "m", "--out", "o", "--actors", "0"]) == 2
+    monkeypatch.setattr(cli_train, "init_ray", lambda address, py_modules=None: pytest.fail("Ray was started"))
+    assert main(["embed", "--gallery", "i", "--model", "m", "--out", "o", "--actors", "0"]) == 2
     assert "raybackfill embed: error: actors must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_gpus_per_actor_on_the_embed_command_reaches_the_actor_pool(monkeypatch):
     pools = []
-    monkeypatch.setattr(cli_train, "init_ray", lambda address: None)
-    monkeypatch.setattr(pipeline, "embed_images", lambda images, models, out, pool: pools.append(pool)
+    monkeypatch.setattr(cli_train, "init_ray", lambda address, py_modules=None: None)
+    monkeypatch.setattr(pipeline, "embed_gallery", lambda gallery, models, out, pool, trust: pools.append(pool)
                         or EmbedResult(out, 1, 0, 1))  # fmt: skip
-    assert main(["embed", "--images", "i", "--model", "m", "--out", "o", "--gpus-per-actor", "1"]) == 0
-    assert main(["embed", "--images", "i", "--model", "m", "--out", "o"]) == 0
+    assert main(["embed", "--gallery", "i", "--model", "m", "--out", "o", "--gpus-per-actor", "1"]) == 0
+    assert main(["embed", "--gallery", "i", "--model", "m", "--out", "o"]) == 0
     assert [p.gpus_per_actor for p in pools] == [1.0, None]
 
 
 def test_gpus_per_actor_on_the_backfill_command_reaches_the_actor_pool(monkeypatch):
     configs = []
-    monkeypatch.setattr("raybackfill.runtime.init_ray", lambda address: None)
+    monkeypatch.setattr("raybackfill.runtime.init_ray", lambda address, py_modules=None: None)
     monkeypatch.setattr(backfill_run, "run_backfill", configs.append)
     monkeypatch.setattr(backfill_run, "summary_table", lambda summary: "")
     parser = argparse.ArgumentParser()
@@ -159,7 +159,7 @@ def _embed_job(inputs: dict, out: str, address: str) -> subprocess.Popen:
 
 def _embed_args(inputs: dict, out: str, model: str | None = None) -> list[str]:
     model = model or inputs["model"]
-    return ["--images", inputs["images"], "--model", model, "--out", out, "--batch-size", "2", "--rows-per-shard", "4"]
+    return ["--gallery", inputs["images"], "--model", model, "--out", out, "--batch-size", "2", "--rows-per-shard", "4"]
 
 
 @pytest.mark.slow

@@ -67,7 +67,7 @@ def test_serve_query_status_and_lifecycle(index_name, tmp_path, capsys):
         run("query", "--vector", str(tmp_path / "q.npy"), "--strategy", "rank_merge", "--name", index_name)
     with pytest.raises(ValueError, match="item 150 has no new-space vector yet"):
         run("query", "--id", "150", "--strategy", "compatible", "--name", index_name)
-    with pytest.raises(ValueError, match="image queries need --model DIR"):
+    with pytest.raises(ValueError, match="image and text queries need --model DIR"):
         run("query", "--image", str(tmp_path / "q.npy"), "--name", index_name)
 
     run("status", "--name", index_name)
@@ -116,7 +116,7 @@ def test_snapshot_of_an_index_without_a_snapshot_uri_is_a_clear_error(index_name
 def test_image_queries_embed_with_the_model_of_the_matching_space(index_name, tmp_path, capsys):
     import torch
 
-    from raybackfill.data.images import normalise
+    from raybackfill.data.preprocessing import ImagePreprocessing
     from raybackfill.models.artifacts import ModelSpec, save_model
     from raybackfill.models.backbones import small_cnn
 
@@ -129,7 +129,7 @@ def test_image_queries_embed_with_the_model_of_the_matching_space(index_name, tm
     pixels = rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
     (tmp_path / "query.png").write_bytes(encode_png(pixels))
     with torch.inference_mode():
-        query = module.embed(torch.from_numpy(normalise(pixels[None]))).numpy()
+        query = module.embed(torch.from_numpy(ImagePreprocessing(crop=16).normalise(pixels[None]))).numpy()
     gallery = np.concatenate([query + 0.01, rng.standard_normal((20, 8)).astype(np.float32)])
     write_table(embedding_table(np.arange(21), gallery, model="v1"), str(tmp_path / "old"))
     run("serve", "--old-embeddings", str(tmp_path / "old"), "--metric", "l2", "--name", index_name)

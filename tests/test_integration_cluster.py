@@ -155,7 +155,7 @@ def test_jobs_submitted_to_a_loopback_head_serve_an_index_that_another_process_q
              "--architecture", "small_cnn", "--embedding-dim", "16", "--workers", "0", "--epochs", "1",
              "--batch-size", "10", "--no-gpu", "--storage", str(tmp_path / "runs"),
              "--validation-fraction", "0"],  # job plumbing: 20 images cannot tell whether a model learned
-            ["python", "jobs/embed.py", "--images", str(images), "--model", str(model), "--out", str(embeddings),
+            ["python", "jobs/embed.py", "--gallery", str(images), "--model", str(model), "--out", str(embeddings),
              "--actors", "1", "--cpus-per-actor", "0.5", "--batch-size", "10"],
             ["python", "jobs/serve.py", "--old-embeddings", str(embeddings), "--shards", "2", "--name", INDEX],
         ]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from raybackfill.compat.losses import nt_xent_loss
-from raybackfill.data.images import MEAN, STD
+from raybackfill.data.preprocessing import MEAN, STD
 from raybackfill.models.side_info import AugmentConfig, SideInfoModel, augment
 
 NO_JITTER = {"brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "grayscale_p": 0.0}

@@ -11,7 +11,7 @@ import torch
 from real_data import export_digits
 
 from raybackfill.data import io
-from raybackfill.data.images import decode_batch
+from raybackfill.data.preprocessing import ImagePreprocessing
 from raybackfill.data.importers import import_image_folder
 from raybackfill.data.schema import ID, IMAGE, LABEL
 from raybackfill.data.synth import synthesize
@@ -48,7 +48,7 @@ def sorted_tables(tmp_path_factory) -> tuple[str, str]:
 def _accuracy(model_uri: str, table_uri: str) -> float:
     """Top-1 of the model's own classifier on a table, computed here from its images (not by raybackfill)."""
     table = io.read_table(table_uri, columns=[IMAGE, LABEL])
-    pixels = decode_batch(table.column(IMAGE).to_pylist(), SIZE).pixels
+    pixels = ImagePreprocessing(crop=SIZE).prepare(table.column(IMAGE).to_pylist()).values
     with torch.inference_mode():
         _, logits = load_model(model_uri).module(torch.from_numpy(pixels))
     return float((logits.argmax(1).numpy() == table.column(LABEL).to_numpy()).mean())

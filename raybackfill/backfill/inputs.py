@@ -9,14 +9,12 @@ image, a NaN vector) are not checked here: the job quarantines those rows and fi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 
 from raybackfill.data import io
-from raybackfill.data.loading import image_shards
+from raybackfill.data.loading import gallery_shards
 from raybackfill.data.schema import (
     EMBEDDING,
     ID,
@@ -25,6 +23,7 @@ from raybackfill.data.schema import (
     check_unique_ids,
     embedding_dim,
 )
+from raybackfill.encoders import EntrypointTrust, load_encoder
 from raybackfill.models.artifacts import load_model
 
 
@@ -54,14 +53,19 @@ def _ids(uri: str) -> np.ndarray:
         raise io.StorageError(f"{uri}: cannot read the id column ({err})") from err
 
 
-def check_inputs(gallery: str, old_embeddings: str, models: Sequence[str], transformation: str | None = None) -> None:
-    """Raise (naming the file) if the gallery, the old embeddings or a model cannot be used at all."""
-    image_shards(gallery)  # every shard's footer has the image table's columns and types
+def check_inputs(gallery: str, old_embeddings: str, upgrade: str, transformation: str | None = None, *,
+                 old_model: str | None = None, trust: EntrypointTrust | None = None) -> None:
+    """Raise (naming the file) if the gallery, the old embeddings or a model cannot be used at all.
+
+    ``upgrade`` is the new encoder (any kind; an untrusted entrypoint is refused before it is imported);
+    ``old_model`` the old backbone whose classifier some policies read (a model raybackfill trained)."""
+    gallery_shards(gallery)  # every shard's footer has the gallery's columns and types
     dim = old_embedding_dim(old_embeddings)
     for table in (gallery, old_embeddings):
         check_unique_ids(_ids(table), table)
-    for uri in models:
-        load_model(uri)  # model.json and weights: a truncated file fails here, not in a worker
+    load_encoder(upgrade, trust=trust)  # model.json and its file: a truncated file fails here, not in a worker
+    if old_model:
+        load_model(old_model)
     if transformation:
         loaded = load_model(transformation)
         wants = loaded.spec.dims.get("old")

@@ -29,7 +29,7 @@ import pyarrow.dataset as pads
 
 from raybackfill.backfill.policies import POLICIES, priority_order, priority_scores
 from raybackfill.data import io
-from raybackfill.data.loading import read_images, read_shards, write_quarantine
+from raybackfill.data.loading import read_gallery, read_shards, write_quarantine
 from raybackfill.data.schema import EMBEDDING, ID, SIDE_INFO, check_unique_ids, vectors_of
 
 PLAN_JSON = "plan.json"
@@ -207,7 +207,7 @@ def _write_tiers(config: PlanConfig, ids: np.ndarray, rank: np.ndarray, attempt:
     """One streaming pass over the gallery: each block writes its rows into the files of their tiers."""
     order = np.argsort(ids)
     tier_size = max(1, -(-len(ids) // config.tiers))
-    ds = read_images(config.gallery).map_batches(
+    ds = read_gallery(config.gallery).map_batches(
         _split_block,
         fn_kwargs={
             "sorted_ids": ids[order],

@@ -35,13 +35,14 @@ from tqdm import tqdm
 from raybackfill.backfill.inputs import check_inputs
 from raybackfill.backfill.ledger import BACKFILL_STAGES, INSTANT_STAGES, Ledger
 from raybackfill.backfill.plan import RANK, Plan, PlanConfig, Tier, ensure_plan, read_plan
-from raybackfill.backfill.rows import TIER, decode_kept
+from raybackfill.backfill.rows import TIER, prepare_kept
 from raybackfill.backfill.sink import BatchSink, PhaseStats
 from raybackfill.compat.recipes import get_recipe
 from raybackfill.data import io
-from raybackfill.data.loading import keep_only, probe_image_size, read_shards
-from raybackfill.data.schema import EMBEDDING, ID, IMAGE, SIDE_INFO
-from raybackfill.embed.pipeline import PoolConfig, map_embed, map_transform
+from raybackfill.data.loading import keep_only, read_shards
+from raybackfill.data.schema import EMBEDDING, ID, SIDE_INFO
+from raybackfill.embed.pipeline import EncoderInputs, PoolConfig, map_embed, map_transform, plan_inputs
+from raybackfill.encoders import EntrypointTrust
 from raybackfill.index.router import connect, get
 from raybackfill.models.artifacts import read_spec
 
@@ -52,7 +53,7 @@ class BackfillConfig:
 
     gallery: str
     old_embeddings: str
-    upgrade: str  # the new backbone artefact
+    upgrade: str  # the new encoder artefact (any kind: raybackfill, TorchScript, torchvision, entrypoint...)
     out: str
     method: str = "fastfill"
     transformation: str | None = None  # forward transformation artefact (FCT / FastFill)
@@ -67,6 +68,7 @@ class BackfillConfig:
     pool: PoolConfig = field(default_factory=PoolConfig)
     transform_batch_size: int = 8192
     progress: bool = True
+    trust: EntrypointTrust = field(default_factory=EntrypointTrust)  # entrypoints the user trusts
 
     def __post_init__(self) -> None:
         recipe = get_recipe(self.method)
@@ -111,8 +113,8 @@ class BackfillSummary:
 
 def run_backfill(config: BackfillConfig) -> BackfillSummary:
     """Run (or continue) a backfill; Ray must be initialised. Returns what this run did and the totals."""
-    models = [uri for uri in (config.upgrade, config.old_model) if uri]
-    check_inputs(config.gallery, config.old_embeddings, models, config.transformation)  # before any write
+    check_inputs(config.gallery, config.old_embeddings, config.upgrade, config.transformation,  # before any write
+                 old_model=config.old_model, trust=config.trust)
     ledger = Ledger(config.out)
     router = connect(config.index) if config.index else None
     version = read_spec(config.upgrade).version
@@ -225,7 +227,8 @@ def _backfill_phase(config: BackfillConfig, plan: Plan, ledger: Ledger, router, 
     if not todo:
         return stats
     ids, tiers = np.concatenate(todo), np.concatenate(tier_of)
-    ds = backfill_stream(files, ids, tiers, probe_image_size(config.gallery), config.upgrade, config.pool)
+    inputs = plan_inputs({EMBEDDING: config.upgrade}, config.gallery, config.trust)
+    ds = backfill_stream(files, ids, tiers, inputs, config.pool)
     with _bar(config, "backfill (re-embed)", len(ids)) as bar:
         sink = BatchSink(ledger, router, state="new", version=version, stats=stats,
                          max_bad_fraction=config.max_bad_fraction, bar=bar)
@@ -235,15 +238,16 @@ def _backfill_phase(config: BackfillConfig, plan: Plan, ledger: Ledger, router, 
     return stats
 
 
-def backfill_stream(files: list[str], ids: np.ndarray, tiers: np.ndarray, size: int, upgrade: str,
+def backfill_stream(files: list[str], ids: np.ndarray, tiers: np.ndarray, inputs: EncoderInputs,
                     pool: PoolConfig) -> ray.data.Dataset:
     """One dataset over ``files`` (listed in tier order) that keeps ``ids`` (``tiers``: the tier of each),
-    decodes and embeds them with one actor pool, and yields its batches in the order of ``files``."""
+    prepares and embeds them with one actor pool, and yields its batches in the order of ``files``."""
     by_id = np.argsort(ids, kind="stable")
-    ds = read_shards(files, columns=[ID, IMAGE], rows_per_block=pool.batch_size)  # one task per batch
-    ds = ds.map_batches(decode_kept, fn_kwargs={"keep": ids[by_id], "tiers": tiers[by_id], "size": size},
+    ds = read_shards(files, columns=[ID, inputs.content], rows_per_block=pool.batch_size)  # one task per batch
+    ds = ds.map_batches(prepare_kept, fn_kwargs={"keep": ids[by_id], "tiers": tiers[by_id], "content": inputs.content,
+                                                 "preprocessing": inputs.preprocessing},
                         batch_format="numpy", batch_size=pool.batch_size, num_cpus=0.5)
-    ds = map_embed(ds, {EMBEDDING: upgrade}, pool)
+    ds = map_embed(ds, inputs, pool)
     # ds.context is this dataset's own copy of the DataContext: the setting does not leak into other datasets.
     ds.context.execution_options.preserve_order = True
     return ds

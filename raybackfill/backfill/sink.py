@@ -25,11 +25,10 @@ from tqdm import tqdm
 
 from raybackfill.backfill.ledger import Ledger
 from raybackfill.data.loading import write_quarantine
-from raybackfill.data.schema import EMBEDDING, ID, UNCERTAINTY, embedding_table
+from raybackfill.data.schema import BAD_REASON, EMBEDDING, ID, UNCERTAINTY, embedding_table
 from raybackfill.index.router import IndexUnavailableError, get
 
 # Column set by the decode step: "" for a good row, the reason for a row that could not be decoded.
-BAD_REASON = "bad_reason"
 FINITE = "finite"  # set by the embedding actors (raybackfill.embed.actors)
 # How long a batch waits for a restarting shard before the job gives up (the ledger keeps the batch).
 RECOVERY_TIMEOUT_S = 120.0

@@ -6,6 +6,7 @@ import argparse
 import os
 
 from raybackfill.backfill.policies import POLICIES
+from raybackfill.cli.encoder import add_trust_arguments, trust_from
 from raybackfill.compat.recipes import RECIPES
 from raybackfill.index.router import DEFAULT_NAME
 
@@ -22,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The backfill's arguments, shared by this command and jobs/backfill.py."""
     parser.add_argument("--gallery", required=True, metavar="URI", help="gallery image table (path or s3://)")
     parser.add_argument("--old-embeddings", required=True, metavar="URI", help="stored old embeddings (+ side_info)")
-    parser.add_argument("--upgrade", required=True, metavar="MODEL_DIR", help="the new backbone artefact")
+    parser.add_argument("--upgrade", required=True, metavar="MODEL_DIR",
+                        help="the new encoder artefact (trained here, or registered with `raybackfill encoder`)")
     parser.add_argument("--transformation", metavar="MODEL_DIR", help="forward transformation (FCT / FastFill)")
     parser.add_argument("--old-model", metavar="MODEL_DIR", help="old backbone (its classifier: entropy policies)")
     parser.add_argument("--method", required=True, choices=list(RECIPES), help="the compatible-upgrade method")
@@ -48,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else the cluster on this machine)")
+    add_trust_arguments(parser)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -69,10 +72,11 @@ def run(args: argparse.Namespace) -> int:
         max_bad_fraction=args.max_bad_fraction, index=None if args.no_index else args.index,
         pool=PoolConfig(actors=args.actors, cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
                         batch_size=args.batch_size),
-        progress=not args.no_progress,
+        progress=not args.no_progress, trust=trust_from(args),
     )  # fmt: skip
     # A live index runs on an existing cluster: attach to it (RAY_ADDRESS or the one on this machine).
-    init_ray(args.address or os.environ.get("RAY_ADDRESS") or ("auto" if config.index else None))
+    init_ray(args.address or os.environ.get("RAY_ADDRESS") or ("auto" if config.index else None),
+             py_modules=args.py_module)
     summary = run_backfill(config)
     print(summary_table(summary))
     return 0

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from raybackfill.cli.encoder import add_trust_arguments, trust_from
 from raybackfill.data.io import read_table
 from raybackfill.data.schema import ID, MODEL, validate_embedding_table, vectors_of
 from raybackfill.index.merge import METRICS, OLD, SPACES, TopK
@@ -50,21 +51,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     query = subparsers.add_parser(
         "query",
-        help="top-k of the serving index for an item, a vector or an image",
+        help="top-k of the serving index for an item, a vector, an image or a text",
         description="Query with a stored item (--id: its old and/or new vector), with vectors (--vector, "
         ".npy of shape (d,) or (n, d); rank_merge takes two: --vector OLD.npy --vector NEW.npy), or with "
-        "an image embedded by model artefacts (--image with one --model per space the strategy needs).",
+        "an image or a text embedded by encoder artefacts (--image/--text with one --model per space the "
+        "strategy needs).",
     )
     source = query.add_mutually_exclusive_group(required=True)
     source.add_argument("--id", type=int, help="id of a gallery item to use as the query")
     source.add_argument("--vector", action="append", metavar="FILE.npy", help="query vector(s) (.npy)")
-    source.add_argument("--image", metavar="FILE", help="query image (PNG/JPEG)")
+    source.add_argument("--image", metavar="FILE", help="query image (any size and format PIL reads)")
+    source.add_argument("--text", help="query text")
     query.add_argument("--model", action="append", metavar="DIR",
-                       help="model artefact that embeds --image; its version picks the space (repeatable)")
+                       help="encoder artefact that embeds --image/--text; its version picks the space (repeatable)")
     query.add_argument("--k", type=int, default=10, help="results per query (default 10)")
     query.add_argument("--strategy", choices=STRATEGIES, default="rank_merge", help="default rank_merge")
     query.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _name(query)
+    add_trust_arguments(query)
     query.set_defaults(func=_query)
 
     status = subparsers.add_parser("status", help="backfill progress of the serving index",
@@ -151,7 +155,8 @@ def _query(args: argparse.Namespace) -> int:
     elif args.vector:
         q_old, q_new = _vector_queries(args.vector, args.strategy)
     else:
-        q_old, q_new = _image_queries(router, args.image, args.model, args.strategy)
+        content = Path(args.image).read_bytes() if args.image else args.text
+        q_old, q_new = _content_queries(router, content, args.model, args.strategy, trust_from(args))
     result = get(router.search.remote(q_old, q_new, args.k, args.strategy))
     print(json.dumps(_as_json(result)) if args.json else format_results(result))
     return 0
@@ -181,28 +186,29 @@ def _vector_queries(files: list[str], strategy: str) -> tuple[np.ndarray | None,
     return vectors[0], vectors[1]
 
 
-def _image_queries(router, image: str, models: list[str] | None, strategy: str):
-    """Embed the image with each --model; the model's version tag says which space its query is for."""
+def _content_queries(router, content: bytes | str, models: list[str] | None, strategy: str, trust):
+    """Embed an image (bytes) or a text with each --model, prepared as the encoder declares; the encoder's
+    version says which space its query is for."""
     if not models:
-        raise ValueError("image queries need --model DIR (the model artefact(s) that embed the image)")
-    import torch  # torch and the artefacts are only needed for image queries
-
-    from raybackfill.data.images import decode_rgb, normalise
-    from raybackfill.models.artifacts import load_model
+        raise ValueError("image and text queries need --model DIR (the encoder artefact(s) that embed them)")
+    from raybackfill.data.preprocessing import decode_image
+    from raybackfill.encoders import load_encoder
 
     spaces = get(router.health.remote())
     slots = {"old": None, "new": None}
-    pixels = torch.from_numpy(normalise(decode_rgb(Path(image).read_bytes())[None]))
     for uri in models:
-        model = load_model(uri)
-        slot = next((s for s in ("old", "new") if (spaces[f"{s}_space"] or {}).get("version") == model.spec.version),
+        encoder = load_encoder(uri, trust=trust)
+        if isinstance(content, bytes):
+            encoder.with_size(min(decode_image(content).size))  # a model that recorded no size: the image's own
+        slot = next((s for s in ("old", "new") if (spaces[f"{s}_space"] or {}).get("version") == encoder.version),
                     None)
         if slot is None:
-            raise ValueError(f"{uri}: model version {model.spec.version!r} is neither the old space's "
+            raise ValueError(f"{uri}: encoder version {encoder.version!r} is neither the old space's "
                              f"({spaces['old_space']}) nor the new space's ({spaces['new_space']})")
-        with torch.inference_mode():
-            vector = model.module.embed(pixels).float().numpy()
-        slots[slot] = vector
+        vectors, ok, reasons = encoder.embed_rows([content])
+        if not ok.all():
+            raise ValueError(f"{uri}: cannot prepare the query ({reasons[0]})")
+        slots[slot] = vectors
     needs = {"old": ("old",), "compatible": ("new",), "rank_merge": ("old", "new")}[strategy]
     missing = [s for s in needs if slots[s] is None]
     if missing:

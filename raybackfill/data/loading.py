@@ -1,5 +1,5 @@
-"""Ray Data access to image tables: lazy reads with column projection, and a decode step that
-quarantines bad rows (with their reason) instead of failing the whole job."""
+"""Ray Data access to gallery tables (images or texts): lazy reads with column projection, and a prepare step
+(an encoder's declared preprocessing) that quarantines bad rows with their reason instead of failing the job."""
 
 from __future__ import annotations
 
@@ -13,16 +13,25 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from raybackfill.data import io
-from raybackfill.data.images import decode_batch, decode_rgb
-from raybackfill.data.schema import ID, IMAGE, quarantine_table, validate_image_schema
+from raybackfill.data.preprocessing import ImagePreprocessing, Preprocessing, decode_image
+from raybackfill.data.schema import ID, IMAGE, gallery_column, quarantine_table, validate_gallery_schema
 
 
-def image_shards(uri: str, *, require_label: bool = False) -> list[str]:
-    """The table's shard URIs, each checked for the image schema (footers only, no data read)."""
+def gallery_shards(uri: str, *, require_label: bool = False, column: str | None = None) -> list[str]:
+    """The table's shard URIs, each checked for the gallery schema (footers only, no data read).
+
+    ``column`` is the content column (``image`` or ``text``); None takes the first shard's."""
     shards = io.table_shards(uri)
+    column = column or gallery_column(io.read_footer(shards[0]).schema.to_arrow_schema(), shards[0])
     for shard in shards:
-        validate_image_schema(io.read_footer(shard).schema.to_arrow_schema(), shard, require_label=require_label)
+        validate_gallery_schema(io.read_footer(shard).schema.to_arrow_schema(), shard, require_label, column)
     return shards
+
+
+def gallery_content(uri: str) -> str:
+    """``image`` or ``text``: what the gallery table at ``uri`` holds (first shard's footer)."""
+    first = io.table_shards(uri)[0]
+    return gallery_column(io.read_footer(first).schema.to_arrow_schema(), first)
 
 
 class ShardFiles(Datasource):
@@ -78,44 +87,70 @@ def read_shards(uris: list[str], *, columns: list[str] | None = None, rows_per_b
     return ds.repartition(target_num_rows_per_block=rows_per_block) if rows_per_block else ds
 
 
-def read_images(uri: str, *, columns: list[str] | None = None, require_label: bool = False,
-                rows_per_block: int | None = None, block_per_file: bool = True) -> ray.data.Dataset:
-    """A lazy Ray Dataset over an image table (local or s3://), projected to ``columns``."""
-    return read_shards(image_shards(uri, require_label=require_label), columns=columns, rows_per_block=rows_per_block,
-                       block_per_file=block_per_file)
+def read_gallery(uri: str, *, columns: list[str] | None = None, require_label: bool = False,
+                 rows_per_block: int | None = None, block_per_file: bool = True) -> ray.data.Dataset:
+    """A lazy Ray Dataset over a gallery table (images or texts, local or s3://), projected to ``columns``."""
+    return read_shards(gallery_shards(uri, require_label=require_label), columns=columns,
+                       rows_per_block=rows_per_block, block_per_file=block_per_file)
 
 
-def decode_images(
+def prepare_rows(
     ds: ray.data.Dataset,
+    preprocessing: dict[str, Preprocessing],
     *,
-    size: int,
     quarantine_uri: str | None = None,
     batch_size: int = 256,
     num_cpus: float = 1.0,
 ) -> ray.data.Dataset:
-    """Decode the ``image`` column to normalised ``pixels`` (N, 3, size, size) float32.
+    """Prepare the gallery content (``image`` or ``text``) for encoders: one output column per entry of
+    ``preprocessing`` (e.g. ``{"pixels": ImagePreprocessing(crop=32)}``), the content column dropped.
 
-    Rows whose bytes are corrupt or of the wrong size are dropped from the stream and written to the
-    quarantine table (id, reason, stage) when ``quarantine_uri`` is given.
+    Rows that no preprocessing can prepare (undecodable bytes, empty texts) are dropped from the stream and
+    written to the quarantine table (id, reason, stage "decode") when ``quarantine_uri`` is given.
     """
+    modalities = {p.modality for p in preprocessing.values()}
+    if len(modalities) != 1:
+        raise ValueError(f"one pass prepares one content column, got {sorted(m.value for m in modalities)}")
     return ds.map_batches(
-        _decode_numpy_batch,
-        fn_kwargs={"size": size, "quarantine_uri": quarantine_uri},
+        _prepare_numpy_batch,
+        fn_kwargs={"preprocessing": preprocessing, "quarantine_uri": quarantine_uri},
         batch_format="numpy",
         batch_size=batch_size,
         num_cpus=num_cpus,
     )
 
 
-def _decode_numpy_batch(batch: dict[str, np.ndarray], size: int, quarantine_uri: str | None) -> dict:
-    decoded = decode_batch(batch[IMAGE], size)
-    if not decoded.ok.all():
-        bad_ids = batch[ID][~decoded.ok]
-        if quarantine_uri is not None:
-            write_quarantine(quarantine_uri, bad_ids, decoded.reasons, stage="decode")
-    out = {name: values[decoded.ok] for name, values in batch.items() if name != IMAGE}
-    out["pixels"] = decoded.pixels
-    return out
+def _prepare_numpy_batch(batch: dict[str, np.ndarray], preprocessing: dict[str, Preprocessing],
+                         quarantine_uri: str | None) -> dict:
+    content = next(iter(preprocessing.values())).modality.column
+    prepared, reasons = prepare_values(batch[content], preprocessing)
+    ok = reasons == ""
+    if not ok.all() and quarantine_uri is not None:
+        write_quarantine(quarantine_uri, batch[ID][~ok], [str(r) for r in reasons[~ok]], stage="decode")
+    out = {name: values[ok] for name, values in batch.items() if name != content}
+    return out | {column: values[ok] for column, values in prepared.items()}
+
+
+def prepare_values(values: np.ndarray | list, preprocessing: dict[str, Preprocessing]
+                   ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Prepare ``values`` with each preprocessing: one full-length array per output column (rows that failed
+    hold zeros, or empty strings) and the reason of each row ("" when every preprocessing prepared it)."""
+    reasons = np.full(len(values), "", dtype=object)
+    out: dict[str, np.ndarray] = {}
+    for column, p in preprocessing.items():
+        prepared = p.prepare(values)
+        failed = np.flatnonzero(~prepared.ok)
+        first = failed[reasons[failed] == ""]  # keep the first preprocessing's reason for a row
+        reasons[first] = np.asarray(prepared.reasons, dtype=object)[np.isin(failed, first)]
+        if prepared.ok.all():
+            out[column] = prepared.values
+            continue
+        shape = (len(values), *prepared.values.shape[1:])
+        full = np.full(shape, "", dtype=object) if prepared.values.dtype == object else np.zeros(
+            shape, dtype=prepared.values.dtype)
+        full[prepared.ok] = prepared.values
+        out[column] = full
+    return out, reasons
 
 
 def write_quarantine(uri: str, ids: np.ndarray, reasons: list[str], *, stage: str) -> str:
@@ -151,11 +186,15 @@ def keep_only(ds: ray.data.Dataset, keep: np.ndarray) -> ray.data.Dataset:
 
 
 def probe_image_size(uri: str) -> int:
-    """The side of the (square) images of a table, read from its first row."""
+    """The shorter side of the first image of a table: the size a model that recorded none is given."""
     first = io.read_shard(io.list_shards(uri)[0], columns=[IMAGE]).column(IMAGE)
     if len(first) == 0:
         raise io.StorageError(f"{uri}: first shard is empty; cannot tell the image size")
-    height, width = decode_rgb(first[0].as_py()).shape[:2]
-    if height != width:
-        raise ValueError(f"{uri}: images must be square, the first is {width}x{height}")
-    return height
+    return min(decode_image(first[0].as_py()).size)
+
+
+def resolve_preprocessing(preprocessing: Preprocessing, gallery_uri: str) -> Preprocessing:
+    """``preprocessing`` with an image size left open filled in from the gallery's first image."""
+    if isinstance(preprocessing, ImagePreprocessing) and preprocessing.crop is None:
+        return preprocessing.resolved(probe_image_size(gallery_uri))
+    return preprocessing

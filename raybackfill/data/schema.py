@@ -12,13 +12,17 @@ import pyarrow.compute as pc
 
 ID = "id"
 IMAGE = "image"
+TEXT = "text"
 LABEL = "label"
 EMBEDDING = "embedding"
 SIDE_INFO = "side_info"
 UNCERTAINTY = "uncertainty"
 MODEL = "model"
+BAD_REASON = "bad_reason"  # carried through a stream: why a row could not be prepared ("" when it could)
 
 IMAGE_FIELDS = {ID: pa.int64(), IMAGE: pa.binary(), LABEL: pa.int32()}
+TEXT_FIELDS = {ID: pa.int64(), TEXT: pa.string(), LABEL: pa.int32()}
+GALLERY_COLUMNS = (IMAGE, TEXT)  # what a gallery row holds: encoded image bytes, or a text
 
 
 class SchemaError(ValueError):
@@ -43,14 +47,19 @@ def check_unique_ids(ids: pa.Array | pa.ChunkedArray | np.ndarray, source: str) 
         raise SchemaError(f"{source}: column 'id' has duplicate ids: {shown}{more}")
 
 
-def validate_image_schema(schema: pa.Schema, source: str, require_label: bool = False) -> None:
-    """Check column names and types only (cheap: reads no data)."""
+def validate_gallery_schema(schema: pa.Schema, source: str, require_label: bool = False, column: str = IMAGE) -> None:
+    """Check column names and types only (cheap: reads no data). ``column`` is the gallery's content column:
+    ``image`` (encoded bytes) or ``text`` (strings)."""
+    if column not in GALLERY_COLUMNS:
+        raise ValueError(f"gallery column must be one of {GALLERY_COLUMNS}, got {column!r}")
     id_type = _field_type(schema, ID, source)
     if not pa.types.is_integer(id_type):
         raise SchemaError(f"{source}: column 'id' must be int64, found {id_type}")
-    image_type = _field_type(schema, IMAGE, source)
-    if not (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type)):
-        raise SchemaError(f"{source}: column 'image' must be binary (encoded PNG/JPEG bytes), found {image_type}")
+    content_type = _field_type(schema, column, source)
+    if column == IMAGE and not (pa.types.is_binary(content_type) or pa.types.is_large_binary(content_type)):
+        raise SchemaError(f"{source}: column 'image' must be binary (encoded image bytes), found {content_type}")
+    if column == TEXT and not (pa.types.is_string(content_type) or pa.types.is_large_string(content_type)):
+        raise SchemaError(f"{source}: column 'text' must be string, found {content_type}")
     if LABEL in schema.names:
         label_type = schema.field(LABEL).type
         if not pa.types.is_integer(label_type):
@@ -59,9 +68,17 @@ def validate_image_schema(schema: pa.Schema, source: str, require_label: bool = 
         raise SchemaError(f"{source}: missing column 'label' (needed for training and evaluation)")
 
 
+def gallery_column(schema: pa.Schema, source: str) -> str:
+    """The content column a gallery table has: ``image`` or ``text`` (a table with both is an image table)."""
+    for column in GALLERY_COLUMNS:
+        if column in schema.names:
+            return column
+    raise SchemaError(f"{source}: no 'image' or 'text' column (columns: {', '.join(schema.names) or 'none'})")
+
+
 def validate_image_table(table: pa.Table, source: str, require_label: bool = False) -> pa.Table:
     """Validate an image table and return it with canonical types (id int64, label int32)."""
-    validate_image_schema(table.schema, source, require_label)
+    validate_gallery_schema(table.schema, source, require_label)
     check_unique_ids(table.column(ID).to_numpy(), source)
     if table.column(ID).null_count:
         raise SchemaError(f"{source}: column 'id' has nulls")
@@ -147,6 +164,15 @@ def embedding_table(
 
 def image_table(ids, images: list[bytes], labels=None, extra: dict | None = None) -> pa.Table:
     columns = {ID: pa.array(np.asarray(ids, dtype=np.int64)), IMAGE: pa.array(images, type=pa.binary())}
+    if labels is not None:
+        columns[LABEL] = pa.array(np.asarray(labels, dtype=np.int32))
+    for name, values in (extra or {}).items():
+        columns[name] = values if isinstance(values, pa.Array) else pa.array(values)
+    return pa.table(columns)
+
+
+def text_table(ids, texts: list[str], labels=None, extra: dict | None = None) -> pa.Table:
+    columns = {ID: pa.array(np.asarray(ids, dtype=np.int64)), TEXT: pa.array(texts, type=pa.string())}
     if labels is not None:
         columns[LABEL] = pa.array(np.asarray(labels, dtype=np.int32))
     for name, values in (extra or {}).items():

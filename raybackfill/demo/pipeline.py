@@ -42,7 +42,7 @@ from raybackfill.data.schema import (
 )
 from raybackfill.data.splits import OLD_TRAIN, split_table, write_splits
 from raybackfill.data.synth import write_synthetic
-from raybackfill.embed.pipeline import embed_images
+from raybackfill.embed.pipeline import embed_gallery
 from raybackfill.eval.metrics import EvalConfig, RetrievalResult, evaluate, prepare
 from raybackfill.eval.offline import (
     COLUMN_ORDER,
@@ -482,7 +482,7 @@ def _embed_all(images: str, layout: DemoLayout, models: dict[str, str]) -> str:
     vectors as ``embedding`` with their ``side_info``, the others under their own names."""
     columns = {EMBEDDING: models["old"], SIDE_INFO: models["side_info"]}
     columns |= {name: models[name] for name in BACKBONES if name != "old"}
-    return embed_images(images, columns, layout.path("embeddings", "all"), progress=False).uri
+    return embed_gallery(images, columns, layout.path("embeddings", "all"), progress=False).uri
 
 
 # ---- evaluation ------------------------------------------------------------------------------------------

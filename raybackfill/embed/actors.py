@@ -1,6 +1,6 @@
 """Callable classes for ``Dataset.map_batches(..., compute=ActorPoolStrategy(...))``.
 
-A model is loaded once per actor (not per batch), on the GPU when the actor was given one, with torch
+An encoder is loaded once per actor (not per batch), on the GPU when the actor was given one, with torch
 threads matched to the actor's CPUs (oversubscribed threads on a 2-core box cost more than they give).
 """
 
@@ -12,7 +12,8 @@ import ray
 import torch
 from torch import nn
 
-from raybackfill.data.schema import EMBEDDING, ID, SIDE_INFO, UNCERTAINTY, vectors_of
+from raybackfill.data.schema import BAD_REASON, EMBEDDING, ID, SIDE_INFO, UNCERTAINTY, vectors_of
+from raybackfill.encoders import EntrypointTrust, load_encoder
 from raybackfill.models.artifacts import load_model
 from raybackfill.models.transformations import apply_transformation
 
@@ -24,33 +25,39 @@ def actor_device() -> torch.device:
     return torch.device("cpu")
 
 
-class EmbedImages:
-    """``pixels`` (N, 3, H, W) -> one embedding column per model, in one pass over the images.
+class EmbedRows:
+    """Prepared inputs -> one embedding column per encoder, in one pass over the rows.
 
-    ``models`` maps an output column to a model artefact, e.g. ``{"embedding": old, "side_info": side}``
-    so the old embedding and its side-information are computed from one decode. A ``finite`` column
-    flags rows with NaN/inf outputs so the sink can quarantine them; other columns pass through.
+    ``models`` maps an output column to an encoder artefact, e.g. ``{"embedding": old, "side_info": side}``, and
+    ``inputs`` maps each output column to the prepared column it reads (raybackfill.data.loading.prepare_rows),
+    so the old embedding and its side-information come from one decode. Rows whose ``bad_reason`` (when the
+    stream carries one) is set get zero vectors without reaching the encoder. A ``finite`` column flags rows
+    with NaN/inf outputs so the sink can quarantine them; other columns pass through.
     """
 
-    def __init__(self, models: dict[str, str], num_threads: int = 1, chunk: int = 256) -> None:
+    def __init__(self, models: dict[str, str], inputs: dict[str, str], trust: EntrypointTrust | None = None,
+                 num_threads: int = 1, chunk: int = 256) -> None:
         torch.set_num_threads(max(int(num_threads), 1))
         self.device = actor_device()
-        self.models = {column: load_model(uri).module.to(self.device).eval() for column, uri in models.items()}
-        self.chunk = chunk
+        self.encoders = {column: load_encoder(uri, trust=trust, device=self.device, chunk=chunk)
+                         for column, uri in models.items()}
+        self.inputs = inputs
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"], dtype=np.float32))
-        out = {k: v for k, v in batch.items() if k != "pixels"}
-        finite = np.ones(len(pixels), dtype=bool)
-        with torch.inference_mode():
-            for column, model in self.models.items():
-                parts = [
-                    model.embed(pixels[start : start + self.chunk].to(self.device)).float().cpu()
-                    for start in range(0, len(pixels), self.chunk)
-                ]
-                vectors = torch.cat(parts).numpy() if parts else np.zeros((0, model.embedding_dim), np.float32)
-                finite &= np.isfinite(vectors).all(axis=1)
-                out[column] = vectors
+        prepared = set(self.inputs.values())
+        out = {k: v for k, v in batch.items() if k not in prepared}
+        rows = len(batch[ID])
+        good = np.asarray(batch[BAD_REASON] == "", dtype=bool) if BAD_REASON in batch else np.ones(rows, dtype=bool)
+        finite = np.ones(rows, dtype=bool)
+        for column, encoder in self.encoders.items():
+            values = batch[self.inputs[column]]
+            vectors = encoder.embed(values if good.all() else values[good])
+            if not good.all():
+                full = np.zeros((rows, vectors.shape[1]), dtype=np.float32)
+                full[good] = vectors
+                vectors = full
+            finite &= np.isfinite(vectors).all(axis=1)
+            out[column] = vectors
         out["finite"] = finite
         return out
 

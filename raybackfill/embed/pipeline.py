@@ -1,4 +1,4 @@
-"""Embedding jobs: image table -> embedding table, and old embeddings -> transformed embeddings.
+"""Embedding jobs: gallery table (images or texts) -> embedding table, and old embeddings -> transformed embeddings.
 
 Both stream with Ray Data through an actor pool that loads the model once per actor. The driver is the
 sink: it writes finished rows as shards and quarantines rows with non-finite outputs.
@@ -22,14 +22,16 @@ from tqdm import tqdm
 
 from raybackfill.data import io
 from raybackfill.data.loading import (
-    decode_images,
+    gallery_content,
     keep_only,
-    probe_image_size,
+    prepare_rows,
     quarantined_ids,
-    read_images,
+    read_gallery,
     read_shards,
+    resolve_preprocessing,
     write_quarantine,
 )
+from raybackfill.data.preprocessing import Preprocessing
 from raybackfill.data.schema import (
     EMBEDDING,
     ID,
@@ -40,8 +42,9 @@ from raybackfill.data.schema import (
     fixed_size_list,
     validate_embedding_table,
 )
-from raybackfill.embed.actors import EmbedImages, TransformEmbeddings
-from raybackfill.models.artifacts import read_spec
+from raybackfill.embed.actors import EmbedRows, TransformEmbeddings
+from raybackfill.encoders import EntrypointTrust, check_trusted, encoder_preprocessing
+from raybackfill.models.artifacts import MODEL_JSON, read_spec
 
 MANIFEST = "_manifest.json"
 QUARANTINE_STAGES = ("decode", "embed")  # the stages these jobs quarantine at
@@ -95,9 +98,44 @@ class Manifest:
     quarantined: int = 0
 
 
-def map_embed(ds: ray.data.Dataset, models: dict[str, str], pool: PoolConfig) -> ray.data.Dataset:
-    """Add the embedding stage: decoded ``pixels`` -> one column per model."""
-    return _actor_stage(ds, EmbedImages, {"models": models}, pool, "numpy")
+@dataclass(frozen=True)
+class EncoderInputs:
+    """How one Ray Data pass feeds its encoders: the gallery column they read, the prepared columns and the
+    preprocessing making each, and which prepared column each encoder embeds. Encoders that prepare rows the
+    same way share one prepared column (one decode for the old model and its side-information model)."""
+
+    models: dict[str, str]  # output column -> encoder artefact
+    content: str  # gallery column read: "image" or "text"
+    preprocessing: dict[str, Preprocessing]  # prepared column -> how it is made
+    inputs: dict[str, str]  # output column -> prepared column
+    trust: EntrypointTrust = EntrypointTrust()
+
+
+def plan_inputs(models: dict[str, str], gallery_uri: str, trust: EntrypointTrust | None = None) -> EncoderInputs:
+    """Read each encoder's model.json, refuse untrusted entrypoints and encoders of another modality than the
+    gallery, and fill sizes left open from the gallery: all in the driver, before any job starts."""
+    trust = trust or EntrypointTrust()
+    content = gallery_content(gallery_uri)
+    preprocessing: dict[str, Preprocessing] = {}
+    inputs: dict[str, str] = {}
+    for column, uri in models.items():
+        spec = read_spec(uri)
+        source = io.join(uri, MODEL_JSON)
+        check_trusted(spec, trust, source)
+        wanted = resolve_preprocessing(encoder_preprocessing(spec, source), gallery_uri)
+        if wanted.modality.column != content:
+            raise ValueError(f"{source}: a {wanted.modality.value} encoder cannot embed {gallery_uri}, whose rows "
+                             f"hold '{content}'")
+        name = next((k for k, p in preprocessing.items() if p == wanted), f"prepared_{len(preprocessing)}")
+        preprocessing[name] = wanted
+        inputs[column] = name
+    return EncoderInputs(dict(models), content, preprocessing, inputs, trust)
+
+
+def map_embed(ds: ray.data.Dataset, plan: EncoderInputs, pool: PoolConfig) -> ray.data.Dataset:
+    """Add the embedding stage: the prepared columns of ``plan`` -> one column per encoder."""
+    return _actor_stage(ds, EmbedRows, {"models": plan.models, "inputs": plan.inputs, "trust": plan.trust},
+                        pool, "numpy")
 
 
 def map_transform(ds: ray.data.Dataset, model_uri: str, pool: PoolConfig) -> ray.data.Dataset:
@@ -122,8 +160,8 @@ def _actor_stage(
     )
 
 
-def embed_images(
-    images_uri: str,
+def embed_gallery(
+    gallery_uri: str,
     models: dict[str, str],
     out_uri: str,
     *,
@@ -131,26 +169,44 @@ def embed_images(
     quarantine_uri: str | None = None,
     keep_columns: tuple[str, ...] = ("label",),
     progress: bool = True,
+    trust: EntrypointTrust | None = None,
 ) -> EmbedResult:
-    """Embed every image with each model in ``models`` (output column -> artefact URI); continue a table
-    that a killed run of the same models left partial."""
+    """Embed every row of a gallery (images or texts) with each encoder in ``models``; continue a table that a
+    killed run of the same encoders left partial.
+
+    Args:
+        gallery_uri: the gallery table (``id`` + ``image`` or ``text``), local or s3://.
+        models: output column -> encoder artefact; must include ``embedding`` (e.g. also ``side_info``).
+        out_uri: where the embedding table is written.
+        pool: the embedding actors' sizing.
+        quarantine_uri: where rows that cannot be prepared or embed to NaN go (default ``OUT/_quarantine``).
+        keep_columns: gallery columns copied to the output when present.
+        progress: show a progress bar.
+        trust: the entrypoints the user trusts (an untrusted one is refused before anything runs).
+
+    Returns:
+        The table's row and quarantine counts.
+
+    Examples:
+        >>> embed_gallery("gallery/", {"embedding": "models/v1"}, "emb/v1")  # doctest: +SKIP
+    """
     pool = pool or PoolConfig()
     if EMBEDDING not in models:
         raise ValueError(f"models must include the '{EMBEDDING}' column, got {sorted(models)}")
+    plan = plan_inputs(models, gallery_uri, trust)  # before the manifest: a refused encoder writes nothing
     manifest = _open_table(out_uri, {column: read_spec(uri).version for column, uri in models.items()})
     if manifest.complete:
         return EmbedResult(out_uri, manifest.rows, manifest.quarantined, 0, already_complete=True)
     quarantine_uri = quarantine_uri or io.join(out_uri, "_quarantine")
-    ds = read_images(images_uri, rows_per_block=pool.batch_size)  # one actor task per batch
-    columns = [c for c in (ID, "image", *keep_columns) if c in ds.schema().names]
-    ds = _skip_done(ds.select_columns(columns), images_uri, out_uri, quarantine_uri)
+    ds = read_gallery(gallery_uri, rows_per_block=pool.batch_size)  # one actor task per batch
+    columns = [c for c in (ID, plan.content, *keep_columns) if c in ds.schema().names]
+    ds = _skip_done(ds.select_columns(columns), gallery_uri, out_uri, quarantine_uri)
     if ds is not None:
-        # Decoded in batches of the pool's size too: at the default 256 a small-batch run reached the sink
+        # Prepared in batches of the pool's size too: at the default 256 a small-batch run reached the sink
         # as a few large blocks, so its shards (and the work a kill can lose) were far above rows_per_shard.
-        ds = decode_images(ds, size=probe_image_size(images_uri), quarantine_uri=quarantine_uri,
-                           batch_size=pool.batch_size)
-        ds = map_embed(ds, models, pool)
-    return _write_embeddings(ds, out_uri, manifest, quarantine_uri, pool, progress, f"embed {images_uri}")
+        ds = prepare_rows(ds, plan.preprocessing, quarantine_uri=quarantine_uri, batch_size=pool.batch_size)
+        ds = map_embed(ds, plan, pool)
+    return _write_embeddings(ds, out_uri, manifest, quarantine_uri, pool, progress, f"embed {gallery_uri}")
 
 
 def transform_embeddings(

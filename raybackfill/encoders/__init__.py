@@ -1,11 +1,18 @@
 """Encoders: every model that embeds gallery rows, whatever it came from, behind one interface.
 
-- :mod:`~raybackfill.encoders.preprocessing`: images of any size/mode and texts -> model inputs (no torch).
+- :mod:`~raybackfill.data.preprocessing`: images of any size/mode and texts -> model inputs (no torch).
 - :mod:`~raybackfill.encoders.encoder`: :func:`load_encoder` for every :class:`EncoderKind`, with entrypoint trust.
 - :mod:`~raybackfill.encoders.register`: make an artefact from a TorchScript file, a ``.pt2`` program, a
   torchvision architecture with its weights, or a user entrypoint.
 """
 
+from raybackfill.data.preprocessing import (
+    ImagePreprocessing,
+    Modality,
+    Prepared,
+    TextPreprocessing,
+    Tokenizer,
+)
 from raybackfill.encoders.encoder import (
     Encoder,
     EntrypointTrust,
@@ -13,13 +20,6 @@ from raybackfill.encoders.encoder import (
     check_trusted,
     encoder_preprocessing,
     load_encoder,
-)
-from raybackfill.encoders.preprocessing import (
-    ImagePreprocessing,
-    Modality,
-    Prepared,
-    TextPreprocessing,
-    Tokenizer,
 )
 from raybackfill.encoders.register import EncoderSource, register_encoder
 from raybackfill.models.artifacts import EncoderKind

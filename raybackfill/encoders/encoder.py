@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from raybackfill.data.io import join, read_bytes
-from raybackfill.encoders.preprocessing import (
+from raybackfill.data.preprocessing import (
     ImagePreprocessing,
     Modality,
     Prepared,

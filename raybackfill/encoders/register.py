@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from raybackfill.data.preprocessing import ImagePreprocessing, Modality, Preprocessing, probe_image
 from raybackfill.encoders.encoder import EntrypointTrust, check_trusted, load_encoder, torchvision_preprocessing
-from raybackfill.encoders.preprocessing import ImagePreprocessing, Modality, Preprocessing, probe_image
 from raybackfill.models.artifacts import (
     EXPORT_FILE,
     MODEL_JSON,

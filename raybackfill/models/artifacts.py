@@ -95,7 +95,7 @@ class ModelSpec:
     # and validation figures. Empty for models saved outside raybackfill's training.
     training: dict[str, Any] = field(default_factory=dict)
     kind: EncoderKind = EncoderKind.RAYBACKFILL
-    # What the encoder does to a row first (raybackfill.encoders.preprocessing, as a dict). Empty for an image
+    # What the encoder does to a row first (raybackfill.data.preprocessing, as a dict). Empty for an image
     # model raybackfill trained before sizes were recorded: the gallery's first image gives the size.
     preprocessing: dict[str, Any] = field(default_factory=dict)
     embedding_layer: str | None = None  # torchvision: the graph node giving the embedding (None: penultimate)

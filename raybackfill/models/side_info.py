@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raybackfill.data.images import MEAN, STD
+from raybackfill.data.preprocessing import MEAN, STD
 from raybackfill.models.backbones import SmallConvTrunk
 
 
@@ -66,7 +66,7 @@ def augment(
 ) -> torch.Tensor:
     """Random resized crop + horizontal flip + colour jitter + random grayscale, batched on any device.
 
-    ``images`` are (N, 3, H, W) normalised with ``raybackfill.data.images`` MEAN/STD; the result is too.
+    ``images`` are (N, 3, H, W) normalised with ``raybackfill.data.preprocessing`` MEAN/STD; the result is too.
     Each image gets its own random parameters, drawn from ``generator`` (on the CPU) for reproducibility.
     """
     config = config or AugmentConfig()

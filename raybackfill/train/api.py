@@ -19,10 +19,11 @@ import torch
 from raybackfill.compat.losses import synthesize_old_classifier
 from raybackfill.compat.recipes import get_recipe
 from raybackfill.data import io
-from raybackfill.data.loading import decode_images, keep_only, probe_image_size, read_images
+from raybackfill.data.loading import keep_only, prepare_rows, probe_image_size, read_gallery
+from raybackfill.data.preprocessing import ImagePreprocessing
 from raybackfill.data.schema import EMBEDDING, ID, IMAGE, LABEL, SIDE_INFO, validate_embedding_table, vectors_of
 from raybackfill.data.splits import holdout
-from raybackfill.embed.pipeline import embed_images
+from raybackfill.embed.pipeline import embed_gallery
 from raybackfill.models.artifacts import ModelSpec, load_model, save_model
 from raybackfill.models.registry import build_model
 from raybackfill.train import loops
@@ -30,17 +31,26 @@ from raybackfill.train.quality import majority_share
 from raybackfill.train.trainer import TRAIN, VALIDATION, Ingest, TrainConfig, fit
 
 
+def training_preprocessing(images_uri: str) -> ImagePreprocessing:
+    """How a model raybackfill trains prepares images: the shorter side of the table's first image is the size
+    (images of other sizes are resized and centre-cropped to it), with the fixed 0.5/0.25 normalisation. Recorded
+    in the model's model.json, so galleries of any size are later prepared the same way."""
+    return ImagePreprocessing(crop=probe_image_size(images_uri))
+
+
 def image_datasets(images_uri: str, train: TrainConfig) -> tuple[dict[str, ray.data.Dataset], np.ndarray]:
-    """Decoded training images, split into ``train`` and (when ``train.validation_fraction`` > 0)
-    ``validation`` rows: a stratified, seeded hold-out of the table (see :func:`raybackfill.data.splits.holdout`).
-    Returns the datasets and the labels of the validation rows (read from the table, not the datasets).
+    """Decoded training images (:func:`training_preprocessing`), split into ``train`` and (when
+    ``train.validation_fraction`` > 0) ``validation`` rows: a stratified, seeded hold-out of the table (see
+    :func:`raybackfill.data.splits.holdout`). Returns the datasets and the labels of the validation rows (read
+    from the table, not the datasets).
 
     A part small enough is decoded once and materialised in the object store, so epochs neither re-read nor
     re-decode it and each worker permutes it afresh every epoch; a larger one streams and is shuffled by Ray Data
     every epoch (see :func:`raybackfill.train.trainer.fit`). The decision uses the cluster's total object store,
     not what happens to be free. Rows keep their ids, which fix the order a seeded permutation starts from.
     """
-    size = probe_image_size(images_uri)
+    preprocessing = training_preprocessing(images_uri)
+    size = preprocessing.output_size
     labelled = io.read_table(images_uri, columns=[ID, LABEL])
     ids, labels = labelled.column(ID).to_numpy(), labelled.column(LABEL).to_numpy()
     held_out = holdout(
@@ -52,8 +62,8 @@ def image_datasets(images_uri: str, train: TrainConfig) -> tuple[dict[str, ray.d
     budget = 0.25 * ray.cluster_resources().get("object_store_memory", 0)
     datasets = {}
     for name, keep in parts.items():
-        ds = keep_only(read_images(images_uri, require_label=True).select_columns([ID, IMAGE, LABEL]), keep)
-        ds = decode_images(ds, size=size).select_columns([ID, "pixels", LABEL])
+        ds = keep_only(read_gallery(images_uri, require_label=True).select_columns([ID, IMAGE, LABEL]), keep)
+        ds = prepare_rows(ds, {"pixels": preprocessing}).select_columns([ID, "pixels", LABEL])
         ds.context.execution_options.preserve_order = True
         fits = len(keep) * 3 * size * size * 4 < budget
         if train.ingest is Ingest.MEMORY or (train.ingest is None and fits):
@@ -100,7 +110,11 @@ def _num_classes(images_uri: str) -> int:
     return int(pc.max(labels).as_py()) + 1
 
 
-def _save(state: dict, architecture: str, kwargs: dict, out_uri: str, **spec_fields) -> ModelSpec:
+def _save(state: dict, architecture: str, kwargs: dict, out_uri: str, *, images_uri: str | None = None,
+          **spec_fields) -> ModelSpec:
+    """Save a trained model; an image model records the preprocessing it was trained with."""
+    if images_uri is not None:
+        spec_fields["preprocessing"] = training_preprocessing(images_uri).to_dict()
     module = build_model(architecture, **kwargs)
     module.load_state_dict(state["model"])
     spec = ModelSpec(architecture=architecture, kwargs=kwargs, **spec_fields)
@@ -161,6 +175,7 @@ def train_backbone(
         version=version or _version_of(out_uri),
         method=method,
         training_data=images_uri,
+        images_uri=images_uri,
         parent=old_model,
         training=training_summary(state, validation_labels),
     )
@@ -170,7 +185,7 @@ def _bct_old_classifier(images_uri: str, old_model: str, num_classes: int) -> tu
     """BCT's frozen old classifier, with rows synthesized (class-mean old features) for new classes."""
     old = load_model(old_model).module
     with tempfile.TemporaryDirectory() as scratch:
-        embed_images(images_uri, {EMBEDDING: old_model}, scratch, progress=False)
+        embed_gallery(images_uri, {EMBEDDING: old_model}, scratch, progress=False)
         features, labels = old_features_by_id(io.read_table(scratch, columns=[ID, EMBEDDING, LABEL]))
     weight, bias = synthesize_old_classifier(old.classifier.weight, old.classifier.bias, features, labels, num_classes)
     return weight.numpy(), bias.numpy()
@@ -201,6 +216,7 @@ def train_side_info(
         out_uri,
         version=version or _version_of(out_uri),
         training_data=images_uri,
+        images_uri=images_uri,
         training=training_summary(state),
     )
 

@@ -36,6 +36,11 @@ __all__ = [
 ]
 
 
+# The normalisation of every model raybackfill trains (and its augmentations undo and redo it).
+MEAN = (0.5, 0.5, 0.5)
+STD = (0.25, 0.25, 0.25)
+
+
 class Modality(StrEnum):
     """What a gallery row holds, and so which column an encoder reads."""
 
@@ -90,8 +95,8 @@ class ImagePreprocessing:
 
     resize: int | None = None
     crop: int | None = None
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+    mean: tuple[float, float, float] = MEAN
+    std: tuple[float, float, float] = STD
     interpolation: Interpolation = Interpolation.BICUBIC
     modality: Modality = field(default=Modality.IMAGE, init=False)
 

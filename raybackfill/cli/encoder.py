@@ -1,0 +1,114 @@
+"""`raybackfill encoder register|show`: bring a model made elsewhere, and the trust options every embedding
+command shares.
+
+torch and torchvision are imported inside the commands, not at module import: `raybackfill --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+KINDS = ("torchscript", "torch_export", "torchvision", "entrypoint")
+
+
+def add_trust_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--trust-entrypoint`` / ``--trust-entrypoints``: the only ways an entrypoint in a model.json is run."""
+    parser.add_argument("--trust-entrypoint", action="append", default=[], metavar="PKG.MODULE:FACTORY",
+                        help="run this entrypoint when a model.json names it (repeatable); it runs on every node")
+    parser.add_argument("--trust-entrypoints", action="store_true",
+                        help="run every entrypoint the model.json files name (only for models you made)")
+    parser.add_argument("--py-module", action="append", default=[], metavar="DIR",
+                        help="ship this local package/module directory to every node (Ray runtime_env py_modules); "
+                        "not needed under `ray job submit --working-dir` when the code is in that directory")
+
+
+def trust_from(args: argparse.Namespace):
+    """The :class:`~raybackfill.encoders.EntrypointTrust` the trust arguments describe."""
+    from raybackfill.encoders import EntrypointTrust
+
+    return EntrypointTrust(tuple(args.trust_entrypoint), trust_all=args.trust_entrypoints)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("encoder", help="register a model made elsewhere (TorchScript, torch.export, "
+                                   "torchvision + weights, or your own factory) as an encoder artefact")
+    sub = parser.add_subparsers(dest="encoder_command", metavar="ACTION", required=True)
+    add = sub.add_parser(
+        "register",
+        help="write an encoder artefact (model.json + the model file), checked by embedding a probe batch",
+        description="Write an encoder artefact that embed, backfill, query and the index accept. The model is "
+        "loaded and run once on a probe batch, which measures its dimension and catches a bad file now.",
+    )
+    add.add_argument("--kind", required=True, choices=KINDS, help="where the model comes from")
+    add.add_argument("--version", required=True, help="the version tag tables and the index record")
+    add.add_argument("--out", required=True, help="artefact directory to create (never overwritten)")
+    add.add_argument("--file", help="TorchScript file, .pt2 program, or torchvision weights (.safetensors/.pt)")
+    add.add_argument("--architecture", default="", help="torchvision architecture (resnet50, vit_b_16, ...)")
+    add.add_argument("--layer", help="torchvision graph node giving the embedding (default: penultimate features)")
+    add.add_argument("--entrypoint", metavar="PKG.MODULE:FACTORY", help="factory(**kwargs) returning the encoder "
+                     "(kind entrypoint; naming it here trusts it for this registration)")
+    add.add_argument("--kwargs", default="{}", help="JSON keyword arguments of the torchvision builder or factory")
+    add.add_argument("--metric", choices=("cosine", "l2"), default="cosine", help="similarity (default cosine)")
+    image = add.add_argument_group("image preprocessing (torchvision: the architecture's own preset by default)")
+    image.add_argument("--resize", type=int, help="resize the shorter side to this (default: the crop)")
+    image.add_argument("--crop", type=int, help="centre crop size: the square the model takes")
+    image.add_argument("--mean", type=float, nargs=3, help="per-channel mean (default 0.5 0.5 0.5)")
+    image.add_argument("--std", type=float, nargs=3, help="per-channel std (default 0.25 0.25 0.25)")
+    image.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest"), help="default bicubic")
+    text = add.add_argument_group("text encoders")
+    text.add_argument("--text", action="store_true", help="the encoder embeds the gallery's 'text' column")
+    text.add_argument("--tokenizer", choices=("none", "bytes", "hashed_words"), default="none",
+                      help="none: the encoder gets the strings (default); bytes / hashed_words: int64 token ids")
+    text.add_argument("--max-length", type=int, default=64, help="tokens per text (default 64)")
+    text.add_argument("--vocab-size", type=int, default=32_768, help="hashed_words vocabulary (default 32768)")
+    add.set_defaults(func=_register)
+    show = sub.add_parser("show", help="print an artefact's model.json (reads nothing else, runs nothing)")
+    show.add_argument("uri", help="artefact directory (path or s3://)")
+    show.set_defaults(func=_show)
+
+
+def _preprocessing(args: argparse.Namespace):
+    from raybackfill.data.preprocessing import ImagePreprocessing, TextPreprocessing
+
+    if args.text:
+        return TextPreprocessing(tokenizer=args.tokenizer, max_length=args.max_length, vocab_size=args.vocab_size)
+    given = {"resize": args.resize, "crop": args.crop, "mean": args.mean, "std": args.std,
+             "interpolation": args.interpolation}
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None}
+    if not given and args.kind == "torchvision":
+        return None  # the architecture's own preset
+    if "crop" not in given:
+        raise ValueError("declare the image size the encoder takes: --crop N (and --resize, --mean, --std)")
+    return ImagePreprocessing(**given)
+
+
+def _register(args: argparse.Namespace) -> int:
+    from raybackfill.encoders import EncoderKind, EncoderSource, EntrypointTrust, register_encoder
+
+    try:
+        kwargs = json.loads(args.kwargs)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--kwargs is not valid JSON ({err})") from err
+    if not isinstance(kwargs, dict):
+        raise ValueError("--kwargs must be a JSON object")
+    source = EncoderSource(
+        kind=EncoderKind(args.kind), version=args.version, path=args.file, architecture=args.architecture,
+        entrypoint=args.entrypoint, kwargs=kwargs, preprocessing=_preprocessing(args), embedding_layer=args.layer,
+        metric=args.metric,
+    )  # fmt: skip
+    trust = EntrypointTrust((args.entrypoint,)) if args.entrypoint else EntrypointTrust()
+    spec = register_encoder(source, args.out, trust=trust)
+    print(f"registered {spec.kind.value} encoder {spec.version!r} at {args.out}: dim {spec.dims['embedding']}, "
+          f"{spec.modality} input, preprocessing {json.dumps(spec.preprocessing)}")
+    if spec.entrypoint:
+        print(f"jobs that use it need --trust-entrypoint {spec.entrypoint}, and its code on every node "
+              "(ray job submit --working-dir, or --py-module)")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from raybackfill.models.artifacts import read_spec
+
+    print(read_spec(args.uri).to_json())
+    return 0
