@@ -63,6 +63,10 @@ def ray_cluster(s3_server):
 
     from raybackfill import NAMESPACE
 
+    # Ray workers inherit the environment: the user encoders of tests/encoder_plugins.py import there too, as a
+    # job's working_dir would ship them (tests/test_integration_cluster.py covers that path).
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p)
     ray.init(
         num_cpus=2,
         object_store_memory=400 * 1024**2,

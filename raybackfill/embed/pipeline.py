@@ -124,8 +124,9 @@ def plan_inputs(models: dict[str, str], gallery_uri: str, trust: EntrypointTrust
         check_trusted(spec, trust, source)
         wanted = resolve_preprocessing(encoder_preprocessing(spec, source), gallery_uri)
         if wanted.modality.column != content:
-            raise ValueError(f"{source}: a {wanted.modality.value} encoder cannot embed {gallery_uri}, whose rows "
-                             f"hold '{content}'")
+            article = "an" if wanted.modality.value[0] in "aeiou" else "a"
+            raise ValueError(f"{source}: {article} {wanted.modality.value} encoder cannot embed {gallery_uri}, "
+                             f"whose rows hold '{content}'")
         name = next((k for k, p in preprocessing.items() if p == wanted), f"prepared_{len(preprocessing)}")
         preprocessing[name] = wanted
         inputs[column] = name
