@@ -14,7 +14,7 @@ from raybackfill.backfill.run import backfill_stream, consume_in_tier_order, tie
 from raybackfill.data import io
 from raybackfill.data.schema import EMBEDDING, ID
 from raybackfill.data.synth import synthesize
-from raybackfill.embed.pipeline import PoolConfig
+from raybackfill.embed.pipeline import PoolConfig, plan_inputs
 from raybackfill.models.artifacts import ModelSpec, save_model
 from raybackfill.models.registry import build_model
 
@@ -77,7 +77,8 @@ def test_stream_yields_rows_in_file_order_with_their_tier_and_leaves_the_global_
     before = ray.data.DataContext.get_current().execution_options.preserve_order
 
     pool = PoolConfig(actors=2, cpus_per_actor=0.25, batch_size=4, gpus_per_actor=0.0)
-    ds = backfill_stream(files, ids, tiers, 8, model, pool)
+    inputs = plan_inputs({EMBEDDING: model}, str(tmp_path / "g"))
+    ds = backfill_stream(files, ids, tiers, inputs, pool)
     batches = list(ds.iter_batches(batch_format="numpy", batch_size=None))
 
     assert ray.data.DataContext.get_current().execution_options.preserve_order == before

@@ -1,26 +1,36 @@
 from __future__ import annotations
 
+import csv
 import gzip
+import json
 import os
 import pickle
 import struct
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from real_data import write_mixed_image_folder
 
 from raybackfill.data.images import decode_rgb, encode_png
 from raybackfill.data.importers import (
+    IMPORT_STAGE,
     DatasetImportError,
+    ImportResult,
     import_cifar,
     import_idx,
     import_image_folder,
+    import_text,
     load_cifar_pickle,
     read_idx,
 )
 from raybackfill.data.info import class_names
-from raybackfill.data.io import list_shards, read_table
-from raybackfill.data.schema import validate_image_table
+from raybackfill.data.io import ShardExistsError, list_shards, read_table
+from raybackfill.data.loading import quarantined_ids
+from raybackfill.data.preprocessing import decode_image
+from raybackfill.data.schema import TEXT, validate_gallery_schema, validate_image_table
 
 
 def _pixels(seed: int, h: int = 6, w: int = 6, channels: int = 3) -> np.ndarray:
@@ -45,7 +55,7 @@ def folder(tmp_path):
     return root
 
 
-def test_image_folder_labels_follow_sorted_class_names(folder, tmp_path):
+def test_image_folder_labels_follow_sorted_class_names(ray_cluster, folder, tmp_path):
     out = str(tmp_path / "out")
     result = import_image_folder(str(folder), out)
     table = validate_image_table(read_table(out), out, require_label=True)
@@ -56,7 +66,7 @@ def test_image_folder_labels_follow_sorted_class_names(folder, tmp_path):
     assert class_names(table.schema) == ["cats", "dogs"]
 
 
-def test_image_folder_keeps_png_bytes_unchanged(folder, tmp_path):
+def test_image_folder_keeps_png_bytes_unchanged(ray_cluster, folder, tmp_path):
     out = str(tmp_path / "out")
     import_image_folder(str(folder), out)
     table = read_table(out)
@@ -64,7 +74,7 @@ def test_image_folder_keeps_png_bytes_unchanged(folder, tmp_path):
         assert data == (folder / rel).read_bytes()
 
 
-def test_image_folder_resizes_and_converts_other_formats_to_png(folder, tmp_path):
+def test_image_folder_resizes_and_converts_other_formats_to_png(ray_cluster, folder, tmp_path):
     Image.fromarray(_pixels(5, h=10, w=20)).save(folder / "dogs" / "wide.bmp")
     out = str(tmp_path / "out")
     import_image_folder(str(folder), out, size=4)
@@ -75,7 +85,7 @@ def test_image_folder_resizes_and_converts_other_formats_to_png(folder, tmp_path
         assert decode_rgb(data).shape == (4, 4, 3)
 
 
-def test_image_folder_limit_and_shards(folder, tmp_path):
+def test_image_folder_limit_and_shards(ray_cluster, folder, tmp_path):
     out = str(tmp_path / "out")
     result = import_image_folder(str(folder), out, limit=3, rows_per_shard=2)
     assert result.rows == 3
@@ -83,10 +93,72 @@ def test_image_folder_limit_and_shards(folder, tmp_path):
     assert read_table(out).column("id").to_pylist() == [0, 1, 2]
 
 
-def test_image_folder_names_the_unreadable_file(folder, tmp_path):
+def test_image_folder_quarantines_the_unreadable_file_and_goes_on(ray_cluster, folder, tmp_path):
     (folder / "dogs" / "broken.png").write_bytes(b"\x89PNG not really")
-    with pytest.raises(DatasetImportError, match=r"dogs/broken\.png: not a readable image"):
-        import_image_folder(str(folder), str(tmp_path / "out"))
+    out = str(tmp_path / "out")
+    result = import_image_folder(str(folder), out)
+    assert (result.rows, result.quarantined) == (4, 1)
+    # Ids follow the sorted paths of every file, the quarantined one included: a re-import gives the same ids.
+    table = read_table(out)
+    assert table.column("path").to_pylist() == ["cats/img0.png", "cats/img1.png", "dogs/img0.png", "dogs/img1.png"]
+    assert table.column("id").to_pylist() == [0, 1, 3, 4]
+    quarantine = read_table(result.quarantine_uri).to_pylist()
+    assert len(quarantine) == 1 and quarantine[0]["id"] == 2 and quarantine[0]["stage"] == IMPORT_STAGE
+    assert quarantine[0]["reason"].startswith("dogs/broken.png: ")
+
+
+def test_image_folder_as_it_comes_keeps_every_good_file_unchanged(ray_cluster, tmp_path):
+    mixed = write_mixed_image_folder(tmp_path / "photos")
+    out = str(tmp_path / "out")
+    result = import_image_folder(str(mixed["root"]), out, rows_per_shard=4)
+    assert isinstance(result, ImportResult)
+    assert (result.rows, result.quarantined, len(result.shards)) == (len(mixed["good"]), 1, 3)
+    table = validate_image_table(read_table(out), out, require_label=True)
+    ids = [i for i in range(len(mixed["files"])) if i != mixed["corrupt_id"]]
+    assert table.column("id").to_pylist() == ids
+    assert table.column("path").to_pylist() == mixed["good"]
+    assert class_names(table.schema) == mixed["classes"]
+    labels = [mixed["classes"].index(rel.split("/")[0]) for rel in mixed["good"]]
+    assert table.column("label").to_pylist() == labels
+    for rel, data in zip(mixed["good"], table.column("image").to_pylist(), strict=True):
+        assert data == (mixed["root"] / rel).read_bytes(), rel  # no re-encoding, whatever the format or mode
+        assert decode_image(data).size == mixed["sizes"][rel], rel  # and the embed step reads it upright
+    quarantine = read_table(f"{out}/_quarantine").to_pylist()
+    assert [row["id"] for row in quarantine] == [mixed["corrupt_id"]]
+    assert quarantine[0]["reason"].startswith(f"{mixed['corrupt']}: ") and quarantine[0]["stage"] == "import"
+    assert quarantined_ids(f"{out}/_quarantine", (IMPORT_STAGE,)).tolist() == [mixed["corrupt_id"]]
+
+
+def test_image_folder_with_size_makes_upright_squares_of_every_mode(ray_cluster, tmp_path):
+    mixed = write_mixed_image_folder(tmp_path / "photos")
+    out = str(tmp_path / "out")
+    assert import_image_folder(str(mixed["root"]), out, size=12).quarantined == 1
+    table = read_table(out)
+    for rel, data in zip(table.column("path").to_pylist(), table.column("image").to_pylist(), strict=True):
+        assert data[:4] == b"\x89PNG" and decode_rgb(data).shape == (12, 12, 3), rel
+    # The EXIF-rotated photo (48x32 as stored, 32x48 upright): its gradient runs along the upright image's height.
+    rotated = decode_rgb(table.column("image")[table.column("path").to_pylist().index("plants/camera_rotated.jpg")]
+                         .as_py()).astype(int)  # fmt: skip
+    assert rotated[-1, :, 0].mean() > rotated[0, :, 0].mean() + 100
+
+
+def test_image_folder_where_nothing_decodes_is_an_error(ray_cluster, tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / "src" / name).mkdir(parents=True)
+        (tmp_path / "src" / name / "x.jpg").write_bytes(os.urandom(100))
+    out = tmp_path / "out"
+    with pytest.raises(DatasetImportError, match=r"src: none of the 2 image files decodes .*first: a/x\.jpg: "):
+        import_image_folder(str(tmp_path / "src"), str(out))
+    assert list_shards(str(out)) == []  # no table, only the quarantine with both reasons
+    assert sorted(read_table(str(out / "_quarantine")).column("id").to_pylist()) == [0, 1]
+
+
+def test_image_folder_refuses_a_table_with_shards_before_reading(folder, tmp_path):
+    out = str(tmp_path / "out")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "part-00000.parquet").write_bytes(b"")
+    with pytest.raises(ShardExistsError, match="already has shards"):
+        import_image_folder(str(folder), out)
 
 
 def test_image_folder_rejects_empty_class_and_missing_root(folder, tmp_path):
@@ -276,3 +348,146 @@ def test_importers_refuse_to_overwrite_an_existing_table(mnist, tmp_path):
     import_idx(str(root), out)
     with pytest.raises(FileExistsError):
         import_idx(str(root), out)
+
+
+# ------------------------------------------------------------------------------------------------ text
+
+# Real-world texts: unicode, commas, quotes, a newline inside a text, ids not in order, string labels, and two
+# rows without a usable text (one empty, one whitespace only).
+TEXT_ROWS = [
+    {"id": 10, "text": "A cat sat on the mat.", "label": "cat"},
+    {"id": 3, "text": 'Dogs say "woof", loudly', "label": "dog"},
+    {"id": 7, "text": "", "label": "dog"},
+    {"id": 42, "text": "Vögel — birds, 鳥\nsecond line", "label": "bird"},
+    {"id": 5, "text": "   ", "label": "cat"},
+    {"id": 8, "text": "  leading and trailing spaces kept  ", "label": "bird"},
+]
+GOOD = [0, 1, 3, 5]  # indexes of TEXT_ROWS with a usable text
+
+
+def _write_text(path, rows: list[dict], fmt: str) -> str:
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    elif fmt == "csv":
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    return str(path)
+
+
+@pytest.mark.parametrize("fmt, name", [("jsonl", "texts.jsonl"), ("csv", "texts.csv"), ("parquet", "texts.parquet")])
+def test_text_formats_give_the_same_table(tmp_path, fmt, name):
+    src = _write_text(tmp_path / name, TEXT_ROWS, fmt)
+    out = str(tmp_path / "out")
+    result = import_text(src, out, rows_per_shard=3)
+    assert (result.rows, result.quarantined, len(result.shards)) == (4, 2, 2)
+    table = read_table(out)
+    validate_gallery_schema(table.schema, out, require_label=True, column=TEXT)
+    assert table.schema.field("id").type == pa.int64() and table.schema.field("label").type == pa.int32()
+    assert table.column("id").to_pylist() == [TEXT_ROWS[i]["id"] for i in GOOD]  # file order, not sorted
+    assert table.column("text").to_pylist() == [TEXT_ROWS[i]["text"] for i in GOOD]  # unchanged
+    # String labels -> indexes of the sorted names, which travel with the table.
+    assert class_names(table.schema) == ["bird", "cat", "dog"]
+    assert table.column("label").to_pylist() == [1, 2, 0, 0]
+    quarantine = read_table(result.quarantine_uri).sort_by("id").to_pylist()
+    assert quarantine == [{"id": 5, "reason": "empty text", "stage": "import"},
+                          {"id": 7, "reason": "empty text", "stage": "import"}]  # fmt: skip
+
+
+def test_text_integer_labels_are_kept_and_missing_texts_quarantined(tmp_path):
+    src = tmp_path / "data.ndjson"
+    src.write_text('{"id": 1, "text": "one", "label": 4}\n\n{"id": 2, "label": "0"}\n'
+                   '{"id": 3, "text": null, "label": 2}\n{"id": 4, "text": 17, "label": 9}\n'
+                   '{"id": 5, "text": "five", "label": 2.0}\n')  # fmt: skip
+    out = str(tmp_path / "out")
+    result = import_text(str(src), out)
+    table = read_table(out)
+    assert table.column("id").to_pylist() == [1, 5] and table.column("label").to_pylist() == [4, 2]
+    assert class_names(table.schema) is None
+    reasons = dict(zip(*read_table(result.quarantine_uri).select(["id", "reason"]).to_pydict().values(), strict=True))
+    assert reasons == {2: "missing text", 3: "missing text", 4: "text is not a string (int)"}
+
+
+def test_text_without_labels_and_with_other_column_names(tmp_path):
+    rows = [{"doc": 7, "body": "seven", "extra": 1}, {"doc": 9, "body": "nine", "extra": 2}]
+    src = _write_text(tmp_path / "docs.txt", rows, "csv")
+    out = str(tmp_path / "out")
+    import_text(src, out, format="csv", id_column="doc", text_column="body")
+    table = read_table(out)
+    assert table.column_names == ["id", "text"]
+    assert table.to_pydict() == {"id": [7, 9], "text": ["seven", "nine"]}
+
+
+def test_text_malformed_jsonl_line_is_named_and_nothing_is_written(tmp_path):
+    src = tmp_path / "broken.jsonl"
+    src.write_text('{"id": 1, "text": "a"}\n{"id": 2, "text": "b"}\n{"id": 3, "text": "c"\n{"id": 4, "text": "d"}\n')
+    out = tmp_path / "out"
+    with pytest.raises(DatasetImportError, match=r"broken\.jsonl: line 3: not valid JSON"):
+        import_text(str(src), str(out))
+    assert not out.exists()
+    src.write_text('{"id": 1, "text": "a"}\n[1, 2]\n')
+    with pytest.raises(DatasetImportError, match=r"broken\.jsonl: line 2: expected a JSON object, found list"):
+        import_text(str(src), str(out))
+
+
+def test_text_missing_id_column_is_an_error_unless_ids_are_assigned(tmp_path):
+    rows = [{"text": "first"}, {"text": ""}, {"text": "third"}]
+    for fmt, name in (("csv", "t.csv"), ("parquet", "t.parquet")):
+        with pytest.raises(DatasetImportError, match=rf"{name}: no column 'id' \(columns: text\); pass assign_ids"):
+            import_text(_write_text(tmp_path / name, rows, fmt), str(tmp_path / f"out-{fmt}"))
+    src = _write_text(tmp_path / "t.jsonl", rows, "jsonl")
+    with pytest.raises(DatasetImportError, match=r"t\.jsonl: line 1: no 'id'; pass assign_ids"):
+        import_text(src, str(tmp_path / "out"))
+    result = import_text(src, str(tmp_path / "out"), assign_ids=True)
+    assert read_table(str(tmp_path / "out")).column("id").to_pylist() == [0, 2]  # the empty row keeps id 1
+    assert read_table(result.quarantine_uri).column("id").to_pylist() == [1]
+
+
+def test_text_duplicate_and_non_integer_ids_name_the_row(tmp_path):
+    rows = [{"id": 1, "text": "a"}, {"id": 2, "text": "b"}, {"id": 1, "text": "c"}]
+    with pytest.raises(DatasetImportError, match=r"dup\.csv: row 3: duplicate id 1 \(already at row 1\)"):
+        import_text(_write_text(tmp_path / "dup.csv", rows, "csv"), str(tmp_path / "o1"))
+    with pytest.raises(DatasetImportError, match=r"dup\.jsonl: line 3: duplicate id 1 \(already at line 1\)"):
+        import_text(_write_text(tmp_path / "dup.jsonl", rows, "jsonl"), str(tmp_path / "o2"))
+    rows[1]["id"] = "2b"
+    with pytest.raises(DatasetImportError, match=r"bad\.csv: row 2: 'id' must be an integer, found '2b'"):
+        import_text(_write_text(tmp_path / "bad.csv", rows, "csv"), str(tmp_path / "o3"))
+    rows[1]["id"] = 2.5
+    with pytest.raises(DatasetImportError, match=r"bad\.jsonl: line 2: 'id' must be an integer, found 2\.5"):
+        import_text(_write_text(tmp_path / "bad.jsonl", rows, "jsonl"), str(tmp_path / "o4"))
+
+
+def test_text_label_rules(tmp_path):
+    rows = [{"id": 1, "text": "a", "label": "x"}, {"id": 2, "text": "b", "label": ""}]
+    with pytest.raises(DatasetImportError, match=r"l\.csv: row 2: no 'label' \(other rows have one"):
+        import_text(_write_text(tmp_path / "l.csv", rows, "csv"), str(tmp_path / "o1"))
+    rows[1]["label"] = -1
+    with pytest.raises(DatasetImportError, match=r"l\.jsonl: line 2: 'label' -1 is not a class index"):
+        import_text(_write_text(tmp_path / "l.jsonl", rows, "jsonl"), str(tmp_path / "o2"))
+    # A label column nobody filled in is no label column.
+    src = tmp_path / "none.csv"
+    src.write_text("id,text,label\n1,a,\n2,b,\n")
+    import_text(str(src), str(tmp_path / "o3"))
+    assert read_table(str(tmp_path / "o3")).column_names == ["id", "text"]
+
+
+def test_text_limit_shards_and_errors(tmp_path):
+    src = _write_text(tmp_path / "t.parquet", TEXT_ROWS, "parquet")
+    out = str(tmp_path / "out")
+    result = import_text(src, out, limit=2, rows_per_shard=1)
+    assert (result.rows, len(list_shards(out))) == (2, 2)
+    assert class_names(read_table(out).schema) == ["cat", "dog"]  # the names of the rows imported
+    with pytest.raises(ShardExistsError):
+        import_text(src, out)
+    with pytest.raises(DatasetImportError, match=r"t\.txt: cannot tell the format"):
+        import_text(str(tmp_path / "t.txt"), str(tmp_path / "o1"))
+    with pytest.raises(DatasetImportError, match=r"missing\.csv: no such file"):
+        import_text(str(tmp_path / "missing.csv"), str(tmp_path / "o2"))
+    with pytest.raises(DatasetImportError, match=r"t\.parquet: no column 'body'"):
+        import_text(src, str(tmp_path / "o3"), text_column="body")
+    empty = _write_text(tmp_path / "e.jsonl", [{"id": 1, "text": " "}], "jsonl")
+    with pytest.raises(DatasetImportError, match=r"e\.jsonl: none of the 1 rows has a usable 'text'.*empty text"):
+        import_text(empty, str(tmp_path / "o4"))

@@ -182,6 +182,8 @@ def test_jobs_submitted_to_a_loopback_head_serve_an_index_that_another_process_q
         hits = json.loads(query.stdout)[0]
         assert len(hits) == 3 and hits[0]["id"] == ids[7] and {h["space"] for h in hits} == {"old"}
         assert {h["id"] for h in hits} <= set(ids)
+
+        _backfill_with_a_user_entrypoint(tmp_path, dashboard_port, env, client, images, embeddings)
     finally:
         others = _ray_daemons(ray_tmpdir, ours=False)
         _kill_group(pgid)
@@ -189,6 +191,63 @@ def test_jobs_submitted_to_a_loopback_head_serve_an_index_that_another_process_q
         shutil.rmtree(ray_tmpdir, ignore_errors=True)
     assert not _group_alive(pgid), "Ray processes of the test head survived the cleanup"
     assert others <= _ray_daemons(ray_tmpdir, ours=False), "the cleanup stopped Ray processes it did not start"
+
+
+USER_ENCODER = textwrap.dedent(
+    """
+    import numpy as np
+
+
+    class Projection:
+        def __init__(self, dim):
+            self.weights = np.random.default_rng(0).standard_normal((3 * 16 * 16, dim)).astype(np.float32)
+
+        def __call__(self, pixels):
+            return pixels.reshape(len(pixels), -1) @ self.weights
+
+
+    def make(dim=8):
+        return Projection(dim)
+    """
+)
+
+
+def _backfill_with_a_user_entrypoint(tmp_path: Path, dashboard_port: int, env: dict, client: dict, images: Path,
+                                     embeddings: Path) -> None:
+    """The team's own encoder, a factory in the directory they submit from, backfills the live index; the same
+    job without --trust-entrypoint is refused before anything runs."""
+    user_dir = tmp_path / "team"
+    user_dir.mkdir()
+    first = pq.read_table(images, columns=["image"]).column("image")[0].as_py()
+    (tmp_path / "query.png").write_bytes(first)
+    (user_dir / "team_encoder.py").write_text(USER_ENCODER)
+    encoder = tmp_path / "team-v2"
+    register = subprocess.run(
+        [sys.executable, "-m", "raybackfill.cli.main", "encoder", "register", "--kind", "entrypoint",
+         "--entrypoint", "team_encoder:make", "--kwargs", '{"dim": 8}', "--crop", "16", "--version", "team-v2",
+         "--out", str(encoder)],
+        env=client, cwd=user_dir, capture_output=True, text=True, timeout=120)  # python -m: the cwd is importable
+    assert register.returncode == 0, register.stderr[-3000:]
+    submit = [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard_port}", "--working-dir", str(user_dir),
+              "--", "python", str(REPO / "jobs" / "backfill.py"), "--gallery", str(images), "--old-embeddings",
+              str(embeddings), "--upgrade", str(encoder), "--method", "bct", "--policy", "random", "--tiers", "2",
+              "--index", INDEX, "--batch-size", "8", "--no-progress"]
+    refused = _submit([*submit, "--out", str(tmp_path / "refused")], env, timeout=180)
+    assert refused.returncode != 0 and "names the entrypoint 'team_encoder:make'" in refused.stdout + refused.stderr
+    assert not (tmp_path / "refused").exists()
+    done = _submit([*submit, "--out", str(tmp_path / "backfill"), "--trust-entrypoint", "team_encoder:make"],
+                   env, timeout=240)
+    assert done.returncode == 0, f"backfill failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    status = _run([sys.executable, "-m", "raybackfill.cli.main", "status", "--name", INDEX], client, timeout=90)
+    all_shards = next(line for line in status.stdout.splitlines() if line.startswith("all "))
+    assert all_shards.split() == ["all", "0", "0", "20", "20"], status.stdout  # every item re-embedded by team-v2
+    query = _run([sys.executable, "-m", "raybackfill.cli.main", "query", "--image", str(tmp_path / "query.png"),
+                  "--model", str(encoder), "--strategy", "compatible", "--k", "3", "--json", "--name", INDEX,
+                  "--trust-entrypoint", "team_encoder:make"], {**client, "PYTHONPATH": f"{user_dir}:{REPO}"},
+                 timeout=90)
+    assert query.returncode == 0, query.stderr[-3000:]
+    hits = json.loads(query.stdout)[0]
+    assert len(hits) == 3 and {h["space"] for h in hits} == {"new"}
 
 
 # Run in a child process: ray.cluster_utils.Cluster would otherwise collide with the session's Ray here.

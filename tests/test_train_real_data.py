@@ -11,8 +11,8 @@ import torch
 from real_data import export_digits
 
 from raybackfill.data import io
-from raybackfill.data.preprocessing import ImagePreprocessing
 from raybackfill.data.importers import import_image_folder
+from raybackfill.data.preprocessing import ImagePreprocessing
 from raybackfill.data.schema import ID, IMAGE, LABEL
 from raybackfill.data.synth import synthesize
 from raybackfill.models.artifacts import load_model
@@ -103,7 +103,7 @@ def test_a_streamed_run_is_deterministic_for_its_seed(ray_cluster, sorted_tables
 
 
 @pytest.fixture(scope="module")
-def digits_table(tmp_path_factory) -> str:
+def digits_table(tmp_path_factory, ray_cluster) -> str:
     """The real 8x8 digits exported as a class-per-folder tree and imported with the ImageFolder importer."""
     root = tmp_path_factory.mktemp("digits")
     tree = export_digits(root / "folder")

@@ -1,4 +1,4 @@
-"""`raybackfill data ...`: make, import, split and describe image tables."""
+"""`raybackfill data ...`: make, import, split and describe gallery tables (images or texts)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from raybackfill.data.importers import import_cifar, import_idx, import_image_folder
+from raybackfill.data.importers import ImportResult, import_cifar, import_idx, import_image_folder, import_text
 from raybackfill.data.info import table_info
 from raybackfill.data.io import WriteResult, read_table
 from raybackfill.data.schema import LABEL, validate_image_table
@@ -40,18 +40,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     imp = sub.add_parser(
         "import",
-        help="import a public dataset layout into an image table",
-        description="Import an ImageFolder tree, CIFAR-10/100 python pickles or MNIST-style IDX files.",
+        help="import a gallery (image folder, public dataset, texts) into a table",
+        description="Import an ImageFolder tree, CIFAR-10/100 python pickles or MNIST-style IDX files into an "
+        "image table, or a JSONL/CSV/Parquet file of texts into a text table. Rows that cannot be used (an "
+        "image that does not decode, an empty text) are left out and listed with their reason in "
+        "OUT/_quarantine.",
     )
     formats = imp.add_subparsers(dest="format", metavar="FORMAT", required=True)
     folder = formats.add_parser(
         "imagefolder",
         help="SRC/<class>/<image> (torchvision ImageFolder layout)",
         description="Labels are the sorted class directory names (kept in the table metadata); a "
-        "'path' column keeps each file's relative path.",
+        "'path' column keeps each file's relative path. Files are read and checked on Ray (SRC must be "
+        "readable by every worker); images of any format, size and mode keep their original bytes.",
     )
     folder.add_argument("src", metavar="SRC", help="root directory with one subdirectory per class")
     folder.add_argument("--size", type=int, help="resize (shorter side) and centre-crop every image to SIZE")
+    folder.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local cluster)")
     cifar = formats.add_parser(
         "cifar",
         help="CIFAR-10/100 python version",
@@ -67,9 +72,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     idx.add_argument("src", metavar="SRC", help="IDX images file or directory")
     for parser in (cifar, idx):
         parser.add_argument("--split", choices=("train", "test"), default="train", help="which split (default train)")
-    for parser in (folder, cifar, idx):
+    text = formats.add_parser(
+        "text",
+        help="texts from a JSONL, CSV or Parquet file",
+        description="One row per JSON object (JSONL), CSV row (after the header) or Parquet row. Ids come from "
+        "the id column (integers, unique) unless --assign-ids numbers the rows 0..N-1 in file order. Labels are "
+        "optional: integers are kept, class names become the indexes of the sorted names (kept in the table "
+        "metadata). Rows with a missing or empty text are quarantined.",
+    )
+    text.add_argument("src", metavar="SRC", help="a .jsonl/.ndjson, .csv or .parquet/.pq file")
+    text.add_argument("--format", dest="text_format", choices=("jsonl", "csv", "parquet"),
+                      help="the file's format (default: from its extension)")
+    text.add_argument("--id-column", default="id", metavar="NAME", help="column holding the ids (default id)")
+    text.add_argument("--text-column", default="text", metavar="NAME", help="column holding the texts (default text)")
+    text.add_argument("--label-column", default="label", metavar="NAME",
+                      help="column holding the labels, if the file has it (default label)")
+    text.add_argument("--assign-ids", action="store_true", help="number the rows 0..N-1 in file order")
+    for parser in (folder, cifar, idx, text):
         _out(parser)
-        parser.add_argument("--limit", type=int, help="import only the first N images")
+        parser.add_argument("--limit", type=int, help="import only the first N images or texts")
         parser.set_defaults(func=_import)
 
     split = sub.add_parser(
@@ -132,13 +153,30 @@ def _synth(args: argparse.Namespace) -> None:
 
 def _import(args: argparse.Namespace) -> None:
     common = {"limit": args.limit, "rows_per_shard": args.rows_per_shard, "progress": True}
+    result: ImportResult
     if args.format == "imagefolder":
+        from raybackfill.runtime import init_ray  # imports Ray: only this importer runs on it
+
+        init_ray(args.address)
         result = import_image_folder(args.src, args.out, size=args.size, **common)
     elif args.format == "cifar":
         result = import_cifar(args.src, args.out, split=args.split, **common)
-    else:
+    elif args.format == "idx":
         result = import_idx(args.src, args.out, split=args.split, **common)
+    else:
+        result = import_text(
+            args.src,
+            args.out,
+            format=args.text_format,
+            id_column=args.id_column,
+            text_column=args.text_column,
+            label_column=args.label_column,
+            assign_ids=args.assign_ids,
+            **common,
+        )
     print(f"{_wrote(result)} from {args.format} {args.src}")
+    if result.quarantined:
+        print(f"quarantined {result.quarantined} row(s) that could not be used; reasons in {result.quarantine_uri}")
 
 
 def _split(args: argparse.Namespace) -> None:

@@ -35,6 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--architecture", default="small_cnn", choices=("small_cnn", "resnet18", "resnet50"), help="backbone"
     )
     backbone.add_argument("--embedding-dim", type=int, default=128, help="embedding dimension (default 128)")
+    _image_size(backbone)
     backbone.add_argument("--num-classes", type=int, help="classifier size (default: max label + 1)")
     backbone.add_argument("--tau", type=float, default=0.01, help="RACT temperature (default 0.01)")
     backbone.add_argument("--k", type=int, default=10, help="RACT hardest negatives per kind (default 10)")
@@ -46,6 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     side = sub.add_parser("side-info", help="self-supervised side-information model (SimCLR)")
     side.add_argument("--images", required=True, help="the old model's training images")
     side.add_argument("--embedding-dim", type=int, default=32, help="side-info dimension (default 32)")
+    _image_size(side)
     side.set_defaults(func=_side_info)
 
     transformation = sub.add_parser("transformation", help="FCT / FastFill forward transformation old -> new")
@@ -93,6 +95,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     embed.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local cluster)")
     add_trust_arguments(embed)
     embed.set_defaults(func=_embed)
+
+
+def _image_size(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image-size", type=int, metavar="N",
+                        help="train on N x N images: each is resized (shorter side) and centre-cropped, and the model "
+                        "records it (default: the shorter side of the table's first image)")
 
 
 def _pair(parser: argparse.ArgumentParser) -> None:
@@ -166,6 +174,7 @@ def _backbone(args: argparse.Namespace) -> int:
             args.images, args.out, method=args.method, architecture=args.architecture,
             embedding_dim=args.embedding_dim, num_classes=args.num_classes, old_model=args.old_model,
             version=args.version, train=train, tau=args.tau, k=args.k, augment=args.augment,
+            image_size=args.image_size,
         )
     )  # fmt: skip
 
@@ -174,7 +183,8 @@ def _side_info(args: argparse.Namespace) -> int:
     from raybackfill.train.api import train_side_info
 
     train = _config(args)
-    spec = train_side_info(args.images, args.out, embedding_dim=args.embedding_dim, version=args.version, train=train)
+    spec = train_side_info(args.images, args.out, embedding_dim=args.embedding_dim, version=args.version, train=train,
+                           image_size=args.image_size)
     return _print(spec)
 
 

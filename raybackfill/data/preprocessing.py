@@ -266,7 +266,9 @@ def decode_image(data: bytes | None) -> Image.Image:
             img.load()
             upright = ImageOps.exif_transpose(img)
             return _to_rgb(upright)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except UnidentifiedImageError as err:  # its message names an in-memory buffer, which says nothing
+        raise ValueError("corrupt image bytes (not an image format PIL can read)") from err
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(f"corrupt image bytes ({type(err).__name__}: {err})") from err
 
 

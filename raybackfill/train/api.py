@@ -31,14 +31,15 @@ from raybackfill.train.quality import majority_share
 from raybackfill.train.trainer import TRAIN, VALIDATION, Ingest, TrainConfig, fit
 
 
-def training_preprocessing(images_uri: str) -> ImagePreprocessing:
-    """How a model raybackfill trains prepares images: the shorter side of the table's first image is the size
-    (images of other sizes are resized and centre-cropped to it), with the fixed 0.5/0.25 normalisation. Recorded
-    in the model's model.json, so galleries of any size are later prepared the same way."""
-    return ImagePreprocessing(crop=probe_image_size(images_uri))
+def training_preprocessing(images_uri: str, image_size: int | None = None) -> ImagePreprocessing:
+    """How a model raybackfill trains prepares images: ``image_size`` (default: the shorter side of the table's
+    first image) is the size every image is resized and centre-cropped to, with the fixed 0.5/0.25 normalisation.
+    Recorded in the model's model.json, so galleries of any size are later prepared the same way."""
+    return ImagePreprocessing(crop=image_size or probe_image_size(images_uri))
 
 
-def image_datasets(images_uri: str, train: TrainConfig) -> tuple[dict[str, ray.data.Dataset], np.ndarray]:
+def image_datasets(images_uri: str, train: TrainConfig, preprocessing: ImagePreprocessing | None = None
+                   ) -> tuple[dict[str, ray.data.Dataset], np.ndarray]:
     """Decoded training images (:func:`training_preprocessing`), split into ``train`` and (when
     ``train.validation_fraction`` > 0) ``validation`` rows: a stratified, seeded hold-out of the table (see
     :func:`raybackfill.data.splits.holdout`). Returns the datasets and the labels of the validation rows (read
@@ -49,7 +50,7 @@ def image_datasets(images_uri: str, train: TrainConfig) -> tuple[dict[str, ray.d
     every epoch (see :func:`raybackfill.train.trainer.fit`). The decision uses the cluster's total object store,
     not what happens to be free. Rows keep their ids, which fix the order a seeded permutation starts from.
     """
-    preprocessing = training_preprocessing(images_uri)
+    preprocessing = preprocessing or training_preprocessing(images_uri)
     size = preprocessing.output_size
     labelled = io.read_table(images_uri, columns=[ID, LABEL])
     ids, labels = labelled.column(ID).to_numpy(), labelled.column(LABEL).to_numpy()
@@ -110,11 +111,11 @@ def _num_classes(images_uri: str) -> int:
     return int(pc.max(labels).as_py()) + 1
 
 
-def _save(state: dict, architecture: str, kwargs: dict, out_uri: str, *, images_uri: str | None = None,
-          **spec_fields) -> ModelSpec:
+def _save(state: dict, architecture: str, kwargs: dict, out_uri: str, *,
+          preprocessing: ImagePreprocessing | None = None, **spec_fields) -> ModelSpec:
     """Save a trained model; an image model records the preprocessing it was trained with."""
-    if images_uri is not None:
-        spec_fields["preprocessing"] = training_preprocessing(images_uri).to_dict()
+    if preprocessing is not None:
+        spec_fields["preprocessing"] = preprocessing.to_dict()
     module = build_model(architecture, **kwargs)
     module.load_state_dict(state["model"])
     spec = ModelSpec(architecture=architecture, kwargs=kwargs, **spec_fields)
@@ -137,6 +138,7 @@ def train_backbone(
     compat_weight: float = 1.0,
     backbone_kwargs: dict | None = None,
     augment: bool = True,
+    image_size: int | None = None,
 ) -> ModelSpec:
     """Train a new (or the old) backbone with the method's loss: independent, bct or ract.
 
@@ -165,7 +167,8 @@ def train_backbone(
         config.update(old_classifier_weight=weight, old_classifier_bias=bias)
     elif loss == "ract":
         config["old_model"] = old_model
-    datasets, validation_labels = image_datasets(images_uri, train)
+    preprocessing = training_preprocessing(images_uri, image_size)
+    datasets, validation_labels = image_datasets(images_uri, train, preprocessing)
     state = fit(loops.backbone_loop, train, config | {"name": f"{method} backbone"}, datasets)
     return _save(
         state,
@@ -175,7 +178,7 @@ def train_backbone(
         version=version or _version_of(out_uri),
         method=method,
         training_data=images_uri,
-        images_uri=images_uri,
+        preprocessing=preprocessing,
         parent=old_model,
         training=training_summary(state, validation_labels),
     )
@@ -203,12 +206,15 @@ def old_features_by_id(table: pa.Table) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_side_info(
-    images_uri: str, out_uri: str, *, embedding_dim: int = 32, version: str | None = None, train: TrainConfig
+    images_uri: str, out_uri: str, *, embedding_dim: int = 32, version: str | None = None, train: TrainConfig,
+    image_size: int | None = None,
 ) -> ModelSpec:
     """Self-supervised (SimCLR) side-information model, trained on the old model's training images."""
     kwargs = {"embedding_dim": embedding_dim}
     config = {"architecture": "side_info_cnn", "kwargs": kwargs}
-    state = fit(loops.side_info_loop, train, config | {"name": "side-info"}, image_datasets(images_uri, train)[0])
+    preprocessing = training_preprocessing(images_uri, image_size)
+    datasets = image_datasets(images_uri, train, preprocessing)[0]
+    state = fit(loops.side_info_loop, train, config | {"name": "side-info"}, datasets)
     return _save(
         state,
         "side_info_cnn",
@@ -216,7 +222,7 @@ def train_side_info(
         out_uri,
         version=version or _version_of(out_uri),
         training_data=images_uri,
-        images_uri=images_uri,
+        preprocessing=preprocessing,
         training=training_summary(state),
     )
 
