@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import ray
 
@@ -16,8 +17,13 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_
     A local cluster gets explicit resources (this machine's CPUs, no dashboard) so it behaves the same
     on a laptop and in CI. Under ``ray job submit`` RAY_ADDRESS is set and the job joins its cluster.
     ``log_to_driver`` forwards what workers print (training loops' per-epoch lines) to this console.
-    ``py_modules`` (local directories) ship user code, such as an encoder entrypoint, to every worker.
+    ``py_modules`` (local package directories) ship user code, such as an encoder entrypoint, to every worker;
+    this process imports the same code (their parent directories go on ``sys.path``).
     """
+    for module in py_modules or ():
+        parent = os.path.dirname(os.path.abspath(module))
+        if parent not in sys.path:
+            sys.path.insert(0, parent)
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")

@@ -73,7 +73,8 @@ def test_a_text_gallery_is_embedded_served_and_queried_with_text(ray_cluster, tm
     rows = [{"id": 10 + i, "text": t, "label": "animal" if i % 2 else "vehicle"} for i, t in enumerate(
         ["red bicycle with a bell", "a sleepy grey cat", "blue electric car", "dog chasing a ball", "old steam train",
          "parrot on a branch"])]
-    corpus.write_text("\n".join(json.dumps(r) for r in rows) + "\n" + json.dumps({"id": 99, "text": "", "label": "animal"}) + "\n")
+    blank = json.dumps({"id": 99, "text": "", "label": "animal"})
+    corpus.write_text("\n".join(json.dumps(r) for r in rows) + "\n" + blank + "\n")
     gallery, encoder, out = str(tmp_path / "texts"), str(tmp_path / "text-v1"), str(tmp_path / "emb")
     name = f"rb-text-{tmp_path.name[-20:]}"
 
@@ -116,3 +117,47 @@ def test_the_embedding_actor_runs_its_encoder_and_every_input_on_the_device_it_w
     batch = {ID: np.arange(3), "pixels": np.zeros((3, 3, 8, 8), np.float32)}
     with pytest.raises(NotImplementedError, match="meta"):  # reached the copy back: the forward ran on meta
         actor(batch)
+
+
+@pytest.mark.slow
+def test_py_module_ships_an_entrypoint_package_to_the_workers_of_a_new_cluster(tmp_path):
+    """`raybackfill embed --py-module PKG_DIR` from a directory where the package is not importable: Ray ships it
+    to the embedding actors (runtime_env py_modules), in a cluster of its own (a child process)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from raybackfill.data.preprocessing import TextPreprocessing
+    from raybackfill.data.schema import text_table
+    from raybackfill.encoders import EncoderKind, EncoderSource, EntrypointTrust, register_encoder
+
+    package = tmp_path / "elsewhere" / "team_pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "enc.py").write_text(Path(__file__).with_name("encoder_plugins.py").read_text())
+    sys.path.insert(0, str(package.parent))
+    try:
+        register_encoder(EncoderSource(EncoderKind.ENTRYPOINT, "pkg-v1", entrypoint="team_pkg.enc:make_text_encoder",
+                                       preprocessing=TextPreprocessing()), str(tmp_path / "enc"),
+                         trust=EntrypointTrust(("team_pkg.enc:make_text_encoder",)))
+    finally:
+        sys.path.remove(str(package.parent))
+        for name in [m for m in sys.modules if m.startswith("team_pkg")]:
+            del sys.modules[name]
+    rio.write_table(text_table([1, 2, 3], ["one fish", "two fish", "red fish"]), str(tmp_path / "texts"))
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    ray_tmpdir = tempfile.mkdtemp(prefix="rbpm", dir="/tmp")  # short: unix socket paths are limited
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
+    done = subprocess.run(
+        [sys.executable, "-m", "raybackfill.cli.main", "embed", "--gallery", str(tmp_path / "texts"), "--model",
+         str(tmp_path / "enc"), "--out", str(tmp_path / "emb"), "--py-module", str(package),
+         "--trust-entrypoint", "team_pkg.enc:make_text_encoder"],
+        cwd=workdir, env={**env, "RAY_TMPDIR": ray_tmpdir, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=300)
+    shutil.rmtree(ray_tmpdir, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert rio.read_table(str(tmp_path / "emb")).num_rows == 3

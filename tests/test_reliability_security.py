@@ -1,9 +1,11 @@
-"""Security: a model directory holding a crafted pickle is refused by the backfill before anything runs,
-and one query client cannot make the router or a shard allocate without bound (k and query batch)."""
+"""Security: a model directory holding a crafted pickle, or a model.json naming code to run, is refused by the
+backfill before anything runs, and one query client cannot make the router or a shard allocate without bound
+(k and query batch)."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ from test_backfill_run import DIM, N
 
 from raybackfill.backfill.run import BackfillConfig, run_backfill
 from raybackfill.embed.pipeline import PoolConfig
+from raybackfill.encoders import UntrustedEntrypointError
 from raybackfill.index.router import RouterConfig, create_index, destroy_index, get
 from raybackfill.index.shard import IndexConfig
 from raybackfill.models.artifacts import ArtifactError
@@ -46,6 +49,37 @@ def test_a_backfill_refuses_a_model_dir_with_a_crafted_pickle_without_running_it
     with pytest.raises(ArtifactError, match=r"upgrade/model\.pt: refused"):
         run_backfill(config)
     assert not marker.exists() and not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["entrypoint", "torchvision"])
+def test_a_backfill_refuses_a_model_json_that_names_code_or_pickles_without_running_either(inputs, tmp_path, kind):
+    """A model.json naming an entrypoint (stored code) is refused unless the user trusts it; a torchvision
+    artefact whose weights are a crafted pickle is refused by the weights-only loader."""
+    model = tmp_path / "upgrade"
+    model.mkdir()
+    marker = tmp_path / "pwned"
+    module = tmp_path / "evil_encoder.py"
+    module.write_text(f"open({str(marker)!r}, 'w').close()\ndef make():\n    return None\n")
+    fields = {"format_version": 1, "version": "v-evil", "preprocessing": {"crop": 16}}
+    if kind == "entrypoint":
+        fields |= {"kind": "entrypoint", "architecture": "", "entrypoint": "evil_encoder:make"}
+        expected = UntrustedEntrypointError, "names the entrypoint 'evil_encoder:make'"
+    else:
+        fields |= {"kind": "torchvision", "architecture": "resnet18", "weights": "model.pt"}
+        torch.save({"conv1.weight": _Payload(str(marker))}, model / "model.pt")
+        expected = ArtifactError, r"upgrade/model\.pt: refused"
+    (model / "model.json").write_text(json.dumps(fields))
+    config = BackfillConfig(
+        gallery=inputs["gallery"], old_embeddings=inputs["old"], upgrade=str(model), out=str(tmp_path / "out"),
+        method="bct", policy="id", index=None, pool=PoolConfig(batch_size=4), progress=False,
+    )  # fmt: skip
+    sys.path.insert(0, str(tmp_path))  # importable: only trust stands between the model.json and the code
+    try:
+        with pytest.raises(expected[0], match=expected[1]):
+            run_backfill(config)
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert not marker.exists() and not (tmp_path / "out").exists() and "evil_encoder" not in sys.modules
 
 
 def test_the_router_bounds_k_and_the_query_batch_and_keeps_serving(ray_cluster):

@@ -18,9 +18,10 @@ def add_trust_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run this entrypoint when a model.json names it (repeatable); it runs on every node")
     parser.add_argument("--trust-entrypoints", action="store_true",
                         help="run every entrypoint the model.json files name (only for models you made)")
-    parser.add_argument("--py-module", action="append", default=[], metavar="DIR",
-                        help="ship this local package/module directory to every node (Ray runtime_env py_modules); "
-                        "not needed under `ray job submit --working-dir` when the code is in that directory")
+    parser.add_argument("--py-module", action="append", default=[], metavar="PKG_DIR",
+                        help="ship this local package directory to every node (Ray runtime_env py_modules), so an "
+                        "entrypoint in it imports there; not needed under `ray job submit --working-dir` when the "
+                        "code is in that directory")
 
 
 def trust_from(args: argparse.Namespace):
