@@ -243,9 +243,7 @@ def preprocessing_from_dict(raw: dict[str, Any], source: str = "preprocessing") 
     cls = ImagePreprocessing if modality is Modality.IMAGE else TextPreprocessing
     try:
         return cls(**fields)
-    except TypeError as err:
-        raise ValueError(f"{source}: {err}") from err
-    except ValueError as err:
+    except (TypeError, ValueError) as err:
         raise ValueError(f"{source}: {err}") from err
 
 

@@ -163,16 +163,15 @@ def embedding_table(
 
 
 def image_table(ids, images: list[bytes], labels=None, extra: dict | None = None) -> pa.Table:
-    columns = {ID: pa.array(np.asarray(ids, dtype=np.int64)), IMAGE: pa.array(images, type=pa.binary())}
-    if labels is not None:
-        columns[LABEL] = pa.array(np.asarray(labels, dtype=np.int32))
-    for name, values in (extra or {}).items():
-        columns[name] = values if isinstance(values, pa.Array) else pa.array(values)
-    return pa.table(columns)
+    return _gallery_table(ids, IMAGE, pa.array(images, type=pa.binary()), labels, extra)
 
 
 def text_table(ids, texts: list[str], labels=None, extra: dict | None = None) -> pa.Table:
-    columns = {ID: pa.array(np.asarray(ids, dtype=np.int64)), TEXT: pa.array(texts, type=pa.string())}
+    return _gallery_table(ids, TEXT, pa.array(texts, type=pa.string()), labels, extra)
+
+
+def _gallery_table(ids, column: str, content: pa.Array, labels, extra: dict | None) -> pa.Table:
+    columns = {ID: pa.array(np.asarray(ids, dtype=np.int64)), column: content}
     if labels is not None:
         columns[LABEL] = pa.array(np.asarray(labels, dtype=np.int32))
     for name, values in (extra or {}).items():
