@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -254,7 +254,7 @@ def format_status(p: Progress, now: float | None = None) -> str:
     now = time.time() if now is None else now
     started = "not started"
     if p.started_at is not None:
-        when = datetime.fromtimestamp(p.started_at, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        when = datetime.fromtimestamp(p.started_at, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         started = f"started {when} ({_duration(now - p.started_at)} ago)"
     lines = [f"index {p.name}   phase {p.phase}   {started}", ""]
     lines.append(f"{'shard':<6}" + "".join(f"{s:>13}" for s in SPACES) + f"{'total':>13}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +108,7 @@ def register_encoder(source: EncoderSource, out_uri: str, *, trust: EntrypointTr
         preprocessing=preprocessing.to_dict(),
         embedding_layer=source.embedding_layer,
         entrypoint=source.entrypoint,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     check_trusted(spec, trust or EntrypointTrust(), source.entrypoint or "entrypoint")
     dim = _probe_dim(spec, files, trust)

@@ -13,13 +13,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 Z_CLEAR = 2.0
 NFR_BETA = 0.5
 
 
-class Verdict(str, Enum):
+class Verdict(StrEnum):
     HOLDS = "holds"
     NOISE = "noise"
     REVERSED = "reversed"

@@ -17,7 +17,7 @@ import json
 import pickle
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -210,7 +210,7 @@ def save_model(module: nn.Module, uri: str, spec: ModelSpec) -> ModelSpec:
     final = dataclasses.replace(
         spec,
         dims=dict(getattr(module, "dims", {})),
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
         weights=SAFETENSORS_FILE,
     )
     return commit_artifact(uri, final, {SAFETENSORS_FILE: save_safetensors(state)})

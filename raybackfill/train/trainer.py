@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -39,7 +39,7 @@ TRAIN = "train"
 VALIDATION = "validation"
 
 
-class Ingest(str, Enum):
+class Ingest(StrEnum):
     """How a worker reads a dataset. ``MEMORY``: a materialised dataset, read once into the worker's memory
     and re-permuted every epoch. ``STREAM``: a lazy dataset, globally shuffled by Ray Data every epoch and split
     between the workers."""
@@ -82,7 +82,7 @@ def cluster_has_gpus() -> bool:
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 
-class Goal(str, Enum):
+class Goal(StrEnum):
     """Whether a larger or a smaller value of the monitored metric is better."""
 
     MAX = "max"
