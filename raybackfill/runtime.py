@@ -8,6 +8,7 @@ import sys
 import ray
 
 from raybackfill import NAMESPACE
+from raybackfill.logs import LEVEL_ENV
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_driver: bool = False,
@@ -27,7 +28,12 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    extra = {"runtime_env": {"py_modules": [os.path.abspath(p) for p in py_modules]}} if py_modules else {}
+    runtime_env: dict = {}
+    if py_modules:
+        runtime_env["py_modules"] = [os.path.abspath(p) for p in py_modules]
+    if os.environ.get(LEVEL_ENV):  # the level asked for here holds in every worker too
+        runtime_env["env_vars"] = {LEVEL_ENV: os.environ[LEVEL_ENV]}
+    extra = {"runtime_env": runtime_env} if runtime_env else {}
     if address:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=log_to_driver, **extra)
         return
