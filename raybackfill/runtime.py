@@ -33,11 +33,11 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_
         runtime_env["py_modules"] = [os.path.abspath(p) for p in py_modules]
     if os.environ.get(LEVEL_ENV):  # the level asked for here holds in every worker too
         runtime_env["env_vars"] = {LEVEL_ENV: os.environ[LEVEL_ENV]}
-    extra = {"runtime_env": runtime_env} if runtime_env else {}
     if address:
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=log_to_driver, **extra)
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=log_to_driver,
+                 runtime_env=runtime_env or None)
         return
     ray.init(
         num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, namespace=NAMESPACE, log_to_driver=log_to_driver,
-        **extra,
+        runtime_env=runtime_env or None,
     )
