@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from raybackfill.eval.findings import Verdict, findings
+from raybackfill.eval.findings import Z_CLEAR, Verdict, findings
 from raybackfill.eval.report import compare_reports, findings_table, load_report, render_table
 
 HERE = Path(__file__).resolve().parent
@@ -171,8 +171,10 @@ def render() -> str:
         "## The papers' directions",
         "",
         "Each cell is the verdict and z, the gap in standard errors of its measurement (the spread of random",
-        "backfill orders for curve areas, the binomial error for shares of queries): *holds* at z >= 2, *reversed*",
-        "at z <= -2, *noise* in between. A direction that is noise or reversed on a dataset is reported, not tuned.",
+        "backfill orders for curve areas, the binomial error for shares of queries): *holds* at "
+        f"z >= {Z_CLEAR:g}, *reversed*",
+        f"at z <= -{Z_CLEAR:g}, *noise* in between. A direction that is noise or reversed on a dataset is reported, "
+        "not tuned.",
         "",
         findings_table(list(every.values()), [run.label for run in every], markdown=True),
         "",
