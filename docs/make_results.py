@@ -186,7 +186,7 @@ def render() -> str:
         "",
         "A direction that holds in every run is a finding on these data. One that is noise in a run is not shown",
         "by that run, neither for nor against: the gap is inside the spread of its measurement. One that is",
-        "reversed in a run went the other way by more than two standard errors there.",
+        f"reversed in a run went the other way by at least {Z_CLEAR:g} standard errors there.",
         "",
         "These are small CNNs on small images, trained for minutes on a CPU, not the papers' ResNet-50s on",
         "CIFAR-100 or ImageNet. The demo trains its backbones without augmentation, so the new models come close",
