@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -9,6 +10,8 @@ import ray
 
 from raybackfill import NAMESPACE
 from raybackfill.logs import LEVEL_ENV
+
+logger = logging.getLogger(__name__)
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_driver: bool = False,
@@ -37,7 +40,15 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=log_to_driver,
                  runtime_env=runtime_env or None)
         return
-    ray.init(
-        num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, namespace=NAMESPACE, log_to_driver=log_to_driver,
-        runtime_env=runtime_env or None,
-    )
+    try:
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, namespace=NAMESPACE,
+            log_to_driver=log_to_driver, runtime_env=runtime_env or None,
+        )
+    except ValueError as err:
+        # Without an address Ray joins the cluster of the last `ray start` on this machine, and refuses the
+        # resources asked for a new one: join it as it is.
+        if "existing cluster" not in str(err):
+            raise
+        logger.info("joining the Ray cluster already running on this machine (ray start)")
+        ray.init(namespace=NAMESPACE, log_to_driver=log_to_driver, runtime_env=runtime_env or None)
