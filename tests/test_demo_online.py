@@ -19,6 +19,8 @@ def test_a_paced_live_backfill_under_queries_reports_items_queries_and_no_errors
     config = DemoConfig(out=str(tmp_path / "demo"), scale=TINY, old_classes="0-1", seed=1, require_learning=False)
     online = OnlineConfig(max_probes=8, pause_s=0.0, tiers=2, min_seconds=4.0, batch_size=3)
     report = run_demo(config, online=lambda artifacts: run_online(artifacts, online))
+    assert report["metric"] == "cosine" and "diagnostics" not in report
+    assert {r["policy"] for r in report["runs"] if r["method"] == "fastfill"} == {"uncertainty", "random", "entropy"}
     section = report["online"]
     gallery = 4 * 10 * 3 // 10  # the gallery split holds 30% of the rows
     assert section["items"] == 2 * gallery  # every item transformed (instant phase), then re-embedded

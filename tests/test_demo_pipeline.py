@@ -41,7 +41,8 @@ ONLINE = {"items": 18, "seconds": 1.5, "items_per_s": 12.0, "queries": 7, "query
 
 @pytest.fixture(scope="module")
 def demo(ray_cluster, tmp_path_factory):
-    """One tiny demo with diagnostics; ``held_out`` records every (ids, validation mask) a training run drew."""
+    """One tiny demo, scored by l2 distance, with diagnostics; ``held_out`` records every (ids, validation mask) a
+    training run drew. (test_demo_online.py runs the default, cosine, without diagnostics.)"""
     out = str(tmp_path_factory.mktemp("demo") / "out")
     seen, held_out = [], []
 
@@ -55,7 +56,8 @@ def demo(ray_cluster, tmp_path_factory):
         return mask
 
     real_holdout = api.holdout
-    config = DemoConfig(out=out, scale=TINY, old_classes="0-2", seed=3, require_learning=False, diagnostics=True)
+    config = DemoConfig(out=out, scale=TINY, old_classes="0-2", seed=3, require_learning=False, metric="l2",
+                        diagnostics=True)  # fmt: skip
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(api, "holdout", recording_holdout)
         report = run_demo(config, online=online)
@@ -79,6 +81,7 @@ def test_report_has_every_method_and_order_with_full_curves(demo):
     for anchor in ("old_old", "new_new"):
         assert 0 <= report["anchors"][anchor]["top1"] <= 1 and 0 <= report["anchors"][anchor]["map"] <= 1
     assert report["queries"]["evaluated"] == 12  # 6 classes x 10 images x 0.2 query fraction
+    assert report["metric"] == "l2"
     # Methods with a priority order get a band of random orders (seeds 3, 4, ...) to be judged against.
     for (method, policy), run in runs.items():
         banded = policy == "random" and len(METHOD_ORDERS[method]) > 1

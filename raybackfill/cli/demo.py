@@ -8,6 +8,9 @@ import logging
 import time
 
 from raybackfill.demo.configs import DemoConfig
+from raybackfill.demo.online import run_online
+from raybackfill.demo.pipeline import run_demo
+from raybackfill.demo.summary import summary
 from raybackfill.eval.metrics import METRICS
 from raybackfill.eval.offline import output_files
 from raybackfill.runtime import init_ray
@@ -67,7 +70,7 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
 
 def _configure_logging(verbose: bool) -> None:
     """Stage lines of the demo on stderr; Ray Data's per-dataset lines and (unless verbose) the per-epoch
-    training lines stay quiet."""
+    training lines stay quiet. Ray Data sets its loggers' levels when imported: call this after the import."""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
     library = logging.getLogger("raybackfill")
@@ -83,11 +86,6 @@ def _demo(args: argparse.Namespace) -> None:
     _configure_logging(args.verbose)
     config = config_from_args(args)
     init_ray()
-    # Imported after the arguments are checked: the demo's stages import torch, Ray Train and FAISS.
-    from raybackfill.demo.online import run_online
-    from raybackfill.demo.pipeline import run_demo
-    from raybackfill.demo.summary import summary
-
     scale = config.resolved_scale()
     report = run_demo(config, online=functools.partial(run_online, config=scale.online))
     files = [f"{config.out}/{name}" for name in output_files(report)]

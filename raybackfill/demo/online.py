@@ -89,7 +89,7 @@ def run_online(artifacts: DemoArtifacts, config: OnlineConfig | None = None) -> 
         destroy_index(INDEX_NAME)
     items = sum(phase.items for phase in summary.phases if phase.name != "plan")
     logger.info(
-        "online: %d items in %.1fs, %d live queries, %d errors; live top-1 %.3f (old) -> %.3f (after the backfill)",
+        "  backfill under queries: %d items in %.1fs, %d live queries, %d errors; live top-1 %.3f -> %.3f",
         items, seconds, client.queries, client.errors, before.top1, after.top1,
     )  # fmt: skip
     return {
