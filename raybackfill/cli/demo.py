@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import time
+from collections.abc import Iterator
 
 from raybackfill.demo.configs import DemoConfig
 from raybackfill.demo.online import run_online
@@ -68,26 +70,36 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
     )
 
 
-def _configure_logging(verbose: bool) -> None:
+@contextlib.contextmanager
+def _demo_logging(verbose: bool) -> Iterator[None]:
     """Stage lines of the demo on stderr; Ray Data's per-dataset lines and (unless verbose) the per-epoch
-    training lines stay quiet. Ray Data sets its loggers' levels when imported: call this after the import."""
+    training lines stay quiet. Ray Data sets its loggers' levels when imported, so this runs after the import;
+    the previous levels come back afterwards."""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    levels = {"raybackfill": logging.INFO, "ray.data": logging.WARNING, "ray.train": logging.WARNING}
+    if not verbose:
+        levels["raybackfill.train"] = logging.WARNING
+    previous = {name: logging.getLogger(name).level for name in levels}
     library = logging.getLogger("raybackfill")
     library.addHandler(handler)
-    library.setLevel(logging.INFO)
-    quiet = ["ray.data", "ray.train"] + ([] if verbose else ["raybackfill.train"])
-    for name in quiet:
-        logging.getLogger(name).setLevel(logging.WARNING)
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    try:
+        yield
+    finally:
+        library.removeHandler(handler)
+        for name, level in previous.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def _demo(args: argparse.Namespace) -> None:
     start = time.perf_counter()
-    _configure_logging(args.verbose)
     config = config_from_args(args)
-    init_ray()
-    scale = config.resolved_scale()
-    report = run_demo(config, online=functools.partial(run_online, config=scale.online))
+    with _demo_logging(args.verbose):
+        init_ray()
+        scale = config.resolved_scale()
+        report = run_demo(config, online=functools.partial(run_online, config=scale.online))
     files = [f"{config.out}/{name}" for name in output_files(report)]
     print()
     print(summary(report, files))
