@@ -55,8 +55,8 @@ def run_online(artifacts: DemoArtifacts, config: OnlineConfig | None = None) -> 
             get(router.load_old.remote(gallery.column(ID).to_numpy()[start:stop], vectors[start:stop], Space.OLD))
         before = live_quality(router, probes, lookup, strategy=Strategy.OLD, k=config.k, max_probes=config.max_probes)
         # Every gallery item passes once per phase: transformed (methods with a forward transformation), re-embedded.
-        phases = 2 if get_recipe(config.method).forward_transformation else 1
-        max_rate = phases * gallery.num_rows / config.min_seconds if config.min_seconds else None
+        forward = get_recipe(config.method).forward_transformation
+        max_rate = (2 if forward else 1) * gallery.num_rows / config.min_seconds if config.min_seconds else None
         client = _QueryClient(router, probes, lookup, config)
         client.start()
         start = time.perf_counter()
@@ -68,9 +68,7 @@ def run_online(artifacts: DemoArtifacts, config: OnlineConfig | None = None) -> 
                     upgrade=artifacts.models["new"],
                     out=layout.path("backfill"),
                     method=config.method,
-                    transformation=artifacts.models[config.method]
-                    if get_recipe(config.method).forward_transformation
-                    else None,
+                    transformation=artifacts.models[config.method] if forward else None,
                     old_model=artifacts.models["old"],
                     policy=config.policy,
                     tiers=config.tiers,
