@@ -3,14 +3,18 @@ tier), and the consumer writes each tier's rows to that tier's ledger directory,
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import ray
 import torch
+from tqdm import tqdm
 
 from raybackfill.backfill.ledger import Ledger
 from raybackfill.backfill.rows import TIER
 from raybackfill.backfill.run import backfill_stream, consume_in_tier_order, tier_runs
+from raybackfill.backfill.sink import FINITE, BatchSink, PhaseStats
 from raybackfill.data import io
 from raybackfill.data.schema import EMBEDDING, ID
 from raybackfill.data.synth import synthesize
@@ -86,3 +90,17 @@ def test_stream_yields_rows_in_file_order_with_their_tier_and_leaves_the_global_
     assert got.tolist() == list(range(bounds[-1]))
     assert np.concatenate([b[TIER] for b in batches]).tolist() == [0] * sizes[0] + [1] * sum(sizes[1:])
     assert all(b[EMBEDDING].shape[1] == 4 for b in batches)
+
+
+def test_a_sink_with_max_rate_holds_each_batch_until_its_rows_are_due(tmp_path):
+    ledger = Ledger(str(tmp_path / "out"))
+    stats = PhaseStats("backfill")
+    sink = BatchSink(ledger, None, state="new", version="v2", stats=stats, max_bad_fraction=0.0,
+                     bar=tqdm(disable=True), max_rate=100.0)  # fmt: skip
+    start = time.monotonic()
+    for first in range(0, 40, 10):
+        ids = np.arange(first, first + 10)
+        sink.consume({ID: ids, EMBEDDING: np.ones((10, 4), np.float32), FINITE: np.ones(10, bool)}, ledger.tier_uri(0))
+    sink.flush()
+    assert time.monotonic() - start >= 40 / 100.0  # 40 rows at 100 rows/s
+    assert stats.items == 40 and sorted(ledger.ids(ledger.new_uri).tolist()) == list(range(40))

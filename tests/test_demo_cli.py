@@ -5,7 +5,7 @@ import argparse
 import pytest
 
 from raybackfill.cli.demo import DEFAULT_OUT, config_from_args, register
-from raybackfill.demo.pipeline import FULL, QUICK
+from raybackfill.demo.configs import FULL, QUICK
 
 
 def _parse(argv):
@@ -16,18 +16,23 @@ def _parse(argv):
 
 def test_defaults_run_the_full_demo_on_built_in_data():
     config = config_from_args(_parse([]))
-    expected = (DEFAULT_OUT, False, None, "half", 0)
-    assert (config.out, config.quick, config.data, config.old_classes, config.seed) == expected
+    expected = (DEFAULT_OUT, False, None, "half", 0, "cosine", False)
+    got = (config.out, config.quick, config.data, config.old_classes, config.seed, config.metric, config.diagnostics)
+    assert got == expected
     assert config.resolved_scale() == FULL
 
 
 def test_flags_reach_the_config():
-    args = _parse(["--out", "o", "--quick", "--data", "s3://b/t", "--old-classes", "0-9", "--seed", "7"])
+    args = _parse(["--out", "o", "--quick", "--data", "s3://b/t", "--old-classes", "0-9", "--seed", "7",
+                   "--metric", "l2", "--diagnostics"])  # fmt: skip
     config = config_from_args(args)
     assert (config.out, config.quick, config.data, config.old_classes, config.seed) == ("o", True, "s3://b/t", "0-9", 7)
+    assert (config.metric, config.diagnostics) == ("l2", True)
     assert config.resolved_scale() == QUICK
 
 
-def test_a_bad_seed_is_refused_by_the_parser():
+def test_a_bad_seed_or_metric_is_refused_by_the_parser():
     with pytest.raises(SystemExit):
         _parse(["--seed", "x"])
+    with pytest.raises(SystemExit):
+        _parse(["--metric", "ip"])

@@ -1,25 +1,22 @@
-"""The offline demo end to end on tiny data (numbers are noise at this size: only structure and invariants)."""
+"""The demo end to end on tiny data (numbers are noise at this size: only structure and invariants)."""
 
 import json
 import os
 
 import numpy as np
 import pytest
-import torch
 
-from raybackfill.data.schema import embedding_table
-from raybackfill.demo.pipeline import (
-    METHOD_POLICIES,
-    TRANSFORMATIONS,
-    DemoConfig,
-    DemoScale,
-    Fit,
-    _with_oracle_loss,
-    run_offline,
-    uncertainty_agreement,
-)
-from raybackfill.eval.offline import Embeddings
+from raybackfill.data import io
+from raybackfill.data.schema import ID
+from raybackfill.demo.configs import DemoConfig, DemoScale, Fit
+from raybackfill.demo.evaluation import METHOD_ORDERS, method_orders
+from raybackfill.demo.pipeline import run_demo
+from raybackfill.demo.summary import summary
+from raybackfill.demo.training import TRANSFORMATIONS
+from raybackfill.eval.diagnostics import ORACLE_ORDER
+from raybackfill.eval.offline import output_files
 from raybackfill.eval.report import load_report
+from raybackfill.train import api
 
 ONE_EPOCH = Fit(epochs=1, batch_size=32, lr=1e-3)
 TINY = DemoScale(
@@ -44,26 +41,38 @@ ONLINE = {"items": 18, "seconds": 1.5, "items_per_s": 12.0, "queries": 7, "query
 
 @pytest.fixture(scope="module")
 def demo(ray_cluster, tmp_path_factory):
+    """One tiny demo, scored by l2 distance, with diagnostics; ``held_out`` records every (ids, validation mask) a
+    training run drew. (test_demo_online.py runs the default, cosine, without diagnostics.)"""
     out = str(tmp_path_factory.mktemp("demo") / "out")
-    seen = []
+    seen, held_out = [], []
 
     def online(artifacts):
         seen.append(artifacts)
         return ONLINE
 
-    config = DemoConfig(out=out, scale=TINY, old_classes="0-2", seed=3, require_learning=False)
-    report = run_offline(config, online=online, log=lambda line: None)
-    return config, report, seen
+    def recording_holdout(ids, *args, **kwargs):
+        mask = real_holdout(ids, *args, **kwargs)
+        held_out.append((np.asarray(ids).copy(), mask.copy()))
+        return mask
+
+    real_holdout = api.holdout
+    config = DemoConfig(out=out, scale=TINY, old_classes="0-2", seed=3, require_learning=False, metric="l2",
+                        diagnostics=True)  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(api, "holdout", recording_holdout)
+        report = run_demo(config, online=online)
+    return config, report, seen, held_out
 
 
 def _runs(report):
     return {(r["method"], r["policy"]): r for r in report["runs"]}
 
 
-def test_report_has_every_method_and_policy_with_full_curves(demo):
-    config, report, _ = demo
+def test_report_has_every_method_and_order_with_full_curves(demo):
+    config, report, _, _ = demo
     runs = _runs(report)
-    assert set(runs) == {(m, p) for m, policies in METHOD_POLICIES.items() for p in policies}
+    assert set(runs) == {(m, str(o)) for m in METHOD_ORDERS for o in method_orders(m, with_diagnostics=True)}
+    assert ("fastfill", "column:oracle_loss") in runs
     for run in report["runs"]:
         assert run["betas"] == pytest.approx(np.linspace(0, 1, TINY.beta_points))
         assert len(run["top1"]) == len(run["map"]) == len(run["nfr"]) == TINY.beta_points
@@ -72,9 +81,10 @@ def test_report_has_every_method_and_policy_with_full_curves(demo):
     for anchor in ("old_old", "new_new"):
         assert 0 <= report["anchors"][anchor]["top1"] <= 1 and 0 <= report["anchors"][anchor]["map"] <= 1
     assert report["queries"]["evaluated"] == 12  # 6 classes x 10 images x 0.2 query fraction
+    assert report["metric"] == "l2"
     # Methods with a priority order get a band of random orders (seeds 3, 4, ...) to be judged against.
     for (method, policy), run in runs.items():
-        banded = policy == "random" and len(METHOD_POLICIES[method]) > 1
+        banded = policy == "random" and len(METHOD_ORDERS[method]) > 1
         assert ("seed_aucs" in run) == banded, (method, policy)
         if banded:
             assert run["seed_aucs"]["seeds"] == list(range(3, 3 + TINY.random_seeds))
@@ -87,7 +97,7 @@ def test_report_has_every_method_and_policy_with_full_curves(demo):
 
 
 def test_report_records_how_each_backbone_trained(demo):
-    _, report, _ = demo
+    _, report, _, _ = demo
     training = report["training"]
     assert training["backbone_lr"] == 1e-3 and list(training["lr_search"]) == ["0.001"]
     for name in ("old", "new", "bct", "ract"):
@@ -96,7 +106,7 @@ def test_report_records_how_each_backbone_trained(demo):
 
 
 def test_curves_start_and_end_at_their_anchors(demo):
-    _, report, _ = demo
+    _, report, _, _ = demo
     anchors, runs = report["anchors"], _runs(report)
     for (method, _policy), run in runs.items():
         if method in TRANSFORMATIONS:
@@ -114,14 +124,14 @@ def test_curves_start_and_end_at_their_anchors(demo):
 
 
 def test_policies_change_only_the_order_not_the_endpoints(demo):
-    _, report, _ = demo
+    _, report, _, _ = demo
     runs = _runs(report)
     unc, rand = runs[("fastfill", "uncertainty")], runs[("fastfill", "random")]
     assert unc["top1"][0] == rand["top1"][0] and unc["top1"][-1] == rand["top1"][-1]
 
 
 def test_online_hook_gets_the_artifacts_and_fills_the_online_section(demo):
-    config, report, seen = demo
+    config, report, seen, _ = demo
     assert report["online"] == ONLINE
     (artifacts,) = seen
     assert artifacts.layout.out == config.out
@@ -132,41 +142,40 @@ def test_online_hook_gets_the_artifacts_and_fills_the_online_section(demo):
 
 
 def test_a_second_demo_in_the_same_directory_is_refused(demo):
-    config, _, _ = demo
+    config, _, _, _ = demo
     with pytest.raises(FileExistsError, match="choose a new --out"):
-        run_offline(config, log=lambda line: None)
+        run_demo(config)
 
 
-def test_uncertainty_agreement_tells_norm_error_from_angular_error():
-    # Item 0 is only too short (MSE 2, angle 0), item 1 points elsewhere (MSE 0.4, 1 - cos 0.4), item 2 is
-    # almost right (MSE 0.02, 1 - cos 0.005). Scores that follow the norm error rank MSE perfectly, but the
-    # angular ranks (0, 2, 1) against the score ranks (2, 1, 0) give Spearman -0.5, and so do the ranks of
-    # |h| (2, 1, 2.01: ranks 1, 0, 2).
-    new = np.array([[4.0, 0.0], [1.0, 0.0], [2.0, 0.0]])
-    transformed = np.array([[2.0, 0.0], [0.6, 0.8], [2.0, 0.2]])
-    agreement = uncertainty_agreement(np.array([3.0, 2.0, 1.0]), transformed, new)
-    assert agreement == pytest.approx({"": 1.0, "_angular": -0.5, "_norm": -0.5})
+def test_no_choice_made_in_training_sees_an_evaluation_id(demo):
+    # Every training run (backbones at each candidate learning rate, side-information, transformations, psi)
+    # draws its validation rows with holdout(); those rows pick the learning rate and each run's epoch.
+    _, _, (artifacts,), held_out = demo
+    split_ids = {name: io.read_table(uri, columns=[ID]).column(ID).to_numpy() for name, uri in artifacts.splits.items()}
+    evaluation = np.concatenate([split_ids["gallery"], split_ids["query"]])
+    runs = 3 + 1 + len(TRANSFORMATIONS) + 1 + 1  # new/bct/ract, old at one rate, transformations, psi, side-info
+    assert len(held_out) == runs
+    for ids, validation in held_out:
+        assert validation.any(), "each run holds rows out"
+        assert np.isin(ids, split_ids["train"]).all()
+        assert not np.isin(ids, evaluation).any()
+    validation_of_old_classes = [ids[mask] for ids, mask in held_out if np.isin(ids, split_ids["train_old"]).all()]
+    assert validation_of_old_classes, "the old model (which picks the learning rate) holds out old-class rows"
 
 
-def test_uncertainty_agreement_sees_scores_that_follow_the_norm_of_h():
-    # Same directions as the new vectors, so every angular error is 0; the scores rank exactly by |h|.
-    new = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
-    transformed = new * np.array([[0.5], [3.0], [1.0]])
-    agreement = uncertainty_agreement(np.array([0.1, 0.9, 0.4]), transformed, new)
-    assert agreement["_norm"] == pytest.approx(1.0)
+def test_the_terminal_summary_is_short_and_points_to_every_file(demo):
+    config, report, _, _ = demo
+    files = [f"{config.out}/{name}" for name in output_files(report)]
+    text = summary(report, files)
+    assert len(text.splitlines()) <= 25
+    assert all(path in text for path in files)
+    for method in METHOD_ORDERS:
+        assert f"\n{method} " in text
+    assert "oracle" not in text, "a diagnostic bound is never reported as a method's best order"
+    with open(os.path.join(config.out, "report.md")) as f:
+        assert "column:oracle_loss" in f.read(), "report.md keeps every table"
 
 
-def test_oracle_loss_column_is_each_items_true_fastfill_error():
-    rng = np.random.default_rng(0)
-    ids = np.arange(10, 16)
-    old, transformed, new = (rng.normal(size=(6, 3)).astype(np.float32) for _ in range(3))
-    labels = rng.integers(0, 4, size=6)
-    classifier = torch.nn.Linear(3, 4)
-    gallery = _with_oracle_loss(Embeddings(ids, old, embedding_table(ids, old)), transformed, new, labels, classifier)
-    weight, bias = classifier.weight.detach().numpy(), classifier.bias.detach().numpy()
-    logits = transformed @ weight.T + bias
-    log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
-    smoothed_ce = -(0.9 * log_p[np.arange(6), labels] + 0.1 * log_p.mean(1))
-    expected = ((new - transformed) ** 2).mean(1) + smoothed_ce
-    assert gallery.table.column("oracle_loss").to_numpy() == pytest.approx(expected, rel=1e-5)
-    assert np.array_equal(gallery.ids, ids) and gallery.vectors is old
+def test_without_diagnostics_the_oracle_order_is_not_evaluated():
+    assert ORACLE_ORDER not in method_orders("fastfill") and ORACLE_ORDER in method_orders("fastfill", True)
+    assert method_orders("bct", True) == method_orders("bct")

@@ -30,9 +30,11 @@ def digits(tmp_path_factory) -> str:
 def test_quick_demo_on_the_real_digits_gives_the_new_model_a_wide_lead(ray_cluster, digits, tmp_path, capsys):
     out = str(tmp_path / "demo")
     assert main(["demo", "--quick", "--data", digits, "--out", out]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed, logged = captured.out, captured.err
     for model in ("old", "new", "bct", "ract"):
-        assert f"[demo]   {model} model:" in printed and "validation" in printed
+        assert f"  {model} model:" in logged and "validation" in logged
+    assert len(printed.strip().splitlines()) <= 25 and f"{out}/report.md" in printed
     with open(os.path.join(out, "report.json")) as f:
         report = json.load(f)
     old, new = report["anchors"]["old_old"], report["anchors"]["new_new"]
@@ -46,7 +48,7 @@ def test_quick_demo_on_the_real_digits_gives_the_new_model_a_wide_lead(ray_clust
     assert len(training["lr_search"]) == 3 and f"{training['backbone_lr']:g}" in training["lr_search"]
     assert training["lr_search"][f"{training['backbone_lr']:g}"] == max(training["lr_search"].values())
     assert set(training["backbones"]) == {"old", "new", "bct", "ract"}
-    assert f"learning rate {training['backbone_lr']:g}" in printed
+    assert f"learning rate {training['backbone_lr']:g}" in logged
 
 
 def test_demo_on_random_labels_stops_with_the_not_learned_message(ray_cluster, digits, tmp_path, capsys):

@@ -253,3 +253,43 @@ def test_live_command_reads_probe_tables_and_prints_quality(ray_cluster, tables,
         assert f"top-1 {reading['top1']:.3f}, mAP@5 {reading['map_at_k']:.3f} over 8 probes" in capsys.readouterr().out
     finally:
         destroy_index(name)
+
+
+def brute_force_l2(queries, gallery, q_labels, g_labels):
+    """Top-1 and mAP@all by Euclidean distance, one query at a time (nearest first, ties by gallery position)."""
+    top1, aps = [], []
+    for q, label in zip(queries, q_labels, strict=True):
+        distances = np.sqrt(((gallery.astype(np.float64) - q) ** 2).sum(axis=1))
+        relevant = g_labels[np.argsort(distances, kind="stable")] == label
+        hits = np.flatnonzero(relevant)
+        top1.append(relevant[0])
+        aps.append(np.mean(np.arange(1, len(hits) + 1) / (hits + 1)))
+    return np.mean(top1), np.mean(aps)
+
+
+def test_metric_l2_scores_by_euclidean_distance_like_a_brute_force_search(tables, tmp_path):
+    uris, data = tables
+    out = tmp_path / "l2"
+    args = ["--method", "fct", "--order", "id", "--betas", "5", "--metric", "l2"]
+    assert run("eval", "run", *table_args(uris, "transformed"), *args, "--out", str(out)) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["metric"] == "l2"
+    q, g = data["q_labels"], data["g_labels"]
+    for anchor, (queries, gallery) in {"old_old": ("q_old", "g_old"), "new_new": ("q_new", "g_new"),
+                                       "new_transformed": ("q_new", "g_transformed")}.items():  # fmt: skip
+        top1, mean_ap = brute_force_l2(data[queries], data[gallery], q, g)
+        assert report["anchors"][anchor]["top1"] == pytest.approx(top1), anchor
+        assert report["anchors"][anchor]["map"] == pytest.approx(mean_ap, rel=1e-5), anchor
+    # The curve: the first floor(beta * N) items by id carry new vectors, the others transformed ones.
+    (curve,) = report["runs"]
+    by_id = np.argsort(data["g_ids"])
+    for beta, top1_at, map_at in zip(curve["betas"], curve["top1"], curve["map"], strict=True):
+        gallery = data["g_transformed"].copy()
+        done = by_id[: int(np.floor(round(beta * N_GALLERY, 6)))]
+        gallery[done] = data["g_new"][done]
+        top1, mean_ap = brute_force_l2(data["q_new"], gallery, q, g)
+        assert (top1_at, map_at) == pytest.approx((top1, mean_ap), rel=1e-5), beta
+    # Cosine ranks differently on these unnormalised vectors: the flag is not ignored.
+    cosine = evaluate(data["q_old"], data["g_old"], q, g)
+    assert (cosine.top1, cosine.map) != pytest.approx((report["anchors"]["old_old"]["top1"],
+                                                       report["anchors"]["old_old"]["map"]))  # fmt: skip

@@ -59,6 +59,19 @@ def test_online_figure_plots_live_quality_and_the_new_space_share_over_time(tmp_
         assert png.read(8) == PNG_SIGNATURE
 
 
+def test_online_figure_draws_the_transformed_and_the_re_embedded_shares_apart():
+    # The instant phase fills the transformed share while nothing is re-embedded yet; the backfill then moves
+    # items from transformed to new.
+    shares = [(0.0, 0.0), (0.5, 0.0), (1.0, 0.0), (0.6, 0.4), (0.0, 1.0)]
+    readings = [{"t": t, "phase": "backfill", "fraction_transformed": a, "fraction_new": b, "top1": 0.5,
+                 "map_at_k": 0.3} for t, (a, b) in enumerate(shares)]  # fmt: skip
+    share = online_figure({"live_readings": readings}).axes[1]
+    transformed, new = share.lines
+    np.testing.assert_allclose(transformed.get_ydata(), [a for a, _ in shares])
+    np.testing.assert_allclose(new.get_ydata(), [b for _, b in shares])
+    assert (transformed.get_label(), new.get_label()) == ("fraction transformed", "fraction re-embedded")
+
+
 def test_online_figure_without_readings_is_refused():
     with pytest.raises(ValueError, match="no live_readings"):
         online_figure({"queries": 0})

@@ -64,6 +64,7 @@ class BackfillConfig:
     budget: int | None = None  # re-embed at most this many items in this run
     until: float | None = None  # stop once this fraction of the gallery is re-embedded
     max_bad_fraction: float = 0.01
+    max_rate: float | None = None  # items/s per phase at most (None: as fast as it goes), to spare a busy service
     index: str | None = "raybackfill-router"
     pool: PoolConfig = field(default_factory=PoolConfig)
     transform_batch_size: int = 8192
@@ -82,6 +83,8 @@ class BackfillConfig:
             raise ValueError(f"until must be a fraction in [0, 1], got {self.until}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if self.max_rate is not None and self.max_rate <= 0:
+            raise ValueError(f"max_rate must be positive items/s (or None), got {self.max_rate}")
         self.plan_config()  # validates the policy and what it needs
 
     def plan_config(self) -> PlanConfig:
@@ -184,7 +187,7 @@ def _instant_phase(config: BackfillConfig, ledger: Ledger, router, version: str)
     ds = map_transform(ds, config.transformation, replace(pool, batch_size=config.transform_batch_size))
     with _bar(config, "instant (transform)", len(keep)) as bar:
         sink = BatchSink(ledger, router, state="transformed", version=version, stats=stats,
-                         max_bad_fraction=config.max_bad_fraction, bar=bar)
+                         max_bad_fraction=config.max_bad_fraction, bar=bar, max_rate=config.max_rate)
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
             sink.consume(batch, ledger.transformed_uri)
         sink.flush()
@@ -231,7 +234,7 @@ def _backfill_phase(config: BackfillConfig, plan: Plan, ledger: Ledger, router, 
     ds = backfill_stream(files, ids, tiers, inputs, config.pool)
     with _bar(config, "backfill (re-embed)", len(ids)) as bar:
         sink = BatchSink(ledger, router, state="new", version=version, stats=stats,
-                         max_bad_fraction=config.max_bad_fraction, bar=bar)
+                         max_bad_fraction=config.max_bad_fraction, bar=bar, max_rate=config.max_rate)
         batches = ds.iter_batches(batch_format="numpy", batch_size=None)
         consume_in_tier_order(batches, sink, ledger, lambda t: bar.set_description(
             f"backfill tier {t + 1}/{len(plan.tiers)}"))

@@ -66,9 +66,11 @@ class BatchSink:
         stats: PhaseStats,
         max_bad_fraction: float,
         bar: tqdm,
+        max_rate: float | None = None,
     ) -> None:
         self.ledger, self.router, self.state, self.version = ledger, router, state, version
         self.stats, self.max_bad_fraction, self.bar = stats, max_bad_fraction, bar
+        self.max_rate = max_rate  # items/s; the sink waits after a batch that got ahead of it
         self.stage = "embed" if state == "new" else "transform"
         self.started = time.monotonic()
         self._in_flight = None  # the ObjectRef of the last upsert sent, not yet confirmed
@@ -94,6 +96,7 @@ class BatchSink:
         self.stats.seconds = time.monotonic() - self.started
         self.bar.update(len(ids))
         self._check_bad_fraction()
+        self._pace()
 
     def flush(self) -> None:
         """Wait for the last upsert: after this every consumed batch is in the index."""
@@ -122,6 +125,14 @@ class BatchSink:
                 if time.monotonic() > deadline:
                     raise
                 delay = min(2 * delay, 5.0)
+
+    def _pace(self) -> None:
+        """Hold the stream back until the rows consumed so far are due at ``max_rate`` (the upstream pipeline
+        waits on its backpressure meanwhile)."""
+        if self.max_rate is None:
+            return
+        due = self.started + (self.stats.items + self.stats.quarantined) / self.max_rate
+        time.sleep(max(0.0, due - time.monotonic()))
 
     def _quarantine(self, ids: np.ndarray, reasons: list[str], stage: str) -> None:
         write_quarantine(self.ledger.quarantine_uri, ids, reasons, stage=stage)

@@ -10,14 +10,22 @@ from __future__ import annotations
 import argparse
 import json
 
-from raybackfill.backfill.policies import POLICIES
 from raybackfill.eval.curves import DEFAULT_POINTS
 from raybackfill.eval.live import DEFAULT_K, DEFAULT_MAX_PROBES, LabelLookup, ProbeSet, live_quality
 from raybackfill.eval.metrics import METRICS
-from raybackfill.eval.offline import METHODS, EvalInputs, OfflineConfig, evaluate_tables, write_outputs
+from raybackfill.eval.offline import (
+    COLUMN_PREFIX,
+    METHODS,
+    EvalInputs,
+    OfflineConfig,
+    Order,
+    evaluate_tables,
+    write_outputs,
+)
 from raybackfill.eval.report import TABLE_COLUMNS, compare_reports, load_report, merge_reports, summary_table
 from raybackfill.index.router import DEFAULT_NAME, connect
 from raybackfill.index.shard import STRATEGIES
+from raybackfill.types import Metric, Policy
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -112,8 +120,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", required=True, choices=METHODS, help="compatibility method (its serving strategy)")
     parser.add_argument(
         "--order", action="append", metavar="ORDER", dest="orders",
-        help=f"backfill order, repeatable: {', '.join(POLICIES)} or column:NAME (a score column of the old or "
-        "transformed gallery table, highest first); default random",
+        help=f"backfill order, repeatable: {', '.join(Policy)} or {COLUMN_PREFIX}NAME (a score column of the old "
+        "or transformed gallery table, highest first); default random",
     )  # fmt: skip
     parser.add_argument("--transformation", metavar="DIR", help="FastFill artefact (order uncertainty)")
     parser.add_argument("--old-model", metavar="DIR", help="old backbone artefact (orders entropy, least_confidence)")
@@ -123,7 +131,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_POINTS,
         help=f"points of the even beta grid 0..1 (default {DEFAULT_POINTS})",
     )
-    parser.add_argument("--metric", choices=METRICS, default="cosine", help="cosine (default) or l2")
+    parser.add_argument(
+        "--metric",
+        choices=METRICS,
+        default=Metric.COSINE,
+        help="cosine similarity (default) or l2: Euclidean distance, the reference code's protocol",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random order (default 0)")
     parser.add_argument(
         "--random-seeds", type=int, default=1, metavar="N",
@@ -145,7 +158,7 @@ def run_command(args: argparse.Namespace) -> int:
     )
     config = OfflineConfig(
         method=args.method,
-        orders=tuple(args.orders or ("random",)),
+        orders=tuple(Order.parse(order) for order in args.orders or [Policy.RANDOM]),
         beta_points=args.betas,
         metric=args.metric,
         seed=args.seed,

@@ -1,53 +1,42 @@
 """The demo's online phase: serve the old gallery from a live index, run the FastFill backfill in
 uncertainty order into it, and meanwhile let a query client measure the live quality, so the report shows
-what a user of the service would have seen during the upgrade (and whether any query failed)."""
+what a user of the service would have seen during the upgrade (and whether any query failed).
+
+The backfill is paced (``OnlineConfig.min_seconds``): on the demo's small galleries an unpaced backfill is
+over in a few seconds, before the client has taken enough readings to show how quality rose with it.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-
-import numpy as np
 
 from raybackfill.backfill.run import BackfillConfig, run_backfill
+from raybackfill.compat.recipes import get_recipe
 from raybackfill.data import io
 from raybackfill.data.schema import EMBEDDING, ID, LABEL, vectors_of
+from raybackfill.demo.configs import OnlineConfig
 from raybackfill.demo.pipeline import DemoArtifacts
 from raybackfill.embed.pipeline import PoolConfig
 from raybackfill.eval.live import LabelLookup, ProbeSet, live_quality
 from raybackfill.index.router import RouterConfig, create_index, destroy_index, get
+from raybackfill.types import Space, Strategy, locate_ids
+
+logger = logging.getLogger(__name__)
 
 INDEX_NAME = "raybackfill-demo"
 LOAD_CHUNK = 10_000
 
 
-@dataclass(frozen=True)
-class OnlineConfig:
-    method: str = "fastfill"
-    policy: str = "uncertainty"
-    # How the client queries: with both query embeddings, rank_merge serves old/old while every item is
-    # still old, the transformed/new vectors once moved, and a merge of the two parts in between (a
-    # `compatible` query would score new-model queries against old vectors before the instant phase).
-    strategy: str = "rank_merge"
-    shards: int = 2
-    k: int = 10
-    max_probes: int = 200
-    pause_s: float = 0.2  # between two probe batches, so the client does not starve the backfill
-    tiers: int = 4
-
-
-def run_online(artifacts: DemoArtifacts, config: OnlineConfig | None = None, log: Callable[[str], None] = print):
+def run_online(artifacts: DemoArtifacts, config: OnlineConfig | None = None) -> dict:
     """Returns the report's ``online`` section (items, seconds, items_per_s, queries, query_errors, ...)."""
     config = config or OnlineConfig()
     layout = artifacts.layout
     table = io.read_table(artifacts.embeddings)
-    ids = table.column(ID).to_numpy()
     query_ids = io.read_table(artifacts.splits["query"], columns=[ID]).column(ID).to_numpy()
-    order = np.argsort(ids)
-    rows = order[np.searchsorted(ids, query_ids, sorter=order)]
+    rows = locate_ids(table.column(ID).to_numpy(), query_ids)
     probes = ProbeSet(
         labels=table.column(LABEL).to_numpy()[rows],
         old=vectors_of(table, EMBEDDING)[rows],
@@ -63,8 +52,11 @@ def run_online(artifacts: DemoArtifacts, config: OnlineConfig | None = None, log
         vectors = vectors_of(gallery)
         for start in range(0, gallery.num_rows, LOAD_CHUNK):
             stop = start + LOAD_CHUNK
-            get(router.load_old.remote(gallery.column(ID).to_numpy()[start:stop], vectors[start:stop], "old"))
-        before = live_quality(router, probes, lookup, strategy="old", k=config.k, max_probes=config.max_probes)
+            get(router.load_old.remote(gallery.column(ID).to_numpy()[start:stop], vectors[start:stop], Space.OLD))
+        before = live_quality(router, probes, lookup, strategy=Strategy.OLD, k=config.k, max_probes=config.max_probes)
+        # Every gallery item passes once per phase: transformed (methods with a forward transformation), re-embedded.
+        forward = get_recipe(config.method).forward_transformation
+        max_rate = (2 if forward else 1) * gallery.num_rows / config.min_seconds if config.min_seconds else None
         client = _QueryClient(router, probes, lookup, config)
         client.start()
         start = time.perf_counter()
@@ -76,11 +68,14 @@ def run_online(artifacts: DemoArtifacts, config: OnlineConfig | None = None, log
                     upgrade=artifacts.models["new"],
                     out=layout.path("backfill"),
                     method=config.method,
-                    transformation=artifacts.models[config.method],
+                    transformation=artifacts.models[config.method] if forward else None,
+                    old_model=artifacts.models["old"],
                     policy=config.policy,
                     tiers=config.tiers,
                     index=INDEX_NAME,
-                    pool=PoolConfig(batch_size=256),
+                    pool=PoolConfig(batch_size=config.batch_size),
+                    transform_batch_size=config.batch_size,
+                    max_rate=max_rate,
                     progress=False,
                 )
             )
@@ -91,14 +86,15 @@ def run_online(artifacts: DemoArtifacts, config: OnlineConfig | None = None, log
     finally:
         destroy_index(INDEX_NAME)
     items = sum(phase.items for phase in summary.phases if phase.name != "plan")
-    log(
-        f"online: {items} items in {seconds:.1f}s, {client.queries} live queries, {client.errors} errors; "
-        f"live top-1 {before.top1:.3f} (old) -> {after.top1:.3f} (after the backfill)"
-    )
+    logger.info(
+        "  backfill under queries: %d items in %.1fs, %d live queries, %d errors; live top-1 %.3f -> %.3f",
+        items, seconds, client.queries, client.errors, before.top1, after.top1,
+    )  # fmt: skip
     return {
         "items": items,
         "seconds": seconds,
         "items_per_s": items / seconds if seconds > 0 else 0.0,
+        "max_rate": max_rate,
         "queries": client.queries,
         "query_errors": client.errors,
         "method": config.method,
@@ -148,9 +144,15 @@ class _QueryClient:
                     {
                         "t": round(time.perf_counter() - self._start, 3),
                         "phase": progress.phase,
+                        "fraction_transformed": _share(progress, Space.TRANSFORMED),
                         "fraction_new": progress.fraction_new,
                         "top1": reading.top1,
                         "map_at_k": reading.map_at_k,
                     }
                 )
             self._stop.wait(self.config.pause_s)
+
+
+def _share(progress, space: Space) -> float:
+    """Share of the gallery an index's progress counts in ``space``."""
+    return progress.counts.get(space, 0) / progress.total if progress.total else 0.0

@@ -3,8 +3,9 @@
 The glue between stored tables and the evaluation math (metrics, curves, report, plots): tables are
 matched by id (every table of a set must hold the set's ids; rows are reordered to the old table's), the
 method's recipe says which vectors score the not-yet-backfilled and the backfilled items, and each
-backfill order is a priority policy (raybackfill.backfill.policies) or a stored score column.
-Labels come from the old query and old gallery tables (``label`` column); protocol "disjoint".
+backfill order (:class:`Order`) is a priority policy (raybackfill.backfill.policies) or a stored score column.
+Labels come from the old query and old gallery tables (``label`` column); protocol "disjoint"; metric cosine
+or l2 (see raybackfill.eval.metrics).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pyarrow as pa
 
-from raybackfill.backfill.policies import POLICIES, priority_order, priority_scores
+from raybackfill.backfill.policies import priority_order, priority_scores
 from raybackfill.compat.recipes import RECIPES, get_recipe
 from raybackfill.data.io import join, read_table, write_bytes
 from raybackfill.data.schema import ID, LABEL, SIDE_INFO, validate_embedding_table, vectors_of
@@ -31,8 +32,9 @@ from raybackfill.eval.metrics import EvalConfig, RetrievalResult, cross_tests
 from raybackfill.eval.plots import plot_curves, plot_online
 from raybackfill.eval.report import Run, build_report, save_report, summary_table
 from raybackfill.models.artifacts import load_model
+from raybackfill.types import Method, Metric, OldQuerySource, Policy, Strategy, locate_ids, parse
 
-COLUMN_ORDER = "column:"
+COLUMN_PREFIX = "column:"
 REPORT_FILE = "report.json"
 PLOT_FILE = "backfill_curves.png"
 ONLINE_PLOT_FILE = "online_quality.png"
@@ -41,15 +43,46 @@ METHODS = tuple(RECIPES)
 
 
 def rows_of(ids: np.ndarray, wanted: np.ndarray, source: str) -> np.ndarray:
-    """Row positions of the ``wanted`` ids among unique ``ids`` (vectorised: sort + searchsorted)."""
-    ids, wanted = np.asarray(ids, dtype=np.int64), np.asarray(wanted, dtype=np.int64)
-    order = np.argsort(ids, kind="stable")
-    where = np.minimum(np.searchsorted(ids[order], wanted), max(len(ids) - 1, 0))
-    found = ids[order][where] == wanted if len(ids) else np.zeros(len(wanted), dtype=bool)
-    if not found.all():
-        missing = wanted[~found]
-        raise ValueError(f"{source}: {len(missing)} ids are missing (e.g. {missing[:5].tolist()})")
-    return order[where]
+    """Row positions of the ``wanted`` ids among unique ``ids``; a ValueError naming ``source`` if any is missing."""
+    try:
+        return locate_ids(np.asarray(ids, dtype=np.int64), np.asarray(wanted, dtype=np.int64))
+    except KeyError as err:
+        raise ValueError(f"{source}: {err.args[0]}") from None
+
+
+@dataclass(frozen=True)
+class Order:
+    """A backfill order: a priority ``policy``, or a numeric score ``column`` of the old (then the
+    transformed) gallery table, highest first. Exactly one of the two is set.
+
+    The command line and report.json write an order as the policy's name or ``column:NAME``
+    (:meth:`parse` reads that form back, ``str`` writes it).
+    """
+
+    policy: Policy | None = None
+    column: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.policy is None) == (self.column is None):
+            raise ValueError(f"an order is a policy or a score column, not both or neither: {self!r}")
+        if self.policy is not None:
+            object.__setattr__(self, "policy", parse(Policy, self.policy, what="order"))
+        elif not self.column:
+            raise ValueError("an order's score column needs a name")
+
+    @classmethod
+    def parse(cls, text: str | Order) -> Order:
+        """``"random"`` -> ``Order(Policy.RANDOM)``; ``"column:NAME"`` -> ``Order(column="NAME")``."""
+        if isinstance(text, Order):
+            return text
+        if text.startswith(COLUMN_PREFIX):
+            return cls(column=text[len(COLUMN_PREFIX) :])
+        if text in set(Policy):
+            return cls(policy=Policy(text))
+        raise ValueError(f"unknown order {text!r}; use one of {', '.join(Policy)} or {COLUMN_PREFIX}NAME")
+
+    def __str__(self) -> str:
+        return str(self.policy) if self.policy is not None else f"{COLUMN_PREFIX}{self.column}"
 
 
 @dataclass(frozen=True)
@@ -72,18 +105,17 @@ class EvalInputs:
 class OfflineConfig:
     """What to evaluate: the method (a recipe name), backfill orders, beta grid and metric.
 
-    ``orders``: policy names (random, id, uncertainty, entropy, least_confidence) or ``column:NAME``, a
-    numeric score column of the old (then the transformed) gallery table, highest first.
-    ``transformation``: FastFill artefact for ``uncertainty``; ``old_model``: old backbone artefact whose
-    classifier gives ``entropy`` / ``least_confidence``. ``random_seeds``: how many random orders (seeds
-    ``seed``, ``seed + 1``, ...) the random run is measured over; the report then gives their AUC band, which
-    other orders are judged against (see eval.report.versus_random). Its curve stays the one of ``seed``.
+    ``orders``: :class:`Order` values (their string forms are parsed). ``transformation``: FastFill
+    artefact for the ``uncertainty`` policy; ``old_model``: old backbone artefact whose classifier gives
+    ``entropy`` / ``least_confidence``. ``random_seeds``: how many random orders (seeds ``seed``,
+    ``seed + 1``, ...) the random run is measured over; the report then gives their AUC band, which other
+    orders are judged against (see eval.report.versus_random). Its curve stays the one of ``seed``.
     """
 
-    method: str
-    orders: tuple[str, ...] = ("random",)
+    method: Method
+    orders: tuple[Order, ...] = (Order(Policy.RANDOM),)
     beta_points: int = DEFAULT_POINTS
-    metric: str = "cosine"
+    metric: Metric = Metric.COSINE
     seed: int = 0
     memory_budget_mb: int = 2048
     transformation: str | None = None
@@ -91,16 +123,15 @@ class OfflineConfig:
     random_seeds: int = 1
 
     def __post_init__(self) -> None:
-        get_recipe(self.method)
+        object.__setattr__(self, "method", parse(Method, self.method, what="method"))
+        object.__setattr__(self, "metric", parse(Metric, self.metric, what="metric"))
+        object.__setattr__(self, "orders", tuple(Order.parse(order) for order in self.orders))
         if self.random_seeds < 1:
             raise ValueError(f"random_seeds must be at least 1, got {self.random_seeds}")
         if not self.orders:
             raise ValueError("give at least one backfill order")
         if len(set(self.orders)) != len(self.orders):
-            raise ValueError(f"backfill orders repeat: {list(self.orders)}")
-        for order in self.orders:
-            if order not in POLICIES and not (order.startswith(COLUMN_ORDER) and len(order) > len(COLUMN_ORDER)):
-                raise ValueError(f"unknown order {order!r}; use one of {', '.join(POLICIES)} or column:NAME")
+            raise ValueError(f"backfill orders repeat: {[str(order) for order in self.orders]}")
         even_betas(self.beta_points)
         EvalConfig(metric=self.metric, memory_budget_mb=self.memory_budget_mb)
 
@@ -148,19 +179,18 @@ def method_spaces(method: str, tables: LoadedTables) -> BackfillSpaces:
     recipe = get_recipe(method)
     q = {name: e.vectors for name, e in tables.queries.items()}
     g = {name: e.vectors for name, e in tables.gallery.items()}
-    if recipe.query_strategy == "old":
+    if recipe.query_strategy == Strategy.OLD:
         return BackfillSpaces.old(q["old"], g["old"])
-    if recipe.query_strategy == "compatible":
+    if recipe.query_strategy == Strategy.COMPATIBLE:
         if recipe.forward_transformation and "transformed" not in g:
             raise ValueError(f"method {method!r} serves transformed old embeddings: give --gallery-transformed")
         return BackfillSpaces.compatible(
             q["new"], g["transformed" if recipe.forward_transformation else "old"], g["new"]
         )
-    if recipe.old_query_source == "psi" and "psi" not in q:
+    psi = recipe.old_query_source == OldQuerySource.PSI
+    if psi and "psi" not in q:
         raise ValueError(f"method {method!r} queries the old part with psi(new query): give --psi-queries")
-    return BackfillSpaces.rank_merge(
-        q["psi" if recipe.old_query_source == "psi" else "old"], g["old"], q["new"], g["new"]
-    )
+    return BackfillSpaces.rank_merge(q["psi" if psi else "old"], g["old"], q["new"], g["new"])
 
 
 def anchors(tables: LoadedTables, config: EvalConfig) -> dict[str, RetrievalResult]:
@@ -190,14 +220,14 @@ def _score_column(tables: LoadedTables, name: str) -> np.ndarray:
     raise ValueError(f"order column {name!r} is in neither the old nor the transformed gallery table")
 
 
-def backfill_order(spec: str, tables: LoadedTables, config: OfflineConfig) -> np.ndarray:
+def backfill_order(order: Order, tables: LoadedTables, config: OfflineConfig) -> np.ndarray:
     """Gallery positions, highest priority first (ties by ascending id)."""
     ids = tables.gallery["old"].ids
-    if spec.startswith(COLUMN_ORDER):
-        return priority_order(_score_column(tables, spec[len(COLUMN_ORDER) :]), ids)
+    if order.column is not None:
+        return priority_order(_score_column(tables, order.column), ids)
     old = tables.gallery["old"].vectors
     kwargs: dict = {"old": old, "seed": config.seed}
-    if spec == "uncertainty":
+    if order.policy is Policy.UNCERTAINTY:
         if not config.transformation:
             raise ValueError("order 'uncertainty' needs the FastFill transformation artefact (--transformation)")
         head = load_model(config.transformation).module
@@ -207,16 +237,16 @@ def backfill_order(spec: str, tables: LoadedTables, config: OfflineConfig) -> np
             if SIDE_INFO not in table.schema.names:
                 raise ValueError(f"the transformation reads side-information; the old gallery has no {SIDE_INFO!r}")
             kwargs["side"] = vectors_of(table, SIDE_INFO)
-    elif spec in ("entropy", "least_confidence"):
+    elif order.policy in (Policy.ENTROPY, Policy.LEAST_CONFIDENCE):
         if not config.old_model:
-            raise ValueError(f"order {spec!r} needs the old model artefact (--old-model) for its classifier")
+            raise ValueError(f"order {str(order)!r} needs the old model artefact (--old-model) for its classifier")
         classifier = load_model(config.old_model).module.classifier
         kwargs["classifier"] = (classifier.weight.detach().numpy(), classifier.bias.detach().numpy())
-    return priority_order(priority_scores(spec, ids, **kwargs), ids)
+    return priority_order(priority_scores(order.policy, ids, **kwargs), ids)
 
 
 def order_run(
-    order: str,
+    order: Order,
     spaces: BackfillSpaces,
     tables: LoadedTables,
     config: OfflineConfig,
@@ -239,12 +269,12 @@ def order_run(
 
     curve = curve_of(config)
     seed_aucs = None
-    if order == "random" and config.random_seeds > 1:
+    if order.policy is Policy.RANDOM and config.random_seeds > 1:
         seed_aucs = {config.seed: (auc_mean(curve.betas, curve.top1), auc_mean(curve.betas, curve.map))}
         for seed in range(config.seed + 1, config.seed + config.random_seeds):
             other = curve_of(replace(config, seed=seed))
             seed_aucs[seed] = (auc_mean(other.betas, other.top1), auc_mean(other.betas, other.map))
-    return Run(config.method, order, spaces.strategy, curve, seed_aucs)
+    return Run(config.method, str(order), spaces.strategy, curve, seed_aucs)
 
 
 def evaluate_tables(inputs: EvalInputs, config: OfflineConfig) -> dict:

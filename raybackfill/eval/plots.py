@@ -54,8 +54,9 @@ def plot_curves(report: Mapping, uri: str) -> str:
 
 
 def online_figure(online: Mapping) -> Figure:
-    """Live top-1 and mAP@k of the query client against time, with the share of the gallery in the new
-    space on a second axis: whether quality rose as the backfill moved items, and when."""
+    """Live top-1 and mAP@k of the query client against time, with the shares of the gallery transformed
+    (served from the forward transformation) and re-embedded (by the new model) on a second axis: whether
+    quality rose as the backfill moved items, and when."""
     readings = online.get("live_readings") or []
     if not readings:
         raise ValueError("the online section has no live_readings to plot")
@@ -63,14 +64,17 @@ def online_figure(online: Mapping) -> Figure:
     fig = Figure(figsize=(9, 4.5), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    ax.plot(t, [r["top1"] for r in readings], label="live top-1")
-    ax.plot(t, [r["map_at_k"] for r in readings], label=f"live mAP@{online.get('k', 'k')}")
+    ax.plot(t, [r["top1"] for r in readings], marker=".", label="live top-1")
+    ax.plot(t, [r["map_at_k"] for r in readings], marker=".", label=f"live mAP@{online.get('k', 'k')}")
     ax.set_xlabel("seconds since the backfill started")
     ax.set_ylabel("live quality")
     ax.grid(alpha=0.3)
     share = ax.twinx()
-    share.plot(t, [r["fraction_new"] for r in readings], color="0.5", linestyle=":", label="fraction in new space")
-    share.set_ylabel("fraction of the gallery in the new space")
+    if any("fraction_transformed" in r for r in readings):
+        transformed = [r.get("fraction_transformed", 0.0) for r in readings]
+        share.plot(t, transformed, color="0.6", linestyle="--", label="fraction transformed")
+    share.plot(t, [r["fraction_new"] for r in readings], color="0.3", linestyle=":", label="fraction re-embedded")
+    share.set_ylabel("fraction of the gallery")
     share.set_ylim(0, 1.05)
     ax.set_title(f"{online.get('method', '')}/{online.get('policy', '')} backfill under live queries "
                  f"({online.get('queries', 0)} queries, {online.get('query_errors', 0)} errors)")
