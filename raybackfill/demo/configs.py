@@ -66,8 +66,8 @@ class DemoScale:
     learning rate is chosen among ``backbone_lrs`` on the old model's validation split. What stays fixed is
     the shape of the search: small batches for the backbones (more optimizer steps per epoch at the same cost
     on a CPU) and no augmentation (so the new models fit their training set, which this project supposes
-    FastFill's head relies on; the papers' reference code trains with augmentation and label smoothing). The full size's 50 classes x 140 images give 1,400 queries, so that one
-    query is 0.07 points of top-1.
+    FastFill's head relies on; the papers' reference code trains with augmentation and label smoothing).
+    The full size's 50 classes x 140 images give 1,400 queries, so that one query is 0.07 points of top-1.
     """
 
     classes: int = 50  # built-in data only (ignored with --data)
