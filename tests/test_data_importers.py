@@ -27,10 +27,10 @@ from raybackfill.data.importers import (
     read_idx,
 )
 from raybackfill.data.info import class_names
-from raybackfill.data.io import ShardExistsError, list_shards, read_table
 from raybackfill.data.loading import quarantined_ids
 from raybackfill.data.preprocessing import decode_image
 from raybackfill.data.schema import TEXT, validate_gallery_schema, validate_image_table
+from raybackfill.data.storage import ShardExistsError, list_shards, read_table
 
 
 def _pixels(seed: int, h: int = 6, w: int = 6, channels: int = 3) -> np.ndarray:

@@ -26,8 +26,8 @@ from index_testing import (
 
 from raybackfill import NAMESPACE
 from raybackfill.index.router import RouterConfig, connect, create_index, destroy_index, get
-from raybackfill.index.routing import shard_of
 from raybackfill.index.shard import IndexConfig
+from raybackfill.index.sharding import shard_of
 
 REPO = Path(__file__).resolve().parents[1]
 

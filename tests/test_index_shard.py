@@ -17,7 +17,7 @@ from index_testing import (
     unit,
 )
 
-from raybackfill.data.io import join
+from raybackfill.data.storage import join
 from raybackfill.index.router import get
 from raybackfill.index.shard import IndexConfig, IndexShard
 

@@ -20,8 +20,8 @@ from raybackfill import NAMESPACE
 from raybackfill.backfill.ledger import Ledger
 from raybackfill.backfill.run import BackfillConfig, run_backfill
 from raybackfill.cli.main import main
-from raybackfill.data.io import read_table
 from raybackfill.data.schema import ID
+from raybackfill.data.storage import read_table
 from raybackfill.embed.pipeline import PoolConfig
 from raybackfill.index.merge import NEW, OLD
 from raybackfill.index.router import IndexUnavailableError, RouterConfig, create_index, destroy_index, get

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from raybackfill.data import io
+from raybackfill.data import storage
 from raybackfill.data.loading import gallery_shards
 from raybackfill.data.schema import (
     EMBEDDING,
@@ -29,10 +29,10 @@ from raybackfill.models.artifacts import load_model
 
 def old_embedding_dim(uri: str) -> int:
     """The dim of a stored embedding table, checked on every shard's footer (one dim for the whole table)."""
-    shards = io.table_shards(uri)
+    shards = storage.table_shards(uri)
     dims = {}
     for shard in shards:
-        schema = io.read_footer(shard).schema.to_arrow_schema()
+        schema = storage.read_footer(shard).schema.to_arrow_schema()
         if ID not in schema.names or not pa.types.is_integer(schema.field(ID).type):
             raise SchemaError(f"{shard}: needs an integer column 'id' (columns: {', '.join(schema.names)})")
         dims[shard] = embedding_dim(schema, EMBEDDING, shard)
@@ -45,12 +45,12 @@ def old_embedding_dim(uri: str) -> int:
 
 def _ids(uri: str) -> np.ndarray:
     """The id column of every shard of a table (nothing else is read)."""
-    fs, _ = io.resolve(uri)
-    paths = [io.resolve(shard)[1] for shard in io.list_shards(uri)]
+    fs, _ = storage.resolve(uri)
+    paths = [storage.resolve(shard)[1] for shard in storage.list_shards(uri)]
     try:
         return pads.dataset(paths, filesystem=fs, format="parquet").to_table(columns=[ID]).column(ID).to_numpy()
     except (OSError, pa.ArrowInvalid) as err:
-        raise io.StorageError(f"{uri}: cannot read the id column ({err})") from err
+        raise storage.StorageError(f"{uri}: cannot read the id column ({err})") from err
 
 
 def check_inputs(gallery: str, old_embeddings: str, upgrade: str, transformation: str | None = None, *,
@@ -78,8 +78,8 @@ def check_inputs(gallery: str, old_embeddings: str, upgrade: str, transformation
 
 def _check_side_info(old_embeddings: str, dim: int, transformation: str) -> None:
     """A transformation trained with side-information reads it from every old-embedding shard."""
-    for shard in io.table_shards(old_embeddings):
-        schema = io.read_footer(shard).schema.to_arrow_schema()
+    for shard in storage.table_shards(old_embeddings):
+        schema = storage.read_footer(shard).schema.to_arrow_schema()
         if SIDE_INFO not in schema.names:
             raise SchemaError(f"{shard}: missing column '{SIDE_INFO}', which the transformation {transformation} "
                               f"reads (embed the old gallery with --side-info-model)")

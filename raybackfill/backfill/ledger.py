@@ -8,12 +8,12 @@ Layout under the output URI (local or s3://)::
     quarantine/*.parquet         bad rows (id, reason, stage)
 
 A batch file is named after a hash of its sorted ids, so writing the same batch twice (a retry) is a
-no-op, and a batch is committed atomically (raybackfill.data.io.write_shard). A restarted job reads the
+no-op, and a batch is committed atomically (raybackfill.data.storage.write_shard). A restarted job reads the
 ids of every committed batch and skips them; it never re-emits a written id, so every id is in the
 outputs exactly once. Because each batch is written *before* it is upserted, the index holds a subset
 of the ledger, and :meth:`Ledger.replay` closes the gap left by a kill between the two steps.
 
-The skip lists (``io.committed_ids``, ``loading.quarantined_ids``) live in the data layer: the embed job
+The skip lists (``storage.committed_ids``, ``loading.quarantined_ids``) live in the data layer: the embed job
 (raybackfill.embed.pipeline) resumes with them too.
 """
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from raybackfill.data import io
+from raybackfill.data import storage
 from raybackfill.data.loading import quarantined_ids
 from raybackfill.data.schema import EMBEDDING, ID, vectors_of
 from raybackfill.index.router import get
@@ -49,34 +49,35 @@ class Ledger:
 
     @property
     def plan_uri(self) -> str:
-        return io.join(self.uri, "plan")
+        return storage.join(self.uri, "plan")
 
     @property
     def transformed_uri(self) -> str:
-        return io.join(self.uri, "transformed")
+        return storage.join(self.uri, "transformed")
 
     @property
     def new_uri(self) -> str:
-        return io.join(self.uri, "new")
+        return storage.join(self.uri, "new")
 
     @property
     def quarantine_uri(self) -> str:
-        return io.join(self.uri, "quarantine")
+        return storage.join(self.uri, "quarantine")
 
     def tier_uri(self, tier: int) -> str:
-        return io.join(self.new_uri, f"tier-{tier:05d}")
+        return storage.join(self.new_uri, f"tier-{tier:05d}")
 
     def write(self, directory: str, table: pa.Table) -> str:
         """Commit one batch under ``directory`` (a retried batch is skipped, never duplicated)."""
-        return io.write_shard(table, directory, batch_name(table.column(ID).to_numpy()), if_exists="skip")
+        return storage.write_shard(table, directory, batch_name(table.column(ID).to_numpy()), if_exists="skip")
 
     def files(self, directory: str) -> list[str]:
         """Committed batch files under ``directory``, oldest first (the order they were written)."""
-        return [io.join(directory, i.path[len(io.resolve(directory)[1]) + 1 :]) for i in io.committed_files(directory)]
+        root = len(storage.resolve(directory)[1]) + 1
+        return [storage.join(directory, i.path[root:]) for i in storage.committed_files(directory)]
 
     def ids(self, directory: str) -> np.ndarray:
         """Ids of every committed batch under ``directory`` (id column only: cheap)."""
-        return io.committed_ids(directory)
+        return storage.committed_ids(directory)
 
     def quarantined(self, stages: tuple[str, ...]) -> np.ndarray:
         """Ids quarantined at any of ``stages``."""
@@ -97,13 +98,13 @@ class Ledger:
         for path in reversed(self.files(self.new_uri)):
             if counts["new"] == len(new_ids):
                 break
-            table = io.read_shard(path, [ID, EMBEDDING])
+            table = storage.read_shard(path, [ID, EMBEDDING])
             counts = get(router.upsert.remote(table.column(ID).to_numpy(), vectors_of(table), "new", version))
             sent += table.num_rows
         for path in reversed(self.files(self.transformed_uri)):
             if counts["transformed"] + counts["new"] == len(moved_ids):
                 break
-            table = io.read_shard(path, [ID, EMBEDDING])
+            table = storage.read_shard(path, [ID, EMBEDDING])
             ids = table.column(ID).to_numpy()
             keep = ~np.isin(ids, new_ids)
             if keep.any():

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from raybackfill.backfill.policies import POLICIES, priority_order, priority_scores
-from raybackfill.data import io
+from raybackfill.data import storage
 from raybackfill.data.loading import read_gallery, read_shards, write_quarantine
 from raybackfill.data.schema import EMBEDDING, ID, SIDE_INFO, check_unique_ids, vectors_of
 
@@ -77,11 +77,11 @@ class Plan:
 
 def read_plan(uri: str) -> Plan | None:
     """The committed plan under ``uri``, or None when no plan was committed there."""
-    json_uri = io.join(uri, PLAN_JSON)
-    if not io.exists(json_uri):
+    json_uri = storage.join(uri, PLAN_JSON)
+    if not storage.exists(json_uri):
         return None
-    raw = json.loads(io.read_bytes(json_uri))
-    tiers = [Tier(t["index"], t["rows"], [io.join(uri, f) for f in t["files"]]) for t in raw["tiers"]]
+    raw = json.loads(storage.read_bytes(json_uri))
+    tiers = [Tier(t["index"], t["rows"], [storage.join(uri, f) for f in t["files"]]) for t in raw["tiers"]]
     return Plan(uri, PlanConfig(**raw["config"]), raw["total"], tiers)
 
 
@@ -96,7 +96,7 @@ def ensure_plan(config: PlanConfig, uri: str, quarantine_uri: str, *, batch_size
     ids, scores = score_gallery(config, batch_size=batch_size)
     rank = np.empty(len(ids), dtype=np.int64)
     rank[priority_order(scores, ids)] = np.arange(len(ids), dtype=np.int64)
-    attempt = io.join(uri, f"attempt-{uuid.uuid4().hex[:12]}")
+    attempt = storage.join(uri, f"attempt-{uuid.uuid4().hex[:12]}")
     files = _write_tiers(config, ids, rank, attempt, quarantine_uri)
     total = _quarantine_missing(ids, files, quarantine_uri)
     tiers = []
@@ -110,7 +110,7 @@ def ensure_plan(config: PlanConfig, uri: str, quarantine_uri: str, *, batch_size
         "tiers": [{"index": t.index, "rows": t.rows, "files": [f[prefix:] for f in t.files]} for t in tiers],
     }
     try:
-        io.write_bytes(io.join(uri, PLAN_JSON), json.dumps(manifest, indent=1).encode(), if_exists="error")
+        storage.write_bytes(storage.join(uri, PLAN_JSON), json.dumps(manifest, indent=1).encode(), if_exists="error")
     except FileExistsError:
         return ensure_plan(config, uri, quarantine_uri, batch_size=batch_size)  # a concurrent run committed first
     return Plan(uri, config, total, tiers)
@@ -156,11 +156,11 @@ def score_gallery(config: PlanConfig, *, batch_size: int = 65_536) -> tuple[np.n
     Policies of the id alone read only the id column, in the driver (8 MB for 1M ids: a Ray Data pass would
     start workers to read 512 MB of vectors these policies ignore)."""
     if config.policy in ID_POLICIES:
-        ids = io.read_table(config.old_embeddings, [ID]).column(ID).to_numpy().astype(np.int64)
+        ids = storage.read_table(config.old_embeddings, [ID]).column(ID).to_numpy().astype(np.int64)
         check_unique_ids(ids, config.old_embeddings)
         return ids, priority_scores(config.policy, ids, seed=config.seed).astype(np.float64)
-    shards = io.table_shards(config.old_embeddings)
-    names = io.read_footer(shards[0]).schema.to_arrow_schema().names
+    shards = storage.table_shards(config.old_embeddings)
+    names = storage.read_footer(shards[0]).schema.to_arrow_schema().names
     columns = [ID, EMBEDDING] + ([SIDE_INFO] if SIDE_INFO in names else [])
     ds = read_shards(shards, columns=columns).map_batches(
         _score_batch, fn_kwargs={"config": config}, batch_size=batch_size, batch_format="pyarrow", num_cpus=0.5
@@ -194,8 +194,8 @@ def _split_block(block: pa.Table, sorted_ids: np.ndarray, sorted_ranks: np.ndarr
         part = block.slice(start, stop - start)
         tier = int(tiers[start])
         digest = hashlib.sha1(part.column(ID).to_numpy().tobytes()).hexdigest()[:20]
-        directory = io.join(attempt, f"tier-{tier:05d}")
-        out["file"].append(io.write_shard(part, directory, f"part-{digest}.parquet", if_exists="skip"))
+        directory = storage.join(attempt, f"tier-{tier:05d}")
+        out["file"].append(storage.write_shard(part, directory, f"part-{digest}.parquet", if_exists="skip"))
         out["tier"].append(tier)
         out["rows"].append(part.num_rows)
     return {"tier": np.array(out["tier"], dtype=np.int64), "rows": np.array(out["rows"], dtype=np.int64),
@@ -229,8 +229,8 @@ def _quarantine_missing(ids: np.ndarray, files: list[dict], quarantine_uri: str)
     """Ids with an old embedding but no image cannot be re-embedded: quarantined. Returns the rows planned."""
     planned = np.zeros(0, dtype=np.int64)
     if files:
-        fs, _ = io.resolve(files[0]["file"])
-        paths = [io.resolve(f["file"])[1] for f in files]
+        fs, _ = storage.resolve(files[0]["file"])
+        paths = [storage.resolve(f["file"])[1] for f in files]
         planned = pads.dataset(paths, filesystem=fs, format="parquet").to_table(columns=[ID]).column(ID).to_numpy()
     check_unique_ids(planned, "gallery")
     missing = np.setdiff1d(ids, planned)

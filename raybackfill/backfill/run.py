@@ -38,7 +38,7 @@ from raybackfill.backfill.plan import RANK, Plan, PlanConfig, Tier, ensure_plan,
 from raybackfill.backfill.rows import TIER, prepare_kept
 from raybackfill.backfill.sink import BatchSink, PhaseStats
 from raybackfill.compat.recipes import get_recipe
-from raybackfill.data import io
+from raybackfill.data import storage
 from raybackfill.data.loading import keep_only, read_shards
 from raybackfill.data.schema import EMBEDDING, ID, SIDE_INFO
 from raybackfill.embed.pipeline import EncoderInputs, PoolConfig, map_embed, map_transform, plan_inputs
@@ -170,7 +170,7 @@ def _bar(config: BackfillConfig, name: str, total: int) -> tqdm:
 def _instant_phase(config: BackfillConfig, ledger: Ledger, router, version: str) -> PhaseStats:
     """Transform the stored old embeddings not yet transformed (nor re-embedded) into the new space."""
     stats = PhaseStats("instant")
-    old_ids = io.read_table(config.old_embeddings, [ID]).column(ID).to_numpy()
+    old_ids = storage.read_table(config.old_embeddings, [ID]).column(ID).to_numpy()
     done = np.concatenate([ledger.ids(ledger.transformed_uri), ledger.ids(ledger.new_uri),
                            ledger.quarantined(INSTANT_STAGES)])
     keep = np.setdiff1d(old_ids, done)
@@ -178,7 +178,8 @@ def _instant_phase(config: BackfillConfig, ledger: Ledger, router, version: str)
         return stats
     columns = [ID, EMBEDDING] + ([SIDE_INFO] if read_spec(config.transformation).dims.get("side") else [])
     pool = config.pool
-    ds = read_shards(io.list_shards(config.old_embeddings), columns=columns, rows_per_block=config.transform_batch_size)
+    ds = read_shards(storage.list_shards(config.old_embeddings), columns=columns,
+                     rows_per_block=config.transform_batch_size)
     if len(keep) < len(old_ids):  # a resumed run: drop what is done (a first run skips this whole pass)
         ds = keep_only(ds, keep)
     ds = map_transform(ds, config.transformation, replace(pool, batch_size=config.transform_batch_size))
@@ -195,8 +196,8 @@ def _tier_order(tier: Tier) -> np.ndarray:
     """The tier's ids, highest priority (lowest rank) first (id and rank columns only)."""
     if not tier.files:
         return np.zeros(0, dtype=np.int64)
-    fs, _ = io.resolve(tier.files[0])
-    table = pads.dataset([io.resolve(f)[1] for f in tier.files], filesystem=fs, format="parquet").to_table(
+    fs, _ = storage.resolve(tier.files[0])
+    table = pads.dataset([storage.resolve(f)[1] for f in tier.files], filesystem=fs, format="parquet").to_table(
         columns=[ID, RANK])
     return table.column(ID).to_numpy()[np.argsort(table.column(RANK).to_numpy(), kind="stable")]
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from raybackfill.cli.encoder import add_trust_arguments, trust_from
-from raybackfill.data.io import read_table
 from raybackfill.data.schema import ID, MODEL, validate_embedding_table, vectors_of
+from raybackfill.data.storage import read_table
 from raybackfill.index.merge import METRICS, OLD, SPACES, TopK
 from raybackfill.index.progress import Progress
 from raybackfill.index.router import DEFAULT_NAME, RouterConfig, connect, create_index, destroy_index, get

@@ -39,9 +39,9 @@ from tqdm import tqdm
 
 from raybackfill.data.images import encode_png
 from raybackfill.data.info import with_class_names
-from raybackfill.data.io import ShardExistsError, WriteResult, join, next_shard_index, write_table
 from raybackfill.data.preprocessing import decode_image
 from raybackfill.data.schema import ID, IMAGE, LABEL, image_table, text_table
+from raybackfill.data.storage import ShardExistsError, WriteResult, join, next_shard_index, write_table
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from raybackfill.data import io
+from raybackfill.data import storage
 from raybackfill.data.preprocessing import ImagePreprocessing, Preprocessing, decode_image
 from raybackfill.data.schema import ID, IMAGE, gallery_column, quarantine_table, validate_gallery_schema
 
@@ -21,17 +21,17 @@ def gallery_shards(uri: str, *, require_label: bool = False, column: str | None 
     """The table's shard URIs, each checked for the gallery schema (footers only, no data read).
 
     ``column`` is the content column (``image`` or ``text``); None takes the first shard's."""
-    shards = io.table_shards(uri)
-    column = column or gallery_column(io.read_footer(shards[0]).schema.to_arrow_schema(), shards[0])
+    shards = storage.table_shards(uri)
+    column = column or gallery_column(storage.read_footer(shards[0]).schema.to_arrow_schema(), shards[0])
     for shard in shards:
-        validate_gallery_schema(io.read_footer(shard).schema.to_arrow_schema(), shard, require_label, column)
+        validate_gallery_schema(storage.read_footer(shard).schema.to_arrow_schema(), shard, require_label, column)
     return shards
 
 
 def gallery_content(uri: str) -> str:
     """``image`` or ``text``: what the gallery table at ``uri`` holds (first shard's footer)."""
-    first = io.table_shards(uri)[0]
-    return gallery_column(io.read_footer(first).schema.to_arrow_schema(), first)
+    first = storage.table_shards(uri)[0]
+    return gallery_column(storage.read_footer(first).schema.to_arrow_schema(), first)
 
 
 class ShardFiles(Datasource):
@@ -40,18 +40,18 @@ class ShardFiles(Datasource):
     Why not ``ray.data.read_parquet``: in Ray 2.60 it lists every read through a pool of 32 footer-reading
     actors (5-25 s per dataset on a 2-core machine, more than embedding a few thousand images) and
     bin-packs small files into ~128 MiB read units (20 shards became one block for one busy actor). The
-    shards here are already listed by ``io.list_shards``; their footers give the row counts.
+    shards here are already listed by ``storage.list_shards``; their footers give the row counts.
     """
 
     def __init__(self, uris: list[str], columns: list[str] | None = None) -> None:
         super().__init__()
         if not uris:
-            raise io.StorageError("no parquet shards to read")
+            raise storage.StorageError("no parquet shards to read")
         self.columns = columns
         self.files = []
         for uri in uris:
-            fs, path = io.resolve(uri)
-            meta = io.read_footer(uri)
+            fs, path = storage.resolve(uri)
+            meta = storage.read_footer(uri)
             schema = meta.schema.to_arrow_schema()
             if columns is not None:
                 schema = pa.schema([schema.field(c) for c in columns])
@@ -157,12 +157,13 @@ def write_quarantine(uri: str, ids: np.ndarray, reasons: list[str], *, stage: st
     """Write quarantined rows under a name derived from their ids, so a retried batch writes it once."""
     ids = np.asarray(ids, dtype=np.int64)
     digest = hashlib.sha1(np.sort(ids).tobytes() + stage.encode()).hexdigest()[:16]
-    return io.write_shard(quarantine_table(ids, reasons, stage), uri, f"{stage}-{digest}.parquet", if_exists="skip")
+    table = quarantine_table(ids, reasons, stage)
+    return storage.write_shard(table, uri, f"{stage}-{digest}.parquet", if_exists="skip")
 
 
 def quarantined_ids(uri: str, stages: tuple[str, ...]) -> np.ndarray:
     """Ids in the quarantine table at ``uri`` quarantined at any of ``stages`` (none if it is absent)."""
-    table = io.read_committed(uri, [ID, "stage"])
+    table = storage.read_committed(uri, [ID, "stage"])
     stage = table.column("stage").to_numpy(zero_copy_only=False)
     return table.column(ID).to_numpy()[np.isin(stage, stages)]
 
@@ -187,9 +188,9 @@ def keep_only(ds: ray.data.Dataset, keep: np.ndarray) -> ray.data.Dataset:
 
 def probe_image_size(uri: str) -> int:
     """The shorter side of the first image of a table: the size a model that recorded none is given."""
-    first = io.read_shard(io.list_shards(uri)[0], columns=[IMAGE]).column(IMAGE)
+    first = storage.read_shard(storage.list_shards(uri)[0], columns=[IMAGE]).column(IMAGE)
     if len(first) == 0:
-        raise io.StorageError(f"{uri}: first shard is empty; cannot tell the image size")
+        raise storage.StorageError(f"{uri}: first shard is empty; cannot tell the image size")
     return min(decode_image(first[0].as_py()).size)
 
 

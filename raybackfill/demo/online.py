@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from raybackfill.backfill.run import BackfillConfig, run_backfill
-from raybackfill.data import io
+from raybackfill.data import storage as io
 from raybackfill.data.schema import EMBEDDING, ID, LABEL, vectors_of
 from raybackfill.demo.pipeline import DemoArtifacts
 from raybackfill.embed.pipeline import PoolConfig

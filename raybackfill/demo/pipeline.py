@@ -29,7 +29,7 @@ import torch
 from raybackfill.backfill.policies import priority_scores
 from raybackfill.compat.losses import fastfill_item_loss
 from raybackfill.compat.recipes import get_recipe
-from raybackfill.data import io
+from raybackfill.data import storage as io
 from raybackfill.data.schema import (
     EMBEDDING,
     ID,

@@ -20,7 +20,7 @@ import pyarrow as pa
 import ray
 from tqdm import tqdm
 
-from raybackfill.data import io
+from raybackfill.data import storage
 from raybackfill.data.loading import (
     gallery_content,
     keep_only,
@@ -120,7 +120,7 @@ def plan_inputs(models: dict[str, str], gallery_uri: str, trust: EntrypointTrust
     inputs: dict[str, str] = {}
     for column, uri in models.items():
         spec = read_spec(uri)
-        source = io.join(uri, MODEL_JSON)
+        source = storage.join(uri, MODEL_JSON)
         check_trusted(spec, trust, source)
         wanted = resolve_preprocessing(encoder_preprocessing(spec, source), gallery_uri)
         if wanted.modality.column != content:
@@ -198,7 +198,7 @@ def embed_gallery(
     manifest = _open_table(out_uri, {column: read_spec(uri).version for column, uri in models.items()})
     if manifest.complete:
         return EmbedResult(out_uri, manifest.rows, manifest.quarantined, 0, already_complete=True)
-    quarantine_uri = quarantine_uri or io.join(out_uri, "_quarantine")
+    quarantine_uri = quarantine_uri or storage.join(out_uri, "_quarantine")
     ds = read_gallery(gallery_uri, rows_per_block=pool.batch_size)  # one actor task per batch
     columns = [c for c in (ID, plan.content, *keep_columns) if c in ds.schema().names]
     ds = _skip_done(ds.select_columns(columns), gallery_uri, out_uri, quarantine_uri)
@@ -218,8 +218,8 @@ def transform_embeddings(
     manifest = _open_table(out_uri, {EMBEDDING: read_spec(model_uri).version})
     if manifest.complete:
         return EmbedResult(out_uri, manifest.rows, manifest.quarantined, 0, already_complete=True)
-    quarantine_uri = io.join(out_uri, "_quarantine")
-    ds = read_shards(io.list_shards(old_uri), rows_per_block=pool.batch_size)
+    quarantine_uri = storage.join(out_uri, "_quarantine")
+    ds = read_shards(storage.list_shards(old_uri), rows_per_block=pool.batch_size)
     ds = _skip_done(ds, old_uri, out_uri, quarantine_uri)
     if ds is not None:
         ds = map_transform(ds, model_uri, pool)
@@ -228,13 +228,13 @@ def transform_embeddings(
 
 def read_manifest(out_uri: str) -> Manifest | None:
     """The table's manifest, or None when it has none (a new table)."""
-    uri = io.join(out_uri, MANIFEST)
-    return Manifest(**json.loads(io.read_bytes(uri))) if io.exists(uri) else None
+    uri = storage.join(out_uri, MANIFEST)
+    return Manifest(**json.loads(storage.read_bytes(uri))) if storage.exists(uri) else None
 
 
 def _write_manifest(out_uri: str, manifest: Manifest, *, if_exists: str = "replace") -> None:
-    """Write the manifest in one atomic step (``raybackfill.data.io.write_bytes``)."""
-    io.write_bytes(io.join(out_uri, MANIFEST), json.dumps(asdict(manifest)).encode(), if_exists=if_exists)
+    """Write the manifest in one atomic step (``raybackfill.data.storage.write_bytes``)."""
+    storage.write_bytes(storage.join(out_uri, MANIFEST), json.dumps(asdict(manifest)).encode(), if_exists=if_exists)
 
 
 def _open_table(out_uri: str, models: dict[str, str]) -> Manifest:
@@ -242,8 +242,9 @@ def _open_table(out_uri: str, models: dict[str, str]) -> Manifest:
     gets one before its first shard, so that a partial table says what made it; other models' table is refused."""
     manifest = read_manifest(out_uri)
     if manifest is None:
-        if io.exists(out_uri) and io.list_shards(out_uri):
-            raise io.ShardExistsError(f"{out_uri}: holds shards but no {MANIFEST} (not an embed job's); use a new URI")
+        if storage.exists(out_uri) and storage.list_shards(out_uri):
+            raise storage.ShardExistsError(
+                f"{out_uri}: holds shards but no {MANIFEST} (not an embed job's); use a new URI")
         manifest = Manifest(models)
         _write_manifest(out_uri, manifest, if_exists="error")  # two runs starting at once: one fails
     if manifest.models != models:
@@ -255,10 +256,11 @@ def _open_table(out_uri: str, models: dict[str, str]) -> Manifest:
 def _skip_done(ds: ray.data.Dataset, input_uri: str, out_uri: str, quarantine_uri: str) -> ray.data.Dataset | None:
     """``ds`` (rows of ``input_uri``) without the ids an earlier run committed to ``out_uri`` or quarantined;
     None when no row is left. A first run skips the filter pass."""
-    done = np.union1d(io.committed_ids(out_uri, recursive=False), quarantined_ids(quarantine_uri, QUARANTINE_STAGES))
+    done = np.union1d(storage.committed_ids(out_uri, recursive=False),
+                      quarantined_ids(quarantine_uri, QUARANTINE_STAGES))
     if not len(done):
         return ds
-    keep = np.setdiff1d(io.read_table(input_uri, [ID]).column(ID).to_numpy(), done)
+    keep = np.setdiff1d(storage.read_table(input_uri, [ID]).column(ID).to_numpy(), done)
     if not len(keep):
         return None
     return keep_only(ds, keep)
@@ -277,13 +279,13 @@ def _write_embeddings(
     version = manifest.models[EMBEDDING]
     pending: list[pa.Table] = []
     buffered = rows = 0
-    shard = io.next_shard_index(out_uri)
+    shard = storage.next_shard_index(out_uri)
     bar = tqdm(desc=label, unit="item", disable=not progress)
 
     def flush() -> None:
         nonlocal pending, buffered, shard
         if pending:
-            io.write_shard(pa.concat_tables(pending), out_uri, io.shard_name(shard))
+            storage.write_shard(pa.concat_tables(pending), out_uri, storage.shard_name(shard))
             shard += 1
             pending, buffered = [], 0
 
@@ -302,7 +304,7 @@ def _write_embeddings(
             flush()
     flush()
     bar.close()
-    total = sum(io.read_footer(uri).num_rows for uri in io.list_shards(out_uri))
+    total = sum(storage.read_footer(uri).num_rows for uri in storage.list_shards(out_uri))
     quarantined = len(np.unique(quarantined_ids(quarantine_uri, QUARANTINE_STAGES)))
     if total == 0:
         raise ValueError(f"{label}: no rows were embedded (all {quarantined} quarantined or empty input)")

@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from raybackfill.data.io import join, read_bytes
 from raybackfill.data.preprocessing import (
     ImagePreprocessing,
     Modality,
@@ -31,6 +30,7 @@ from raybackfill.data.preprocessing import (
     Preprocessing,
     preprocessing_from_dict,
 )
+from raybackfill.data.storage import join, read_bytes
 from raybackfill.models.artifacts import (
     MODEL_JSON,
     ArtifactError,

@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from raybackfill.data.io import read_table
 from raybackfill.data.schema import EMBEDDING, ID, LABEL, check_unique_ids, vectors_of
+from raybackfill.data.storage import read_table
 from raybackfill.eval.offline import rows_of
 from raybackfill.index.merge import EMPTY_ID
 from raybackfill.index.router import get

@@ -35,7 +35,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from raybackfill.data.io import read_bytes, write_bytes
+from raybackfill.data.storage import read_bytes, write_bytes
 from raybackfill.eval.curves import BackfillCurve, summarize
 from raybackfill.eval.findings import Finding, findings, random_sd
 from raybackfill.eval.metrics import RetrievalResult

@@ -1,6 +1,6 @@
 """The index router: a named, detached Ray actor in front of S shard actors.
 
-Ids hash to shards (raybackfill.index.routing); an upsert is split by shard, checked on every shard
+Ids hash to shards (raybackfill.index.sharding); an upsert is split by shard, checked on every shard
 (``dry_run``) and only then applied, so a bad id or a version mismatch refuses the whole batch instead
 of applying part of it. A query goes to every shard at once (the query batch is put in the object store
 once) and the per-shard top-k lists are merged by raybackfill.index.merge.
@@ -37,7 +37,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from raybackfill import NAMESPACE
-from raybackfill.data.io import exists, join, read_bytes, write_bytes
+from raybackfill.data.storage import exists, join, read_bytes, write_bytes
 from raybackfill.index.merge import SPACES, TopK, merge_results
 from raybackfill.index.progress import (
     Progress,
@@ -47,8 +47,8 @@ from raybackfill.index.progress import (
     eta_seconds,
     remaining_items,
 )
-from raybackfill.index.routing import split_by_shard
 from raybackfill.index.shard import IndexConfig, IndexShard, ItemVectors, check_strategy
+from raybackfill.index.sharding import split_by_shard
 from raybackfill.index.validate import as_batch, as_ids, as_queries, check_k
 from raybackfill.runtime import init_ray
 

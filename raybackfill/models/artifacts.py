@@ -28,7 +28,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from raybackfill.compat.recipes import RECIPES
-from raybackfill.data.io import exists, join, read_bytes, write_bytes
+from raybackfill.data.storage import exists, join, read_bytes, write_bytes
 from raybackfill.models.registry import BUILDERS, build_model
 
 MODEL_JSON = "model.json"

@@ -18,7 +18,7 @@ import torch
 
 from raybackfill.compat.losses import synthesize_old_classifier
 from raybackfill.compat.recipes import get_recipe
-from raybackfill.data import io
+from raybackfill.data import storage
 from raybackfill.data.loading import keep_only, prepare_rows, probe_image_size, read_gallery
 from raybackfill.data.preprocessing import ImagePreprocessing
 from raybackfill.data.schema import EMBEDDING, ID, IMAGE, LABEL, SIDE_INFO, validate_embedding_table, vectors_of
@@ -52,7 +52,7 @@ def image_datasets(images_uri: str, train: TrainConfig, preprocessing: ImagePrep
     """
     preprocessing = preprocessing or training_preprocessing(images_uri)
     size = preprocessing.output_size
-    labelled = io.read_table(images_uri, columns=[ID, LABEL])
+    labelled = storage.read_table(images_uri, columns=[ID, LABEL])
     ids, labels = labelled.column(ID).to_numpy(), labelled.column(LABEL).to_numpy()
     held_out = holdout(
         ids, labels, train.validation_fraction, max_rows=train.max_validation_rows, seed=train.seed
@@ -107,7 +107,7 @@ def training_summary(state: dict, validation_labels: np.ndarray | None = None) -
 
 
 def _num_classes(images_uri: str) -> int:
-    labels = io.read_table(images_uri, columns=[LABEL]).column(LABEL)
+    labels = storage.read_table(images_uri, columns=[LABEL]).column(LABEL)
     return int(pc.max(labels).as_py()) + 1
 
 
@@ -189,7 +189,7 @@ def _bct_old_classifier(images_uri: str, old_model: str, num_classes: int) -> tu
     old = load_model(old_model).module
     with tempfile.TemporaryDirectory() as scratch:
         embed_gallery(images_uri, {EMBEDDING: old_model}, scratch, progress=False)
-        features, labels = old_features_by_id(io.read_table(scratch, columns=[ID, EMBEDDING, LABEL]))
+        features, labels = old_features_by_id(storage.read_table(scratch, columns=[ID, EMBEDDING, LABEL]))
     weight, bias = synthesize_old_classifier(old.classifier.weight, old.classifier.bias, features, labels, num_classes)
     return weight.numpy(), bias.numpy()
 
@@ -230,8 +230,8 @@ def train_side_info(
 def joined_embeddings(old_uri: str, new_uri: str, *, side_info: bool) -> pa.Table:
     """Rows present in both tables, keyed by id: ``old``, ``new``, ``label`` and optionally ``side``."""
     required = (LABEL, SIDE_INFO) if side_info else (LABEL,)
-    old = validate_embedding_table(io.read_table(old_uri), old_uri, require=required)
-    new = validate_embedding_table(io.read_table(new_uri), new_uri)
+    old = validate_embedding_table(storage.read_table(old_uri), old_uri, require=required)
+    new = validate_embedding_table(storage.read_table(new_uri), new_uri)
     # Arrow's hash join cannot carry fixed-size-list columns; ids are unique, so intersect positions.
     ids, in_old, in_new = np.intersect1d(old.column(ID).to_numpy(), new.column(ID).to_numpy(), return_indices=True)
     if len(ids) == 0:
