@@ -22,7 +22,6 @@ from raybackfill.data.preprocessing import ImagePreprocessing, TextPreprocessing
 from raybackfill.data.schema import EMBEDDING, ID, image_table, text_table, vectors_of
 from raybackfill.embed.pipeline import PoolConfig, embed_gallery
 from raybackfill.encoders import (
-    EncoderKind,
     EncoderSource,
     EntrypointTrust,
     UntrustedEntrypointError,
@@ -31,6 +30,7 @@ from raybackfill.encoders import (
 )
 from raybackfill.models.artifacts import ArtifactError, ModelSpec, save_model
 from raybackfill.models.registry import build_model
+from raybackfill.types import EncoderKind
 
 PREP = ImagePreprocessing(resize=20, crop=16, mean=(0.48, 0.46, 0.41), std=(0.23, 0.22, 0.23))
 TEXT = TextPreprocessing(tokenizer="bytes", max_length=24)

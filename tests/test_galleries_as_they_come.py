@@ -133,7 +133,8 @@ def test_py_module_ships_an_entrypoint_package_to_the_workers_of_a_new_cluster(t
 
     from raybackfill.data.preprocessing import TextPreprocessing
     from raybackfill.data.schema import text_table
-    from raybackfill.encoders import EncoderKind, EncoderSource, EntrypointTrust, register_encoder
+    from raybackfill.encoders import EncoderSource, EntrypointTrust, register_encoder
+    from raybackfill.types import EncoderKind
 
     package = tmp_path / "elsewhere" / "team_pkg"
     package.mkdir(parents=True)

@@ -29,10 +29,7 @@ from raybackfill.data import storage
 from raybackfill.data.loading import quarantined_ids
 from raybackfill.data.schema import EMBEDDING, ID, vectors_of
 from raybackfill.index.router import get
-
-# Quarantine stages of each phase: an id quarantined by the transform still gets re-embedded.
-INSTANT_STAGES = ("transform",)
-BACKFILL_STAGES = ("decode", "embed")
+from raybackfill.types import Space, Stage
 
 
 def batch_name(ids: np.ndarray) -> str:
@@ -79,7 +76,7 @@ class Ledger:
         """Ids of every committed batch under ``directory`` (id column only: cheap)."""
         return storage.committed_ids(directory)
 
-    def quarantined(self, stages: tuple[str, ...]) -> np.ndarray:
+    def quarantined(self, *stages: Stage) -> np.ndarray:
         """Ids quarantined at any of ``stages``."""
         return quarantined_ids(self.quarantine_uri, stages)
 
@@ -96,18 +93,18 @@ class Ledger:
         counts = get(router.progress.remote()).counts
         sent = 0
         for path in reversed(self.files(self.new_uri)):
-            if counts["new"] == len(new_ids):
+            if counts[Space.NEW] == len(new_ids):
                 break
             table = storage.read_shard(path, [ID, EMBEDDING])
-            counts = get(router.upsert.remote(table.column(ID).to_numpy(), vectors_of(table), "new", version))
+            counts = get(router.upsert.remote(table.column(ID).to_numpy(), vectors_of(table), Space.NEW, version))
             sent += table.num_rows
         for path in reversed(self.files(self.transformed_uri)):
-            if counts["transformed"] + counts["new"] == len(moved_ids):
+            if counts[Space.TRANSFORMED] + counts[Space.NEW] == len(moved_ids):
                 break
             table = storage.read_shard(path, [ID, EMBEDDING])
             ids = table.column(ID).to_numpy()
             keep = ~np.isin(ids, new_ids)
             if keep.any():
-                counts = get(router.upsert.remote(ids[keep], vectors_of(table)[keep], "transformed", version))
+                counts = get(router.upsert.remote(ids[keep], vectors_of(table)[keep], Space.TRANSFORMED, version))
                 sent += int(keep.sum())
         return sent

@@ -27,13 +27,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from raybackfill.backfill.policies import POLICIES, priority_order, priority_scores
+from raybackfill.backfill.policies import CLASSIFIER_POLICIES, OLD_EMBEDDING_POLICIES, priority_order, priority_scores
 from raybackfill.data import storage
 from raybackfill.data.loading import read_gallery, read_shards, write_quarantine
 from raybackfill.data.schema import EMBEDDING, ID, SIDE_INFO, check_unique_ids, vectors_of
+from raybackfill.types import Policy, Stage, locate_sorted, parse
 
 PLAN_JSON = "plan.json"
-ID_POLICIES = ("random", "id")  # policies that rank by the id alone
 RANK = "rank"
 
 
@@ -43,21 +43,20 @@ class PlanConfig:
 
     gallery: str
     old_embeddings: str
-    policy: str = "uncertainty"
+    policy: Policy = Policy.UNCERTAINTY
     tiers: int = 8
     seed: int = 0
     transformation: str | None = None  # FastFill artefact, for policy "uncertainty"
     old_model: str | None = None  # old backbone artefact (its classifier), for "entropy" / "least_confidence"
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown policy {self.policy!r}; valid policies: {', '.join(POLICIES)}")
+        object.__setattr__(self, "policy", parse(Policy, self.policy))
         if self.tiers <= 0:
             raise ValueError(f"tiers must be positive, got {self.tiers}")
-        if self.policy == "uncertainty" and not self.transformation:
+        if self.policy is Policy.UNCERTAINTY and not self.transformation:
             raise ValueError("policy 'uncertainty' needs the FastFill transformation (--transformation)")
-        if self.policy in ("entropy", "least_confidence") and not self.old_model:
-            raise ValueError(f"policy {self.policy!r} needs the old model's classifier (--old-model)")
+        if self.policy in CLASSIFIER_POLICIES and not self.old_model:
+            raise ValueError(f"policy {self.policy.value!r} needs the old model's classifier (--old-model)")
 
 
 @dataclass(frozen=True)
@@ -129,9 +128,9 @@ def _score_batch(batch: pa.Table, config: PlanConfig) -> dict[str, np.ndarray]:
     from raybackfill.models.artifacts import load_model
 
     ids = batch.column(ID).to_numpy()
-    transformation = load_model(config.transformation).module if config.policy == "uncertainty" else None
+    transformation = load_model(config.transformation).module if config.policy is Policy.UNCERTAINTY else None
     classifier = None
-    if config.policy in ("entropy", "least_confidence"):
+    if config.policy in CLASSIFIER_POLICIES:
         head = load_model(config.old_model).module.classifier
         classifier = (head.weight.detach().numpy(), head.bias.detach().numpy())
     old = vectors_of(batch, EMBEDDING)
@@ -155,7 +154,7 @@ def score_gallery(config: PlanConfig, *, batch_size: int = 65_536) -> tuple[np.n
     """(ids, scores) of every stored old embedding: a Ray Data pass, collected to the driver (16 B/id).
     Policies of the id alone read only the id column, in the driver (8 MB for 1M ids: a Ray Data pass would
     start workers to read 512 MB of vectors these policies ignore)."""
-    if config.policy in ID_POLICIES:
+    if config.policy not in OLD_EMBEDDING_POLICIES:  # ranked by the id alone
         ids = storage.read_table(config.old_embeddings, [ID]).column(ID).to_numpy().astype(np.int64)
         check_unique_ids(ids, config.old_embeddings)
         return ids, priority_scores(config.policy, ids, seed=config.seed).astype(np.float64)
@@ -176,11 +175,11 @@ def _split_block(block: pa.Table, sorted_ids: np.ndarray, sorted_ranks: np.ndarr
                  attempt: str, quarantine_uri: str) -> dict[str, np.ndarray]:
     """Write one gallery block's rows into its tiers' files (rows sorted by rank); quarantine unknown ids."""
     ids = block.column(ID).to_numpy()
-    pos = np.minimum(np.searchsorted(sorted_ids, ids), max(len(sorted_ids) - 1, 0))
-    known = (sorted_ids[pos] == ids) if len(sorted_ids) else np.zeros(len(ids), dtype=bool)
+    pos = locate_sorted(sorted_ids, ids, missing="mask")
+    known = pos >= 0
     if not known.all():
         bad = ids[~known]
-        write_quarantine(quarantine_uri, bad, ["unknown id: no stored old embedding"] * len(bad), stage="plan")
+        write_quarantine(quarantine_uri, bad, ["unknown id: no stored old embedding"] * len(bad), stage=Stage.PLAN)
     ranks = sorted_ranks[pos[known]]
     block = block.filter(pa.array(known)).append_column(RANK, pa.array(ranks, type=pa.int64()))
     block = block.take(pc.sort_indices(block, sort_keys=[(RANK, "ascending")]))
@@ -235,5 +234,5 @@ def _quarantine_missing(ids: np.ndarray, files: list[dict], quarantine_uri: str)
     check_unique_ids(planned, "gallery")
     missing = np.setdiff1d(ids, planned)
     if len(missing):
-        write_quarantine(quarantine_uri, missing, ["no image in the gallery"] * len(missing), stage="plan")
+        write_quarantine(quarantine_uri, missing, ["no image in the gallery"] * len(missing), stage=Stage.PLAN)
     return len(planned)

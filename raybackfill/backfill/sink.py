@@ -27,6 +27,7 @@ from raybackfill.backfill.ledger import Ledger
 from raybackfill.data.loading import write_quarantine
 from raybackfill.data.schema import BAD_REASON, EMBEDDING, ID, UNCERTAINTY, embedding_table
 from raybackfill.index.router import IndexUnavailableError, get
+from raybackfill.types import Space, Stage
 
 # Column set by the decode step: "" for a good row, the reason for a row that could not be decoded.
 FINITE = "finite"  # set by the embedding actors (raybackfill.embed.actors)
@@ -61,7 +62,7 @@ class BatchSink:
         ledger: Ledger,
         router,
         *,
-        state: str,
+        state: Space,
         version: str,
         stats: PhaseStats,
         max_bad_fraction: float,
@@ -69,7 +70,7 @@ class BatchSink:
     ) -> None:
         self.ledger, self.router, self.state, self.version = ledger, router, state, version
         self.stats, self.max_bad_fraction, self.bar = stats, max_bad_fraction, bar
-        self.stage = "embed" if state == "new" else "transform"
+        self.stage = Stage.EMBED if state is Space.NEW else Stage.TRANSFORM
         self.started = time.monotonic()
         self._in_flight = None  # the ObjectRef of the last upsert sent, not yet confirmed
 
@@ -77,7 +78,7 @@ class BatchSink:
         ids = batch[ID]
         undecoded = batch[BAD_REASON] != "" if BAD_REASON in batch else np.zeros(len(ids), dtype=bool)
         if undecoded.any():
-            self._quarantine(ids[undecoded], [str(r) for r in batch[BAD_REASON][undecoded]], "decode")
+            self._quarantine(ids[undecoded], [str(r) for r in batch[BAD_REASON][undecoded]], Stage.DECODE)
         nonfinite = ~batch[FINITE] & ~undecoded
         if nonfinite.any():
             self._quarantine(ids[nonfinite], ["non-finite embedding"] * int(nonfinite.sum()), self.stage)
@@ -123,7 +124,7 @@ class BatchSink:
                     raise
                 delay = min(2 * delay, 5.0)
 
-    def _quarantine(self, ids: np.ndarray, reasons: list[str], stage: str) -> None:
+    def _quarantine(self, ids: np.ndarray, reasons: list[str], stage: Stage) -> None:
         write_quarantine(self.ledger.quarantine_uri, ids, reasons, stage=stage)
         self.stats.quarantined += len(ids)
 

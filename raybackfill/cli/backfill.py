@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from raybackfill.backfill.policies import POLICIES
 from raybackfill.cli.encoder import add_trust_arguments, trust_from
-from raybackfill.compat.recipes import RECIPES
 from raybackfill.index.router import DEFAULT_NAME
+from raybackfill.types import Method, Policy
 
 DESCRIPTION = (
     "Rank the gallery with a priority policy and write the plan (tiers of Parquet files) under OUT/plan; "
@@ -27,8 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the new encoder artefact (trained here, or registered with `raybackfill encoder`)")
     parser.add_argument("--transformation", metavar="MODEL_DIR", help="forward transformation (FCT / FastFill)")
     parser.add_argument("--old-model", metavar="MODEL_DIR", help="old backbone (its classifier: entropy policies)")
-    parser.add_argument("--method", required=True, choices=list(RECIPES), help="the compatible-upgrade method")
-    parser.add_argument("--policy", default="uncertainty", choices=POLICIES, help="priority (default uncertainty)")
+    parser.add_argument("--method", required=True, choices=[m.value for m in Method],
+                        help="the compatible-upgrade method")
+    parser.add_argument("--policy", default=Policy.UNCERTAINTY.value, choices=[p.value for p in Policy],
+                        help="priority (default uncertainty)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random policy (default 0)")
     parser.add_argument("--tiers", type=int, default=8, help="priority tiers (default 8)")
     parser.add_argument("--out", required=True, metavar="URI", help="outputs and ledger (same URI = resume)")

@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 
-KINDS = ("torchscript", "torch_export", "torchvision", "entrypoint")
+from raybackfill.types import MODEL_METRICS, EncoderKind, Interpolation, Metric, Tokenizer
+
+# Kinds made elsewhere (raybackfill's own models are written by its training).
+REGISTERED_KINDS = [k.value for k in EncoderKind if k is not EncoderKind.RAYBACKFILL]
 
 
 def add_trust_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Write an encoder artefact that embed, backfill, query and the index accept. The model is "
         "loaded and run once on a probe batch, which measures its dimension and catches a bad file now.",
     )
-    add.add_argument("--kind", required=True, choices=KINDS, help="where the model comes from")
+    add.add_argument("--kind", required=True, choices=REGISTERED_KINDS, help="where the model comes from")
     add.add_argument("--version", required=True, help="the version tag tables and the index record")
     add.add_argument("--out", required=True, help="artefact directory to create (never overwritten)")
     add.add_argument("--file", help="TorchScript file, .pt2 program, or torchvision weights (.safetensors/.pt)")
@@ -50,16 +53,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add.add_argument("--entrypoint", metavar="PKG.MODULE:FACTORY", help="factory(**kwargs) returning the encoder "
                      "(kind entrypoint; naming it here trusts it for this registration)")
     add.add_argument("--kwargs", default="{}", help="JSON keyword arguments of the torchvision builder or factory")
-    add.add_argument("--metric", choices=("cosine", "l2"), default="cosine", help="similarity (default cosine)")
+    add.add_argument("--metric", choices=[m.value for m in MODEL_METRICS], default=Metric.COSINE.value,
+                     help="similarity (default cosine)")
     image = add.add_argument_group("image preprocessing (torchvision: the architecture's own preset by default)")
     image.add_argument("--resize", type=int, help="resize the shorter side to this (default: the crop)")
     image.add_argument("--crop", type=int, help="centre crop size: the square the model takes")
     image.add_argument("--mean", type=float, nargs=3, help="per-channel mean (default 0.5 0.5 0.5)")
     image.add_argument("--std", type=float, nargs=3, help="per-channel std (default 0.25 0.25 0.25)")
-    image.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest"), help="default bicubic")
+    image.add_argument("--interpolation", choices=[i.value for i in Interpolation], help="default bicubic")
     text = add.add_argument_group("text encoders")
     text.add_argument("--text", action="store_true", help="the encoder embeds the gallery's 'text' column")
-    text.add_argument("--tokenizer", choices=("none", "bytes", "hashed_words"), default="none",
+    text.add_argument("--tokenizer", choices=[t.value for t in Tokenizer], default=Tokenizer.NONE.value,
                       help="none: the encoder gets the strings (default); bytes / hashed_words: int64 token ids")
     text.add_argument("--max-length", type=int, default=64, help="tokens per text (default 64)")
     text.add_argument("--vocab-size", type=int, default=32_768, help="hashed_words vocabulary (default 32768)")
@@ -77,7 +81,7 @@ def _preprocessing(args: argparse.Namespace):
     given = {"resize": args.resize, "crop": args.crop, "mean": args.mean, "std": args.std,
              "interpolation": args.interpolation}
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None}
-    if not given and args.kind == "torchvision":
+    if not given and args.kind == EncoderKind.TORCHVISION:
         return None  # the architecture's own preset
     if "crop" not in given:
         raise ValueError("declare the image size the encoder takes: --crop N (and --resize, --mean, --std)")
@@ -85,7 +89,7 @@ def _preprocessing(args: argparse.Namespace):
 
 
 def _register(args: argparse.Namespace) -> int:
-    from raybackfill.encoders import EncoderKind, EncoderSource, EntrypointTrust, register_encoder
+    from raybackfill.encoders import EncoderSource, EntrypointTrust, register_encoder
 
     try:
         kwargs = json.loads(args.kwargs)

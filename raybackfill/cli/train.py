@@ -7,6 +7,7 @@ import sys
 
 from raybackfill.compat.recipes import RECIPES
 from raybackfill.runtime import init_ray
+from raybackfill.types import BackboneLoss, Method
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,8 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     backbone.add_argument("--images", required=True, help="labelled image table (local path or s3://)")
     backbone.add_argument(
         "--method",
-        default="independent",
-        choices=[name for name, r in RECIPES.items() if r.backbone_loss != "classification"] + ["independent"],
+        default=Method.INDEPENDENT.value,
+        choices=[m.value for m, r in RECIPES.items() if r.backbone_loss is not BackboneLoss.CLASSIFICATION]
+        + [Method.INDEPENDENT.value],
         help="training loss (default independent)",
     )
     backbone.add_argument("--old-model", help="old model artefact (needed by bct and ract)")

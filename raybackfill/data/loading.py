@@ -15,6 +15,7 @@ from ray.data.datasource import Datasource, ReadTask
 from raybackfill.data import storage
 from raybackfill.data.preprocessing import ImagePreprocessing, Preprocessing, decode_image
 from raybackfill.data.schema import ID, IMAGE, gallery_column, quarantine_table, validate_gallery_schema
+from raybackfill.types import Stage
 
 
 def gallery_shards(uri: str, *, require_label: bool = False, column: str | None = None) -> list[str]:
@@ -126,7 +127,7 @@ def _prepare_numpy_batch(batch: dict[str, np.ndarray], preprocessing: dict[str, 
     prepared, reasons = prepare_values(batch[content], preprocessing)
     ok = reasons == ""
     if not ok.all() and quarantine_uri is not None:
-        write_quarantine(quarantine_uri, batch[ID][~ok], [str(r) for r in reasons[~ok]], stage="decode")
+        write_quarantine(quarantine_uri, batch[ID][~ok], [str(r) for r in reasons[~ok]], stage=Stage.DECODE)
     out = {name: values[ok] for name, values in batch.items() if name != content}
     return out | {column: values[ok] for column, values in prepared.items()}
 
@@ -153,7 +154,7 @@ def prepare_values(values: np.ndarray | list, preprocessing: dict[str, Preproces
     return out, reasons
 
 
-def write_quarantine(uri: str, ids: np.ndarray, reasons: list[str], *, stage: str) -> str:
+def write_quarantine(uri: str, ids: np.ndarray, reasons: list[str], *, stage: Stage) -> str:
     """Write quarantined rows under a name derived from their ids, so a retried batch writes it once."""
     ids = np.asarray(ids, dtype=np.int64)
     digest = hashlib.sha1(np.sort(ids).tobytes() + stage.encode()).hexdigest()[:16]
@@ -161,7 +162,7 @@ def write_quarantine(uri: str, ids: np.ndarray, reasons: list[str], *, stage: st
     return storage.write_shard(table, uri, f"{stage}-{digest}.parquet", if_exists="skip")
 
 
-def quarantined_ids(uri: str, stages: tuple[str, ...]) -> np.ndarray:
+def quarantined_ids(uri: str, stages: tuple[Stage, ...]) -> np.ndarray:
     """Ids in the quarantine table at ``uri`` quarantined at any of ``stages`` (none if it is absent)."""
     table = storage.read_committed(uri, [ID, "stage"])
     stage = table.column("stage").to_numpy(zero_copy_only=False)

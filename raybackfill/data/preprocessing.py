@@ -16,16 +16,14 @@ import hashlib
 import io
 import re
 from dataclasses import asdict, dataclass, field
-from enum import StrEnum
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from raybackfill.types import Interpolation, Modality, Tokenizer
+
 __all__ = [
-    "Interpolation",
-    "Modality",
-    "Tokenizer",
     "ImagePreprocessing",
     "TextPreprocessing",
     "Preprocessing",
@@ -41,39 +39,11 @@ MEAN = (0.5, 0.5, 0.5)
 STD = (0.25, 0.25, 0.25)
 
 
-class Modality(StrEnum):
-    """What a gallery row holds, and so which column an encoder reads."""
-
-    IMAGE = "image"
-    TEXT = "text"
-
-    @property
-    def column(self) -> str:
-        return self.value
-
-
-class Interpolation(StrEnum):
-    BILINEAR = "bilinear"
-    BICUBIC = "bicubic"
-    NEAREST = "nearest"
-
-    @property
-    def pil(self) -> Image.Resampling:
-        return {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
-                "nearest": Image.Resampling.NEAREST}[self.value]
-
-
-class Tokenizer(StrEnum):
-    """How texts reach the encoder.
-
-    ``none``: the strings themselves (an entrypoint tokenises with its own tokenizer). ``bytes``: UTF-8 bytes,
-    each id = byte + 1 (0 pads). ``hashed_words``: lower-cased ``\\w+`` words, each id = a stable hash of the
-    word into ``1..vocab_size - 1`` (0 pads). Ids are int64, padded or cut to ``max_length``.
-    """
-
-    NONE = "none"
-    BYTES = "bytes"
-    HASHED_WORDS = "hashed_words"
+_RESAMPLING = {
+    Interpolation.BILINEAR: Image.Resampling.BILINEAR,
+    Interpolation.BICUBIC: Image.Resampling.BICUBIC,
+    Interpolation.NEAREST: Image.Resampling.NEAREST,
+}
 
 
 @dataclass(frozen=True)
@@ -135,7 +105,7 @@ class ImagePreprocessing:
         if min(width, height) != shorter:
             longer = int(shorter * max(width, height) / min(width, height))
             new = (shorter, longer) if width <= height else (longer, shorter)
-            image = image.resize(new, self.interpolation.pil)
+            image = image.resize(new, _RESAMPLING[self.interpolation])
             width, height = image.size
         if (width, height) != (size, size):
             left, top = int(round((width - size) / 2.0)), int(round((height - size) / 2.0))

@@ -45,9 +45,9 @@ from raybackfill.data.schema import (
 from raybackfill.embed.actors import EmbedRows, TransformEmbeddings
 from raybackfill.encoders import EntrypointTrust, check_trusted, encoder_preprocessing
 from raybackfill.models.artifacts import MODEL_JSON, read_spec
+from raybackfill.types import ENCODER_STAGES, Stage
 
 MANIFEST = "_manifest.json"
-QUARANTINE_STAGES = ("decode", "embed")  # the stages these jobs quarantine at
 
 
 @dataclass
@@ -257,7 +257,7 @@ def _skip_done(ds: ray.data.Dataset, input_uri: str, out_uri: str, quarantine_ur
     """``ds`` (rows of ``input_uri``) without the ids an earlier run committed to ``out_uri`` or quarantined;
     None when no row is left. A first run skips the filter pass."""
     done = np.union1d(storage.committed_ids(out_uri, recursive=False),
-                      quarantined_ids(quarantine_uri, QUARANTINE_STAGES))
+                      quarantined_ids(quarantine_uri, ENCODER_STAGES))
     if not len(done):
         return ds
     keep = np.setdiff1d(storage.read_table(input_uri, [ID]).column(ID).to_numpy(), done)
@@ -293,7 +293,7 @@ def _write_embeddings(
         finite = batch.pop("finite")
         if not finite.all():
             bad = batch[ID][~finite]
-            write_quarantine(quarantine_uri, bad, ["non-finite embedding"] * len(bad), stage="embed")
+            write_quarantine(quarantine_uri, bad, ["non-finite embedding"] * len(bad), stage=Stage.EMBED)
             batch = {k: v[finite] for k, v in batch.items()}
         table = _to_table(batch, version)
         pending.append(table)
@@ -305,7 +305,7 @@ def _write_embeddings(
     flush()
     bar.close()
     total = sum(storage.read_footer(uri).num_rows for uri in storage.list_shards(out_uri))
-    quarantined = len(np.unique(quarantined_ids(quarantine_uri, QUARANTINE_STAGES)))
+    quarantined = len(np.unique(quarantined_ids(quarantine_uri, ENCODER_STAGES)))
     if total == 0:
         raise ValueError(f"{label}: no rows were embedded (all {quarantined} quarantined or empty input)")
     _write_manifest(out_uri, replace(manifest, complete=True, rows=total, quarantined=quarantined))

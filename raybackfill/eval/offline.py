@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pyarrow as pa
 
-from raybackfill.backfill.policies import POLICIES, priority_order, priority_scores
+from raybackfill.backfill.policies import priority_order, priority_scores
 from raybackfill.compat.recipes import RECIPES, get_recipe
 from raybackfill.data.schema import ID, LABEL, SIDE_INFO, validate_embedding_table, vectors_of
 from raybackfill.data.storage import join, read_table, write_bytes
@@ -31,6 +31,7 @@ from raybackfill.eval.metrics import EvalConfig, RetrievalResult, cross_tests
 from raybackfill.eval.plots import plot_curves, plot_online
 from raybackfill.eval.report import Run, build_report, save_report, summary_table
 from raybackfill.models.artifacts import load_model
+from raybackfill.types import Policy
 
 COLUMN_ORDER = "column:"
 REPORT_FILE = "report.json"
@@ -99,8 +100,8 @@ class OfflineConfig:
         if len(set(self.orders)) != len(self.orders):
             raise ValueError(f"backfill orders repeat: {list(self.orders)}")
         for order in self.orders:
-            if order not in POLICIES and not (order.startswith(COLUMN_ORDER) and len(order) > len(COLUMN_ORDER)):
-                raise ValueError(f"unknown order {order!r}; use one of {', '.join(POLICIES)} or column:NAME")
+            if order not in tuple(Policy) and not (order.startswith(COLUMN_ORDER) and len(order) > len(COLUMN_ORDER)):
+                raise ValueError(f"unknown order {order!r}; use one of {', '.join(Policy)} or column:NAME")
         even_betas(self.beta_points)
         EvalConfig(metric=self.metric, memory_budget_mb=self.memory_budget_mb)
 

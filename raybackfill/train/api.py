@@ -17,7 +17,7 @@ import ray
 import torch
 
 from raybackfill.compat.losses import synthesize_old_classifier
-from raybackfill.compat.recipes import get_recipe
+from raybackfill.compat.recipes import RECIPES, get_recipe
 from raybackfill.data import storage
 from raybackfill.data.loading import keep_only, prepare_rows, probe_image_size, read_gallery
 from raybackfill.data.preprocessing import ImagePreprocessing
@@ -29,6 +29,7 @@ from raybackfill.models.registry import build_model
 from raybackfill.train import loops
 from raybackfill.train.quality import majority_share
 from raybackfill.train.trainer import TRAIN, VALIDATION, Ingest, TrainConfig, fit
+from raybackfill.types import BackboneLoss, Method, parse
 
 
 def training_preprocessing(images_uri: str, image_size: int | None = None) -> ImagePreprocessing:
@@ -126,7 +127,7 @@ def train_backbone(
     images_uri: str,
     out_uri: str,
     *,
-    method: str = "independent",
+    method: Method = Method.INDEPENDENT,
     architecture: str = "small_cnn",
     embedding_dim: int = 128,
     num_classes: int | None = None,
@@ -148,24 +149,25 @@ def train_backbone(
     set, as the papers' ResNets do (~100 % train accuracy): FastFill's head learns its per-item loss on
     that set, and the loss measures where the transformation fails only where the new model is right.
     """
+    method = parse(Method, method)
     loss = get_recipe(method).backbone_loss
-    if loss != "classification" and old_model is None:
-        raise ValueError(f"method {method!r} trains against the old model: pass old_model")
+    if loss is not BackboneLoss.CLASSIFICATION and old_model is None:
+        raise ValueError(f"method {method.value!r} trains against the old model: pass old_model")
     num_classes = num_classes or _num_classes(images_uri)
     kwargs = {**(backbone_kwargs or {}), "embedding_dim": embedding_dim, "num_classes": num_classes}
     config: dict = {
         "architecture": architecture,
         "kwargs": kwargs,
-        "method": loss,
+        "backbone_loss": loss,
         "tau": tau,
         "k": k,
         "compat_weight": compat_weight,
         "augment": augment,
     }
-    if loss == "bct":
+    if loss is BackboneLoss.BCT:
         weight, bias = _bct_old_classifier(images_uri, old_model, num_classes)
         config.update(old_classifier_weight=weight, old_classifier_bias=bias)
-    elif loss == "ract":
+    elif loss is BackboneLoss.RACT:
         config["old_model"] = old_model
     preprocessing = training_preprocessing(images_uri, image_size)
     datasets, validation_labels = image_datasets(images_uri, train, preprocessing)
@@ -276,7 +278,8 @@ def train_transformation(
             new_classifier_weight=classifier.weight.detach().numpy(),
             new_classifier_bias=classifier.bias.detach().numpy(),
         )
-    method = ("fastfill" if uncertainty else "fct") + ("_side_info" if side_info else "")
+    method = next(m for m, r in RECIPES.items()
+                  if r.forward_transformation and (r.uncertainty, r.side_info) == (uncertainty, side_info))
     state = fit(loops.transformation_loop, train, config | {"name": method}, table_datasets(table, train))
     return _save(
         state,
@@ -316,7 +319,7 @@ def train_reverse(
         kwargs,
         out_uri,
         version=version or _version_of(out_uri),
-        method="rank_merge_psi",
+        method=Method.RANK_MERGE_PSI,
         training_data=f"{new_uri} -> {old_uri}",
         training=training_summary(state),
     )
