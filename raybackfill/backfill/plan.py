@@ -124,7 +124,7 @@ def _score_batch(batch: pa.Table, config: PlanConfig) -> dict[str, np.ndarray]:
     tasks reuse warm workers.
     """
     # Imported here, not at the top: the workers that copy the gallery into tiers (_split_block) import this
-    # module too, and importing torch there cost each new worker ~3 s of CPU.
+    # module too, and importing torch there would cost each new worker seconds of CPU.
     from raybackfill.models.artifacts import load_model
 
     ids = batch.column(ID).to_numpy()

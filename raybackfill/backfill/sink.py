@@ -6,7 +6,7 @@ a vector the ledger lacks). The bad-row limit is checked after the batch is comp
 fails on it leaves only whole batches behind.
 
 One upsert is in flight while the next batch is written: the driver's Parquet write and the shards'
-index update overlap (at 1M items they cost ~1.5 s and ~2.7 s per 100k). A batch is still committed
+index update take comparable time, so overlapping them hides most of one behind the other. A batch is still committed
 before its own upsert is sent; a kill leaves the ledger at most two batches ahead of the index, which
 the end-of-run replay (and any later run) closes. Call :meth:`BatchSink.flush` when the stream ends.
 

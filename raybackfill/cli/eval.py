@@ -146,7 +146,7 @@ def run_command(args: argparse.Namespace) -> int:
     )
     config = OfflineConfig(
         method=args.method,
-        orders=tuple(args.orders or ("random",)),
+        orders=tuple(args.orders or (Policy.RANDOM.value,)),
         beta_points=args.betas,
         metric=args.metric,
         seed=args.seed,

@@ -25,12 +25,13 @@ from raybackfill.data.schema import (
 )
 from raybackfill.embed.actors import transform_batch
 from raybackfill.models.artifacts import ArtifactError, load_model, read_spec
+from raybackfill.types import Space
 
 # The stored space each transformation reads: FCT / FastFill h the old embeddings, psi the new ones.
 TRANSFORMATION_INPUTS = {
-    "forward_transformation": "old",
-    "fastfill_transformation": "old",
-    "reverse_transformation": "new",
+    "forward_transformation": Space.OLD,
+    "fastfill_transformation": Space.OLD,
+    "reverse_transformation": Space.NEW,
 }
 DEFAULT_BATCH_SIZE = 8192  # rows per forward pass, as the backfill's instant phase
 

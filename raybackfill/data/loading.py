@@ -15,7 +15,7 @@ from ray.data.datasource import Datasource, ReadTask
 from raybackfill.data import storage
 from raybackfill.data.preprocessing import ImagePreprocessing, Preprocessing, decode_image
 from raybackfill.data.schema import ID, IMAGE, gallery_column, quarantine_table, validate_gallery_schema
-from raybackfill.types import Stage
+from raybackfill.types import Stage, locate_sorted
 
 
 def gallery_shards(uri: str, *, require_label: bool = False, column: str | None = None) -> list[str]:
@@ -38,10 +38,10 @@ def gallery_content(uri: str) -> str:
 class ShardFiles(Datasource):
     """Known Parquet shards (local or s3://), one read task per file, ``columns`` read and nothing else.
 
-    Why not ``ray.data.read_parquet``: in Ray 2.60 it lists every read through a pool of 32 footer-reading
-    actors (5-25 s per dataset on a 2-core machine, more than embedding a few thousand images) and
-    bin-packs small files into ~128 MiB read units (20 shards became one block for one busy actor). The
-    shards here are already listed by ``storage.list_shards``; their footers give the row counts.
+    Why not ``ray.data.read_parquet``: it lists every read through a pool of footer-reading actors, which on a
+    small machine costs more per dataset than embedding a few thousand images, and bin-packs small files into
+    ~128 MiB read units, so many small shards become one block for one busy actor. The shards here are already
+    listed by ``storage.list_shards``; their footers give the row counts.
     """
 
     def __init__(self, uris: list[str], columns: list[str] | None = None) -> None:
@@ -79,10 +79,10 @@ def read_shards(uris: list[str], *, columns: list[str] | None = None, rows_per_b
 
     One block per file at read time (``override_num_blocks``): otherwise Ray Data splits each file's table into
     ~200/len(files) slices to reach its default parallelism, and the re-blocking (not strict) never merges them
-    back, so 1M stored embeddings in 16 files went downstream as 208 blocks of ~4.8k rows instead of 123 of 8192
-    (the transform pipeline: 68 s vs 48 s). Training passes ``block_per_file=False``: the blocks a training
-    epoch is cut from decide which images share a batch, and the published demo figures were measured with
-    Ray Data's own split (other blocks moved new/new top-1 by 4 points and BCT's below old/old)."""
+    back, so downstream actors get many small blocks instead of full batches and the pipeline slows down.
+    Training passes ``block_per_file=False`` and keeps Ray Data's own split: the blocks an epoch is cut from
+    decide which images share a batch, so another split trains other models (and changes every figure derived
+    from them)."""
     blocks = {"override_num_blocks": len(uris)} if block_per_file else {}
     ds = ray.data.read_datasource(ShardFiles(uris, columns), **blocks)
     return ds.repartition(target_num_rows_per_block=rows_per_block) if rows_per_block else ds
@@ -169,17 +169,9 @@ def quarantined_ids(uri: str, stages: tuple[Stage, ...]) -> np.ndarray:
     return table.column(ID).to_numpy()[np.isin(stage, stages)]
 
 
-def keep_mask(ids: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """Mask of ``ids`` that are in the sorted array ``keep`` (binary search, no per-row Python)."""
-    if not len(keep):
-        return np.zeros(len(ids), dtype=bool)
-    pos = np.minimum(np.searchsorted(keep, ids), len(keep) - 1)
-    return keep[pos] == ids
-
-
 def keep_rows(batch: pa.Table, keep: np.ndarray) -> pa.Table:
     """The rows of ``batch`` whose id is in the sorted array ``keep``: what a resumed job still has to do."""
-    return batch.filter(pa.array(keep_mask(batch.column(ID).to_numpy(), keep)))
+    return batch.filter(pa.array(locate_sorted(keep, batch.column(ID).to_numpy(), missing="mask") >= 0))
 
 
 def keep_only(ds: ray.data.Dataset, keep: np.ndarray) -> ray.data.Dataset:

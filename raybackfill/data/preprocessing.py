@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from raybackfill.types import Interpolation, Modality, Tokenizer
+from raybackfill.types import Interpolation, Modality, Tokenizer, parse
 
 __all__ = [
     "ImagePreprocessing",
@@ -73,7 +73,7 @@ class ImagePreprocessing:
     def __post_init__(self) -> None:
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
-        object.__setattr__(self, "interpolation", Interpolation(self.interpolation))
+        object.__setattr__(self, "interpolation", parse(Interpolation, self.interpolation))
         for name in ("resize", "crop"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -152,7 +152,7 @@ class TextPreprocessing:
     modality: Modality = field(default=Modality.TEXT, init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "tokenizer", Tokenizer(self.tokenizer))
+        object.__setattr__(self, "tokenizer", parse(Tokenizer, self.tokenizer))
         if not isinstance(self.max_length, int) or self.max_length < 1:
             raise ValueError(f"text preprocessing: max_length must be a positive integer, got {self.max_length!r}")
         if not isinstance(self.vocab_size, int) or self.vocab_size < 2:
@@ -207,9 +207,9 @@ def preprocessing_from_dict(raw: dict[str, Any], source: str = "preprocessing") 
         raise ValueError(f"{source}: expected an object, found {type(raw).__name__}")
     fields = dict(raw)
     try:
-        modality = Modality(fields.pop("modality", Modality.IMAGE))
+        modality = parse(Modality, fields.pop("modality", Modality.IMAGE))
     except ValueError as err:
-        raise ValueError(f"{source}: {err} (valid: {', '.join(m.value for m in Modality)})") from err
+        raise ValueError(f"{source}: {err}") from err
     cls = ImagePreprocessing if modality is Modality.IMAGE else TextPreprocessing
     try:
         return cls(**fields)

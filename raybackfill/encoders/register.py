@@ -30,7 +30,7 @@ from raybackfill.models.artifacts import (
     commit_artifact,
     decode_weights,
 )
-from raybackfill.types import EncoderKind, Modality
+from raybackfill.types import EncoderKind, Metric, Modality
 
 __all__ = ["EncoderSource", "register_encoder"]
 
@@ -60,7 +60,7 @@ class EncoderSource:
     kwargs: dict[str, Any] = field(default_factory=dict)
     preprocessing: Preprocessing | None = None
     embedding_layer: str | None = None
-    metric: str = "cosine"
+    metric: Metric = Metric.COSINE
 
 
 def register_encoder(source: EncoderSource, out_uri: str, *, trust: EntrypointTrust | None = None) -> ModelSpec:

@@ -28,7 +28,7 @@ from torch import nn
 
 from raybackfill.data.storage import exists, join, read_bytes, write_bytes
 from raybackfill.models.registry import BUILDERS, build_model
-from raybackfill.types import MODEL_METRICS, EncoderKind, Method, Metric, parse
+from raybackfill.types import MODEL_METRICS, EncoderKind, Method, Metric, Modality, parse
 
 MODEL_JSON = "model.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -135,9 +135,9 @@ class ModelSpec:
         return json.dumps({"format_version": FORMAT_VERSION, **fields}, indent=2, sort_keys=True)
 
     @property
-    def modality(self) -> str:
+    def modality(self) -> Modality:
         """``image`` or ``text``: the gallery column the model reads."""
-        return str(self.preprocessing.get("modality", "image"))
+        return parse(Modality, self.preprocessing.get("modality", Modality.IMAGE))
 
     @classmethod
     def from_json(cls, text: str | bytes, source: str) -> ModelSpec:
