@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from raybackfill.cli.encoder import add_trust_arguments, trust_from
+from raybackfill.cli.encoder import add_pool_arguments, add_trust_arguments, pool_from, trust_from
 from raybackfill.runtime import init_ray
 
 
@@ -24,13 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     embed.add_argument("--model", required=True, help="encoder artefact (any kind) -> column 'embedding'")
     embed.add_argument("--side-info-model", help="side-info artefact -> column 'side_info' (same pass)")
     embed.add_argument("--out", required=True, help="output embedding table (same URI and models = resume)")
-    embed.add_argument("--actors", type=int, default=1, help="actor pool size (default 1)")
-    embed.add_argument("--cpus-per-actor", type=float, default=0.5, help="CPUs per actor (default 0.5)")
-    embed.add_argument("--gpus-per-actor", type=float, metavar="N",
-                       help="GPUs per actor (default: 1 if the cluster has a GPU when the job starts, else 0); "
-                       "set it on autoscaling clusters, which start without GPU nodes: only a GPU request makes "
-                       "the autoscaler launch one")
-    embed.add_argument("--batch-size", type=int, default=256, help="rows per batch (default 256)")
+    add_pool_arguments(embed)
     embed.add_argument("--rows-per-shard", type=int, default=50_000,
                        help="rows per output shard, also the most work a kill loses (default 50000)")
     embed.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local cluster)")
@@ -39,11 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _embed(args: argparse.Namespace) -> None:
-    from raybackfill.embed.pipeline import PoolConfig, embed_gallery
+    from raybackfill.embed.pipeline import embed_gallery
 
     models = {"embedding": args.model, **({"side_info": args.side_info_model} if args.side_info_model else {})}
-    pool = PoolConfig(actors=args.actors, cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
-                      batch_size=args.batch_size, rows_per_shard=args.rows_per_shard)  # checked before Ray starts
+    pool = pool_from(args, rows_per_shard=args.rows_per_shard)  # checked before Ray starts
     init_ray(args.address, py_modules=args.py_module)
     result = embed_gallery(args.gallery, models, args.out, pool=pool, trust=trust_from(args))
     if result.already_complete:

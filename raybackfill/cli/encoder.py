@@ -1,5 +1,5 @@
-"""`raybackfill encoder register|show`: bring a model made elsewhere, and the trust options every embedding
-command shares.
+"""`raybackfill encoder register|show`: bring a model made elsewhere, and the trust and actor-pool options every
+embedding command shares.
 
 torch and torchvision are imported inside the commands, not at module import: `raybackfill --help` stays fast.
 """
@@ -25,6 +25,25 @@ def add_trust_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ship this local package directory to every node (Ray runtime_env py_modules), so an "
                         "entrypoint in it imports there; not needed under `ray job submit --working-dir` when the "
                         "code is in that directory")
+
+
+def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
+    """The embedding actor pool's size and resources (see :class:`~raybackfill.embed.pipeline.PoolConfig`)."""
+    parser.add_argument("--actors", type=int, default=1, help="embedding actors (default 1)")
+    parser.add_argument("--cpus-per-actor", type=float, default=0.5, help="CPUs per actor (default 0.5)")
+    parser.add_argument("--gpus-per-actor", type=float, metavar="N",
+                        help="GPUs per actor (default: 1 if the cluster has a GPU when the job starts, else 0); "
+                        "set it on autoscaling clusters, which start without GPU nodes: only a GPU request makes "
+                        "the autoscaler launch one")
+    parser.add_argument("--batch-size", type=int, default=256, help="rows per batch (default 256)")
+
+
+def pool_from(args: argparse.Namespace, **extra):
+    """The :class:`~raybackfill.embed.pipeline.PoolConfig` the pool arguments describe (checked before Ray starts)."""
+    from raybackfill.embed.pipeline import PoolConfig
+
+    return PoolConfig(actors=args.actors, cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
+                      batch_size=args.batch_size, **extra)
 
 
 def trust_from(args: argparse.Namespace):
