@@ -19,6 +19,20 @@ def test_write_table_shards_and_reads_back(tmp_path):
     assert storage.read_table(uri).column("id").to_pylist() == list(range(25))
 
 
+def test_open_table_resolves_shards_and_footers_once(tmp_path, monkeypatch):
+    uri = str(tmp_path / "t")
+    storage.write_table(_table(25), uri, rows_per_shard=10)
+    table = storage.open_table(uri)
+    assert table.shards == tuple(storage.list_shards(uri)) and table.num_rows == 25
+    assert table.schema.names == ["id", "embedding"] and len(table.shard_schemas()) == 3
+    monkeypatch.setattr(storage, "read_footer", lambda uri: pytest.fail("footer read again"))
+    assert storage.open_table(table) is table
+    assert table.read(["id"]).column("id").to_pylist() == list(range(25))
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(storage.StorageError, match="empty: table has no parquet shards"):
+        storage.open_table(str(tmp_path / "empty"))
+
+
 def test_existing_shard_is_never_overwritten(tmp_path):
     uri = str(tmp_path / "t")
     storage.write_shard(_table(3), uri, "part-00000.parquet")

@@ -31,6 +31,7 @@ from raybackfill.backfill.policies import CLASSIFIER_POLICIES, OLD_EMBEDDING_POL
 from raybackfill.data import storage
 from raybackfill.data.loading import read_gallery, read_shards, write_quarantine
 from raybackfill.data.schema import EMBEDDING, ID, SIDE_INFO, check_unique_ids, vectors_of
+from raybackfill.data.storage import TableFiles
 from raybackfill.types import Policy, Stage, locate_sorted, parse
 
 PLAN_JSON = "plan.json"
@@ -84,19 +85,22 @@ def read_plan(uri: str) -> Plan | None:
     return Plan(uri, PlanConfig(**raw["config"]), raw["total"], tiers)
 
 
-def ensure_plan(config: PlanConfig, uri: str, quarantine_uri: str, *, batch_size: int = 65_536) -> Plan:
-    """Reuse the plan committed under ``uri`` (it must be for the same config), or build and commit one."""
+def ensure_plan(config: PlanConfig, uri: str, quarantine_uri: str, *, batch_size: int = 65_536,
+                gallery: TableFiles | None = None, old_embeddings: TableFiles | None = None) -> Plan:
+    """Reuse the plan committed under ``uri`` (it must be for the same config), or build and commit one.
+
+    ``gallery`` and ``old_embeddings``: the config's tables already resolved by the caller (else resolved here)."""
     plan = read_plan(uri)
     if plan is not None:
         if plan.config != config:
             raise ValueError(f"{uri}: holds a plan for {plan.config}, not {config}; use a new --out to change "
                              f"the policy, tiers or inputs of a backfill")
         return plan
-    ids, scores = score_gallery(config, batch_size=batch_size)
+    ids, scores = score_gallery(config, batch_size=batch_size, old_embeddings=old_embeddings)
     rank = np.empty(len(ids), dtype=np.int64)
     rank[priority_order(scores, ids)] = np.arange(len(ids), dtype=np.int64)
     attempt = storage.join(uri, f"attempt-{uuid.uuid4().hex[:12]}")
-    files = _write_tiers(config, ids, rank, attempt, quarantine_uri)
+    files = _write_tiers(config, ids, rank, attempt, quarantine_uri, gallery or config.gallery)
     total = _quarantine_missing(ids, files, quarantine_uri)
     tiers = []
     for t in range(config.tiers):
@@ -150,18 +154,18 @@ def _score_batch(batch: pa.Table, config: PlanConfig) -> dict[str, np.ndarray]:
     return {ID: ids, "score": scores}
 
 
-def score_gallery(config: PlanConfig, *, batch_size: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+def score_gallery(config: PlanConfig, *, batch_size: int = 65_536,
+                  old_embeddings: TableFiles | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(ids, scores) of every stored old embedding: a Ray Data pass, collected to the driver (16 B/id).
     Policies of the id alone read only the id column, in the driver (8 MB for 1M ids: a Ray Data pass would
     start workers to read 512 MB of vectors these policies ignore)."""
+    table = storage.open_table(old_embeddings or config.old_embeddings)
     if config.policy not in OLD_EMBEDDING_POLICIES:  # ranked by the id alone
-        ids = storage.read_table(config.old_embeddings, [ID]).column(ID).to_numpy().astype(np.int64)
+        ids = table.read([ID]).column(ID).to_numpy().astype(np.int64)
         check_unique_ids(ids, config.old_embeddings)
         return ids, priority_scores(config.policy, ids, seed=config.seed).astype(np.float64)
-    shards = storage.table_shards(config.old_embeddings)
-    names = storage.read_footer(shards[0]).schema.to_arrow_schema().names
-    columns = [ID, EMBEDDING] + ([SIDE_INFO] if SIDE_INFO in names else [])
-    ds = read_shards(shards, columns=columns).map_batches(
+    columns = [ID, EMBEDDING] + ([SIDE_INFO] if SIDE_INFO in table.schema.names else [])
+    ds = read_shards(table, columns=columns).map_batches(
         _score_batch, fn_kwargs={"config": config}, batch_size=batch_size, batch_format="pyarrow", num_cpus=0.5
     )
     parts = list(ds.iter_batches(batch_format="numpy", batch_size=None))
@@ -202,11 +206,11 @@ def _split_block(block: pa.Table, sorted_ids: np.ndarray, sorted_ranks: np.ndarr
 
 
 def _write_tiers(config: PlanConfig, ids: np.ndarray, rank: np.ndarray, attempt: str,
-                 quarantine_uri: str) -> list[dict]:
+                 quarantine_uri: str, gallery: str | TableFiles) -> list[dict]:
     """One streaming pass over the gallery: each block writes its rows into the files of their tiers."""
     order = np.argsort(ids)
     tier_size = max(1, -(-len(ids) // config.tiers))
-    ds = read_gallery(config.gallery).map_batches(
+    ds = read_gallery(gallery).map_batches(
         _split_block,
         fn_kwargs={
             "sorted_ids": ids[order],

@@ -42,6 +42,7 @@ from raybackfill.compat.recipes import get_recipe
 from raybackfill.data import storage
 from raybackfill.data.loading import keep_only, read_shards
 from raybackfill.data.schema import EMBEDDING, ID, SIDE_INFO
+from raybackfill.data.storage import TableFiles
 from raybackfill.embed.pipeline import EncoderInputs, PoolConfig, map_embed, map_transform, plan_inputs
 from raybackfill.encoders import EntrypointTrust
 from raybackfill.index.router import connect, get
@@ -117,8 +118,9 @@ class BackfillSummary:
 
 def run_backfill(config: BackfillConfig) -> BackfillSummary:
     """Run (or continue) a backfill; Ray must be initialised. Returns what this run did and the totals."""
-    check_inputs(config.gallery, config.old_embeddings, config.upgrade, config.transformation,  # before any write
-                 old_model=config.old_model, trust=config.trust)
+    # Before any write. The input tables come back resolved (shards listed, footers read) for every later step.
+    gallery, old_embeddings = check_inputs(config.gallery, config.old_embeddings, config.upgrade,
+                                           config.transformation, old_model=config.old_model, trust=config.trust)
     ledger = Ledger(config.out)
     router = connect(config.index) if config.index else None
     version = read_spec(config.upgrade).version
@@ -126,16 +128,17 @@ def run_backfill(config: BackfillConfig) -> BackfillSummary:
         get(router.report_error.remote(None))  # a new attempt: the last run's error is history
     try:
         started, built = time.monotonic(), read_plan(ledger.plan_uri) is None
-        plan = ensure_plan(config.plan_config(), ledger.plan_uri, ledger.quarantine_uri)
+        plan = ensure_plan(config.plan_config(), ledger.plan_uri, ledger.quarantine_uri, gallery=gallery,
+                           old_embeddings=old_embeddings)
         # The plan counts as a phase only in the run that built it (later runs reuse it).
         planned = PhaseStats("plan", plan.total, len(ledger.quarantined(Stage.PLAN)), time.monotonic() - started)
         phases = [planned] if built else []
         replayed = ledger.replay(router, version) if router is not None else 0
         if get_recipe(config.method).forward_transformation:
             _set_phase(router, Phase.INSTANT)
-            phases.append(_instant_phase(config, ledger, router, version))
+            phases.append(_instant_phase(config, old_embeddings, ledger, router, version))
         _set_phase(router, Phase.BACKFILL)
-        phases.append(_backfill_phase(config, plan, ledger, router, version))
+        phases.append(_backfill_phase(config, gallery, plan, ledger, router, version))
         if router is not None:  # cheap when the index matches the ledger (counts are compared first)
             replayed += sum(p.replayed for p in phases) + ledger.replay(router, version)
     except Exception as err:
@@ -171,10 +174,11 @@ def _bar(config: BackfillConfig, name: str, total: int) -> tqdm:
     return tqdm(total=total, desc=name, unit="item", disable=not config.progress, dynamic_ncols=True)
 
 
-def _instant_phase(config: BackfillConfig, ledger: Ledger, router, version: str) -> PhaseStats:
+def _instant_phase(config: BackfillConfig, old_embeddings: TableFiles, ledger: Ledger, router,
+                   version: str) -> PhaseStats:
     """Transform the stored old embeddings not yet transformed (nor re-embedded) into the new space."""
     stats = PhaseStats("instant")
-    old_ids = storage.read_table(config.old_embeddings, [ID]).column(ID).to_numpy()
+    old_ids = old_embeddings.read([ID]).column(ID).to_numpy()
     # An id the transform quarantined is done for this phase; the re-embedding still gets to it.
     done = np.concatenate([ledger.ids(ledger.transformed_uri), ledger.ids(ledger.new_uri),
                            ledger.quarantined(Stage.TRANSFORM)])
@@ -183,8 +187,7 @@ def _instant_phase(config: BackfillConfig, ledger: Ledger, router, version: str)
         return stats
     columns = [ID, EMBEDDING] + ([SIDE_INFO] if read_spec(config.transformation).dims.get("side") else [])
     pool = config.pool
-    ds = read_shards(storage.list_shards(config.old_embeddings), columns=columns,
-                     rows_per_block=config.transform_batch_size)
+    ds = read_shards(old_embeddings, columns=columns, rows_per_block=config.transform_batch_size)
     if len(keep) < len(old_ids):  # a resumed run: drop what is done (a first run skips this whole pass)
         ds = keep_only(ds, keep)
     ds = map_transform(ds, config.transformation, replace(pool, batch_size=config.transform_batch_size))
@@ -216,7 +219,8 @@ def backfill_limit(config: BackfillConfig, total: int, done: int) -> int:
     return total
 
 
-def _backfill_phase(config: BackfillConfig, plan: Plan, ledger: Ledger, router, version: str) -> PhaseStats:
+def _backfill_phase(config: BackfillConfig, gallery: TableFiles, plan: Plan, ledger: Ledger, router,
+                    version: str) -> PhaseStats:
     """Re-embed the images tier by tier in one Ray Data run; each tier is in the index before the next starts."""
     stats = PhaseStats("backfill")
     done = np.union1d(ledger.ids(ledger.new_uri), ledger.quarantined(*ENCODER_STAGES))
@@ -233,7 +237,7 @@ def _backfill_phase(config: BackfillConfig, plan: Plan, ledger: Ledger, router, 
     if not todo:
         return stats
     ids, tiers = np.concatenate(todo), np.concatenate(tier_of)
-    inputs = plan_inputs({EMBEDDING: config.upgrade}, config.gallery, config.trust)
+    inputs = plan_inputs({EMBEDDING: config.upgrade}, gallery, config.trust)
     ds = backfill_stream(files, ids, tiers, inputs, config.pool)
     with _bar(config, "backfill (re-embed)", len(ids)) as bar:
         sink = BatchSink(ledger, router, state=Space.NEW, version=version, stats=stats,

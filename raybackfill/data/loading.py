@@ -15,24 +15,25 @@ from ray.data.datasource import Datasource, ReadTask
 from raybackfill.data import storage
 from raybackfill.data.preprocessing import ImagePreprocessing, Preprocessing, decode_image
 from raybackfill.data.schema import ID, IMAGE, gallery_column, quarantine_table, validate_gallery_schema
+from raybackfill.data.storage import TableFiles
 from raybackfill.types import Stage, locate_sorted
 
 
-def gallery_shards(uri: str, *, require_label: bool = False, column: str | None = None) -> list[str]:
+def gallery_shards(table: str | TableFiles, *, require_label: bool = False, column: str | None = None) -> list[str]:
     """The table's shard URIs, each checked for the gallery schema (footers only, no data read).
 
     ``column`` is the content column (``image`` or ``text``); None takes the first shard's."""
-    shards = storage.table_shards(uri)
-    column = column or gallery_column(storage.read_footer(shards[0]).schema.to_arrow_schema(), shards[0])
-    for shard in shards:
-        validate_gallery_schema(storage.read_footer(shard).schema.to_arrow_schema(), shard, require_label, column)
-    return shards
+    table = storage.open_table(table)
+    column = column or gallery_content(table)
+    for shard, schema in table.shard_schemas():
+        validate_gallery_schema(schema, shard, require_label, column)
+    return list(table.shards)
 
 
-def gallery_content(uri: str) -> str:
-    """``image`` or ``text``: what the gallery table at ``uri`` holds (first shard's footer)."""
-    first = storage.table_shards(uri)[0]
-    return gallery_column(storage.read_footer(first).schema.to_arrow_schema(), first)
+def gallery_content(table: str | TableFiles) -> str:
+    """``image`` or ``text``: what the gallery table holds (first shard's footer)."""
+    table = storage.open_table(table)
+    return gallery_column(table.schema, table.shards[0])
 
 
 class ShardFiles(Datasource):
@@ -44,15 +45,18 @@ class ShardFiles(Datasource):
     listed by ``storage.list_shards``; their footers give the row counts.
     """
 
-    def __init__(self, uris: list[str], columns: list[str] | None = None) -> None:
+    def __init__(self, uris: list[str] | TableFiles, columns: list[str] | None = None) -> None:
         super().__init__()
         if not uris:
             raise storage.StorageError("no parquet shards to read")
         self.columns = columns
         self.files = []
-        for uri in uris:
+        if isinstance(uris, TableFiles):  # footers already read
+            shards = zip(uris.shards, uris.footers, strict=True)
+        else:
+            shards = ((uri, storage.read_footer(uri)) for uri in uris)
+        for uri, meta in shards:
             fs, path = storage.resolve(uri)
-            meta = storage.read_footer(uri)
             schema = meta.schema.to_arrow_schema()
             if columns is not None:
                 schema = pa.schema([schema.field(c) for c in columns])
@@ -72,7 +76,7 @@ class ShardFiles(Datasource):
         ]
 
 
-def read_shards(uris: list[str], *, columns: list[str] | None = None, rows_per_block: int | None = None,
+def read_shards(uris: list[str] | TableFiles, *, columns: list[str] | None = None, rows_per_block: int | None = None,
                 block_per_file: bool = True) -> ray.data.Dataset:
     """A lazy Dataset over Parquet shards; ``rows_per_block`` cuts blocks to at most that many rows (streaming),
     so an actor pool downstream gets one task per block instead of one task for a whole file.
@@ -83,16 +87,18 @@ def read_shards(uris: list[str], *, columns: list[str] | None = None, rows_per_b
     Training passes ``block_per_file=False`` and keeps Ray Data's own split: the blocks an epoch is cut from
     decide which images share a batch, so another split trains other models (and changes every figure derived
     from them)."""
-    blocks = {"override_num_blocks": len(uris)} if block_per_file else {}
+    n_files = len(uris.shards) if isinstance(uris, TableFiles) else len(uris)
+    blocks = {"override_num_blocks": n_files} if block_per_file else {}
     ds = ray.data.read_datasource(ShardFiles(uris, columns), **blocks)
     return ds.repartition(target_num_rows_per_block=rows_per_block) if rows_per_block else ds
 
 
-def read_gallery(uri: str, *, columns: list[str] | None = None, require_label: bool = False,
+def read_gallery(table: str | TableFiles, *, columns: list[str] | None = None, require_label: bool = False,
                  rows_per_block: int | None = None, block_per_file: bool = True) -> ray.data.Dataset:
     """A lazy Ray Dataset over a gallery table (images or texts, local or s3://), projected to ``columns``."""
-    return read_shards(gallery_shards(uri, require_label=require_label), columns=columns,
-                       rows_per_block=rows_per_block, block_per_file=block_per_file)
+    table = storage.open_table(table)
+    gallery_shards(table, require_label=require_label)
+    return read_shards(table, columns=columns, rows_per_block=rows_per_block, block_per_file=block_per_file)
 
 
 def prepare_rows(
@@ -179,16 +185,17 @@ def keep_only(ds: ray.data.Dataset, keep: np.ndarray) -> ray.data.Dataset:
     return ds.map_batches(keep_rows, fn_kwargs={"keep": keep}, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
 
 
-def probe_image_size(uri: str) -> int:
+def probe_image_size(table: str | TableFiles) -> int:
     """The shorter side of the first image of a table: the size a model that recorded none is given."""
-    first = storage.read_shard(storage.list_shards(uri)[0], columns=[IMAGE]).column(IMAGE)
+    table = storage.open_table(table)
+    first = storage.read_shard(table.shards[0], columns=[IMAGE]).column(IMAGE)
     if len(first) == 0:
-        raise storage.StorageError(f"{uri}: first shard is empty; cannot tell the image size")
+        raise storage.StorageError(f"{table.uri}: first shard is empty; cannot tell the image size")
     return min(decode_image(first[0].as_py()).size)
 
 
-def resolve_preprocessing(preprocessing: Preprocessing, gallery_uri: str) -> Preprocessing:
+def resolve_preprocessing(preprocessing: Preprocessing, gallery: str | TableFiles) -> Preprocessing:
     """``preprocessing`` with an image size left open filled in from the gallery's first image."""
     if isinstance(preprocessing, ImagePreprocessing) and preprocessing.crop is None:
-        return preprocessing.resolved(probe_image_size(gallery_uri))
+        return preprocessing.resolved(probe_image_size(gallery))
     return preprocessing

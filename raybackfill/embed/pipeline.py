@@ -42,6 +42,7 @@ from raybackfill.data.schema import (
     fixed_size_list,
     validate_embedding_table,
 )
+from raybackfill.data.storage import TableFiles
 from raybackfill.embed.actors import EmbedRows, TransformEmbeddings
 from raybackfill.encoders import EntrypointTrust, check_trusted, encoder_preprocessing
 from raybackfill.models.artifacts import MODEL_JSON, read_spec
@@ -111,21 +112,23 @@ class EncoderInputs:
     trust: EntrypointTrust = EntrypointTrust()
 
 
-def plan_inputs(models: dict[str, str], gallery_uri: str, trust: EntrypointTrust | None = None) -> EncoderInputs:
+def plan_inputs(models: dict[str, str], gallery: str | TableFiles,
+                trust: EntrypointTrust | None = None) -> EncoderInputs:
     """Read each encoder's model.json, refuse untrusted entrypoints and encoders of another modality than the
     gallery, and fill sizes left open from the gallery: all in the driver, before any job starts."""
     trust = trust or EntrypointTrust()
-    content = gallery_content(gallery_uri)
+    gallery = storage.open_table(gallery)
+    content = gallery_content(gallery)
     preprocessing: dict[str, Preprocessing] = {}
     inputs: dict[str, str] = {}
     for column, uri in models.items():
         spec = read_spec(uri)
         source = storage.join(uri, MODEL_JSON)
         check_trusted(spec, trust, source)
-        wanted = resolve_preprocessing(encoder_preprocessing(spec, source), gallery_uri)
+        wanted = resolve_preprocessing(encoder_preprocessing(spec, source), gallery)
         if wanted.modality.column != content:
             article = "an" if wanted.modality.value[0] in "aeiou" else "a"
-            raise ValueError(f"{source}: {article} {wanted.modality.value} encoder cannot embed {gallery_uri}, "
+            raise ValueError(f"{source}: {article} {wanted.modality.value} encoder cannot embed {gallery.uri}, "
                              f"whose rows hold '{content}'")
         name = next((k for k, p in preprocessing.items() if p == wanted), f"prepared_{len(preprocessing)}")
         preprocessing[name] = wanted
@@ -194,12 +197,13 @@ def embed_gallery(
     pool = pool or PoolConfig()
     if EMBEDDING not in models:
         raise ValueError(f"models must include the '{EMBEDDING}' column, got {sorted(models)}")
-    plan = plan_inputs(models, gallery_uri, trust)  # before the manifest: a refused encoder writes nothing
+    gallery = storage.open_table(gallery_uri)  # shards listed and footers read once for every step below
+    plan = plan_inputs(models, gallery, trust)  # before the manifest: a refused encoder writes nothing
     manifest = _open_table(out_uri, {column: read_spec(uri).version for column, uri in models.items()})
     if manifest.complete:
         return EmbedResult(out_uri, manifest.rows, manifest.quarantined, 0, already_complete=True)
     quarantine_uri = quarantine_uri or storage.join(out_uri, "_quarantine")
-    ds = read_gallery(gallery_uri, rows_per_block=pool.batch_size)  # one actor task per batch
+    ds = read_gallery(gallery, rows_per_block=pool.batch_size)  # one actor task per batch
     columns = [c for c in (ID, plan.content, *keep_columns) if c in ds.schema().names]
     ds = _skip_done(ds.select_columns(columns), gallery_uri, out_uri, quarantine_uri)
     if ds is not None:
