@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
 import ray
 
 from raybackfill import NAMESPACE
+from raybackfill.logs import LEVEL_ENV
+
+logger = logging.getLogger(__name__)
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_driver: bool = False,
@@ -27,11 +31,24 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    extra = {"runtime_env": {"py_modules": [os.path.abspath(p) for p in py_modules]}} if py_modules else {}
+    runtime_env: dict = {}
+    if py_modules:
+        runtime_env["py_modules"] = [os.path.abspath(p) for p in py_modules]
+    if os.environ.get(LEVEL_ENV):  # the level asked for here holds in every worker too
+        runtime_env["env_vars"] = {LEVEL_ENV: os.environ[LEVEL_ENV]}
     if address:
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=log_to_driver, **extra)
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=log_to_driver,
+                 runtime_env=runtime_env or None)
         return
-    ray.init(
-        num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, namespace=NAMESPACE, log_to_driver=log_to_driver,
-        **extra,
-    )
+    try:
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, namespace=NAMESPACE,
+            log_to_driver=log_to_driver, runtime_env=runtime_env or None,
+        )
+    except ValueError as err:
+        # Without an address Ray joins the cluster of the last `ray start` on this machine, and refuses the
+        # resources asked for a new one: join it as it is.
+        if "existing cluster" not in str(err):
+            raise
+        logger.info("joining the Ray cluster already running on this machine (ray start)")
+        ray.init(namespace=NAMESPACE, log_to_driver=log_to_driver, runtime_env=runtime_env or None)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from raybackfill import __version__
+from raybackfill.logs import LEVEL_ENV, configure_logging
 
 # command -> (module under raybackfill.cli that registers it, one-line help for the top-level listing)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -39,6 +41,9 @@ def build_parser(command: str | None = None, *, complete: bool = True) -> argpar
         prog="raybackfill",
         description="Upgrade the embedding model of a retrieval service without downtime, on Ray.",
     )
+    parser.add_argument("--log-level", default=None, metavar="LEVEL",
+                        help=f"DEBUG, INFO (default), WARNING or ERROR, for this process and its Ray workers "
+                             f"(or set ${LEVEL_ENV})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     version = sub.add_parser("version", help="print the raybackfill version")
     version.set_defaults(func=lambda args: print(__version__))
@@ -57,9 +62,12 @@ def build_parser(command: str | None = None, *, complete: bool = True) -> argpar
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    command = next((a for a in argv if not a.startswith("-")), None)
+    command = next((a for a in argv if a in COMMANDS), None)  # the first word that names a command
     args = build_parser(command, complete=False).parse_args(argv)
     try:
+        if args.log_level:
+            os.environ[LEVEL_ENV] = args.log_level  # workers started from here inherit it
+        configure_logging()
         result = args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

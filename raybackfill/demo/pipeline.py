@@ -99,9 +99,10 @@ class DemoScale:
     and keeps the epoch that split chooses (see :class:`raybackfill.train.trainer.Monitor`); the backbones'
     learning rate is chosen among ``backbone_lrs`` on the old model's validation split. What stays fixed is
     the shape of the search: small batches for the backbones (more optimizer steps per epoch at the same
-    cost on a CPU), no augmentation (the new models fit their training set, as the papers' ResNets do, which
-    FastFill's head relies on), and for the built-in data 50 classes x 140 images so that the query split
-    (1400 queries) makes one query 0.07 points of top-1.
+    cost on a CPU), no augmentation (so the new models fit their training set, which this project supposes
+    FastFill's head relies on; the papers' reference code trains with augmentation and label smoothing), and
+    for the built-in data 50 classes x 140 images so that the query split (1400 queries) makes one query
+    0.07 points of top-1.
     """
 
     classes: int = 50  # built-in data only (ignored with --data)

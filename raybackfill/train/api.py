@@ -146,8 +146,9 @@ def train_backbone(
     The loss is classification + ``compat_weight`` x the method's compatibility term (lambda = 1 in both
     papers). ``backbone_kwargs`` go to the architecture's builder (e.g. ``{"width": 16}`` for small_cnn).
     ``augment``: mild crops and colour jitter on each batch. Turn it off to let a new model fit its training
-    set, as the papers' ResNets do (~100 % train accuracy): FastFill's head learns its per-item loss on
-    that set, and the loss measures where the transformation fails only where the new model is right.
+    set. That this helps is this project's hypothesis, not the papers' (their reference code trains with
+    augmentation and label smoothing): FastFill's head learns its per-item loss on that set, and the loss
+    measures where the transformation fails only where the new model is right.
     """
     method = parse(Method, method)
     loss = get_recipe(method).backbone_loss

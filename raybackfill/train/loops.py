@@ -10,7 +10,6 @@ frozen tensors (the old or new classifier) travel in the loop config.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Iterator
 
@@ -19,6 +18,7 @@ import ray.train.torch
 import torch
 
 from raybackfill.compat import losses
+from raybackfill.logs import configure_logging
 from raybackfill.models.artifacts import load_model
 from raybackfill.models.registry import build_model
 from raybackfill.models.side_info import AugmentConfig, augment
@@ -38,14 +38,13 @@ from raybackfill.types import BackboneLoss
 
 # Mild augmentation for supervised backbones (SimCLR's strong views are for the side-info model only).
 SUPERVISED_AUGMENT = AugmentConfig(crop_scale=(0.6, 1.0), brightness=0.2, contrast=0.2, saturation=0.2, grayscale_p=0.0)
-_LOG_FORMAT = "%(asctime)s %(name)s: %(message)s"
 
 
 class Worker:
     """What every loop sets up: config, device, model, optimizer, its datasets and the session."""
 
     def __init__(self, config: dict, monitor: Monitor | None) -> None:
-        _log_to_stderr()
+        configure_logging()  # per-epoch lines reach the driver through the worker's stderr
         self.config = config
         self.train = TrainConfig(**config["train"])
         seed_everything(self.train.seed)
@@ -97,18 +96,6 @@ class Worker:
 
     def end_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         self.session.end_epoch(epoch, metrics, self.config.get("name", ""))
-
-
-def _log_to_stderr() -> None:
-    """Per-epoch lines reach the driver's console: Ray forwards a worker's stderr, and in local mode the loop
-    runs in the driver, whose CLI may already have configured logging."""
-    log = logging.getLogger("raybackfill")
-    if not log.hasHandlers():
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter(_LOG_FORMAT))
-        log.addHandler(handler)
-    if log.getEffectiveLevel() > logging.INFO:
-        log.setLevel(logging.INFO)
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, train: TrainConfig, epoch: int) -> None:

@@ -1,0 +1,284 @@
+"""Regenerate docs/benchmarks.md from the benchmark results kept in docs/benchmarks/ (run from the checkout root):
+
+    python docs/make_benchmarks.py
+
+Each file in docs/benchmarks/ is the JSON that ``python -m benchmarks.run --out FILE`` wrote, copied as is. The
+page shows the latest of them (by its ``date_utc``) in full and lists the others. The page is never edited by
+hand: run the suite, keep its JSON here, and run this script (a test checks the page is what this script makes).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS, PAGE = HERE / "benchmarks", HERE / "benchmarks.md"
+
+# key -> (what it measures, in words; what the ratio compares)
+KEYS = {
+    "embed_pipeline_vs_bare": (
+        "Embedding throughput of the project's Ray Data pipeline (read, decode, actor pool) against the faster "
+        "of two warmed bare torch loops (one process with every thread, or one process per core), same table, "
+        "model and batch size.",
+        "pipeline / best bare loop, images/s",
+    ),
+    "transform_vs_reembed": (
+        "The instant phase (forward transformation of stored old embeddings, no image read) against "
+        "re-embedding the images with a backbone; both end to end with writes, same actor pool.",
+        "transform / re-embed, items/s",
+    ),
+    "merged_query_vs_bare_faiss": (
+        "Throughput of rank_merge queries on the sharded index, half of the gallery backfilled, against one "
+        "bare FAISS IndexFlatIP with the faster of 1 or all threads.",
+        "index / best bare index, queries/s",
+    ),
+    "p99_live_vs_idle": (
+        "Single-query p99 latency while a thread upserts 10k-vector batches (as fast as the shards take them, "
+        "then paced at 20k items/s) against the same queries on an idle index.",
+        "p99 during upserts / p99 idle",
+    ),
+    "scale_1m": (
+        "A backfill through the transform path (plan, instant phase into a live 2-shard index) at the largest "
+        "size of the run: wall time and the peak memory (PSS) of every Ray process together.",
+        "absolute: items/s and GB",
+    ),
+    "growth": (
+        "The same backfill at each size of the run, then single-query latency: how time grows with the gallery.",
+        "exponent b of time ~ n^b",
+    ),
+}
+TARGET_SIZE = 1_000_000  # scale_1m's target is stated for a 1M-item gallery
+
+
+def load_runs() -> list[dict]:
+    """Every kept result, oldest first; each gets ``_file``, its name in docs/benchmarks/."""
+    runs = []
+    for path in sorted(RESULTS.glob("*.json")):
+        run = json.loads(path.read_text())
+        run["_file"] = path.name
+        runs.append(run)
+    return sorted(runs, key=lambda run: run["date_utc"])
+
+
+def _load(entry_or_machine: dict) -> str:
+    start, end = entry_or_machine["loadavg_start"], entry_or_machine["loadavg_end"]
+    return f"{start[0]:.1f} -> {end[0]:.1f}"
+
+
+def _meets(value: float, target: str) -> str:
+    """'meets' or 'misses' for a target written as '>= X' or '<= X'."""
+    op, number = target.split()[:2]
+    ok = value >= float(number) if op == ">=" else value <= float(number)
+    return "meets" if ok else "misses"
+
+
+def _steady(value: float | None, unit: str = "") -> str:
+    return "lost in noise" if value is None else f"{value:.2f}{unit}"
+
+
+def _commands(run: dict) -> dict[str, str]:
+    """The command that reproduces each key with this run's settings (from the checkout root)."""
+    config = run["config"]
+    shared = f"--cpus {config['cpus']} --repeats {config['repeats']} --seed {config['seed']}"
+    quick = " --quick" if config["quick"] else ""
+    backfill = f"python benchmarks/bench_backfill.py{quick} {shared}"
+    index = f"python benchmarks/bench_index.py{quick} {shared}"
+    sizes = ",".join(str(n) for n in config["sizes"])
+    suite = f"python -m benchmarks.run{quick} --sizes {sizes} --out results.json"
+    return {
+        "embed_pipeline_vs_bare": backfill,
+        "transform_vs_reembed": backfill,
+        "merged_query_vs_bare_faiss": index,
+        "p99_live_vs_idle": index,
+        "scale_1m": suite,
+        "growth": suite,
+    }
+
+
+def _measured(run: dict) -> dict[str, tuple[str, str]]:
+    """key -> (the measured figures, the verdict against the target)."""
+    targets = run["targets"]
+    embed, transform = run["embed_pipeline_vs_bare"], run["transform_vs_reembed"]
+    merged, live = run["merged_query_vs_bare_faiss"], run["p99_live_vs_idle"]
+    scale, growth = run["scale_1m"], run["growth"]
+
+    embed_text = (
+        f"**{embed['ratio']:.2f}** end to end ({embed['pipeline_items_per_s']:,.0f} vs "
+        f"{embed['bare_items_per_s']:,.0f} img/s; best bare: {embed['baseline']}); "
+        f"**{embed['ratio_steady']:.2f}** in steady state ({embed['pipeline_steady_items_per_s']:,.0f} vs "
+        f"{embed['bare_steady_items_per_s']:,.0f} img/s); the pool's first batch after "
+        f"{embed['pipeline_startup_seconds']:.1f} s"
+    )
+    parts = []
+    for name, figures in transform["by_backbone"].items():
+        steady = figures["ratio_steady"]
+        parts.append(
+            f"**{figures['ratio']:.1f}x** end to end with {name} ({figures['transform_items_per_s']:,.0f} vs "
+            f"{figures['reembed_items_per_s']:,.0f} items/s, {figures['reembed_images']:,} images), steady state "
+            + ("lost in noise" if steady is None else f"{steady:.1f}x")
+        )
+    parts.append(f"compute bound (bare transformation / best bare embedding loop) "
+                 f"{transform['compute_bound_ratio']:.1f}x")
+    others = ", ".join(f"{name} {ratio:.2f}" for name, ratio in merged["ratio_by_strategy"].items()
+                       if name != "rank_merge")
+    merged_text = (f"**{merged['ratio']:.2f}** ({merged['qps']:,.0f} vs {merged['bare_qps']:,.0f} QPS); "
+                   f"other strategies: {others}")
+    busy, paced = live["during_upserts"], live["during_paced_upserts"]
+    live_text = (
+        f"**{live['ratio']:.2f}** unpaced ({busy['p99_ms']:.0f} vs {live['idle']['p99_ms']:.0f} ms, upserts at "
+        f"{busy['upserts_per_s']:,.0f} items/s); **{live['ratio_paced']:.2f}** paced ({paced['p99_ms']:.0f} ms, "
+        f"upserts at {paced['upserts_per_s']:,.0f} items/s); p50 idle {live['idle']['p50_ms']:.0f} ms"
+    )
+    scale_text = (
+        f"{scale['items']:,} items in {scale['wall_seconds']:.1f} s: **{scale['items_per_s']:,.0f} items/s**; "
+        f"peak PSS **{scale['peak_pss_gb']:.2f} GB** (RSS sum {scale['peak_rss_sum_bytes'] / 1e9:.2f} GB)"
+    )
+    if scale["items"] < TARGET_SIZE:
+        scale_verdict = f"not judged: {scale['items']:,} items, the target is for {TARGET_SIZE:,}"
+    else:
+        fast = scale["items_per_s"] >= scale["target_items_per_s"]
+        small = scale["peak_pss_gb"] < scale["target_gb"]
+        scale_verdict = "meets" if fast and small else "misses"
+    growth_text = (
+        f"backfill {' / '.join(f'{s:.1f}' for s in growth['backfill_seconds'])} s: "
+        f"~ n^{growth['exponent_backfill_seconds']:.2f}; query p50 "
+        f"{' / '.join(f'{s:.0f}' for s in growth['query_p50_ms'])} ms: ~ n^{growth['exponent_query_p50']:.2f} "
+        f"(sizes {' / '.join(f'{n:,}' for n in growth['items'])})"
+    )
+    return {
+        "embed_pipeline_vs_bare": (embed_text, _meets(embed["ratio"], targets["embed_pipeline_vs_bare"])),
+        "transform_vs_reembed": ("; ".join(parts), _meets(transform["ratio"], targets["transform_vs_reembed"])),
+        "merged_query_vs_bare_faiss": (merged_text, _meets(merged["ratio"], targets["merged_query_vs_bare_faiss"])),
+        "p99_live_vs_idle": (live_text, _meets(live["ratio"], targets["p99_live_vs_idle"])),
+        "scale_1m": (scale_text, scale_verdict),
+        "growth": (growth_text, "-"),
+    }
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _key_table(run: dict) -> list[str]:
+    measured, commands, targets = _measured(run), _commands(run), run["targets"]
+    lines = ["| key | what it measures | ratio | target | measured | verdict | reproduce |",
+             "|---|---|---|---|---|---|---|"]
+    for key, (what, ratio) in KEYS.items():
+        figures, verdict = measured[key]
+        target = targets.get(key, "-")
+        lines.append(f"| `{key}` | {_cell(what)} | {ratio} | {_cell(target)} | {_cell(figures)} | {verdict} | "
+                     f"`{commands[key]}` |")
+    return lines
+
+
+def _machine(run: dict) -> list[str]:
+    m = run["machine"]
+    blas = m.get("numpy_blas") or {}
+    usable = m.get("cpus_usable")
+    cores = f"{m['cpus']} cores" + (f" ({usable} usable)" if usable and usable != m["cpus"] else "")
+    parts = {"backfill benchmarks": run["embed_pipeline_vs_bare"],
+             "index benchmarks": run["merged_query_vs_bare_faiss"],
+             "largest scale point": run["scale_1m"]}
+    before = m["loadavg_start"][0]
+    peak = max(x[0] for entry in (m, *parts.values()) for x in (entry["loadavg_start"], entry["loadavg_end"]))
+    lines = [
+        f"- When: {run['date_utc']}, {run['seconds'] / 60:.0f} minutes, "
+        f"{'quick sizes (`--quick`)' if run['config']['quick'] else 'full sizes'}, on CPU only.",
+        f"- Machine: {cores}, {m.get('platform', 'platform unknown')}; Python {m['python']}, torch {m['torch']}, "
+        f"FAISS {m['faiss']}, numpy {m['numpy']} on {blas.get('name')} {blas.get('version')}, Ray {m['ray']}.",
+        f"- Load (1-minute load average): {before:.1f} before the suite started anything, "
+        + ", ".join(f"{name} {_load(entry)}" for name, entry in parts.items())
+        + f", {m['loadavg_end'][0]:.1f} at the end. The suite itself keeps about {m['cpus']} cores busy.",
+    ]
+    if peak > 2 * m["cpus"]:
+        lines.append(
+            f"- **Other work competed for the CPUs during this run** (load up to {peak:.1f} on {m['cpus']} cores). "
+            "Its figures show that the suite runs end to end; they do not measure this code's speed. Re-run on an "
+            "idle machine before reading anything into a ratio.")
+    elif before > 0.5 * m["cpus"]:
+        lines.append(f"- The machine was not idle when the run started (load {before:.1f} on {m['cpus']} cores): "
+                     "read the ratios with that in mind.")
+    return lines
+
+
+def _details(run: dict) -> list[str]:
+    lines = []
+    for key in ("embed_pipeline_vs_bare", "transform_vs_reembed", "merged_query_vs_bare_faiss", "p99_live_vs_idle",
+                "scale_1m"):
+        lines.append(f"- `{key}`: {run[key]['what']}.")
+    return lines
+
+
+def _kept(runs: list[dict]) -> list[str]:
+    lines = ["| file | date (UTC) | sizes | minutes | load at start | embed | transform | merged query | p99 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for run in reversed(runs):
+        lines.append(
+            f"| `docs/benchmarks/{run['_file']}` | {run['date_utc']} | {'quick' if run['config']['quick'] else 'full'} "
+            f"| {run['seconds'] / 60:.0f} | {run['machine']['loadavg_start'][0]:.1f} "
+            f"| {run['embed_pipeline_vs_bare']['ratio']:.2f} | {run['transform_vs_reembed']['ratio']:.1f}x "
+            f"| {run['merged_query_vs_bare_faiss']['ratio']:.2f} | {run['p99_live_vs_idle']['ratio']:.2f} |"
+        )
+    return lines
+
+
+def render(runs: list[dict] | None = None) -> str:
+    runs = load_runs() if runs is None else runs
+    if not runs:
+        raise ValueError(f"no benchmark results in {RESULTS}: run python -m benchmarks.run --out {RESULTS}/NAME.json")
+    latest = runs[-1]
+    lines = [
+        "# Benchmarks",
+        "",
+        "<!-- Generated by `python docs/make_benchmarks.py` from docs/benchmarks/*.json; do not edit by hand. -->",
+        "",
+        "Each benchmark runs the project's path and its bare baseline in the same process and the same minutes, "
+        "and reports their ratio (the median of repeats), so a figure compares like with like on one machine. "
+        "Compare figures within a run, not across runs or machines: a shared box's speed drifts.",
+        "",
+        f"## Latest run: `docs/benchmarks/{latest['_file']}`",
+        "",
+        *_machine(latest),
+        "",
+        *_key_table(latest),
+        "",
+        "A *quick* run uses small sizes (a few thousand images, a 50k-vector index, galleries up to 100k items); the "
+        "targets were set for the full sizes (10k images, a 1M-vector index, 1M items), so a quick run's verdicts "
+        "are a smoke test, not the measurement."
+        if latest["config"]["quick"] else
+        "This is a full run: the sizes the targets were set for.",
+        "",
+        "Exactly what each side ran:",
+        "",
+        *_details(latest),
+        "",
+        "## Reproduce",
+        "",
+        "```bash",
+        "export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0   # a local Ray without a token",
+        ".venv/bin/python -m benchmarks.run --quick --out docs/benchmarks/quick.json  # a few minutes",
+        ".venv/bin/python -m benchmarks.run --out docs/benchmarks/full.json   # full sizes: ~15 min on 2 cores",
+        ".venv/bin/python docs/make_benchmarks.py                             # rewrite this page",
+        "```",
+        "",
+        "`raybackfill bench --quick --out results.json` runs the same suite from the CLI (from the checkout root). "
+        "Run it on an otherwise idle machine; the page states the load each run met.",
+        "",
+        "## Kept runs",
+        "",
+        *_kept(runs),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    PAGE.write_text(render())
+    print(f"wrote {PAGE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
