@@ -50,7 +50,7 @@ import numpy as np
 import ray
 import torch
 
-from raybackfill.data import io
+from raybackfill.data import storage
 from raybackfill.data.loading import prepare_rows, read_gallery
 from raybackfill.data.preprocessing import ImagePreprocessing
 from raybackfill.data.schema import EMBEDDING, ID, IMAGE, embedding_table, vectors_of
@@ -81,20 +81,20 @@ def write_inputs(root: str, args: argparse.Namespace) -> dict[str, str]:
     # Several shards so Ray Data has more than one read unit to spread over the pool; the 2x table has the
     # same shard size, so the difference of the two runs is N more images of the same kind.
     rows_per_shard = max(args.images // 4, 1)
-    io.write_table(images.slice(0, args.images), paths["images"], rows_per_shard=rows_per_shard)
-    io.write_table(images.slice(0, 2 * args.images), paths["images_2x"], rows_per_shard=rows_per_shard)
+    storage.write_table(images.slice(0, args.images), paths["images"], rows_per_shard=rows_per_shard)
+    storage.write_table(images.slice(0, 2 * args.images), paths["images_2x"], rows_per_shard=rows_per_shard)
     for name, n in args.reembed_also:
         for suffix, rows in (("", n), ("_2x", 2 * n)):
             paths[f"images_{name}{suffix}"] = os.path.join(root, f"images_{name}{suffix}")
-            io.write_table(images.slice(0, rows), paths[f"images_{name}{suffix}"], rows_per_shard=max(n // 4, 1))
+            storage.write_table(images.slice(0, rows), paths[f"images_{name}{suffix}"], rows_per_shard=max(n // 4, 1))
         paths[f"backbone_{name}"] = os.path.join(root, f"backbone_{name}")
         save_backbone(paths[f"backbone_{name}"], name)
     rng = np.random.default_rng(args.seed)
     old = rng.standard_normal((2 * args.embeddings, OLD_DIM), dtype=np.float32)
     ids = np.arange(2 * args.embeddings, dtype=np.int64)
     table = embedding_table(ids, old, model="old-v1")
-    io.write_table(table.slice(0, args.embeddings), paths["old"], rows_per_shard=args.transform_batch_size)
-    io.write_table(table, paths["old_2x"], rows_per_shard=args.transform_batch_size)
+    storage.write_table(table.slice(0, args.embeddings), paths["old"], rows_per_shard=args.transform_batch_size)
+    storage.write_table(table, paths["old_2x"], rows_per_shard=args.transform_batch_size)
     save_models(paths["backbone"], paths["fct"], args.backbone)
     return paths
 
@@ -117,7 +117,7 @@ def save_models(backbone_uri: str, fct_uri: str, backbone: str = "small_cnn") ->
 
 def bare_embed(model: torch.nn.Module, images_uri: str, size: int, batch_size: int, part: int, parts: int) -> int:
     """Read the table, keep this part's contiguous rows, decode and embed them batch by batch; returns rows."""
-    column = io.read_table(images_uri, columns=[IMAGE]).column(IMAGE)
+    column = storage.read_table(images_uri, columns=[IMAGE]).column(IMAGE)
     lo, hi = len(column) * part // parts, len(column) * (part + 1) // parts
     rows = 0
     with torch.inference_mode():
@@ -202,7 +202,7 @@ def bare_transform(old_uri: str, fct_uri: str, batch_size: int, threads: int) ->
         with torch.inference_mode():
             model(torch.zeros((batch_size, OLD_DIM)))
             start = time.perf_counter()
-            old = torch.from_numpy(vectors_of(io.read_table(old_uri, columns=[EMBEDDING])))
+            old = torch.from_numpy(vectors_of(storage.read_table(old_uri, columns=[EMBEDDING])))
             for begin in range(0, len(old), batch_size):
                 model(old[begin : begin + batch_size])
             return time.perf_counter() - start

@@ -42,10 +42,11 @@ import ray
 
 from raybackfill.index.router import RouterConfig, create_index, destroy_index, get
 from raybackfill.runtime import init_ray
+from raybackfill.types import Space, Strategy
 
 CHUNK = 10_000  # rows per load_old / upsert call, like a backfill batch
 QUICK = {"n": 50_000, "queries": 200, "latency_probes": 100}
-LATENCY_K, LATENCY_STRATEGY = 10, "rank_merge"
+LATENCY_K, LATENCY_STRATEGY = 10, Strategy.RANK_MERGE
 WARMUP_PROBES = 3  # single queries before the idle measurement, not recorded
 BACKFILL_TARGET_ITEMS_PER_S = 20_000  # the rate for the transform path: the pace of the paced upserts
 
@@ -137,7 +138,7 @@ def probe_during_upserts(router, q_old: np.ndarray, q_new: np.ndarray, batches: 
             for batch in itertools.cycle(batches):
                 if stop.is_set():
                     break
-                ref = router.upsert.remote(batch, unit_rows(rng, len(batch), d), "new", "v2")
+                ref = router.upsert.remote(batch, unit_rows(rng, len(batch), d), Space.NEW, "v2")
                 first_sent.set()
                 get(ref)
                 done["items"] += len(batch)
@@ -207,7 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
             get(router.load_old.remote(ids[lo : lo + CHUNK], old[lo : lo + CHUNK], "v1"))
         load_s = time.perf_counter() - start
 
-        old_s, old_result = best_of(args.repeats, lambda: get(router.search.remote(queries, None, args.k, "old")))
+        old_s, old_result = best_of(args.repeats,
+                                    lambda: get(router.search.remote(queries, None, args.k, Strategy.OLD)))
         same_as_bare = float(np.mean(old_result.ids == bare_ids))
 
         order = rng.permutation(args.n)
@@ -215,11 +217,11 @@ def main(argv: list[str] | None = None) -> dict:
         new = unit_rows(rng, len(moved), args.d)
         start = time.perf_counter()
         for lo in range(0, len(moved), CHUNK):
-            get(router.upsert.remote(ids[moved[lo : lo + CHUNK]], new[lo : lo + CHUNK], "new", "v2"))
+            get(router.upsert.remote(ids[moved[lo : lo + CHUNK]], new[lo : lo + CHUNK], Space.NEW, "v2"))
         upsert_s = time.perf_counter() - start
 
         strategies = {}
-        for strategy in ("old", "compatible", "rank_merge"):
+        for strategy in Strategy:
             def search(s=strategy):
                 return get(router.search.remote(queries, queries, args.k, s))
 

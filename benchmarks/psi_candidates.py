@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from raybackfill.compat import losses
-from raybackfill.data import io
+from raybackfill.data import storage
 from raybackfill.data.schema import EMBEDDING, ID, LABEL, vectors_of
 from raybackfill.demo.configs import QUICK
 from raybackfill.demo.pipeline import DemoLayout, rows_of_ids
@@ -66,8 +66,8 @@ def variant(name: str) -> Iterator[None]:
 
 def measure(demo_out: str, train_seeds: list[int], random_orders: int) -> dict:
     layout = DemoLayout(demo_out)
-    table = io.read_table(layout.path("embeddings", "all"))
-    labels = {s: io.read_table(layout.split(s), columns=[ID, LABEL]) for s in ("query", "gallery")}
+    table = storage.read_table(layout.path("embeddings", "all"))
+    labels = {s: storage.read_table(layout.split(s), columns=[ID, LABEL]) for s in ("query", "gallery")}
     ids = {s: labels[s].column(ID).to_numpy() for s in labels}
     rows = {s: table.take(rows_of_ids(table, ids[s])) for s in labels}
     q_labels, g_labels = (labels[s].column(LABEL).to_numpy() for s in ("query", "gallery"))

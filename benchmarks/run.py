@@ -35,7 +35,7 @@ import ray
 
 from benchmarks import bench_backfill, bench_index
 from raybackfill.backfill.run import BackfillConfig, run_backfill
-from raybackfill.data import io
+from raybackfill.data import storage
 from raybackfill.data.images import encode_png
 from raybackfill.data.schema import ID, IMAGE, embedding_table
 from raybackfill.embed.pipeline import PoolConfig
@@ -135,10 +135,10 @@ def write_scale_inputs(root: str, n: int, seed: int) -> tuple[dict[str, str], np
     ids = np.arange(n, dtype=np.int64)
     png = pa.array([encode_png(np.zeros((8, 8, 3), dtype=np.uint8))], type=pa.binary())
     gallery = pa.table({ID: pa.array(ids), IMAGE: png.take(pa.array(np.zeros(n, dtype=np.int64)))})
-    io.write_table(gallery, paths["gallery"], rows_per_shard=SCALE_ROWS_PER_SHARD)
+    storage.write_table(gallery, paths["gallery"], rows_per_shard=SCALE_ROWS_PER_SHARD)
     rng = np.random.default_rng(seed)
     old = bench_index.unit_rows(rng, n, bench_backfill.OLD_DIM)
-    io.write_table(embedding_table(ids, old, model="old-v1"), paths["old"], rows_per_shard=SCALE_ROWS_PER_SHARD)
+    storage.write_table(embedding_table(ids, old, model="old-v1"), paths["old"], rows_per_shard=SCALE_ROWS_PER_SHARD)
     bench_backfill.save_models(paths["backbone"], paths["fct"])
     return paths, old
 

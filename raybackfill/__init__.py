@@ -23,8 +23,8 @@ The vocabulary (:mod:`raybackfill.types`):
 
 Example:
     >>> import raybackfill
-    >>> raybackfill.Strategy.RANK_MERGE
-    <Strategy.RANK_MERGE: 'rank_merge'>
+    >>> raybackfill.Strategy.RANK_MERGE == "rank_merge"
+    True
 """
 
 from __future__ import annotations

@@ -3,32 +3,50 @@
 Each enum is a :class:`~enum.StrEnum`, so a member *is* its string: configs, JSON reports, Parquet columns
 and command-line choices keep the plain values (``"rank_merge"``, ``"cosine"``) while code compares and
 validates against one definition. :func:`parse` turns a user's string into a member with an error that
-lists the valid values. :func:`locate_ids` is the one "find these ids in that id array" lookup.
+lists the valid values. :func:`locate_ids` (and :func:`locate_sorted`, for an id array kept sorted) is the
+one "find these ids in that id array" lookup.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import StrEnum
 from typing import TypeVar
 
 import numpy as np
 
 __all__ = [
+    "ENCODER_STAGES",
+    "MODEL_METRICS",
     "BackboneLoss",
+    "EncoderKind",
+    "Interpolation",
     "Method",
     "Metric",
+    "Modality",
     "OldQuerySource",
     "Phase",
     "Policy",
+    "Protocol",
     "Space",
     "Stage",
     "Strategy",
+    "Tokenizer",
     "locate_ids",
+    "locate_sorted",
     "parse",
 ]
 
 
-class Strategy(StrEnum):
+class _Term(StrEnum):
+    """A vocabulary enum. Its repr is its value's, so configs, dicts and error messages that show a member
+    (``strategy 'old' needs ...``, ``IndexConfig(metric='cosine', ...)``) read as they did with plain strings."""
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+class Strategy(_Term):
     """How a query is answered while the gallery is part old, part transformed, part new."""
 
     OLD = "old"  # old query on old embeddings until the cut-over
@@ -36,7 +54,7 @@ class Strategy(StrEnum):
     RANK_MERGE = "rank_merge"  # old query on the old part, new query on the new part, merged by distance
 
 
-class Metric(StrEnum):
+class Metric(_Term):
     """Similarity of two embeddings. Scores are always "higher is better" (l2 is served negated)."""
 
     COSINE = "cosine"
@@ -44,7 +62,18 @@ class Metric(StrEnum):
     L2 = "l2"
 
 
-class Space(StrEnum):
+# The metrics models are trained and evaluated with; ip (raw inner product) is an option of the serving index.
+MODEL_METRICS = (Metric.COSINE, Metric.L2)
+
+
+class Protocol(_Term):
+    """How an offline evaluation pairs queries with the gallery."""
+
+    DISJOINT = "disjoint"  # queries and gallery are separate sets
+    LEAVE_ONE_OUT = "leave_one_out"  # query i is gallery item i; a query never retrieves itself
+
+
+class Space(_Term):
     """Which embedding space a gallery item is served from; :attr:`code` is its int8 form in arrays."""
 
     OLD = "old"
@@ -63,7 +92,7 @@ class Space(StrEnum):
 _SPACE_ORDER = tuple(Space)
 
 
-class Policy(StrEnum):
+class Policy(_Term):
     """The order in which a backfill re-embeds the gallery."""
 
     UNCERTAINTY = "uncertainty"  # FastFill: the transformation's predicted uncertainty, largest first
@@ -73,7 +102,7 @@ class Policy(StrEnum):
     ID = "id"  # ascending item id (the storage order of most galleries)
 
 
-class Method(StrEnum):
+class Method(_Term):
     """A compatible-upgrade method (see :mod:`raybackfill.compat.recipes` for what each one trains)."""
 
     INDEPENDENT = "independent"
@@ -87,7 +116,7 @@ class Method(StrEnum):
     RANK_MERGE_PSI = "rank_merge_psi"
 
 
-class BackboneLoss(StrEnum):
+class BackboneLoss(_Term):
     """What trains a new backbone."""
 
     CLASSIFICATION = "classification"  # independent of the old model
@@ -95,14 +124,14 @@ class BackboneLoss(StrEnum):
     RACT = "ract"  # + regression-alleviating contrastive loss
 
 
-class OldQuerySource(StrEnum):
+class OldQuerySource(_Term):
     """Where the old-space query comes from when a strategy needs one."""
 
     OLD_MODEL = "old_model"  # the old encoder is kept running for queries
     PSI = "psi"  # the reverse transformation psi(new query)
 
 
-class Phase(StrEnum):
+class Phase(_Term):
     """Where a live index is in its upgrade."""
 
     IDLE = "idle"
@@ -114,7 +143,7 @@ class Phase(StrEnum):
     ROLLED_BACK = "rolled_back"
 
 
-class Stage(StrEnum):
+class Stage(_Term):
     """Where an item was quarantined (the ``stage`` column of quarantine and ledger rows)."""
 
     IMPORT = "import"  # an importer could not read the source file
@@ -124,16 +153,65 @@ class Stage(StrEnum):
     EMBED = "embed"  # the encoder failed or returned a non-finite embedding
 
 
+# The stages of one pass through an encoder (an embed job, a backfill's re-embedding): on resume the pass skips
+# the ids it quarantined at these stages, as it skips those it wrote.
+ENCODER_STAGES = (Stage.DECODE, Stage.EMBED)
+
+
+class EncoderKind(_Term):
+    """Where a model comes from, and so how it is loaded (the ``kind`` of model.json)."""
+
+    RAYBACKFILL = "raybackfill"  # trained by raybackfill: a registered architecture + safetensors
+    TORCHSCRIPT = "torchscript"  # a ``torch.jit.save`` file
+    TORCH_EXPORT = "torch_export"  # a ``torch.export.save`` program (.pt2)
+    TORCHVISION = "torchvision"  # a torchvision architecture by name + the user's weights
+    ENTRYPOINT = "entrypoint"  # ``package.module:factory``: user code, honoured only when trusted
+
+
+class Modality(_Term):
+    """What a gallery row holds, and so which column an encoder reads."""
+
+    IMAGE = "image"
+    TEXT = "text"
+
+    @property
+    def column(self) -> str:
+        return self.value
+
+
+class Interpolation(_Term):
+    """How an image is resized before the centre crop."""
+
+    BILINEAR = "bilinear"
+    BICUBIC = "bicubic"
+    NEAREST = "nearest"
+
+
+class Tokenizer(_Term):
+    """How texts reach the encoder.
+
+    ``none``: the strings themselves (an entrypoint tokenises with its own tokenizer). ``bytes``: UTF-8 bytes,
+    each id = byte + 1 (0 pads). ``hashed_words``: lower-cased ``\\w+`` words, each id = a stable hash of the
+    word into ``1..vocab_size - 1`` (0 pads). Ids are int64, padded or cut to ``max_length``.
+    """
+
+    NONE = "none"
+    BYTES = "bytes"
+    HASHED_WORDS = "hashed_words"
+
+
 E = TypeVar("E", bound=StrEnum)
 
 
-def parse(kind: type[E], value: str | E, *, what: str | None = None) -> E:
+def parse(kind: type[E], value: str | E, *, what: str | None = None, among: Iterable[E] | None = None) -> E:
     """``value`` as a member of ``kind``, or a ``ValueError`` naming the valid values.
 
     Args:
         kind: the enum class, e.g. :class:`Strategy`.
         value: a member or its string value.
         what: the name used in the error (defaults to the enum's name in lower case).
+        among: the members this caller supports, when it supports only some (e.g. a model's metric is
+            cosine or l2; ip is an index option). Defaults to every member.
 
     Returns:
         The member.
@@ -142,11 +220,15 @@ def parse(kind: type[E], value: str | E, *, what: str | None = None) -> E:
         >>> parse(Strategy, "rank_merge") is Strategy.RANK_MERGE
         True
     """
+    valid = tuple(kind) if among is None else tuple(among)
     try:
-        return kind(value)
+        member = kind(value)
     except ValueError:
-        valid = ", ".join(m.value for m in kind)
-        raise ValueError(f"unknown {what or kind.__name__.lower()} {value!r}; valid: {valid}") from None
+        member = None
+    if member not in valid:
+        names = ", ".join(m.value for m in valid)
+        raise ValueError(f"unknown {what or kind.__name__.lower()} {value!r}; valid: {names}") from None
+    return member
 
 
 def locate_ids(ids: np.ndarray, wanted: np.ndarray, *, missing: str = "raise") -> np.ndarray:
@@ -166,17 +248,39 @@ def locate_ids(ids: np.ndarray, wanted: np.ndarray, *, missing: str = "raise") -
         [2, 0]
     """
     ids = np.asarray(ids)
+    order = np.argsort(ids, kind="stable")
+    where = locate_sorted(ids[order], wanted, missing=missing)
+    return np.where(where >= 0, order[where], -1) if len(order) else where
+
+
+def locate_sorted(sorted_ids: np.ndarray, wanted: np.ndarray, *, missing: str = "raise") -> np.ndarray:
+    """Positions of ``wanted`` in ``sorted_ids``, an ascending array of unique values kept sorted by its owner.
+
+    :func:`locate_ids` without the sort, for a caller that looks up many batches in one array (a shard's ids,
+    a plan's ranked ids). ``wanted`` may have any shape; the result has the same shape.
+
+    Args:
+        sorted_ids: unique values in ascending order.
+        wanted: the values to find.
+        missing: ``"raise"`` (a ``KeyError`` listing a few missing values) or ``"mask"`` (position ``-1``).
+
+    Returns:
+        An int64 array of positions into ``sorted_ids``.
+
+    Example:
+        >>> locate_sorted(np.array([10, 20, 30]), np.array([30, 15]), missing="mask").tolist()
+        [2, -1]
+    """
+    sorted_ids = np.asarray(sorted_ids)
     wanted = np.asarray(wanted)
     if missing not in ("raise", "mask"):
         raise ValueError(f"missing must be 'raise' or 'mask', got {missing!r}")
-    if len(ids) == 0:
-        found = np.zeros(len(wanted), dtype=bool)
-        where = np.zeros(len(wanted), dtype=np.int64)
+    if len(sorted_ids) == 0:
+        found = np.zeros(wanted.shape, dtype=bool)
+        where = np.zeros(wanted.shape, dtype=np.int64)
     else:
-        order = np.argsort(ids, kind="stable")
-        slot = np.minimum(np.searchsorted(ids[order], wanted), len(ids) - 1)
-        where = order[slot].astype(np.int64)
-        found = ids[where] == wanted
+        where = np.minimum(np.searchsorted(sorted_ids, wanted), len(sorted_ids) - 1).astype(np.int64)
+        found = sorted_ids[where] == wanted
     if found.all():
         return where
     if missing == "raise":

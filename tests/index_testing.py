@@ -10,7 +10,9 @@ import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from raybackfill.index.merge import NEW, OLD, TRANSFORMED
+from raybackfill.types import Space
+
+OLD, TRANSFORMED, NEW = (space.code for space in Space)
 
 
 @dataclass

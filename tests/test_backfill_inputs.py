@@ -9,8 +9,8 @@ import torch
 
 from raybackfill.backfill.inputs import check_inputs
 from raybackfill.data.images import encode_png
-from raybackfill.data.io import write_table
 from raybackfill.data.schema import SchemaError, embedding_table
+from raybackfill.data.storage import write_table
 from raybackfill.models.artifacts import ModelSpec, save_model
 from raybackfill.models.registry import build_model
 

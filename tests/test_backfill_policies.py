@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from raybackfill.backfill.policies import (
-    POLICIES,
     classifier_log_probs,
     entropy_scores,
     id_scores,
@@ -18,6 +17,7 @@ from raybackfill.backfill.policies import (
     uncertainty_scores,
 )
 from raybackfill.models.transformations import FastFillTransformation, ForwardTransformation
+from raybackfill.types import Policy
 
 IDENTITY = np.eye(2)
 
@@ -175,7 +175,7 @@ def test_priority_scores_dispatches_each_policy():
         "random": random_scores(ids, 4),
         "id": -ids.astype(float),
     }
-    assert set(expected) == set(POLICIES)
+    assert set(expected) == set(Policy)
     for policy, values in expected.items():
         np.testing.assert_allclose(priority_scores(policy, ids, **inputs), values)
 

@@ -22,8 +22,8 @@ from raybackfill.backfill.ledger import Ledger
 from raybackfill.backfill.plan import RANK, PlanConfig, ensure_plan, read_plan
 from raybackfill.backfill.run import BackfillConfig, run_backfill, summary_table
 from raybackfill.backfill.sink import TooManyBadRows
-from raybackfill.data.io import read_table, write_table
 from raybackfill.data.schema import ID, IMAGE, embedding_table, image_table
+from raybackfill.data.storage import read_table, write_table
 from raybackfill.data.synth import synthesize
 from raybackfill.embed.pipeline import PoolConfig
 from raybackfill.index.router import RouterConfig, create_index, destroy_index, get

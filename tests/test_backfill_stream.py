@@ -15,7 +15,7 @@ from raybackfill.backfill.ledger import Ledger
 from raybackfill.backfill.rows import TIER
 from raybackfill.backfill.run import backfill_stream, consume_in_tier_order, tier_runs
 from raybackfill.backfill.sink import FINITE, BatchSink, PhaseStats
-from raybackfill.data import io
+from raybackfill.data import storage
 from raybackfill.data.schema import EMBEDDING, ID
 from raybackfill.data.synth import synthesize
 from raybackfill.embed.pipeline import PoolConfig, plan_inputs
@@ -71,7 +71,7 @@ def test_stream_yields_rows_in_file_order_with_their_tier_and_leaves_the_global_
     images = synthesize(classes=2, per_class=120, size=8)
     sizes = [200, 4, 4, 4, 4, 4]
     bounds = np.cumsum([0, *sizes])
-    files = [io.write_shard(images.slice(a, b - a), str(tmp_path / "g"), f"part-{i}.parquet")
+    files = [storage.write_shard(images.slice(a, b - a), str(tmp_path / "g"), f"part-{i}.parquet")
              for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))]
     kwargs = {"embedding_dim": 4, "num_classes": 2, "width": 4}
     model = str(tmp_path / "model")

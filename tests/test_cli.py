@@ -6,7 +6,7 @@ import pytest
 
 from raybackfill import __version__
 from raybackfill.cli.main import build_parser, main
-from raybackfill.data import io
+from raybackfill.data import storage
 
 
 def _commands(parser: argparse.ArgumentParser, prefix=()):
@@ -45,7 +45,7 @@ def test_train_then_embed_from_the_command_line(ray_cluster, tmp_path, capsys):
     assert main([*train, "--storage", str(tmp_path / "runs"), "--embedding-dim", "16", "--no-augment"]) == 0
     assert "wrote small_cnn model 'm-v1'" in capsys.readouterr().out
     assert main(["embed", "--gallery", images, "--model", model, "--out", out]) == 0
-    table = io.read_table(out)
+    table = storage.read_table(out)
     assert table.num_rows == 12 and table.schema.field("embedding").type.list_size == 16
     assert set(table.column("model").to_pylist()) == {"m-v1"}
 

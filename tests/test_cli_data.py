@@ -9,8 +9,8 @@ import pytest
 from raybackfill.cli.main import main
 from raybackfill.data.images import decode_rgb, encode_png
 from raybackfill.data.info import class_names
-from raybackfill.data.io import list_shards, read_table, write_table
 from raybackfill.data.schema import TEXT, validate_gallery_schema, validate_image_table
+from raybackfill.data.storage import list_shards, read_table, write_table
 
 
 def test_data_synth_writes_a_valid_50_row_table(tmp_path, capsys):

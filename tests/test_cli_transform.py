@@ -10,7 +10,7 @@ import torch
 
 from raybackfill.cli.main import main
 from raybackfill.cli.transform import transform_table
-from raybackfill.data import io
+from raybackfill.data import storage
 from raybackfill.data.schema import SchemaError, embedding_table, vectors_of
 from raybackfill.embed.actors import TransformEmbeddings
 from raybackfill.eval.metrics import evaluate
@@ -56,7 +56,7 @@ def data(tmp_path_factory) -> dict:
             vectors = vectors.astype(np.float32)
             table = embedding_table(ids, vectors, side_info=side, model=f"{space}-model", extra={"label": labels})
             uri = str(root / f"{who}_{space}")
-            io.write_table(table, uri, rows_per_shard=n // 2 + 1)
+            storage.write_table(table, uri, rows_per_shard=n // 2 + 1)
             out[f"{who}_{space}"] = {"uri": uri, "ids": ids, "labels": labels, "vectors": vectors, "side": side}
     return out
 
@@ -68,7 +68,7 @@ def applied(uri: str, *inputs: np.ndarray):
 
 
 def read_sorted(uri: str):
-    table = io.read_table(uri)
+    table = storage.read_table(uri)
     return table.take(np.argsort(table.column("id").to_numpy()))
 
 
@@ -84,7 +84,7 @@ def test_written_table_equals_the_transformation_applied_to_the_input(models, da
 
     table = read_sorted(out)
     assert table.schema.names == ["id", "embedding", "model", "label"]  # no side_info, no uncertainty
-    assert all(s.rsplit("/", 1)[-1].startswith("part-") for s in io.list_shards(out))
+    assert all(s.rsplit("/", 1)[-1].startswith("part-") for s in storage.list_shards(out))
     np.testing.assert_array_equal(table.column("id").to_numpy(), np.sort(gallery["ids"]))
     expected = applied(models["fct"], gallery["vectors"]).numpy()
     np.testing.assert_allclose(vectors_of(table), by_id(gallery, expected), rtol=1e-5, atol=1e-6)
@@ -106,7 +106,7 @@ def test_the_command_writes_what_the_backfill_instant_phase_actor_computes(model
     gallery, out = data["gallery_old"], str(tmp_path / "ff")
     transform_table(gallery["uri"], models["fastfill"], out)
 
-    served = TransformEmbeddings(models["fastfill"])(io.read_table(gallery["uri"]))  # the actor, outside Ray
+    served = TransformEmbeddings(models["fastfill"])(storage.read_table(gallery["uri"]))  # the actor, outside Ray
     order = np.argsort(served["id"])
     table = read_sorted(out)
     np.testing.assert_array_equal(vectors_of(table), served["embedding"][order])
@@ -127,14 +127,14 @@ def test_a_side_info_transformation_on_a_table_without_side_info_fails_naming_th
     models, data, tmp_path, capsys
 ):
     bare = str(tmp_path / "bare")
-    io.write_table(embedding_table(np.arange(5), np.ones((5, OLD), np.float32)), bare)
+    storage.write_table(embedding_table(np.arange(5), np.ones((5, OLD), np.float32)), bare)
     out = str(tmp_path / "out")
     with pytest.raises(SchemaError, match=r"part-00000\.parquet: missing column 'side_info'"):
         transform_table(bare, models["fastfill"], out)
     assert main(["transform", "--model", models["fastfill"], "--embeddings", bare, "--out", out]) == 2
     err = capsys.readouterr().err
     assert "raybackfill transform: error:" in err and bare in err and "'side_info'" in err
-    assert not io.exists(out)
+    assert not storage.exists(out)
 
 
 @pytest.mark.parametrize(
@@ -149,19 +149,19 @@ def test_a_side_info_transformation_on_a_table_without_side_info_fails_naming_th
 )
 def test_a_bad_input_is_refused_naming_the_table_before_anything_is_written(models, tmp_path, ids, vectors, message):
     uri, out = str(tmp_path / "in"), str(tmp_path / "out")
-    io.write_table(embedding_table(ids, vectors), uri)
+    storage.write_table(embedding_table(ids, vectors), uri)
     with pytest.raises(SchemaError, match=message) as error:
         transform_table(uri, models["fct"], out)
-    assert uri in str(error.value) and not io.exists(out)
+    assert uri in str(error.value) and not storage.exists(out)
 
 
 def test_an_existing_output_table_is_refused(models, data, tmp_path, capsys):
     out = str(tmp_path / "out")
     argv = ["transform", "--model", models["fct"], "--embeddings", data["gallery_old"]["uri"], "--out", out]
     assert main(argv) == 0
-    shards = io.list_shards(out)
+    shards = storage.list_shards(out)
     assert main(argv) == 2
-    assert "already has 1 shard(s)" in capsys.readouterr().err and io.list_shards(out) == shards
+    assert "already has 1 shard(s)" in capsys.readouterr().err and storage.list_shards(out) == shards
 
 
 def test_outputs_are_the_gallery_transformed_and_psi_queries_of_eval_run(models, data, tmp_path):

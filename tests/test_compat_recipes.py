@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from raybackfill.compat.recipes import RECIPES, Recipe, get_recipe
+from raybackfill.types import Method
 
 METHODS = [
     "independent",
@@ -20,7 +21,7 @@ METHODS = [
 
 
 def test_every_method_has_a_recipe():
-    assert list(RECIPES) == METHODS
+    assert list(RECIPES) == METHODS == list(Method)
     assert all(get_recipe(name).name == name for name in METHODS)
 
 
@@ -54,7 +55,7 @@ def test_recipe_table(name, loss, transformation, side, uncertainty, reverse, st
 
 
 def test_unknown_method_error_lists_valid_methods():
-    with pytest.raises(ValueError, match="unknown method 'fastfil'; valid methods: independent, bct, .*rank_merge_psi"):
+    with pytest.raises(ValueError, match="unknown method 'fastfil'; valid: independent, bct, .*rank_merge_psi"):
         get_recipe("fastfil")
 
 
@@ -67,11 +68,13 @@ def test_unknown_method_error_lists_valid_methods():
         ({"old_query_source": "old_model"}, "old_query_source is needed"),
         ({"query_strategy": "rank_merge", "old_query_source": "psi"}, "psi is trained"),
         ({"side_info": True}, "belong to a forward transformation"),
+        ({"name": "magic"}, "unknown method 'magic'"),
+        ({"query_strategy": "old", "old_query_source": "cache"}, "fct: unknown old_query_source 'cache'"),
     ],
 )
 def test_inconsistent_recipes_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        Recipe(**{"name": "x", "backbone_loss": "classification", **kwargs})
+        Recipe(**{"name": "fct", "backbone_loss": "classification", **kwargs})
 
 
 def test_recipes_are_frozen():

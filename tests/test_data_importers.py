@@ -16,7 +16,6 @@ from real_data import write_mixed_image_folder
 
 from raybackfill.data.images import decode_rgb, encode_png
 from raybackfill.data.importers import (
-    IMPORT_STAGE,
     DatasetImportError,
     ImportResult,
     import_cifar,
@@ -27,10 +26,11 @@ from raybackfill.data.importers import (
     read_idx,
 )
 from raybackfill.data.info import class_names
-from raybackfill.data.io import ShardExistsError, list_shards, read_table
 from raybackfill.data.loading import quarantined_ids
 from raybackfill.data.preprocessing import decode_image
 from raybackfill.data.schema import TEXT, validate_gallery_schema, validate_image_table
+from raybackfill.data.storage import ShardExistsError, list_shards, read_table
+from raybackfill.types import Stage
 
 
 def _pixels(seed: int, h: int = 6, w: int = 6, channels: int = 3) -> np.ndarray:
@@ -103,7 +103,7 @@ def test_image_folder_quarantines_the_unreadable_file_and_goes_on(ray_cluster, f
     assert table.column("path").to_pylist() == ["cats/img0.png", "cats/img1.png", "dogs/img0.png", "dogs/img1.png"]
     assert table.column("id").to_pylist() == [0, 1, 3, 4]
     quarantine = read_table(result.quarantine_uri).to_pylist()
-    assert len(quarantine) == 1 and quarantine[0]["id"] == 2 and quarantine[0]["stage"] == IMPORT_STAGE
+    assert len(quarantine) == 1 and quarantine[0]["id"] == 2 and quarantine[0]["stage"] == Stage.IMPORT
     assert quarantine[0]["reason"].startswith("dogs/broken.png: ")
 
 
@@ -126,7 +126,7 @@ def test_image_folder_as_it_comes_keeps_every_good_file_unchanged(ray_cluster, t
     quarantine = read_table(f"{out}/_quarantine").to_pylist()
     assert [row["id"] for row in quarantine] == [mixed["corrupt_id"]]
     assert quarantine[0]["reason"].startswith(f"{mixed['corrupt']}: ") and quarantine[0]["stage"] == "import"
-    assert quarantined_ids(f"{out}/_quarantine", (IMPORT_STAGE,)).tolist() == [mixed["corrupt_id"]]
+    assert quarantined_ids(f"{out}/_quarantine", (Stage.IMPORT,)).tolist() == [mixed["corrupt_id"]]
 
 
 def test_image_folder_with_size_makes_upright_squares_of_every_mode(ray_cluster, tmp_path):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from raybackfill.data.info import class_names, table_info, with_class_names
-from raybackfill.data.io import StorageError, write_table
 from raybackfill.data.schema import embedding_table, image_table
+from raybackfill.data.storage import StorageError, write_table
 
 
 def test_info_of_a_sharded_image_table(tmp_path):

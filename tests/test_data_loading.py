@@ -2,7 +2,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from raybackfill.data import io
+from raybackfill.data import storage
 from raybackfill.data.images import encode_png
 from raybackfill.data.loading import (
     gallery_content,
@@ -34,7 +34,7 @@ def _gallery(n=12, size=8, corrupt=(), wrong_size=()):
 
 def test_ray_data_reads_local_table_with_projection(ray_cluster, tmp_path):
     uri = str(tmp_path / "g")
-    io.write_table(_gallery(), uri, rows_per_shard=5)
+    storage.write_table(_gallery(), uri, rows_per_shard=5)
     ds = read_gallery(uri, columns=["id", "label"])
     rows = ds.take_all()
     assert sorted(r["id"] for r in rows) == list(range(12))
@@ -43,8 +43,8 @@ def test_ray_data_reads_local_table_with_projection(ray_cluster, tmp_path):
 
 def test_read_shards_cuts_one_large_shard_into_blocks_of_at_most_rows_per_block(ray_cluster, tmp_path):
     uri = str(tmp_path / "g")
-    io.write_table(_gallery(n=40), uri, rows_per_shard=30)  # shards of 30 and 10 rows
-    ds = read_shards(io.list_shards(uri), columns=["id"], rows_per_block=8)
+    storage.write_table(_gallery(n=40), uri, rows_per_shard=30)  # shards of 30 and 10 rows
+    ds = read_shards(storage.list_shards(uri), columns=["id"], rows_per_block=8)
     sizes = [len(block["id"]) for block in ds.iter_batches(batch_size=None, batch_format="numpy")]
     assert sum(sizes) == 40 and max(sizes) <= 8 and len(sizes) >= 5
     assert sorted(ds.to_pandas()["id"]) == list(range(40))
@@ -52,19 +52,19 @@ def test_read_shards_cuts_one_large_shard_into_blocks_of_at_most_rows_per_block(
 
 
 def test_read_shards_of_a_missing_file_fails_before_any_read(ray_cluster, tmp_path):
-    with pytest.raises(io.StorageError, match="footer"):
+    with pytest.raises(storage.StorageError, match="footer"):
         read_shards([str(tmp_path / "missing.parquet")])
 
 
 def test_ray_data_reads_table_from_s3(ray_cluster, s3_bucket):
     uri = f"{s3_bucket}/gallery"
-    io.write_table(_gallery(), uri, rows_per_shard=5)
+    storage.write_table(_gallery(), uri, rows_per_shard=5)
     assert sorted(read_gallery(uri, columns=["id"]).to_pandas()["id"]) == list(range(12))
 
 
 def test_decode_yields_normalised_pixels(ray_cluster, tmp_path):
     uri = str(tmp_path / "g")
-    io.write_table(_gallery(n=4), uri)
+    storage.write_table(_gallery(n=4), uri)
     batch = decode_images(read_gallery(uri), size=8).take_batch(4)
     assert batch["pixels"].shape == (4, 3, 8, 8) and batch["pixels"].dtype == np.float32
     assert "image" not in batch
@@ -73,18 +73,18 @@ def test_decode_yields_normalised_pixels(ray_cluster, tmp_path):
 
 def test_corrupt_images_are_quarantined_and_other_sizes_resized_not_fatal(ray_cluster, tmp_path):
     uri, quarantine = str(tmp_path / "g"), str(tmp_path / "quarantine")
-    io.write_table(_gallery(corrupt=(3, 7), wrong_size=(5,)), uri, rows_per_shard=4)
+    storage.write_table(_gallery(corrupt=(3, 7), wrong_size=(5,)), uri, rows_per_shard=4)
     batch = decode_images(read_gallery(uri), size=8, quarantine_uri=quarantine).to_pandas()
     assert sorted(batch["id"]) == [0, 1, 2, 4, 5, 6, 8, 9, 10, 11]  # the 10x10 image is resized to 8x8
     assert sorted(quarantined_ids(quarantine, ("decode",))) == [3, 7]
     assert len(quarantined_ids(quarantine, ("embed",))) == 0
-    reasons = dict(zip(*io.read_table(quarantine).select(["id", "reason"]).to_pydict().values(), strict=True))
+    reasons = dict(zip(*storage.read_table(quarantine).select(["id", "reason"]).to_pydict().values(), strict=True))
     assert "corrupt image bytes" in reasons[3] and "corrupt image bytes" in reasons[7]
 
 
 def test_a_text_gallery_is_prepared_and_its_empty_texts_quarantined(ray_cluster, tmp_path):
     uri, quarantine = str(tmp_path / "t"), str(tmp_path / "quarantine")
-    io.write_table(text_table(np.arange(5), ["a cat", "", "two dogs", "   ", "fish"], labels=[0, 1, 0, 1, 0]), uri)
+    storage.write_table(text_table(np.arange(5), ["a cat", "", "two dogs", "   ", "fish"], labels=[0, 1, 0, 1, 0]), uri)
     assert gallery_content(uri) == "text"
     prep = TextPreprocessing(tokenizer="bytes", max_length=4)
     batch = prepare_rows(read_gallery(uri), {"tokens": prep}, quarantine_uri=quarantine).take_batch(10)
@@ -103,16 +103,16 @@ def test_prepare_values_keeps_every_row_in_place_with_the_first_reason():
 
 def test_schema_errors_are_raised_before_any_read(ray_cluster, tmp_path):
     uri = str(tmp_path / "g")
-    io.write_table(_gallery().drop(["label"]), uri)
+    storage.write_table(_gallery().drop(["label"]), uri)
     with pytest.raises(SchemaError, match="part-00000.parquet: missing column 'label'"):
         read_gallery(uri, require_label=True)
 
 
 def test_an_empty_shard_file_is_named_before_any_read(tmp_path):
     uri = str(tmp_path / "g")
-    io.write_table(_gallery(), uri)
+    storage.write_table(_gallery(), uri)
     (tmp_path / "g" / "part-00001.parquet").write_bytes(b"")
-    with pytest.raises(io.StorageError, match="part-00001.parquet: cannot read parquet footer"):
+    with pytest.raises(storage.StorageError, match="part-00001.parquet: cannot read parquet footer"):
         gallery_shards(uri)
 
 

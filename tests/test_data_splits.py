@@ -6,9 +6,9 @@ import pyarrow.compute as pc
 import pytest
 
 from raybackfill.data.info import class_names, with_class_names
-from raybackfill.data.io import read_table
 from raybackfill.data.schema import SchemaError, image_table
 from raybackfill.data.splits import holdout, parse_class_spec, parse_fractions, split_table, write_splits
+from raybackfill.data.storage import read_table
 
 
 def _table(classes: int = 4, per_class: int = 10) -> pa.Table:

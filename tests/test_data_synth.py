@@ -5,8 +5,8 @@ import pytest
 
 from raybackfill.data.images import decode_rgb
 from raybackfill.data.info import class_names
-from raybackfill.data.io import list_shards, read_table
 from raybackfill.data.schema import validate_image_table
+from raybackfill.data.storage import list_shards, read_table
 from raybackfill.data.synth import (
     SHAPES,
     TEXTURES,

@@ -13,7 +13,7 @@ import pytest
 from real_data import export_digits
 
 from raybackfill.cli.main import main
-from raybackfill.data import io
+from raybackfill.data import storage
 from raybackfill.data.importers import import_image_folder
 from raybackfill.data.schema import LABEL
 
@@ -41,7 +41,7 @@ def test_quick_demo_on_the_real_digits_gives_the_new_model_a_wide_lead(ray_clust
     # The old model saw 5 of the 10 digits; the new one all of them.
     assert new["top1"] > old["top1"] + 0.08
     assert new["map"] > old["map"] + 0.2
-    trained = json.loads(io.read_bytes(os.path.join(out, "models", "new", "model.json")))["training"]
+    trained = json.loads(storage.read_bytes(os.path.join(out, "models", "new", "model.json")))["training"]
     assert trained["val_accuracy"] > 0.9 and trained["chance_accuracy"] < 0.15
     # The backbones' learning rate was chosen on the old model's validation split, among three.
     training = report["training"]
@@ -52,10 +52,10 @@ def test_quick_demo_on_the_real_digits_gives_the_new_model_a_wide_lead(ray_clust
 
 
 def test_demo_on_random_labels_stops_with_the_not_learned_message(ray_cluster, digits, tmp_path, capsys):
-    table = io.read_table(digits)
+    table = storage.read_table(digits)
     labels = np.random.default_rng(0).permutation(table.column(LABEL).to_numpy())
     random_labels = str(tmp_path / "random")
-    io.write_table(table.set_column(table.schema.get_field_index(LABEL), LABEL, pa.array(labels)), random_labels)
+    storage.write_table(table.set_column(table.schema.get_field_index(LABEL), LABEL, pa.array(labels)), random_labels)
     out = str(tmp_path / "demo")
     assert main(["demo", "--quick", "--data", random_labels, "--out", out]) == 2
     err = capsys.readouterr().err
@@ -65,10 +65,10 @@ def test_demo_on_random_labels_stops_with_the_not_learned_message(ray_cluster, d
 
 
 def test_train_backbone_command_fails_on_a_model_that_did_not_learn(ray_cluster, digits, tmp_path, capsys):
-    table = io.read_table(digits)
+    table = storage.read_table(digits)
     labels = np.random.default_rng(1).permutation(table.column(LABEL).to_numpy())
     uri = str(tmp_path / "random")
-    io.write_table(table.set_column(table.schema.get_field_index(LABEL), LABEL, pa.array(labels)), uri)
+    storage.write_table(table.set_column(table.schema.get_field_index(LABEL), LABEL, pa.array(labels)), uri)
     argv = ["train", "backbone", "--images", uri, "--out", str(tmp_path / "m"), "--workers", "0", "--epochs", "2",
             "--storage", str(tmp_path / "runs"), "--embedding-dim", "16"]  # fmt: skip
     assert main(argv) == 1

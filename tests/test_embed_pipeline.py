@@ -19,12 +19,12 @@ import pytest
 import torch
 
 import raybackfill.backfill.run as backfill_run
-import raybackfill.cli.train as cli_train
+import raybackfill.cli.embed as cli_embed
 import raybackfill.embed.pipeline as pipeline
 from raybackfill.cli.backfill import add_arguments
 from raybackfill.cli.backfill import run as run_backfill_command
 from raybackfill.cli.main import main
-from raybackfill.data import io
+from raybackfill.data import storage
 from raybackfill.data.loading import quarantined_ids, write_quarantine
 from raybackfill.data.schema import EMBEDDING, ID, IMAGE, embedding_table, image_table
 from raybackfill.data.synth import synthesize
@@ -84,14 +84,14 @@ def test_pool_sizes_ray_cannot_run_are_refused_with_the_field_named(kwargs, mess
 
 
 def test_embed_with_zero_actors_fails_with_a_message_before_ray_starts(monkeypatch, capsys):
-    monkeypatch.setattr(cli_train, "init_ray", lambda address, py_modules=None: pytest.fail("Ray was started"))
+    monkeypatch.setattr(cli_embed, "init_ray", lambda address, py_modules=None: pytest.fail("Ray was started"))
     assert main(["embed", "--gallery", "i", "--model", "m", "--out", "o", "--actors", "0"]) == 2
     assert "raybackfill embed: error: actors must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_gpus_per_actor_on_the_embed_command_reaches_the_actor_pool(monkeypatch):
     pools = []
-    monkeypatch.setattr(cli_train, "init_ray", lambda address, py_modules=None: None)
+    monkeypatch.setattr(cli_embed, "init_ray", lambda address, py_modules=None: None)
     monkeypatch.setattr(pipeline, "embed_gallery", lambda gallery, models, out, pool, trust: pools.append(pool)
                         or EmbedResult(out, 1, 0, 1))  # fmt: skip
     assert main(["embed", "--gallery", "i", "--model", "m", "--out", "o", "--gpus-per-actor", "1"]) == 0
@@ -132,7 +132,7 @@ def inputs(tmp_path_factory) -> dict:
     images = synth.column(IMAGE).to_pylist()
     images[CORRUPT_ID] = b"not an image"
     ids = synth.column(ID).to_numpy()
-    io.write_table(image_table(ids, images, labels=ids % 4), str(root / "images"), rows_per_shard=N // 4)
+    storage.write_table(image_table(ids, images, labels=ids % 4), str(root / "images"), rows_per_shard=N // 4)
     cnn = {"embedding_dim": DIM, "num_classes": 4, "width": 4}
     return {
         "images": str(root / "images"),
@@ -143,7 +143,7 @@ def inputs(tmp_path_factory) -> dict:
 
 
 def _shard_digests(out: str) -> dict[str, str]:
-    return {uri: hashlib.sha256(Path(uri).read_bytes()).hexdigest() for uri in io.list_shards(out)}
+    return {uri: hashlib.sha256(Path(uri).read_bytes()).hexdigest() for uri in storage.list_shards(out)}
 
 
 def _file_bytes(out: str) -> dict[Path, bytes]:
@@ -170,26 +170,27 @@ def test_an_embed_killed_part_way_and_rerun_ends_with_every_id_once_and_a_finish
     job = _embed_job(inputs, out, ray_cluster.get_runtime_context().gcs_address)
     try:  # SIGKILL the job as soon as it has committed a shard (the rest is still streaming)
         deadline = time.monotonic() + 300
-        while not (io.exists(out) and io.list_shards(out)) and job.poll() is None and time.monotonic() < deadline:
+        while (not (storage.exists(out) and storage.list_shards(out)) and job.poll() is None
+               and time.monotonic() < deadline):
             time.sleep(0.01)
         assert job.poll() is None, f"the job ended before it was killed: {job.stdout.read().decode()[-3000:]}"
         job.send_signal(signal.SIGKILL)
     finally:
         job.wait(timeout=30)
-    partial = io.read_table(out, [ID]).column(ID).to_numpy()
-    print(f"killed after {len(partial)} rows in {len(io.list_shards(out))} shards")
+    partial = storage.read_table(out, [ID]).column(ID).to_numpy()
+    print(f"killed after {len(partial)} rows in {len(storage.list_shards(out))} shards")
     assert 0 < len(partial) < N - 1 and len(partial) == len(np.unique(partial))
     assert read_manifest(out) == pipeline.Manifest({EMBEDDING: "m-v1"})  # written first, not complete
     committed = _shard_digests(out)
     # A row the killed run quarantined as non-finite (a model that gives NaN for some images only is hard to
     # build): the re-run must neither embed it nor lose it.
     nan_id = int(np.setdiff1d(np.arange(N), [*partial, CORRUPT_ID])[0])
-    write_quarantine(io.join(out, "_quarantine"), np.array([nan_id]), ["non-finite embedding"], stage="embed")
+    write_quarantine(storage.join(out, "_quarantine"), np.array([nan_id]), ["non-finite embedding"], stage="embed")
 
     assert main(["embed", *_embed_args(inputs, out)]) == 0
     assert f"({N - 2} in the table, 2 quarantined)" in capsys.readouterr().out
-    ids = io.read_table(out, [ID]).column(ID).to_numpy()
-    quarantined = quarantined_ids(io.join(out, "_quarantine"), ("decode", "embed"))
+    ids = storage.read_table(out, [ID]).column(ID).to_numpy()
+    quarantined = quarantined_ids(storage.join(out, "_quarantine"), ("decode", "embed"))
     assert len(ids) == len(np.unique(ids)) and sorted(quarantined) == sorted([CORRUPT_ID, nan_id])
     assert sorted([*ids, *quarantined]) == list(range(N))  # every id exactly once: embedded or quarantined
     assert {uri: digest for uri, digest in _shard_digests(out).items() if uri in committed} == committed
@@ -208,7 +209,7 @@ def test_a_table_made_by_other_models_is_refused_whether_complete_or_partial(inp
     capsys.readouterr()
     partial = tmp_path / "partial"  # the same table as a killed run would have left it: manifest not complete
     partial.mkdir()
-    os.link(io.list_shards(out)[0], partial / "part-00000.parquet")
+    os.link(storage.list_shards(out)[0], partial / "part-00000.parquet")
     (partial / MANIFEST).write_text(json.dumps({"models": {EMBEDDING: "m-v2"}}))
     for table in (out, str(partial)):
         files = _file_bytes(table)
@@ -223,7 +224,7 @@ def test_a_table_made_by_other_models_is_refused_whether_complete_or_partial(inp
 
 def test_a_directory_with_shards_but_no_manifest_is_refused(inputs, ray_cluster, tmp_path, capsys):
     out = str(tmp_path / "emb")
-    io.write_table(embedding_table(np.arange(3), np.zeros((3, DIM), np.float32), model="m-v1"), out)
+    storage.write_table(embedding_table(np.arange(3), np.zeros((3, DIM), np.float32), model="m-v1"), out)
     assert main(["embed", *_embed_args(inputs, out)]) == 2
     assert f"{out}: holds shards but no {MANIFEST}" in capsys.readouterr().err
 
@@ -232,21 +233,21 @@ def test_a_transform_that_lost_its_last_shards_and_completion_continues_with_eve
     old, out = str(tmp_path / "old"), str(tmp_path / "new")
     ids = np.arange(24)
     vectors = np.random.default_rng(0).standard_normal((len(ids), DIM)).astype(np.float32)
-    io.write_table(embedding_table(ids, vectors, model="old-v1"), old, rows_per_shard=8)
+    storage.write_table(embedding_table(ids, vectors, model="old-v1"), old, rows_per_shard=8)
     fct = _save(tmp_path / "fct", "forward_transformation", "fct-v1", old_dim=DIM, new_dim=DIM, hidden_dim=8,
                 mixer_dim=8)  # fmt: skip
     pool = PoolConfig(batch_size=4, rows_per_shard=4, gpus_per_actor=0)
     first = transform_embeddings(old, fct, out, pool=pool, progress=False)
     assert (first.rows, first.written, first.already_complete) == (24, 24, False)
-    lost = io.list_shards(out)[-2:]  # what a kill before the last two shards would have left
-    lost_rows = sum(io.read_footer(uri).num_rows for uri in lost)
+    lost = storage.list_shards(out)[-2:]  # what a kill before the last two shards would have left
+    lost_rows = sum(storage.read_footer(uri).num_rows for uri in lost)
     for uri in lost:
         os.unlink(uri)
     (Path(out) / MANIFEST).write_text(json.dumps({"models": {EMBEDDING: "fct-v1"}}))
     kept = _shard_digests(out)
 
     again = transform_embeddings(old, fct, out, pool=pool, progress=False)
-    table = io.read_table(out)
+    table = storage.read_table(out)
     assert sorted(table.column(ID).to_pylist()) == list(range(24))
     assert set(table.column("model").to_pylist()) == {"fct-v1"}
     assert (again.rows, again.written, again.already_complete) == (24, lost_rows, False)

@@ -17,12 +17,11 @@ from torch import nn
 from torchvision import transforms as T
 
 from raybackfill.cli.main import main
-from raybackfill.data import io as rio
+from raybackfill.data import storage
 from raybackfill.data.preprocessing import ImagePreprocessing, TextPreprocessing
 from raybackfill.data.schema import EMBEDDING, ID, image_table, text_table, vectors_of
 from raybackfill.embed.pipeline import PoolConfig, embed_gallery
 from raybackfill.encoders import (
-    EncoderKind,
     EncoderSource,
     EntrypointTrust,
     UntrustedEntrypointError,
@@ -31,6 +30,7 @@ from raybackfill.encoders import (
 )
 from raybackfill.models.artifacts import ArtifactError, ModelSpec, save_model
 from raybackfill.models.registry import build_model
+from raybackfill.types import EncoderKind
 
 PREP = ImagePreprocessing(resize=20, crop=16, mean=(0.48, 0.46, 0.41), std=(0.23, 0.22, 0.23))
 TEXT = TextPreprocessing(tokenizer="bytes", max_length=24)
@@ -189,7 +189,7 @@ def test_each_encoder_kind_loaded_from_its_artefact_equals_the_model_called_dire
 
 
 def test_registration_records_kind_version_preprocessing_and_the_measured_dimension(sources):
-    specs = {name: json.loads(rio.read_bytes(rio.join(sources[name][0], "model.json"))) for name in sources}
+    specs = {name: json.loads(storage.read_bytes(storage.join(sources[name][0], "model.json"))) for name in sources}
     assert specs["torchvision"]["kind"] == "torchvision" and specs["torchvision"]["dims"] == {"embedding": 512}
     assert specs["torchvision"]["preprocessing"]["crop"] == 32
     assert specs["entrypoint"]["entrypoint"] == "encoder_plugins:make_image_encoder"
@@ -229,11 +229,11 @@ def test_each_image_encoder_embeds_a_mixed_gallery_through_the_actor_pool_as_cal
     uri, direct = sources[name]
     images = gallery_images()
     ids = np.arange(100, 100 + len(images))
-    rio.write_table(image_table(ids, images, labels=np.zeros(len(ids))), str(tmp_path / "g"), rows_per_shard=4)
+    storage.write_table(image_table(ids, images, labels=np.zeros(len(ids))), str(tmp_path / "g"), rows_per_shard=4)
     result = embed_gallery(str(tmp_path / "g"), {EMBEDDING: uri}, str(tmp_path / "out"),
                            pool=PoolConfig(batch_size=3), progress=False, trust=TRUST)
     assert (result.rows, result.quarantined) == (len(images), 0)
-    table = rio.read_table(str(tmp_path / "out")).sort_by(ID)
+    table = storage.read_table(str(tmp_path / "out")).sort_by(ID)
     assert table.column(ID).to_pylist() == ids.tolist()
     np.testing.assert_allclose(vectors_of(table), _direct(direct, images), rtol=1e-4, atol=1e-5)
 
@@ -245,19 +245,19 @@ def test_each_text_encoder_embeds_a_text_gallery_through_the_actor_pool_as_calle
     uri, direct = sources[name]
     texts = [*TEXTS, "   "]  # a blank text: quarantined, not embedded
     ids = np.arange(len(texts)) * 7
-    rio.write_table(text_table(ids, texts), str(tmp_path / "t"), rows_per_shard=3)
+    storage.write_table(text_table(ids, texts), str(tmp_path / "t"), rows_per_shard=3)
     result = embed_gallery(str(tmp_path / "t"), {EMBEDDING: uri}, str(tmp_path / "out"),
                            pool=PoolConfig(batch_size=2), progress=False, trust=TRUST)
     assert (result.rows, result.quarantined) == (len(TEXTS), 1)
-    table = rio.read_table(str(tmp_path / "out")).sort_by(ID)
+    table = storage.read_table(str(tmp_path / "out")).sort_by(ID)
     assert table.column(ID).to_pylist() == ids[:-1].tolist()
     np.testing.assert_allclose(vectors_of(table), _direct(direct, TEXTS), rtol=1e-4, atol=1e-5)
-    quarantine = rio.read_table(str(tmp_path / "out" / "_quarantine"))
+    quarantine = storage.read_table(str(tmp_path / "out" / "_quarantine"))
     assert quarantine.column(ID).to_pylist() == [ids[-1]] and quarantine.column("reason").to_pylist() == ["empty text"]
 
 
 def test_an_image_encoder_is_refused_on_a_text_gallery_before_anything_is_written(ray_cluster, tmp_path, sources):
-    rio.write_table(text_table([1, 2], ["a", "b"]), str(tmp_path / "t"))
+    storage.write_table(text_table([1, 2], ["a", "b"]), str(tmp_path / "t"))
     with pytest.raises(ValueError, match="an image encoder cannot embed .* whose rows hold 'text'"):
         embed_gallery(str(tmp_path / "t"), {EMBEDDING: sources["torchscript"][0]}, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
@@ -289,8 +289,8 @@ def test_a_model_json_naming_an_entrypoint_is_refused_without_trust_and_imports_
 
 def test_the_embed_and_backfill_commands_refuse_an_untrusted_entrypoint_before_anything_runs(tmp_path, capsys):
     uri = _entrypoint_artifact(tmp_path / "m", "os:system")
-    rio.write_table(image_table([1], gallery_images()[:1]), str(tmp_path / "g"))
-    rio.write_table(pa.table({"id": pa.array([1], pa.int64())}), str(tmp_path / "unused"))
+    storage.write_table(image_table([1], gallery_images()[:1]), str(tmp_path / "g"))
+    storage.write_table(pa.table({"id": pa.array([1], pa.int64())}), str(tmp_path / "unused"))
     assert main(["embed", "--gallery", str(tmp_path / "g"), "--model", uri, "--out", str(tmp_path / "out"),
                  "--address", "127.0.0.1:1"]) == 2  # refused before Ray is reached
     assert "names the entrypoint 'os:system'" in capsys.readouterr().err

@@ -14,7 +14,7 @@ import torch
 
 from raybackfill.backfill.policies import entropy_scores, priority_order, priority_scores, uncertainty_scores
 from raybackfill.cli.eval import register
-from raybackfill.data import io
+from raybackfill.data import storage
 from raybackfill.data.schema import embedding_table
 from raybackfill.eval.curves import BackfillSpaces, auc_mean, backfill_curve, even_betas
 from raybackfill.eval.metrics import EvalConfig, evaluate
@@ -58,7 +58,7 @@ def tables(tmp_path_factory):
             if who == "g" and space == "transformed":
                 extra["uncertainty"] = data["uncertainty"][rows]
             uri = str(root / f"{prefix}-{space}")
-            io.write_table(embedding_table(ids[rows], data[f"{who}_{space}"][rows], extra=extra), uri)
+            storage.write_table(embedding_table(ids[rows], data[f"{who}_{space}"][rows], extra=extra), uri)
             uris[f"{prefix}_{space}"] = uri
     return uris, data
 

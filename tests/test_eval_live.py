@@ -8,7 +8,7 @@ import uuid
 import numpy as np
 import pytest
 
-from raybackfill.data import io
+from raybackfill.data import storage
 from raybackfill.data.schema import embedding_table
 from raybackfill.eval.curves import BackfillSpaces, parts_at
 from raybackfill.eval.live import LabelLookup, ProbeSet, live_quality, score_topk, summarize_scores
@@ -76,12 +76,12 @@ def test_probe_sample_is_fixed_per_seed_and_strategies_need_their_spaces():
 def test_probe_tables_are_matched_by_id(tmp_path):
     old = embedding_table(np.array([5, 6, 7]), np.eye(3), extra={"label": np.array([0, 1, 1], np.int32)})
     new = embedding_table(np.array([7, 5, 6]), 10 * np.eye(3)[[2, 0, 1]])
-    io.write_table(old, str(tmp_path / "old"))
-    io.write_table(new, str(tmp_path / "new"))
+    storage.write_table(old, str(tmp_path / "old"))
+    storage.write_table(new, str(tmp_path / "new"))
     probes = ProbeSet.read(str(tmp_path / "old"), str(tmp_path / "new"))
     np.testing.assert_array_equal(probes.labels, [0, 1, 1])
     np.testing.assert_array_equal(probes.new, 10 * np.eye(3))
-    io.write_table(new.slice(0, 2), str(tmp_path / "short"))
+    storage.write_table(new.slice(0, 2), str(tmp_path / "short"))
     with pytest.raises(ValueError, match="give the same probes"):
         ProbeSet.read(str(tmp_path / "old"), str(tmp_path / "short"))
 

@@ -233,8 +233,10 @@ def test_bad_inputs_get_clear_errors():
         evaluate(ok, ok, labels, np.array([0, 1]), EvalConfig(protocol="leave_one_out"))
     with pytest.raises(ValueError, match="no query has a relevant gallery item"):
         evaluate(ok, ok, labels, np.array([1, 1]))
-    with pytest.raises(ValueError, match="metric must be one of"):
+    with pytest.raises(ValueError, match="unknown metric 'dot'; valid: cosine, l2$"):
         EvalConfig(metric="dot")
+    with pytest.raises(ValueError, match="unknown metric 'ip'; valid: cosine, l2$"):
+        EvalConfig(metric="ip")
 
 
 def test_negative_flips_are_correct_before_and_wrong_now():

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from torchvision import transforms as T
 
 from raybackfill.cli.main import main
-from raybackfill.data import io as rio
+from raybackfill.data import storage
 from raybackfill.data.schema import ID, vectors_of
 
 TRUST_TEXT = "encoder_plugins:make_text_encoder"
@@ -42,11 +42,12 @@ def test_a_real_world_photo_folder_imports_and_embeds_with_exactly_the_corrupt_f
     assert main(["embed", "--gallery", gallery, "--model", encoder, "--out", out, "--batch-size", "4"]) == 0
     capsys.readouterr()
 
-    imported = rio.read_table(rio.join(gallery, "_quarantine")).to_pydict()
+    imported = storage.read_table(storage.join(gallery, "_quarantine")).to_pydict()
     assert imported[ID] == [folder["corrupt_id"]] and folder["corrupt"] in imported["reason"][0]
-    assert not rio.exists(rio.join(out, "_quarantine")) or rio.read_table(rio.join(out, "_quarantine")).num_rows == 0
-    table = rio.read_table(out).sort_by(ID)
-    paths = dict(zip(*rio.read_table(gallery, columns=[ID, "path"]).to_pydict().values(), strict=True))
+    quarantine = storage.join(out, "_quarantine")
+    assert not storage.exists(quarantine) or storage.read_table(quarantine).num_rows == 0
+    table = storage.read_table(out).sort_by(ID)
+    paths = dict(zip(*storage.read_table(gallery, columns=[ID, "path"]).to_pydict().values(), strict=True))
     assert [paths[i] for i in table.column(ID).to_pylist()] == folder["good"]  # every good file, once
 
     # The same network called here on the original files, prepared by torchvision's own transforms.
@@ -94,7 +95,7 @@ def test_a_text_gallery_is_embedded_served_and_queried_with_text(ray_cluster, tm
         assert hits[0]["id"] == 11 and hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
     finally:
         main(["stop", "--name", name])
-    quarantine = rio.read_table(rio.join(gallery, "_quarantine")).to_pydict()
+    quarantine = storage.read_table(storage.join(gallery, "_quarantine")).to_pydict()
     assert quarantine[ID] == [99] and quarantine["reason"] == ["empty text"]
 
 
@@ -132,7 +133,8 @@ def test_py_module_ships_an_entrypoint_package_to_the_workers_of_a_new_cluster(t
 
     from raybackfill.data.preprocessing import TextPreprocessing
     from raybackfill.data.schema import text_table
-    from raybackfill.encoders import EncoderKind, EncoderSource, EntrypointTrust, register_encoder
+    from raybackfill.encoders import EncoderSource, EntrypointTrust, register_encoder
+    from raybackfill.types import EncoderKind
 
     package = tmp_path / "elsewhere" / "team_pkg"
     package.mkdir(parents=True)
@@ -147,7 +149,7 @@ def test_py_module_ships_an_entrypoint_package_to_the_workers_of_a_new_cluster(t
         sys.path.remove(str(package.parent))
         for name in [m for m in sys.modules if m.startswith("team_pkg")]:
             del sys.modules[name]
-    rio.write_table(text_table([1, 2, 3], ["one fish", "two fish", "red fish"]), str(tmp_path / "texts"))
+    storage.write_table(text_table([1, 2, 3], ["one fish", "two fish", "red fish"]), str(tmp_path / "texts"))
     workdir = tmp_path / "cwd"
     workdir.mkdir()
     ray_tmpdir = tempfile.mkdtemp(prefix="rbpm", dir="/tmp")  # short: unix socket paths are limited
@@ -160,4 +162,4 @@ def test_py_module_ships_an_entrypoint_package_to_the_workers_of_a_new_cluster(t
         capture_output=True, text=True, timeout=300)
     shutil.rmtree(ray_tmpdir, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert rio.read_table(str(tmp_path / "emb")).num_rows == 3
+    assert storage.read_table(str(tmp_path / "emb")).num_rows == 3

@@ -15,8 +15,8 @@ from index_testing import kill_and_wait_for_restart
 from raybackfill import NAMESPACE
 from raybackfill.cli.index import format_status, progress_bar, register
 from raybackfill.data.images import encode_png
-from raybackfill.data.io import write_table
 from raybackfill.data.schema import embedding_table
+from raybackfill.data.storage import write_table
 from raybackfill.index.progress import Progress
 from raybackfill.index.router import connect, destroy_index, get
 from raybackfill.index.snapshot import latest_version

@@ -40,7 +40,7 @@ def test_remaining_items_depends_on_the_phase():
     assert remaining_items(counts, "paused") == 80
     assert remaining_items(counts, "done") == 0
     assert remaining_items(counts, "idle") == 0
-    with pytest.raises(ValueError, match="phase must be one of"):
+    with pytest.raises(ValueError, match="unknown phase .running.; valid: idle, instant"):
         remaining_items(counts, "running")
 
 

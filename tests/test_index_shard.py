@@ -17,7 +17,7 @@ from index_testing import (
     unit,
 )
 
-from raybackfill.data.io import join
+from raybackfill.data.storage import join
 from raybackfill.index.router import get
 from raybackfill.index.shard import IndexConfig, IndexShard
 
@@ -129,7 +129,7 @@ def test_spaces_never_mix_and_bad_input_leaves_the_shard_serving(make_shard):
         (shard.upsert.remote(np.array([g.ids[5], 7]), g.old[5:7], "new", "v2"), "unknown ids .*: 7$"),
         (shard.upsert.remote(g.ids[[5, 5]], g.old[5:7], "new", "v2"), "duplicate ids within one batch"),
         (shard.upsert.remote(g.ids[5:7], np.full((2, 4), np.nan), "new", "v2"), "NaN/inf in 2 rows"),
-        (shard.upsert.remote(g.ids[5:7], g.old[5:7], "fresh", "v2"), "upsert state must be one of"),
+        (shard.upsert.remote(g.ids[5:7], g.old[5:7], "fresh", "v2"), "upsert state 'fresh'; valid: transformed, new"),
         (shard.upsert.remote(g.ids[5:7], g.old[5:7], "new", ""), "non-empty model version tag"),
         (shard.search.remote(np.ones((2, 3)), q, 5, "old"), "queries_old have dim 3, expected 4"),
         (shard.search.remote(q, q, 0, "old"), "k must be between 1 and 50"),
@@ -138,7 +138,7 @@ def test_spaces_never_mix_and_bad_input_leaves_the_shard_serving(make_shard):
         (shard.search.remote(np.ones((0, 4)), q, 5, "old"), "queries_old is empty"),
         (shard.search.remote(np.ones((9, 4)), q, 5, "old"), "more than the limit of 8"),
         (shard.search.remote(None, q, 5, "old"), "strategy 'old' needs queries_old"),
-        (shard.search.remote(q, q, 5, "nearest"), "strategy must be one of"),
+        (shard.search.remote(q, q, 5, "nearest"), "unknown strategy 'nearest'"),
         (shard.search.remote(q, np.ones((3, 4)), 5, "rank_merge"), "same queries"),
     ]
     for ref, message in refused:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from raybackfill.data.io import StorageError, join, read_bytes, write_bytes
+from raybackfill.data.storage import StorageError, join, read_bytes, write_bytes
 from raybackfill.index.snapshot import POINTER, latest_version, read_snapshot, write_snapshot
 
 

@@ -15,6 +15,9 @@ def clean_logger(monkeypatch):
     logger = logging.getLogger(LOGGER)
     saved = (logger.handlers[:], logger.level, logger.propagate)
     logger.handlers.clear()
+    # Propagating again, as before any configure_logging: pytest attaches its capture handlers to every
+    # non-propagating logger, which an earlier in-process CLI call (test_cli) leaves this one as.
+    logger.propagate = True
     monkeypatch.delenv(LEVEL_ENV, raising=False)
     yield logger
     logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from raybackfill.data.io import StorageError, join, read_bytes, write_bytes
+from raybackfill.data.storage import StorageError, join, read_bytes, write_bytes
 from raybackfill.models import artifacts
 from raybackfill.models.artifacts import (
     ArtifactError,

@@ -21,8 +21,8 @@ from test_backfill_run import DIM, ROOT, N, _address, _out_with_plan
 
 from raybackfill.backfill.ledger import Ledger
 from raybackfill.backfill.run import BackfillConfig, run_backfill
-from raybackfill.data.io import StorageError, read_table, write_table
 from raybackfill.data.schema import EMBEDDING, ID, IMAGE, SchemaError, embedding_table, image_table
+from raybackfill.data.storage import StorageError, read_table, write_table
 from raybackfill.data.synth import synthesize
 from raybackfill.embed.pipeline import PoolConfig
 from raybackfill.models.artifacts import ArtifactError

@@ -20,11 +20,13 @@ from raybackfill import NAMESPACE
 from raybackfill.backfill.ledger import Ledger
 from raybackfill.backfill.run import BackfillConfig, run_backfill
 from raybackfill.cli.main import main
-from raybackfill.data.io import read_table
 from raybackfill.data.schema import ID
+from raybackfill.data.storage import read_table
 from raybackfill.embed.pipeline import PoolConfig
-from raybackfill.index.merge import NEW, OLD
 from raybackfill.index.router import IndexUnavailableError, RouterConfig, create_index, destroy_index, get
+from raybackfill.types import Space
+
+OLD, NEW = Space.OLD.code, Space.NEW.code
 
 KILL_SEED = 2  # one kill while the job starts, two just after a committed batch
 # The backfill tests' fixtures (16 tiny images, one corrupt; a 2-tier plan; an index per test), shared.

@@ -8,7 +8,7 @@ import ray
 import torch
 
 from raybackfill.compat.losses import synthesize_old_classifier
-from raybackfill.data import io
+from raybackfill.data import storage
 from raybackfill.data.schema import embedding_table
 from raybackfill.data.synth import write_synthetic
 from raybackfill.models.artifacts import load_model
@@ -38,10 +38,10 @@ def embeddings(tmp_path_factory) -> tuple[str, str]:
     side = rng.normal(size=(n, 4)).astype(np.float32)
     new = np.tanh(np.concatenate([old, side], 1) @ rng.normal(size=(12, 6))).astype(np.float32)
     old_uri, new_uri = str(root / "old"), str(root / "new")
-    io.write_table(
+    storage.write_table(
         embedding_table(np.arange(n), old, side_info=side, extra={"label": labels.astype(np.int32)}), old_uri
     )
-    io.write_table(embedding_table(np.arange(n), new), new_uri)
+    storage.write_table(embedding_table(np.arange(n), new), new_uri)
     return old_uri, new_uri
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from real_data import export_digits
 
-from raybackfill.data import io
+from raybackfill.data import storage
 from raybackfill.data.importers import import_image_folder
 from raybackfill.data.preprocessing import ImagePreprocessing
 from raybackfill.data.schema import ID, IMAGE, LABEL
@@ -38,16 +38,16 @@ def sorted_tables(tmp_path_factory) -> tuple[str, str]:
     table = synthesize(classes=CLASSES, per_class=48, size=SIZE, seed=0, progress=False)
     in_test = (table.column(ID).to_numpy() // CLASSES) % 6 == 0  # ids are k * CLASSES + label
     train = _class_sorted(table.filter(pa.array(~in_test)))
-    io.write_table(train, str(root / "train"), rows_per_shard=120)
-    io.write_table(table.filter(pa.array(in_test)), str(root / "test"))
+    storage.write_table(train, str(root / "train"), rows_per_shard=120)
+    storage.write_table(table.filter(pa.array(in_test)), str(root / "test"))
     shuffled = train.take(pa.array(np.random.default_rng(0).permutation(train.num_rows)))
-    io.write_table(shuffled, str(root / "shuffled"), rows_per_shard=120)
+    storage.write_table(shuffled, str(root / "shuffled"), rows_per_shard=120)
     return str(root / "train"), str(root / "test"), str(root / "shuffled")
 
 
 def _accuracy(model_uri: str, table_uri: str) -> float:
     """Top-1 of the model's own classifier on a table, computed here from its images (not by raybackfill)."""
-    table = io.read_table(table_uri, columns=[IMAGE, LABEL])
+    table = storage.read_table(table_uri, columns=[IMAGE, LABEL])
     pixels = ImagePreprocessing(crop=SIZE).prepare(table.column(IMAGE).to_pylist()).values
     with torch.inference_mode():
         _, logits = load_model(model_uri).module(torch.from_numpy(pixels))
@@ -63,7 +63,7 @@ def test_a_backbone_learns_on_a_table_sorted_by_class(ray_cluster, sorted_tables
     train_uri, test_uri, _ = sorted_tables
     out = str(tmp_path / "model")
     spec = _train_sorted(train_uri, out, tmp_path, f"sorted-{ingest.value}", ingest)
-    largest = majority_share(io.read_table(test_uri, columns=[LABEL]).column(LABEL).to_numpy())  # 1/30
+    largest = majority_share(storage.read_table(test_uri, columns=[LABEL]).column(LABEL).to_numpy())  # 1/30
     # Read in table order with a small shuffle buffer, batches hold one or two classes; such a run reached
     # 0.20 on this test table (0.44 shuffled).
     assert _accuracy(out, test_uri) > 10 * largest
@@ -113,7 +113,7 @@ def digits_table(tmp_path_factory, ray_cluster) -> str:
 
 
 def test_the_digits_import_is_sorted_by_class(digits_table):
-    labels = io.read_table(digits_table, columns=[ID, LABEL]).sort_by(ID).column(LABEL).to_numpy()
+    labels = storage.read_table(digits_table, columns=[ID, LABEL]).sort_by(ID).column(LABEL).to_numpy()
     assert len(labels) == 1797 and np.count_nonzero(np.diff(labels)) == 9
 
 
@@ -134,10 +134,10 @@ def test_a_backbone_learns_the_real_digits(ray_cluster, digits_table, tmp_path):
 
 
 def test_random_labels_are_refused_as_not_learned(ray_cluster, digits_table, tmp_path):
-    table = io.read_table(digits_table)
+    table = storage.read_table(digits_table)
     shuffled = np.random.default_rng(0).permutation(table.column(LABEL).to_numpy())
     uri = str(tmp_path / "random")
-    io.write_table(table.set_column(table.schema.get_field_index(LABEL), LABEL, pa.array(shuffled)), uri)
+    storage.write_table(table.set_column(table.schema.get_field_index(LABEL), LABEL, pa.array(shuffled)), uri)
     spec = train_backbone(
         uri, str(tmp_path / "m"), train=_cfg(tmp_path, "random", epochs=3, batch_size=32), backbone_kwargs={"width": 4}
     )

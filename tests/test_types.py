@@ -5,13 +5,14 @@ import json
 import numpy as np
 import pytest
 
-from raybackfill.types import Metric, Space, Strategy, locate_ids, parse
+from raybackfill.types import MODEL_METRICS, Metric, Space, Strategy, locate_ids, locate_sorted, parse
 
 
 def test_members_are_their_strings():
     assert Strategy.RANK_MERGE == "rank_merge"
     assert json.dumps({"s": Strategy.RANK_MERGE}) == '{"s": "rank_merge"}'
     assert f"{Metric.L2}" == "l2"
+    assert repr(Strategy.OLD) == "'old'" and str([Space.NEW]) == "['new']"  # messages read as with plain strings
 
 
 def test_space_codes_round_trip():
@@ -23,6 +24,12 @@ def test_parse_lists_valid_values():
     assert parse(Metric, "cosine") is Metric.COSINE
     with pytest.raises(ValueError, match="unknown strategy 'nope'; valid: old, compatible, rank_merge"):
         parse(Strategy, "nope")
+
+
+def test_parse_among_a_subset_lists_only_the_subset():
+    assert parse(Metric, "l2", among=MODEL_METRICS) is Metric.L2
+    with pytest.raises(ValueError, match="unknown metric 'ip'; valid: cosine, l2$"):
+        parse(Metric, "ip", among=MODEL_METRICS)
 
 
 def test_locate_ids_against_brute_force():
@@ -39,3 +46,12 @@ def test_locate_ids_missing():
         locate_ids(ids, np.array([9, 4]))
     assert locate_ids(ids, np.array([9, 4, 0, 10]), missing="mask").tolist() == [2, -1, -1, -1]
     assert locate_ids(np.array([], dtype=np.int64), np.array([3]), missing="mask").tolist() == [-1]
+
+
+def test_locate_sorted_takes_any_shape_and_masks_or_raises():
+    sorted_ids = np.array([2, 4, 8, 16])
+    assert locate_sorted(sorted_ids, np.array([[16, 3], [2, 99]]), missing="mask").tolist() == [[3, -1], [0, -1]]
+    assert locate_sorted(sorted_ids, np.array([8, 2])).tolist() == [2, 0]
+    with pytest.raises(KeyError, match=r"2 id\(s\) not found, e.g. \[1, 20\]"):
+        locate_sorted(sorted_ids, np.array([1, 4, 20]))
+    assert locate_sorted(np.array([], dtype=np.int64), np.array([[1, 2]]), missing="mask").tolist() == [[-1, -1]]

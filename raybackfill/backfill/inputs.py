@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from raybackfill.data import io
+from raybackfill.data import storage
 from raybackfill.data.loading import gallery_shards
 from raybackfill.data.schema import (
     EMBEDDING,
@@ -23,16 +23,17 @@ from raybackfill.data.schema import (
     check_unique_ids,
     embedding_dim,
 )
+from raybackfill.data.storage import TableFiles
 from raybackfill.encoders import EntrypointTrust, load_encoder
 from raybackfill.models.artifacts import load_model
 
 
-def old_embedding_dim(uri: str) -> int:
+def old_embedding_dim(table: str | TableFiles) -> int:
     """The dim of a stored embedding table, checked on every shard's footer (one dim for the whole table)."""
-    shards = io.table_shards(uri)
+    table = storage.open_table(table)
+    shards = table.shards
     dims = {}
-    for shard in shards:
-        schema = io.read_footer(shard).schema.to_arrow_schema()
+    for shard, schema in table.shard_schemas():
         if ID not in schema.names or not pa.types.is_integer(schema.field(ID).type):
             raise SchemaError(f"{shard}: needs an integer column 'id' (columns: {', '.join(schema.names)})")
         dims[shard] = embedding_dim(schema, EMBEDDING, shard)
@@ -43,26 +44,30 @@ def old_embedding_dim(uri: str) -> int:
     return first
 
 
-def _ids(uri: str) -> np.ndarray:
+def _ids(table: TableFiles) -> np.ndarray:
     """The id column of every shard of a table (nothing else is read)."""
-    fs, _ = io.resolve(uri)
-    paths = [io.resolve(shard)[1] for shard in io.list_shards(uri)]
+    fs, _ = storage.resolve(table.uri)
+    paths = [storage.resolve(shard)[1] for shard in table.shards]
     try:
         return pads.dataset(paths, filesystem=fs, format="parquet").to_table(columns=[ID]).column(ID).to_numpy()
     except (OSError, pa.ArrowInvalid) as err:
-        raise io.StorageError(f"{uri}: cannot read the id column ({err})") from err
+        raise storage.StorageError(f"{table.uri}: cannot read the id column ({err})") from err
 
 
-def check_inputs(gallery: str, old_embeddings: str, upgrade: str, transformation: str | None = None, *,
-                 old_model: str | None = None, trust: EntrypointTrust | None = None) -> None:
+def check_inputs(gallery: str | TableFiles, old_embeddings: str | TableFiles, upgrade: str,
+                 transformation: str | None = None, *, old_model: str | None = None,
+                 trust: EntrypointTrust | None = None) -> tuple[TableFiles, TableFiles]:
     """Raise (naming the file) if the gallery, the old embeddings or a model cannot be used at all.
 
     ``upgrade`` is the new encoder (any kind; an untrusted entrypoint is refused before it is imported);
-    ``old_model`` the old backbone whose classifier some policies read (a model raybackfill trained)."""
+    ``old_model`` the old backbone whose classifier some policies read (a model raybackfill trained).
+    Returns the gallery and old-embedding tables as resolved for the checks, for the steps that read them next."""
+    gallery = storage.open_table(gallery)
     gallery_shards(gallery)  # every shard's footer has the gallery's columns and types
+    old_embeddings = storage.open_table(old_embeddings)
     dim = old_embedding_dim(old_embeddings)
     for table in (gallery, old_embeddings):
-        check_unique_ids(_ids(table), table)
+        check_unique_ids(_ids(table), table.uri)
     load_encoder(upgrade, trust=trust)  # model.json and its file: a truncated file fails here, not in a worker
     if old_model:
         load_model(old_model)
@@ -70,16 +75,16 @@ def check_inputs(gallery: str, old_embeddings: str, upgrade: str, transformation
         loaded = load_model(transformation)
         wants = loaded.spec.dims.get("old")
         if wants is not None and wants != dim:
-            raise SchemaError(f"{old_embeddings}: old embeddings have dim {dim}, but the transformation "
+            raise SchemaError(f"{old_embeddings.uri}: old embeddings have dim {dim}, but the transformation "
                               f"{transformation} maps dim {wants}")
         if getattr(loaded.module, "uses_side_info", False):
             _check_side_info(old_embeddings, loaded.spec.dims["side"], transformation)
+    return gallery, old_embeddings
 
 
-def _check_side_info(old_embeddings: str, dim: int, transformation: str) -> None:
+def _check_side_info(old_embeddings: TableFiles, dim: int, transformation: str) -> None:
     """A transformation trained with side-information reads it from every old-embedding shard."""
-    for shard in io.table_shards(old_embeddings):
-        schema = io.read_footer(shard).schema.to_arrow_schema()
+    for shard, schema in old_embeddings.shard_schemas():
         if SIDE_INFO not in schema.names:
             raise SchemaError(f"{shard}: missing column '{SIDE_INFO}', which the transformation {transformation} "
                               f"reads (embed the old gallery with --side-info-model)")

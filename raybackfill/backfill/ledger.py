@@ -8,12 +8,12 @@ Layout under the output URI (local or s3://)::
     quarantine/*.parquet         bad rows (id, reason, stage)
 
 A batch file is named after a hash of its sorted ids, so writing the same batch twice (a retry) is a
-no-op, and a batch is committed atomically (raybackfill.data.io.write_shard). A restarted job reads the
+no-op, and a batch is committed atomically (raybackfill.data.storage.write_shard). A restarted job reads the
 ids of every committed batch and skips them; it never re-emits a written id, so every id is in the
 outputs exactly once. Because each batch is written *before* it is upserted, the index holds a subset
 of the ledger, and :meth:`Ledger.replay` closes the gap left by a kill between the two steps.
 
-The skip lists (``io.committed_ids``, ``loading.quarantined_ids``) live in the data layer: the embed job
+The skip lists (``storage.committed_ids``, ``loading.quarantined_ids``) live in the data layer: the embed job
 (raybackfill.embed.pipeline) resumes with them too.
 """
 
@@ -25,14 +25,11 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from raybackfill.data import io
+from raybackfill.data import storage
 from raybackfill.data.loading import quarantined_ids
 from raybackfill.data.schema import EMBEDDING, ID, vectors_of
 from raybackfill.index.router import get
-
-# Quarantine stages of each phase: an id quarantined by the transform still gets re-embedded.
-INSTANT_STAGES = ("transform",)
-BACKFILL_STAGES = ("decode", "embed")
+from raybackfill.types import Space, Stage
 
 
 def batch_name(ids: np.ndarray) -> str:
@@ -49,36 +46,37 @@ class Ledger:
 
     @property
     def plan_uri(self) -> str:
-        return io.join(self.uri, "plan")
+        return storage.join(self.uri, "plan")
 
     @property
     def transformed_uri(self) -> str:
-        return io.join(self.uri, "transformed")
+        return storage.join(self.uri, "transformed")
 
     @property
     def new_uri(self) -> str:
-        return io.join(self.uri, "new")
+        return storage.join(self.uri, "new")
 
     @property
     def quarantine_uri(self) -> str:
-        return io.join(self.uri, "quarantine")
+        return storage.join(self.uri, "quarantine")
 
     def tier_uri(self, tier: int) -> str:
-        return io.join(self.new_uri, f"tier-{tier:05d}")
+        return storage.join(self.new_uri, f"tier-{tier:05d}")
 
     def write(self, directory: str, table: pa.Table) -> str:
         """Commit one batch under ``directory`` (a retried batch is skipped, never duplicated)."""
-        return io.write_shard(table, directory, batch_name(table.column(ID).to_numpy()), if_exists="skip")
+        return storage.write_shard(table, directory, batch_name(table.column(ID).to_numpy()), if_exists="skip")
 
     def files(self, directory: str) -> list[str]:
         """Committed batch files under ``directory``, oldest first (the order they were written)."""
-        return [io.join(directory, i.path[len(io.resolve(directory)[1]) + 1 :]) for i in io.committed_files(directory)]
+        root = len(storage.resolve(directory)[1]) + 1
+        return [storage.join(directory, i.path[root:]) for i in storage.committed_files(directory)]
 
     def ids(self, directory: str) -> np.ndarray:
         """Ids of every committed batch under ``directory`` (id column only: cheap)."""
-        return io.committed_ids(directory)
+        return storage.committed_ids(directory)
 
-    def quarantined(self, stages: tuple[str, ...]) -> np.ndarray:
+    def quarantined(self, *stages: Stage) -> np.ndarray:
         """Ids quarantined at any of ``stages``."""
         return quarantined_ids(self.quarantine_uri, stages)
 
@@ -95,18 +93,18 @@ class Ledger:
         counts = get(router.progress.remote()).counts
         sent = 0
         for path in reversed(self.files(self.new_uri)):
-            if counts["new"] == len(new_ids):
+            if counts[Space.NEW] == len(new_ids):
                 break
-            table = io.read_shard(path, [ID, EMBEDDING])
-            counts = get(router.upsert.remote(table.column(ID).to_numpy(), vectors_of(table), "new", version))
+            table = storage.read_shard(path, [ID, EMBEDDING])
+            counts = get(router.upsert.remote(table.column(ID).to_numpy(), vectors_of(table), Space.NEW, version))
             sent += table.num_rows
         for path in reversed(self.files(self.transformed_uri)):
-            if counts["transformed"] + counts["new"] == len(moved_ids):
+            if counts[Space.TRANSFORMED] + counts[Space.NEW] == len(moved_ids):
                 break
-            table = io.read_shard(path, [ID, EMBEDDING])
+            table = storage.read_shard(path, [ID, EMBEDDING])
             ids = table.column(ID).to_numpy()
             keep = ~np.isin(ids, new_ids)
             if keep.any():
-                counts = get(router.upsert.remote(ids[keep], vectors_of(table)[keep], "transformed", version))
+                counts = get(router.upsert.remote(ids[keep], vectors_of(table)[keep], Space.TRANSFORMED, version))
                 sent += int(keep.sum())
         return sent

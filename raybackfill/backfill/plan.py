@@ -27,13 +27,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from raybackfill.backfill.policies import POLICIES, priority_order, priority_scores
-from raybackfill.data import io
+from raybackfill.backfill.policies import CLASSIFIER_POLICIES, OLD_EMBEDDING_POLICIES, priority_order, priority_scores
+from raybackfill.data import storage
 from raybackfill.data.loading import read_gallery, read_shards, write_quarantine
 from raybackfill.data.schema import EMBEDDING, ID, SIDE_INFO, check_unique_ids, vectors_of
+from raybackfill.data.storage import TableFiles
+from raybackfill.types import Policy, Stage, locate_sorted, parse
 
 PLAN_JSON = "plan.json"
-ID_POLICIES = ("random", "id")  # policies that rank by the id alone
 RANK = "rank"
 
 
@@ -43,21 +44,20 @@ class PlanConfig:
 
     gallery: str
     old_embeddings: str
-    policy: str = "uncertainty"
+    policy: Policy = Policy.UNCERTAINTY
     tiers: int = 8
     seed: int = 0
     transformation: str | None = None  # FastFill artefact, for policy "uncertainty"
     old_model: str | None = None  # old backbone artefact (its classifier), for "entropy" / "least_confidence"
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown policy {self.policy!r}; valid policies: {', '.join(POLICIES)}")
+        object.__setattr__(self, "policy", parse(Policy, self.policy))
         if self.tiers <= 0:
             raise ValueError(f"tiers must be positive, got {self.tiers}")
-        if self.policy == "uncertainty" and not self.transformation:
+        if self.policy is Policy.UNCERTAINTY and not self.transformation:
             raise ValueError("policy 'uncertainty' needs the FastFill transformation (--transformation)")
-        if self.policy in ("entropy", "least_confidence") and not self.old_model:
-            raise ValueError(f"policy {self.policy!r} needs the old model's classifier (--old-model)")
+        if self.policy in CLASSIFIER_POLICIES and not self.old_model:
+            raise ValueError(f"policy {self.policy.value!r} needs the old model's classifier (--old-model)")
 
 
 @dataclass(frozen=True)
@@ -77,27 +77,30 @@ class Plan:
 
 def read_plan(uri: str) -> Plan | None:
     """The committed plan under ``uri``, or None when no plan was committed there."""
-    json_uri = io.join(uri, PLAN_JSON)
-    if not io.exists(json_uri):
+    json_uri = storage.join(uri, PLAN_JSON)
+    if not storage.exists(json_uri):
         return None
-    raw = json.loads(io.read_bytes(json_uri))
-    tiers = [Tier(t["index"], t["rows"], [io.join(uri, f) for f in t["files"]]) for t in raw["tiers"]]
+    raw = json.loads(storage.read_bytes(json_uri))
+    tiers = [Tier(t["index"], t["rows"], [storage.join(uri, f) for f in t["files"]]) for t in raw["tiers"]]
     return Plan(uri, PlanConfig(**raw["config"]), raw["total"], tiers)
 
 
-def ensure_plan(config: PlanConfig, uri: str, quarantine_uri: str, *, batch_size: int = 65_536) -> Plan:
-    """Reuse the plan committed under ``uri`` (it must be for the same config), or build and commit one."""
+def ensure_plan(config: PlanConfig, uri: str, quarantine_uri: str, *, batch_size: int = 65_536,
+                gallery: TableFiles | None = None, old_embeddings: TableFiles | None = None) -> Plan:
+    """Reuse the plan committed under ``uri`` (it must be for the same config), or build and commit one.
+
+    ``gallery`` and ``old_embeddings``: the config's tables already resolved by the caller (else resolved here)."""
     plan = read_plan(uri)
     if plan is not None:
         if plan.config != config:
             raise ValueError(f"{uri}: holds a plan for {plan.config}, not {config}; use a new --out to change "
                              f"the policy, tiers or inputs of a backfill")
         return plan
-    ids, scores = score_gallery(config, batch_size=batch_size)
+    ids, scores = score_gallery(config, batch_size=batch_size, old_embeddings=old_embeddings)
     rank = np.empty(len(ids), dtype=np.int64)
     rank[priority_order(scores, ids)] = np.arange(len(ids), dtype=np.int64)
-    attempt = io.join(uri, f"attempt-{uuid.uuid4().hex[:12]}")
-    files = _write_tiers(config, ids, rank, attempt, quarantine_uri)
+    attempt = storage.join(uri, f"attempt-{uuid.uuid4().hex[:12]}")
+    files = _write_tiers(config, ids, rank, attempt, quarantine_uri, gallery or config.gallery)
     total = _quarantine_missing(ids, files, quarantine_uri)
     tiers = []
     for t in range(config.tiers):
@@ -110,7 +113,7 @@ def ensure_plan(config: PlanConfig, uri: str, quarantine_uri: str, *, batch_size
         "tiers": [{"index": t.index, "rows": t.rows, "files": [f[prefix:] for f in t.files]} for t in tiers],
     }
     try:
-        io.write_bytes(io.join(uri, PLAN_JSON), json.dumps(manifest, indent=1).encode(), if_exists="error")
+        storage.write_bytes(storage.join(uri, PLAN_JSON), json.dumps(manifest, indent=1).encode(), if_exists="error")
     except FileExistsError:
         return ensure_plan(config, uri, quarantine_uri, batch_size=batch_size)  # a concurrent run committed first
     return Plan(uri, config, total, tiers)
@@ -125,13 +128,13 @@ def _score_batch(batch: pa.Table, config: PlanConfig) -> dict[str, np.ndarray]:
     tasks reuse warm workers.
     """
     # Imported here, not at the top: the workers that copy the gallery into tiers (_split_block) import this
-    # module too, and importing torch there cost each new worker ~3 s of CPU.
+    # module too, and importing torch there would cost each new worker seconds of CPU.
     from raybackfill.models.artifacts import load_model
 
     ids = batch.column(ID).to_numpy()
-    transformation = load_model(config.transformation).module if config.policy == "uncertainty" else None
+    transformation = load_model(config.transformation).module if config.policy is Policy.UNCERTAINTY else None
     classifier = None
-    if config.policy in ("entropy", "least_confidence"):
+    if config.policy in CLASSIFIER_POLICIES:
         head = load_model(config.old_model).module.classifier
         classifier = (head.weight.detach().numpy(), head.bias.detach().numpy())
     old = vectors_of(batch, EMBEDDING)
@@ -151,18 +154,18 @@ def _score_batch(batch: pa.Table, config: PlanConfig) -> dict[str, np.ndarray]:
     return {ID: ids, "score": scores}
 
 
-def score_gallery(config: PlanConfig, *, batch_size: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+def score_gallery(config: PlanConfig, *, batch_size: int = 65_536,
+                  old_embeddings: TableFiles | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(ids, scores) of every stored old embedding: a Ray Data pass, collected to the driver (16 B/id).
     Policies of the id alone read only the id column, in the driver (8 MB for 1M ids: a Ray Data pass would
     start workers to read 512 MB of vectors these policies ignore)."""
-    if config.policy in ID_POLICIES:
-        ids = io.read_table(config.old_embeddings, [ID]).column(ID).to_numpy().astype(np.int64)
+    table = storage.open_table(old_embeddings or config.old_embeddings)
+    if config.policy not in OLD_EMBEDDING_POLICIES:  # ranked by the id alone
+        ids = table.read([ID]).column(ID).to_numpy().astype(np.int64)
         check_unique_ids(ids, config.old_embeddings)
         return ids, priority_scores(config.policy, ids, seed=config.seed).astype(np.float64)
-    shards = io.table_shards(config.old_embeddings)
-    names = io.read_footer(shards[0]).schema.to_arrow_schema().names
-    columns = [ID, EMBEDDING] + ([SIDE_INFO] if SIDE_INFO in names else [])
-    ds = read_shards(shards, columns=columns).map_batches(
+    columns = [ID, EMBEDDING] + ([SIDE_INFO] if SIDE_INFO in table.schema.names else [])
+    ds = read_shards(table, columns=columns).map_batches(
         _score_batch, fn_kwargs={"config": config}, batch_size=batch_size, batch_format="pyarrow", num_cpus=0.5
     )
     parts = list(ds.iter_batches(batch_format="numpy", batch_size=None))
@@ -176,11 +179,11 @@ def _split_block(block: pa.Table, sorted_ids: np.ndarray, sorted_ranks: np.ndarr
                  attempt: str, quarantine_uri: str) -> dict[str, np.ndarray]:
     """Write one gallery block's rows into its tiers' files (rows sorted by rank); quarantine unknown ids."""
     ids = block.column(ID).to_numpy()
-    pos = np.minimum(np.searchsorted(sorted_ids, ids), max(len(sorted_ids) - 1, 0))
-    known = (sorted_ids[pos] == ids) if len(sorted_ids) else np.zeros(len(ids), dtype=bool)
+    pos = locate_sorted(sorted_ids, ids, missing="mask")
+    known = pos >= 0
     if not known.all():
         bad = ids[~known]
-        write_quarantine(quarantine_uri, bad, ["unknown id: no stored old embedding"] * len(bad), stage="plan")
+        write_quarantine(quarantine_uri, bad, ["unknown id: no stored old embedding"] * len(bad), stage=Stage.PLAN)
     ranks = sorted_ranks[pos[known]]
     block = block.filter(pa.array(known)).append_column(RANK, pa.array(ranks, type=pa.int64()))
     block = block.take(pc.sort_indices(block, sort_keys=[(RANK, "ascending")]))
@@ -194,8 +197,8 @@ def _split_block(block: pa.Table, sorted_ids: np.ndarray, sorted_ranks: np.ndarr
         part = block.slice(start, stop - start)
         tier = int(tiers[start])
         digest = hashlib.sha1(part.column(ID).to_numpy().tobytes()).hexdigest()[:20]
-        directory = io.join(attempt, f"tier-{tier:05d}")
-        out["file"].append(io.write_shard(part, directory, f"part-{digest}.parquet", if_exists="skip"))
+        directory = storage.join(attempt, f"tier-{tier:05d}")
+        out["file"].append(storage.write_shard(part, directory, f"part-{digest}.parquet", if_exists="skip"))
         out["tier"].append(tier)
         out["rows"].append(part.num_rows)
     return {"tier": np.array(out["tier"], dtype=np.int64), "rows": np.array(out["rows"], dtype=np.int64),
@@ -203,11 +206,11 @@ def _split_block(block: pa.Table, sorted_ids: np.ndarray, sorted_ranks: np.ndarr
 
 
 def _write_tiers(config: PlanConfig, ids: np.ndarray, rank: np.ndarray, attempt: str,
-                 quarantine_uri: str) -> list[dict]:
+                 quarantine_uri: str, gallery: str | TableFiles) -> list[dict]:
     """One streaming pass over the gallery: each block writes its rows into the files of their tiers."""
     order = np.argsort(ids)
     tier_size = max(1, -(-len(ids) // config.tiers))
-    ds = read_gallery(config.gallery).map_batches(
+    ds = read_gallery(gallery).map_batches(
         _split_block,
         fn_kwargs={
             "sorted_ids": ids[order],
@@ -229,11 +232,11 @@ def _quarantine_missing(ids: np.ndarray, files: list[dict], quarantine_uri: str)
     """Ids with an old embedding but no image cannot be re-embedded: quarantined. Returns the rows planned."""
     planned = np.zeros(0, dtype=np.int64)
     if files:
-        fs, _ = io.resolve(files[0]["file"])
-        paths = [io.resolve(f["file"])[1] for f in files]
+        fs, _ = storage.resolve(files[0]["file"])
+        paths = [storage.resolve(f["file"])[1] for f in files]
         planned = pads.dataset(paths, filesystem=fs, format="parquet").to_table(columns=[ID]).column(ID).to_numpy()
     check_unique_ids(planned, "gallery")
     missing = np.setdiff1d(ids, planned)
     if len(missing):
-        write_quarantine(quarantine_uri, missing, ["no image in the gallery"] * len(missing), stage="plan")
+        write_quarantine(quarantine_uri, missing, ["no image in the gallery"] * len(missing), stage=Stage.PLAN)
     return len(planned)

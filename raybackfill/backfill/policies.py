@@ -20,10 +20,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from raybackfill.types import Policy, parse
+
 if TYPE_CHECKING:
     import torch
 
-POLICIES = ("uncertainty", "entropy", "least_confidence", "random", "id")
+# Policies that score the stored old embedding (the others read only the id).
+OLD_EMBEDDING_POLICIES = (Policy.UNCERTAINTY, Policy.ENTROPY, Policy.LEAST_CONFIDENCE)
+# Policies that read the old model's classifier.
+CLASSIFIER_POLICIES = (Policy.ENTROPY, Policy.LEAST_CONFIDENCE)
 # Rows per forward pass of the FastFill head: bounds memory on large galleries.
 _CHUNK = 65_536
 
@@ -128,7 +133,7 @@ def priority_order(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 
 def priority_scores(
-    policy: str,
+    policy: Policy,
     ids: np.ndarray,
     *,
     old: np.ndarray | None = None,
@@ -142,21 +147,19 @@ def priority_scores(
     ``classifier`` is the old model's (weight, bias) for entropy / least_confidence; ``transformation``
     the FastFill transformation for uncertainty (with ``side`` when it was trained with side-information).
     """
+    policy = parse(Policy, policy)
     ids = np.asarray(ids, dtype=np.int64)
-    needs_old = policy in ("uncertainty", "entropy", "least_confidence")
-    if needs_old and (old is None or len(old) != len(ids)):
-        raise ValueError(f"policy {policy!r} needs one old embedding per id")
-    if policy == "uncertainty":
+    if policy in OLD_EMBEDDING_POLICIES and (old is None or len(old) != len(ids)):
+        raise ValueError(f"policy {policy.value!r} needs one old embedding per id")
+    if policy is Policy.UNCERTAINTY:
         if transformation is None:
             raise ValueError("policy 'uncertainty' needs the FastFill transformation")
         return uncertainty_scores(transformation, old, side)
-    if policy in ("entropy", "least_confidence"):
+    if policy in CLASSIFIER_POLICIES:
         if classifier is None:
-            raise ValueError(f"policy {policy!r} needs the old classifier (weight, bias)")
-        score = entropy_scores if policy == "entropy" else least_confidence_scores
+            raise ValueError(f"policy {policy.value!r} needs the old classifier (weight, bias)")
+        score = entropy_scores if policy is Policy.ENTROPY else least_confidence_scores
         return score(old, *classifier)
-    if policy == "random":
+    if policy is Policy.RANDOM:
         return random_scores(ids, seed)
-    if policy == "id":
-        return id_scores(ids)
-    raise ValueError(f"unknown policy {policy!r}; valid policies: {', '.join(POLICIES)}")
+    return id_scores(ids)

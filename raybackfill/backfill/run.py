@@ -33,18 +33,21 @@ import ray
 from tqdm import tqdm
 
 from raybackfill.backfill.inputs import check_inputs
-from raybackfill.backfill.ledger import BACKFILL_STAGES, INSTANT_STAGES, Ledger
+from raybackfill.backfill.ledger import Ledger
 from raybackfill.backfill.plan import RANK, Plan, PlanConfig, Tier, ensure_plan, read_plan
+from raybackfill.backfill.policies import CLASSIFIER_POLICIES
 from raybackfill.backfill.rows import TIER, prepare_kept
 from raybackfill.backfill.sink import BatchSink, PhaseStats
 from raybackfill.compat.recipes import get_recipe
-from raybackfill.data import io
+from raybackfill.data import storage
 from raybackfill.data.loading import keep_only, read_shards
 from raybackfill.data.schema import EMBEDDING, ID, SIDE_INFO
+from raybackfill.data.storage import TableFiles
 from raybackfill.embed.pipeline import EncoderInputs, PoolConfig, map_embed, map_transform, plan_inputs
 from raybackfill.encoders import EntrypointTrust
 from raybackfill.index.router import connect, get
 from raybackfill.models.artifacts import read_spec
+from raybackfill.types import ENCODER_STAGES, Method, Phase, Policy, Space, Stage, parse
 
 
 @dataclass(frozen=True)
@@ -55,10 +58,10 @@ class BackfillConfig:
     old_embeddings: str
     upgrade: str  # the new encoder artefact (any kind: raybackfill, TorchScript, torchvision, entrypoint...)
     out: str
-    method: str = "fastfill"
+    method: Method = Method.FASTFILL
     transformation: str | None = None  # forward transformation artefact (FCT / FastFill)
     old_model: str | None = None  # old backbone artefact: its classifier, for entropy / least_confidence
-    policy: str = "uncertainty"
+    policy: Policy = Policy.UNCERTAINTY
     seed: int = 0
     tiers: int = 8
     budget: int | None = None  # re-embed at most this many items in this run
@@ -72,9 +75,11 @@ class BackfillConfig:
     trust: EntrypointTrust = field(default_factory=EntrypointTrust)  # entrypoints the user trusts
 
     def __post_init__(self) -> None:
-        recipe = get_recipe(self.method)
-        if recipe.forward_transformation and not self.transformation:
-            raise ValueError(f"method {self.method!r} transforms the stored embeddings first: pass --transformation")
+        object.__setattr__(self, "method", parse(Method, self.method))
+        object.__setattr__(self, "policy", parse(Policy, self.policy))
+        if get_recipe(self.method).forward_transformation and not self.transformation:
+            raise ValueError(
+                f"method {self.method.value!r} transforms the stored embeddings first: pass --transformation")
         if self.budget is not None and self.until is not None:
             raise ValueError("pass --budget or --until, not both")
         if self.budget is not None and self.budget < 0:
@@ -94,8 +99,8 @@ class BackfillConfig:
             policy=self.policy,
             tiers=self.tiers,
             seed=self.seed,
-            transformation=self.transformation if self.policy == "uncertainty" else None,
-            old_model=self.old_model if self.policy in ("entropy", "least_confidence") else None,
+            transformation=self.transformation if self.policy is Policy.UNCERTAINTY else None,
+            old_model=self.old_model if self.policy in CLASSIFIER_POLICIES else None,
         )
 
 
@@ -116,8 +121,9 @@ class BackfillSummary:
 
 def run_backfill(config: BackfillConfig) -> BackfillSummary:
     """Run (or continue) a backfill; Ray must be initialised. Returns what this run did and the totals."""
-    check_inputs(config.gallery, config.old_embeddings, config.upgrade, config.transformation,  # before any write
-                 old_model=config.old_model, trust=config.trust)
+    # Before any write. The input tables come back resolved (shards listed, footers read) for every later step.
+    gallery, old_embeddings = check_inputs(config.gallery, config.old_embeddings, config.upgrade,
+                                           config.transformation, old_model=config.old_model, trust=config.trust)
     ledger = Ledger(config.out)
     router = connect(config.index) if config.index else None
     version = read_spec(config.upgrade).version
@@ -125,37 +131,38 @@ def run_backfill(config: BackfillConfig) -> BackfillSummary:
         get(router.report_error.remote(None))  # a new attempt: the last run's error is history
     try:
         started, built = time.monotonic(), read_plan(ledger.plan_uri) is None
-        plan = ensure_plan(config.plan_config(), ledger.plan_uri, ledger.quarantine_uri)
+        plan = ensure_plan(config.plan_config(), ledger.plan_uri, ledger.quarantine_uri, gallery=gallery,
+                           old_embeddings=old_embeddings)
         # The plan counts as a phase only in the run that built it (later runs reuse it).
-        planned = PhaseStats("plan", plan.total, len(ledger.quarantined(("plan",))), time.monotonic() - started)
+        planned = PhaseStats("plan", plan.total, len(ledger.quarantined(Stage.PLAN)), time.monotonic() - started)
         phases = [planned] if built else []
         replayed = ledger.replay(router, version) if router is not None else 0
         if get_recipe(config.method).forward_transformation:
-            _set_phase(router, "instant")
-            phases.append(_instant_phase(config, ledger, router, version))
-        _set_phase(router, "backfill")
-        phases.append(_backfill_phase(config, plan, ledger, router, version))
+            _set_phase(router, Phase.INSTANT)
+            phases.append(_instant_phase(config, old_embeddings, ledger, router, version))
+        _set_phase(router, Phase.BACKFILL)
+        phases.append(_backfill_phase(config, gallery, plan, ledger, router, version))
         if router is not None:  # cheap when the index matches the ledger (counts are compared first)
             replayed += sum(p.replayed for p in phases) + ledger.replay(router, version)
     except Exception as err:
         if router is not None:
             get(router.report_error.remote(f"backfill: {err}"))
-            _set_phase(router, "paused")
+            _set_phase(router, Phase.PAUSED)
         raise
     new = ledger.ids(ledger.new_uri)
     summary = BackfillSummary(
         total=plan.total,
         new=len(new),
-        backfill_quarantined=len(np.setdiff1d(ledger.quarantined(BACKFILL_STAGES), new)),
-        quarantined=len(np.unique(ledger.quarantined(("plan", *INSTANT_STAGES, *BACKFILL_STAGES)))),
+        backfill_quarantined=len(np.setdiff1d(ledger.quarantined(*ENCODER_STAGES), new)),
+        quarantined=len(np.unique(ledger.quarantined(*Stage))),
         replayed=replayed,
         phases=phases,
     )
-    _set_phase(router, "done" if summary.complete else "paused")
+    _set_phase(router, Phase.DONE if summary.complete else Phase.PAUSED)
     return summary
 
 
-def _set_phase(router, phase: str) -> None:
+def _set_phase(router, phase: Phase) -> None:
     if router is not None:
         get(router.set_phase.remote(phase))
 
@@ -170,23 +177,25 @@ def _bar(config: BackfillConfig, name: str, total: int) -> tqdm:
     return tqdm(total=total, desc=name, unit="item", disable=not config.progress, dynamic_ncols=True)
 
 
-def _instant_phase(config: BackfillConfig, ledger: Ledger, router, version: str) -> PhaseStats:
+def _instant_phase(config: BackfillConfig, old_embeddings: TableFiles, ledger: Ledger, router,
+                   version: str) -> PhaseStats:
     """Transform the stored old embeddings not yet transformed (nor re-embedded) into the new space."""
     stats = PhaseStats("instant")
-    old_ids = io.read_table(config.old_embeddings, [ID]).column(ID).to_numpy()
+    old_ids = old_embeddings.read([ID]).column(ID).to_numpy()
+    # An id the transform quarantined is done for this phase; the re-embedding still gets to it.
     done = np.concatenate([ledger.ids(ledger.transformed_uri), ledger.ids(ledger.new_uri),
-                           ledger.quarantined(INSTANT_STAGES)])
+                           ledger.quarantined(Stage.TRANSFORM)])
     keep = np.setdiff1d(old_ids, done)
     if not len(keep):
         return stats
     columns = [ID, EMBEDDING] + ([SIDE_INFO] if read_spec(config.transformation).dims.get("side") else [])
     pool = config.pool
-    ds = read_shards(io.list_shards(config.old_embeddings), columns=columns, rows_per_block=config.transform_batch_size)
+    ds = read_shards(old_embeddings, columns=columns, rows_per_block=config.transform_batch_size)
     if len(keep) < len(old_ids):  # a resumed run: drop what is done (a first run skips this whole pass)
         ds = keep_only(ds, keep)
     ds = map_transform(ds, config.transformation, replace(pool, batch_size=config.transform_batch_size))
     with _bar(config, "instant (transform)", len(keep)) as bar:
-        sink = BatchSink(ledger, router, state="transformed", version=version, stats=stats,
+        sink = BatchSink(ledger, router, state=Space.TRANSFORMED, version=version, stats=stats,
                          max_bad_fraction=config.max_bad_fraction, bar=bar, max_rate=config.max_rate)
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
             sink.consume(batch, ledger.transformed_uri)
@@ -198,8 +207,8 @@ def _tier_order(tier: Tier) -> np.ndarray:
     """The tier's ids, highest priority (lowest rank) first (id and rank columns only)."""
     if not tier.files:
         return np.zeros(0, dtype=np.int64)
-    fs, _ = io.resolve(tier.files[0])
-    table = pads.dataset([io.resolve(f)[1] for f in tier.files], filesystem=fs, format="parquet").to_table(
+    fs, _ = storage.resolve(tier.files[0])
+    table = pads.dataset([storage.resolve(f)[1] for f in tier.files], filesystem=fs, format="parquet").to_table(
         columns=[ID, RANK])
     return table.column(ID).to_numpy()[np.argsort(table.column(RANK).to_numpy(), kind="stable")]
 
@@ -213,10 +222,11 @@ def backfill_limit(config: BackfillConfig, total: int, done: int) -> int:
     return total
 
 
-def _backfill_phase(config: BackfillConfig, plan: Plan, ledger: Ledger, router, version: str) -> PhaseStats:
+def _backfill_phase(config: BackfillConfig, gallery: TableFiles, plan: Plan, ledger: Ledger, router,
+                    version: str) -> PhaseStats:
     """Re-embed the images tier by tier in one Ray Data run; each tier is in the index before the next starts."""
     stats = PhaseStats("backfill")
-    done = np.union1d(ledger.ids(ledger.new_uri), ledger.quarantined(BACKFILL_STAGES))
+    done = np.union1d(ledger.ids(ledger.new_uri), ledger.quarantined(*ENCODER_STAGES))
     left = backfill_limit(config, plan.total, len(done))
     files, todo, tier_of = [], [], []
     for tier in plan.tiers:
@@ -230,10 +240,10 @@ def _backfill_phase(config: BackfillConfig, plan: Plan, ledger: Ledger, router, 
     if not todo:
         return stats
     ids, tiers = np.concatenate(todo), np.concatenate(tier_of)
-    inputs = plan_inputs({EMBEDDING: config.upgrade}, config.gallery, config.trust)
+    inputs = plan_inputs({EMBEDDING: config.upgrade}, gallery, config.trust)
     ds = backfill_stream(files, ids, tiers, inputs, config.pool)
     with _bar(config, "backfill (re-embed)", len(ids)) as bar:
-        sink = BatchSink(ledger, router, state="new", version=version, stats=stats,
+        sink = BatchSink(ledger, router, state=Space.NEW, version=version, stats=stats,
                          max_bad_fraction=config.max_bad_fraction, bar=bar, max_rate=config.max_rate)
         batches = ds.iter_batches(batch_format="numpy", batch_size=None)
         consume_in_tier_order(batches, sink, ledger, lambda t: bar.set_description(

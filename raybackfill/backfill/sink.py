@@ -6,7 +6,7 @@ a vector the ledger lacks). The bad-row limit is checked after the batch is comp
 fails on it leaves only whole batches behind.
 
 One upsert is in flight while the next batch is written: the driver's Parquet write and the shards'
-index update overlap (at 1M items they cost ~1.5 s and ~2.7 s per 100k). A batch is still committed
+index update take comparable time, so overlapping them hides most of one behind the other. A batch is still committed
 before its own upsert is sent; a kill leaves the ledger at most two batches ahead of the index, which
 the end-of-run replay (and any later run) closes. Call :meth:`BatchSink.flush` when the stream ends.
 
@@ -27,6 +27,7 @@ from raybackfill.backfill.ledger import Ledger
 from raybackfill.data.loading import write_quarantine
 from raybackfill.data.schema import BAD_REASON, EMBEDDING, ID, UNCERTAINTY, embedding_table
 from raybackfill.index.router import IndexUnavailableError, get
+from raybackfill.types import Space, Stage
 
 # Column set by the decode step: "" for a good row, the reason for a row that could not be decoded.
 FINITE = "finite"  # set by the embedding actors (raybackfill.embed.actors)
@@ -61,7 +62,7 @@ class BatchSink:
         ledger: Ledger,
         router,
         *,
-        state: str,
+        state: Space,
         version: str,
         stats: PhaseStats,
         max_bad_fraction: float,
@@ -71,7 +72,7 @@ class BatchSink:
         self.ledger, self.router, self.state, self.version = ledger, router, state, version
         self.stats, self.max_bad_fraction, self.bar = stats, max_bad_fraction, bar
         self.max_rate = max_rate  # items/s; the sink waits after a batch that got ahead of it
-        self.stage = "embed" if state == "new" else "transform"
+        self.stage = Stage.EMBED if state is Space.NEW else Stage.TRANSFORM
         self.started = time.monotonic()
         self._in_flight = None  # the ObjectRef of the last upsert sent, not yet confirmed
 
@@ -79,7 +80,7 @@ class BatchSink:
         ids = batch[ID]
         undecoded = batch[BAD_REASON] != "" if BAD_REASON in batch else np.zeros(len(ids), dtype=bool)
         if undecoded.any():
-            self._quarantine(ids[undecoded], [str(r) for r in batch[BAD_REASON][undecoded]], "decode")
+            self._quarantine(ids[undecoded], [str(r) for r in batch[BAD_REASON][undecoded]], Stage.DECODE)
         nonfinite = ~batch[FINITE] & ~undecoded
         if nonfinite.any():
             self._quarantine(ids[nonfinite], ["non-finite embedding"] * int(nonfinite.sum()), self.stage)
@@ -134,7 +135,7 @@ class BatchSink:
         due = self.started + (self.stats.items + self.stats.quarantined) / self.max_rate
         time.sleep(max(0.0, due - time.monotonic()))
 
-    def _quarantine(self, ids: np.ndarray, reasons: list[str], stage: str) -> None:
+    def _quarantine(self, ids: np.ndarray, reasons: list[str], stage: Stage) -> None:
         write_quarantine(self.ledger.quarantine_uri, ids, reasons, stage=stage)
         self.stats.quarantined += len(ids)
 

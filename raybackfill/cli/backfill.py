@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from raybackfill.backfill.policies import POLICIES
-from raybackfill.cli.encoder import add_trust_arguments, trust_from
-from raybackfill.compat.recipes import RECIPES
+from raybackfill.cli.encoder import add_pool_arguments, add_trust_arguments, pool_from, trust_from
 from raybackfill.index.router import DEFAULT_NAME
+from raybackfill.types import Method, Policy
 
 DESCRIPTION = (
     "Rank the gallery with a priority policy and write the plan (tiers of Parquet files) under OUT/plan; "
@@ -27,8 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the new encoder artefact (trained here, or registered with `raybackfill encoder`)")
     parser.add_argument("--transformation", metavar="MODEL_DIR", help="forward transformation (FCT / FastFill)")
     parser.add_argument("--old-model", metavar="MODEL_DIR", help="old backbone (its classifier: entropy policies)")
-    parser.add_argument("--method", required=True, choices=list(RECIPES), help="the compatible-upgrade method")
-    parser.add_argument("--policy", default="uncertainty", choices=POLICIES, help="priority (default uncertainty)")
+    parser.add_argument("--method", required=True, choices=[m.value for m in Method],
+                        help="the compatible-upgrade method")
+    parser.add_argument("--policy", default=Policy.UNCERTAINTY.value, choices=[p.value for p in Policy],
+                        help="priority (default uncertainty)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random policy (default 0)")
     parser.add_argument("--tiers", type=int, default=8, help="priority tiers (default 8)")
     parser.add_argument("--out", required=True, metavar="URI", help="outputs and ledger (same URI = resume)")
@@ -41,13 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--index", default=DEFAULT_NAME, help=f"name of the running index (default {DEFAULT_NAME})")
     target.add_argument("--no-index", action="store_true", help="only write the outputs; update no index")
-    parser.add_argument("--actors", type=int, default=1, help="embedding actors (default 1)")
-    parser.add_argument("--cpus-per-actor", type=float, default=0.5, help="CPUs per actor (default 0.5)")
-    parser.add_argument("--gpus-per-actor", type=float, metavar="N",
-                        help="GPUs per actor (default: 1 if the cluster has a GPU when the job starts, else 0); "
-                        "set it on autoscaling clusters, which start without GPU nodes: only a GPU request makes "
-                        "the autoscaler launch one")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
+    add_pool_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else the cluster on this machine)")
     add_trust_arguments(parser)
@@ -62,7 +57,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Attach to Ray, run the backfill, print the summary table."""
     from raybackfill.backfill.run import BackfillConfig, run_backfill, summary_table
-    from raybackfill.embed.pipeline import PoolConfig
     from raybackfill.runtime import init_ray
 
     config = BackfillConfig(
@@ -70,8 +64,7 @@ def run(args: argparse.Namespace) -> int:
         method=args.method, transformation=args.transformation, old_model=args.old_model, policy=args.policy,
         seed=args.seed, tiers=args.tiers, budget=args.budget, until=args.until,
         max_bad_fraction=args.max_bad_fraction, index=None if args.no_index else args.index,
-        pool=PoolConfig(actors=args.actors, cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
-                        batch_size=args.batch_size),
+        pool=pool_from(args),
         progress=not args.no_progress, trust=trust_from(args),
     )  # fmt: skip
     # A live index runs on an existing cluster: attach to it (RAY_ADDRESS or the one on this machine).

@@ -9,9 +9,9 @@ import numpy as np
 
 from raybackfill.data.importers import ImportResult, import_cifar, import_idx, import_image_folder, import_text
 from raybackfill.data.info import table_info
-from raybackfill.data.io import WriteResult, read_table
 from raybackfill.data.schema import LABEL, validate_image_table
 from raybackfill.data.splits import DEFAULT_FRACTIONS, parse_fractions, split_table, write_splits
+from raybackfill.data.storage import WriteResult, read_table
 from raybackfill.data.synth import write_synthetic
 
 ROWS_PER_SHARD = 10_000

@@ -1,5 +1,5 @@
-"""`raybackfill encoder register|show`: bring a model made elsewhere, and the trust options every embedding
-command shares.
+"""`raybackfill encoder register|show`: bring a model made elsewhere, and the trust and actor-pool options every
+embedding command shares.
 
 torch and torchvision are imported inside the commands, not at module import: `raybackfill --help` stays fast.
 """
@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 
-KINDS = ("torchscript", "torch_export", "torchvision", "entrypoint")
+from raybackfill.types import MODEL_METRICS, EncoderKind, Interpolation, Metric, Tokenizer
+
+# Kinds made elsewhere (raybackfill's own models are written by its training).
+REGISTERED_KINDS = [k.value for k in EncoderKind if k is not EncoderKind.RAYBACKFILL]
 
 
 def add_trust_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +25,25 @@ def add_trust_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ship this local package directory to every node (Ray runtime_env py_modules), so an "
                         "entrypoint in it imports there; not needed under `ray job submit --working-dir` when the "
                         "code is in that directory")
+
+
+def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
+    """The embedding actor pool's size and resources (see :class:`~raybackfill.embed.pipeline.PoolConfig`)."""
+    parser.add_argument("--actors", type=int, default=1, help="embedding actors (default 1)")
+    parser.add_argument("--cpus-per-actor", type=float, default=0.5, help="CPUs per actor (default 0.5)")
+    parser.add_argument("--gpus-per-actor", type=float, metavar="N",
+                        help="GPUs per actor (default: 1 if the cluster has a GPU when the job starts, else 0); "
+                        "set it on autoscaling clusters, which start without GPU nodes: only a GPU request makes "
+                        "the autoscaler launch one")
+    parser.add_argument("--batch-size", type=int, default=256, help="rows per batch (default 256)")
+
+
+def pool_from(args: argparse.Namespace, **extra):
+    """The :class:`~raybackfill.embed.pipeline.PoolConfig` the pool arguments describe (checked before Ray starts)."""
+    from raybackfill.embed.pipeline import PoolConfig
+
+    return PoolConfig(actors=args.actors, cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
+                      batch_size=args.batch_size, **extra)
 
 
 def trust_from(args: argparse.Namespace):
@@ -41,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Write an encoder artefact that embed, backfill, query and the index accept. The model is "
         "loaded and run once on a probe batch, which measures its dimension and catches a bad file now.",
     )
-    add.add_argument("--kind", required=True, choices=KINDS, help="where the model comes from")
+    add.add_argument("--kind", required=True, choices=REGISTERED_KINDS, help="where the model comes from")
     add.add_argument("--version", required=True, help="the version tag tables and the index record")
     add.add_argument("--out", required=True, help="artefact directory to create (never overwritten)")
     add.add_argument("--file", help="TorchScript file, .pt2 program, or torchvision weights (.safetensors/.pt)")
@@ -50,16 +72,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add.add_argument("--entrypoint", metavar="PKG.MODULE:FACTORY", help="factory(**kwargs) returning the encoder "
                      "(kind entrypoint; naming it here trusts it for this registration)")
     add.add_argument("--kwargs", default="{}", help="JSON keyword arguments of the torchvision builder or factory")
-    add.add_argument("--metric", choices=("cosine", "l2"), default="cosine", help="similarity (default cosine)")
+    add.add_argument("--metric", choices=[m.value for m in MODEL_METRICS], default=Metric.COSINE.value,
+                     help="similarity (default cosine)")
     image = add.add_argument_group("image preprocessing (torchvision: the architecture's own preset by default)")
     image.add_argument("--resize", type=int, help="resize the shorter side to this (default: the crop)")
     image.add_argument("--crop", type=int, help="centre crop size: the square the model takes")
     image.add_argument("--mean", type=float, nargs=3, help="per-channel mean (default 0.5 0.5 0.5)")
     image.add_argument("--std", type=float, nargs=3, help="per-channel std (default 0.25 0.25 0.25)")
-    image.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest"), help="default bicubic")
+    image.add_argument("--interpolation", choices=[i.value for i in Interpolation], help="default bicubic")
     text = add.add_argument_group("text encoders")
     text.add_argument("--text", action="store_true", help="the encoder embeds the gallery's 'text' column")
-    text.add_argument("--tokenizer", choices=("none", "bytes", "hashed_words"), default="none",
+    text.add_argument("--tokenizer", choices=[t.value for t in Tokenizer], default=Tokenizer.NONE.value,
                       help="none: the encoder gets the strings (default); bytes / hashed_words: int64 token ids")
     text.add_argument("--max-length", type=int, default=64, help="tokens per text (default 64)")
     text.add_argument("--vocab-size", type=int, default=32_768, help="hashed_words vocabulary (default 32768)")
@@ -77,7 +100,7 @@ def _preprocessing(args: argparse.Namespace):
     given = {"resize": args.resize, "crop": args.crop, "mean": args.mean, "std": args.std,
              "interpolation": args.interpolation}
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None}
-    if not given and args.kind == "torchvision":
+    if not given and args.kind == EncoderKind.TORCHVISION:
         return None  # the architecture's own preset
     if "crop" not in given:
         raise ValueError("declare the image size the encoder takes: --crop N (and --resize, --mean, --std)")
@@ -85,7 +108,7 @@ def _preprocessing(args: argparse.Namespace):
 
 
 def _register(args: argparse.Namespace) -> int:
-    from raybackfill.encoders import EncoderKind, EncoderSource, EntrypointTrust, register_encoder
+    from raybackfill.encoders import EncoderSource, EntrypointTrust, register_encoder
 
     try:
         kwargs = json.loads(args.kwargs)

@@ -12,10 +12,8 @@ import json
 
 from raybackfill.eval.curves import DEFAULT_POINTS
 from raybackfill.eval.live import DEFAULT_K, DEFAULT_MAX_PROBES, LabelLookup, ProbeSet, live_quality
-from raybackfill.eval.metrics import METRICS
 from raybackfill.eval.offline import (
     COLUMN_PREFIX,
-    METHODS,
     EvalInputs,
     OfflineConfig,
     Order,
@@ -24,8 +22,7 @@ from raybackfill.eval.offline import (
 )
 from raybackfill.eval.report import TABLE_COLUMNS, compare_reports, load_report, merge_reports, summary_table
 from raybackfill.index.router import DEFAULT_NAME, connect
-from raybackfill.index.shard import STRATEGIES
-from raybackfill.types import Metric, Policy
+from raybackfill.types import MODEL_METRICS, Method, Metric, Policy, Strategy
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -90,7 +87,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="URI",
         help="table with the served gallery's id and label (embedding or image table)",
     )
-    live.add_argument("--strategy", choices=STRATEGIES, default="rank_merge", help="default rank_merge")
+    live.add_argument("--strategy", choices=[s.value for s in Strategy], default=Strategy.RANK_MERGE.value,
+                      help="default rank_merge")
     live.add_argument("--k", type=int, default=DEFAULT_K, help=f"results per probe (default {DEFAULT_K})")
     live.add_argument(
         "--max-probes",
@@ -117,7 +115,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="gallery, old embeddings through the forward transformation (FCT / FastFill)",
     )
     tables.add_argument("--psi-queries", metavar="URI", help="psi(new query embeddings) (rank_merge_psi)")
-    parser.add_argument("--method", required=True, choices=METHODS, help="compatibility method (its serving strategy)")
+    parser.add_argument("--method", required=True, choices=[m.value for m in Method],
+                        help="compatibility method (its serving strategy)")
     parser.add_argument(
         "--order", action="append", metavar="ORDER", dest="orders",
         help=f"backfill order, repeatable: {', '.join(Policy)} or {COLUMN_PREFIX}NAME (a score column of the old "
@@ -133,8 +132,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--metric",
-        choices=METRICS,
-        default=Metric.COSINE,
+        choices=[m.value for m in MODEL_METRICS],
+        default=Metric.COSINE.value,
         help="cosine similarity (default) or l2: Euclidean distance, the reference code's protocol",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random order (default 0)")

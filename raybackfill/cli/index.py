@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from raybackfill.cli.encoder import add_trust_arguments, trust_from
-from raybackfill.data.io import read_table
 from raybackfill.data.schema import ID, MODEL, validate_embedding_table, vectors_of
-from raybackfill.index.merge import METRICS, OLD, SPACES, TopK
+from raybackfill.data.storage import read_table
+from raybackfill.index.merge import TopK
 from raybackfill.index.progress import Progress
 from raybackfill.index.router import DEFAULT_NAME, RouterConfig, connect, create_index, destroy_index, get
-from raybackfill.index.shard import STRATEGIES, IndexConfig
+from raybackfill.index.shard import IndexConfig
+from raybackfill.types import Metric, Space, Strategy
 
 LOAD_ROWS = 100_000
 
@@ -35,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--old-embeddings", required=True, metavar="URI", help="old embedding table (path or s3://)")
     serve.add_argument("--shards", type=int, default=2, help="number of shard actors (default 2)")
     serve.add_argument("--version", help="old model version tag (default: the table's 'model' column)")
-    serve.add_argument("--metric", choices=METRICS, default="cosine",
+    serve.add_argument("--metric", choices=[m.value for m in Metric], default=Metric.COSINE.value,
                        help="cosine (default; the index normalises vectors and queries), ip (raw inner product) or l2")
     serve.add_argument("--kind", choices=("flat", "ivf"), default="flat", help="flat (exact, default) or ivf")
     serve.add_argument("--nlist", type=int, default=IndexConfig.nlist, help="IVF lists per space and shard")
@@ -65,7 +66,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     query.add_argument("--model", action="append", metavar="DIR",
                        help="encoder artefact that embeds --image/--text; its version picks the space (repeatable)")
     query.add_argument("--k", type=int, default=10, help="results per query (default 10)")
-    query.add_argument("--strategy", choices=STRATEGIES, default="rank_merge", help="default rank_merge")
+    query.add_argument("--strategy", choices=[s.value for s in Strategy], default=Strategy.RANK_MERGE.value,
+                       help="default rank_merge")
     query.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _name(query)
     add_trust_arguments(query)
@@ -150,43 +152,52 @@ def _table_version(table, source: str) -> str:
 # ------------------------------------------------------------------------- query
 def _query(args: argparse.Namespace) -> int:
     router = connect(args.name)
+    strategy = Strategy(args.strategy)
     if args.id is not None:
-        q_old, q_new = _item_queries(router, args.id, args.strategy)
+        q_old, q_new = _item_queries(router, args.id, strategy)
     elif args.vector:
-        q_old, q_new = _vector_queries(args.vector, args.strategy)
+        q_old, q_new = _vector_queries(args.vector, strategy)
     else:
         content = Path(args.image).read_bytes() if args.image else args.text
-        q_old, q_new = _content_queries(router, content, args.model, args.strategy, trust_from(args))
-    result = get(router.search.remote(q_old, q_new, args.k, args.strategy))
+        q_old, q_new = _content_queries(router, content, args.model, strategy, trust_from(args))
+    result = get(router.search.remote(q_old, q_new, args.k, strategy))
     print(json.dumps(_as_json(result)) if args.json else format_results(result))
     return 0
 
 
-def _item_queries(router, item: int, strategy: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+def _item_queries(router, item: int, strategy: Strategy) -> tuple[np.ndarray | None, np.ndarray | None]:
     stored = get(router.vectors.remote(np.array([item], dtype=np.int64)))
-    if strategy == "old":
+    if strategy is Strategy.OLD:
         if stored.old is None:
             raise ValueError("the index was promoted: items have no old vector any more")
         return stored.old, None
-    if stored.new is None or stored.states[0] == OLD:
+    if stored.new is None or stored.states[0] == Space.OLD.code:
         raise ValueError(f"item {item} has no new-space vector yet (state old); use --strategy old")
-    return (stored.old if strategy == "rank_merge" else None), stored.new
+    return (stored.old if strategy is Strategy.RANK_MERGE else None), stored.new
 
 
-def _vector_queries(files: list[str], strategy: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+def _vector_queries(files: list[str], strategy: Strategy) -> tuple[np.ndarray | None, np.ndarray | None]:
     vectors = [np.load(Path(f), allow_pickle=False) for f in files]
-    needed = 2 if strategy == "rank_merge" else 1
+    needed = 2 if strategy is Strategy.RANK_MERGE else 1
     if len(vectors) != needed:
-        raise ValueError(f"strategy {strategy!r} takes {needed} --vector file(s), got {len(vectors)}"
+        raise ValueError(f"strategy {strategy.value!r} takes {needed} --vector file(s), got {len(vectors)}"
                          + (" (rank_merge: --vector OLD.npy --vector NEW.npy)" if needed == 2 else ""))
-    if strategy == "old":
+    if strategy is Strategy.OLD:
         return vectors[0], None
-    if strategy == "compatible":
+    if strategy is Strategy.COMPATIBLE:
         return None, vectors[0]
     return vectors[0], vectors[1]
 
 
-def _content_queries(router, content: bytes | str, models: list[str] | None, strategy: str, trust):
+# The spaces whose query each strategy needs.
+QUERY_SPACES = {
+    Strategy.OLD: (Space.OLD,),
+    Strategy.COMPATIBLE: (Space.NEW,),
+    Strategy.RANK_MERGE: (Space.OLD, Space.NEW),
+}
+
+
+def _content_queries(router, content: bytes | str, models: list[str] | None, strategy: Strategy, trust):
     """Embed an image (bytes) or a text with each --model, prepared as the encoder declares; the encoder's
     version says which space its query is for."""
     if not models:
@@ -195,13 +206,12 @@ def _content_queries(router, content: bytes | str, models: list[str] | None, str
     from raybackfill.encoders import load_encoder
 
     spaces = get(router.health.remote())
-    slots = {"old": None, "new": None}
+    slots = dict.fromkeys((Space.OLD, Space.NEW))
     for uri in models:
         encoder = load_encoder(uri, trust=trust)
         if isinstance(content, bytes):
             encoder.with_size(min(decode_image(content).size))  # a model that recorded no size: the image's own
-        slot = next((s for s in ("old", "new") if (spaces[f"{s}_space"] or {}).get("version") == encoder.version),
-                    None)
+        slot = next((s for s in slots if (spaces[f"{s}_space"] or {}).get("version") == encoder.version), None)
         if slot is None:
             raise ValueError(f"{uri}: encoder version {encoder.version!r} is neither the old space's "
                              f"({spaces['old_space']}) nor the new space's ({spaces['new_space']})")
@@ -209,11 +219,11 @@ def _content_queries(router, content: bytes | str, models: list[str] | None, str
         if not ok.all():
             raise ValueError(f"{uri}: cannot prepare the query ({reasons[0]})")
         slots[slot] = vectors
-    needs = {"old": ("old",), "compatible": ("new",), "rank_merge": ("old", "new")}[strategy]
+    needs = QUERY_SPACES[strategy]
     missing = [s for s in needs if slots[s] is None]
     if missing:
-        raise ValueError(f"strategy {strategy!r} needs a --model for the {' and '.join(missing)} space")
-    return tuple(slots[s] if s in needs else None for s in ("old", "new"))
+        raise ValueError(f"strategy {strategy.value!r} needs a --model for the {' and '.join(missing)} space")
+    return tuple(slots[s] if s in needs else None for s in slots)
 
 
 def _as_json(result: TopK) -> list[list[dict]]:
@@ -257,10 +267,10 @@ def format_status(p: Progress, now: float | None = None) -> str:
         when = datetime.fromtimestamp(p.started_at, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         started = f"started {when} ({_duration(now - p.started_at)} ago)"
     lines = [f"index {p.name}   phase {p.phase}   {started}", ""]
-    lines.append(f"{'shard':<6}" + "".join(f"{s:>13}" for s in SPACES) + f"{'total':>13}")
+    lines.append(f"{'shard':<6}" + "".join(f"{s:>13}" for s in Space) + f"{'total':>13}")
     for i, counts in enumerate(p.per_shard):
-        lines.append(f"{i:<6}" + "".join(f"{counts[s]:>13,}" for s in SPACES) + f"{sum(counts.values()):>13,}")
-    lines.append(f"{'all':<6}" + "".join(f"{p.counts[s]:>13,}" for s in SPACES) + f"{p.total:>13,}")
+        lines.append(f"{i:<6}" + "".join(f"{counts[s]:>13,}" for s in Space) + f"{sum(counts.values()):>13,}")
+    lines.append(f"{'all':<6}" + "".join(f"{p.counts[s]:>13,}" for s in Space) + f"{p.total:>13,}")
     lines.append("")
     lines.append(f"new model  {progress_bar(p.fraction_new)} {100 * p.fraction_new:5.1f}%")
     lines.append(f"new space  {progress_bar(p.fraction_in_new_space)} {100 * p.fraction_in_new_space:5.1f}%"
@@ -279,5 +289,5 @@ def _lifecycle(args: argparse.Namespace) -> int:
         return 0
     router = connect(args.name)
     counts = get(getattr(router, args.command).remote())
-    print(f"{args.command}: " + ", ".join(f"{s} {counts[s]:,}" for s in SPACES))
+    print(f"{args.command}: " + ", ".join(f"{s} {counts[s]:,}" for s in Space))
     return 0

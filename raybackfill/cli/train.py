@@ -1,13 +1,13 @@
-"""`raybackfill train ...` and `raybackfill embed`: fit models on Ray Train, embed tables with Ray Data."""
+"""`raybackfill train ...`: fit backbones, side-information, transformations and psi on Ray Train."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from raybackfill.cli.encoder import add_trust_arguments, trust_from
 from raybackfill.compat.recipes import RECIPES
 from raybackfill.runtime import init_ray
+from raybackfill.types import BackboneLoss, Method
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,8 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     backbone.add_argument("--images", required=True, help="labelled image table (local path or s3://)")
     backbone.add_argument(
         "--method",
-        default="independent",
-        choices=[name for name, r in RECIPES.items() if r.backbone_loss != "classification"] + ["independent"],
+        default=Method.INDEPENDENT.value,
+        choices=[m.value for m, r in RECIPES.items() if r.backbone_loss is not BackboneLoss.CLASSIFICATION]
+        + [Method.INDEPENDENT.value],
         help="training loss (default independent)",
     )
     backbone.add_argument("--old-model", help="old model artefact (needed by bct and ract)")
@@ -67,34 +68,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     for parser in (backbone, side, transformation, reverse):
         _common(parser)
-
-    embed = subparsers.add_parser(
-        "embed",
-        help="embed a gallery table (images or texts) with an encoder (Ray Data actor pool)",
-        description="Stream a gallery table (images or texts) through an actor pool running the encoder (GPU "
-        "actors when the cluster has GPUs, or --gpus-per-actor) and write an embedding table. Images of any size "
-        "and mode are prepared by the encoder's declared preprocessing; undecodable images, empty texts and "
-        "non-finite outputs are quarantined under OUT/_quarantine. Re-running the same command after a kill "
-        "continues where it stopped (committed shards are kept and their ids skipped); OUT/_manifest.json "
-        "marks a finished table, which a re-run leaves as it is.",
-    )
-    embed.add_argument("--gallery", required=True,
-                       help="gallery table: id + image (bytes) or text (local path or s3://)")
-    embed.add_argument("--model", required=True, help="encoder artefact (any kind) -> column 'embedding'")
-    embed.add_argument("--side-info-model", help="side-info artefact -> column 'side_info' (same pass)")
-    embed.add_argument("--out", required=True, help="output embedding table (same URI and models = resume)")
-    embed.add_argument("--actors", type=int, default=1, help="actor pool size (default 1)")
-    embed.add_argument("--cpus-per-actor", type=float, default=0.5, help="CPUs per actor (default 0.5)")
-    embed.add_argument("--gpus-per-actor", type=float, metavar="N",
-                       help="GPUs per actor (default: 1 if the cluster has a GPU when the job starts, else 0); "
-                       "set it on autoscaling clusters, which start without GPU nodes: only a GPU request makes "
-                       "the autoscaler launch one")
-    embed.add_argument("--batch-size", type=int, default=256, help="rows per batch (default 256)")
-    embed.add_argument("--rows-per-shard", type=int, default=50_000,
-                       help="rows per output shard, also the most work a kill loses (default 50000)")
-    embed.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local cluster)")
-    add_trust_arguments(embed)
-    embed.set_defaults(func=_embed)
 
 
 def _image_size(parser: argparse.ArgumentParser) -> None:
@@ -212,18 +185,3 @@ def _reverse(args: argparse.Namespace) -> int:
         )
     )  # fmt: skip
 
-
-def _embed(args: argparse.Namespace) -> None:
-    from raybackfill.embed.pipeline import PoolConfig, embed_gallery
-
-    models = {"embedding": args.model, **({"side_info": args.side_info_model} if args.side_info_model else {})}
-    pool = PoolConfig(actors=args.actors, cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
-                      batch_size=args.batch_size, rows_per_shard=args.rows_per_shard)  # checked before Ray starts
-    init_ray(args.address, py_modules=args.py_module)
-    result = embed_gallery(args.gallery, models, args.out, pool=pool, trust=trust_from(args))
-    if result.already_complete:
-        print(f"{result.uri} is already complete ({result.rows} embeddings, {result.quarantined} quarantined): "
-              "nothing to do")
-    else:
-        print(f"wrote {result.written} embeddings to {result.uri} ({result.rows} in the table, "
-              f"{result.quarantined} quarantined)")

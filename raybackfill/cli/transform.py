@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from raybackfill.data import io
+from raybackfill.data import storage
 from raybackfill.data.schema import (
     EMBEDDING,
     ID,
@@ -25,12 +25,13 @@ from raybackfill.data.schema import (
 )
 from raybackfill.embed.actors import transform_batch
 from raybackfill.models.artifacts import ArtifactError, load_model, read_spec
+from raybackfill.types import Space
 
 # The stored space each transformation reads: FCT / FastFill h the old embeddings, psi the new ones.
 TRANSFORMATION_INPUTS = {
-    "forward_transformation": "old",
-    "fastfill_transformation": "old",
-    "reverse_transformation": "new",
+    "forward_transformation": Space.OLD,
+    "fastfill_transformation": Space.OLD,
+    "reverse_transformation": Space.NEW,
 }
 DEFAULT_BATCH_SIZE = 8192  # rows per forward pass, as the backfill's instant phase
 
@@ -59,7 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def transform_table(
     embeddings_uri: str, model_uri: str, out_uri: str, *, batch_size: int = DEFAULT_BATCH_SIZE
-) -> io.WriteResult:
+) -> storage.WriteResult:
     """Write ``model_uri`` applied to every row of ``embeddings_uri`` as a new table at ``out_uri``.
 
     The input is read and validated whole first, as `eval run` reads it (unique ids, the transformation's input
@@ -77,10 +78,11 @@ def transform_table(
         )
     module = load_model(model_uri).module
     uses_side = bool(getattr(module, "uses_side_info", False))
-    names = io.read_footer(io.table_shards(embeddings_uri)[0]).schema.to_arrow_schema().names
+    names = storage.read_footer(storage.table_shards(embeddings_uri)[0]).schema.to_arrow_schema().names
     # A shard without side_info fails here with the shard's path and the column's name.
     columns = [ID, EMBEDDING, *([SIDE_INFO] if uses_side else []), *([LABEL] if LABEL in names else [])]
-    table = validate_embedding_table(io.read_table(embeddings_uri, columns), embeddings_uri, dim=module.dims[space])
+    table = storage.read_table(embeddings_uri, columns)
+    table = validate_embedding_table(table, embeddings_uri, dim=module.dims[space])
     if uses_side and (found := embedding_dim(table.schema, SIDE_INFO, embeddings_uri)) != module.dims["side"]:
         raise SchemaError(f"{embeddings_uri}: column '{SIDE_INFO}' has dim {found}, expected {module.dims['side']}")
     out = transform_batch(module, table, chunk=batch_size)
@@ -92,7 +94,7 @@ def transform_table(
         extra={LABEL: out[LABEL]} if LABEL in out else None,
     )
     validate_embedding_table(result, f"{model_uri} applied to {embeddings_uri}")
-    return io.write_table(result, out_uri)
+    return storage.write_table(result, out_uri)
 
 
 def _transform(args: argparse.Namespace) -> None:

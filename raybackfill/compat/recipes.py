@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-BACKBONE_LOSSES = ("classification", "bct", "ract")
-QUERY_STRATEGIES = ("compatible", "rank_merge", "old")
-OLD_QUERY_SOURCES = ("old_model", "psi")
+from raybackfill.types import BackboneLoss, Method, OldQuerySource, Strategy, parse
 
 
 @dataclass(frozen=True)
@@ -30,55 +28,59 @@ class Recipe:
     old_query_source: where the old-space query comes from when one is needed (``rank_merge``, ``old``).
     """
 
-    name: str
-    backbone_loss: str
+    name: Method
+    backbone_loss: BackboneLoss
     forward_transformation: bool = False
     side_info: bool = False
     uncertainty: bool = False
     reverse_transformation: bool = False
-    query_strategy: str = "compatible"
-    old_query_source: str | None = None
+    query_strategy: Strategy = Strategy.COMPATIBLE
+    old_query_source: OldQuerySource | None = None
 
     def __post_init__(self) -> None:
-        if self.backbone_loss not in BACKBONE_LOSSES:
-            raise ValueError(f"{self.name}: backbone_loss must be one of {BACKBONE_LOSSES}, got {self.backbone_loss!r}")
-        if self.query_strategy not in QUERY_STRATEGIES:
-            raise ValueError(f"{self.name}: query_strategy must be one of {QUERY_STRATEGIES}")
-        needs_old_query = self.query_strategy in ("rank_merge", "old")
+        fields = [("name", Method, "method"), ("backbone_loss", BackboneLoss, "backbone_loss"),
+                  ("query_strategy", Strategy, "query_strategy")]
+        if self.old_query_source is not None:
+            fields.append(("old_query_source", OldQuerySource, "old_query_source"))
+        for name, kind, what in fields:
+            try:
+                object.__setattr__(self, name, parse(kind, getattr(self, name), what=what))
+            except ValueError as err:
+                raise ValueError(f"{self.name}: {err}") from None
+        needs_old_query = self.query_strategy in (Strategy.RANK_MERGE, Strategy.OLD)
         if needs_old_query != (self.old_query_source is not None):
             raise ValueError(f"{self.name}: old_query_source is needed exactly for rank_merge and old strategies")
-        if self.old_query_source is not None and self.old_query_source not in OLD_QUERY_SOURCES:
-            raise ValueError(f"{self.name}: old_query_source must be one of {OLD_QUERY_SOURCES}")
-        if (self.old_query_source == "psi") != self.reverse_transformation:
+        if (self.old_query_source is OldQuerySource.PSI) != self.reverse_transformation:
             raise ValueError(f"{self.name}: the old query comes from psi exactly when psi is trained")
         if (self.side_info or self.uncertainty) and not self.forward_transformation:
             raise ValueError(f"{self.name}: side_info and uncertainty belong to a forward transformation")
 
 
-RECIPES: dict[str, Recipe] = {
+_NEW = BackboneLoss.CLASSIFICATION  # a new backbone trained on its own (no compatibility loss)
+
+RECIPES: dict[Method, Recipe] = {
     r.name: r
     for r in (
         # No compatibility: serve the old system until the new gallery is complete, then cut over.
-        Recipe("independent", "classification", query_strategy="old", old_query_source="old_model"),
-        Recipe("bct", "bct"),
-        Recipe("ract", "ract"),
-        Recipe("fct", "classification", forward_transformation=True),
-        Recipe("fct_side_info", "classification", forward_transformation=True, side_info=True),
-        Recipe("fastfill", "classification", forward_transformation=True, uncertainty=True),
-        Recipe("fastfill_side_info", "classification", forward_transformation=True, side_info=True, uncertainty=True),
-        Recipe("rank_merge", "classification", query_strategy="rank_merge", old_query_source="old_model"),
+        Recipe(Method.INDEPENDENT, _NEW, query_strategy=Strategy.OLD, old_query_source=OldQuerySource.OLD_MODEL),
+        Recipe(Method.BCT, BackboneLoss.BCT),
+        Recipe(Method.RACT, BackboneLoss.RACT),
+        Recipe(Method.FCT, _NEW, forward_transformation=True),
+        Recipe(Method.FCT_SIDE_INFO, _NEW, forward_transformation=True, side_info=True),
+        Recipe(Method.FASTFILL, _NEW, forward_transformation=True, uncertainty=True),
+        Recipe(Method.FASTFILL_SIDE_INFO, _NEW, forward_transformation=True, side_info=True, uncertainty=True),
+        Recipe(Method.RANK_MERGE, _NEW, query_strategy=Strategy.RANK_MERGE, old_query_source=OldQuerySource.OLD_MODEL),
         Recipe(
-            "rank_merge_psi",
-            "classification",
+            Method.RANK_MERGE_PSI,
+            _NEW,
             reverse_transformation=True,
-            query_strategy="rank_merge",
-            old_query_source="psi",
+            query_strategy=Strategy.RANK_MERGE,
+            old_query_source=OldQuerySource.PSI,
         ),
     )
 }
 
 
-def get_recipe(name: str) -> Recipe:
-    if name not in RECIPES:
-        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(RECIPES)}")
-    return RECIPES[name]
+def get_recipe(method: Method | str) -> Recipe:
+    """The recipe of ``method`` (a :class:`~raybackfill.types.Method` or its name)."""
+    return RECIPES[parse(Method, method)]

@@ -39,9 +39,10 @@ from tqdm import tqdm
 
 from raybackfill.data.images import encode_png
 from raybackfill.data.info import with_class_names
-from raybackfill.data.io import ShardExistsError, WriteResult, join, next_shard_index, write_table
 from raybackfill.data.preprocessing import decode_image
 from raybackfill.data.schema import ID, IMAGE, LABEL, image_table, text_table
+from raybackfill.data.storage import ShardExistsError, WriteResult, join, next_shard_index, write_table
+from raybackfill.types import Stage
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,6 @@ IMAGE_EXTENSIONS = (
 )  # fmt: skip
 TEXT_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 QUARANTINE_DIR = "_quarantine"  # OUT/_quarantine: the rows an import left out, with their reasons
-IMPORT_STAGE = "import"  # the quarantine table's stage for rows refused at import
 FILES_PER_TASK = 64  # image files one Ray Data task reads and checks (a block of the path dataset)
 
 
@@ -892,7 +892,7 @@ class _Quarantine:
         # Imported here: loading imports Ray, which the CIFAR/IDX/text importers do not otherwise need.
         from raybackfill.data.loading import write_quarantine
 
-        write_quarantine(self.uri, np.concatenate(self._ids), self._reasons, stage=IMPORT_STAGE)
+        write_quarantine(self.uri, np.concatenate(self._ids), self._reasons, stage=Stage.IMPORT)
         self._ids, self._reasons = [], []
 
 

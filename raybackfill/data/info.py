@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from raybackfill.data.io import read_footer, read_table, table_shards
 from raybackfill.data.schema import EMBEDDING, LABEL, embedding_dim
+from raybackfill.data.storage import read_footer, read_table, table_shards
 
 CLASS_NAMES_KEY = b"raybackfill.class_names"
 

@@ -12,46 +12,51 @@ import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from raybackfill.data import io
+from raybackfill.data import storage
 from raybackfill.data.preprocessing import ImagePreprocessing, Preprocessing, decode_image
 from raybackfill.data.schema import ID, IMAGE, gallery_column, quarantine_table, validate_gallery_schema
+from raybackfill.data.storage import TableFiles
+from raybackfill.types import Stage, locate_sorted
 
 
-def gallery_shards(uri: str, *, require_label: bool = False, column: str | None = None) -> list[str]:
+def gallery_shards(table: str | TableFiles, *, require_label: bool = False, column: str | None = None) -> list[str]:
     """The table's shard URIs, each checked for the gallery schema (footers only, no data read).
 
     ``column`` is the content column (``image`` or ``text``); None takes the first shard's."""
-    shards = io.table_shards(uri)
-    column = column or gallery_column(io.read_footer(shards[0]).schema.to_arrow_schema(), shards[0])
-    for shard in shards:
-        validate_gallery_schema(io.read_footer(shard).schema.to_arrow_schema(), shard, require_label, column)
-    return shards
+    table = storage.open_table(table)
+    column = column or gallery_content(table)
+    for shard, schema in table.shard_schemas():
+        validate_gallery_schema(schema, shard, require_label, column)
+    return list(table.shards)
 
 
-def gallery_content(uri: str) -> str:
-    """``image`` or ``text``: what the gallery table at ``uri`` holds (first shard's footer)."""
-    first = io.table_shards(uri)[0]
-    return gallery_column(io.read_footer(first).schema.to_arrow_schema(), first)
+def gallery_content(table: str | TableFiles) -> str:
+    """``image`` or ``text``: what the gallery table holds (first shard's footer)."""
+    table = storage.open_table(table)
+    return gallery_column(table.schema, table.shards[0])
 
 
 class ShardFiles(Datasource):
     """Known Parquet shards (local or s3://), one read task per file, ``columns`` read and nothing else.
 
-    Why not ``ray.data.read_parquet``: in Ray 2.60 it lists every read through a pool of 32 footer-reading
-    actors (5-25 s per dataset on a 2-core machine, more than embedding a few thousand images) and
-    bin-packs small files into ~128 MiB read units (20 shards became one block for one busy actor). The
-    shards here are already listed by ``io.list_shards``; their footers give the row counts.
+    Why not ``ray.data.read_parquet``: it lists every read through a pool of footer-reading actors, which on a
+    small machine costs more per dataset than embedding a few thousand images, and bin-packs small files into
+    ~128 MiB read units, so many small shards become one block for one busy actor. The shards here are already
+    listed by ``storage.list_shards``; their footers give the row counts.
     """
 
-    def __init__(self, uris: list[str], columns: list[str] | None = None) -> None:
+    def __init__(self, uris: list[str] | TableFiles, columns: list[str] | None = None) -> None:
         super().__init__()
         if not uris:
-            raise io.StorageError("no parquet shards to read")
+            raise storage.StorageError("no parquet shards to read")
         self.columns = columns
         self.files = []
-        for uri in uris:
-            fs, path = io.resolve(uri)
-            meta = io.read_footer(uri)
+        if isinstance(uris, TableFiles):  # footers already read
+            shards = zip(uris.shards, uris.footers, strict=True)
+        else:
+            shards = ((uri, storage.read_footer(uri)) for uri in uris)
+        for uri, meta in shards:
+            fs, path = storage.resolve(uri)
             schema = meta.schema.to_arrow_schema()
             if columns is not None:
                 schema = pa.schema([schema.field(c) for c in columns])
@@ -71,27 +76,29 @@ class ShardFiles(Datasource):
         ]
 
 
-def read_shards(uris: list[str], *, columns: list[str] | None = None, rows_per_block: int | None = None,
+def read_shards(uris: list[str] | TableFiles, *, columns: list[str] | None = None, rows_per_block: int | None = None,
                 block_per_file: bool = True) -> ray.data.Dataset:
     """A lazy Dataset over Parquet shards; ``rows_per_block`` cuts blocks to at most that many rows (streaming),
     so an actor pool downstream gets one task per block instead of one task for a whole file.
 
     One block per file at read time (``override_num_blocks``): otherwise Ray Data splits each file's table into
     ~200/len(files) slices to reach its default parallelism, and the re-blocking (not strict) never merges them
-    back, so 1M stored embeddings in 16 files went downstream as 208 blocks of ~4.8k rows instead of 123 of 8192
-    (the transform pipeline: 68 s vs 48 s). Training passes ``block_per_file=False``: the blocks a training
-    epoch is cut from decide which images share a batch, and the published demo figures were measured with
-    Ray Data's own split (other blocks moved new/new top-1 by 4 points and BCT's below old/old)."""
-    blocks = {"override_num_blocks": len(uris)} if block_per_file else {}
+    back, so downstream actors get many small blocks instead of full batches and the pipeline slows down.
+    Training passes ``block_per_file=False`` and keeps Ray Data's own split: the blocks an epoch is cut from
+    decide which images share a batch, so another split trains other models (and changes every figure derived
+    from them)."""
+    n_files = len(uris.shards) if isinstance(uris, TableFiles) else len(uris)
+    blocks = {"override_num_blocks": n_files} if block_per_file else {}
     ds = ray.data.read_datasource(ShardFiles(uris, columns), **blocks)
     return ds.repartition(target_num_rows_per_block=rows_per_block) if rows_per_block else ds
 
 
-def read_gallery(uri: str, *, columns: list[str] | None = None, require_label: bool = False,
+def read_gallery(table: str | TableFiles, *, columns: list[str] | None = None, require_label: bool = False,
                  rows_per_block: int | None = None, block_per_file: bool = True) -> ray.data.Dataset:
     """A lazy Ray Dataset over a gallery table (images or texts, local or s3://), projected to ``columns``."""
-    return read_shards(gallery_shards(uri, require_label=require_label), columns=columns,
-                       rows_per_block=rows_per_block, block_per_file=block_per_file)
+    table = storage.open_table(table)
+    gallery_shards(table, require_label=require_label)
+    return read_shards(table, columns=columns, rows_per_block=rows_per_block, block_per_file=block_per_file)
 
 
 def prepare_rows(
@@ -126,7 +133,7 @@ def _prepare_numpy_batch(batch: dict[str, np.ndarray], preprocessing: dict[str, 
     prepared, reasons = prepare_values(batch[content], preprocessing)
     ok = reasons == ""
     if not ok.all() and quarantine_uri is not None:
-        write_quarantine(quarantine_uri, batch[ID][~ok], [str(r) for r in reasons[~ok]], stage="decode")
+        write_quarantine(quarantine_uri, batch[ID][~ok], [str(r) for r in reasons[~ok]], stage=Stage.DECODE)
     out = {name: values[ok] for name, values in batch.items() if name != content}
     return out | {column: values[ok] for column, values in prepared.items()}
 
@@ -153,31 +160,24 @@ def prepare_values(values: np.ndarray | list, preprocessing: dict[str, Preproces
     return out, reasons
 
 
-def write_quarantine(uri: str, ids: np.ndarray, reasons: list[str], *, stage: str) -> str:
+def write_quarantine(uri: str, ids: np.ndarray, reasons: list[str], *, stage: Stage) -> str:
     """Write quarantined rows under a name derived from their ids, so a retried batch writes it once."""
     ids = np.asarray(ids, dtype=np.int64)
     digest = hashlib.sha1(np.sort(ids).tobytes() + stage.encode()).hexdigest()[:16]
-    return io.write_shard(quarantine_table(ids, reasons, stage), uri, f"{stage}-{digest}.parquet", if_exists="skip")
+    table = quarantine_table(ids, reasons, stage)
+    return storage.write_shard(table, uri, f"{stage}-{digest}.parquet", if_exists="skip")
 
 
-def quarantined_ids(uri: str, stages: tuple[str, ...]) -> np.ndarray:
+def quarantined_ids(uri: str, stages: tuple[Stage, ...]) -> np.ndarray:
     """Ids in the quarantine table at ``uri`` quarantined at any of ``stages`` (none if it is absent)."""
-    table = io.read_committed(uri, [ID, "stage"])
+    table = storage.read_committed(uri, [ID, "stage"])
     stage = table.column("stage").to_numpy(zero_copy_only=False)
     return table.column(ID).to_numpy()[np.isin(stage, stages)]
 
 
-def keep_mask(ids: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """Mask of ``ids`` that are in the sorted array ``keep`` (binary search, no per-row Python)."""
-    if not len(keep):
-        return np.zeros(len(ids), dtype=bool)
-    pos = np.minimum(np.searchsorted(keep, ids), len(keep) - 1)
-    return keep[pos] == ids
-
-
 def keep_rows(batch: pa.Table, keep: np.ndarray) -> pa.Table:
     """The rows of ``batch`` whose id is in the sorted array ``keep``: what a resumed job still has to do."""
-    return batch.filter(pa.array(keep_mask(batch.column(ID).to_numpy(), keep)))
+    return batch.filter(pa.array(locate_sorted(keep, batch.column(ID).to_numpy(), missing="mask") >= 0))
 
 
 def keep_only(ds: ray.data.Dataset, keep: np.ndarray) -> ray.data.Dataset:
@@ -185,16 +185,17 @@ def keep_only(ds: ray.data.Dataset, keep: np.ndarray) -> ray.data.Dataset:
     return ds.map_batches(keep_rows, fn_kwargs={"keep": keep}, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
 
 
-def probe_image_size(uri: str) -> int:
+def probe_image_size(table: str | TableFiles) -> int:
     """The shorter side of the first image of a table: the size a model that recorded none is given."""
-    first = io.read_shard(io.list_shards(uri)[0], columns=[IMAGE]).column(IMAGE)
+    table = storage.open_table(table)
+    first = storage.read_shard(table.shards[0], columns=[IMAGE]).column(IMAGE)
     if len(first) == 0:
-        raise io.StorageError(f"{uri}: first shard is empty; cannot tell the image size")
+        raise storage.StorageError(f"{table.uri}: first shard is empty; cannot tell the image size")
     return min(decode_image(first[0].as_py()).size)
 
 
-def resolve_preprocessing(preprocessing: Preprocessing, gallery_uri: str) -> Preprocessing:
+def resolve_preprocessing(preprocessing: Preprocessing, gallery: str | TableFiles) -> Preprocessing:
     """``preprocessing`` with an image size left open filled in from the gallery's first image."""
     if isinstance(preprocessing, ImagePreprocessing) and preprocessing.crop is None:
-        return preprocessing.resolved(probe_image_size(gallery_uri))
+        return preprocessing.resolved(probe_image_size(gallery))
     return preprocessing

@@ -16,16 +16,14 @@ import hashlib
 import io
 import re
 from dataclasses import asdict, dataclass, field
-from enum import StrEnum
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from raybackfill.types import Interpolation, Modality, Tokenizer, parse
+
 __all__ = [
-    "Interpolation",
-    "Modality",
-    "Tokenizer",
     "ImagePreprocessing",
     "TextPreprocessing",
     "Preprocessing",
@@ -41,39 +39,11 @@ MEAN = (0.5, 0.5, 0.5)
 STD = (0.25, 0.25, 0.25)
 
 
-class Modality(StrEnum):
-    """What a gallery row holds, and so which column an encoder reads."""
-
-    IMAGE = "image"
-    TEXT = "text"
-
-    @property
-    def column(self) -> str:
-        return self.value
-
-
-class Interpolation(StrEnum):
-    BILINEAR = "bilinear"
-    BICUBIC = "bicubic"
-    NEAREST = "nearest"
-
-    @property
-    def pil(self) -> Image.Resampling:
-        return {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
-                "nearest": Image.Resampling.NEAREST}[self.value]
-
-
-class Tokenizer(StrEnum):
-    """How texts reach the encoder.
-
-    ``none``: the strings themselves (an entrypoint tokenises with its own tokenizer). ``bytes``: UTF-8 bytes,
-    each id = byte + 1 (0 pads). ``hashed_words``: lower-cased ``\\w+`` words, each id = a stable hash of the
-    word into ``1..vocab_size - 1`` (0 pads). Ids are int64, padded or cut to ``max_length``.
-    """
-
-    NONE = "none"
-    BYTES = "bytes"
-    HASHED_WORDS = "hashed_words"
+_RESAMPLING = {
+    Interpolation.BILINEAR: Image.Resampling.BILINEAR,
+    Interpolation.BICUBIC: Image.Resampling.BICUBIC,
+    Interpolation.NEAREST: Image.Resampling.NEAREST,
+}
 
 
 @dataclass(frozen=True)
@@ -103,7 +73,7 @@ class ImagePreprocessing:
     def __post_init__(self) -> None:
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
-        object.__setattr__(self, "interpolation", Interpolation(self.interpolation))
+        object.__setattr__(self, "interpolation", parse(Interpolation, self.interpolation))
         for name in ("resize", "crop"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -135,7 +105,7 @@ class ImagePreprocessing:
         if min(width, height) != shorter:
             longer = int(shorter * max(width, height) / min(width, height))
             new = (shorter, longer) if width <= height else (longer, shorter)
-            image = image.resize(new, self.interpolation.pil)
+            image = image.resize(new, _RESAMPLING[self.interpolation])
             width, height = image.size
         if (width, height) != (size, size):
             left, top = int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
@@ -182,7 +152,7 @@ class TextPreprocessing:
     modality: Modality = field(default=Modality.TEXT, init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "tokenizer", Tokenizer(self.tokenizer))
+        object.__setattr__(self, "tokenizer", parse(Tokenizer, self.tokenizer))
         if not isinstance(self.max_length, int) or self.max_length < 1:
             raise ValueError(f"text preprocessing: max_length must be a positive integer, got {self.max_length!r}")
         if not isinstance(self.vocab_size, int) or self.vocab_size < 2:
@@ -237,9 +207,9 @@ def preprocessing_from_dict(raw: dict[str, Any], source: str = "preprocessing") 
         raise ValueError(f"{source}: expected an object, found {type(raw).__name__}")
     fields = dict(raw)
     try:
-        modality = Modality(fields.pop("modality", Modality.IMAGE))
+        modality = parse(Modality, fields.pop("modality", Modality.IMAGE))
     except ValueError as err:
-        raise ValueError(f"{source}: {err} (valid: {', '.join(m.value for m in Modality)})") from err
+        raise ValueError(f"{source}: {err}") from err
     cls = ImagePreprocessing if modality is Modality.IMAGE else TextPreprocessing
     try:
         return cls(**fields)

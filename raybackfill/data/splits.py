@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow as pa
 
 from raybackfill.data.info import class_names
-from raybackfill.data.io import WriteResult, join, write_table
 from raybackfill.data.schema import ID, LABEL, SchemaError, check_unique_ids
+from raybackfill.data.storage import WriteResult, join, write_table
 
 DEFAULT_FRACTIONS = {"train": 0.6, "gallery": 0.3, "query": 0.1}
 TRAIN = "train"

@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from raybackfill.data.images import encode_png
 from raybackfill.data.info import with_class_names
-from raybackfill.data.io import WriteResult, write_table
 from raybackfill.data.schema import image_table
+from raybackfill.data.storage import WriteResult, write_table
 
 SHAPES = ("disk", "square", "triangle", "ring", "cross", "star", "halfdisk", "bar", "hexagon")
 # (pattern, cycles per object radius): coarse and fine versions of each pattern share features.

@@ -15,7 +15,7 @@ import time
 
 from raybackfill.backfill.run import BackfillConfig, run_backfill
 from raybackfill.compat.recipes import get_recipe
-from raybackfill.data import io
+from raybackfill.data import storage
 from raybackfill.data.schema import EMBEDDING, ID, LABEL, vectors_of
 from raybackfill.demo.configs import OnlineConfig
 from raybackfill.demo.pipeline import DemoArtifacts
@@ -34,8 +34,8 @@ def run_online(artifacts: DemoArtifacts, config: OnlineConfig | None = None) -> 
     """Returns the report's ``online`` section (items, seconds, items_per_s, queries, query_errors, ...)."""
     config = config or OnlineConfig()
     layout = artifacts.layout
-    table = io.read_table(artifacts.embeddings)
-    query_ids = io.read_table(artifacts.splits["query"], columns=[ID]).column(ID).to_numpy()
+    table = storage.read_table(artifacts.embeddings)
+    query_ids = storage.read_table(artifacts.splits["query"], columns=[ID]).column(ID).to_numpy()
     rows = locate_ids(table.column(ID).to_numpy(), query_ids)
     probes = ProbeSet(
         labels=table.column(LABEL).to_numpy()[rows],
@@ -48,7 +48,7 @@ def run_online(artifacts: DemoArtifacts, config: OnlineConfig | None = None) -> 
         destroy_index(INDEX_NAME)  # left over from an interrupted demo
     router = create_index(RouterConfig(name=INDEX_NAME, shards=config.shards))
     try:
-        gallery = io.read_table(artifacts.gallery_old, columns=[ID, EMBEDDING])
+        gallery = storage.read_table(artifacts.gallery_old, columns=[ID, EMBEDDING])
         vectors = vectors_of(gallery)
         for start in range(0, gallery.num_rows, LOAD_CHUNK):
             stop = start + LOAD_CHUNK

@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from raybackfill.data import io
+from raybackfill.data import storage
 from raybackfill.data.schema import (
     EMBEDDING,
     ID,
@@ -58,7 +58,7 @@ class DemoLayout:
     out: str
 
     def path(self, *parts: str) -> str:
-        return io.join(self.out, *parts)
+        return storage.join(self.out, *parts)
 
     @property
     def images(self) -> str:
@@ -131,8 +131,8 @@ def _run(config: DemoConfig, online: OnlinePhase | None) -> dict:
         models, training = train_backbones(layout, splits[TRAIN], splits[OLD_TRAIN], scale, config)
     with timer("embed"):
         embeddings = embed_all(images, layout, models)
-        table = io.read_table(embeddings)
-        labels = {name: io.read_table(uri, columns=[ID, LABEL]) for name, uri in splits.items()}
+        table = storage.read_table(embeddings)
+        labels = {name: storage.read_table(uri, columns=[ID, LABEL]) for name, uri in splits.items()}
         gallery_old = write_split_embeddings(table, labels["gallery"], EMBEDDING, layout.embeddings("old", "gallery"))
         old_train = write_split_embeddings(table, labels[TRAIN], EMBEDDING, layout.embeddings("old", TRAIN))
         new_train = write_split_embeddings(table, labels[TRAIN], "new", layout.embeddings("new", TRAIN))
@@ -176,10 +176,10 @@ class StageTimer:
 
 def claim_out_dir(layout: DemoLayout, config: DemoConfig, scale: DemoScale) -> None:
     """Refuse an out directory a demo already ran in; otherwise write the resolved config as demo.json."""
-    if io.exists(layout.config):
+    if storage.exists(layout.config):
         raise FileExistsError(f"{layout.config}: a demo already ran in {config.out}; choose a new --out")
     resolved = dataclasses.asdict(config) | {"scale": dataclasses.asdict(scale)}
-    io.write_bytes(layout.config, json.dumps(resolved, indent=2).encode())
+    storage.write_bytes(layout.config, json.dumps(resolved, indent=2).encode())
 
 
 # ---- data ------------------------------------------------------------------------------------------------
@@ -195,7 +195,7 @@ def split_data(images: str, layout: DemoLayout, config: DemoConfig) -> dict[str,
 
     Every model, and every choice made while training one (learning rate, epoch), sees only the train split:
     gallery and query are the evaluation's."""
-    table = validate_image_table(io.read_table(images, columns=[ID, IMAGE, LABEL]), images, require_label=True)
+    table = validate_image_table(storage.read_table(images, columns=[ID, IMAGE, LABEL]), images, require_label=True)
     parts = split_table(table, config.fractions, old_classes=config.old_classes, seed=config.seed, source=images)
     for name in (TRAIN, *EVALUATION_SPLITS):
         if name not in parts:
@@ -235,5 +235,5 @@ def write_split_embeddings(table: pa.Table, rows: pa.Table, column: str, uri: st
         model=column if column != EMBEDDING else "old",
         extra={LABEL: part.column(LABEL)},
     )
-    io.write_table(out, uri)
+    storage.write_table(out, uri)
     return uri

@@ -20,7 +20,7 @@ import pyarrow as pa
 import ray
 from tqdm import tqdm
 
-from raybackfill.data import io
+from raybackfill.data import storage
 from raybackfill.data.loading import (
     gallery_content,
     keep_only,
@@ -42,12 +42,13 @@ from raybackfill.data.schema import (
     fixed_size_list,
     validate_embedding_table,
 )
+from raybackfill.data.storage import TableFiles
 from raybackfill.embed.actors import EmbedRows, TransformEmbeddings
 from raybackfill.encoders import EntrypointTrust, check_trusted, encoder_preprocessing
 from raybackfill.models.artifacts import MODEL_JSON, read_spec
+from raybackfill.types import ENCODER_STAGES, Stage
 
 MANIFEST = "_manifest.json"
-QUARANTINE_STAGES = ("decode", "embed")  # the stages these jobs quarantine at
 
 
 @dataclass
@@ -111,21 +112,23 @@ class EncoderInputs:
     trust: EntrypointTrust = EntrypointTrust()
 
 
-def plan_inputs(models: dict[str, str], gallery_uri: str, trust: EntrypointTrust | None = None) -> EncoderInputs:
+def plan_inputs(models: dict[str, str], gallery: str | TableFiles,
+                trust: EntrypointTrust | None = None) -> EncoderInputs:
     """Read each encoder's model.json, refuse untrusted entrypoints and encoders of another modality than the
     gallery, and fill sizes left open from the gallery: all in the driver, before any job starts."""
     trust = trust or EntrypointTrust()
-    content = gallery_content(gallery_uri)
+    gallery = storage.open_table(gallery)
+    content = gallery_content(gallery)
     preprocessing: dict[str, Preprocessing] = {}
     inputs: dict[str, str] = {}
     for column, uri in models.items():
         spec = read_spec(uri)
-        source = io.join(uri, MODEL_JSON)
+        source = storage.join(uri, MODEL_JSON)
         check_trusted(spec, trust, source)
-        wanted = resolve_preprocessing(encoder_preprocessing(spec, source), gallery_uri)
+        wanted = resolve_preprocessing(encoder_preprocessing(spec, source), gallery)
         if wanted.modality.column != content:
             article = "an" if wanted.modality.value[0] in "aeiou" else "a"
-            raise ValueError(f"{source}: {article} {wanted.modality.value} encoder cannot embed {gallery_uri}, "
+            raise ValueError(f"{source}: {article} {wanted.modality.value} encoder cannot embed {gallery.uri}, "
                              f"whose rows hold '{content}'")
         name = next((k for k, p in preprocessing.items() if p == wanted), f"prepared_{len(preprocessing)}")
         preprocessing[name] = wanted
@@ -194,12 +197,13 @@ def embed_gallery(
     pool = pool or PoolConfig()
     if EMBEDDING not in models:
         raise ValueError(f"models must include the '{EMBEDDING}' column, got {sorted(models)}")
-    plan = plan_inputs(models, gallery_uri, trust)  # before the manifest: a refused encoder writes nothing
+    gallery = storage.open_table(gallery_uri)  # shards listed and footers read once for every step below
+    plan = plan_inputs(models, gallery, trust)  # before the manifest: a refused encoder writes nothing
     manifest = _open_table(out_uri, {column: read_spec(uri).version for column, uri in models.items()})
     if manifest.complete:
         return EmbedResult(out_uri, manifest.rows, manifest.quarantined, 0, already_complete=True)
-    quarantine_uri = quarantine_uri or io.join(out_uri, "_quarantine")
-    ds = read_gallery(gallery_uri, rows_per_block=pool.batch_size)  # one actor task per batch
+    quarantine_uri = quarantine_uri or storage.join(out_uri, "_quarantine")
+    ds = read_gallery(gallery, rows_per_block=pool.batch_size)  # one actor task per batch
     columns = [c for c in (ID, plan.content, *keep_columns) if c in ds.schema().names]
     ds = _skip_done(ds.select_columns(columns), gallery_uri, out_uri, quarantine_uri)
     if ds is not None:
@@ -218,8 +222,8 @@ def transform_embeddings(
     manifest = _open_table(out_uri, {EMBEDDING: read_spec(model_uri).version})
     if manifest.complete:
         return EmbedResult(out_uri, manifest.rows, manifest.quarantined, 0, already_complete=True)
-    quarantine_uri = io.join(out_uri, "_quarantine")
-    ds = read_shards(io.list_shards(old_uri), rows_per_block=pool.batch_size)
+    quarantine_uri = storage.join(out_uri, "_quarantine")
+    ds = read_shards(storage.list_shards(old_uri), rows_per_block=pool.batch_size)
     ds = _skip_done(ds, old_uri, out_uri, quarantine_uri)
     if ds is not None:
         ds = map_transform(ds, model_uri, pool)
@@ -228,13 +232,13 @@ def transform_embeddings(
 
 def read_manifest(out_uri: str) -> Manifest | None:
     """The table's manifest, or None when it has none (a new table)."""
-    uri = io.join(out_uri, MANIFEST)
-    return Manifest(**json.loads(io.read_bytes(uri))) if io.exists(uri) else None
+    uri = storage.join(out_uri, MANIFEST)
+    return Manifest(**json.loads(storage.read_bytes(uri))) if storage.exists(uri) else None
 
 
 def _write_manifest(out_uri: str, manifest: Manifest, *, if_exists: str = "replace") -> None:
-    """Write the manifest in one atomic step (``raybackfill.data.io.write_bytes``)."""
-    io.write_bytes(io.join(out_uri, MANIFEST), json.dumps(asdict(manifest)).encode(), if_exists=if_exists)
+    """Write the manifest in one atomic step (``raybackfill.data.storage.write_bytes``)."""
+    storage.write_bytes(storage.join(out_uri, MANIFEST), json.dumps(asdict(manifest)).encode(), if_exists=if_exists)
 
 
 def _open_table(out_uri: str, models: dict[str, str]) -> Manifest:
@@ -242,8 +246,9 @@ def _open_table(out_uri: str, models: dict[str, str]) -> Manifest:
     gets one before its first shard, so that a partial table says what made it; other models' table is refused."""
     manifest = read_manifest(out_uri)
     if manifest is None:
-        if io.exists(out_uri) and io.list_shards(out_uri):
-            raise io.ShardExistsError(f"{out_uri}: holds shards but no {MANIFEST} (not an embed job's); use a new URI")
+        if storage.exists(out_uri) and storage.list_shards(out_uri):
+            raise storage.ShardExistsError(
+                f"{out_uri}: holds shards but no {MANIFEST} (not an embed job's); use a new URI")
         manifest = Manifest(models)
         _write_manifest(out_uri, manifest, if_exists="error")  # two runs starting at once: one fails
     if manifest.models != models:
@@ -255,10 +260,11 @@ def _open_table(out_uri: str, models: dict[str, str]) -> Manifest:
 def _skip_done(ds: ray.data.Dataset, input_uri: str, out_uri: str, quarantine_uri: str) -> ray.data.Dataset | None:
     """``ds`` (rows of ``input_uri``) without the ids an earlier run committed to ``out_uri`` or quarantined;
     None when no row is left. A first run skips the filter pass."""
-    done = np.union1d(io.committed_ids(out_uri, recursive=False), quarantined_ids(quarantine_uri, QUARANTINE_STAGES))
+    done = np.union1d(storage.committed_ids(out_uri, recursive=False),
+                      quarantined_ids(quarantine_uri, ENCODER_STAGES))
     if not len(done):
         return ds
-    keep = np.setdiff1d(io.read_table(input_uri, [ID]).column(ID).to_numpy(), done)
+    keep = np.setdiff1d(storage.read_table(input_uri, [ID]).column(ID).to_numpy(), done)
     if not len(keep):
         return None
     return keep_only(ds, keep)
@@ -277,13 +283,13 @@ def _write_embeddings(
     version = manifest.models[EMBEDDING]
     pending: list[pa.Table] = []
     buffered = rows = 0
-    shard = io.next_shard_index(out_uri)
+    shard = storage.next_shard_index(out_uri)
     bar = tqdm(desc=label, unit="item", disable=not progress)
 
     def flush() -> None:
         nonlocal pending, buffered, shard
         if pending:
-            io.write_shard(pa.concat_tables(pending), out_uri, io.shard_name(shard))
+            storage.write_shard(pa.concat_tables(pending), out_uri, storage.shard_name(shard))
             shard += 1
             pending, buffered = [], 0
 
@@ -291,7 +297,7 @@ def _write_embeddings(
         finite = batch.pop("finite")
         if not finite.all():
             bad = batch[ID][~finite]
-            write_quarantine(quarantine_uri, bad, ["non-finite embedding"] * len(bad), stage="embed")
+            write_quarantine(quarantine_uri, bad, ["non-finite embedding"] * len(bad), stage=Stage.EMBED)
             batch = {k: v[finite] for k, v in batch.items()}
         table = _to_table(batch, version)
         pending.append(table)
@@ -302,8 +308,8 @@ def _write_embeddings(
             flush()
     flush()
     bar.close()
-    total = sum(io.read_footer(uri).num_rows for uri in io.list_shards(out_uri))
-    quarantined = len(np.unique(quarantined_ids(quarantine_uri, QUARANTINE_STAGES)))
+    total = sum(storage.read_footer(uri).num_rows for uri in storage.list_shards(out_uri))
+    quarantined = len(np.unique(quarantined_ids(quarantine_uri, ENCODER_STAGES)))
     if total == 0:
         raise ValueError(f"{label}: no rows were embedded (all {quarantined} quarantined or empty input)")
     _write_manifest(out_uri, replace(manifest, complete=True, rows=total, quarantined=quarantined))

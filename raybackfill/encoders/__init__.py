@@ -1,18 +1,13 @@
 """Encoders: every model that embeds gallery rows, whatever it came from, behind one interface.
 
 - :mod:`~raybackfill.data.preprocessing`: images of any size/mode and texts -> model inputs (no torch).
-- :mod:`~raybackfill.encoders.encoder`: :func:`load_encoder` for every :class:`EncoderKind`, with entrypoint trust.
+- :mod:`~raybackfill.encoders.encoder`: :func:`load_encoder` for every
+  :class:`~raybackfill.types.EncoderKind`, with entrypoint trust.
 - :mod:`~raybackfill.encoders.register`: make an artefact from a TorchScript file, a ``.pt2`` program, a
   torchvision architecture with its weights, or a user entrypoint.
 """
 
-from raybackfill.data.preprocessing import (
-    ImagePreprocessing,
-    Modality,
-    Prepared,
-    TextPreprocessing,
-    Tokenizer,
-)
+from raybackfill.data.preprocessing import ImagePreprocessing, Prepared, TextPreprocessing
 from raybackfill.encoders.encoder import (
     Encoder,
     EntrypointTrust,
@@ -22,18 +17,14 @@ from raybackfill.encoders.encoder import (
     load_encoder,
 )
 from raybackfill.encoders.register import EncoderSource, register_encoder
-from raybackfill.models.artifacts import EncoderKind
 
 __all__ = [
     "Encoder",
-    "EncoderKind",
     "EncoderSource",
     "EntrypointTrust",
     "ImagePreprocessing",
-    "Modality",
     "Prepared",
     "TextPreprocessing",
-    "Tokenizer",
     "UntrustedEntrypointError",
     "check_trusted",
     "encoder_preprocessing",

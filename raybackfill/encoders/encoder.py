@@ -1,7 +1,7 @@
 """One interface for every model that embeds: prepared rows in, a float32 ``(n, d)`` array out.
 
 An :class:`Encoder` is loaded from an artefact directory (``model.json`` + the model's file) of any
-:class:`~raybackfill.models.artifacts.EncoderKind`. Everything that embeds (embed jobs, the backfill, queries)
+:class:`~raybackfill.types.EncoderKind`. Everything that embeds (embed jobs, the backfill, queries)
 goes through :func:`load_encoder`, so a model trained by raybackfill and a user's TorchScript export are used
 the same way.
 
@@ -23,23 +23,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from raybackfill.data.io import join, read_bytes
 from raybackfill.data.preprocessing import (
     ImagePreprocessing,
-    Modality,
     Prepared,
     Preprocessing,
     preprocessing_from_dict,
 )
+from raybackfill.data.storage import join, read_bytes
 from raybackfill.models.artifacts import (
     MODEL_JSON,
     ArtifactError,
-    EncoderKind,
     ModelSpec,
     decode_weights,
     load_model,
     read_spec,
 )
+from raybackfill.types import EncoderKind, Modality
 
 __all__ = [
     "Encoder",

@@ -16,20 +16,21 @@ from typing import Any
 
 import numpy as np
 
-from raybackfill.data.preprocessing import ImagePreprocessing, Modality, Preprocessing, probe_image
+from raybackfill.data.preprocessing import ImagePreprocessing, Preprocessing, probe_image
 from raybackfill.encoders.encoder import EntrypointTrust, check_trusted, load_encoder, torchvision_preprocessing
 from raybackfill.models.artifacts import (
     EXPORT_FILE,
+    KIND_FILES,
     MODEL_JSON,
     SAFETENSORS_FILE,
     STATE_DICT_FILE,
     TORCHSCRIPT_FILE,
     ArtifactError,
-    EncoderKind,
     ModelSpec,
     commit_artifact,
     decode_weights,
 )
+from raybackfill.types import EncoderKind, Metric, Modality
 
 __all__ = ["EncoderSource", "register_encoder"]
 
@@ -59,7 +60,7 @@ class EncoderSource:
     kwargs: dict[str, Any] = field(default_factory=dict)
     preprocessing: Preprocessing | None = None
     embedding_layer: str | None = None
-    metric: str = "cosine"
+    metric: Metric = Metric.COSINE
 
 
 def register_encoder(source: EncoderSource, out_uri: str, *, trust: EntrypointTrust | None = None) -> ModelSpec:
@@ -81,7 +82,7 @@ def register_encoder(source: EncoderSource, out_uri: str, *, trust: EntrypointTr
     if isinstance(preprocessing, ImagePreprocessing) and preprocessing.crop is None:
         raise ValueError("declare the image size the encoder takes (crop)")
     files: dict[str, bytes] = {}
-    weights = kind.files[0]
+    weights = KIND_FILES[kind][0]
     if kind is EncoderKind.ENTRYPOINT:
         if source.path is not None:
             raise ValueError("an entrypoint encoder has no model file: its factory loads what it needs")

@@ -34,8 +34,8 @@ from raybackfill.eval.metrics import (
     ranking_keys,
     scores,
 )
+from raybackfill.types import Strategy, parse
 
-STRATEGIES = ("old", "compatible", "rank_merge")
 DEFAULT_POINTS = 21
 
 
@@ -50,15 +50,14 @@ def even_betas(n_points: int = DEFAULT_POINTS) -> np.ndarray:
 class BackfillSpaces:
     """Vectors that score the not-yet-backfilled items (before) and the backfilled ones (after)."""
 
-    strategy: str
+    strategy: Strategy
     before_queries: np.ndarray
     before_gallery: np.ndarray
     after_queries: np.ndarray
     after_gallery: np.ndarray
 
     def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        object.__setattr__(self, "strategy", parse(Strategy, self.strategy))
         if len(self.before_queries) != len(self.after_queries):
             raise ValueError(f"{len(self.before_queries)} before-queries but {len(self.after_queries)} after-queries")
         if len(self.before_gallery) != len(self.after_gallery):
@@ -68,19 +67,19 @@ class BackfillSpaces:
 
     @classmethod
     def old(cls, old_queries: np.ndarray, old_gallery: np.ndarray) -> BackfillSpaces:
-        return cls("old", old_queries, old_gallery, old_queries, old_gallery)
+        return cls(Strategy.OLD, old_queries, old_gallery, old_queries, old_gallery)
 
     @classmethod
     def compatible(cls, new_queries: np.ndarray, before_gallery: np.ndarray, new_gallery: np.ndarray) -> BackfillSpaces:
         """`before_gallery`: the old vectors (BCT/RACT) or the transformed ones (FCT/FastFill)."""
-        return cls("compatible", new_queries, before_gallery, new_queries, new_gallery)
+        return cls(Strategy.COMPATIBLE, new_queries, before_gallery, new_queries, new_gallery)
 
     @classmethod
     def rank_merge(
         cls, old_queries: np.ndarray, old_gallery: np.ndarray, new_queries: np.ndarray, new_gallery: np.ndarray
     ) -> BackfillSpaces:
         """`old_queries`: the old model's query embeddings or psi(new query embeddings)."""
-        return cls("rank_merge", old_queries, old_gallery, new_queries, new_gallery)
+        return cls(Strategy.RANK_MERGE, old_queries, old_gallery, new_queries, new_gallery)
 
     @property
     def constant(self) -> bool:

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
+from raybackfill.types import Method, Policy
+
 Z_CLEAR = 2.0
 NFR_BETA = 0.5
 
@@ -64,7 +66,7 @@ def _runs(report: Mapping) -> dict[tuple[str, str], Mapping]:
     return {(run["method"], run["policy"]): run for run in report["runs"]}
 
 
-def _first(runs: Mapping, method: str, policies: tuple[str, ...]) -> Mapping | None:
+def _first(runs: Mapping, method: Method, policies: tuple[Policy, ...]) -> Mapping | None:
     return next((runs[(method, p)] for p in policies if (method, p) in runs), None)
 
 
@@ -109,7 +111,7 @@ def findings(report: Mapping) -> list[Finding]:
     else:
         out.append(Finding("BCT: the new query on the old gallery beats old/old (top-1)", "BCT query/old gallery",
                            None, "old/old", oo["top1"], None, Verdict.MISSING))  # fmt: skip
-    ract, bct = (_first(runs, m, ("entropy", "random")) for m in ("ract", "bct"))
+    ract, bct = (_first(runs, m, (Policy.ENTROPY, Policy.RANDOM)) for m in (Method.RACT, Method.BCT))
     claim = f"RACT flips fewer queries than BCT (NFR at beta {NFR_BETA:g})"
     if ract is None or bct is None:
         out.append(Finding(claim, "ract", None, "bct", None, None, Verdict.MISSING, lower_is_better=True))
@@ -118,17 +120,17 @@ def findings(report: Mapping) -> list[Finding]:
         z = _gap(b, r, math.sqrt(share_se(r, n) ** 2 + share_se(b, n) ** 2))
         out.append(Finding(claim, f"ract/{ract['policy']}", r, f"bct/{bct['policy']}", b, z, _verdict(z),
                            lower_is_better=True))  # fmt: skip
-    ff_random = runs.get(("fastfill", "random"))
+    ff_random = runs.get((Method.FASTFILL, Policy.RANDOM))
+    ff_ordered = runs.get((Method.FASTFILL, Policy.UNCERTAINTY))
     band = random_sd(ff_random, "auc_map")
     out.append(_area("FastFill: the uncertainty order beats random orders (mAP area)",
-                     runs.get(("fastfill", "uncertainty")), "fastfill/uncertainty", ff_random, "fastfill/random",
-                     band))  # fmt: skip
+                     ff_ordered, "fastfill/uncertainty", ff_random, "fastfill/random", band))  # fmt: skip
     out.append(_area("FastFill with its order beats FCT with a random one (mAP area)",
-                     runs.get(("fastfill", "uncertainty")), "fastfill/uncertainty", runs.get(("fct", "random")),
-                     "fct/random", band))  # fmt: skip
-    out.append(_area("FCT: side-information helps (mAP area)", runs.get(("fct_side_info", "random")),
-                     "fct_side_info/random", runs.get(("fct", "random")), "fct/random", band))  # fmt: skip
-    psi, plain = runs.get(("rank_merge_psi", "random")), runs.get(("rank_merge", "random"))
+                     ff_ordered, "fastfill/uncertainty", runs.get((Method.FCT, Policy.RANDOM)), "fct/random",
+                     band))  # fmt: skip
+    out.append(_area("FCT: side-information helps (mAP area)", runs.get((Method.FCT_SIDE_INFO, Policy.RANDOM)),
+                     "fct_side_info/random", runs.get((Method.FCT, Policy.RANDOM)), "fct/random", band))  # fmt: skip
+    psi, plain = runs.get((Method.RANK_MERGE_PSI, Policy.RANDOM)), runs.get((Method.RANK_MERGE, Policy.RANDOM))
     sds = [random_sd(psi, "auc_map"), random_sd(plain, "auc_map")]
     pooled = math.sqrt(sum(s**2 for s in sds)) if None not in sds else None
     out.append(_area("rank merge: psi (metric-compatible) beats the plain merge (mAP area)", psi,

@@ -23,12 +23,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from raybackfill.data.io import read_table
 from raybackfill.data.schema import EMBEDDING, ID, LABEL, check_unique_ids, vectors_of
-from raybackfill.eval.offline import rows_of
+from raybackfill.data.storage import read_table
 from raybackfill.index.merge import EMPTY_ID
 from raybackfill.index.router import get
-from raybackfill.index.shard import check_strategy
+from raybackfill.types import Protocol, Space, Strategy, locate_ids, locate_sorted, parse
 
 DEFAULT_MAX_PROBES = 1000
 DEFAULT_K = 100
@@ -36,7 +35,7 @@ DEFAULT_K = 100
 
 @dataclass(frozen=True)
 class LabelLookup:
-    """id -> label for the served gallery, as sorted arrays (searchsorted lookups, no Python dicts)."""
+    """id -> label for the served gallery, as sorted arrays (binary-search lookups, no Python dicts)."""
 
     ids: np.ndarray  # sorted, unique int64
     labels: np.ndarray  # aligned with ids
@@ -68,19 +67,18 @@ class LabelLookup:
 
     def labels_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(labels, known) for an array of ids of any shape; ``labels`` is meaningless where not known."""
-        ids = np.asarray(ids, dtype=np.int64)
+        where = locate_sorted(self.ids, np.asarray(ids, dtype=np.int64), missing="mask")
+        known = where >= 0
         if not len(self.ids):
-            return np.zeros(ids.shape, dtype=self.labels.dtype), np.zeros(ids.shape, dtype=bool)
-        where = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
-        return self.labels[where], self.ids[where] == ids
+            return np.zeros(where.shape, dtype=self.labels.dtype), known
+        return self.labels[np.where(known, where, 0)], known
 
     def count_of(self, labels: np.ndarray) -> np.ndarray:
         """How many gallery items carry each label (0 for labels the gallery lacks)."""
-        labels = np.asarray(labels)
+        where = locate_sorted(self.label_values, np.asarray(labels), missing="mask")
         if not len(self.label_values):
-            return np.zeros(labels.shape, dtype=np.int64)
-        where = np.minimum(np.searchsorted(self.label_values, labels), len(self.label_values) - 1)
-        return np.where(self.label_values[where] == labels, self.label_counts[where], 0)
+            return np.zeros(where.shape, dtype=np.int64)
+        return np.where(where >= 0, self.label_counts[np.where(where >= 0, where, 0)], 0)
 
 
 @dataclass(frozen=True)
@@ -143,12 +141,16 @@ class ProbeSet:
         ids = first.column(ID).to_numpy()
         check_unique_ids(ids, uris[0])
         vectors = {}
-        for space, uri in (("old", old_uri), ("new", new_uri)):
+        for space, uri in ((Space.OLD, old_uri), (Space.NEW, new_uri)):
             if uri:
                 table = tables[uri]
                 if table.num_rows != len(ids):
                     raise ValueError(f"{uri} has {table.num_rows} probes, {uris[0]} {len(ids)}: give the same probes")
-                vectors[space] = vectors_of(table)[rows_of(table.column(ID).to_numpy(), ids, uri)]
+                rows = locate_ids(table.column(ID).to_numpy(), ids, missing="mask")
+                if (rows < 0).any():
+                    missing = ids[rows < 0]
+                    raise ValueError(f"{uri}: {len(missing)} ids are missing (e.g. {missing[:5].tolist()})")
+                vectors[space.value] = vectors_of(table)[rows]
         return cls(first.column(LABEL).to_numpy(), **vectors)
 
     def sample(self, max_probes: int, seed: int = 0) -> ProbeSet:
@@ -164,13 +166,14 @@ class ProbeSet:
             None if self.new is None else self.new[rows],
         )
 
-    def queries_for(self, strategy: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+    def queries_for(self, strategy: Strategy) -> tuple[np.ndarray | None, np.ndarray | None]:
         """(queries_old, queries_new) that a router search with ``strategy`` needs."""
-        need_old = strategy in ("old", "rank_merge")
-        need_new = strategy in ("compatible", "rank_merge")
-        for space, needed, vectors in (("old", need_old, self.old), ("new", need_new, self.new)):
+        strategy = parse(Strategy, strategy)
+        need_old = strategy in (Strategy.OLD, Strategy.RANK_MERGE)
+        need_new = strategy in (Strategy.COMPATIBLE, Strategy.RANK_MERGE)
+        for space, needed, vectors in ((Space.OLD, need_old, self.old), (Space.NEW, need_new, self.new)):
             if needed and vectors is None:
-                raise ValueError(f"strategy {strategy!r} needs {space}-space probe vectors")
+                raise ValueError(f"strategy {strategy.value!r} needs {space}-space probe vectors")
         return (self.old if need_old else None), (self.new if need_new else None)
 
 
@@ -178,20 +181,20 @@ class ProbeSet:
 class LiveQuality:
     """One reading of the live index's quality; ``map_at_k`` is the mean AP over the returned top-k lists."""
 
-    strategy: str
+    strategy: Strategy
     k: int
     top1: float
     map_at_k: float
     probes: int  # evaluated
     dropped: int  # sampled probes with no relevant gallery item
     latency_s: float  # wall time of the one batched search
-    protocol: str = "disjoint"
+    protocol: Protocol = Protocol.DISJOINT
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def summarize_scores(scores: ProbeScores, strategy: str, k: int, latency_s: float) -> LiveQuality:
+def summarize_scores(scores: ProbeScores, strategy: Strategy, k: int, latency_s: float) -> LiveQuality:
     n = int(scores.kept.sum())
     if n == 0:
         raise ValueError("no sampled probe has a relevant gallery item: nothing to measure")
@@ -211,13 +214,13 @@ def live_quality(
     probes: ProbeSet,
     lookup: LabelLookup,
     *,
-    strategy: str = "rank_merge",
+    strategy: Strategy = Strategy.RANK_MERGE,
     k: int = DEFAULT_K,
     max_probes: int = DEFAULT_MAX_PROBES,
     seed: int = 0,
 ) -> LiveQuality:
     """Query the router once with the seeded probe sample and score what it returns."""
-    check_strategy(strategy)
+    strategy = parse(Strategy, strategy)
     sample = probes.sample(max_probes, seed)
     queries_old, queries_new = sample.queries_for(strategy)
     started = time.perf_counter()

@@ -21,9 +21,9 @@ Definitions (stated in every result):
 
 Speed and memory: queries go in blocks; a block of B queries costs about BYTES_PER_CELL * B * N bytes
 for a gallery of N items, plus BYTES_PER_RELEVANT per relevant (query, item) pair (default budget 2 GiB
-per block, see EvalConfig; measured: 1.3 GB peak RSS for a 20k x 20k evaluation). Each block is ranked by a
-single SIMD sort of int64 keys (score bits, position, relevance bit packed together), which measured
-~75 M keys/s per core here against ~13 M/s for torch.sort; no per-row Python loops.
+per block, see EvalConfig), so peak memory follows the budget, not the gallery size. Each block is ranked by
+a single SIMD sort of int64 keys (score bits, position, relevance bit packed together), several times faster
+than a general-purpose sort of (score, position) pairs such as torch.sort; no per-row Python loops.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-METRICS = ("cosine", "l2")
-PROTOCOLS = ("disjoint", "leave_one_out")
+from raybackfill.types import MODEL_METRICS, Metric, Protocol, locate_sorted, parse
+
 # Working bytes per (query, gallery item) cell of one block: float32 score, int64 key, relevance, ranked bits,
 # part scores; and per relevant pair: the sparse arrays (row, column, hit count, precision) of rank_keys.
 BYTES_PER_CELL = 24
@@ -45,17 +45,15 @@ BYTES_PER_RELEVANT = 56
 class EvalConfig:
     """How to evaluate: similarity metric, query protocol and query-block size."""
 
-    metric: str = "cosine"
-    protocol: str = "disjoint"
+    metric: Metric = Metric.COSINE
+    protocol: Protocol = Protocol.DISJOINT
     # Query rows per block; None: as many as fit in memory_budget_mb.
     block_size: int | None = None
     memory_budget_mb: int = 2048
 
     def __post_init__(self) -> None:
-        if self.metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
-        if self.protocol not in PROTOCOLS:
-            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        object.__setattr__(self, "metric", parse(Metric, self.metric, among=MODEL_METRICS))
+        object.__setattr__(self, "protocol", parse(Protocol, self.protocol))
         if self.block_size is not None and self.block_size < 1:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
         if self.memory_budget_mb < 1:
@@ -96,8 +94,8 @@ class GalleryPart:
 class RetrievalResult:
     """Mean metrics over the evaluated queries plus the per-query arrays (aligned with `kept`)."""
 
-    metric: str
-    protocol: str
+    metric: Metric
+    protocol: Protocol
     top1: float
     top5: float
     map: float
@@ -115,14 +113,14 @@ class RetrievalResult:
         return int(len(self.kept) - self.kept.sum())
 
 
-def prepare(vectors: np.ndarray, metric: str, name: str = "vectors") -> np.ndarray:
+def prepare(vectors: np.ndarray, metric: Metric, name: str = "vectors") -> np.ndarray:
     """float32 copy ready for scoring: L2-normalised for cosine; checked finite (and non-zero for cosine)."""
     x = np.array(vectors, dtype=np.float32, copy=True)
     if x.ndim != 2:
         raise ValueError(f"{name} must be 2-D (N, d), got shape {x.shape}")
     if not np.isfinite(x).all():
         raise ValueError(f"{name} contain NaN/inf in {int((~np.isfinite(x).all(1)).sum())} rows")
-    if metric == "cosine":
+    if metric == Metric.COSINE:
         norms = np.linalg.norm(x, axis=1)
         zero = np.flatnonzero(norms == 0)
         if len(zero):
@@ -131,10 +129,10 @@ def prepare(vectors: np.ndarray, metric: str, name: str = "vectors") -> np.ndarr
     return x
 
 
-def scores(queries: np.ndarray, gallery: np.ndarray, metric: str) -> np.ndarray:
+def scores(queries: np.ndarray, gallery: np.ndarray, metric: Metric) -> np.ndarray:
     """(B, N) float32 scores of prepared vectors: cosine similarity or -squared L2 distance."""
     s = queries @ gallery.T
-    if metric == "l2":
+    if metric == Metric.L2:
         s *= 2
         s -= np.einsum("ij,ij->i", gallery, gallery)[None, :]
         s -= np.einsum("ij,ij->i", queries, queries)[:, None]
@@ -203,29 +201,27 @@ def rank_keys(keys: np.ndarray) -> BlockStats:
 class QueryPlan:
     """Which queries are evaluated, what is relevant to each, and which item is its own (leave-one-out)."""
 
-    protocol: str
+    protocol: Protocol
     query_labels: np.ndarray
     gallery_labels: np.ndarray
     n_relevant: np.ndarray  # per query, its own item not counted
 
     @classmethod
-    def build(cls, query_labels: np.ndarray, gallery_labels: np.ndarray, protocol: str) -> QueryPlan:
+    def build(cls, query_labels: np.ndarray, gallery_labels: np.ndarray, protocol: Protocol) -> QueryPlan:
         q = np.asarray(query_labels)
         g = np.asarray(gallery_labels)
         if q.ndim != 1 or g.ndim != 1:
             raise ValueError("labels must be 1-D arrays")
-        if protocol == "leave_one_out" and (len(q) != len(g) or not np.array_equal(q, g)):
+        if protocol == Protocol.LEAVE_ONE_OUT and (len(q) != len(g) or not np.array_equal(q, g)):
             raise ValueError(
                 "leave_one_out evaluates one set: query i must be gallery item i "
                 f"(got {len(q)} query labels, {len(g)} gallery labels, not identical)"
             )
         uniq, counts = np.unique(g, return_counts=True)
-        where = np.searchsorted(uniq, q)
-        found = where < len(uniq)
-        found[found] = uniq[where[found]] == q[found]
+        where = locate_sorted(uniq, q, missing="mask")
         n_rel = np.zeros(len(q), dtype=np.int64)
-        n_rel[found] = counts[where[found]]
-        if protocol == "leave_one_out":
+        n_rel[where >= 0] = counts[where[where >= 0]]
+        if protocol == Protocol.LEAVE_ONE_OUT:
             n_rel = n_rel - 1
         return cls(protocol=protocol, query_labels=q, gallery_labels=g, n_relevant=n_rel)
 
@@ -255,16 +251,16 @@ class QueryPlan:
     def relevance(self, idx: np.ndarray) -> np.ndarray:
         """(B, N) bool: same label, the query's own item excluded under leave-one-out."""
         rel = self.query_labels[idx, None] == self.gallery_labels[None, :]
-        if self.protocol == "leave_one_out":
+        if self.protocol == Protocol.LEAVE_ONE_OUT:
             rel[np.arange(len(idx)), idx] = False
         return rel
 
     def exclude_self(self, block_scores: np.ndarray, idx: np.ndarray) -> None:
-        if self.protocol == "leave_one_out":
+        if self.protocol == Protocol.LEAVE_ONE_OUT:
             block_scores[np.arange(len(idx)), idx] = -np.inf
 
 
-def _result(plan: QueryPlan, metric: str, blocks: list[BlockStats]) -> RetrievalResult:
+def _result(plan: QueryPlan, metric: Metric, blocks: list[BlockStats]) -> RetrievalResult:
     if not blocks:
         raise ValueError("no query has a relevant gallery item: nothing to evaluate")
     top1 = np.concatenate([b.correct_top1 for b in blocks])

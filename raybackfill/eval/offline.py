@@ -18,8 +18,8 @@ import pyarrow as pa
 
 from raybackfill.backfill.policies import priority_order, priority_scores
 from raybackfill.compat.recipes import RECIPES, get_recipe
-from raybackfill.data.io import join, read_table, write_bytes
 from raybackfill.data.schema import ID, LABEL, SIDE_INFO, validate_embedding_table, vectors_of
+from raybackfill.data.storage import join, read_table, write_bytes
 from raybackfill.eval.curves import (
     DEFAULT_POINTS,
     BackfillCurve,

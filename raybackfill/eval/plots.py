@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from raybackfill.data.io import write_bytes
+from raybackfill.data.storage import write_bytes
 from raybackfill.eval.report import validate_report
 
 PANELS = (("top1", "CMC top-1"), ("map", "mAP@all"))

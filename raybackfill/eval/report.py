@@ -35,10 +35,11 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from raybackfill.data.io import read_bytes, write_bytes
+from raybackfill.data.storage import read_bytes, write_bytes
 from raybackfill.eval.curves import BackfillCurve, summarize
 from raybackfill.eval.findings import Finding, findings, random_sd
 from raybackfill.eval.metrics import RetrievalResult
+from raybackfill.types import Policy
 
 SCHEMA_VERSION = 1
 AUC_DEFINITION = "mean over even grid"
@@ -110,10 +111,10 @@ def versus_random(report: Mapping) -> list[dict]:
     rows = []
     for random_run in report["runs"]:
         spread = random_run.get("seed_aucs")
-        if random_run["policy"] != "random" or not spread or len(spread["seeds"]) < 2:
+        if random_run["policy"] != Policy.RANDOM or not spread or len(spread["seeds"]) < 2:
             continue
         for run in report["runs"]:
-            if run["method"] != random_run["method"] or run["policy"] == "random":
+            if run["method"] != random_run["method"] or run["policy"] == Policy.RANDOM:
                 continue
             row: dict = {"method": run["method"], "policy": run["policy"], "random_seeds": len(spread["seeds"])}
             for key in ("auc_top1", "auc_map"):

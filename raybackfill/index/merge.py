@@ -18,16 +18,15 @@ from typing import NamedTuple
 
 import numpy as np
 
-# The space a vector lives in, which is also the state of a gallery item: an int8 code per hit/item.
-OLD, TRANSFORMED, NEW = 0, 1, 2
-SPACES = ("old", "transformed", "new")
+from raybackfill.types import Metric, Space, parse
+
+# The space a vector lives in is also the state of a gallery item: an int8 code per hit/item (Space.code).
 # cosine = inner product of L2-normalised vectors (the shard normalises what it stores and what it is asked).
-METRICS = ("cosine", "ip", "l2")
 EMPTY_ID = -1
 
 
 class TopK(NamedTuple):
-    """(nq, k) arrays: item ids (-1 = empty), scores, and the space code of each hit (see SPACES)."""
+    """(nq, k) arrays: item ids (-1 = empty), scores, and the space code of each hit (``Space.code``)."""
 
     ids: np.ndarray
     scores: np.ndarray
@@ -35,19 +34,13 @@ class TopK(NamedTuple):
 
     def space_names(self) -> np.ndarray:
         """Space labels ("old"/"transformed"/"new"; "" for empty slots) for display."""
-        names = np.asarray(SPACES + ("",), dtype=object)
-        return names[np.where(self.ids == EMPTY_ID, len(SPACES), self.spaces)]
-
-
-def check_metric(metric: str) -> str:
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    return metric
+        names = np.asarray([s.value for s in Space] + [""], dtype=object)
+        return names[np.where(self.ids == EMPTY_ID, len(Space), self.spaces)]
 
 
 def higher_is_better(metric: str) -> bool:
     """Similarity metrics (cosine, ip) rank high scores first; l2 distances rank low ones first."""
-    return check_metric(metric) != "l2"
+    return parse(Metric, metric) is not Metric.L2
 
 
 def worst_score(metric: str) -> float:
@@ -93,7 +86,7 @@ def merge_topk(ids: np.ndarray, scores: np.ndarray, spaces: np.ndarray, k: int, 
     empty = invalid[rows, order].astype(bool)
     out.ids[empty] = EMPTY_ID
     out.scores[empty] = worst_score(metric)
-    out.spaces[empty] = OLD
+    out.spaces[empty] = Space.OLD.code
     if out.ids.shape[1] < k:
         return _pad(out, k, metric)
     return out

@@ -13,27 +13,18 @@ from dataclasses import dataclass, field
 
 from ray.util.metrics import Gauge
 
-from raybackfill.index.merge import SPACES
-
-# "instant": every item is being moved into the new space (FCT/FastFill transform of stored embeddings);
-# "backfill": items are re-embedded by the new model, in priority order; "paused": a backfill that waits.
-PHASES = ("idle", "instant", "backfill", "paused", "done", "promoted", "rolled_back")
+from raybackfill.types import Phase, Space, parse
 
 
-def check_phase(phase: str) -> str:
-    if phase not in PHASES:
-        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
-    return phase
-
-
-def remaining_items(counts: dict[str, int], phase: str) -> int:
+def remaining_items(counts: dict[str, int], phase: Phase) -> int:
     """Items still to process in this phase: not yet in the new space ("instant"), not yet re-embedded
     by the new model ("backfill"/"paused"); nothing otherwise."""
-    total = sum(counts.get(s, 0) for s in SPACES)
-    if check_phase(phase) == "instant":
-        return counts.get("old", 0)
-    if phase in ("backfill", "paused"):
-        return total - counts.get("new", 0)
+    total = sum(counts.get(s, 0) for s in Space)
+    phase = parse(Phase, phase)
+    if phase is Phase.INSTANT:
+        return counts.get(Space.OLD, 0)
+    if phase in (Phase.BACKFILL, Phase.PAUSED):
+        return total - counts.get(Space.NEW, 0)
     return 0
 
 
@@ -96,7 +87,7 @@ class Progress:
     """What `progress()` returns: one consistent view of the backfill."""
 
     name: str
-    phase: str
+    phase: Phase
     counts: dict[str, int]
     per_shard: list[dict[str, int]]
     total: int
@@ -110,11 +101,11 @@ class Progress:
     @property
     def fraction_new(self) -> float:
         """Share of the gallery carrying a true new-model embedding (the backfill fraction beta)."""
-        return self.counts.get("new", 0) / self.total if self.total else 0.0
+        return self.counts.get(Space.NEW, 0) / self.total if self.total else 0.0
 
     @property
     def fraction_in_new_space(self) -> float:
-        done = self.counts.get("transformed", 0) + self.counts.get("new", 0)
+        done = self.counts.get(Space.TRANSFORMED, 0) + self.counts.get(Space.NEW, 0)
         return done / self.total if self.total else 0.0
 
 
@@ -129,8 +120,8 @@ class ProgressGauges:
                           tag_keys=("index",))
 
     def export(self, progress: Progress) -> None:
-        for state in SPACES:
-            self._items.set(progress.counts.get(state, 0), tags={"index": progress.name, "state": state})
+        for state in Space:
+            self._items.set(progress.counts.get(state, 0), tags={"index": progress.name, "state": state.value})
         self._rate.set(progress.rate, tags={"index": progress.name})
         eta = -1.0 if progress.eta_seconds is None else progress.eta_seconds
         self._eta.set(eta, tags={"index": progress.name})

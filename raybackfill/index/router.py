@@ -1,6 +1,6 @@
 """The index router: a named, detached Ray actor in front of S shard actors.
 
-Ids hash to shards (raybackfill.index.routing); an upsert is split by shard, checked on every shard
+Ids hash to shards (raybackfill.index.sharding); an upsert is split by shard, checked on every shard
 (``dry_run``) and only then applied, so a bad id or a version mismatch refuses the whole batch instead
 of applying part of it. A query goes to every shard at once (the query batch is put in the object store
 once) and the per-shard top-k lists are merged by raybackfill.index.merge.
@@ -37,20 +37,20 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from raybackfill import NAMESPACE
-from raybackfill.data.io import exists, join, read_bytes, write_bytes
-from raybackfill.index.merge import SPACES, TopK, merge_results
+from raybackfill.data.storage import exists, join, read_bytes, write_bytes
+from raybackfill.index.merge import TopK, merge_results
 from raybackfill.index.progress import (
     Progress,
     ProgressGauges,
     RateTracker,
-    check_phase,
     eta_seconds,
     remaining_items,
 )
-from raybackfill.index.routing import split_by_shard
-from raybackfill.index.shard import IndexConfig, IndexShard, ItemVectors, check_strategy
+from raybackfill.index.shard import IndexConfig, IndexShard, ItemVectors
+from raybackfill.index.sharding import split_by_shard
 from raybackfill.index.validate import as_batch, as_ids, as_queries, check_k
 from raybackfill.runtime import init_ray
+from raybackfill.types import Phase, Space, Strategy, parse
 
 DEFAULT_NAME = "raybackfill-router"
 ROUTER_STATE = "router.json"
@@ -142,14 +142,15 @@ class IndexRouter:
         ]
         # Small state shared by the default and the light event loops (two threads).
         self._lock = threading.Lock()
-        self._shard_counts: list[dict[str, int]] = [dict.fromkeys(SPACES, 0) for _ in self._shards]
+        self._shard_counts: list[dict[str, int]] = [dict.fromkeys(Space, 0) for _ in self._shards]
         self._tracker = RateTracker(config.rate_window_s)
-        self._phase, self._started_at, self._last_error = "idle", None, None
+        self._phase, self._started_at, self._last_error = Phase.IDLE, None, None
         self._gauges = ProgressGauges()
         self._state_uri = join(config.snapshot_uri, ROUTER_STATE) if config.snapshot_uri else None
         if self._state_uri and exists(self._state_uri):
             state = json.loads(read_bytes(self._state_uri))
-            self._phase, self._started_at, self._last_error = state["phase"], state["started_at"], state["last_error"]
+            self._phase = parse(Phase, state["phase"])
+            self._started_at, self._last_error = state["started_at"], state["last_error"]
 
     # ----------------------------------------------------------------- light calls
     @ray.method(concurrency_group="light")
@@ -177,9 +178,9 @@ class IndexRouter:
         return self._progress()
 
     @ray.method(concurrency_group="light")
-    async def set_phase(self, phase: str) -> Progress:
+    async def set_phase(self, phase: Phase) -> Progress:
         """Set by the backfill ("instant", "backfill", "done", ...); restarts the rate measurement."""
-        check_phase(phase)
+        phase = parse(Phase, phase)
         self._record_counts(await _gather([s.counts.remote() for s in self._shards]))
         self._enter_phase(phase)
         return self._progress()
@@ -196,7 +197,7 @@ class IndexRouter:
         """Add gallery items with their old-model vectors, split by shard; all-or-nothing validation."""
         return await self._apply("load_old", ids, vectors, version)
 
-    async def upsert(self, ids, vectors, state: str, version: str) -> dict[str, int]:
+    async def upsert(self, ids, vectors, state: Space, version: str) -> dict[str, int]:
         """Move items to the new space ("transformed" or "new" vectors of model ``version``)."""
         return await self._apply("upsert", ids, vectors, state, version)
 
@@ -218,9 +219,9 @@ class IndexRouter:
         self._record_counts(await _gather([s.counts.remote() for s in self._shards]))
         return self._progress().counts
 
-    async def search(self, queries_old, queries_new, k: int, strategy: str) -> TopK:
+    async def search(self, queries_old, queries_new, k: int, strategy: Strategy) -> TopK:
         """Top-k per query over every shard, merged and de-duplicated (see raybackfill.index.merge)."""
-        check_strategy(strategy)
+        strategy = parse(Strategy, strategy)
         k = check_k(k, self._config.index.max_k)
         # Bounded here, before the batch is copied to the object store and fanned out to every shard.
         limit = self._config.index.max_queries
@@ -246,17 +247,17 @@ class IndexRouter:
     async def promote(self) -> dict[str, int]:
         """New space only, on every shard; refused (on all shards) while any item is still old."""
         counts = await _gather([s.counts.remote() for s in self._shards])
-        waiting = sum(c["old"] for c in counts)
+        waiting = sum(c[Space.OLD] for c in counts)
         if waiting:
             raise ValueError(f"cannot promote: {waiting} items are not in the new space yet")
         self._record_counts(await _gather([s.promote.remote() for s in self._shards]))
-        self._enter_phase("promoted")
+        self._enter_phase(Phase.PROMOTED)
         return self._progress().counts
 
     async def rollback(self) -> dict[str, int]:
         """Every shard back to the old space (refused after promote)."""
         self._record_counts(await _gather([s.rollback.remote() for s in self._shards]))
-        self._enter_phase("rolled_back")
+        self._enter_phase(Phase.ROLLED_BACK)
         return self._progress().counts
 
     async def snapshot(self) -> list[str]:
@@ -268,10 +269,10 @@ class IndexRouter:
         return uris
 
     # ----------------------------------------------------------------- helpers
-    def _enter_phase(self, phase: str) -> None:
+    def _enter_phase(self, phase: Phase) -> None:
         with self._lock:
             self._phase = phase
-            if phase in ("instant", "backfill") and self._started_at is None:
+            if phase in (Phase.INSTANT, Phase.BACKFILL) and self._started_at is None:
                 self._started_at = time.time()
             self._tracker.reset(time.time(), self._done())
         self._save_state()
@@ -282,7 +283,7 @@ class IndexRouter:
             self._tracker.observe(time.time(), self._done())
 
     def _totals(self) -> dict[str, int]:
-        return {s: sum(c[s] for c in self._shard_counts) for s in SPACES}
+        return {s: sum(c[s] for c in self._shard_counts) for s in Space}
 
     def _done(self) -> int:
         totals = self._totals()

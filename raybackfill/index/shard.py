@@ -10,8 +10,8 @@ Three indexes hold disjoint sets of slots:
     new         new-space vectors (transformed or true new)          (state transformed / new)
 
 Why split the old vectors in two instead of one old index plus an IDSelector excluding backfilled ids:
-FAISS 1.15 runs a flat search that has a selector on its non-BLAS path (measured here: 1000 queries over
-200k vectors, 19 s with a selector vs 5.4 s without), and over-fetch-and-filter is not exact. With the
+FAISS 1.15 runs a flat search that has a selector on its non-BLAS path, several times slower than a plain
+search of the same size, and over-fetch-and-filter is not exact. With the
 split every search is a plain BLAS search, and the work of a merged query stays the gallery size:
 `rank_merge` searches pending + new, `compatible` new + pending, `old` pending + backfilled (which is
 exactly the pre-upgrade answer, since no old vector is dropped until `promote`). Moving an id is
@@ -43,31 +43,21 @@ import faiss
 import numpy as np
 import ray
 
-from raybackfill.index.merge import (
-    EMPTY_ID,
-    METRICS,
-    NEW,
-    OLD,
-    SPACES,
-    TRANSFORMED,
-    TopK,
-    empty_topk,
-    merge_results,
-)
+from raybackfill.index.merge import EMPTY_ID, TopK, empty_topk, merge_results
 from raybackfill.index.slots import SlotIndex, slot_index
 from raybackfill.index.snapshot import read_snapshot, write_snapshot
 from raybackfill.index.validate import as_batch, as_ids, as_queries, check_k, show_ids, unit_rows
+from raybackfill.types import Metric, Space, Strategy, locate_sorted, parse
 
-STRATEGIES = ("old", "compatible", "rank_merge")
 INDEXES = ("pending", "backfilled", "new")
-UPSERT_STATES = {"transformed": TRANSFORMED, "new": NEW}
+UPSERT_STATES = (Space.TRANSFORMED, Space.NEW)
 SNAPSHOT_FORMAT = 2  # 2: flat indexes are plain IndexFlat with a row -> slot map (items.npz)
 # GPU flat search handles at most this k; larger k searches the CPU index.
 GPU_MAX_K = 2048
 # FAISS 1.15 scans a flat index with BLAS only when n_queries * dim >= distance_compute_blas_threshold
-# (default 128000: 1000 queries at d=128); below that it scans query by query, ~10x slower per query from
-# about 4 queries on (measured here, 500k x 128: 500 queries 7.9 s per-query scan vs 0.71 s BLAS; 4 queries
-# 55 vs 46 ms; 1-2 queries faster without BLAS). A shard takes the BLAS path from this many queries.
+# (default 128000: 1000 queries at d=128); below that it scans query by query, which is much slower per query
+# once a batch holds more than a few queries (one or two queries are faster without BLAS). A shard takes the
+# BLAS path from this many queries.
 BLAS_MIN_QUERIES = 4
 
 
@@ -77,7 +67,7 @@ class IndexConfig:
     trained on the first batch that enters a space (which must hold at least ``nlist`` vectors)."""
 
     kind: str = "flat"
-    metric: str = "cosine"  # the models' default; vectors and queries are L2-normalised by the shard
+    metric: Metric = Metric.COSINE  # the models' default; vectors and queries are L2-normalised by the shard
     nlist: int = 1024
     nprobe: int = 16
     max_k: int = 10_000
@@ -87,15 +77,14 @@ class IndexConfig:
     def __post_init__(self) -> None:
         if self.kind not in ("flat", "ivf"):
             raise ValueError(f"kind must be 'flat' or 'ivf', got {self.kind!r}")
-        if self.metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
+        object.__setattr__(self, "metric", parse(Metric, self.metric))
         for name in ("nlist", "nprobe", "max_k", "max_queries"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
-class Space:
+class SpaceInfo:
     """Provenance of a space: the model version tag and dim of every vector in it."""
 
     version: str
@@ -111,12 +100,6 @@ class ItemVectors:
     states: np.ndarray
     old: np.ndarray | None
     new: np.ndarray | None
-
-
-def check_strategy(strategy: str) -> str:
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    return strategy
 
 
 def _check_version(version) -> str:
@@ -152,11 +135,11 @@ class IndexShard:
     # ----------------------------------------------------------------- state
     def _reset(self) -> None:
         self._ids = np.zeros(0, dtype=np.int64)  # slot -> item id
-        self._state = np.zeros(0, dtype=np.int8)  # slot -> OLD / TRANSFORMED / NEW
+        self._state = np.zeros(0, dtype=np.int8)  # slot -> Space.code (old / transformed / new)
         self._by_id = np.zeros(0, dtype=np.int64)  # slots sorted by id, for vectorised lookups
         self._sorted_ids = np.zeros(0, dtype=np.int64)  # = self._ids[self._by_id]
-        self._old_space: Space | None = None
-        self._new_space: Space | None = None
+        self._old_space: SpaceInfo | None = None
+        self._new_space: SpaceInfo | None = None
         self._pending: SlotIndex | None = None
         self._backfilled: SlotIndex | None = None
         self._new: SlotIndex | None = None
@@ -165,8 +148,8 @@ class IndexShard:
 
     def _publish(self) -> None:
         """Replace the immutable views that the light concurrency group reads without the lock."""
-        per_state = np.bincount(self._state, minlength=len(SPACES))
-        self._counts = {name: int(per_state[code]) for code, name in enumerate(SPACES)}
+        per_state = np.bincount(self._state, minlength=len(Space))
+        self._counts = {space: int(per_state[space.code]) for space in Space}
         self._description = {
             "counts": self._counts,
             "old_space": dataclasses.asdict(self._old_space) if self._old_space else None,
@@ -185,7 +168,7 @@ class IndexShard:
         return None
 
     def _empty_index(self, dim: int) -> SlotIndex:
-        metric = faiss.METRIC_L2 if self._config.metric == "l2" else faiss.METRIC_INNER_PRODUCT
+        metric = faiss.METRIC_L2 if self._config.metric is Metric.L2 else faiss.METRIC_INNER_PRODUCT
         if self._config.kind == "flat":
             return slot_index(faiss.IndexFlat(dim, metric))
         index = faiss.IndexIVFFlat(faiss.IndexFlat(dim, metric), dim, self._config.nlist, metric)
@@ -213,19 +196,12 @@ class IndexShard:
         self._by_id = np.argsort(self._ids, kind="stable")
         self._sorted_ids = self._ids[self._by_id]
 
-    def _find(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(position in the sorted ids, found mask) of each id: a binary search, no per-id Python."""
-        if not len(self._sorted_ids):
-            return np.zeros(len(ids), dtype=np.int64), np.zeros(len(ids), dtype=bool)
-        pos = np.minimum(np.searchsorted(self._sorted_ids, ids), len(self._sorted_ids) - 1)
-        return pos, self._sorted_ids[pos] == ids
-
     def _lookup(self, ids: np.ndarray) -> np.ndarray:
-        """Slots of known ids; unknown ids are refused by name."""
-        pos, found = self._find(ids)
-        if not found.all():
+        """Slots of known ids (a binary search in the sorted ids); unknown ids are refused by name."""
+        pos = locate_sorted(self._sorted_ids, ids, missing="mask")
+        if (pos < 0).any():
             raise ValueError(
-                f"unknown ids (not in the gallery loaded by load_old on this shard): {show_ids(ids[~found])}"
+                f"unknown ids (not in the gallery loaded by load_old on this shard): {show_ids(ids[pos < 0])}"
             )
         return self._by_id[pos]
 
@@ -246,7 +222,7 @@ class IndexShard:
                 raise ValueError(f"old space holds model version {self._old_space.version!r}; refusing "
                                  f"vectors of version {version!r} (spaces never mix)")
             ids, vectors = self._batch(ids, vectors, self._old_space)
-            known = self._find(ids)[1]
+            known = locate_sorted(self._sorted_ids, ids, missing="mask") >= 0
             if known.any():
                 raise ValueError(f"ids already loaded in this shard: {show_ids(ids[known])}")
             if self._pending is None:
@@ -256,17 +232,17 @@ class IndexShard:
             if self._pending is None:
                 self._pending = self._trained_index(vectors)
                 self._backfilled = slot_index(faiss.clone_index(self._pending.index))  # empty, same training
-                self._old_space = Space(version, vectors.shape[1])
+                self._old_space = SpaceInfo(version, vectors.shape[1])
             slots = np.arange(len(self._ids), len(self._ids) + len(ids), dtype=np.int64)
             self._pending.add(slots, vectors)
             self._ids = np.concatenate([self._ids, ids])
-            self._state = np.concatenate([self._state, np.full(len(ids), OLD, dtype=np.int8)])
+            self._state = np.concatenate([self._state, np.full(len(ids), Space.OLD.code, dtype=np.int8)])
             self._sort_ids()
             self._touch("pending")
             self._publish()
             return self._counts
 
-    def upsert(self, ids, vectors, state: str, version: str, dry_run: bool = False) -> dict[str, int]:
+    def upsert(self, ids, vectors, state: Space, version: str, dry_run: bool = False) -> dict[str, int]:
         """Put new-space vectors for gallery items: old items move to the new space, transformed ones are
         replaced. Idempotent: the same batch twice gives the same state. ``dry_run`` only validates."""
         with self._lock:
@@ -276,15 +252,15 @@ class IndexShard:
                 return self._counts
             if self._new is None:
                 self._new = self._trained_index(vectors)
-                self._new_space = Space(version, vectors.shape[1])
-            current = self._state[slots]
-            moving = slots[current == OLD]
+                self._new_space = SpaceInfo(version, vectors.shape[1])
+            waiting = self._state[slots] == Space.OLD.code
+            moving = slots[waiting]
             if len(moving):
                 old_vectors = self._pending.reconstruct(moving)
                 self._pending.remove(moving)
                 self._backfilled.add(moving, old_vectors)
-                self._new.add(moving, vectors[current == OLD])
-            replacing = current != OLD
+                self._new.add(moving, vectors[waiting])
+            replacing = ~waiting
             if replacing.any():
                 self._new.replace(slots[replacing], vectors[replacing])
             self._state[slots] = code
@@ -292,9 +268,8 @@ class IndexShard:
             self._publish()
             return self._counts
 
-    def _validated_upsert(self, ids, vectors, state: str, version: str):
-        if state not in UPSERT_STATES:
-            raise ValueError(f"upsert state must be one of {tuple(UPSERT_STATES)}, got {state!r}")
+    def _validated_upsert(self, ids, vectors, state: Space, version: str):
+        state = parse(Space, state, what="upsert state", among=UPSERT_STATES)
         version = _check_version(version)
         if self._new_space and self._new_space.version != version:
             raise ValueError(f"new space holds model version {self._new_space.version!r}; refusing vectors "
@@ -303,21 +278,21 @@ class IndexShard:
         slots = self._lookup(ids)
         if self._new is None:
             self._check_trainable(len(ids), "new")
-        return ids, vectors, slots, UPSERT_STATES[state]
+        return ids, vectors, slots, state.code
 
-    def _batch(self, ids, vectors, space: Space | None) -> tuple[np.ndarray, np.ndarray]:
+    def _batch(self, ids, vectors, space: SpaceInfo | None) -> tuple[np.ndarray, np.ndarray]:
         """A validated batch, normalised when the metric is cosine (so the index stores unit vectors)."""
         ids, vectors = as_batch(ids, vectors, space.dim if space else None)
-        return ids, (unit_rows(vectors, "vectors", ids) if self._config.metric == "cosine" else vectors)
+        return ids, (unit_rows(vectors, "vectors", ids) if self._config.metric is Metric.COSINE else vectors)
 
     def _queries(self, queries, dim: int | None, name: str) -> np.ndarray:
         q = as_queries(queries, dim, self._config.max_queries, name)
-        return unit_rows(q, name) if self._config.metric == "cosine" else q
+        return unit_rows(q, name) if self._config.metric is Metric.COSINE else q
 
     def promote(self) -> dict[str, int]:
         """Make the new space the only one (every item must be in it); the old vectors are dropped."""
         with self._lock:
-            waiting = self._state == OLD
+            waiting = self._state == Space.OLD.code
             if waiting.any():
                 raise ValueError(f"cannot promote: {int(waiting.sum())} items are not in the new space yet "
                                  f"(ids {show_ids(self._ids[waiting])})")
@@ -333,21 +308,21 @@ class IndexShard:
             self._set_threads()
             if self._promoted:
                 raise ValueError("cannot roll back: the index was promoted and the old space dropped")
-            moved = np.flatnonzero(self._state != OLD).astype(np.int64)
+            moved = np.flatnonzero(self._state != Space.OLD.code).astype(np.int64)
             if len(moved):
                 self._pending.add(moved, self._backfilled.reconstruct(moved))
                 self._backfilled.reset()
             self._new = None
             self._new_space = None
-            self._state[:] = OLD
+            self._state[:] = Space.OLD.code
             self._touch("pending", "backfilled", "new")
             self._publish()
             return self._counts
 
     # ----------------------------------------------------------------- queries
-    def search(self, queries_old, queries_new, k: int, strategy: str) -> TopK:
+    def search(self, queries_old, queries_new, k: int, strategy: Strategy) -> TopK:
         """Top-k per query under a strategy (see module docstring of raybackfill.index.router)."""
-        check_strategy(strategy)
+        strategy = parse(Strategy, strategy)
         k = check_k(k, self._config.max_k)
         with self._lock:
             self._set_threads()
@@ -360,19 +335,19 @@ class IndexShard:
             return empty_topk(rows.pop(), k, self._config.metric)
         return merge_results(results, k, self._config.metric)
 
-    def _plan(self, queries_old, queries_new, strategy: str) -> list[tuple[str, np.ndarray, int | None]]:
+    def _plan(self, queries_old, queries_new, strategy: Strategy) -> list[tuple[str, np.ndarray, int | None]]:
         """(index name, validated queries, space code or None = from the item state) per part to search.
 
         A query batch is required for every non-empty part it searches; `rank_merge` also validates a batch
         given for a part that is still empty (e.g. new queries before the first upsert)."""
         old_dim = self._old_space.dim if self._old_space else None
         new_dim = self._new_space.dim if self._new_space else None
-        if strategy == "old":
+        if strategy is Strategy.OLD:
             if self._promoted:
                 raise ValueError("strategy 'old' is gone: the index was promoted and the old space dropped")
             q = self._queries(self._required(queries_old, "queries_old", strategy), old_dim, "queries_old")
-            return [("pending", q, OLD), ("backfilled", q, OLD)]
-        if strategy == "compatible":
+            return [("pending", q, Space.OLD.code), ("backfilled", q, Space.OLD.code)]
+        if strategy is Strategy.COMPATIBLE:
             q = self._queries(self._required(queries_new, "queries_new", strategy), new_dim or old_dim, "queries_new")
             if self._size("pending") and new_dim is not None and new_dim != old_dim:
                 raise ValueError(
@@ -380,11 +355,11 @@ class IndexShard:
                     f"{new_dim} and the old space dim {old_dim}, and {self._size('pending')} items are not in "
                     f"the new space yet: use 'rank_merge', or move every item to the new space first"
                 )
-            return [("new", q, None), ("pending", q, OLD)]
+            return [("new", q, None), ("pending", q, Space.OLD.code)]
         parts = []
         if self._size("pending") or (queries_old is not None and not self._promoted):
             q = self._queries(self._required(queries_old, "queries_old", strategy), old_dim, "queries_old")
-            parts.append(("pending", q, OLD))
+            parts.append(("pending", q, Space.OLD.code))
         if self._size("new") or queries_new is not None:
             q = self._queries(self._required(queries_new, "queries_new", strategy), new_dim, "queries_new")
             parts.append(("new", q, None))
@@ -393,9 +368,9 @@ class IndexShard:
         return parts
 
     @staticmethod
-    def _required(queries, name: str, strategy: str):
+    def _required(queries, name: str, strategy: Strategy):
         if queries is None:
-            raise ValueError(f"strategy {strategy!r} needs {name}")
+            raise ValueError(f"strategy {strategy.value!r} needs {name}")
         return queries
 
     def _index(self, name: str) -> SlotIndex | None:
@@ -437,14 +412,14 @@ class IndexShard:
             old = new = None
             if self._old_space is not None and not self._promoted:
                 old = np.zeros((len(ids), self._old_space.dim), dtype=np.float32)
-                waiting = states == OLD
+                waiting = states == Space.OLD.code
                 if waiting.any():
                     old[waiting] = self._pending.reconstruct(slots[waiting])
                 if (~waiting).any():
                     old[~waiting] = self._backfilled.reconstruct(slots[~waiting])
             if self._new is not None:
                 new = np.zeros((len(ids), self._new_space.dim), dtype=np.float32)
-                moved = states != OLD
+                moved = states != Space.OLD.code
                 if moved.any():
                     new[moved] = self._new.reconstruct(slots[moved])
             return ItemVectors(ids, states, old, new)
@@ -498,8 +473,8 @@ class IndexShard:
             restored = {name: slot_index(_from_bytes(blobs[f"{name}.faiss"]), items[f"{name}_rows"])
                         for name in INDEXES if f"{name}.faiss" in blobs}
         self._sort_ids()
-        self._old_space = Space(**meta["old_space"]) if meta["old_space"] else None
-        self._new_space = Space(**meta["new_space"]) if meta["new_space"] else None
+        self._old_space = SpaceInfo(**meta["old_space"]) if meta["old_space"] else None
+        self._new_space = SpaceInfo(**meta["new_space"]) if meta["new_space"] else None
         self._promoted = bool(meta["promoted"])
         for store in restored.values():
             if self._config.kind == "ivf":

@@ -2,9 +2,9 @@
 
 A shard moves every gallery item between its indexes during a backfill (pending -> backfilled, a
 transformed vector replaced by a true new one). FAISS's own id-keyed flat index (IndexIDMap2 over
-IndexFlat) removes ids by testing every stored id and compacting the whole array: ~0.1-0.3 s per 10k-id
-batch at 500k vectors, time during which the shard answers no query (the p99 of live queries was 4x
-the idle one). A flat index here is a plain IndexFlat whose rows are in any order, plus two numpy maps
+IndexFlat) removes ids by testing every stored id and compacting the whole array: O(index size) per
+batch, time during which the shard answers no query, so live-query tail latency grows with the gallery
+while a backfill runs. A flat index here is a plain IndexFlat whose rows are in any order, plus two numpy maps
 (row -> slot, slot -> row):
 
 - remove: fill the holes with the rows from the end of the array, then drop the tail

@@ -18,7 +18,7 @@ import uuid
 
 import pyarrow.fs as pafs
 
-from raybackfill.data.io import StorageError, exists, join, read_bytes, resolve, write_bytes
+from raybackfill.data.storage import StorageError, exists, join, read_bytes, resolve, write_bytes
 
 POINTER = "LATEST"
 _VERSION = re.compile(r"^v(\d{8})-[0-9a-f]{8}$")

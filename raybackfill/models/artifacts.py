@@ -1,8 +1,8 @@
 """Model artefacts: a directory (local or s3://) holding ``model.json`` and the model's file.
 
-model.json records the model's *kind* (:class:`EncoderKind`): raybackfill's own models name a registered
-architecture and its keyword arguments, so any job rebuilds the module without importing or executing anything
-from the artefact; weights are safetensors (no pickle). A legacy ``model.pt`` is read only through
+model.json records the model's *kind* (:class:`~raybackfill.types.EncoderKind`): raybackfill's own models name
+a registered architecture and its keyword arguments, so any job rebuilds the module without importing or executing
+anything from the artefact; weights are safetensors (no pickle). A legacy ``model.pt`` is read only through
 ``torch.load(weights_only=True)``, which refuses arbitrary objects. Encoders brought from elsewhere
 (TorchScript, torch.export, torchvision with the user's weights, a user entrypoint) are described here and
 loaded by :mod:`raybackfill.encoders`; an entrypoint is only ever imported when the user trusts it.
@@ -18,7 +18,6 @@ import pickle
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Any
 
 import torch
@@ -27,9 +26,9 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from raybackfill.compat.recipes import RECIPES
-from raybackfill.data.io import exists, join, read_bytes, write_bytes
+from raybackfill.data.storage import exists, join, read_bytes, write_bytes
 from raybackfill.models.registry import BUILDERS, build_model
+from raybackfill.types import MODEL_METRICS, EncoderKind, Method, Metric, Modality, parse
 
 MODEL_JSON = "model.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -39,29 +38,16 @@ EXPORT_FILE = "model.pt2"
 WEIGHTS_FILES = (SAFETENSORS_FILE, STATE_DICT_FILE)
 
 
-class EncoderKind(StrEnum):
-    """Where a model comes from, and so how it is loaded."""
-
-    RAYBACKFILL = "raybackfill"  # trained by raybackfill: a registered architecture + safetensors
-    TORCHSCRIPT = "torchscript"  # a ``torch.jit.save`` file
-    TORCH_EXPORT = "torch_export"  # a ``torch.export.save`` program (.pt2)
-    TORCHVISION = "torchvision"  # a torchvision architecture by name + the user's weights
-    ENTRYPOINT = "entrypoint"  # ``package.module:factory``: user code, honoured only when trusted
-
-    @property
-    def files(self) -> tuple[str, ...]:
-        """The file names this kind may keep its model in (none for an entrypoint)."""
-        return {
-            EncoderKind.RAYBACKFILL: WEIGHTS_FILES,
-            EncoderKind.TORCHVISION: WEIGHTS_FILES,
-            EncoderKind.TORCHSCRIPT: (TORCHSCRIPT_FILE,),
-            EncoderKind.TORCH_EXPORT: (EXPORT_FILE,),
-            EncoderKind.ENTRYPOINT: ("",),
-        }[self]
-
+# The file names each kind may keep its model in (none for an entrypoint); the first is the default.
+KIND_FILES: dict[EncoderKind, tuple[str, ...]] = {
+    EncoderKind.RAYBACKFILL: WEIGHTS_FILES,
+    EncoderKind.TORCHVISION: WEIGHTS_FILES,
+    EncoderKind.TORCHSCRIPT: (TORCHSCRIPT_FILE,),
+    EncoderKind.TORCH_EXPORT: (EXPORT_FILE,),
+    EncoderKind.ENTRYPOINT: ("",),
+}
 
 ENTRYPOINT_PATTERN = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
-METRICS = ("cosine", "l2")
 FORMAT_VERSION = 1
 
 
@@ -84,8 +70,8 @@ class ModelSpec:
     architecture: str
     version: str
     kwargs: dict[str, Any] = field(default_factory=dict)
-    metric: str = "cosine"
-    method: str = "independent"
+    metric: Metric = Metric.COSINE
+    method: Method = Method.INDEPENDENT
     training_data: str | None = None
     parent: str | None = None
     dims: dict[str, int] = field(default_factory=dict)
@@ -104,12 +90,12 @@ class ModelSpec:
     def __post_init__(self) -> None:
         problems = []
         try:
-            object.__setattr__(self, "kind", EncoderKind(self.kind))
-        except ValueError:
-            raise ArtifactError(
-                f"unknown kind {self.kind!r} (valid: {', '.join(k.value for k in EncoderKind)})") from None
-        if self.weights == SAFETENSORS_FILE and self.weights not in self.kind.files:  # the default: the kind's file
-            object.__setattr__(self, "weights", self.kind.files[0])
+            object.__setattr__(self, "kind", parse(EncoderKind, self.kind, what="kind"))
+        except ValueError as err:
+            raise ArtifactError(str(err)) from None
+        if self.weights == SAFETENSORS_FILE and self.weights not in KIND_FILES[self.kind]:
+            # the default file name, for a kind that keeps its model elsewhere: the kind's own file
+            object.__setattr__(self, "weights", KIND_FILES[self.kind][0])
         if self.kind is EncoderKind.RAYBACKFILL and self.architecture not in BUILDERS:
             problems.append(f"unknown architecture {self.architecture!r} (valid: {', '.join(sorted(BUILDERS))})")
         if self.kind is EncoderKind.TORCHVISION and not _is_torchvision_model(self.architecture):
@@ -129,13 +115,14 @@ class ModelSpec:
             problems.append("version must be a non-empty string")
         if not isinstance(self.kwargs, dict):
             problems.append("kwargs must be an object")
-        if self.metric not in METRICS:
-            problems.append(f"metric must be one of {METRICS}, got {self.metric!r}")
-        if self.method not in RECIPES:
-            problems.append(f"unknown method {self.method!r} (valid: {', '.join(RECIPES)})")
-        if self.weights not in self.kind.files:
+        for name, kind, among in (("metric", Metric, MODEL_METRICS), ("method", Method, None)):
+            try:
+                object.__setattr__(self, name, parse(kind, getattr(self, name), among=among))
+            except ValueError as err:
+                problems.append(str(err))
+        if self.weights not in KIND_FILES[self.kind]:
             problems.append(
-                f"weights must be one of {self.kind.files} for kind {self.kind.value!r}, got {self.weights!r}")
+                f"weights must be one of {KIND_FILES[self.kind]} for kind {self.kind.value!r}, got {self.weights!r}")
         if not isinstance(self.dims, dict) or not all(isinstance(v, int) for v in self.dims.values()):
             problems.append("dims must map names to integers")
         if not isinstance(self.training, dict):
@@ -148,9 +135,9 @@ class ModelSpec:
         return json.dumps({"format_version": FORMAT_VERSION, **fields}, indent=2, sort_keys=True)
 
     @property
-    def modality(self) -> str:
+    def modality(self) -> Modality:
         """``image`` or ``text``: the gallery column the model reads."""
-        return str(self.preprocessing.get("modality", "image"))
+        return parse(Modality, self.preprocessing.get("modality", Modality.IMAGE))
 
     @classmethod
     def from_json(cls, text: str | bytes, source: str) -> ModelSpec:

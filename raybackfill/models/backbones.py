@@ -47,7 +47,7 @@ def conv_bn_relu(channels_in: int, channels_out: int, stride: int = 1) -> nn.Seq
 
 class SmallConvTrunk(nn.Sequential):
     """Four 3x3 conv blocks (strides 1, 2, 2, 2) and global average pooling: ~0.24M parameters at width 32,
-    ~2 ms per 32x32 image (inference) on one CPU core, so tests and CPU demos train real models in seconds."""
+    small enough that tests and CPU demos train real models on one CPU core in seconds."""
 
     def __init__(self, width: int = 32) -> None:
         super().__init__(
@@ -68,7 +68,7 @@ def small_cnn(*, embedding_dim: int = 128, num_classes: int = 10, width: int = 3
 
 
 def _torchvision_resnet(name: str, embedding_dim: int, num_classes: int, small_images: bool) -> EmbeddingModel:
-    # Imported here: torchvision takes ~1 s to import and most workers (transformation, index) never need it.
+    # Imported here: torchvision is slow to import and most workers (transformation, index) never need it.
     from torchvision import models as tv_models
 
     net = getattr(tv_models, name)(weights=None)

@@ -17,8 +17,8 @@ import ray
 import torch
 
 from raybackfill.compat.losses import synthesize_old_classifier
-from raybackfill.compat.recipes import get_recipe
-from raybackfill.data import io
+from raybackfill.compat.recipes import RECIPES, get_recipe
+from raybackfill.data import storage
 from raybackfill.data.loading import keep_only, prepare_rows, probe_image_size, read_gallery
 from raybackfill.data.preprocessing import ImagePreprocessing
 from raybackfill.data.schema import EMBEDDING, ID, IMAGE, LABEL, SIDE_INFO, validate_embedding_table, vectors_of
@@ -29,6 +29,7 @@ from raybackfill.models.registry import build_model
 from raybackfill.train import loops
 from raybackfill.train.quality import majority_share
 from raybackfill.train.trainer import TRAIN, VALIDATION, Ingest, TrainConfig, fit
+from raybackfill.types import BackboneLoss, Method, parse
 
 
 def training_preprocessing(images_uri: str, image_size: int | None = None) -> ImagePreprocessing:
@@ -52,7 +53,7 @@ def image_datasets(images_uri: str, train: TrainConfig, preprocessing: ImagePrep
     """
     preprocessing = preprocessing or training_preprocessing(images_uri)
     size = preprocessing.output_size
-    labelled = io.read_table(images_uri, columns=[ID, LABEL])
+    labelled = storage.read_table(images_uri, columns=[ID, LABEL])
     ids, labels = labelled.column(ID).to_numpy(), labelled.column(LABEL).to_numpy()
     held_out = holdout(
         ids, labels, train.validation_fraction, max_rows=train.max_validation_rows, seed=train.seed
@@ -107,7 +108,7 @@ def training_summary(state: dict, validation_labels: np.ndarray | None = None) -
 
 
 def _num_classes(images_uri: str) -> int:
-    labels = io.read_table(images_uri, columns=[LABEL]).column(LABEL)
+    labels = storage.read_table(images_uri, columns=[LABEL]).column(LABEL)
     return int(pc.max(labels).as_py()) + 1
 
 
@@ -126,7 +127,7 @@ def train_backbone(
     images_uri: str,
     out_uri: str,
     *,
-    method: str = "independent",
+    method: Method = Method.INDEPENDENT,
     architecture: str = "small_cnn",
     embedding_dim: int = 128,
     num_classes: int | None = None,
@@ -149,24 +150,25 @@ def train_backbone(
     augmentation and label smoothing): FastFill's head learns its per-item loss on that set, and the loss
     measures where the transformation fails only where the new model is right.
     """
+    method = parse(Method, method)
     loss = get_recipe(method).backbone_loss
-    if loss != "classification" and old_model is None:
-        raise ValueError(f"method {method!r} trains against the old model: pass old_model")
+    if loss is not BackboneLoss.CLASSIFICATION and old_model is None:
+        raise ValueError(f"method {method.value!r} trains against the old model: pass old_model")
     num_classes = num_classes or _num_classes(images_uri)
     kwargs = {**(backbone_kwargs or {}), "embedding_dim": embedding_dim, "num_classes": num_classes}
     config: dict = {
         "architecture": architecture,
         "kwargs": kwargs,
-        "method": loss,
+        "backbone_loss": loss,
         "tau": tau,
         "k": k,
         "compat_weight": compat_weight,
         "augment": augment,
     }
-    if loss == "bct":
+    if loss is BackboneLoss.BCT:
         weight, bias = _bct_old_classifier(images_uri, old_model, num_classes)
         config.update(old_classifier_weight=weight, old_classifier_bias=bias)
-    elif loss == "ract":
+    elif loss is BackboneLoss.RACT:
         config["old_model"] = old_model
     preprocessing = training_preprocessing(images_uri, image_size)
     datasets, validation_labels = image_datasets(images_uri, train, preprocessing)
@@ -190,7 +192,7 @@ def _bct_old_classifier(images_uri: str, old_model: str, num_classes: int) -> tu
     old = load_model(old_model).module
     with tempfile.TemporaryDirectory() as scratch:
         embed_gallery(images_uri, {EMBEDDING: old_model}, scratch, progress=False)
-        features, labels = old_features_by_id(io.read_table(scratch, columns=[ID, EMBEDDING, LABEL]))
+        features, labels = old_features_by_id(storage.read_table(scratch, columns=[ID, EMBEDDING, LABEL]))
     weight, bias = synthesize_old_classifier(old.classifier.weight, old.classifier.bias, features, labels, num_classes)
     return weight.numpy(), bias.numpy()
 
@@ -231,8 +233,8 @@ def train_side_info(
 def joined_embeddings(old_uri: str, new_uri: str, *, side_info: bool) -> pa.Table:
     """Rows present in both tables, keyed by id: ``old``, ``new``, ``label`` and optionally ``side``."""
     required = (LABEL, SIDE_INFO) if side_info else (LABEL,)
-    old = validate_embedding_table(io.read_table(old_uri), old_uri, require=required)
-    new = validate_embedding_table(io.read_table(new_uri), new_uri)
+    old = validate_embedding_table(storage.read_table(old_uri), old_uri, require=required)
+    new = validate_embedding_table(storage.read_table(new_uri), new_uri)
     # Arrow's hash join cannot carry fixed-size-list columns; ids are unique, so intersect positions.
     ids, in_old, in_new = np.intersect1d(old.column(ID).to_numpy(), new.column(ID).to_numpy(), return_indices=True)
     if len(ids) == 0:
@@ -277,7 +279,8 @@ def train_transformation(
             new_classifier_weight=classifier.weight.detach().numpy(),
             new_classifier_bias=classifier.bias.detach().numpy(),
         )
-    method = ("fastfill" if uncertainty else "fct") + ("_side_info" if side_info else "")
+    method = next(m for m, r in RECIPES.items()
+                  if r.forward_transformation and (r.uncertainty, r.side_info) == (uncertainty, side_info))
     state = fit(loops.transformation_loop, train, config | {"name": method}, table_datasets(table, train))
     return _save(
         state,
@@ -317,7 +320,7 @@ def train_reverse(
         kwargs,
         out_uri,
         version=version or _version_of(out_uri),
-        method="rank_merge_psi",
+        method=Method.RANK_MERGE_PSI,
         training_data=f"{new_uri} -> {old_uri}",
         training=training_summary(state),
     )

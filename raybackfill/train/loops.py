@@ -34,6 +34,7 @@ from raybackfill.train.trainer import (
     WorkerData,
     seed_everything,
 )
+from raybackfill.types import BackboneLoss
 
 # Mild augmentation for supervised backbones (SimCLR's strong views are for the side-info model only).
 SUPERVISED_AUGMENT = AugmentConfig(crop_scale=(0.6, 1.0), brightness=0.2, contrast=0.2, saturation=0.2, grayscale_p=0.0)
@@ -113,13 +114,13 @@ def backbone_loop(config: dict) -> None:
     """independent / bct / ract: classification loss plus the method's compatibility term. With a validation
     split, the run keeps the latest epoch within a standard error of the best validation accuracy."""
     worker = Worker(config, Monitor("val_accuracy", Goal.MAX, rows="val_rows"))
-    model, device, method = worker.model, worker.device, config["method"]
+    model, device, loss = worker.model, worker.device, config["backbone_loss"]
     old_model = None
-    if method == "ract":
+    if loss is BackboneLoss.RACT:
         old_model = load_model(config["old_model"]).module.to(device).eval()
         for p in old_model.parameters():
             p.requires_grad_(False)
-    if method == "bct":
+    if loss is BackboneLoss.BCT:
         old_weight = torch.as_tensor(config["old_classifier_weight"], device=device)
         old_bias = torch.as_tensor(config["old_classifier_bias"], device=device)
 
@@ -139,9 +140,9 @@ def backbone_loop(config: dict) -> None:
             labels = batch["label"].long()
             features, logits = model(images)
             ce = losses.classification_loss(logits, labels)
-            if method == "bct":
+            if loss is BackboneLoss.BCT:
                 compat = losses.bct_influence_loss(features, labels, old_weight, old_bias)
-            elif method == "ract":
+            elif loss is BackboneLoss.RACT:
                 with torch.no_grad():
                     old_features = old_model.embed(images)
                 compat = losses.ract_loss(features, old_features, labels, config["tau"], config["k"])

@@ -29,7 +29,7 @@ from ray.data.dataset import MaterializedDataset
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from raybackfill.data import io
+from raybackfill.data import storage
 from raybackfill.data.schema import ID
 
 logger = logging.getLogger(__name__)
@@ -148,8 +148,8 @@ def fit(
     """
     use_gpu = cluster_has_gpus() if config.use_gpu is None else config.use_gpu
     storage_filesystem, storage_path = None, config.storage_path
-    if io.is_s3(storage_path):
-        storage_filesystem, storage_path = io.resolve(storage_path)
+    if storage.is_s3(storage_path):
+        storage_filesystem, storage_path = storage.resolve(storage_path)
     else:
         storage_path = os.path.abspath(storage_path)
     ingest = {name: _ingest_of(ds) for name, ds in datasets.items()}

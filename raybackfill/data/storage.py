@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,9 +124,54 @@ def read_footer(uri: str) -> pq.FileMetaData:
         raise StorageError(f"{uri}: cannot read parquet footer ({_scrub(err)})") from err
 
 
+@dataclass(frozen=True)
+class TableFiles:
+    """A table resolved once: its committed shards and each shard's Parquet footer (schema, row count).
+
+    Why: a backfill reads the same gallery and old-embedding tables in several steps (input checks, ids, plan,
+    instant phase, re-embedding). Resolving each table once lists its shards and reads their footers once (a
+    request per file on S3), instead of once per step; every step then sees the same files.
+    """
+
+    uri: str
+    shards: tuple[str, ...]
+    footers: tuple[pq.FileMetaData, ...]
+
+    @property
+    def schema(self) -> pa.Schema:
+        """The first shard's schema (``shard_schemas`` has every shard's)."""
+        return self.footers[0].schema.to_arrow_schema()
+
+    def shard_schemas(self) -> list[tuple[str, pa.Schema]]:
+        """(shard URI, schema) of every shard."""
+        pairs = zip(self.shards, self.footers, strict=True)
+        return [(shard, footer.schema.to_arrow_schema()) for shard, footer in pairs]
+
+    @property
+    def num_rows(self) -> int:
+        return sum(footer.num_rows for footer in self.footers)
+
+    def read(self, columns: list[str] | None = None) -> pa.Table:
+        """Every shard of the table in memory (``columns`` only)."""
+        return _read_shards(self.shards, columns)
+
+
+def open_table(table: str | TableFiles) -> TableFiles:
+    """The table at a URI with its shards listed and footers read (a table without shards is an error naming
+    it); a :class:`TableFiles` is returned as it is."""
+    if isinstance(table, TableFiles):
+        return table
+    shards = table_shards(table)
+    return TableFiles(table, tuple(shards), tuple(read_footer(shard) for shard in shards))
+
+
 def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
     """Read every committed shard of a table (or one file) into memory."""
-    tables = [read_shard(u, columns) for u in table_shards(uri)]
+    return _read_shards(table_shards(uri), columns)
+
+
+def _read_shards(shards: Sequence[str], columns: list[str] | None) -> pa.Table:
+    tables = [read_shard(u, columns) for u in shards]
     return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
 
 
@@ -181,8 +226,8 @@ def committed_ids(uri: str, *, recursive: bool = True) -> np.ndarray:
 
 def dictionary_columns(table: pa.Table) -> list[str]:
     """Columns worth Parquet dictionary encoding: strings (model tags, class names repeat). Vectors and image
-    bytes are all distinct: trying a dictionary on them made writing an embedding batch 3x slower
-    (8192 x 128 floats: 40 ms vs 14 ms) for a larger file."""
+    bytes are all distinct: trying a dictionary on them makes writing an embedding batch several times slower,
+    for a larger file."""
     return [f.name for f in table.schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
 
 

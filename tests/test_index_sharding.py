@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raybackfill.index.routing import mix64, shard_of, split_by_shard
+from raybackfill.index.sharding import mix64, shard_of, split_by_shard
 
 MASK = (1 << 64) - 1
 
