@@ -13,10 +13,9 @@ from raybackfill.demo.configs import DemoConfig
 from raybackfill.demo.online import run_online
 from raybackfill.demo.pipeline import run_demo
 from raybackfill.demo.summary import summary
-from raybackfill.eval.metrics import METRICS
 from raybackfill.eval.offline import output_files
 from raybackfill.runtime import init_ray
-from raybackfill.types import Metric
+from raybackfill.types import MODEL_METRICS, Metric
 
 DEFAULT_OUT = "raybackfill-demo"
 
@@ -44,8 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--seed", type=int, default=0, help="seed for data, splits, training and random order")
     demo.add_argument(
         "--metric",
-        choices=METRICS,
-        default=Metric.COSINE,
+        choices=[m.value for m in MODEL_METRICS],
+        default=Metric.COSINE.value,
         help="how every figure is scored: cosine similarity (default) or l2, Euclidean distance",
     )
     demo.add_argument(

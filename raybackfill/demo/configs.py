@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from raybackfill.eval.metrics import METRICS
-from raybackfill.types import Method, Metric, Policy, Strategy, parse
+from raybackfill.types import MODEL_METRICS, Method, Metric, Policy, Strategy, parse
 
 
 @dataclass(frozen=True)
@@ -136,10 +135,7 @@ class DemoConfig:
     require_learning: bool = True
 
     def __post_init__(self) -> None:
-        metric = parse(Metric, self.metric)
-        if metric not in METRICS:
-            raise ValueError(f"the demo evaluates with {' or '.join(METRICS)}, not {metric!r}")
-        object.__setattr__(self, "metric", metric)
+        object.__setattr__(self, "metric", parse(Metric, self.metric, among=MODEL_METRICS))
 
     def resolved_scale(self) -> DemoScale:
         if self.scale is not None:

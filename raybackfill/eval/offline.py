@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from raybackfill.backfill.policies import priority_order, priority_scores
-from raybackfill.compat.recipes import RECIPES, get_recipe
+from raybackfill.compat.recipes import get_recipe
 from raybackfill.data.schema import ID, LABEL, SIDE_INFO, validate_embedding_table, vectors_of
 from raybackfill.data.storage import join, read_table, write_bytes
 from raybackfill.eval.curves import (
@@ -39,7 +39,6 @@ REPORT_FILE = "report.json"
 PLOT_FILE = "backfill_curves.png"
 ONLINE_PLOT_FILE = "online_quality.png"
 MARKDOWN_FILE = "report.md"
-METHODS = tuple(RECIPES)
 
 
 def rows_of(ids: np.ndarray, wanted: np.ndarray, source: str) -> np.ndarray:
