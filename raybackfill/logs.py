@@ -3,7 +3,7 @@
 Library and actor modules log through ``logging.getLogger(__name__)`` and never configure anything at import.
 The CLI, the jobs and every actor's constructor call :func:`configure_logging`, which gives the package logger
 one stderr handler (Ray forwards a worker's stderr to the driver and keeps it in the worker's log file) unless
-the application already configured one.
+the application already configured logging (a handler on the root logger).
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ def configure_logging(level: str | int | None = None) -> logging.Logger:
             raise ValueError(f"unknown log level {level!r}; use DEBUG, INFO, WARNING or ERROR")
         level = logging.getLevelName(name)
     logger = logging.getLogger(LOGGER)
-    if not logger.handlers:
+    # An application (or pytest, or Ray) that configured the root logger already shows our records.
+    if not logger.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter(FORMAT))
         logger.addHandler(handler)
-        logger.propagate = False  # one line per record even when the application also logs to the root logger
     logger.setLevel(level)
     return logger

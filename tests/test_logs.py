@@ -10,43 +10,34 @@ import pytest
 from raybackfill.logs import LEVEL_ENV, LOGGER, configure_logging
 
 
-@pytest.fixture
-def clean_logger(monkeypatch):
-    logger = logging.getLogger(LOGGER)
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    logger.handlers.clear()
-    # Propagating again, as before any configure_logging: pytest attaches its capture handlers to every
-    # non-propagating logger, which an earlier in-process CLI call (test_cli) leaves this one as.
-    logger.propagate = True
-    monkeypatch.delenv(LEVEL_ENV, raising=False)
-    yield logger
-    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    """A fresh interpreter: its root logger has no handler (unlike this one under pytest)."""
+    clean = {k: v for k, v in os.environ.items() if k != LEVEL_ENV} | env
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=clean)
 
 
-def test_idempotent_one_handler(clean_logger):
-    configure_logging()
-    configure_logging("DEBUG")
-    assert len(clean_logger.handlers) == 1
-    assert clean_logger.level == logging.DEBUG
+def test_idempotent_one_handler_and_the_level():
+    out = run_python("import logging; from raybackfill.logs import configure_logging as c; c(); log = c('DEBUG'); "
+                     "print(len(log.handlers), log.level == logging.DEBUG)").stdout
+    assert out.split() == ["1", "True"]
 
 
-def test_level_from_environment_then_default(clean_logger, monkeypatch):
-    assert configure_logging().level == logging.INFO
-    monkeypatch.setenv(LEVEL_ENV, "error")
-    assert configure_logging().level == logging.ERROR
+def test_level_from_environment_then_default():
+    code = "from raybackfill.logs import configure_logging; print(configure_logging().level)"
+    assert run_python(code).stdout.strip() == str(logging.INFO)
+    assert run_python(code, **{LEVEL_ENV: "error"}).stdout.strip() == str(logging.ERROR)
 
 
-def test_unknown_level_is_a_clear_error(clean_logger):
+def test_unknown_level_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown log level 'loud'"):
         configure_logging("loud")
 
 
-def test_module_loggers_reach_the_handler(clean_logger, capsys):
-    configure_logging("INFO")
-    logging.getLogger("raybackfill.backfill.run").info("phase %s", "instant")
-    logging.getLogger("raybackfill.backfill.run").debug("not shown")
-    err = capsys.readouterr().err
-    assert "INFO raybackfill.backfill.run: phase instant" in err and "not shown" not in err
+def test_module_loggers_reach_stderr():
+    code = ("import logging; from raybackfill.logs import configure_logging; configure_logging('INFO'); "
+            "log = logging.getLogger('raybackfill.backfill.run'); log.info('phase %s', 'instant'); log.debug('hidden')")
+    err = run_python(code).stderr
+    assert "INFO raybackfill.backfill.run: phase instant" in err and "hidden" not in err
 
 
 def test_cli_option_sets_the_level_for_workers():
@@ -55,3 +46,16 @@ def test_cli_option_sets_the_level_for_workers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={k: v for k, v in os.environ.items() if k != LEVEL_ENV}).stdout
     assert out.split() == ["0.1.0", "warning"]
+
+
+def test_an_application_that_configured_logging_keeps_its_handlers(caplog):
+    logger = logging.getLogger(LOGGER)
+    saved = (logger.handlers[:], logger.level)
+    logger.handlers.clear()
+    try:
+        configure_logging("INFO")
+        assert logger.handlers == []  # the root logger (here pytest's capture) shows our records
+        logging.getLogger("raybackfill.embed.pipeline").info("rows written")
+        assert [r.getMessage() for r in caplog.records if r.name.startswith(LOGGER)] == ["rows written"]
+    finally:
+        logger.handlers[:], logger.level = saved

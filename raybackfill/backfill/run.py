@@ -22,6 +22,7 @@ that restarted from an older snapshot during the run). A budget (``budget`` item
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -48,6 +49,8 @@ from raybackfill.encoders import EntrypointTrust
 from raybackfill.index.router import connect, get
 from raybackfill.models.artifacts import read_spec
 from raybackfill.types import ENCODER_STAGES, Method, Phase, Policy, Space, Stage, parse
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -136,15 +139,20 @@ def run_backfill(config: BackfillConfig) -> BackfillSummary:
         # The plan counts as a phase only in the run that built it (later runs reuse it).
         planned = PhaseStats("plan", plan.total, len(ledger.quarantined(Stage.PLAN)), time.monotonic() - started)
         phases = [planned] if built else []
+        logger.info("%s plan of %d items (%s, %d tiers) in %s", "built the" if built else "reusing the", plan.total,
+                    config.policy, len(plan.tiers), ledger.plan_uri)
         replayed = ledger.replay(router, version) if router is not None else 0
+        if replayed:
+            logger.warning("re-sent %d ledger rows the index had lost (a shard restarted)", replayed)
         if get_recipe(config.method).forward_transformation:
             _set_phase(router, Phase.INSTANT)
-            phases.append(_instant_phase(config, old_embeddings, ledger, router, version))
+            phases.append(_logged(_instant_phase(config, old_embeddings, ledger, router, version)))
         _set_phase(router, Phase.BACKFILL)
-        phases.append(_backfill_phase(config, gallery, plan, ledger, router, version))
+        phases.append(_logged(_backfill_phase(config, gallery, plan, ledger, router, version)))
         if router is not None:  # cheap when the index matches the ledger (counts are compared first)
             replayed += sum(p.replayed for p in phases) + ledger.replay(router, version)
     except Exception as err:
+        logger.error("backfill stopped: %s (re-run the same command to continue)", err)
         if router is not None:
             get(router.report_error.remote(f"backfill: {err}"))
             _set_phase(router, Phase.PAUSED)
@@ -159,7 +167,15 @@ def run_backfill(config: BackfillConfig) -> BackfillSummary:
         phases=phases,
     )
     _set_phase(router, Phase.DONE if summary.complete else Phase.PAUSED)
+    logger.info("backfill %s: %d of %d items in the new space, %d quarantined", "complete" if summary.complete
+                else "paused", summary.new, summary.total, summary.quarantined)
     return summary
+
+
+def _logged(stats: PhaseStats) -> PhaseStats:
+    logger.info("%s phase: %d items, %d quarantined in %.1fs (%.0f items/s)", stats.name, stats.items,
+                stats.quarantined, stats.seconds, stats.rate)
+    return stats
 
 
 def _set_phase(router, phase: Phase) -> None:

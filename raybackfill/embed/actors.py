@@ -6,6 +6,8 @@ threads matched to the actor's CPUs (oversubscribed threads on a 2-core box cost
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pyarrow as pa
 import ray
@@ -14,8 +16,11 @@ from torch import nn
 
 from raybackfill.data.schema import BAD_REASON, EMBEDDING, ID, SIDE_INFO, UNCERTAINTY, vectors_of
 from raybackfill.encoders import EntrypointTrust, load_encoder
+from raybackfill.logs import configure_logging
 from raybackfill.models.artifacts import load_model
 from raybackfill.models.transformations import apply_transformation
+
+logger = logging.getLogger(__name__)
 
 
 def actor_device() -> torch.device:
@@ -37,11 +42,14 @@ class EmbedRows:
 
     def __init__(self, models: dict[str, str], inputs: dict[str, str], trust: EntrypointTrust | None = None,
                  num_threads: int = 1, chunk: int = 256) -> None:
+        configure_logging()
         torch.set_num_threads(max(int(num_threads), 1))
         self.device = actor_device()
         self.encoders = {column: load_encoder(uri, trust=trust, device=self.device, chunk=chunk)
                          for column, uri in models.items()}
         self.inputs = inputs
+        logger.info("embedding actor ready on %s (%d threads): %s", self.device, torch.get_num_threads(),
+                    ", ".join(f"{column} <- {uri}" for column, uri in models.items()))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prepared = set(self.inputs.values())
@@ -69,10 +77,12 @@ class TransformEmbeddings:
     """
 
     def __init__(self, model_uri: str, num_threads: int = 1, chunk: int = 256) -> None:
+        configure_logging()
         torch.set_num_threads(max(int(num_threads), 1))
         self.device = actor_device()
         self.model = load_model(model_uri).module.to(self.device).eval()
         self.chunk = chunk
+        logger.info("transformation actor ready on %s: %s", self.device, model_uri)
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         return transform_batch(self.model, batch, chunk=self.chunk, device=self.device)

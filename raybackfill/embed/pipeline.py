@@ -13,6 +13,7 @@ shard or quarantined. A re-run of a complete table does nothing; a table made by
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -47,6 +48,8 @@ from raybackfill.embed.actors import EmbedRows, TransformEmbeddings
 from raybackfill.encoders import EntrypointTrust, check_trusted, encoder_preprocessing
 from raybackfill.models.artifacts import MODEL_JSON, read_spec
 from raybackfill.types import ENCODER_STAGES, Stage
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = "_manifest.json"
 
@@ -201,6 +204,7 @@ def embed_gallery(
     plan = plan_inputs(models, gallery, trust)  # before the manifest: a refused encoder writes nothing
     manifest = _open_table(out_uri, {column: read_spec(uri).version for column, uri in models.items()})
     if manifest.complete:
+        logger.info("%s is complete (%d rows): nothing to embed", out_uri, manifest.rows)
         return EmbedResult(out_uri, manifest.rows, manifest.quarantined, 0, already_complete=True)
     quarantine_uri = quarantine_uri or storage.join(out_uri, "_quarantine")
     ds = read_gallery(gallery, rows_per_block=pool.batch_size)  # one actor task per batch
@@ -265,6 +269,7 @@ def _skip_done(ds: ray.data.Dataset, input_uri: str, out_uri: str, quarantine_ur
     if not len(done):
         return ds
     keep = np.setdiff1d(storage.read_table(input_uri, [ID]).column(ID).to_numpy(), done)
+    logger.info("continuing %s: %d rows already done or quarantined, %d left", out_uri, len(done), len(keep))
     if not len(keep):
         return None
     return keep_only(ds, keep)
@@ -313,6 +318,7 @@ def _write_embeddings(
     if total == 0:
         raise ValueError(f"{label}: no rows were embedded (all {quarantined} quarantined or empty input)")
     _write_manifest(out_uri, replace(manifest, complete=True, rows=total, quarantined=quarantined))
+    logger.info("%s: %d rows written by this run, %d in the table, %d quarantined", label, rows, total, quarantined)
     return EmbedResult(out_uri, total, quarantined, rows)
 
 

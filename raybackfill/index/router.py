@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -49,8 +50,11 @@ from raybackfill.index.progress import (
 from raybackfill.index.shard import IndexConfig, IndexShard, ItemVectors
 from raybackfill.index.sharding import split_by_shard
 from raybackfill.index.validate import as_batch, as_ids, as_queries, check_k
+from raybackfill.logs import configure_logging
 from raybackfill.runtime import init_ray
 from raybackfill.types import Phase, Space, Strategy, parse
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_NAME = "raybackfill-router"
 ROUTER_STATE = "router.json"
@@ -127,6 +131,7 @@ async def _gather(refs: list) -> list:
 @ray.remote(concurrency_groups={"light": 2})
 class IndexRouter:
     def __init__(self, config: RouterConfig) -> None:
+        configure_logging()
         self._config = config
         self._shards = [
             IndexShard.options(
@@ -151,6 +156,7 @@ class IndexRouter:
             state = json.loads(read_bytes(self._state_uri))
             self._phase = parse(Phase, state["phase"])
             self._started_at, self._last_error = state["started_at"], state["last_error"]
+            logger.info("router %s restarted in phase %s (state from %s)", config.name, self._phase, self._state_uri)
 
     # ----------------------------------------------------------------- light calls
     @ray.method(concurrency_group="light")
@@ -212,6 +218,7 @@ class IndexRouter:
             await _gather([call.remote(p_ids, p_vec, *args)
                            for call, (_, p_ids, p_vec) in zip(calls, pieces, strict=True)])
         except Exception as err:
+            logger.warning("%s refused or failed: %s", method, err)
             with self._lock:
                 self._last_error = f"{method}: {err}"
             raise
@@ -270,6 +277,8 @@ class IndexRouter:
 
     # ----------------------------------------------------------------- helpers
     def _enter_phase(self, phase: Phase) -> None:
+        if phase != self._phase:
+            logger.info("index %s: phase %s -> %s", self._config.name, self._phase, phase)
         with self._lock:
             self._phase = phase
             if phase in (Phase.INSTANT, Phase.BACKFILL) and self._started_at is None:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import threading
 from dataclasses import dataclass
 
@@ -47,7 +48,10 @@ from raybackfill.index.merge import EMPTY_ID, TopK, empty_topk, merge_results
 from raybackfill.index.slots import SlotIndex, slot_index
 from raybackfill.index.snapshot import read_snapshot, write_snapshot
 from raybackfill.index.validate import as_batch, as_ids, as_queries, check_k, show_ids, unit_rows
+from raybackfill.logs import configure_logging
 from raybackfill.types import Metric, Space, Strategy, locate_sorted, parse
+
+logger = logging.getLogger(__name__)
 
 INDEXES = ("pending", "backfilled", "new")
 UPSERT_STATES = (Space.TRANSFORMED, Space.NEW)
@@ -119,6 +123,7 @@ def _from_bytes(data: bytes) -> faiss.Index:
 @ray.remote(concurrency_groups={"light": 2, "snapshot": 1})
 class IndexShard:
     def __init__(self, config: IndexConfig | None = None, snapshot_uri: str | None = None) -> None:
+        configure_logging()
         self._config = config or IndexConfig()
         self._snapshot_uri = snapshot_uri
         self._lock = threading.Lock()
@@ -131,6 +136,8 @@ class IndexShard:
             blobs = read_snapshot(snapshot_uri)
             if blobs is not None:
                 self._restore(blobs)
+                logger.info("restored %d items from the snapshot under %s: %s", len(self._ids), snapshot_uri,
+                            self._counts)
 
     # ----------------------------------------------------------------- state
     def _reset(self) -> None:
@@ -447,7 +454,10 @@ class IndexShard:
                      **{f"{name}_rows": store.row_slots() for name, store in stores.items()})
             blobs = {"meta.json": json.dumps(self._meta()).encode(), "items.npz": items.getvalue()}
             blobs |= {f"{name}.faiss": _to_bytes(store.index) for name, store in stores.items()}
-        return write_snapshot(self._snapshot_uri, blobs)
+            items_held = len(self._ids)
+        uri = write_snapshot(self._snapshot_uri, blobs)
+        logger.info("snapshot of %d items written to %s", items_held, uri)
+        return uri
 
     def _meta(self) -> dict:
         return {
