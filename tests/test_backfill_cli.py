@@ -31,6 +31,18 @@ def test_mutually_exclusive_arguments_are_refused(extra, capsys):
     assert "not allowed with argument" in capsys.readouterr().err
 
 
+def test_max_rate_reaches_the_config(monkeypatch):
+    from raybackfill.cli import backfill as cli
+
+    seen = {}
+    monkeypatch.setattr("raybackfill.runtime.init_ray", lambda *a, **k: None)
+    monkeypatch.setattr("raybackfill.backfill.run.run_backfill", lambda config: seen.setdefault("config", config))
+    monkeypatch.setattr("raybackfill.backfill.run.summary_table", lambda summary: "")
+    cli.run(_parse("--policy", "id", "--no-index", "--max-rate", "250"))
+    assert seen["config"].max_rate == 250.0
+    assert _parse().max_rate is None
+
+
 def test_the_subcommand_registers_under_backfill():
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
@@ -47,6 +59,7 @@ def test_the_subcommand_registers_under_backfill():
         ({"method": "bct", "policy": "id", "budget": 3, "until": 0.5}, "not both"),
         ({"method": "bct", "policy": "id", "until": 1.5}, "fraction"),
         ({"method": "bct", "policy": "id", "max_bad_fraction": -0.1}, "max_bad_fraction"),
+        ({"method": "bct", "policy": "id", "max_rate": 0}, "max_rate"),
         ({"method": "bct", "policy": "nope"}, "unknown policy"),
         ({"method": "nope", "policy": "id"}, "unknown method"),
     ],

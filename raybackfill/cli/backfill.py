@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     stop.add_argument("--budget", type=int, metavar="N",
                       help="re-embed at most N items in this run (the instant phase always completes)")
     stop.add_argument("--until", type=float, metavar="FRACTION", help="stop once FRACTION of the gallery is done")
+    parser.add_argument("--max-rate", type=float, metavar="ITEMS_PER_S",
+                        help="write at most this many items/s per phase, to spare a busy index (default: no limit)")
     parser.add_argument("--max-bad-fraction", type=float, default=0.01,
                         help="fail when more than this share of rows is quarantined (default 0.01)")
     target = parser.add_mutually_exclusive_group()
@@ -63,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         gallery=args.gallery, old_embeddings=args.old_embeddings, upgrade=args.upgrade, out=args.out,
         method=args.method, transformation=args.transformation, old_model=args.old_model, policy=args.policy,
         seed=args.seed, tiers=args.tiers, budget=args.budget, until=args.until,
-        max_bad_fraction=args.max_bad_fraction, index=None if args.no_index else args.index,
+        max_bad_fraction=args.max_bad_fraction, max_rate=args.max_rate, index=None if args.no_index else args.index,
         pool=pool_from(args),
         progress=not args.no_progress, trust=trust_from(args),
     )  # fmt: skip
