@@ -326,3 +326,22 @@ def test_encoder_register_and_show_from_the_command_line(tmp_path, capsys):
     assert main(["encoder", "register", "--kind", "torchscript", "--file", str(tmp_path / "conv.ts"), "--version",
                  "x", "--out", str(tmp_path / "no-size")]) == 2
     assert "--crop N" in capsys.readouterr().err
+
+
+def test_torchvision_flags_replace_only_their_part_of_the_architectures_preset(tmp_path, capsys):
+    import torchvision
+
+    torch.manual_seed(0)
+    save_file(torchvision.models.resnet18(num_classes=3).state_dict(), str(tmp_path / "r18.safetensors"))
+    out = str(tmp_path / "r18")
+    assert main(["encoder", "register", "--kind", "torchvision", "--architecture", "resnet18", "--file",
+                 str(tmp_path / "r18.safetensors"), "--kwargs", '{"num_classes": 3}', "--crop", "32",
+                 "--resize", "36", "--version", "v2", "--out", out]) == 0
+    capsys.readouterr()
+    assert main(["encoder", "show", out]) == 0
+    shown = json.loads(capsys.readouterr().out)["preprocessing"]
+    # ImageNet statistics and bilinear interpolation are resnet18's own; only the sizes were given.
+    assert shown["crop"] == 32 and shown["resize"] == 36
+    assert shown["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert shown["std"] == pytest.approx([0.229, 0.224, 0.225])
+    assert shown["interpolation"] == "bilinear"

@@ -7,6 +7,7 @@ torch and torchvision are imported inside the commands, not at module import: `r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 from raybackfill.types import MODEL_METRICS, EncoderKind, Interpolation, Metric, Tokenizer
@@ -17,24 +18,41 @@ REGISTERED_KINDS = [k.value for k in EncoderKind if k is not EncoderKind.RAYBACK
 
 def add_trust_arguments(parser: argparse.ArgumentParser) -> None:
     """``--trust-entrypoint`` / ``--trust-entrypoints``: the only ways an entrypoint in a model.json is run."""
-    parser.add_argument("--trust-entrypoint", action="append", default=[], metavar="PKG.MODULE:FACTORY",
-                        help="run this entrypoint when a model.json names it (repeatable); it runs on every node")
-    parser.add_argument("--trust-entrypoints", action="store_true",
-                        help="run every entrypoint the model.json files name (only for models you made)")
-    parser.add_argument("--py-module", action="append", default=[], metavar="PKG_DIR",
-                        help="ship this local package directory to every node (Ray runtime_env py_modules), so an "
-                        "entrypoint in it imports there; not needed under `ray job submit --working-dir` when the "
-                        "code is in that directory")
+    parser.add_argument(
+        "--trust-entrypoint",
+        action="append",
+        default=[],
+        metavar="PKG.MODULE:FACTORY",
+        help="run this entrypoint when a model.json names it (repeatable); it runs on every node",
+    )
+    parser.add_argument(
+        "--trust-entrypoints",
+        action="store_true",
+        help="run every entrypoint the model.json files name (only for models you made)",
+    )
+    parser.add_argument(
+        "--py-module",
+        action="append",
+        default=[],
+        metavar="PKG_DIR",
+        help="ship this local package directory to every node (Ray runtime_env py_modules), so an "
+        "entrypoint in it imports there; not needed under `ray job submit --working-dir` when the "
+        "code is in that directory",
+    )
 
 
 def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
     """The embedding actor pool's size and resources (see :class:`~raybackfill.embed.pipeline.PoolConfig`)."""
     parser.add_argument("--actors", type=int, default=1, help="embedding actors (default 1)")
     parser.add_argument("--cpus-per-actor", type=float, default=0.5, help="CPUs per actor (default 0.5)")
-    parser.add_argument("--gpus-per-actor", type=float, metavar="N",
-                        help="GPUs per actor (default: 1 if the cluster has a GPU when the job starts, else 0); "
-                        "set it on autoscaling clusters, which start without GPU nodes: only a GPU request makes "
-                        "the autoscaler launch one")
+    parser.add_argument(
+        "--gpus-per-actor",
+        type=float,
+        metavar="N",
+        help="GPUs per actor (default: 1 if the cluster has a GPU when the job starts, else 0); "
+        "set it on autoscaling clusters, which start without GPU nodes: only a GPU request makes "
+        "the autoscaler launch one",
+    )
     parser.add_argument("--batch-size", type=int, default=256, help="rows per batch (default 256)")
 
 
@@ -42,8 +60,13 @@ def pool_from(args: argparse.Namespace, **extra):
     """The :class:`~raybackfill.embed.pipeline.PoolConfig` the pool arguments describe (checked before Ray starts)."""
     from raybackfill.embed.pipeline import PoolConfig
 
-    return PoolConfig(actors=args.actors, cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
-                      batch_size=args.batch_size, **extra)
+    return PoolConfig(
+        actors=args.actors,
+        cpus_per_actor=args.cpus_per_actor,
+        gpus_per_actor=args.gpus_per_actor,
+        batch_size=args.batch_size,
+        **extra,
+    )
 
 
 def trust_from(args: argparse.Namespace):
@@ -54,8 +77,11 @@ def trust_from(args: argparse.Namespace):
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("encoder", help="register a model made elsewhere (TorchScript, torch.export, "
-                                   "torchvision + weights, or your own factory) as an encoder artefact")
+    parser = subparsers.add_parser(
+        "encoder",
+        help="register a model made elsewhere (TorchScript, torch.export, "
+        "torchvision + weights, or your own factory) as an encoder artefact",
+    )
     sub = parser.add_subparsers(dest="encoder_command", metavar="ACTION", required=True)
     add = sub.add_parser(
         "register",
@@ -69,21 +95,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add.add_argument("--file", help="TorchScript file, .pt2 program, or torchvision weights (.safetensors/.pt)")
     add.add_argument("--architecture", default="", help="torchvision architecture (resnet50, vit_b_16, ...)")
     add.add_argument("--layer", help="torchvision graph node giving the embedding (default: penultimate features)")
-    add.add_argument("--entrypoint", metavar="PKG.MODULE:FACTORY", help="factory(**kwargs) returning the encoder "
-                     "(kind entrypoint; naming it here trusts it for this registration)")
+    add.add_argument(
+        "--entrypoint",
+        metavar="PKG.MODULE:FACTORY",
+        help="factory(**kwargs) returning the encoder "
+        "(kind entrypoint; naming it here trusts it for this registration)",
+    )
     add.add_argument("--kwargs", default="{}", help="JSON keyword arguments of the torchvision builder or factory")
-    add.add_argument("--metric", choices=[m.value for m in MODEL_METRICS], default=Metric.COSINE.value,
-                     help="similarity (default cosine)")
+    add.add_argument(
+        "--metric",
+        choices=[m.value for m in MODEL_METRICS],
+        default=Metric.COSINE.value,
+        help="similarity (default cosine)",
+    )
     image = add.add_argument_group("image preprocessing (torchvision: the architecture's own preset by default)")
     image.add_argument("--resize", type=int, help="resize the shorter side to this (default: the crop)")
     image.add_argument("--crop", type=int, help="centre crop size: the square the model takes")
-    image.add_argument("--mean", type=float, nargs=3, help="per-channel mean (default 0.5 0.5 0.5)")
-    image.add_argument("--std", type=float, nargs=3, help="per-channel std (default 0.25 0.25 0.25)")
+    image.add_argument(
+        "--mean",
+        type=float,
+        nargs=3,
+        help="per-channel mean (torchvision: the architecture's own; otherwise 0.5 0.5 0.5)",
+    )
+    image.add_argument(
+        "--std",
+        type=float,
+        nargs=3,
+        help="per-channel std (torchvision: the architecture's own; otherwise 0.25 0.25 0.25)",
+    )
     image.add_argument("--interpolation", choices=[i.value for i in Interpolation], help="default bicubic")
     text = add.add_argument_group("text encoders")
     text.add_argument("--text", action="store_true", help="the encoder embeds the gallery's 'text' column")
-    text.add_argument("--tokenizer", choices=[t.value for t in Tokenizer], default=Tokenizer.NONE.value,
-                      help="none: the encoder gets the strings (default); bytes / hashed_words: int64 token ids")
+    text.add_argument(
+        "--tokenizer",
+        choices=[t.value for t in Tokenizer],
+        default=Tokenizer.NONE.value,
+        help="none: the encoder gets the strings (default); bytes / hashed_words: int64 token ids",
+    )
     text.add_argument("--max-length", type=int, default=64, help="tokens per text (default 64)")
     text.add_argument("--vocab-size", type=int, default=32_768, help="hashed_words vocabulary (default 32768)")
     add.set_defaults(func=_register)
@@ -97,11 +145,21 @@ def _preprocessing(args: argparse.Namespace):
 
     if args.text:
         return TextPreprocessing(tokenizer=args.tokenizer, max_length=args.max_length, vocab_size=args.vocab_size)
-    given = {"resize": args.resize, "crop": args.crop, "mean": args.mean, "std": args.std,
-             "interpolation": args.interpolation}
+    given = {
+        "resize": args.resize,
+        "crop": args.crop,
+        "mean": args.mean,
+        "std": args.std,
+        "interpolation": args.interpolation,
+    }
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None}
-    if not given and args.kind == EncoderKind.TORCHVISION:
-        return None  # the architecture's own preset
+    if args.kind == EncoderKind.TORCHVISION:
+        if not given:
+            return None  # the architecture's own preset
+        from raybackfill.encoders.encoder import torchvision_preprocessing
+
+        # What is given replaces that part of the architecture's preset; the rest stays the architecture's.
+        return dataclasses.replace(torchvision_preprocessing(args.architecture), **given)
     if "crop" not in given:
         raise ValueError("declare the image size the encoder takes: --crop N (and --resize, --mean, --std)")
     return ImagePreprocessing(**given)
@@ -123,11 +181,15 @@ def _register(args: argparse.Namespace) -> int:
     )  # fmt: skip
     trust = EntrypointTrust((args.entrypoint,)) if args.entrypoint else EntrypointTrust()
     spec = register_encoder(source, args.out, trust=trust)
-    print(f"registered {spec.kind.value} encoder {spec.version!r} at {args.out}: dim {spec.dims['embedding']}, "
-          f"{spec.modality} input, preprocessing {json.dumps(spec.preprocessing)}")
+    print(
+        f"registered {spec.kind.value} encoder {spec.version!r} at {args.out}: dim {spec.dims['embedding']}, "
+        f"{spec.modality} input, preprocessing {json.dumps(spec.preprocessing)}"
+    )
     if spec.entrypoint:
-        print(f"jobs that use it need --trust-entrypoint {spec.entrypoint}, and its code on every node "
-              "(ray job submit --working-dir, or --py-module)")
+        print(
+            f"jobs that use it need --trust-entrypoint {spec.entrypoint}, and its code on every node "
+            "(ray job submit --working-dir, or --py-module)"
+        )
     return 0
 
 
