@@ -166,6 +166,8 @@ def test_fastfill_backfill_writes_tiers_in_order_exactly_once_while_queries_keep
     # Backfill: every id except the corrupt image re-embedded exactly once.
     new_ids = _ledger_ids(ledger, ledger.new_uri)
     assert len(new_ids) == len(set(new_ids)) and set(new_ids) == set(range(N)) - {CORRUPT_ID}
+    # OUT/new reads as one embedding table (its tier directories are its shards), e.g. for `eval run`.
+    assert sorted(read_table(ledger.new_uri).column(ID).to_pylist()) == sorted(new_ids)
     # Tier order: every batch of tier 0 was committed before the first batch of tier 1.
     mtimes = [[os.stat(f).st_mtime_ns for f in ledger.files(ledger.tier_uri(t))] for t in range(2)]
     assert all(mtimes) and max(mtimes[0]) <= min(mtimes[1])

@@ -19,6 +19,17 @@ def test_write_table_shards_and_reads_back(tmp_path):
     assert storage.read_table(uri).column("id").to_pylist() == list(range(25))
 
 
+def test_a_table_reads_its_subdirectories_but_not_its_quarantine_or_temporary_files(tmp_path):
+    uri = str(tmp_path / "new")  # laid out as the backfill writes it: one directory per priority tier
+    storage.write_table(_table(4, offset=10), str(tmp_path / "new" / "tier-00001"))
+    storage.write_table(_table(4), str(tmp_path / "new" / "tier-00000"))
+    storage.write_table(_table(2, offset=90), str(tmp_path / "new" / "_quarantine"))
+    (tmp_path / "new" / "tier-00001" / ".tmp-part-00009.parquet").write_bytes(b"half a write")
+    shards = [os.path.relpath(s, uri) for s in storage.list_shards(uri)]
+    assert shards == ["tier-00000/part-00000.parquet", "tier-00001/part-00000.parquet"]
+    assert storage.read_table(uri).column("id").to_pylist() == [0, 1, 2, 3, 10, 11, 12, 13]
+
+
 def test_open_table_resolves_shards_and_footers_once(tmp_path, monkeypatch):
     uri = str(tmp_path / "t")
     storage.write_table(_table(25), uri, rows_per_shard=10)

@@ -88,7 +88,12 @@ def shard_name(index: int) -> str:
 
 
 def list_shards(uri: str) -> list[str]:
-    """Committed shard URIs under a table directory, in shard order; a single file is its own shard."""
+    """Committed shard URIs under a table directory, in path order; a single file is its own shard.
+
+    Shards in subdirectories belong to the table too (the backfill writes ``OUT/new/tier-00003/...``), except
+    under names starting with ``_`` or ``.``: a table's own quarantine (``_quarantine``) and uncommitted
+    temporary files (``.tmp-...``) are not its rows.
+    """
     fs, path = resolve(uri)
     try:
         info = fs.get_file_info(path)
@@ -96,14 +101,21 @@ def list_shards(uri: str) -> list[str]:
             return [uri]
         if info.type == pafs.FileType.NotFound:
             raise StorageError(f"{uri}: no such table (path not found)")
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     except StorageError:
         raise
     except OSError as err:
         raise StorageError(_describe(uri, err)) from err
-    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet"))
-    # Temporary files (".tmp-...") are uncommitted writes: invisible to readers.
-    return [join(uri, n) for n in names if not n.startswith(".")]
+    root = path.rstrip("/") + "/"
+    names = []
+    for i in infos:
+        relative = i.path[len(root):] if i.path.startswith(root) else i.base_name
+        if i.type != pafs.FileType.File or not relative.endswith(".parquet"):
+            continue
+        if any(part.startswith(("_", ".")) for part in relative.split("/")):
+            continue
+        names.append(relative)
+    return [join(uri, n) for n in sorted(names)]
 
 
 def table_shards(uri: str) -> list[str]:
