@@ -123,7 +123,24 @@ class BackfillSummary:
 
 
 def run_backfill(config: BackfillConfig) -> BackfillSummary:
-    """Run (or continue) a backfill; Ray must be initialised. Returns what this run did and the totals."""
+    """Run (or continue) a backfill: plan, instant phase (methods with a forward transformation), re-embedding.
+
+    Ray must be initialised (:func:`raybackfill.runtime.init_ray`). Every batch is committed to the ledger
+    under ``config.out`` before it is upserted into the index, so re-running with the same config after a
+    kill, an error or a ``budget``/``until`` stop continues where the last run stopped and ends with every
+    item exactly once.
+
+    Args:
+        config: the inputs, method, policy, stop condition and index; see :class:`BackfillConfig`.
+
+    Returns:
+        What this run did per phase and the totals (:attr:`BackfillSummary.complete` once every item is done).
+
+    Example:
+        >>> summary = run_backfill(BackfillConfig(
+        ...     gallery="data/gallery", old_embeddings="emb/gallery_v1", upgrade="models/v2",
+        ...     out="backfill/v2", method=Method.RANK_MERGE, policy=Policy.RANDOM))  # doctest: +SKIP
+    """
     # Before any write. The input tables come back resolved (shards listed, footers read) for every later step.
     gallery, old_embeddings = check_inputs(config.gallery, config.old_embeddings, config.upgrade,
                                            config.transformation, old_model=config.old_model, trust=config.trust)

@@ -277,7 +277,23 @@ def order_run(
 
 
 def evaluate_tables(inputs: EvalInputs, config: OfflineConfig) -> dict:
-    """Anchors and one backfill curve per order for ``config.method``: a report dict (eval.report schema)."""
+    """Simulate a backfill offline: the anchors and one backfill curve per order for ``config.method``.
+
+    Args:
+        inputs: the query and gallery embedding tables (old and new; psi queries and the transformed gallery
+            for the methods that use them); labels come from the old tables.
+        config: the method, backfill orders, random seeds, metric and memory budget.
+
+    Returns:
+        A report dict (the :mod:`raybackfill.eval.report` schema); :func:`write_outputs` writes
+        ``report.json``, ``report.md`` and ``backfill_curves.png``.
+
+    Example:
+        >>> report = evaluate_tables(
+        ...     EvalInputs(queries_old="emb/query_v1", queries_new="emb/query_v2",
+        ...                gallery_old="emb/gallery_v1", gallery_new="backfill/v2/new"),
+        ...     OfflineConfig(method=Method.RANK_MERGE))  # doctest: +SKIP
+    """
     eval_config = EvalConfig(metric=config.metric, protocol="disjoint", memory_budget_mb=config.memory_budget_mb)
     tables = load_tables(inputs)
     spaces = method_spaces(config.method, tables)

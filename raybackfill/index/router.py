@@ -349,7 +349,18 @@ def _attach() -> None:
 
 
 def connect(name: str = DEFAULT_NAME):
-    """The router actor named ``name``, from any process attached to (or able to reach) the cluster."""
+    """The router actor named ``name``, from any process attached to (or able to reach) the cluster.
+
+    Args:
+        name: the index name given to :func:`create_index` (``raybackfill serve --name``).
+
+    Returns:
+        The router's actor handle: ``search``, ``progress``, ``upsert``, ``promote``, ... are remote methods.
+
+    Example:
+        >>> router = connect()  # doctest: +SKIP
+        >>> top = ray.get(router.search.remote(q_old, q_new, 10, Strategy.RANK_MERGE))  # doctest: +SKIP
+    """
     _attach()
     try:
         return ray.get_actor(name, namespace=NAMESPACE)
@@ -359,7 +370,20 @@ def connect(name: str = DEFAULT_NAME):
 
 
 def create_index(config: RouterConfig | None = None):
-    """Create (or attach to, if it already runs with the same config) the router and its shards."""
+    """Create (or attach to, if it already runs with the same config) the router and its shards.
+
+    The actors are detached and restart on failure (each shard from its last snapshot when the config has a
+    ``snapshot_uri``), so the index outlives the process that created it.
+
+    Args:
+        config: name, shards, their resources, the FAISS index kind and the snapshot location.
+
+    Returns:
+        The router's actor handle.
+
+    Example:
+        >>> router = create_index(RouterConfig(shards=4, snapshot_uri="s3://bucket/index"))  # doctest: +SKIP
+    """
     config = config or RouterConfig()
     _attach()
     router = IndexRouter.options(
@@ -378,7 +402,17 @@ def create_index(config: RouterConfig | None = None):
 
 
 def destroy_index(name: str = DEFAULT_NAME) -> list[str]:
-    """Kill the router and its shards for good (no restart); returns the names of the killed actors."""
+    """Kill the router and its shards for good (no restart); their snapshots are kept.
+
+    Args:
+        name: the index name.
+
+    Returns:
+        The names of the killed actors.
+
+    Example:
+        >>> destroy_index("raybackfill-router")  # doctest: +SKIP
+    """
     router = connect(name)
     shard_names = get(router.shard_names.remote())
     for shard in shard_names:

@@ -149,6 +149,29 @@ def train_backbone(
     set. That this helps is this project's hypothesis, not the papers' (their reference code trains with
     augmentation and label smoothing): FastFill's head learns its per-item loss on that set, and the loss
     measures where the transformation fails only where the new model is right.
+
+    Args:
+        images_uri: the labelled training image table (``id``, ``image``, ``label``), local or s3://.
+        out_uri: the artefact directory to write (``model.json`` + weights).
+        method: :attr:`Method.INDEPENDENT` (also the old model), :attr:`Method.BCT` or :attr:`Method.RACT`.
+        architecture: a name from :mod:`raybackfill.models.registry` (``small_cnn``, ``resnet18``, ...).
+        embedding_dim: the embedding size.
+        num_classes: classifier width (default: the largest label + 1).
+        old_model: the old backbone artefact, required by bct and ract.
+        version: recorded in ``model.json`` (default: the output directory's name).
+        train: epochs, batch size, learning rate, workers and GPUs for Ray Train.
+        tau: RACT's temperature. k: RACT's number of old-gallery negatives.
+        compat_weight: weight of the compatibility term.
+        backbone_kwargs: extra builder arguments.
+        augment: mild augmentation of each batch.
+        image_size: the square the images are prepared to (default: the first image's shorter side).
+
+    Returns:
+        The written artefact's :class:`~raybackfill.models.artifacts.ModelSpec`, with the training summary.
+
+    Example:
+        >>> spec = train_backbone("data/splits/train", "models/new", method=Method.BCT,
+        ...                       old_model="models/old", train=TrainConfig(epochs=10))  # doctest: +SKIP
     """
     method = parse(Method, method)
     loss = get_recipe(method).backbone_loss
@@ -212,7 +235,22 @@ def train_side_info(
     images_uri: str, out_uri: str, *, embedding_dim: int = 32, version: str | None = None, train: TrainConfig,
     image_size: int | None = None,
 ) -> ModelSpec:
-    """Self-supervised (SimCLR) side-information model, trained on the old model's training images."""
+    """Self-supervised (SimCLR) side-information model, trained on the old model's training images.
+
+    Args:
+        images_uri: the old model's training image table (labels are not used).
+        out_uri: the artefact directory to write.
+        embedding_dim: the side-information size (small next to the embedding: it is stored per item).
+        version: recorded in ``model.json`` (default: the output directory's name).
+        train: Ray Train settings.
+        image_size: the square the images are prepared to (default: the first image's shorter side).
+
+    Returns:
+        The written artefact's spec.
+
+    Example:
+        >>> train_side_info("data/splits/train_old", "models/side", train=TrainConfig())  # doctest: +SKIP
+    """
     kwargs = {"embedding_dim": embedding_dim}
     config = {"architecture": "side_info_cnn", "kwargs": kwargs}
     preprocessing = training_preprocessing(images_uri, image_size)
@@ -259,7 +297,26 @@ def train_transformation(
     version: str | None = None,
     train: TrainConfig,
 ) -> ModelSpec:
-    """FCT (``uncertainty=False``) or FastFill forward transformation h(old, side) -> new space."""
+    """FCT (``uncertainty=False``) or FastFill forward transformation h(old, side) -> new space.
+
+    Args:
+        old_uri: old embeddings of the training images (with ``label``; and ``side_info`` when used).
+        new_uri: the new model's embeddings of the same images.
+        out_uri: the artefact directory to write.
+        new_model: the new backbone artefact (FastFill reads its classifier for the per-item loss).
+        side_info: h also reads the stored side-information embedding.
+        uncertainty: FastFill: h also predicts each item's uncertainty, which orders the backfill.
+        hidden_dim: width of h's hidden layers. mixer_dim: width of the side-information mixer.
+        version: recorded in ``model.json`` (default: the output directory's name).
+        train: Ray Train settings.
+
+    Returns:
+        The written artefact's spec; its ``method`` is the matching :class:`Method`.
+
+    Example:
+        >>> train_transformation("emb/train_old", "emb/train_new", "models/fastfill", new_model="models/new",
+        ...                      uncertainty=True, train=TrainConfig())  # doctest: +SKIP
+    """
     table = joined_embeddings(old_uri, new_uri, side_info=side_info)
     dims = {
         name: table.schema.field(name).type.list_size for name in table.schema.names if name in ("old", "side", "new")
@@ -305,7 +362,23 @@ def train_reverse(
     version: str | None = None,
     train: TrainConfig,
 ) -> ModelSpec:
-    """psi: new -> old space with metric-compatible contrastive training (for rank merge with one query pass)."""
+    """psi: new -> old space with metric-compatible contrastive training (for rank merge with one query pass).
+
+    Args:
+        old_uri: old embeddings of the training images (with ``label``).
+        new_uri: the new model's embeddings of the same images.
+        out_uri: the artefact directory to write.
+        hidden_dim: width of psi's hidden layer.
+        tau: the contrastive temperature.
+        version: recorded in ``model.json`` (default: the output directory's name).
+        train: Ray Train settings.
+
+    Returns:
+        The written artefact's spec (method ``rank_merge_psi``).
+
+    Example:
+        >>> train_reverse("emb/train_old", "emb/train_new", "models/psi", train=TrainConfig())  # doctest: +SKIP
+    """
     table = joined_embeddings(old_uri, new_uri, side_info=False)
     kwargs = {
         "new_dim": table.schema.field("new").type.list_size,
