@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import functools
 import logging
+import os
 import time
 from collections.abc import Iterator
 
@@ -14,6 +15,7 @@ from raybackfill.demo.online import run_online
 from raybackfill.demo.pipeline import run_demo
 from raybackfill.demo.summary import summary
 from raybackfill.eval.offline import output_files
+from raybackfill.logs import LEVEL_ENV
 from raybackfill.runtime import init_ray
 from raybackfill.types import MODEL_METRICS, Metric
 
@@ -74,20 +76,29 @@ def _demo_logging(verbose: bool) -> Iterator[None]:
     """Stage lines of the demo on stderr; Ray Data's per-dataset lines and (unless verbose) the per-epoch
     training lines stay quiet. Ray Data sets its loggers' levels when imported, so this runs after the import;
     the previous levels come back afterwards."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
-    levels = {"raybackfill": logging.INFO, "ray.data": logging.WARNING, "ray.train": logging.WARNING}
+    levels = {"ray.data": logging.WARNING, "ray.train": logging.WARNING}
+    if LEVEL_ENV not in os.environ:  # a level the user asked for (--log-level) stands
+        levels["raybackfill"] = logging.INFO
     if not verbose:
         levels["raybackfill.train"] = logging.WARNING
     previous = {name: logging.getLogger(name).level for name in levels}
     library = logging.getLogger("raybackfill")
-    library.addHandler(handler)
+    added = logging.StreamHandler() if not library.handlers else None  # the CLI normally installed one
+    if added is not None:
+        library.addHandler(added)
+    # Stage lines read best short: the time and the message (restored after the run).
+    formatters = [(h, h.formatter) for h in library.handlers]
+    for handler, _ in formatters:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
     try:
         yield
     finally:
-        library.removeHandler(handler)
+        for handler, formatter in formatters:
+            handler.setFormatter(formatter)
+        if added is not None:
+            library.removeHandler(added)
         for name, level in previous.items():
             logging.getLogger(name).setLevel(level)
 
