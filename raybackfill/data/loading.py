@@ -119,7 +119,7 @@ def prepare_rows(
     if len(modalities) != 1:
         raise ValueError(f"one pass prepares one content column, got {sorted(m.value for m in modalities)}")
     return ds.map_batches(
-        _prepare_numpy_batch,
+        _prepare_numpy_batch,  # type: ignore[arg-type]  # ray's UDF type omits fn_kwargs
         fn_kwargs={"preprocessing": preprocessing, "quarantine_uri": quarantine_uri},
         batch_format="numpy",
         batch_size=batch_size,
@@ -182,7 +182,7 @@ def keep_rows(batch: pa.Table, keep: np.ndarray) -> pa.Table:
 
 def keep_only(ds: ray.data.Dataset, keep: np.ndarray) -> ray.data.Dataset:
     """``ds`` without the rows a resumed job already finished: only ids in the sorted array ``keep``."""
-    return ds.map_batches(keep_rows, fn_kwargs={"keep": keep}, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
+    return ds.map_batches(keep_rows, fn_kwargs={"keep": keep}, batch_format="pyarrow", batch_size=None, num_cpus=0.25)  # type: ignore[arg-type]  # ray's UDF type omits fn_kwargs
 
 
 def probe_image_size(table: str | TableFiles) -> int:
