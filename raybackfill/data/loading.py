@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+from collections.abc import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -51,6 +53,7 @@ class ShardFiles(Datasource):
             raise storage.StorageError("no parquet shards to read")
         self.columns = columns
         self.files = []
+        shards: Iterable[tuple[str, pq.FileMetaData]]
         if isinstance(uris, TableFiles):  # footers already read
             shards = zip(uris.shards, uris.footers, strict=True)
         else:
@@ -71,7 +74,7 @@ class ShardFiles(Datasource):
             return [pq.read_table(path, columns=self.columns, filesystem=fs)]
 
         return [
-            ReadTask(lambda fs=fs, path=path: read(fs, path), BlockMetadata(rows, size, None, None), schema=schema)
+            ReadTask(functools.partial(read, fs, path), BlockMetadata(rows, size, None, None), schema=schema)
             for fs, path, rows, size, schema in self.files
         ]
 
