@@ -188,6 +188,7 @@ def _instant_phase(config: BackfillConfig, old_embeddings: TableFiles, ledger: L
     keep = np.setdiff1d(old_ids, done)
     if not len(keep):
         return stats
+    assert config.transformation is not None  # BackfillConfig requires it for a forward transformation
     columns = [ID, EMBEDDING] + ([SIDE_INFO] if read_spec(config.transformation).dims.get("side") else [])
     pool = config.pool
     ds = read_shards(old_embeddings, columns=columns, rows_per_block=config.transform_batch_size)
