@@ -45,6 +45,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import ray
@@ -59,6 +60,7 @@ from raybackfill.embed.pipeline import PoolConfig, embed_gallery, map_embed, pla
 from raybackfill.models.artifacts import ModelSpec, load_model, save_model
 from raybackfill.models.registry import build_model
 from raybackfill.runtime import init_ray
+from raybackfill.types import Method
 
 QUICK = {"images": 2_000, "size": 32, "embeddings": 20_000, "reembed_also": ""}
 # The re-embedding backbone. small_cnn is the cheapest model a backfill would run (so the transform ratio is
@@ -109,7 +111,7 @@ def save_models(backbone_uri: str, fct_uri: str, backbone: str = "small_cnn") ->
     """The new backbone and the forward transformation, random weights (speed only)."""
     save_backbone(backbone_uri, backbone)
     fct = build_model("forward_transformation", **FCT_KWARGS)
-    save_model(fct, fct_uri, ModelSpec("forward_transformation", "fct-v2", FCT_KWARGS, method="fct"))
+    save_model(fct, fct_uri, ModelSpec("forward_transformation", "fct-v2", FCT_KWARGS, method=Method.FCT))
 
 
 # --- the bare side: plain torch, no Ray -------------------------------------------------------------------
@@ -124,7 +126,7 @@ def bare_embed(model: torch.nn.Module, images_uri: str, size: int, batch_size: i
         for start in range(lo, hi, batch_size):
             pixels = ImagePreprocessing(crop=size).prepare(column.slice(start, min(batch_size, hi - start)).to_pylist()
                                                            ).values
-            rows += len(model.embed(torch.from_numpy(pixels)))
+            rows += len(model.embed(torch.from_numpy(pixels)))  # type: ignore[operator]  # torch: Module.__getattr__
     return rows
 
 
@@ -135,7 +137,7 @@ def bare_one_process(images_uri: str, model_uri: str, size: int, batch_size: int
     try:
         model = load_model(model_uri).module.eval()
         with torch.inference_mode():
-            model.embed(torch.zeros((batch_size, 3, size, size)))
+            model.embed(torch.zeros((batch_size, 3, size, size)))  # type: ignore[operator]  # torch: Module.__getattr__
         start = time.perf_counter()
         bare_embed(model, images_uri, size, batch_size, 0, 1)
         return time.perf_counter() - start
@@ -161,21 +163,25 @@ def bare_processes(images_uri: str, model_uri: str, size: int, batch_size: int, 
     ]
     try:
         for w in workers:
+            assert w.stdout is not None  # a pipe
             if w.stdout.readline().strip() != "ready":
                 raise RuntimeError(f"bare worker {w.pid} failed to start (exit {w.poll()})")
         seconds = []
         for _ in range(repeats):
             start = time.perf_counter()
             for w in workers:
+                assert w.stdin is not None  # a pipe
                 w.stdin.write("go\n")
                 w.stdin.flush()
             for w in workers:
+                assert w.stdout is not None  # a pipe
                 if not w.stdout.readline().strip().isdigit():
                     raise RuntimeError(f"bare worker {w.pid} failed (exit {w.poll()})")
             seconds.append(time.perf_counter() - start)
         return seconds
     finally:
         for w in workers:
+            assert w.stdin is not None  # a pipe
             w.stdin.close()
             w.wait(timeout=60)
 
@@ -185,7 +191,7 @@ def bare_worker(argv: list[str]) -> None:
     torch.set_num_threads(1)
     model = load_model(model_uri).module.eval()
     with torch.inference_mode():
-        model.embed(torch.zeros((int(batch_size), 3, int(size), int(size))))
+        model.embed(torch.zeros((int(batch_size), 3, int(size), int(size))))  # type: ignore[operator]  # torch: Module.__getattr__
     print("ready", flush=True)
     for line in sys.stdin:
         if line.strip() == "go":
@@ -222,7 +228,8 @@ def pipeline_embed(images_uri: str, model_uri: str, size: int, pool: PoolConfig)
     inputs = plan_inputs({EMBEDDING: model_uri}, images_uri)
     ds = prepare_rows(images, inputs.preprocessing, batch_size=pool.batch_size, num_cpus=pool.cpus_per_actor)
     ds = map_embed(ds, inputs, pool)
-    arrivals, delivered = [], []
+    arrivals: list[float] = []
+    delivered: list[int] = []
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
         arrivals.append(time.perf_counter() - start)
         delivered.append(len(batch[EMBEDDING]) + (delivered[-1] if delivered else 0))
@@ -391,7 +398,7 @@ def main(argv: list[str] | None = None) -> dict:
     bare_transform_rate = median_rate(args.embeddings, bare_transform_s)
     load_end = os.getloadavg()
 
-    result = {
+    result: dict[str, Any] = {
         "benchmark": "bench_backfill",
         "config": vars(args),
         "machine": {**machine_info(), "loadavg_start": load_start, "loadavg_end": load_end},

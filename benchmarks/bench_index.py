@@ -35,6 +35,7 @@ import re
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -57,7 +58,7 @@ def unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
     return x
 
 
-def best_of(repeats: int, fn) -> tuple[float, object]:
+def best_of(repeats: int, fn) -> tuple[float, Any]:
     best, out = float("inf"), None
     for _ in range(repeats):
         start = time.perf_counter()
@@ -129,7 +130,7 @@ def probe_during_upserts(router, q_old: np.ndarray, q_new: np.ndarray, batches: 
     end, at most ``rate`` items/s (None: as fast as they are taken); returns the probe seconds and what the
     upsert thread achieved."""
     stop, first_sent = threading.Event(), threading.Event()
-    done = {"items": 0, "calls": 0, "seconds": 0.0, "error": None}
+    done: dict[str, Any] = {"items": 0, "calls": 0, "seconds": 0.0, "error": None}
 
     def upsert_loop() -> None:
         rng = np.random.default_rng(seed)
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
             "upsert_seconds": achieved["seconds"],
         }
 
-    latency = {
+    latency: dict[str, Any] = {
         "what": f"{args.latency_probes} single queries, k={LATENCY_K}, strategy {LATENCY_STRATEGY}, one per call, "
                 f"sequential; during_upserts: a thread upserts {CHUNK} new-space vectors per call meanwhile, as "
                 f"fast as they are taken; during_paced_upserts: the same at {args.paced_rate:,.0f} items/s",
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
     latency["p99_ratio_paced"] = latency["during_paced_upserts"]["p99_ms"] / latency["idle"]["p99_ms"]
     load_end = os.getloadavg()
 
-    result = {
+    result: dict[str, Any] = {
         "benchmark": "bench_index",
         "config": vars(args),
         "machine": {**machine_info(), "loadavg_start": load_start, "loadavg_end": load_end},
@@ -295,11 +296,12 @@ def main(argv: list[str] | None = None) -> dict:
     for name, r in strategies.items():
         print(f"index at beta={args.beta}, {name}: {r['qps']:,.0f} QPS, ratio {r['ratio_to_bare']:.2f}")
     print(f"upsert: {result['index']['upsert_items_per_s'] or 0:,.0f} items/s")
-    during, paced = latency["during_upserts"], latency["during_paced_upserts"]
+    busy_ms, paced_ms = latency["during_upserts"], latency["during_paced_upserts"]
     print(f"single-query {LATENCY_STRATEGY} latency: idle p50 {latency['idle']['p50_ms']:.1f} ms, "
-          f"p99 {latency['idle']['p99_ms']:.1f} ms; during upserts ({during['upserts_per_s']:,.0f} items/s) "
-          f"p50 {during['p50_ms']:.1f} ms, p99 {during['p99_ms']:.1f} ms (p99 x{latency['p99_ratio']:.2f}); "
-          f"paced ({paced['upserts_per_s']:,.0f} items/s) p50 {paced['p50_ms']:.1f} ms, p99 {paced['p99_ms']:.1f} ms "
+          f"p99 {latency['idle']['p99_ms']:.1f} ms; during upserts ({busy_ms['upserts_per_s']:,.0f} items/s) "
+          f"p50 {busy_ms['p50_ms']:.1f} ms, p99 {busy_ms['p99_ms']:.1f} ms (p99 x{latency['p99_ratio']:.2f}); "
+          f"paced ({paced_ms['upserts_per_s']:,.0f} items/s) p50 {paced_ms['p50_ms']:.1f} ms, "
+          f"p99 {paced_ms['p99_ms']:.1f} ms "
           f"(p99 x{latency['p99_ratio_paced']:.2f})")
     print(f"load average {load_start[0]:.1f} -> {load_end[0]:.1f} on {os.cpu_count()} cores; wrote {out}")
     return result

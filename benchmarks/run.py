@@ -41,6 +41,7 @@ from raybackfill.data.schema import ID, IMAGE, embedding_table
 from raybackfill.embed.pipeline import PoolConfig
 from raybackfill.index.router import RouterConfig, create_index, destroy_index, get
 from raybackfill.runtime import init_ray
+from raybackfill.types import Method, Policy
 
 FULL_SIZES = (100_000, 300_000, 1_000_000)
 QUICK_SIZES = (10_000, 30_000, 100_000)
@@ -157,7 +158,7 @@ def scale_point(root: str, n: int, probes: int, seed: int) -> dict:
         del old
         backfill = BackfillConfig(
             gallery=paths["gallery"], old_embeddings=paths["old"], upgrade=paths["backbone"], out=paths["out"],
-            method="fct", transformation=paths["fct"], policy="id", budget=0, index=SCALE_INDEX,
+            method=Method.FCT, transformation=paths["fct"], policy=Policy.ID, budget=0, index=SCALE_INDEX,
             pool=PoolConfig(actors=1, cpus_per_actor=0.5, gpus_per_actor=0.0), progress=False,
         )
         loadavg_start = os.getloadavg()

@@ -76,6 +76,16 @@ def test_fastfill_transformation_round_trip(tmp_path):
     assert loaded.spec.dims == {"old": 4, "side": 2, "new": 6}
 
 
+def test_a_backbone_has_a_linear_classifier_and_another_model_is_refused_by_name(tmp_path):
+    save_model(trained_cnn(), str(tmp_path / "cnn"), cnn_spec())
+    assert load_model(str(tmp_path / "cnn")).classifier.out_features == 3
+    kwargs = {"old_dim": 4, "new_dim": 6, "side_dim": 2, "hidden_dim": 8, "mixer_dim": 8}
+    head = build_model("fastfill_transformation", **kwargs).eval()
+    save_model(head, str(tmp_path / "h"), ModelSpec("fastfill_transformation", "t1", kwargs=kwargs))
+    with pytest.raises(ArtifactError, match=r"model 't1' \(fastfill_transformation\) has no linear classifier"):
+        _ = load_model(str(tmp_path / "h")).classifier
+
+
 def test_round_trip_on_s3(s3_bucket):
     model = trained_cnn()
     uri = f"{s3_bucket}/models/new-v2"

@@ -86,6 +86,25 @@ def test_backbone_training_augments_batches_only_when_asked(ray_cluster, images,
         assert len(calls) == (2 if augment else 0)  # 32 images in batches of 16
 
 
+@pytest.mark.parametrize("method, term", [("bct", "bct_influence_loss"), ("ract", "ract_loss")])
+def test_the_compatibility_term_is_in_the_loss_of_every_batch(ray_cluster, images, tmp_path, monkeypatch, method, term):
+    # The loop once named the method's loss kind and the batch's loss tensor alike: from the second batch on,
+    # the kind was a tensor and the compatibility term silently became zero.
+    import raybackfill.train.loops as loops
+
+    old = str(tmp_path / "old")
+    train_backbone(images, old, train=_cfg(tmp_path, "compat-old", num_workers=0, epochs=1, batch_size=16),
+                   backbone_kwargs={"width": 4}, augment=False)  # fmt: skip
+    calls, steps = [], []
+    real_term, real_step = getattr(loops.losses, term), loops.Worker.step
+    monkeypatch.setattr(loops.losses, term, lambda *a, **k: calls.append(1) or real_term(*a, **k))
+    monkeypatch.setattr(loops.Worker, "step", lambda self, loss: steps.append(1) or real_step(self, loss))
+    train = _cfg(tmp_path, f"compat-{method}", num_workers=0, epochs=2, batch_size=8)
+    train_backbone(images, str(tmp_path / method), method=method, old_model=old, train=train,
+                   backbone_kwargs={"width": 4}, augment=False)  # fmt: skip
+    assert len(steps) > 2 and len(calls) == len(steps)
+
+
 def test_bct_class_means_do_not_depend_on_the_order_the_embed_job_wrote_rows_in():
     rng = np.random.default_rng(0)
     ids = np.arange(400)

@@ -132,10 +132,14 @@ def _score_batch(batch: pa.Table, config: PlanConfig) -> dict[str, np.ndarray]:
     from raybackfill.models.artifacts import load_model
 
     ids = batch.column(ID).to_numpy()
-    transformation = load_model(config.transformation).module if config.policy is Policy.UNCERTAINTY else None
+    transformation = None
+    if config.policy is Policy.UNCERTAINTY:
+        assert config.transformation is not None  # PlanConfig requires it for this policy
+        transformation = load_model(config.transformation).module
     classifier = None
     if config.policy in CLASSIFIER_POLICIES:
-        head = load_model(config.old_model).module.classifier
+        assert config.old_model is not None  # PlanConfig requires it for these policies
+        head = load_model(config.old_model).classifier
         classifier = (head.weight.detach().numpy(), head.bias.detach().numpy())
     old = vectors_of(batch, EMBEDDING)
     uses_side = bool(getattr(transformation, "uses_side_info", False))
@@ -166,7 +170,7 @@ def score_gallery(config: PlanConfig, *, batch_size: int = 65_536,
         return ids, priority_scores(config.policy, ids, seed=config.seed).astype(np.float64)
     columns = [ID, EMBEDDING] + ([SIDE_INFO] if SIDE_INFO in table.schema.names else [])
     ds = read_shards(table, columns=columns).map_batches(
-        _score_batch, fn_kwargs={"config": config}, batch_size=batch_size, batch_format="pyarrow", num_cpus=0.5
+        _score_batch, fn_kwargs={"config": config}, batch_size=batch_size, batch_format="pyarrow", num_cpus=0.5  # type: ignore[arg-type]  # ray's UDF type omits fn_kwargs
     )
     parts = list(ds.iter_batches(batch_format="numpy", batch_size=None))
     ids = np.concatenate([p[ID] for p in parts]).astype(np.int64)
@@ -211,7 +215,7 @@ def _write_tiers(config: PlanConfig, ids: np.ndarray, rank: np.ndarray, attempt:
     order = np.argsort(ids)
     tier_size = max(1, -(-len(ids) // config.tiers))
     ds = read_gallery(gallery).map_batches(
-        _split_block,
+        _split_block,  # type: ignore[arg-type]  # ray's UDF type omits fn_kwargs
         fn_kwargs={
             "sorted_ids": ids[order],
             "sorted_ranks": rank[order],
@@ -224,7 +228,9 @@ def _write_tiers(config: PlanConfig, ids: np.ndarray, rank: np.ndarray, attempt:
         num_cpus=0.5,
     )
     parts = list(ds.iter_batches(batch_format="numpy", batch_size=None))
-    tiers, rows, names = (np.concatenate([p[k] for p in parts]) if parts else [] for k in ("tier", "rows", "file"))
+    if not parts:
+        return []
+    tiers, rows, names = (np.concatenate([p[k] for p in parts]) for k in ("tier", "rows", "file"))
     return [{"tier": int(t), "rows": int(r), "file": str(f)} for t, r, f in zip(tiers, rows, names, strict=True)]
 
 

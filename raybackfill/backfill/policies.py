@@ -154,11 +154,13 @@ def priority_scores(
     if policy is Policy.UNCERTAINTY:
         if transformation is None:
             raise ValueError("policy 'uncertainty' needs the FastFill transformation")
+        assert old is not None  # checked above for every policy of OLD_EMBEDDING_POLICIES
         return uncertainty_scores(transformation, old, side)
     if policy in CLASSIFIER_POLICIES:
         if classifier is None:
             raise ValueError(f"policy {policy.value!r} needs the old classifier (weight, bias)")
         score = entropy_scores if policy is Policy.ENTROPY else least_confidence_scores
+        assert old is not None  # checked above for every policy of OLD_EMBEDDING_POLICIES
         return score(old, *classifier)
     if policy is Policy.RANDOM:
         return random_scores(ids, seed)

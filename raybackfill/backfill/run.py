@@ -221,6 +221,7 @@ def _instant_phase(config: BackfillConfig, old_embeddings: TableFiles, ledger: L
     keep = np.setdiff1d(old_ids, done)
     if not len(keep):
         return stats
+    assert config.transformation is not None  # BackfillConfig requires it for a forward transformation
     columns = [ID, EMBEDDING] + ([SIDE_INFO] if read_spec(config.transformation).dims.get("side") else [])
     pool = config.pool
     ds = read_shards(old_embeddings, columns=columns, rows_per_block=config.transform_batch_size)
@@ -290,7 +291,7 @@ def backfill_stream(files: list[str], ids: np.ndarray, tiers: np.ndarray, inputs
     prepares and embeds them with one actor pool, and yields its batches in the order of ``files``."""
     by_id = np.argsort(ids, kind="stable")
     ds = read_shards(files, columns=[ID, inputs.content], rows_per_block=pool.batch_size)  # one task per batch
-    ds = ds.map_batches(prepare_kept, fn_kwargs={"keep": ids[by_id], "tiers": tiers[by_id], "content": inputs.content,
+    ds = ds.map_batches(prepare_kept, fn_kwargs={"keep": ids[by_id], "tiers": tiers[by_id], "content": inputs.content,  # type: ignore[arg-type]  # ray's UDF type omits fn_kwargs
                                                  "preprocessing": inputs.preprocessing},
                         batch_format="numpy", batch_size=pool.batch_size, num_cpus=0.5)
     ds = map_embed(ds, inputs, pool)

@@ -10,6 +10,7 @@ ones the backfill would serve.
 from __future__ import annotations
 
 import argparse
+from typing import cast
 
 from raybackfill.data import storage
 from raybackfill.data.schema import (
@@ -77,14 +78,15 @@ def transform_table(
             f"(one of {', '.join(TRANSFORMATION_INPUTS)})"
         )
     module = load_model(model_uri).module
+    dims = cast(dict[str, int], module.dims)  # a transformation's property; torch types attributes Tensor | Module
     uses_side = bool(getattr(module, "uses_side_info", False))
     names = storage.read_footer(storage.table_shards(embeddings_uri)[0]).schema.to_arrow_schema().names
     # A shard without side_info fails here with the shard's path and the column's name.
     columns = [ID, EMBEDDING, *([SIDE_INFO] if uses_side else []), *([LABEL] if LABEL in names else [])]
     table = storage.read_table(embeddings_uri, columns)
-    table = validate_embedding_table(table, embeddings_uri, dim=module.dims[space])
-    if uses_side and (found := embedding_dim(table.schema, SIDE_INFO, embeddings_uri)) != module.dims["side"]:
-        raise SchemaError(f"{embeddings_uri}: column '{SIDE_INFO}' has dim {found}, expected {module.dims['side']}")
+    table = validate_embedding_table(table, embeddings_uri, dim=dims[space])
+    if uses_side and (found := embedding_dim(table.schema, SIDE_INFO, embeddings_uri)) != dims["side"]:
+        raise SchemaError(f"{embeddings_uri}: column '{SIDE_INFO}' has dim {found}, expected {dims['side']}")
     out = transform_batch(module, table, chunk=batch_size)
     result = embedding_table(
         out[ID],

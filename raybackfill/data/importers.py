@@ -196,7 +196,7 @@ def _folder_dataset(root: str, files: list[tuple[str, int]], size: int | None):
         for start in range(0, len(files), FILES_PER_TASK)
     ]  # fmt: skip
     ds = ray.data.from_arrow(blocks).map_batches(
-        _read_folder_block, fn_kwargs={"root": root, "size": size}, batch_format="pyarrow", batch_size=None
+        _read_folder_block, fn_kwargs={"root": root, "size": size}, batch_format="pyarrow", batch_size=None  # type: ignore[arg-type]  # ray's UDF type omits fn_kwargs
     )
     # This dataset's own copy of the DataContext (the setting does not leak into other datasets): rows must
     # come back in id order to be written in id order.
@@ -303,8 +303,8 @@ def cifar_files(src: str, split: str = "train") -> tuple[list[str], str | None]:
     if split not in CIFAR_SPLITS:
         raise ValueError(f"split must be one of {', '.join(CIFAR_SPLITS)}, got {split!r}")
     if os.path.isfile(src):
-        meta = [os.path.join(os.path.dirname(src), m) for m in ("batches.meta", "meta")]
-        return [src], next((m for m in meta if os.path.isfile(m)), None)
+        metas = [os.path.join(os.path.dirname(src), m) for m in ("batches.meta", "meta")]
+        return [src], next((m for m in metas if os.path.isfile(m)), None)
     if not os.path.isdir(src):
         raise DatasetImportError(f"{src}: no such file or directory")
     cifar10, cifar100 = CIFAR_SPLITS[split]
@@ -736,6 +736,7 @@ def _scan_text(source: _TextSource, id_column: str | None, label_column: str | N
             f"{source.where(first_missing_label)}: no '{label_column}' (other rows have one: every row needs a label)"
         )
     if ids:
+        assert id_column is not None  # ids are read only from an id column
         _check_unique(source, id_column, np.concatenate(ids), np.concatenate(positions))
     return _TextScan(rows, has_labels, labels)
 
@@ -796,6 +797,7 @@ def _label_key(value: Any, where: str, column: str) -> int | str | None:
 
 def _label_index(key: int | str | None, mapping: dict[str, int] | None) -> int:
     # The first pass refused missing labels, so key is never None here.
+    assert key is not None
     return int(key) if mapping is None else mapping[str(key)]
 
 

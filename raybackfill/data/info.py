@@ -51,6 +51,7 @@ def table_info(uri: str) -> TableInfo:
         meta = read_footer(shard)
         rows += meta.num_rows
         schema = schema or meta.schema.to_arrow_schema()
+    assert schema is not None  # table_shards refuses a table without shards
     classes = None
     if LABEL in schema.names:
         labels = read_table(uri, columns=[LABEL]).column(LABEL).drop_null().to_numpy()

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+from collections.abc import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -51,6 +53,7 @@ class ShardFiles(Datasource):
             raise storage.StorageError("no parquet shards to read")
         self.columns = columns
         self.files = []
+        shards: Iterable[tuple[str, pq.FileMetaData]]
         if isinstance(uris, TableFiles):  # footers already read
             shards = zip(uris.shards, uris.footers, strict=True)
         else:
@@ -71,7 +74,7 @@ class ShardFiles(Datasource):
             return [pq.read_table(path, columns=self.columns, filesystem=fs)]
 
         return [
-            ReadTask(lambda fs=fs, path=path: read(fs, path), BlockMetadata(rows, size, None, None), schema=schema)
+            ReadTask(functools.partial(read, fs, path), BlockMetadata(rows, size, None, None), schema=schema)
             for fs, path, rows, size, schema in self.files
         ]
 
@@ -119,7 +122,7 @@ def prepare_rows(
     if len(modalities) != 1:
         raise ValueError(f"one pass prepares one content column, got {sorted(m.value for m in modalities)}")
     return ds.map_batches(
-        _prepare_numpy_batch,
+        _prepare_numpy_batch,  # type: ignore[arg-type]  # ray's UDF type omits fn_kwargs
         fn_kwargs={"preprocessing": preprocessing, "quarantine_uri": quarantine_uri},
         batch_format="numpy",
         batch_size=batch_size,
@@ -182,7 +185,7 @@ def keep_rows(batch: pa.Table, keep: np.ndarray) -> pa.Table:
 
 def keep_only(ds: ray.data.Dataset, keep: np.ndarray) -> ray.data.Dataset:
     """``ds`` without the rows a resumed job already finished: only ids in the sorted array ``keep``."""
-    return ds.map_batches(keep_rows, fn_kwargs={"keep": keep}, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
+    return ds.map_batches(keep_rows, fn_kwargs={"keep": keep}, batch_format="pyarrow", batch_size=None, num_cpus=0.25)  # type: ignore[arg-type]  # ray's UDF type omits fn_kwargs
 
 
 def probe_image_size(table: str | TableFiles) -> int:

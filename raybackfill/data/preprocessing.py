@@ -114,7 +114,7 @@ class ImagePreprocessing:
 
     def normalise(self, rgb: np.ndarray) -> np.ndarray:
         """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 normalised with mean/std."""
-        x = rgb.astype(np.float32) / 255.0
+        x: np.ndarray = rgb.astype(np.float32) / 255.0
         x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 

@@ -319,7 +319,7 @@ def _chunks(table: pa.Table, rows: int) -> Iterator[pa.Table]:
         yield table.slice(offset, rows)
 
 
-def write_bytes(uri: str, data: bytes, *, if_exists: str = "replace") -> None:
+def write_bytes(uri: str, data: bytes | memoryview, *, if_exists: str = "replace") -> None:
     """Write a small file (e.g. model.json) in one atomic step.
 
     ``if_exists="error"`` never replaces a committed file (local: hard link to the final name, which

@@ -22,7 +22,7 @@ from raybackfill.eval.offline import Embeddings, LoadedTables, OfflineConfig, Or
 from raybackfill.eval.report import build_report
 from raybackfill.models.artifacts import load_model
 from raybackfill.models.transformations import apply_transformation
-from raybackfill.types import BackboneLoss, Method, Policy
+from raybackfill.types import BackboneLoss, Method, Policy, Protocol
 
 UNCERTAINTY, ENTROPY, RANDOM = Order(Policy.UNCERTAINTY), Order(Policy.ENTROPY), Order(Policy.RANDOM)
 # Backfill orders evaluated per method (first listed = the one the method is usually quoted with).
@@ -57,7 +57,7 @@ def evaluate_demo(
     label of each split. The FCT/FastFill gallery and psi(new query) are computed here from the stored
     vectors with the trained transformations.
     """
-    eval_config = EvalConfig(metric=config.metric, protocol="disjoint")
+    eval_config = EvalConfig(metric=config.metric, protocol=Protocol.DISJOINT)
     q_ids, q_labels = (labels["query"].column(c).to_numpy() for c in (ID, LABEL))
     g_ids, g_labels = (labels["gallery"].column(c).to_numpy() for c in (ID, LABEL))
     q_table, g_table = table.take(rows_of_ids(table, q_ids)), table.take(rows_of_ids(table, g_ids))
@@ -88,13 +88,15 @@ def evaluate_demo(
         return Embeddings(ids, vectors, embedding_table(ids, vectors, side_info=side_info))
 
     old_gallery = embeddings(g_ids, gallery["old"], side)
-    new_classifier = load_model(artifacts.models["new"]).module.classifier if config.diagnostics else None
-    runs, diagnosed = [], {}
+    new_classifier = load_model(artifacts.models["new"]).classifier if config.diagnostics else None
+    runs = []
+    diagnosed: dict[str, float] = {}
     for method in METHOD_ORDERS:
         recipe = get_recipe(method)
         backbone = recipe.backbone_loss if recipe.backbone_loss in (BackboneLoss.BCT, BackboneLoss.RACT) else "new"
         old_of_method = old_gallery
         if recipe.uncertainty and config.diagnostics:
+            assert new_classifier is not None  # loaded with config.diagnostics
             old_of_method = diagnostics.with_oracle_loss(
                 old_gallery, transformed[method], gallery["new"], g_labels, new_classifier
             )

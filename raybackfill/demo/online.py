@@ -59,7 +59,7 @@ def run_online(artifacts: DemoArtifacts, config: OnlineConfig | None = None) -> 
         max_rate = (2 if forward else 1) * gallery.num_rows / config.min_seconds if config.min_seconds else None
         client = _QueryClient(router, probes, lookup, config)
         client.start()
-        start = time.perf_counter()
+        started = time.perf_counter()
         try:
             summary = run_backfill(
                 BackfillConfig(
@@ -80,7 +80,7 @@ def run_online(artifacts: DemoArtifacts, config: OnlineConfig | None = None) -> 
                 )
             )
         finally:
-            seconds = time.perf_counter() - start
+            seconds = time.perf_counter() - started
             client.stop()
         after = live_quality(router, probes, lookup, strategy=config.strategy, k=config.k, max_probes=config.max_probes)
     finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from typing import Any
 
 from raybackfill.compat.recipes import get_recipe
 from raybackfill.demo.configs import DemoConfig, DemoScale, Fit
@@ -50,7 +51,7 @@ def train_backbones(
     on ``train`` and the side-information model on ``train_old``. Returns their artefacts and the report's
     ``training`` section (the learning rate chosen, each backbone's kept epoch and figures)."""
     models = {name: layout.model(name) for name in (*BACKBONES, "side_info")}
-    common = {"embedding_dim": scale.embedding_dim, "backbone_kwargs": {"width": scale.width}}
+    common: dict[str, Any] = {"embedding_dim": scale.embedding_dim, "backbone_kwargs": {"width": scale.width}}
 
     start = time.perf_counter()
     lr, searched = choose_backbone_lr(layout, train_old, models["old"], scale, config, common)

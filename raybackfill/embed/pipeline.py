@@ -207,6 +207,7 @@ def embed_gallery(
         logger.info("%s is complete (%d rows): nothing to embed", out_uri, manifest.rows)
         return EmbedResult(out_uri, manifest.rows, manifest.quarantined, 0, already_complete=True)
     quarantine_uri = quarantine_uri or storage.join(out_uri, "_quarantine")
+    ds: ray.data.Dataset | None  # None when no row is left to do (_skip_done)
     ds = read_gallery(gallery, rows_per_block=pool.batch_size)  # one actor task per batch
     columns = [c for c in (ID, plan.content, *keep_columns) if c in ds.schema().names]
     ds = _skip_done(ds.select_columns(columns), gallery_uri, out_uri, quarantine_uri)
@@ -227,6 +228,7 @@ def transform_embeddings(
     if manifest.complete:
         return EmbedResult(out_uri, manifest.rows, manifest.quarantined, 0, already_complete=True)
     quarantine_uri = storage.join(out_uri, "_quarantine")
+    ds: ray.data.Dataset | None  # None when no row is left to do (_skip_done)
     ds = read_shards(storage.list_shards(old_uri), rows_per_block=pool.batch_size)
     ds = _skip_done(ds, old_uri, out_uri, quarantine_uri)
     if ds is not None:

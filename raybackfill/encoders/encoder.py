@@ -38,7 +38,7 @@ from raybackfill.models.artifacts import (
     load_model,
     read_spec,
 )
-from raybackfill.types import EncoderKind, Modality
+from raybackfill.types import EncoderKind, Interpolation, Modality, parse
 
 __all__ = [
     "Encoder",
@@ -105,7 +105,7 @@ def torchvision_preprocessing(architecture: str) -> ImagePreprocessing:
     except (ValueError, KeyError, AttributeError) as err:
         raise ArtifactError(f"torchvision {architecture!r} has no default preset; declare preprocessing") from err
     crop, resize = int(preset.crop_size[0]), int(preset.resize_size[0])
-    interpolation = str(preset.interpolation.value)
+    interpolation = parse(Interpolation, str(preset.interpolation.value))
     return ImagePreprocessing(resize=resize, crop=crop, mean=tuple(preset.mean), std=tuple(preset.std),
                               interpolation=interpolation)
 
@@ -222,7 +222,7 @@ def load_encoder(uri: str, *, trust: EntrypointTrust | None = None, device: torc
     kind = spec.kind
     if kind is EncoderKind.RAYBACKFILL:
         module = load_model(uri).module
-        return Encoder(spec, module.embed, preprocessing, module, device=device, chunk=chunk)
+        return Encoder(spec, module.embed, preprocessing, module, device=device, chunk=chunk)  # type: ignore[arg-type]  # torch: Module.__getattr__
     if kind is EncoderKind.ENTRYPOINT:
         made = _call_entrypoint(str(spec.entrypoint), spec.kwargs, source)
         if isinstance(made, nn.Module):

@@ -34,7 +34,7 @@ from raybackfill.eval.metrics import (
     ranking_keys,
     scores,
 )
-from raybackfill.types import Strategy, parse
+from raybackfill.types import Metric, Strategy, parse
 
 DEFAULT_POINTS = 21
 
@@ -135,7 +135,7 @@ def _check_betas(betas: np.ndarray) -> np.ndarray:
 
 
 def _block_keys(
-    queries: np.ndarray, gallery: np.ndarray, idx: np.ndarray, relevant: np.ndarray, plan: QueryPlan, metric: str
+    queries: np.ndarray, gallery: np.ndarray, idx: np.ndarray, relevant: np.ndarray, plan: QueryPlan, metric: Metric
 ) -> np.ndarray:
     block = scores(queries, gallery, metric)
     plan.exclude_self(block, idx)
@@ -197,7 +197,7 @@ def backfill_curve(
         top1=top1.mean(axis=1)[which],
         top5=top5.mean(axis=1)[which],
         map=ap.mean(axis=1)[which],
-        nfr=negative_flip_rate(reference, top1)[which],
+        nfr=np.asarray(negative_flip_rate(reference, top1))[which],  # one rate per slot: an array
     )
 
 

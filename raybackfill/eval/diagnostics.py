@@ -33,7 +33,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
         r = np.empty(len(x))
         r[np.argsort(x, kind="stable")] = np.arange(len(x))
         ranks.append(r)
-    return float(np.corrcoef(*ranks)[0, 1])
+    return float(np.corrcoef(ranks[0], ranks[1])[0, 1])
 
 
 def uncertainty_agreement(scores: np.ndarray, transformed: np.ndarray, new: np.ndarray) -> dict[str, float]:

@@ -88,7 +88,8 @@ def _at_beta(run: Mapping, key: str, beta: float) -> float:
 def _area(claim: str, a_run: Mapping | None, a_label: str, b_run: Mapping | None, b_label: str,
           sd: float | None, key: str = "auc_map") -> Finding:  # fmt: skip
     if a_run is None or b_run is None or sd is None:
-        return Finding(claim, a_label, a_run and a_run[key], b_label, b_run and b_run[key], None, Verdict.MISSING)
+        a_value, b_value = (None if run is None else run[key] for run in (a_run, b_run))
+        return Finding(claim, a_label, a_value, b_label, b_value, None, Verdict.MISSING)
     z = _gap(a_run[key], b_run[key], sd)
     return Finding(claim, a_label, a_run[key], b_label, b_run[key], z, _verdict(z))
 
@@ -131,8 +132,8 @@ def findings(report: Mapping) -> list[Finding]:
     out.append(_area("FCT: side-information helps (mAP area)", runs.get((Method.FCT_SIDE_INFO, Policy.RANDOM)),
                      "fct_side_info/random", runs.get((Method.FCT, Policy.RANDOM)), "fct/random", band))  # fmt: skip
     psi, plain = runs.get((Method.RANK_MERGE_PSI, Policy.RANDOM)), runs.get((Method.RANK_MERGE, Policy.RANDOM))
-    sds = [random_sd(psi, "auc_map"), random_sd(plain, "auc_map")]
-    pooled = math.sqrt(sum(s**2 for s in sds)) if None not in sds else None
+    sd_psi, sd_plain = random_sd(psi, "auc_map"), random_sd(plain, "auc_map")
+    pooled = math.sqrt(sd_psi**2 + sd_plain**2) if sd_psi is not None and sd_plain is not None else None
     out.append(_area("rank merge: psi (metric-compatible) beats the plain merge (mAP area)", psi,
                      "rank_merge_psi/random", plain, "rank_merge/random", pooled))  # fmt: skip
     return out

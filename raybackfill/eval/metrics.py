@@ -191,7 +191,7 @@ def rank_keys(keys: np.ndarray) -> BlockStats:
     ap_at_r = np.bincount(rows[in_r], weights=precision[in_r], minlength=n_rows) / n_rel
     return BlockStats(
         correct_top1=ranked[:, 0].copy(),
-        correct_top5=ranked[:, :5].any(axis=1),
+        correct_top5=np.asarray(ranked[:, :5].any(axis=1)),  # an array: numpy types any(axis) as bool | array
         ap=ap,
         ap_at_r=ap_at_r,
     )

@@ -32,7 +32,7 @@ from raybackfill.eval.metrics import EvalConfig, RetrievalResult, cross_tests
 from raybackfill.eval.plots import plot_curves, plot_online
 from raybackfill.eval.report import Run, build_report, save_report, summary_table
 from raybackfill.models.artifacts import load_model
-from raybackfill.types import Method, Metric, OldQuerySource, Policy, Strategy, locate_ids, parse
+from raybackfill.types import Method, Metric, OldQuerySource, Policy, Protocol, Strategy, locate_ids, parse
 
 COLUMN_PREFIX = "column:"
 REPORT_FILE = "report.json"
@@ -224,6 +224,7 @@ def backfill_order(order: Order, tables: LoadedTables, config: OfflineConfig) ->
     ids = tables.gallery["old"].ids
     if order.column is not None:
         return priority_order(_score_column(tables, order.column), ids)
+    assert order.policy is not None  # an Order is a policy or a column
     old = tables.gallery["old"].vectors
     kwargs: dict = {"old": old, "seed": config.seed}
     if order.policy is Policy.UNCERTAINTY:
@@ -239,7 +240,7 @@ def backfill_order(order: Order, tables: LoadedTables, config: OfflineConfig) ->
     elif order.policy in (Policy.ENTROPY, Policy.LEAST_CONFIDENCE):
         if not config.old_model:
             raise ValueError(f"order {str(order)!r} needs the old model artefact (--old-model) for its classifier")
-        classifier = load_model(config.old_model).module.classifier
+        classifier = load_model(config.old_model).classifier
         kwargs["classifier"] = (classifier.weight.detach().numpy(), classifier.bias.detach().numpy())
     return priority_order(priority_scores(order.policy, ids, **kwargs), ids)
 
@@ -294,7 +295,7 @@ def evaluate_tables(inputs: EvalInputs, config: OfflineConfig) -> dict:
         ...                gallery_old="emb/gallery_v1", gallery_new="backfill/v2/new"),
         ...     OfflineConfig(method=Method.RANK_MERGE))  # doctest: +SKIP
     """
-    eval_config = EvalConfig(metric=config.metric, protocol="disjoint", memory_budget_mb=config.memory_budget_mb)
+    eval_config = EvalConfig(metric=config.metric, protocol=Protocol.DISJOINT, memory_budget_mb=config.memory_budget_mb)
     tables = load_tables(inputs)
     spaces = method_spaces(config.method, tables)
     fixed = anchors(tables, eval_config)

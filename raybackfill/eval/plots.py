@@ -79,7 +79,7 @@ def online_figure(online: Mapping) -> Figure:
     ax.set_title(f"{online.get('method', '')}/{online.get('policy', '')} backfill under live queries "
                  f"({online.get('queries', 0)} queries, {online.get('query_errors', 0)} errors)")
     handles = ax.get_legend_handles_labels()[0] + share.get_legend_handles_labels()[0]
-    ax.legend(handles, [h.get_label() for h in handles], loc="lower right", fontsize="small")
+    ax.legend(handles, [str(h.get_label()) for h in handles], loc="lower right", fontsize="small")
     return fig
 
 

@@ -122,7 +122,7 @@ def versus_random(report: Mapping) -> list[dict]:
                 mean, sd = sum(values) / len(values), random_sd(random_run, key)
                 row[key] = run[key]
                 row[f"{key}_random_mean"], row[f"{key}_random_sd"] = mean, sd
-                row[f"{key}_z"] = _number((run[key] - mean) / sd) if sd > 0 else None
+                row[f"{key}_z"] = _number((run[key] - mean) / sd) if sd is not None and sd > 0 else None
             rows.append(row)
     return rows
 

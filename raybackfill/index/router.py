@@ -128,13 +128,13 @@ async def _gather(refs: list) -> list:
         raise _unavailable(err, "an index shard") from None
 
 
-@ray.remote(concurrency_groups={"light": 2})
+@ray.remote(concurrency_groups={"light": 2})  # type: ignore[call-overload]  # ray's overloads omit it
 class IndexRouter:
     def __init__(self, config: RouterConfig) -> None:
         configure_logging()
         self._config = config
         self._shards = [
-            IndexShard.options(
+            IndexShard.options(  # type: ignore[attr-defined]  # an ActorClass: mypy ignores class decorators
                 name=config.shard_name(i),
                 namespace=NAMESPACE,
                 lifetime="detached",
@@ -167,7 +167,7 @@ class IndexRouter:
         return {
             "name": self._config.name,
             "config": dataclasses.asdict(self._config),
-            "shard_names": await self.shard_names(),
+            "shard_names": await self.shard_names(),  # type: ignore[operator]  # ray.method types the remote handle
             "shard_counts": [d["counts"] for d in shards],
             "promoted": any(d["promoted"] for d in shards),
             **spaces,
@@ -386,7 +386,7 @@ def create_index(config: RouterConfig | None = None):
     """
     config = config or RouterConfig()
     _attach()
-    router = IndexRouter.options(
+    router = IndexRouter.options(  # type: ignore[attr-defined]  # an ActorClass: mypy ignores class decorators
         name=config.name,
         namespace=NAMESPACE,
         lifetime="detached",

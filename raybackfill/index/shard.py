@@ -113,14 +113,14 @@ def _check_version(version) -> str:
 
 
 def _to_bytes(index: faiss.Index) -> memoryview:
-    return memoryview(faiss.serialize_index(index))
+    return faiss.serialize_index(index).data
 
 
 def _from_bytes(data: bytes) -> faiss.Index:
     return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
 
 
-@ray.remote(concurrency_groups={"light": 2, "snapshot": 1})
+@ray.remote(concurrency_groups={"light": 2, "snapshot": 1})  # type: ignore[call-overload]  # ray's overloads omit it
 class IndexShard:
     def __init__(self, config: IndexConfig | None = None, snapshot_uri: str | None = None) -> None:
         configure_logging()
@@ -156,7 +156,7 @@ class IndexShard:
     def _publish(self) -> None:
         """Replace the immutable views that the light concurrency group reads without the lock."""
         per_state = np.bincount(self._state, minlength=len(Space))
-        self._counts = {space: int(per_state[space.code]) for space in Space}
+        self._counts: dict[str, int] = {space: int(per_state[space.code]) for space in Space}
         self._description = {
             "counts": self._counts,
             "old_space": dataclasses.asdict(self._old_space) if self._old_space else None,
@@ -181,7 +181,7 @@ class IndexShard:
         index = faiss.IndexIVFFlat(faiss.IndexFlat(dim, metric), dim, self._config.nlist, metric)
         index.nprobe = self._config.nprobe
         # Hashtable direct map: reconstruct and remove by id (slot) without scanning the lists.
-        index.set_direct_map_type(faiss.DirectMap.Hashtable)
+        index.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]  # faiss's stubs omit DirectMap
         return slot_index(index)
 
     def _check_trainable(self, n: int, space: str) -> None:
@@ -263,6 +263,7 @@ class IndexShard:
             waiting = self._state[slots] == Space.OLD.code
             moving = slots[waiting]
             if len(moving):
+                assert self._pending is not None and self._backfilled is not None  # old items exist: load_old ran
                 old_vectors = self._pending.reconstruct(moving)
                 self._pending.remove(moving)
                 self._backfilled.add(moving, old_vectors)
@@ -317,6 +318,7 @@ class IndexShard:
                 raise ValueError("cannot roll back: the index was promoted and the old space dropped")
             moved = np.flatnonzero(self._state != Space.OLD.code).astype(np.int64)
             if len(moved):
+                assert self._pending is not None and self._backfilled is not None  # not promoted, items loaded
                 self._pending.add(moved, self._backfilled.reconstruct(moved))
                 self._backfilled.reset()
             self._new = None
@@ -363,7 +365,7 @@ class IndexShard:
                     f"the new space yet: use 'rank_merge', or move every item to the new space first"
                 )
             return [("new", q, None), ("pending", q, Space.OLD.code)]
-        parts = []
+        parts: list[tuple[str, np.ndarray, int | None]] = []
         if self._size("pending") or (queries_old is not None and not self._promoted):
             q = self._queries(self._required(queries_old, "queries_old", strategy), old_dim, "queries_old")
             parts.append(("pending", q, Space.OLD.code))
@@ -389,6 +391,7 @@ class IndexShard:
 
     def _search_part(self, name: str, queries: np.ndarray, k: int, code: int | None) -> TopK:
         store = self._index(name)
+        assert store is not None  # only non-empty indexes are searched
         faiss.cvar.distance_compute_blas_threshold = BLAS_MIN_QUERIES * store.index.d  # per process; under the lock
         scores, labels = self._searchable(name, store.index, k).search(queries, min(k, store.ntotal))
         slots = store.slots_of(labels)
@@ -419,12 +422,14 @@ class IndexShard:
             old = new = None
             if self._old_space is not None and not self._promoted:
                 old = np.zeros((len(ids), self._old_space.dim), dtype=np.float32)
+                assert self._pending is not None and self._backfilled is not None  # not promoted
                 waiting = states == Space.OLD.code
                 if waiting.any():
                     old[waiting] = self._pending.reconstruct(slots[waiting])
                 if (~waiting).any():
                     old[~waiting] = self._backfilled.reconstruct(slots[~waiting])
             if self._new is not None:
+                assert self._new_space is not None  # set with the new index
                 new = np.zeros((len(ids), self._new_space.dim), dtype=np.float32)
                 moved = states != Space.OLD.code
                 if moved.any():
@@ -448,11 +453,12 @@ class IndexShard:
             raise ValueError("this shard has no snapshot_uri; create it with one to take snapshots")
         with self._lock:
             self._set_threads()
-            stores = {name: self._index(name) for name in INDEXES if self._index(name) is not None}
+            stores = {name: store for name in INDEXES if (store := self._index(name)) is not None}
             items = io.BytesIO()
-            np.savez(items, ids=self._ids, state=self._state,
-                     **{f"{name}_rows": store.row_slots() for name, store in stores.items()})
-            blobs = {"meta.json": json.dumps(self._meta()).encode(), "items.npz": items.getvalue()}
+            rows = {f"{name}_rows": store.row_slots() for name, store in stores.items()}
+            np.savez(items, ids=self._ids, state=self._state, **rows)  # type: ignore[arg-type]  # mypy: **rows vs allow_pickle
+            blobs: dict[str, bytes | memoryview] = {
+                "meta.json": json.dumps(self._meta()).encode(), "items.npz": items.getvalue()}
             blobs |= {f"{name}.faiss": _to_bytes(store.index) for name, store in stores.items()}
             items_held = len(self._ids)
         uri = write_snapshot(self._snapshot_uri, blobs)
@@ -487,7 +493,7 @@ class IndexShard:
         self._new_space = SpaceInfo(**meta["new_space"]) if meta["new_space"] else None
         self._promoted = bool(meta["promoted"])
         for store in restored.values():
-            if self._config.kind == "ivf":
+            if isinstance(store.index, faiss.IndexIVF):
                 store.index.nprobe = self._config.nprobe
         self._pending = restored.get("pending")
         self._backfilled = restored.get("backfilled")

@@ -44,12 +44,13 @@ def latest_version(root: str) -> str | None:
     return pointer["version"] if pointer else None
 
 
-def write_snapshot(root: str, blobs: dict[str, bytes], keep: int = 2) -> str:
+def write_snapshot(root: str, blobs: dict[str, bytes | memoryview], keep: int = 2) -> str:
     """Write ``blobs`` as a new snapshot, commit it, prune all but the ``keep`` newest; return its URI."""
     if keep < 1:
         raise ValueError(f"keep must be at least 1, got {keep}")
     previous = latest_version(root)
-    seq = int(_VERSION.match(previous).group(1)) + 1 if previous else 1
+    match = _VERSION.match(previous) if previous else None  # _read_pointer checked it against _VERSION
+    seq = int(match.group(1)) + 1 if match else 1
     version = f"v{seq:08d}-{uuid.uuid4().hex[:8]}"
     for name, data in blobs.items():
         write_bytes(join(root, version, name), data)

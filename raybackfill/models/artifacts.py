@@ -166,6 +166,14 @@ class LoadedModel:
     module: nn.Module  # in eval mode, on the CPU
     spec: ModelSpec
 
+    @property
+    def classifier(self) -> nn.Linear:
+        """The backbone's linear classifier head (BCT, the FastFill loss and the classifier orders read it)."""
+        head = getattr(self.module, "classifier", None)
+        if not isinstance(head, nn.Linear):
+            raise ArtifactError(f"model {self.spec.version!r} ({self.spec.architecture}) has no linear classifier")
+        return head
+
 
 def _is_torchvision_model(name: str) -> bool:
     from torchvision.models import list_models  # imported here: only torchvision specs need it

@@ -189,6 +189,7 @@ def train_backbone(
         "augment": augment,
     }
     if loss is BackboneLoss.BCT:
+        assert old_model is not None  # refused above for every loss but classification
         weight, bias = _bct_old_classifier(images_uri, old_model, num_classes)
         config.update(old_classifier_weight=weight, old_classifier_bias=bias)
     elif loss is BackboneLoss.RACT:
@@ -212,11 +213,11 @@ def train_backbone(
 
 def _bct_old_classifier(images_uri: str, old_model: str, num_classes: int) -> tuple[np.ndarray, ...]:
     """BCT's frozen old classifier, with rows synthesized (class-mean old features) for new classes."""
-    old = load_model(old_model).module
+    old = load_model(old_model).classifier
     with tempfile.TemporaryDirectory() as scratch:
         embed_gallery(images_uri, {EMBEDDING: old_model}, scratch, progress=False)
         features, labels = old_features_by_id(storage.read_table(scratch, columns=[ID, EMBEDDING, LABEL]))
-    weight, bias = synthesize_old_classifier(old.classifier.weight, old.classifier.bias, features, labels, num_classes)
+    weight, bias = synthesize_old_classifier(old.weight, old.bias, features, labels, num_classes)
     return weight.numpy(), bias.numpy()
 
 
@@ -331,7 +332,7 @@ def train_transformation(
     architecture = "fastfill_transformation" if uncertainty else "forward_transformation"
     config: dict = {"architecture": architecture, "kwargs": kwargs}
     if uncertainty:
-        classifier = load_model(new_model).module.classifier
+        classifier = load_model(new_model).classifier
         config.update(
             new_classifier_weight=classifier.weight.detach().numpy(),
             new_classifier_bias=classifier.bias.detach().numpy(),

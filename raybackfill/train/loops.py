@@ -11,7 +11,7 @@ frozen tensors (the old or new classifier) travel in the loop config.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import ray.train
 import ray.train.torch
@@ -79,7 +79,9 @@ class Worker:
     def meters(self, *names: str) -> dict[str, RunningMean]:
         return {name: RunningMean(self.device) for name in names}
 
-    def validate(self, score: Callable[[dict[str, torch.Tensor]], dict[str, tuple[torch.Tensor, int]]]) -> dict:
+    def validate(
+        self, score: Callable[[dict[str, torch.Tensor]], Mapping[str, tuple[torch.Tensor | float, int]]]
+    ) -> dict:
         """``val_<name>`` means over the validation rows of what ``score(batch)`` returns as (value, n) pairs,
         and ``val_rows`` (none without a validation dataset). The model is in eval mode, without gradients."""
         if not self.has_validation:
@@ -114,17 +116,17 @@ def backbone_loop(config: dict) -> None:
     """independent / bct / ract: classification loss plus the method's compatibility term. With a validation
     split, the run keeps the latest epoch within a standard error of the best validation accuracy."""
     worker = Worker(config, Monitor("val_accuracy", Goal.MAX, rows="val_rows"))
-    model, device, loss = worker.model, worker.device, config["backbone_loss"]
+    model, device, backbone_loss = worker.model, worker.device, config["backbone_loss"]
     old_model = None
-    if loss is BackboneLoss.RACT:
+    if backbone_loss is BackboneLoss.RACT:
         old_model = load_model(config["old_model"]).module.to(device).eval()
         for p in old_model.parameters():
             p.requires_grad_(False)
-    if loss is BackboneLoss.BCT:
+    if backbone_loss is BackboneLoss.BCT:
         old_weight = torch.as_tensor(config["old_classifier_weight"], device=device)
         old_bias = torch.as_tensor(config["old_classifier_bias"], device=device)
 
-    def score(batch: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, int]]:
+    def score(batch: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor | float, int]]:
         labels = batch["label"].long()
         _, logits = model(batch["pixels"])
         n = len(labels)
@@ -140,11 +142,12 @@ def backbone_loop(config: dict) -> None:
             labels = batch["label"].long()
             features, logits = model(images)
             ce = losses.classification_loss(logits, labels)
-            if loss is BackboneLoss.BCT:
+            if backbone_loss is BackboneLoss.BCT:
                 compat = losses.bct_influence_loss(features, labels, old_weight, old_bias)
-            elif loss is BackboneLoss.RACT:
+            elif backbone_loss is BackboneLoss.RACT:
+                assert old_model is not None  # loaded above for RACT
                 with torch.no_grad():
-                    old_features = old_model.embed(images)
+                    old_features = old_model.embed(images)  # type: ignore[operator]  # torch: Module.__getattr__
                 compat = losses.ract_loss(features, old_features, labels, config["tau"], config["k"])
             else:
                 compat = torch.zeros((), device=device)
@@ -177,7 +180,11 @@ def side_info_loop(config: dict) -> None:
             worker.step(loss)
             meter.add(loss, len(batch["pixels"]))
         views = torch.Generator().manual_seed(worker.train.seed)  # the same validation views every epoch
-        validation = worker.validate(lambda b, g=views: {"loss": (nt_xent(b["pixels"], g), len(b["pixels"]))})
+
+        def val_loss(b: dict[str, torch.Tensor], g: torch.Generator = views) -> dict[str, tuple[torch.Tensor, int]]:
+            return {"loss": (nt_xent(b["pixels"], g), len(b["pixels"]))}
+
+        validation = worker.validate(val_loss)
         worker.end_epoch(epoch, {"loss": meter.value()} | validation)
 
 

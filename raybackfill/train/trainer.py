@@ -175,7 +175,7 @@ def fit(
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=config.max_failures),
         ),
-        datasets=datasets,
+        datasets=datasets,  # type: ignore[arg-type]  # ray annotates an invariant dict where a Mapping would do
         dataset_config=_ordered_ingest([name for name, mode in ingest.items() if mode is Ingest.STREAM]),
     )
     result = trainer.fit()
