@@ -124,8 +124,11 @@ def bare_embed(model: torch.nn.Module, images_uri: str, size: int, batch_size: i
     rows = 0
     with torch.inference_mode():
         for start in range(lo, hi, batch_size):
-            pixels = ImagePreprocessing(crop=size).prepare(column.slice(start, min(batch_size, hi - start)).to_pylist()
-                                                           ).values
+            pixels = (
+                ImagePreprocessing(crop=size)
+                .prepare(column.slice(start, min(batch_size, hi - start)).to_pylist())
+                .values
+            )
             rows += len(model.embed(torch.from_numpy(pixels)))  # type: ignore[operator]  # torch: Module.__getattr__
     return rows
 
@@ -155,9 +158,21 @@ def bare_processes(images_uri: str, model_uri: str, size: int, batch_size: int, 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), *sys.path])}
     workers = [
         subprocess.Popen(
-            [sys.executable, __file__, "--bare-worker", images_uri, model_uri, str(size), str(batch_size),
-             str(part), str(procs)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+            [
+                sys.executable,
+                __file__,
+                "--bare-worker",
+                images_uri,
+                model_uri,
+                str(size),
+                str(batch_size),
+                str(part),
+                str(procs),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
         )
         for part in range(procs)
     ]
@@ -255,8 +270,9 @@ def steady_rate(items: int, seconds: list[float], seconds_2x: list[float]) -> fl
     return items / extra if extra > 0 else None
 
 
-def transform_ratios(transform_rate: float, transform_steady: float | None, images: int, seconds: list[float],
-                     seconds_2x: list[float]) -> dict:
+def transform_ratios(
+    transform_rate: float, transform_steady: float | None, images: int, seconds: list[float], seconds_2x: list[float]
+) -> dict:
     """Transform vs one backbone's re-embedding: end to end, and in steady state when both sides have one."""
     reembed_rate, reembed_steady = median_rate(images, seconds), steady_rate(images, seconds, seconds_2x)
     return {
@@ -278,8 +294,9 @@ def backbone_sizes(text: str) -> list[tuple[str, int]]:
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, _, count = item.partition(":")
         if name not in BACKBONES or not count.isdigit() or int(count) < 1:
-            raise argparse.ArgumentTypeError(f"expected BACKBONE:IMAGES with BACKBONE in {sorted(BACKBONES)}, "
-                                             f"got {item!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected BACKBONE:IMAGES with BACKBONE in {sorted(BACKBONES)}, got {item!r}"
+            )
         pairs.append((name, int(count)))
     return pairs
 
@@ -305,18 +322,27 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--images", type=int, default=10_000, help="images embedded (default 10k)")
     parser.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
     parser.add_argument("--embeddings", type=int, default=200_000, help="stored old embeddings (default 200k)")
-    parser.add_argument("--backbone", choices=sorted(BACKBONES), default="small_cnn",
-                        help="the re-embedding backbone (default small_cnn, the cheapest: worst case for the ratio)")
-    parser.add_argument("--reembed-also", type=backbone_sizes, default="resnet18:1000",
-                        help="heavier backbones for transform_vs_reembed, as NAME:IMAGES,... ('' for none)")
+    parser.add_argument(
+        "--backbone",
+        choices=sorted(BACKBONES),
+        default="small_cnn",
+        help="the re-embedding backbone (default small_cnn, the cheapest: worst case for the ratio)",
+    )
+    parser.add_argument(
+        "--reembed-also",
+        type=backbone_sizes,
+        default="resnet18:1000",
+        help="heavier backbones for transform_vs_reembed, as NAME:IMAGES,... ('' for none)",
+    )
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--transform-batch-size", type=int, default=8192)
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="total threads, both sides")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/bench_backfill.json")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"small run for a smoke test: defaults {QUICK} (explicit flags still win)")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"small run for a smoke test: defaults {QUICK} (explicit flags still win)"
+    )
     if parser.parse_known_args(argv)[0].quick:
         parser.set_defaults(**QUICK)
     args = parser.parse_args(argv)
@@ -330,29 +356,33 @@ def main(argv: list[str] | None = None) -> dict:
     previous_limits = context.execution_options.resource_limits
     # One actor (1 torch thread, half a CPU) per CPU of the budget; decode tasks take the other halves.
     pool = PoolConfig(actors=args.cpus, cpus_per_actor=0.5, gpus_per_actor=0.0, batch_size=args.batch_size)
-    transform_pool = PoolConfig(actors=args.cpus, cpus_per_actor=0.5, gpus_per_actor=0.0,
-                                batch_size=args.transform_batch_size)
+    transform_pool = PoolConfig(
+        actors=args.cpus, cpus_per_actor=0.5, gpus_per_actor=0.0, batch_size=args.transform_batch_size
+    )
     with tempfile.TemporaryDirectory(prefix="bench-backfill-") as root:
         try:
             context.execution_options.resource_limits = previous_limits.copy(cpu=args.cpus)
             paths = write_inputs(root, args)
             n = args.images
 
-            bare_one = [bare_one_process(paths["images"], paths["backbone"], args.size, args.batch_size, args.cpus)
-                        for _ in range(args.repeats)]
+            bare_one = [
+                bare_one_process(paths["images"], paths["backbone"], args.size, args.batch_size, args.cpus)
+                for _ in range(args.repeats)
+            ]
             bare = {f"1 process x {args.cpus} threads": bare_one}
             if args.cpus > 1:
                 bare[f"{args.cpus} processes x 1 thread"] = bare_processes(
-                    paths["images"], paths["backbone"], args.size, args.batch_size, args.cpus, args.repeats)
+                    paths["images"], paths["backbone"], args.size, args.batch_size, args.cpus, args.repeats
+                )
             best_bare = min(bare, key=lambda name: statistics.median(bare[name]))
-            pipe = [pipeline_embed(paths["images"], paths["backbone"], args.size, pool)[0]
-                    for _ in range(args.repeats)]
+            pipe = [pipeline_embed(paths["images"], paths["backbone"], args.size, pool)[0] for _ in range(args.repeats)]
             bare_2x, pipe_2x = [], []
             for _ in range(args.repeats):  # interleaved: the box's speed drifts between minutes
-                bare_2x.append(bare_processes(paths["images_2x"], paths["backbone"], args.size, args.batch_size,
-                                              args.cpus, 1)[0] if best_bare != next(iter(bare)) else
-                               bare_one_process(paths["images_2x"], paths["backbone"], args.size, args.batch_size,
-                                                args.cpus))
+                bare_2x.append(
+                    bare_processes(paths["images_2x"], paths["backbone"], args.size, args.batch_size, args.cpus, 1)[0]
+                    if best_bare != next(iter(bare))
+                    else bare_one_process(paths["images_2x"], paths["backbone"], args.size, args.batch_size, args.cpus)
+                )
                 pipe_2x.append(pipeline_embed(paths["images_2x"], paths["backbone"], args.size, pool))
 
             outputs = iter(os.path.join(root, f"out-{i}") for i in itertools.count())
@@ -367,19 +397,28 @@ def main(argv: list[str] | None = None) -> dict:
                 embed_gallery(images_uri, {EMBEDDING: backbone_uri}, next(outputs), pool=pool, progress=False)
                 return time.perf_counter() - start
 
-            bare_transform_s = [bare_transform(paths["old"], paths["fct"], args.transform_batch_size, args.cpus)
-                                for _ in range(args.repeats)]
+            bare_transform_s = [
+                bare_transform(paths["old"], paths["fct"], args.transform_batch_size, args.cpus)
+                for _ in range(args.repeats)
+            ]
             transform_s = [transform_seconds(paths["old"]) for _ in range(args.repeats)]
             transform_2x = [transform_seconds(paths["old_2x"]) for _ in range(args.repeats)]
-            reembed = {args.backbone: (n, [reembed_seconds(paths["images"], paths["backbone"])
-                                           for _ in range(args.repeats)],
-                                       [reembed_seconds(paths["images_2x"], paths["backbone"])
-                                        for _ in range(args.repeats)])}
+            reembed = {
+                args.backbone: (
+                    n,
+                    [reembed_seconds(paths["images"], paths["backbone"]) for _ in range(args.repeats)],
+                    [reembed_seconds(paths["images_2x"], paths["backbone"]) for _ in range(args.repeats)],
+                )
+            }
             for name, count in args.reembed_also:
-                reembed[name] = (count, [reembed_seconds(paths[f"images_{name}"], paths[f"backbone_{name}"])
-                                         for _ in range(args.repeats)],
-                                 [reembed_seconds(paths[f"images_{name}_2x"], paths[f"backbone_{name}"])
-                                  for _ in range(args.repeats)])
+                reembed[name] = (
+                    count,
+                    [reembed_seconds(paths[f"images_{name}"], paths[f"backbone_{name}"]) for _ in range(args.repeats)],
+                    [
+                        reembed_seconds(paths[f"images_{name}_2x"], paths[f"backbone_{name}"])
+                        for _ in range(args.repeats)
+                    ],
+                )
         finally:
             context.execution_options.resource_limits = previous_limits
             if owns_ray:
@@ -393,8 +432,10 @@ def main(argv: list[str] | None = None) -> dict:
     steady_ratio = pipe_steady / bare_steady
     transform_rate = median_rate(args.embeddings, transform_s)
     transform_steady = steady_rate(args.embeddings, transform_s, transform_2x)
-    by_backbone = {name: transform_ratios(transform_rate, transform_steady, count, seconds, seconds_2x)
-                   for name, (count, seconds, seconds_2x) in reembed.items()}
+    by_backbone = {
+        name: transform_ratios(transform_rate, transform_steady, count, seconds, seconds_2x)
+        for name, (count, seconds, seconds_2x) in reembed.items()
+    }
     bare_transform_rate = median_rate(args.embeddings, bare_transform_s)
     load_end = os.getloadavg()
 
@@ -404,10 +445,10 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": {**machine_info(), "loadavg_start": load_start, "loadavg_end": load_end},
         "embed_pipeline_vs_bare": {
             "what": f"{args.backbone} {BACKBONES[args.backbone]} on {n} {args.size}x{args.size} PNGs, "
-                    f"batch {args.batch_size}, "
-                    f"{args.cpus} CPUs per side; pipeline: {pool.actors} EmbedRows actors x 1 thread "
-                    f"({pool.cpus_per_actor} CPU each), Ray Data CPU limit {args.cpus}, driver consumes batches; "
-                    "bare: warmed workers, read Parquet + ImagePreprocessing.prepare + embed",
+            f"batch {args.batch_size}, "
+            f"{args.cpus} CPUs per side; pipeline: {pool.actors} EmbedRows actors x 1 thread "
+            f"({pool.cpus_per_actor} CPU each), Ray Data CPU limit {args.cpus}, driver consumes batches; "
+            "bare: warmed workers, read Parquet + ImagePreprocessing.prepare + embed",
             "ratio": pipe_rate / bare_rates[best],
             "target": 0.8,
             "pipeline_items_per_s": pipe_rate,
@@ -429,9 +470,9 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "transform_vs_reembed": {
             "what": f"transform_embeddings of {args.embeddings} stored {OLD_DIM}-d embeddings through "
-                    f"forward_transformation {FCT_KWARGS} vs embed_gallery of {n} images with {args.backbone}; "
-                    f"both end to end with writes, {args.cpus} actors x 0.5 CPU; by_backbone: the same transform "
-                    "runs against other backbones' re-embedding",
+            f"forward_transformation {FCT_KWARGS} vs embed_gallery of {n} images with {args.backbone}; "
+            f"both end to end with writes, {args.cpus} actors x 0.5 CPU; by_backbone: the same transform "
+            "runs against other backbones' re-embedding",
             **by_backbone[args.backbone],
             "target": 50.0,
             "compute_bound_ratio": bare_transform_rate / bare_rates[best],
@@ -448,18 +489,26 @@ def main(argv: list[str] | None = None) -> dict:
     embed = result["embed_pipeline_vs_bare"]
     for name, rate in bare_rates.items():
         print(f"bare {name}: {rate:,.0f} img/s")
-    steady_text = (f"steady state {pipe_steady:,.0f} vs {bare_steady:,.0f} img/s = {steady_ratio:.2f}, "
-                   f"first batch after {embed['pipeline_startup_seconds']:.1f} s")
-    print(f"pipeline: {pipe_rate:,.0f} img/s end to end, ratio to best bare ({best}) {embed['ratio']:.2f}; "
-          f"{steady_text} (target >= 0.8)")
+    steady_text = (
+        f"steady state {pipe_steady:,.0f} vs {bare_steady:,.0f} img/s = {steady_ratio:.2f}, "
+        f"first batch after {embed['pipeline_startup_seconds']:.1f} s"
+    )
+    print(
+        f"pipeline: {pipe_rate:,.0f} img/s end to end, ratio to best bare ({best}) {embed['ratio']:.2f}; "
+        f"{steady_text} (target >= 0.8)"
+    )
     for name, figures in by_backbone.items():
         steady = figures["ratio_steady"]
-        print(f"transform vs re-embed with {name}: {figures['transform_items_per_s']:,.0f} vs "
-              f"{figures['reembed_items_per_s']:,.0f} items/s = {figures['ratio']:.1f}x end to end, "
-              + ("steady state lost in noise" if steady is None else f"{steady:.1f}x in steady state")
-              + " (target >= 50)")
-    print(f"compute bound with {args.backbone}: bare transform {bare_transform_rate:,.0f} items/s vs bare embed "
-          f"{bare_rates[best]:,.0f} img/s = {result['transform_vs_reembed']['compute_bound_ratio']:.1f}x")
+        print(
+            f"transform vs re-embed with {name}: {figures['transform_items_per_s']:,.0f} vs "
+            f"{figures['reembed_items_per_s']:,.0f} items/s = {figures['ratio']:.1f}x end to end, "
+            + ("steady state lost in noise" if steady is None else f"{steady:.1f}x in steady state")
+            + " (target >= 50)"
+        )
+    print(
+        f"compute bound with {args.backbone}: bare transform {bare_transform_rate:,.0f} items/s vs bare embed "
+        f"{bare_rates[best]:,.0f} img/s = {result['transform_vs_reembed']['compute_bound_ratio']:.1f}x"
+    )
     print(f"load average {load_start[0]:.1f} -> {load_end[0]:.1f} on {os.cpu_count()} cores; wrote {out}")
     return result
 

@@ -124,8 +124,15 @@ def probe_latency(router, q_old: np.ndarray, q_new: np.ndarray) -> list[float]:
     return seconds
 
 
-def probe_during_upserts(router, q_old: np.ndarray, q_new: np.ndarray, batches: list[np.ndarray], d: int,
-                         seed: int, rate: float | None = None) -> tuple[list[float], dict]:
+def probe_during_upserts(
+    router,
+    q_old: np.ndarray,
+    q_new: np.ndarray,
+    batches: list[np.ndarray],
+    d: int,
+    seed: int,
+    rate: float | None = None,
+) -> tuple[list[float], dict]:
     """Probe latency while a thread upserts ``batches`` (cycling) of fresh new-space vectors until the probes
     end, at most ``rate`` items/s (None: as fast as they are taken); returns the probe seconds and what the
     upsert thread achieved."""
@@ -176,14 +183,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="total threads, both sides")
     parser.add_argument("--beta", type=float, default=0.5, help="backfilled fraction for merged queries")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--latency-probes", type=int, default=1000,
-                        help="single queries per latency measurement, idle and during upserts (default 1000)")
-    parser.add_argument("--paced-rate", type=float, default=float(BACKFILL_TARGET_ITEMS_PER_S),
-                        help="items/s of the paced upserts during the second latency measurement (default 20k)")
+    parser.add_argument(
+        "--latency-probes",
+        type=int,
+        default=1000,
+        help="single queries per latency measurement, idle and during upserts (default 1000)",
+    )
+    parser.add_argument(
+        "--paced-rate",
+        type=float,
+        default=float(BACKFILL_TARGET_ITEMS_PER_S),
+        help="items/s of the paced upserts during the second latency measurement (default 20k)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/bench_index.json")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"small run for a smoke test: defaults {QUICK} (explicit flags still win)")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"small run for a smoke test: defaults {QUICK} (explicit flags still win)"
+    )
     if parser.parse_known_args(argv)[0].quick:
         parser.set_defaults(**QUICK)
     args = parser.parse_args(argv)
@@ -209,8 +225,9 @@ def main(argv: list[str] | None = None) -> dict:
             get(router.load_old.remote(ids[lo : lo + CHUNK], old[lo : lo + CHUNK], "v1"))
         load_s = time.perf_counter() - start
 
-        old_s, old_result = best_of(args.repeats,
-                                    lambda: get(router.search.remote(queries, None, args.k, Strategy.OLD)))
+        old_s, old_result = best_of(
+            args.repeats, lambda: get(router.search.remote(queries, None, args.k, Strategy.OLD))
+        )
         same_as_bare = float(np.mean(old_result.ids == bare_ids))
 
         order = rng.permutation(args.n)
@@ -223,12 +240,16 @@ def main(argv: list[str] | None = None) -> dict:
 
         strategies = {}
         for strategy in Strategy:
+
             def search(s=strategy):
                 return get(router.search.remote(queries, queries, args.k, s))
 
             seconds, _ = best_of(args.repeats, search)
-            strategies[strategy] = {"seconds": seconds, "qps": args.queries / seconds,
-                                    "ratio_to_bare": (args.queries / seconds) / (args.queries / bare_s)}
+            strategies[strategy] = {
+                "seconds": seconds,
+                "qps": args.queries / seconds,
+                "ratio_to_bare": (args.queries / seconds) / (args.queries / bare_s),
+            }
 
         probes_old = unit_rows(rng, args.latency_probes, args.d)
         probes_new = unit_rows(rng, args.latency_probes, args.d)
@@ -237,8 +258,9 @@ def main(argv: list[str] | None = None) -> dict:
         pool = ids[still_old] if len(still_old) else ids
         batches = [pool[lo : lo + CHUNK] for lo in range(0, len(pool), CHUNK)]
         busy, upserts = probe_during_upserts(router, probes_old, probes_new, batches, args.d, args.seed + 1)
-        paced, paced_upserts = probe_during_upserts(router, probes_old, probes_new, batches, args.d, args.seed + 2,
-                                                    rate=args.paced_rate)
+        paced, paced_upserts = probe_during_upserts(
+            router, probes_old, probes_new, batches, args.d, args.seed + 2, rate=args.paced_rate
+        )
     finally:
         destroy_index(config.name)
         if owns_ray:
@@ -255,8 +277,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     latency: dict[str, Any] = {
         "what": f"{args.latency_probes} single queries, k={LATENCY_K}, strategy {LATENCY_STRATEGY}, one per call, "
-                f"sequential; during_upserts: a thread upserts {CHUNK} new-space vectors per call meanwhile, as "
-                f"fast as they are taken; during_paced_upserts: the same at {args.paced_rate:,.0f} items/s",
+        f"sequential; during_upserts: a thread upserts {CHUNK} new-space vectors per call meanwhile, as "
+        f"fast as they are taken; during_paced_upserts: the same at {args.paced_rate:,.0f} items/s",
         "idle": percentiles_ms(idle),
         # upserted items beyond items_still_old_before were re-upserts
         "during_upserts": {**during(busy, upserts), "items_still_old_before": len(still_old)},
@@ -270,10 +292,14 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "bench_index",
         "config": vars(args),
         "machine": {**machine_info(), "loadavg_start": load_start, "loadavg_end": load_end},
-        "baseline": {"what": f"bare faiss.IndexFlatIP, one process, best of {sorted(bare)} threads",
-                     "threads": best_threads, "add_seconds": add_s, "search_seconds": bare_s,
-                     "qps": args.queries / bare_s,
-                     "qps_by_threads": {t: args.queries / b[1] for t, b in bare.items()}},
+        "baseline": {
+            "what": f"bare faiss.IndexFlatIP, one process, best of {sorted(bare)} threads",
+            "threads": best_threads,
+            "add_seconds": add_s,
+            "search_seconds": bare_s,
+            "qps": args.queries / bare_s,
+            "qps_by_threads": {t: args.queries / b[1] for t, b in bare.items()},
+        },
         "index": {
             "what": f"{args.shards} shard actors x {args.cpus / args.shards:g} CPU behind the router",
             "load_seconds": load_s,
@@ -297,12 +323,14 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"index at beta={args.beta}, {name}: {r['qps']:,.0f} QPS, ratio {r['ratio_to_bare']:.2f}")
     print(f"upsert: {result['index']['upsert_items_per_s'] or 0:,.0f} items/s")
     busy_ms, paced_ms = latency["during_upserts"], latency["during_paced_upserts"]
-    print(f"single-query {LATENCY_STRATEGY} latency: idle p50 {latency['idle']['p50_ms']:.1f} ms, "
-          f"p99 {latency['idle']['p99_ms']:.1f} ms; during upserts ({busy_ms['upserts_per_s']:,.0f} items/s) "
-          f"p50 {busy_ms['p50_ms']:.1f} ms, p99 {busy_ms['p99_ms']:.1f} ms (p99 x{latency['p99_ratio']:.2f}); "
-          f"paced ({paced_ms['upserts_per_s']:,.0f} items/s) p50 {paced_ms['p50_ms']:.1f} ms, "
-          f"p99 {paced_ms['p99_ms']:.1f} ms "
-          f"(p99 x{latency['p99_ratio_paced']:.2f})")
+    print(
+        f"single-query {LATENCY_STRATEGY} latency: idle p50 {latency['idle']['p50_ms']:.1f} ms, "
+        f"p99 {latency['idle']['p99_ms']:.1f} ms; during upserts ({busy_ms['upserts_per_s']:,.0f} items/s) "
+        f"p50 {busy_ms['p50_ms']:.1f} ms, p99 {busy_ms['p99_ms']:.1f} ms (p99 x{latency['p99_ratio']:.2f}); "
+        f"paced ({paced_ms['upserts_per_s']:,.0f} items/s) p50 {paced_ms['p50_ms']:.1f} ms, "
+        f"p99 {paced_ms['p99_ms']:.1f} ms "
+        f"(p99 x{latency['p99_ratio_paced']:.2f})"
+    )
     print(f"load average {load_start[0]:.1f} -> {load_end[0]:.1f} on {os.cpu_count()} cores; wrote {out}")
     return result
 

@@ -157,9 +157,17 @@ def scale_point(root: str, n: int, probes: int, seed: int) -> dict:
         load_s = time.perf_counter() - start
         del old
         backfill = BackfillConfig(
-            gallery=paths["gallery"], old_embeddings=paths["old"], upgrade=paths["backbone"], out=paths["out"],
-            method=Method.FCT, transformation=paths["fct"], policy=Policy.ID, budget=0, index=SCALE_INDEX,
-            pool=PoolConfig(actors=1, cpus_per_actor=0.5, gpus_per_actor=0.0), progress=False,
+            gallery=paths["gallery"],
+            old_embeddings=paths["old"],
+            upgrade=paths["backbone"],
+            out=paths["out"],
+            method=Method.FCT,
+            transformation=paths["fct"],
+            policy=Policy.ID,
+            budget=0,
+            index=SCALE_INDEX,
+            pool=PoolConfig(actors=1, cpus_per_actor=0.5, gpus_per_actor=0.0),
+            progress=False,
         )
         loadavg_start = os.getloadavg()
         with PeakMemory() as memory:
@@ -173,8 +181,9 @@ def scale_point(root: str, n: int, probes: int, seed: int) -> dict:
         rng = np.random.default_rng(seed + 1)
         q_old, q_new = (bench_index.unit_rows(rng, probes + bench_index.WARMUP_PROBES, 128) for _ in range(2))
         bench_index.probe_latency(router, q_old[: bench_index.WARMUP_PROBES], q_new[: bench_index.WARMUP_PROBES])
-        latency = bench_index.probe_latency(router, q_old[bench_index.WARMUP_PROBES :],
-                                            q_new[bench_index.WARMUP_PROBES :])
+        latency = bench_index.probe_latency(
+            router, q_old[bench_index.WARMUP_PROBES :], q_new[bench_index.WARMUP_PROBES :]
+        )
     finally:
         destroy_index(SCALE_INDEX)
     return {
@@ -186,8 +195,12 @@ def scale_point(root: str, n: int, probes: int, seed: int) -> dict:
         "peak_pss_bytes": memory.peak_pss,
         "peak_rss_sum_bytes": memory.peak_rss,
         "peak_processes": memory.peak_processes,
-        "query": {"strategy": bench_index.LATENCY_STRATEGY, "k": bench_index.LATENCY_K, "probes": probes,
-                  **bench_index.percentiles_ms(latency)},
+        "query": {
+            "strategy": bench_index.LATENCY_STRATEGY,
+            "k": bench_index.LATENCY_K,
+            "probes": probes,
+            **bench_index.percentiles_ms(latency),
+        },
         "loadavg_start": loadavg_start,
         "loadavg_end": loadavg_end,
     }
@@ -243,10 +256,18 @@ def run(args: argparse.Namespace) -> dict:
     init_ray(num_cpus=args.cpus)
     try:
         with tempfile.TemporaryDirectory(prefix="bench-suite-") as root:
-            backfill = bench_backfill.main(sub_argv(args, os.path.join(root, "backfill.json"), images=args.images,
-                                                    batch_size=args.batch_size, embeddings=args.embeddings))
-            index = bench_index.main(sub_argv(args, os.path.join(root, "index.json"), n=args.index_n,
-                                              latency_probes=args.probes))
+            backfill = bench_backfill.main(
+                sub_argv(
+                    args,
+                    os.path.join(root, "backfill.json"),
+                    images=args.images,
+                    batch_size=args.batch_size,
+                    embeddings=args.embeddings,
+                )
+            )
+            index = bench_index.main(
+                sub_argv(args, os.path.join(root, "index.json"), n=args.index_n, latency_probes=args.probes)
+            )
             points = [scale_point(root, n, args.probes, args.seed) for n in args.sizes]
     finally:
         if owns_ray:
@@ -263,14 +284,18 @@ def run(args: argparse.Namespace) -> dict:
         "seconds": time.time() - started,
         "config": vars(args),
         "targets": TARGETS,
-        "machine": {**bench_index.machine_info(), **bench_backfill.machine_info(),
-                    "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
+        "machine": {
+            **bench_index.machine_info(),
+            **bench_backfill.machine_info(),
+            "loadavg_start": load_start,
+            "loadavg_end": os.getloadavg(),
+        },
         "embed_pipeline_vs_bare": {**backfill["embed_pipeline_vs_bare"], **loads(backfill)},
         "transform_vs_reembed": {**backfill["transform_vs_reembed"], **loads(backfill)},
         "merged_query_vs_bare_faiss": {
             "what": f"rank_merge top-{index['config']['k']} QPS, {index['config']['queries']} queries per call, "
-                    f"{index['config']['n']} items over {index['config']['shards']} shards with a fraction "
-                    f"{index['config']['beta']} backfilled, vs one bare IndexFlatIP holding the old vectors",
+            f"{index['config']['n']} items over {index['config']['shards']} shards with a fraction "
+            f"{index['config']['beta']} backfilled, vs one bare IndexFlatIP holding the old vectors",
             "ratio": merged["rank_merge"]["ratio_to_bare"],
             "target": 0.7,
             "ratio_by_strategy": {name: s["ratio_to_bare"] for name, s in merged.items()},
@@ -291,7 +316,7 @@ def run(args: argparse.Namespace) -> dict:
         },
         "scale_1m": {
             "what": f"backfill of {largest['items']} items through the transform path (plan by id, instant phase "
-                    "into a live 2-shard index, budget 0); peak memory of this process and its descendants",
+            "into a live 2-shard index, budget 0); peak memory of this process and its descendants",
             **largest,
             "peak_pss_gb": largest["peak_pss_bytes"] / 1e9,
             "target_gb": 8.0,
@@ -303,10 +328,10 @@ def run(args: argparse.Namespace) -> dict:
             "instant_seconds": [p["phases"]["instant"]["seconds"] for p in points],
             "query_p50_ms": [p["query"]["p50_ms"] for p in points],
             "query_p99_ms": [p["query"]["p99_ms"] for p in points],
-            "exponent_backfill_seconds": loglog_exponent([p["items"] for p in points],
-                                                         [p["wall_seconds"] for p in points]),
-            "exponent_query_p50": loglog_exponent([p["items"] for p in points],
-                                                  [p["query"]["p50_ms"] for p in points]),
+            "exponent_backfill_seconds": loglog_exponent(
+                [p["items"] for p in points], [p["wall_seconds"] for p in points]
+            ),
+            "exponent_query_p50": loglog_exponent([p["items"] for p in points], [p["query"]["p50_ms"] for p in points]),
             "points": points,
         },
     }
@@ -321,27 +346,39 @@ def run(args: argparse.Namespace) -> dict:
 def summary(result: dict) -> str:
     """The headline figures, one line each."""
     scale, growth = result["scale_1m"], result["growth"]
-    lines = [f"{key}: {result[key]['ratio']:.2f} (target {TARGETS[key]})"
-             for key in ("embed_pipeline_vs_bare", "transform_vs_reembed", "merged_query_vs_bare_faiss",
-                         "p99_live_vs_idle")]
+    lines = [
+        f"{key}: {result[key]['ratio']:.2f} (target {TARGETS[key]})"
+        for key in ("embed_pipeline_vs_bare", "transform_vs_reembed", "merged_query_vs_bare_faiss", "p99_live_vs_idle")
+    ]
     lines[0] += f"; steady state {result['embed_pipeline_vs_bare']['ratio_steady']:.2f}"
     transform = result["transform_vs_reembed"]
-    lines[1] += "".join(
-        f"; {name} {figures['ratio']:.1f}x"
-        + ("" if figures["ratio_steady"] is None else f" ({figures['ratio_steady']:.1f}x steady)")
-        for name, figures in transform["by_backbone"].items()
-    ) + f"; compute bound {transform['compute_bound_ratio']:.1f}x"
+    lines[1] += (
+        "".join(
+            f"; {name} {figures['ratio']:.1f}x"
+            + ("" if figures["ratio_steady"] is None else f" ({figures['ratio_steady']:.1f}x steady)")
+            for name, figures in transform["by_backbone"].items()
+        )
+        + f"; compute bound {transform['compute_bound_ratio']:.1f}x"
+    )
     paced = result["p99_live_vs_idle"]["during_paced_upserts"]
-    lines[3] += (f" with upserts as fast as taken; {result['p99_live_vs_idle']['ratio_paced']:.2f} at "
-                 f"{paced['upserts_per_s']:,.0f} items/s")
-    lines.append(f"scale ({scale['items']:,} items): {scale['wall_seconds']:.1f} s, "
-                 f"{scale['items_per_s']:,.0f} items/s, peak PSS {scale['peak_pss_gb']:.2f} GB "
-                 f"(target {TARGETS['scale_1m']})")
-    lines.append(f"growth {growth['items']}: backfill time ~ n^{growth['exponent_backfill_seconds']:.2f}, "
-                 f"query p50 ~ n^{growth['exponent_query_p50']:.2f}")
+    lines[3] += (
+        f" with upserts as fast as taken; {result['p99_live_vs_idle']['ratio_paced']:.2f} at "
+        f"{paced['upserts_per_s']:,.0f} items/s"
+    )
+    lines.append(
+        f"scale ({scale['items']:,} items): {scale['wall_seconds']:.1f} s, "
+        f"{scale['items_per_s']:,.0f} items/s, peak PSS {scale['peak_pss_gb']:.2f} GB "
+        f"(target {TARGETS['scale_1m']})"
+    )
+    lines.append(
+        f"growth {growth['items']}: backfill time ~ n^{growth['exponent_backfill_seconds']:.2f}, "
+        f"query p50 ~ n^{growth['exponent_query_p50']:.2f}"
+    )
     machine = result["machine"]
-    lines.append(f"load average {machine['loadavg_start'][0]:.1f} -> {machine['loadavg_end'][0]:.1f} "
-                 f"on {machine['cpus']} cores, {result['seconds']:.0f} s")
+    lines.append(
+        f"load average {machine['loadavg_start'][0]:.1f} -> {machine['loadavg_end'][0]:.1f} "
+        f"on {machine['cpus']} cores, {result['seconds']:.0f} s"
+    )
     return "\n".join(lines)
 
 

@@ -119,12 +119,15 @@ def _measured(run: dict) -> dict[str, tuple[str, str]]:
             f"{figures['reembed_items_per_s']:,.0f} items/s, {figures['reembed_images']:,} images), steady state "
             + ("lost in noise" if steady is None else f"{steady:.1f}x")
         )
-    parts.append(f"compute bound (bare transformation / best bare embedding loop) "
-                 f"{transform['compute_bound_ratio']:.1f}x")
-    others = ", ".join(f"{name} {ratio:.2f}" for name, ratio in merged["ratio_by_strategy"].items()
-                       if name != "rank_merge")
-    merged_text = (f"**{merged['ratio']:.2f}** ({merged['qps']:,.0f} vs {merged['bare_qps']:,.0f} QPS); "
-                   f"other strategies: {others}")
+    parts.append(
+        f"compute bound (bare transformation / best bare embedding loop) {transform['compute_bound_ratio']:.1f}x"
+    )
+    others = ", ".join(
+        f"{name} {ratio:.2f}" for name, ratio in merged["ratio_by_strategy"].items() if name != "rank_merge"
+    )
+    merged_text = (
+        f"**{merged['ratio']:.2f}** ({merged['qps']:,.0f} vs {merged['bare_qps']:,.0f} QPS); other strategies: {others}"
+    )
     busy, paced = live["during_upserts"], live["during_paced_upserts"]
     live_text = (
         f"**{live['ratio']:.2f}** unpaced ({busy['p99_ms']:.0f} vs {live['idle']['p99_ms']:.0f} ms, upserts at "
@@ -163,13 +166,17 @@ def _cell(text: str) -> str:
 
 def _key_table(run: dict) -> list[str]:
     measured, commands, targets = _measured(run), _commands(run), run["targets"]
-    lines = ["| key | what it measures | ratio | target | measured | verdict | reproduce |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| key | what it measures | ratio | target | measured | verdict | reproduce |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for key, (what, ratio) in KEYS.items():
         figures, verdict = measured[key]
         target = targets.get(key, "-")
-        lines.append(f"| `{key}` | {_cell(what)} | {ratio} | {_cell(target)} | {_cell(figures)} | {verdict} | "
-                     f"`{commands[key]}` |")
+        lines.append(
+            f"| `{key}` | {_cell(what)} | {ratio} | {_cell(target)} | {_cell(figures)} | {verdict} | "
+            f"`{commands[key]}` |"
+        )
     return lines
 
 
@@ -178,9 +185,11 @@ def _machine(run: dict) -> list[str]:
     blas = m.get("numpy_blas") or {}
     usable = m.get("cpus_usable")
     cores = f"{m['cpus']} cores" + (f" ({usable} usable)" if usable and usable != m["cpus"] else "")
-    parts = {"backfill benchmarks": run["embed_pipeline_vs_bare"],
-             "index benchmarks": run["merged_query_vs_bare_faiss"],
-             "largest scale point": run["scale_1m"]}
+    parts = {
+        "backfill benchmarks": run["embed_pipeline_vs_bare"],
+        "index benchmarks": run["merged_query_vs_bare_faiss"],
+        "largest scale point": run["scale_1m"],
+    }
     before = m["loadavg_start"][0]
     peak = max(x[0] for entry in (m, *parts.values()) for x in (entry["loadavg_start"], entry["loadavg_end"]))
     lines = [
@@ -196,24 +205,34 @@ def _machine(run: dict) -> list[str]:
         lines.append(
             f"- **Other work competed for the CPUs during this run** (load up to {peak:.1f} on {m['cpus']} cores). "
             "Its figures show that the suite runs end to end; they do not measure this code's speed. Re-run on an "
-            "idle machine before reading anything into a ratio.")
+            "idle machine before reading anything into a ratio."
+        )
     elif before > 0.5 * m["cpus"]:
-        lines.append(f"- The machine was not idle when the run started (load {before:.1f} on {m['cpus']} cores): "
-                     "read the ratios with that in mind.")
+        lines.append(
+            f"- The machine was not idle when the run started (load {before:.1f} on {m['cpus']} cores): "
+            "read the ratios with that in mind."
+        )
     return lines
 
 
 def _details(run: dict) -> list[str]:
     lines = []
-    for key in ("embed_pipeline_vs_bare", "transform_vs_reembed", "merged_query_vs_bare_faiss", "p99_live_vs_idle",
-                "scale_1m"):
+    for key in (
+        "embed_pipeline_vs_bare",
+        "transform_vs_reembed",
+        "merged_query_vs_bare_faiss",
+        "p99_live_vs_idle",
+        "scale_1m",
+    ):
         lines.append(f"- `{key}`: {run[key]['what']}.")
     return lines
 
 
 def _kept(runs: list[dict]) -> list[str]:
-    lines = ["| file | date (UTC) | sizes | minutes | load at start | embed | transform | merged query | p99 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| file | date (UTC) | sizes | minutes | load at start | embed | transform | merged query | p99 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for run in reversed(runs):
         lines.append(
             f"| `docs/benchmarks/{run['_file']}` | {run['date_utc']} | {'quick' if run['config']['quick'] else 'full'} "
@@ -247,8 +266,8 @@ def render(runs: list[dict] | None = None) -> str:
         "A *quick* run uses small sizes (a few thousand images, a 50k-vector index, galleries up to 100k items); the "
         "targets were set for the full sizes (10k images, a 1M-vector index, 1M items), so a quick run's verdicts "
         "are a smoke test, not the measurement."
-        if latest["config"]["quick"] else
-        "This is a full run: the sizes the targets were set for.",
+        if latest["config"]["quick"]
+        else "This is a full run: the sizes the targets were set for.",
         "",
         "Exactly what each side ran:",
         "",

@@ -125,9 +125,11 @@ def readme_summary() -> str:
     tally = _tally(every)
     always = sum(counts["holds"] == len(every) for _, counts in tally)
     never = sum(counts["holds"] == 0 for _, counts in tally)
-    return (f"Of the papers' {len(tally)} directions, {always} hold in all {len(every)} kept runs, "
-            f"{len(tally) - always - never} in some of them and {never} in none; where one does not hold, its gap "
-            "is noise or reversed. [docs/results.md](docs/results.md) gives every run's verdict and what it means.")
+    return (
+        f"Of the papers' {len(tally)} directions, {always} hold in all {len(every)} kept runs, "
+        f"{len(tally) - always - never} in some of them and {never} in none; where one does not hold, its gap "
+        "is noise or reversed. [docs/results.md](docs/results.md) gives every run's verdict and what it means."
+    )
 
 
 def render() -> str:

@@ -14,8 +14,13 @@ from raybackfill.logs import LEVEL_ENV
 logger = logging.getLogger(__name__)
 
 
-def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_driver: bool = False,
-             py_modules: list[str] | None = None) -> None:
+def init_ray(
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    log_to_driver: bool = False,
+    py_modules: list[str] | None = None,
+) -> None:
     """Attach to ``address`` (or ``RAY_ADDRESS``) when given; otherwise start a local cluster.
 
     A local cluster gets explicit resources (this machine's CPUs, no dashboard) so it behaves the same
@@ -37,13 +42,15 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_
     if os.environ.get(LEVEL_ENV):  # the level asked for here holds in every worker too
         runtime_env["env_vars"] = {LEVEL_ENV: os.environ[LEVEL_ENV]}
     if address:
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=log_to_driver,
-                 runtime_env=runtime_env or None)
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=log_to_driver, runtime_env=runtime_env or None)
         return
     try:
         ray.init(
-            num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, namespace=NAMESPACE,
-            log_to_driver=log_to_driver, runtime_env=runtime_env or None,
+            num_cpus=num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            namespace=NAMESPACE,
+            log_to_driver=log_to_driver,
+            runtime_env=runtime_env or None,
         )
     except ValueError as err:
         # Without an address Ray joins the cluster of the last `ray start` on this machine, and refuses the

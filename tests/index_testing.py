@@ -28,8 +28,9 @@ class Gallery:
     def random(cls, n: int, d: int, seed: int = 0, first_id: int = 1000) -> Gallery:
         rng = np.random.default_rng(seed)
         ids = first_id + rng.permutation(10 * n)[:n].astype(np.int64)
-        return cls(ids, rng.standard_normal((n, d)).astype(np.float32), np.zeros((n, d), np.float32),
-                   np.full(n, OLD, np.int8))
+        return cls(
+            ids, rng.standard_normal((n, d)).astype(np.float32), np.zeros((n, d), np.float32), np.full(n, OLD, np.int8)
+        )
 
     def upsert(self, positions: np.ndarray, vectors: np.ndarray, state: str) -> None:
         self.new[positions] = vectors

@@ -128,9 +128,7 @@ def test_plan_tiers_hold_the_policy_order_and_quarantine_unknown_ids(inputs, id_
         ensure_plan(PlanConfig(inputs["gallery"], inputs["old"], policy="random", tiers=2), id_plan, "unused")
 
 
-def test_fastfill_backfill_writes_tiers_in_order_exactly_once_while_queries_keep_working(
-    inputs, make_index, tmp_path
-):
+def test_fastfill_backfill_writes_tiers_in_order_exactly_once_while_queries_keep_working(inputs, make_index, tmp_path):
     router = make_index("bf-full")
     out = str(tmp_path / "out")
     stop, errors, answered = threading.Event(), [], [0]
@@ -183,7 +181,10 @@ def test_fastfill_backfill_writes_tiers_in_order_exactly_once_while_queries_keep
     assert progress.counts == {"old": 0, "transformed": 1, "new": N - 1} and progress.phase == "done"
     assert summary.complete and summary.new == N - 1 and summary.backfill_quarantined == 1
     assert [(p.name, p.items, p.quarantined) for p in summary.phases] == [
-        ("plan", N, 1), ("instant", N, 0), ("backfill", N - 1, 1)]
+        ("plan", N, 1),
+        ("instant", N, 0),
+        ("backfill", N - 1, 1),
+    ]
     assert "backfill complete" in summary_table(summary)
 
 

@@ -71,8 +71,10 @@ def test_stream_yields_rows_in_file_order_with_their_tier_and_leaves_the_global_
     images = synthesize(classes=2, per_class=120, size=8)
     sizes = [200, 4, 4, 4, 4, 4]
     bounds = np.cumsum([0, *sizes])
-    files = [storage.write_shard(images.slice(a, b - a), str(tmp_path / "g"), f"part-{i}.parquet")
-             for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))]
+    files = [
+        storage.write_shard(images.slice(a, b - a), str(tmp_path / "g"), f"part-{i}.parquet")
+        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))
+    ]
     kwargs = {"embedding_dim": 4, "num_classes": 2, "width": 4}
     model = str(tmp_path / "model")
     save_model(build_model("small_cnn", **kwargs), model, ModelSpec("small_cnn", "v", kwargs))

@@ -33,8 +33,27 @@ def test_quick_run_reports_both_ratios_against_the_best_bare_baseline(ray_cluste
     limits = ray.data.DataContext.get_current().execution_options.resource_limits
     # Tiny sizes keep the test to seconds; explicit flags beat --quick. Two CPUs: both bare baselines run.
     returned = load_benchmark().main(
-        ["--quick", "--images", "200", "--size", "16", "--embeddings", "4000", "--transform-batch-size", "1000",
-         "--batch-size", "16", "--cpus", "2", "--repeats", "1", "--reembed-also", "resnet18:40", "--out", str(out)]
+        [
+            "--quick",
+            "--images",
+            "200",
+            "--size",
+            "16",
+            "--embeddings",
+            "4000",
+            "--transform-batch-size",
+            "1000",
+            "--batch-size",
+            "16",
+            "--cpus",
+            "2",
+            "--repeats",
+            "1",
+            "--reembed-also",
+            "resnet18:40",
+            "--out",
+            str(out),
+        ]
     )
 
     assert ray.is_initialized(), "the benchmark must not shut down a Ray it did not start"
@@ -72,11 +91,13 @@ def test_quick_run_reports_both_ratios_against_the_best_bare_baseline(ray_cluste
         assert math.isclose(figures["ratio"], figures["transform_items_per_s"] / figures["reembed_items_per_s"])
         assert len(figures["reembed_seconds_2x"]) == result["config"]["repeats"]
         if figures["ratio_steady"] is not None:
-            assert math.isclose(figures["ratio_steady"], figures["transform_steady_items_per_s"]
-                                / figures["reembed_steady_items_per_s"])
+            assert math.isclose(
+                figures["ratio_steady"], figures["transform_steady_items_per_s"] / figures["reembed_steady_items_per_s"]
+            )
     assert_positive(transform["compute_bound_ratio"], "compute_bound_ratio")
-    assert math.isclose(transform["compute_bound_ratio"],
-                        transform["bare_transform_items_per_s"] / embed["bare_items_per_s"])
+    assert math.isclose(
+        transform["compute_bound_ratio"], transform["bare_transform_items_per_s"] / embed["bare_items_per_s"]
+    )
 
 
 def test_reembed_backbones_are_parsed_and_unknown_ones_refused():

@@ -17,8 +17,14 @@ from benchmarks import run as suite
 from raybackfill import NAMESPACE
 from raybackfill.cli.main import build_parser
 
-KEYS = ("embed_pipeline_vs_bare", "transform_vs_reembed", "merged_query_vs_bare_faiss", "p99_live_vs_idle",
-        "scale_1m", "growth")
+KEYS = (
+    "embed_pipeline_vs_bare",
+    "transform_vs_reembed",
+    "merged_query_vs_bare_faiss",
+    "p99_live_vs_idle",
+    "scale_1m",
+    "growth",
+)
 
 
 def assert_positive(value, where: str) -> None:
@@ -28,9 +34,29 @@ def assert_positive(value, where: str) -> None:
 def test_quick_suite_writes_every_key_with_finite_figures(ray_cluster, tmp_path):
     out = tmp_path / "results.json"
     limits = ray.data.DataContext.get_current().execution_options.resource_limits
-    returned = suite.main(["--quick", "--cpus", "1", "--repeats", "1", "--images", "120", "--batch-size", "16",
-                           "--embeddings", "3000", "--index-n", "4000", "--sizes", "2000,5000", "--probes", "10",
-                           "--out", str(out)])
+    returned = suite.main(
+        [
+            "--quick",
+            "--cpus",
+            "1",
+            "--repeats",
+            "1",
+            "--images",
+            "120",
+            "--batch-size",
+            "16",
+            "--embeddings",
+            "3000",
+            "--index-n",
+            "4000",
+            "--sizes",
+            "2000,5000",
+            "--probes",
+            "10",
+            "--out",
+            str(out),
+        ]
+    )
 
     assert ray.is_initialized(), "the suite must not shut down a Ray it did not start"
     assert ray.data.DataContext.get_current().execution_options.resource_limits == limits

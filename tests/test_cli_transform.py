@@ -34,8 +34,16 @@ def models(tmp_path_factory) -> dict[str, str]:
     sizes = {"hidden_dim": 8, "mixer_dim": 8}
     return {
         "fct": save(root, "fct-v1", "forward_transformation", "fct", old_dim=OLD, new_dim=NEW, **sizes),
-        "fastfill": save(root, "ff-v1", "fastfill_transformation", "fastfill_side_info", old_dim=OLD, new_dim=NEW,
-                         side_dim=SIDE, **sizes),
+        "fastfill": save(
+            root,
+            "ff-v1",
+            "fastfill_transformation",
+            "fastfill_side_info",
+            old_dim=OLD,
+            new_dim=NEW,
+            side_dim=SIDE,
+            **sizes,
+        ),
         "psi": save(root, "psi-v1", "reverse_transformation", "rank_merge_psi", new_dim=NEW, old_dim=OLD, hidden_dim=8),
     }
 
@@ -52,7 +60,7 @@ def data(tmp_path_factory) -> dict:
         labels = rng.integers(0, CLASSES, n).astype(np.int32)
         side = rng.standard_normal((n, SIDE)).astype(np.float32)
         for space, noise in (("old", 2.0), ("new", 0.7)):
-            vectors = (centres[space][labels] + noise * rng.standard_normal((n, centres[space].shape[1])))
+            vectors = centres[space][labels] + noise * rng.standard_normal((n, centres[space].shape[1]))
             vectors = vectors.astype(np.float32)
             table = embedding_table(ids, vectors, side_info=side, model=f"{space}-model", extra={"label": labels})
             uri = str(root / f"{who}_{space}")
@@ -78,8 +86,10 @@ def by_id(entry: dict, values: np.ndarray) -> np.ndarray:
 
 def test_written_table_equals_the_transformation_applied_to_the_input(models, data, tmp_path, capsys):
     gallery, out = data["gallery_old"], str(tmp_path / "fct")
-    assert main(["transform", "--model", models["fct"], "--embeddings", gallery["uri"], "--out", out,
-                 "--batch-size", "7"]) == 0
+    assert (
+        main(["transform", "--model", models["fct"], "--embeddings", gallery["uri"], "--out", out, "--batch-size", "7"])
+        == 0
+    )
     assert f"wrote {N_GALLERY} transformed embeddings to {out}" in capsys.readouterr().out
 
     table = read_sorted(out)
@@ -141,8 +151,11 @@ def test_a_side_info_transformation_on_a_table_without_side_info_fails_naming_th
     ("ids", "vectors", "message"),
     [
         (np.arange(4), np.ones((4, NEW), np.float32), "column 'embedding' has dim 8, expected 6"),
-        (np.arange(4), np.array([[1.0] * OLD, [np.nan] * OLD, [1.0] * OLD, [1.0] * OLD], np.float32),
-         r"NaN/inf in 1 rows \(ids \[1\]\)"),
+        (
+            np.arange(4),
+            np.array([[1.0] * OLD, [np.nan] * OLD, [1.0] * OLD, [1.0] * OLD], np.float32),
+            r"NaN/inf in 1 rows \(ids \[1\]\)",
+        ),
         (np.array([0, 1, 1, 2]), np.ones((4, OLD), np.float32), "duplicate ids: 1"),
     ],
     ids=["wrong-dim", "nan-row", "duplicate-id"],
@@ -166,22 +179,47 @@ def test_an_existing_output_table_is_refused(models, data, tmp_path, capsys):
 
 def test_outputs_are_the_gallery_transformed_and_psi_queries_of_eval_run(models, data, tmp_path):
     transformed, psi, report = (str(tmp_path / name) for name in ("gallery_fct", "queries_psi", "report"))
-    assert main(["transform", "--model", models["fct"], "--embeddings", data["gallery_old"]["uri"],
-                 "--out", transformed]) == 0
+    assert (
+        main(["transform", "--model", models["fct"], "--embeddings", data["gallery_old"]["uri"], "--out", transformed])
+        == 0
+    )
     assert main(["transform", "--model", models["psi"], "--embeddings", data["queries_new"]["uri"], "--out", psi]) == 0
-    tables = [arg for name in ("queries_old", "queries_new", "gallery_old", "gallery_new")
-              for arg in (f"--{name.replace('_', '-')}", data[name]["uri"])]
-    assert main(["eval", "run", *tables, "--gallery-transformed", transformed, "--psi-queries", psi,
-                 "--method", "fct", "--betas", "3", "--out", report]) == 0
+    tables = [
+        arg
+        for name in ("queries_old", "queries_new", "gallery_old", "gallery_new")
+        for arg in (f"--{name.replace('_', '-')}", data[name]["uri"])
+    ]
+    assert (
+        main(
+            [
+                "eval",
+                "run",
+                *tables,
+                "--gallery-transformed",
+                transformed,
+                "--psi-queries",
+                psi,
+                "--method",
+                "fct",
+                "--betas",
+                "3",
+                "--out",
+                report,
+            ]
+        )
+        == 0
+    )
 
     anchors = json.loads((tmp_path / "report" / "report.json").read_text())["anchors"]
     # Rows of an old and a new table of the fixture share their order, which eval's id matching must recover.
     g, q = data["gallery_old"], data["queries_old"]
     expected = {
-        "new_transformed": evaluate(data["queries_new"]["vectors"], applied(models["fct"], g["vectors"]).numpy(),
-                                    q["labels"], g["labels"]),
-        "psi_old": evaluate(applied(models["psi"], data["queries_new"]["vectors"]).numpy(), g["vectors"],
-                            q["labels"], g["labels"]),
+        "new_transformed": evaluate(
+            data["queries_new"]["vectors"], applied(models["fct"], g["vectors"]).numpy(), q["labels"], g["labels"]
+        ),
+        "psi_old": evaluate(
+            applied(models["psi"], data["queries_new"]["vectors"]).numpy(), g["vectors"], q["labels"], g["labels"]
+        ),
     }
     for name, result in expected.items():
         assert anchors[name]["map"] == pytest.approx(result.map) and anchors[name]["top1"] == pytest.approx(result.top1)

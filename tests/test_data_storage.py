@@ -125,12 +125,14 @@ def test_write_bytes_can_refuse_to_replace(tmp_path, s3_bucket):
 
 
 def test_only_string_columns_are_dictionary_encoded(tmp_path):
-    table = embedding_table(np.arange(50), np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32),
-                            model="v1")
+    table = embedding_table(
+        np.arange(50), np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32), model="v1"
+    )
     written = storage.write_shard(table, str(tmp_path / "t"), "part-00000.parquet")
     row_group = pq.ParquetFile(written).metadata.row_group(0)
-    encodings = {row_group.column(i).path_in_schema: row_group.column(i).encodings
-                 for i in range(row_group.num_columns)}
+    encodings = {
+        row_group.column(i).path_in_schema: row_group.column(i).encodings for i in range(row_group.num_columns)
+    }
     assert any("DICTIONARY" in e for e in encodings["model"])
     assert not any("DICTIONARY" in e for e in encodings["embedding.list.element"])
     assert not any("DICTIONARY" in e for e in encodings["id"])

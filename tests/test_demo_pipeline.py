@@ -151,8 +151,9 @@ def test_no_choice_made_in_training_sees_an_evaluation_id(demo):
     # Every training run (backbones at each candidate learning rate, side-information, transformations, psi)
     # draws its validation rows with holdout(); those rows pick the learning rate and each run's epoch.
     _, _, (artifacts,), held_out = demo
-    split_ids = {name: storage.read_table(uri, columns=[ID]).column(ID).to_numpy()
-                 for name, uri in artifacts.splits.items()}
+    split_ids = {
+        name: storage.read_table(uri, columns=[ID]).column(ID).to_numpy() for name, uri in artifacts.splits.items()
+    }
     evaluation = np.concatenate([split_ids["gallery"], split_ids["query"]])
     runs = 3 + 1 + len(TRANSFORMATIONS) + 1 + 1  # new/bct/ract, old at one rate, transformations, psi, side-info
     assert len(held_out) == runs

@@ -16,8 +16,14 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"```bash\n(.*?)```", re.S)
 # jobs/<name>.py takes the arguments of this raybackfill command
-JOBS = {"prepare_data": "data", "train": "train", "embed": "embed", "serve": "serve", "backfill": "backfill",
-        "evaluate": "eval run"}
+JOBS = {
+    "prepare_data": "data",
+    "train": "train",
+    "embed": "embed",
+    "serve": "serve",
+    "backfill": "backfill",
+    "evaluate": "eval run",
+}
 JOB = re.compile(r"python jobs/(\w+)\.py (.*)")
 
 
@@ -31,7 +37,7 @@ def commands(page: Path) -> list[str]:
                 continue
             for prefix in (".venv/bin/raybackfill ", "raybackfill "):
                 if line.startswith(prefix):
-                    found.append(line[len(prefix):])
+                    found.append(line[len(prefix) :])
             job = JOB.search(line)
             if job:
                 found.append(f"{JOBS[job.group(1)]} {job.group(2)}")

@@ -170,8 +170,11 @@ def test_an_embed_killed_part_way_and_rerun_ends_with_every_id_once_and_a_finish
     job = _embed_job(inputs, out, ray_cluster.get_runtime_context().gcs_address)
     try:  # SIGKILL the job as soon as it has committed a shard (the rest is still streaming)
         deadline = time.monotonic() + 300
-        while (not (storage.exists(out) and storage.list_shards(out)) and job.poll() is None
-               and time.monotonic() < deadline):
+        while (
+            not (storage.exists(out) and storage.list_shards(out))
+            and job.poll() is None
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.01)
         assert job.poll() is None, f"the job ended before it was killed: {job.stdout.read().decode()[-3000:]}"
         job.send_signal(signal.SIGKILL)

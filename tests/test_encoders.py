@@ -63,8 +63,14 @@ TEXTS = ["a red bicycle", "two cats on a mat", "Ünïcode wörds ok", "x", "the 
 
 def reference_pixels(images: list[bytes], prep: ImagePreprocessing) -> torch.Tensor:
     """torchvision's own transforms on the upright RGB image: what a model trained with them expects."""
-    transform = T.Compose([T.Resize(prep.resize or prep.crop, interpolation=T.InterpolationMode(prep.interpolation)),
-                           T.CenterCrop(prep.crop), T.ToTensor(), T.Normalize(prep.mean, prep.std)])
+    transform = T.Compose(
+        [
+            T.Resize(prep.resize or prep.crop, interpolation=T.InterpolationMode(prep.interpolation)),
+            T.CenterCrop(prep.crop),
+            T.ToTensor(),
+            T.Normalize(prep.mean, prep.std),
+        ]
+    )
     upright = [ImageOps.exif_transpose(Image.open(io.BytesIO(b))).convert("RGB") for b in images]
     return torch.stack([transform(img) for img in upright])
 
@@ -112,26 +118,39 @@ def sources(tmp_path_factory) -> dict[str, tuple[str, object]]:
 
     conv = SmallConv().eval()
     torch.jit.trace(conv, torch.zeros(1, 3, 16, 16)).save(str(root / "conv.ts"))
-    register_encoder(EncoderSource(EncoderKind.TORCHSCRIPT, "ts-v1", path=str(root / "conv.ts"), preprocessing=PREP),
-                     str(root / "ts"))
+    register_encoder(
+        EncoderSource(EncoderKind.TORCHSCRIPT, "ts-v1", path=str(root / "conv.ts"), preprocessing=PREP),
+        str(root / "ts"),
+    )
     out["torchscript"] = (str(root / "ts"), lambda imgs: conv(reference_pixels(imgs, PREP)))
 
     batch = torch.export.Dim("batch")
     program = torch.export.export(conv, (torch.zeros(2, 3, 16, 16),), dynamic_shapes=({0: batch},))
     torch.export.save(program, str(root / "conv.pt2"))
-    register_encoder(EncoderSource(EncoderKind.TORCH_EXPORT, "pt2-v1", path=str(root / "conv.pt2"),
-                                   preprocessing=PREP), str(root / "pt2"))
+    register_encoder(
+        EncoderSource(EncoderKind.TORCH_EXPORT, "pt2-v1", path=str(root / "conv.pt2"), preprocessing=PREP),
+        str(root / "pt2"),
+    )
     out["torch_export"] = (str(root / "pt2"), lambda imgs: conv(reference_pixels(imgs, PREP)))
 
     import torchvision
 
     resnet = torchvision.models.resnet18(num_classes=5).eval()
     save_file(resnet.state_dict(), str(root / "resnet18.safetensors"))
-    tv_prep = ImagePreprocessing(resize=36, crop=32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                                 interpolation="bilinear")
-    register_encoder(EncoderSource(EncoderKind.TORCHVISION, "tv-v1", path=str(root / "resnet18.safetensors"),
-                                   architecture="resnet18", kwargs={"num_classes": 5}, preprocessing=tv_prep),
-                     str(root / "tv"))
+    tv_prep = ImagePreprocessing(
+        resize=36, crop=32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bilinear"
+    )
+    register_encoder(
+        EncoderSource(
+            EncoderKind.TORCHVISION,
+            "tv-v1",
+            path=str(root / "resnet18.safetensors"),
+            architecture="resnet18",
+            kwargs={"num_classes": 5},
+            preprocessing=tv_prep,
+        ),
+        str(root / "tv"),
+    )
 
     def resnet_features(imgs):  # the penultimate layer, spelled out
         x = reference_pixels(imgs, tv_prep)
@@ -143,25 +162,47 @@ def sources(tmp_path_factory) -> dict[str, tuple[str, object]]:
 
     from encoder_plugins import HashedBagOfWords, PixelProjection
 
-    register_encoder(EncoderSource(EncoderKind.ENTRYPOINT, "ep-v1", entrypoint="encoder_plugins:make_image_encoder",
-                                   kwargs={"dim": 12, "seed": 4}, preprocessing=PREP), str(root / "ep"), trust=TRUST)
+    register_encoder(
+        EncoderSource(
+            EncoderKind.ENTRYPOINT,
+            "ep-v1",
+            entrypoint="encoder_plugins:make_image_encoder",
+            kwargs={"dim": 12, "seed": 4},
+            preprocessing=PREP,
+        ),
+        str(root / "ep"),
+        trust=TRUST,
+    )
     projection = PixelProjection(dim=12, seed=4)
     out["entrypoint"] = (str(root / "ep"), lambda imgs: projection(reference_pixels(imgs, PREP).numpy()))
 
     tokens = MeanTokens().eval()
     torch.jit.script(tokens).save(str(root / "text.ts"))
-    register_encoder(EncoderSource(EncoderKind.TORCHSCRIPT, "text-ts-v1", path=str(root / "text.ts"),
-                                   preprocessing=TEXT), str(root / "text-ts"))
+    register_encoder(
+        EncoderSource(EncoderKind.TORCHSCRIPT, "text-ts-v1", path=str(root / "text.ts"), preprocessing=TEXT),
+        str(root / "text-ts"),
+    )
     out["text_torchscript"] = (str(root / "text-ts"), lambda texts: tokens(reference_tokens(texts)))
-    program = torch.export.export(tokens, (torch.ones(2, TEXT.max_length, dtype=torch.int64),),
-                                  dynamic_shapes=({0: batch},))
+    program = torch.export.export(
+        tokens, (torch.ones(2, TEXT.max_length, dtype=torch.int64),), dynamic_shapes=({0: batch},)
+    )
     torch.export.save(program, str(root / "text.pt2"))
-    register_encoder(EncoderSource(EncoderKind.TORCH_EXPORT, "text-pt2-v1", path=str(root / "text.pt2"),
-                                   preprocessing=TEXT), str(root / "text-pt2"))
+    register_encoder(
+        EncoderSource(EncoderKind.TORCH_EXPORT, "text-pt2-v1", path=str(root / "text.pt2"), preprocessing=TEXT),
+        str(root / "text-pt2"),
+    )
     out["text_torch_export"] = (str(root / "text-pt2"), lambda texts: tokens(reference_tokens(texts)))
-    register_encoder(EncoderSource(EncoderKind.ENTRYPOINT, "text-ep-v1", entrypoint="encoder_plugins:make_text_encoder",
-                                   kwargs={"dim": 16}, preprocessing=TextPreprocessing()), str(root / "text-ep"),
-                     trust=TRUST)
+    register_encoder(
+        EncoderSource(
+            EncoderKind.ENTRYPOINT,
+            "text-ep-v1",
+            entrypoint="encoder_plugins:make_text_encoder",
+            kwargs={"dim": 16},
+            preprocessing=TextPreprocessing(),
+        ),
+        str(root / "text-ep"),
+        trust=TRUST,
+    )
     bag = HashedBagOfWords(dim=16)
     out["text_entrypoint"] = (str(root / "text-ep"), lambda texts: np.asarray(bag.embed(texts)))
     return out
@@ -204,8 +245,17 @@ def test_a_torchvision_encoder_defaults_to_its_architectures_own_preset_and_a_na
     net = torchvision.models.resnet18(num_classes=3).eval()
     weights = tmp_path / "w.pt"
     torch.save(net.state_dict(), weights)  # a plain state dict, read back with weights_only=True
-    spec = register_encoder(EncoderSource(EncoderKind.TORCHVISION, "tv", path=str(weights), architecture="resnet18",
-                                          kwargs={"num_classes": 3}, embedding_layer="layer4"), str(tmp_path / "a"))
+    spec = register_encoder(
+        EncoderSource(
+            EncoderKind.TORCHVISION,
+            "tv",
+            path=str(weights),
+            architecture="resnet18",
+            kwargs={"num_classes": 3},
+            embedding_layer="layer4",
+        ),
+        str(tmp_path / "a"),
+    )
     assert (spec.preprocessing["resize"], spec.preprocessing["crop"]) == (256, 224)
     assert spec.preprocessing["mean"] == pytest.approx([0.485, 0.456, 0.406])
     assert spec.dims == {"embedding": 512 * 7 * 7} and spec.weights == "model.pt"
@@ -216,9 +266,18 @@ def test_a_torchvision_layer_that_does_not_exist_is_named_at_registration(tmp_pa
 
     save_file(torchvision.models.resnet18(num_classes=3).state_dict(), str(tmp_path / "w.safetensors"))
     with pytest.raises(ArtifactError, match="has no layer 'layer9'"):
-        register_encoder(EncoderSource(EncoderKind.TORCHVISION, "tv", path=str(tmp_path / "w.safetensors"),
-                                       architecture="resnet18", kwargs={"num_classes": 3}, embedding_layer="layer9",
-                                       preprocessing=ImagePreprocessing(crop=32)), str(tmp_path / "a"))
+        register_encoder(
+            EncoderSource(
+                EncoderKind.TORCHVISION,
+                "tv",
+                path=str(tmp_path / "w.safetensors"),
+                architecture="resnet18",
+                kwargs={"num_classes": 3},
+                embedding_layer="layer9",
+                preprocessing=ImagePreprocessing(crop=32),
+            ),
+            str(tmp_path / "a"),
+        )
     assert not (tmp_path / "a" / "model.json").exists()
 
 
@@ -230,8 +289,14 @@ def test_each_image_encoder_embeds_a_mixed_gallery_through_the_actor_pool_as_cal
     images = gallery_images()
     ids = np.arange(100, 100 + len(images))
     storage.write_table(image_table(ids, images, labels=np.zeros(len(ids))), str(tmp_path / "g"), rows_per_shard=4)
-    result = embed_gallery(str(tmp_path / "g"), {EMBEDDING: uri}, str(tmp_path / "out"),
-                           pool=PoolConfig(batch_size=3), progress=False, trust=TRUST)
+    result = embed_gallery(
+        str(tmp_path / "g"),
+        {EMBEDDING: uri},
+        str(tmp_path / "out"),
+        pool=PoolConfig(batch_size=3),
+        progress=False,
+        trust=TRUST,
+    )
     assert (result.rows, result.quarantined) == (len(images), 0)
     table = storage.read_table(str(tmp_path / "out")).sort_by(ID)
     assert table.column(ID).to_pylist() == ids.tolist()
@@ -246,8 +311,14 @@ def test_each_text_encoder_embeds_a_text_gallery_through_the_actor_pool_as_calle
     texts = [*TEXTS, "   "]  # a blank text: quarantined, not embedded
     ids = np.arange(len(texts)) * 7
     storage.write_table(text_table(ids, texts), str(tmp_path / "t"), rows_per_shard=3)
-    result = embed_gallery(str(tmp_path / "t"), {EMBEDDING: uri}, str(tmp_path / "out"),
-                           pool=PoolConfig(batch_size=2), progress=False, trust=TRUST)
+    result = embed_gallery(
+        str(tmp_path / "t"),
+        {EMBEDDING: uri},
+        str(tmp_path / "out"),
+        pool=PoolConfig(batch_size=2),
+        progress=False,
+        trust=TRUST,
+    )
     assert (result.rows, result.quarantined) == (len(TEXTS), 1)
     table = storage.read_table(str(tmp_path / "out")).sort_by(ID)
     assert table.column(ID).to_pylist() == ids[:-1].tolist()
@@ -268,8 +339,9 @@ def test_an_image_encoder_is_refused_on_a_text_gallery_before_anything_is_writte
 
 def _entrypoint_artifact(root, entrypoint: str) -> str:
     """A model.json naming ``entrypoint``, written by hand as an attacker (or a careless colleague) would."""
-    spec = ModelSpec("", "v-ep", kind="entrypoint", entrypoint=entrypoint, preprocessing=PREP.to_dict(),
-                     dims={"embedding": 4})
+    spec = ModelSpec(
+        "", "v-ep", kind="entrypoint", entrypoint=entrypoint, preprocessing=PREP.to_dict(), dims={"embedding": 4}
+    )
     root.mkdir(parents=True, exist_ok=True)
     (root / "model.json").write_text(spec.to_json())
     return str(root)
@@ -291,18 +363,38 @@ def test_the_embed_and_backfill_commands_refuse_an_untrusted_entrypoint_before_a
     uri = _entrypoint_artifact(tmp_path / "m", "os:system")
     storage.write_table(image_table([1], gallery_images()[:1]), str(tmp_path / "g"))
     storage.write_table(pa.table({"id": pa.array([1], pa.int64())}), str(tmp_path / "unused"))
-    assert main(["embed", "--gallery", str(tmp_path / "g"), "--model", uri, "--out", str(tmp_path / "out"),
-                 "--address", "127.0.0.1:1"]) == 2  # refused before Ray is reached
+    assert (
+        main(
+            [
+                "embed",
+                "--gallery",
+                str(tmp_path / "g"),
+                "--model",
+                uri,
+                "--out",
+                str(tmp_path / "out"),
+                "--address",
+                "127.0.0.1:1",
+            ]
+        )
+        == 2
+    )  # refused before Ray is reached
     assert "names the entrypoint 'os:system'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("raw, message", [
-    ({"kind": "raybackfill", "entrypoint": "os:system"}, "entrypoint is required for kind 'entrypoint' and allowed"),
-    ({"kind": "entrypoint", "entrypoint": "os.system; rm -rf /"}, "must look like 'package.module:factory'"),
-    ({"kind": "pickle"}, "unknown kind 'pickle'"),
-    ({"kind": "torchvision", "architecture": "not_a_net"}, "unknown torchvision architecture"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (
+            {"kind": "raybackfill", "entrypoint": "os:system"},
+            "entrypoint is required for kind 'entrypoint' and allowed",
+        ),
+        ({"kind": "entrypoint", "entrypoint": "os.system; rm -rf /"}, "must look like 'package.module:factory'"),
+        ({"kind": "pickle"}, "unknown kind 'pickle'"),
+        ({"kind": "torchvision", "architecture": "not_a_net"}, "unknown torchvision architecture"),
+    ],
+)
 def test_crafted_model_json_files_are_refused_with_a_reason(tmp_path, raw, message):
     fields = {"format_version": 1, "architecture": "small_cnn", "version": "v", **raw}
     (tmp_path / "model.json").write_text(json.dumps(fields))
@@ -317,14 +409,48 @@ def test_encoder_register_and_show_from_the_command_line(tmp_path, capsys):
     conv = SmallConv().eval()
     torch.jit.trace(conv, torch.zeros(1, 3, 16, 16)).save(str(tmp_path / "conv.ts"))
     out = str(tmp_path / "enc")
-    assert main(["encoder", "register", "--kind", "torchscript", "--file", str(tmp_path / "conv.ts"), "--version",
-                 "cli-v1", "--crop", "16", "--resize", "18", "--out", out]) == 0
+    assert (
+        main(
+            [
+                "encoder",
+                "register",
+                "--kind",
+                "torchscript",
+                "--file",
+                str(tmp_path / "conv.ts"),
+                "--version",
+                "cli-v1",
+                "--crop",
+                "16",
+                "--resize",
+                "18",
+                "--out",
+                out,
+            ]
+        )
+        == 0
+    )
     assert "registered torchscript encoder 'cli-v1'" in capsys.readouterr().out
     assert main(["encoder", "show", out]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["dims"] == {"embedding": 24} and shown["preprocessing"]["resize"] == 18
-    assert main(["encoder", "register", "--kind", "torchscript", "--file", str(tmp_path / "conv.ts"), "--version",
-                 "x", "--out", str(tmp_path / "no-size")]) == 2
+    assert (
+        main(
+            [
+                "encoder",
+                "register",
+                "--kind",
+                "torchscript",
+                "--file",
+                str(tmp_path / "conv.ts"),
+                "--version",
+                "x",
+                "--out",
+                str(tmp_path / "no-size"),
+            ]
+        )
+        == 2
+    )
     assert "--crop N" in capsys.readouterr().err
 
 
@@ -334,9 +460,31 @@ def test_torchvision_flags_replace_only_their_part_of_the_architectures_preset(t
     torch.manual_seed(0)
     save_file(torchvision.models.resnet18(num_classes=3).state_dict(), str(tmp_path / "r18.safetensors"))
     out = str(tmp_path / "r18")
-    assert main(["encoder", "register", "--kind", "torchvision", "--architecture", "resnet18", "--file",
-                 str(tmp_path / "r18.safetensors"), "--kwargs", '{"num_classes": 3}', "--crop", "32",
-                 "--resize", "36", "--version", "v2", "--out", out]) == 0
+    assert (
+        main(
+            [
+                "encoder",
+                "register",
+                "--kind",
+                "torchvision",
+                "--architecture",
+                "resnet18",
+                "--file",
+                str(tmp_path / "r18.safetensors"),
+                "--kwargs",
+                '{"num_classes": 3}',
+                "--crop",
+                "32",
+                "--resize",
+                "36",
+                "--version",
+                "v2",
+                "--out",
+                out,
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["encoder", "show", out]) == 0
     shown = json.loads(capsys.readouterr().out)["preprocessing"]

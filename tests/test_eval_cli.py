@@ -123,8 +123,21 @@ def test_random_seeds_measure_the_random_order_over_several_seeds_and_judge_othe
     uris, data = tables
     out = tmp_path / "band"
     args = ["--method", "fct", "--order", "column:uncertainty", "--order", "random", "--seed", "5"]
-    assert run("eval", "run", *table_args(uris, "transformed"), *args, "--random-seeds", "3", "--betas", "5",
-               "--out", str(out)) == 0
+    assert (
+        run(
+            "eval",
+            "run",
+            *table_args(uris, "transformed"),
+            *args,
+            "--random-seeds",
+            "3",
+            "--betas",
+            "5",
+            "--out",
+            str(out),
+        )
+        == 0
+    )
 
     report = json.loads((out / "report.json").read_text())
     by_uncertainty, random_run = report["runs"]

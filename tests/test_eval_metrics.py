@@ -285,7 +285,8 @@ def test_cross_tests_skip_new_on_old_across_dimensions_and_add_psi_on_old():
     labels = rng.integers(0, 4, 30)
     old, psi = exact_vectors(rng, 30, "cosine"), exact_vectors(rng, 30, "cosine")
     new = rng.standard_normal((30, 5)).astype(np.float32)
-    results = cross_tests(labels, labels, old_queries=old, new_queries=new, old_gallery=old, new_gallery=new,
-                          psi_queries=psi)
+    results = cross_tests(
+        labels, labels, old_queries=old, new_queries=new, old_gallery=old, new_gallery=new, psi_queries=psi
+    )
     assert list(results) == ["old_old", "new_new", "psi_old"]
     assert results["psi_old"].top1 == evaluate(psi, old, labels, labels).top1

@@ -45,10 +45,17 @@ def test_plot_writes_a_png_and_returns_its_path(tmp_path):
 
 
 def test_online_figure_plots_live_quality_and_the_new_space_share_over_time(tmp_path):
-    readings = [{"t": t, "phase": "backfill", "fraction_new": t / 4, "top1": 0.4 + t / 20, "map_at_k": 0.2}
-                for t in range(5)]
-    online = {"method": "fastfill", "policy": "uncertainty", "k": 10, "queries": 50, "query_errors": 0,
-              "live_readings": readings}
+    readings = [
+        {"t": t, "phase": "backfill", "fraction_new": t / 4, "top1": 0.4 + t / 20, "map_at_k": 0.2} for t in range(5)
+    ]
+    online = {
+        "method": "fastfill",
+        "policy": "uncertainty",
+        "k": 10,
+        "queries": 50,
+        "query_errors": 0,
+        "live_readings": readings,
+    }
     fig = online_figure(online)
     live, share = fig.axes
     np.testing.assert_allclose(live.lines[0].get_ydata(), [0.4, 0.45, 0.5, 0.55, 0.6])
@@ -80,8 +87,10 @@ def test_online_figure_without_readings_is_refused():
 def test_runs_share_a_colour_per_method_and_a_line_style_per_order():
     betas = np.linspace(0, 1, 3)
     curve = BackfillCurve(betas, betas, betas, betas, betas * 0)
-    runs = [Run(m, p, "compatible", curve) for m, p in [("fastfill", "uncertainty"), ("fastfill", "random"),
-                                                        ("fct", "random")]]
+    runs = [
+        Run(m, p, "compatible", curve)
+        for m, p in [("fastfill", "uncertainty"), ("fastfill", "random"), ("fct", "random")]
+    ]
     anchor = RetrievalResult("cosine", "disjoint", 0.5, 0.5, 0.2, 0.2, np.ones(2, bool), np.ones(2, bool), np.ones(2))
     ax = curve_figure(build_report({"old_old": anchor, "new_new": anchor}, runs)).axes[0]
     unc, rand, fct = ax.lines[:3]

@@ -164,8 +164,11 @@ def test_orders_are_judged_against_the_band_of_random_seeds():
         Run("fct", "entropy", "compatible", curve([0.4, 0.7, 0.8], [0.2, 0.4, 0.5])),  # no random band: skipped
     ]
     report = build_report(ANCHORS, with_band)
-    assert report["runs"][0]["seed_aucs"] == {"seeds": [0, 1, 2], "auc_top1": [0.55, 0.6, 0.65],
-                                              "auc_map": [0.33, 0.35, 0.37]}
+    assert report["runs"][0]["seed_aucs"] == {
+        "seeds": [0, 1, 2],
+        "auc_top1": [0.55, 0.6, 0.65],
+        "auc_map": [0.33, 0.35, 0.37],
+    }
     assert "seed_aucs" not in report["runs"][1]
     (row,) = versus_random(report)
     assert (row["method"], row["policy"], row["random_seeds"]) == ("fastfill", "uncertainty", 3)

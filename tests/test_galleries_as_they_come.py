@@ -35,10 +35,41 @@ def test_a_real_world_photo_folder_imports_and_embeds_with_exactly_the_corrupt_f
     gallery, encoder, out = str(tmp_path / "gallery"), str(tmp_path / "team-v1"), str(tmp_path / "emb")
 
     assert main(["data", "import", "imagefolder", str(folder["root"]), "--out", gallery]) == 0
-    assert main(["encoder", "register", "--kind", "torchvision", "--architecture", "resnet18", "--file",
-                 str(tmp_path / "team-resnet18.safetensors"), "--kwargs", '{"num_classes": 4}', "--resize", "40",
-                 "--crop", "32", "--mean", "0.485", "0.456", "0.406", "--std", "0.229", "0.224", "0.225",
-                 "--interpolation", "bilinear", "--version", "team-v1", "--out", encoder]) == 0
+    assert (
+        main(
+            [
+                "encoder",
+                "register",
+                "--kind",
+                "torchvision",
+                "--architecture",
+                "resnet18",
+                "--file",
+                str(tmp_path / "team-resnet18.safetensors"),
+                "--kwargs",
+                '{"num_classes": 4}',
+                "--resize",
+                "40",
+                "--crop",
+                "32",
+                "--mean",
+                "0.485",
+                "0.456",
+                "0.406",
+                "--std",
+                "0.229",
+                "0.224",
+                "0.225",
+                "--interpolation",
+                "bilinear",
+                "--version",
+                "team-v1",
+                "--out",
+                encoder,
+            ]
+        )
+        == 0
+    )
     assert main(["embed", "--gallery", gallery, "--model", encoder, "--out", out, "--batch-size", "4"]) == 0
     capsys.readouterr()
 
@@ -51,8 +82,14 @@ def test_a_real_world_photo_folder_imports_and_embeds_with_exactly_the_corrupt_f
     assert [paths[i] for i in table.column(ID).to_pylist()] == folder["good"]  # every good file, once
 
     # The same network called here on the original files, prepared by torchvision's own transforms.
-    transform = T.Compose([T.Resize(40, interpolation=T.InterpolationMode.BILINEAR), T.CenterCrop(32), T.ToTensor(),
-                           T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    transform = T.Compose(
+        [
+            T.Resize(40, interpolation=T.InterpolationMode.BILINEAR),
+            T.CenterCrop(32),
+            T.ToTensor(),
+            T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )
     pixels = torch.stack([transform(_upright_rgb((folder["root"] / rel).read_bytes())) for rel in folder["good"]])
     with torch.inference_mode():
         x = net.maxpool(net.relu(net.bn1(net.conv1(pixels))))
@@ -71,17 +108,45 @@ def _upright_rgb(data: bytes) -> Image.Image:
 
 def test_a_text_gallery_is_embedded_served_and_queried_with_text(ray_cluster, tmp_path, capsys):
     corpus = tmp_path / "corpus.jsonl"
-    rows = [{"id": 10 + i, "text": t, "label": "animal" if i % 2 else "vehicle"} for i, t in enumerate(
-        ["red bicycle with a bell", "a sleepy grey cat", "blue electric car", "dog chasing a ball", "old steam train",
-         "parrot on a branch"])]
+    rows = [
+        {"id": 10 + i, "text": t, "label": "animal" if i % 2 else "vehicle"}
+        for i, t in enumerate(
+            [
+                "red bicycle with a bell",
+                "a sleepy grey cat",
+                "blue electric car",
+                "dog chasing a ball",
+                "old steam train",
+                "parrot on a branch",
+            ]
+        )
+    ]
     blank = json.dumps({"id": 99, "text": "", "label": "animal"})
     corpus.write_text("\n".join(json.dumps(r) for r in rows) + "\n" + blank + "\n")
     gallery, encoder, out = str(tmp_path / "texts"), str(tmp_path / "text-v1"), str(tmp_path / "emb")
     name = f"rb-text-{tmp_path.name[-20:]}"
 
     assert main(["data", "import", "text", str(corpus), "--out", gallery]) == 0
-    assert main(["encoder", "register", "--kind", "entrypoint", "--entrypoint", TRUST_TEXT, "--kwargs",
-                 '{"dim": 32}', "--text", "--version", "text-v1", "--out", encoder]) == 0
+    assert (
+        main(
+            [
+                "encoder",
+                "register",
+                "--kind",
+                "entrypoint",
+                "--entrypoint",
+                TRUST_TEXT,
+                "--kwargs",
+                '{"dim": 32}',
+                "--text",
+                "--version",
+                "text-v1",
+                "--out",
+                encoder,
+            ]
+        )
+        == 0
+    )
     assert main(["embed", "--gallery", gallery, "--model", encoder, "--out", out]) == 2  # not trusted
     assert "--trust-entrypoint encoder_plugins:make_text_encoder" in capsys.readouterr().err
     trusted = ["--trust-entrypoint", TRUST_TEXT]
@@ -89,8 +154,27 @@ def test_a_text_gallery_is_embedded_served_and_queried_with_text(ray_cluster, tm
     assert main(["serve", "--old-embeddings", out, "--name", name, "--shards", "2"]) == 0
     try:
         capsys.readouterr()
-        assert main(["query", "--text", "a sleepy grey cat", "--model", encoder, "--strategy", "old", "--k", "2",
-                     "--json", "--name", name, "--trust-entrypoint", TRUST_TEXT]) == 0
+        assert (
+            main(
+                [
+                    "query",
+                    "--text",
+                    "a sleepy grey cat",
+                    "--model",
+                    encoder,
+                    "--strategy",
+                    "old",
+                    "--k",
+                    "2",
+                    "--json",
+                    "--name",
+                    name,
+                    "--trust-entrypoint",
+                    TRUST_TEXT,
+                ]
+            )
+            == 0
+        )
         hits = json.loads(capsys.readouterr().out)[0]
         assert hits[0]["id"] == 11 and hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
     finally:
@@ -109,8 +193,11 @@ def test_the_embedding_actor_runs_its_encoder_and_every_input_on_the_device_it_w
     from raybackfill.models.registry import build_model
 
     kwargs = {"embedding_dim": 4, "num_classes": 2, "width": 4}
-    save_model(build_model("small_cnn", **kwargs), str(tmp_path / "m"),
-               ModelSpec("small_cnn", "v", kwargs, preprocessing=ImagePreprocessing(crop=8).to_dict()))
+    save_model(
+        build_model("small_cnn", **kwargs),
+        str(tmp_path / "m"),
+        ModelSpec("small_cnn", "v", kwargs, preprocessing=ImagePreprocessing(crop=8).to_dict()),
+    )
     monkeypatch.setattr(actors, "actor_device", lambda: torch.device("meta"))
     actor = actors.EmbedRows({"embedding": str(tmp_path / "m")}, {"embedding": "pixels"})
     encoder = actor.encoders["embedding"]
@@ -142,9 +229,16 @@ def test_py_module_ships_an_entrypoint_package_to_the_workers_of_a_new_cluster(t
     (package / "enc.py").write_text(Path(__file__).with_name("encoder_plugins.py").read_text())
     sys.path.insert(0, str(package.parent))
     try:
-        register_encoder(EncoderSource(EncoderKind.ENTRYPOINT, "pkg-v1", entrypoint="team_pkg.enc:make_text_encoder",
-                                       preprocessing=TextPreprocessing()), str(tmp_path / "enc"),
-                         trust=EntrypointTrust(("team_pkg.enc:make_text_encoder",)))
+        register_encoder(
+            EncoderSource(
+                EncoderKind.ENTRYPOINT,
+                "pkg-v1",
+                entrypoint="team_pkg.enc:make_text_encoder",
+                preprocessing=TextPreprocessing(),
+            ),
+            str(tmp_path / "enc"),
+            trust=EntrypointTrust(("team_pkg.enc:make_text_encoder",)),
+        )
     finally:
         sys.path.remove(str(package.parent))
         for name in [m for m in sys.modules if m.startswith("team_pkg")]:
@@ -155,11 +249,28 @@ def test_py_module_ships_an_entrypoint_package_to_the_workers_of_a_new_cluster(t
     ray_tmpdir = tempfile.mkdtemp(prefix="rbpm", dir="/tmp")  # short: unix socket paths are limited
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
     done = subprocess.run(
-        [sys.executable, "-m", "raybackfill.cli.main", "embed", "--gallery", str(tmp_path / "texts"), "--model",
-         str(tmp_path / "enc"), "--out", str(tmp_path / "emb"), "--py-module", str(package),
-         "--trust-entrypoint", "team_pkg.enc:make_text_encoder"],
-        cwd=workdir, env={**env, "RAY_TMPDIR": ray_tmpdir, "OMP_NUM_THREADS": "1"},
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "raybackfill.cli.main",
+            "embed",
+            "--gallery",
+            str(tmp_path / "texts"),
+            "--model",
+            str(tmp_path / "enc"),
+            "--out",
+            str(tmp_path / "emb"),
+            "--py-module",
+            str(package),
+            "--trust-entrypoint",
+            "team_pkg.enc:make_text_encoder",
+        ],
+        cwd=workdir,
+        env={**env, "RAY_TMPDIR": ray_tmpdir, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     shutil.rmtree(ray_tmpdir, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert storage.read_table(str(tmp_path / "emb")).num_rows == 3

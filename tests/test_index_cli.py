@@ -135,22 +135,50 @@ def test_image_queries_embed_with_the_model_of_the_matching_space(index_name, tm
     run("serve", "--old-embeddings", str(tmp_path / "old"), "--metric", "l2", "--name", index_name)
     capsys.readouterr()
 
-    run("query", "--image", str(tmp_path / "query.png"), "--model", model_uri, "--strategy", "old", "--k", "2",
-        "--json", "--name", index_name)
+    run(
+        "query",
+        "--image",
+        str(tmp_path / "query.png"),
+        "--model",
+        model_uri,
+        "--strategy",
+        "old",
+        "--k",
+        "2",
+        "--json",
+        "--name",
+        index_name,
+    )
     hits = json.loads(capsys.readouterr().out)[0]
     assert hits[0]["id"] == 0 and hits[0]["score"] == pytest.approx(8 * 0.01**2, rel=1e-2)
     with pytest.raises(ValueError, match="needs a --model for the new space"):
-        run("query", "--image", str(tmp_path / "query.png"), "--model", model_uri, "--strategy", "rank_merge",
-            "--name", index_name)
+        run(
+            "query",
+            "--image",
+            str(tmp_path / "query.png"),
+            "--model",
+            model_uri,
+            "--strategy",
+            "rank_merge",
+            "--name",
+            index_name,
+        )
 
 
 def test_status_text_and_progress_bar():
     assert progress_bar(0.5, width=10) == "[#####.....]"
     assert progress_bar(1.5, width=4) == "[####]"
     progress = Progress(
-        name="idx", phase="backfill", counts={"old": 6, "transformed": 2, "new": 2},
+        name="idx",
+        phase="backfill",
+        counts={"old": 6, "transformed": 2, "new": 2},
         per_shard=[{"old": 4, "transformed": 1, "new": 0}, {"old": 2, "transformed": 1, "new": 2}],
-        total=10, remaining=8, rate=2.0, eta_seconds=4.0, started_at=0.0, updated_at=3725.0,
+        total=10,
+        remaining=8,
+        rate=2.0,
+        eta_seconds=4.0,
+        started_at=0.0,
+        updated_at=3725.0,
         last_error="upsert: boom",
     )
     text = format_status(progress, now=3725.0).splitlines()

@@ -62,8 +62,9 @@ def test_l2_keeps_the_smallest_distance_and_pads_short_rows():
 
 
 def test_exact_duplicate_prefers_the_newer_space():
-    result = merge_topk(np.array([[1, 1, 1]]), np.array([[2.0, 2.0, 2.0]]),
-                        np.array([[OLD, NEW, TRANSFORMED]]), k=2, metric="ip")
+    result = merge_topk(
+        np.array([[1, 1, 1]]), np.array([[2.0, 2.0, 2.0]]), np.array([[OLD, NEW, TRANSFORMED]]), k=2, metric="ip"
+    )
     np.testing.assert_array_equal(result.ids, [[1, -1]])
     assert result.spaces[0, 0] == NEW
 
@@ -142,5 +143,4 @@ def test_bad_inputs_are_refused_clearly():
     with pytest.raises(ValueError, match="one shape"):
         merge_topk(ids, np.ones((1, 3)), spaces, 1, "ip")
     with pytest.raises(ValueError, match="different numbers of queries"):
-        merge_results([TopK(ids, np.ones((1, 2)), spaces), TopK(ids[[0, 0]], np.ones((2, 2)), spaces[[0, 0]])],
-                      1, "ip")
+        merge_results([TopK(ids, np.ones((1, 2)), spaces), TopK(ids[[0, 0]], np.ones((2, 2)), spaces[[0, 0]])], 1, "ip")

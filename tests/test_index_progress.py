@@ -62,7 +62,6 @@ def test_rate_tracker_trims_old_samples_but_keeps_a_baseline():
 
 
 def test_progress_fractions():
-    progress = Progress("x", "backfill", {"old": 2, "transformed": 5, "new": 3}, [], 10, 7, 1.0, 7.0,
-                        None, 0.0, None)
+    progress = Progress("x", "backfill", {"old": 2, "transformed": 5, "new": 3}, [], 10, 7, 1.0, 7.0, None, 0.0, None)
     assert progress.fraction_new == pytest.approx(0.3)
     assert progress.fraction_in_new_space == pytest.approx(0.8)

@@ -148,8 +148,9 @@ def test_progress_answers_while_a_heavy_search_runs(make_index):
 
 
 def test_index_is_found_by_name_from_another_process_and_survives_restarts(make_index, tmp_path):
-    router, config = make_index(shards=2, snapshot_uri=str(tmp_path / "index"),
-                                index=IndexConfig(kind="ivf", nlist=2, nprobe=2))
+    router, config = make_index(
+        shards=2, snapshot_uri=str(tmp_path / "index"), index=IndexConfig(kind="ivf", nlist=2, nprobe=2)
+    )
     assert create_index(config)._actor_id == router._actor_id  # get_if_exists: the same actor
     with pytest.raises(ValueError, match="already runs with another configuration"):
         create_index(RouterConfig(name=config.name, shards=3))
@@ -189,8 +190,11 @@ def test_index_is_found_by_name_from_another_process_and_survives_restarts(make_
     kill_and_wait_for_restart(shard)
     assert get(shard.counts.remote()) == before
     q = g.old[:3]
-    assert_matches(get(router.search.remote(q, q + 1, 10, "rank_merge")),
-                   brute_force(_moved(g, 20), q, q + 1, 10, "rank_merge"), atol=1e-3)
+    assert_matches(
+        get(router.search.remote(q, q + 1, 10, "rank_merge")),
+        brute_force(_moved(g, 20), q, q + 1, 10, "rank_merge"),
+        atol=1e-3,
+    )
 
 
 def _moved(g: Gallery, n: int) -> Gallery:

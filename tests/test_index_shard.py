@@ -211,8 +211,9 @@ def test_a_restarted_shard_restores_its_last_snapshot(make_shard, tmp_path, wher
     assert after["old_space"] == {"version": "v1", "dim": 8} and after["new_space"] == {"version": "v2", "dim": 8}
     q_old, q_new = np.random.default_rng(4).standard_normal((2, 5, 8)).astype(np.float32)
     for strategy in ("old", "compatible", "rank_merge"):
-        assert_matches(get(shard.search.remote(q_old, q_new, 12, strategy)),
-                       brute_force(g, q_old, q_new, 12, strategy), atol=1e-3)
+        assert_matches(
+            get(shard.search.remote(q_old, q_new, 12, strategy)), brute_force(g, q_old, q_new, 12, strategy), atol=1e-3
+        )
 
 
 def test_promote_requires_every_item_and_rollback_restores_the_old_answer(make_shard):

@@ -127,16 +127,44 @@ def _wait_for_dashboard(head: subprocess.Popen, port: int, timeout_s: float = 90
 def test_jobs_submitted_to_a_loopback_head_serve_an_index_that_another_process_queries(tmp_path):
     gcs_port, dashboard_port = _free_port(), _free_port()
     # Every fixed default port too: other developers' clusters on this machine hold the defaults.
-    agent_ports = [arg for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-                                    "--metrics-export-port", "--runtime-env-agent-port", "--ray-client-server-port")
-                   for arg in (flag, str(_free_port()))]
+    agent_ports = [
+        arg
+        for flag in (
+            "--dashboard-agent-listen-port",
+            "--dashboard-agent-grpc-port",
+            "--metrics-export-port",
+            "--runtime-env-agent-port",
+            "--ray-client-server-port",
+        )
+        for arg in (flag, str(_free_port()))
+    ]
     ray_tmpdir = tempfile.mkdtemp(prefix="rbi", dir="/tmp")  # short: unix socket paths are limited
     head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--num-cpus", "2",
-         "--include-dashboard", "true", "--disable-usage-stats", *agent_ports],
-        env=_child_env(ray_tmpdir), cwd=tmp_path, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(gcs_port),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dashboard_port),
+            "--num-cpus",
+            "2",
+            "--include-dashboard",
+            "true",
+            "--disable-usage-stats",
+            *agent_ports,
+        ],
+        env=_child_env(ray_tmpdir),
+        cwd=tmp_path,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     pgid = head.pid  # start_new_session: the head is its group's leader; Ray's daemons inherit the group
     try:
@@ -144,19 +172,74 @@ def test_jobs_submitted_to_a_loopback_head_serve_an_index_that_another_process_q
         ours = _ray_daemons(ray_tmpdir, ours=True)
         assert ours and all(os.getpgid(p) == pgid for p in ours), "the head's daemons left our process group"
 
-        submit = [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard_port}",
-                  "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"excludes": EXCLUDES}), "--"]
+        submit = [
+            RAY,
+            "job",
+            "submit",
+            "--address",
+            f"http://127.0.0.1:{dashboard_port}",
+            "--working-dir",
+            str(REPO),
+            "--runtime-env-json",
+            json.dumps({"excludes": EXCLUDES}),
+            "--",
+        ]
         env = _child_env(ray_tmpdir)
         images, model, embeddings = tmp_path / "images", tmp_path / "old", tmp_path / "emb_old"
         stages = [
-            ["python", "jobs/prepare_data.py", "synth", "--out", str(images),
-             "--classes", "4", "--per-class", "5", "--size", "16"],
-            ["python", "jobs/train.py", "backbone", "--images", str(images), "--out", str(model),
-             "--architecture", "small_cnn", "--embedding-dim", "16", "--workers", "0", "--epochs", "1",
-             "--batch-size", "10", "--no-gpu", "--storage", str(tmp_path / "runs"),
-             "--validation-fraction", "0"],  # job plumbing: 20 images cannot tell whether a model learned
-            ["python", "jobs/embed.py", "--gallery", str(images), "--model", str(model), "--out", str(embeddings),
-             "--actors", "1", "--cpus-per-actor", "0.5", "--batch-size", "10"],
+            [
+                "python",
+                "jobs/prepare_data.py",
+                "synth",
+                "--out",
+                str(images),
+                "--classes",
+                "4",
+                "--per-class",
+                "5",
+                "--size",
+                "16",
+            ],
+            [
+                "python",
+                "jobs/train.py",
+                "backbone",
+                "--images",
+                str(images),
+                "--out",
+                str(model),
+                "--architecture",
+                "small_cnn",
+                "--embedding-dim",
+                "16",
+                "--workers",
+                "0",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "10",
+                "--no-gpu",
+                "--storage",
+                str(tmp_path / "runs"),
+                "--validation-fraction",
+                "0",
+            ],  # job plumbing: 20 images cannot tell whether a model learned
+            [
+                "python",
+                "jobs/embed.py",
+                "--gallery",
+                str(images),
+                "--model",
+                str(model),
+                "--out",
+                str(embeddings),
+                "--actors",
+                "1",
+                "--cpus-per-actor",
+                "0.5",
+                "--batch-size",
+                "10",
+            ],
             ["python", "jobs/serve.py", "--old-embeddings", str(embeddings), "--shards", "2", "--name", INDEX],
         ]
         for stage in stages:
@@ -176,8 +259,11 @@ def test_jobs_submitted_to_a_loopback_head_serve_an_index_that_another_process_q
         all_shards = next(line for line in status.stdout.splitlines() if line.startswith("all "))
         assert all_shards.split() == ["all", "20", "0", "0", "20"]  # every item old, none moved yet
 
-        query = _run([*cli, "query", "--id", str(ids[7]), "--k", "3", "--strategy", "old", "--json",
-                      "--name", INDEX], client, timeout=90)
+        query = _run(
+            [*cli, "query", "--id", str(ids[7]), "--k", "3", "--strategy", "old", "--json", "--name", INDEX],
+            client,
+            timeout=90,
+        )
         assert query.returncode == 0, query.stderr[-3000:]
         hits = json.loads(query.stdout)[0]
         assert len(hits) == 3 and hits[0]["id"] == ids[7] and {h["space"] for h in hits} == {"old"}
@@ -212,8 +298,9 @@ USER_ENCODER = textwrap.dedent(
 )
 
 
-def _backfill_with_a_user_entrypoint(tmp_path: Path, dashboard_port: int, env: dict, client: dict, images: Path,
-                                     embeddings: Path) -> None:
+def _backfill_with_a_user_entrypoint(
+    tmp_path: Path, dashboard_port: int, env: dict, client: dict, images: Path, embeddings: Path
+) -> None:
     """The team's own encoder, a factory in the directory they submit from, backfills the live index; the same
     job without --trust-entrypoint is refused before anything runs."""
     user_dir = tmp_path / "team"
@@ -223,28 +310,94 @@ def _backfill_with_a_user_entrypoint(tmp_path: Path, dashboard_port: int, env: d
     (user_dir / "team_encoder.py").write_text(USER_ENCODER)
     encoder = tmp_path / "team-v2"
     register = subprocess.run(
-        [sys.executable, "-m", "raybackfill.cli.main", "encoder", "register", "--kind", "entrypoint",
-         "--entrypoint", "team_encoder:make", "--kwargs", '{"dim": 8}', "--crop", "16", "--version", "team-v2",
-         "--out", str(encoder)],
-        env=client, cwd=user_dir, capture_output=True, text=True, timeout=120)  # python -m: the cwd is importable
+        [
+            sys.executable,
+            "-m",
+            "raybackfill.cli.main",
+            "encoder",
+            "register",
+            "--kind",
+            "entrypoint",
+            "--entrypoint",
+            "team_encoder:make",
+            "--kwargs",
+            '{"dim": 8}',
+            "--crop",
+            "16",
+            "--version",
+            "team-v2",
+            "--out",
+            str(encoder),
+        ],
+        env=client,
+        cwd=user_dir,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # python -m: the cwd is importable
     assert register.returncode == 0, register.stderr[-3000:]
-    submit = [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard_port}", "--working-dir", str(user_dir),
-              "--", "python", str(REPO / "jobs" / "backfill.py"), "--gallery", str(images), "--old-embeddings",
-              str(embeddings), "--upgrade", str(encoder), "--method", "bct", "--policy", "random", "--tiers", "2",
-              "--index", INDEX, "--batch-size", "8", "--no-progress"]
+    submit = [
+        RAY,
+        "job",
+        "submit",
+        "--address",
+        f"http://127.0.0.1:{dashboard_port}",
+        "--working-dir",
+        str(user_dir),
+        "--",
+        "python",
+        str(REPO / "jobs" / "backfill.py"),
+        "--gallery",
+        str(images),
+        "--old-embeddings",
+        str(embeddings),
+        "--upgrade",
+        str(encoder),
+        "--method",
+        "bct",
+        "--policy",
+        "random",
+        "--tiers",
+        "2",
+        "--index",
+        INDEX,
+        "--batch-size",
+        "8",
+        "--no-progress",
+    ]
     refused = _submit([*submit, "--out", str(tmp_path / "refused")], env, timeout=180)
     assert refused.returncode != 0 and "names the entrypoint 'team_encoder:make'" in refused.stdout + refused.stderr
     assert not (tmp_path / "refused").exists()
-    done = _submit([*submit, "--out", str(tmp_path / "backfill"), "--trust-entrypoint", "team_encoder:make"],
-                   env, timeout=240)
+    done = _submit(
+        [*submit, "--out", str(tmp_path / "backfill"), "--trust-entrypoint", "team_encoder:make"], env, timeout=240
+    )
     assert done.returncode == 0, f"backfill failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     status = _run([sys.executable, "-m", "raybackfill.cli.main", "status", "--name", INDEX], client, timeout=90)
     all_shards = next(line for line in status.stdout.splitlines() if line.startswith("all "))
     assert all_shards.split() == ["all", "0", "0", "20", "20"], status.stdout  # every item re-embedded by team-v2
-    query = _run([sys.executable, "-m", "raybackfill.cli.main", "query", "--image", str(tmp_path / "query.png"),
-                  "--model", str(encoder), "--strategy", "compatible", "--k", "3", "--json", "--name", INDEX,
-                  "--trust-entrypoint", "team_encoder:make"], {**client, "PYTHONPATH": f"{user_dir}:{REPO}"},
-                 timeout=90)
+    query = _run(
+        [
+            sys.executable,
+            "-m",
+            "raybackfill.cli.main",
+            "query",
+            "--image",
+            str(tmp_path / "query.png"),
+            "--model",
+            str(encoder),
+            "--strategy",
+            "compatible",
+            "--k",
+            "3",
+            "--json",
+            "--name",
+            INDEX,
+            "--trust-entrypoint",
+            "team_encoder:make",
+        ],
+        {**client, "PYTHONPATH": f"{user_dir}:{REPO}"},
+        timeout=90,
+    )
     assert query.returncode == 0, query.stderr[-3000:]
     hits = json.loads(query.stdout)[0]
     assert len(hits) == 3 and {h["space"] for h in hits} == {"new"}
@@ -302,15 +455,22 @@ TWO_NODE_SCRIPT = textwrap.dedent(
 @pytest.mark.timeout(240)
 def test_index_shards_of_a_two_node_cluster_run_on_different_nodes_and_answer_together():
     ray_tmpdir = tempfile.mkdtemp(prefix="rbc", dir="/tmp")
-    child = subprocess.Popen([sys.executable, "-c", TWO_NODE_SCRIPT], env=_child_env(ray_tmpdir), cwd=REPO,
-                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", TWO_NODE_SCRIPT],
+        env=_child_env(ray_tmpdir),
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         out, err = child.communicate(timeout=200)
     finally:
         _kill_group(child.pid)
         shutil.rmtree(ray_tmpdir, ignore_errors=True)
     assert child.returncode == 0, err[-3000:]
-    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT ") :])
     assert len(set(result["shard_nodes"])) == 2
     assert sorted(result["shard_labels"]) == ["node_a", "node_b"]
     assert result["counts"]["old"] == 40

@@ -17,8 +17,10 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
 
 
 def test_idempotent_one_handler_and_the_level():
-    out = run_python("import logging; from raybackfill.logs import configure_logging as c; c(); log = c('DEBUG'); "
-                     "print(len(log.handlers), log.level == logging.DEBUG)").stdout
+    out = run_python(
+        "import logging; from raybackfill.logs import configure_logging as c; c(); log = c('DEBUG'); "
+        "print(len(log.handlers), log.level == logging.DEBUG)"
+    ).stdout
     assert out.split() == ["1", "True"]
 
 
@@ -34,17 +36,26 @@ def test_unknown_level_is_a_clear_error():
 
 
 def test_module_loggers_reach_stderr():
-    code = ("import logging; from raybackfill.logs import configure_logging; configure_logging('INFO'); "
-            "log = logging.getLogger('raybackfill.backfill.run'); log.info('phase %s', 'instant'); log.debug('hidden')")
+    code = (
+        "import logging; from raybackfill.logs import configure_logging; configure_logging('INFO'); "
+        "log = logging.getLogger('raybackfill.backfill.run'); log.info('phase %s', 'instant'); log.debug('hidden')"
+    )
     err = run_python(code).stderr
     assert "INFO raybackfill.backfill.run: phase instant" in err and "hidden" not in err
 
 
 def test_cli_option_sets_the_level_for_workers():
-    code = ("import os, sys; from raybackfill.cli.main import main; "
-            "main(['--log-level', 'warning', 'version']); print(os.environ['RAYBACKFILL_LOG_LEVEL'])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={k: v for k, v in os.environ.items() if k != LEVEL_ENV}).stdout
+    code = (
+        "import os, sys; from raybackfill.cli.main import main; "
+        "main(['--log-level', 'warning', 'version']); print(os.environ['RAYBACKFILL_LOG_LEVEL'])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={k: v for k, v in os.environ.items() if k != LEVEL_ENV},
+    ).stdout
     assert out.split() == ["0.1.0", "warning"]
 
 

@@ -167,8 +167,13 @@ def bad_rows(inputs, tmp_path_factory) -> dict:
     old = np.random.default_rng(0).standard_normal((N, DIM)).astype(np.float32)
     old[9, 0], old[11, 2] = np.nan, np.inf
     write_table(embedding_table(ids, old, model="old-v1"), str(root / "old"), rows_per_shard=8)
-    return {"gallery": str(root / "gallery"), "old": str(root / "old"), "out": str(root / "out"),
-            "bad_images": {3: "", 5: "not an image format", 7: "empty image bytes"}, "bad_vectors": {9, 11}}
+    return {
+        "gallery": str(root / "gallery"),
+        "old": str(root / "old"),
+        "out": str(root / "out"),
+        "bad_images": {3: "", 5: "not an image format", 7: "empty image bytes"},
+        "bad_vectors": {9, 11},
+    }
 
 
 @pytest.mark.slow

@@ -69,8 +69,12 @@ def test_a_driver_sigkilled_at_three_seeded_points_and_rerun_ends_with_every_id_
         job = _run_job(inputs, out, "rel-sigkill", address)
         try:
             deadline = time.monotonic() + 300
-            while (stage == "write" and len(ledger.files(ledger.new_uri)) == before and job.poll() is None
-                   and time.monotonic() < deadline):
+            while (
+                stage == "write"
+                and len(ledger.files(ledger.new_uri)) == before
+                and job.poll() is None
+                and time.monotonic() < deadline
+            ):
                 time.sleep(0.01)
             time.sleep(delay)
             assert job.poll() is None, f"attempt {attempt} ended before its kill: {job.stdout.read().decode()[-3000:]}"
@@ -92,8 +96,9 @@ def test_a_driver_sigkilled_at_three_seeded_points_and_rerun_ends_with_every_id_
 def snapshotted_index(inputs, ray_cluster, tmp_path):
     """An index whose shards snapshot to disk, snapshotted right after the gallery was loaded."""
     name = "rel-shard-kill"
-    router = create_index(RouterConfig(name=name, shards=2, shard_num_cpus=0.1,
-                                       snapshot_uri=str(tmp_path / "snapshots")))
+    router = create_index(
+        RouterConfig(name=name, shards=2, shard_num_cpus=0.1, snapshot_uri=str(tmp_path / "snapshots"))
+    )
     get(router.load_old.remote(np.arange(N), inputs["old_vectors"], "old-v1"))
     get(router.snapshot.remote())
     yield router
@@ -167,8 +172,11 @@ def test_a_dead_shard_fails_queries_and_upserts_with_a_typed_error_not_a_short_a
     router = make_index("rel-dead-shard")
     ray.kill(ray.get_actor("rel-dead-shard-shard-001", namespace=NAMESPACE), no_restart=True)
     q = np.ones((1, DIM), np.float32)
-    for call in (router.search.remote(q, None, 5, "old"), router.progress.remote(),
-                 router.upsert.remote(np.arange(4), np.ones((4, DIM), np.float32), "new", "new-v2")):
+    for call in (
+        router.search.remote(q, None, 5, "old"),
+        router.progress.remote(),
+        router.upsert.remote(np.arange(4), np.ones((4, DIM), np.float32), "new", "new-v2"),
+    ):
         with pytest.raises(IndexUnavailableError, match="an index shard unavailable"):
             get(call, timeout=60)
     # The CLI reports it as an error line (exit 2), not a traceback.

@@ -81,9 +81,11 @@ def test_eight_query_clients_during_an_active_backfill_get_whole_answers(inputs,
 
     all_latencies = np.concatenate([np.asarray(x) for x in latencies])
     p50, p99 = np.percentile(all_latencies, [50, 99]) * 1000
-    print(f"\n{CLIENTS} clients x {DURATION_S:.0f} s: {len(all_latencies)} queries "
-          f"({len(all_latencies) / DURATION_S:.1f}/s), p50 {p50:.1f} ms, p99 {p99:.1f} ms; "
-          f"{rounds[0]} backfill jobs completed; index 'new' counts seen {sorted(seen_new)}")
+    print(
+        f"\n{CLIENTS} clients x {DURATION_S:.0f} s: {len(all_latencies)} queries "
+        f"({len(all_latencies) / DURATION_S:.1f}/s), p50 {p50:.1f} ms, p99 {p99:.1f} ms; "
+        f"{rounds[0]} backfill jobs completed; index 'new' counts seen {sorted(seen_new)}"
+    )
     assert not errors, errors[:3]
     assert all(len(x) > 0 for x in latencies)  # every client was served
     assert len(seen_new) > 1  # the index really moved during the window

@@ -84,8 +84,9 @@ def test_a_backfill_refuses_a_model_json_that_names_code_or_pickles_without_runn
 
 def test_the_router_bounds_k_and_the_query_batch_and_keeps_serving(ray_cluster):
     name = "rel-bounds"
-    router = create_index(RouterConfig(name=name, shards=2, shard_num_cpus=0.1,
-                                       index=IndexConfig(max_k=8, max_queries=4)))
+    router = create_index(
+        RouterConfig(name=name, shards=2, shard_num_cpus=0.1, index=IndexConfig(max_k=8, max_queries=4))
+    )
     try:
         vectors = np.random.default_rng(0).standard_normal((N, DIM)).astype(np.float32)
         get(router.load_old.remote(np.arange(N), vectors, "old-v1"))

@@ -112,9 +112,7 @@ def test_bct_class_means_do_not_depend_on_the_order_the_embed_job_wrote_rows_in(
     vectors = (rng.standard_normal((400, 8)) * 10.0 ** rng.uniform(-3, 3, (400, 1))).astype(np.float32)
     labels = ids % 4
     shuffled = rng.permutation(400)
-    tables = [
-        embedding_table(ids[rows], vectors[rows], extra={"label": labels[rows]}) for rows in (ids, shuffled)
-    ]
+    tables = [embedding_table(ids[rows], vectors[rows], extra={"label": labels[rows]}) for rows in (ids, shuffled)]
     (sorted_features, sorted_labels), (features, labels_out) = (old_features_by_id(t) for t in tables)
     assert torch.equal(features, sorted_features) and torch.equal(labels_out, sorted_labels)
     old_weight = torch.ones(2, 8)
@@ -152,7 +150,12 @@ def test_two_workers_follow_the_loss_trajectory_of_one(ray_cluster, embeddings, 
     for workers in (1, 2):
         # No hold-out: the trajectories compare the same rows under 1 and 2 workers.
         cfg = _cfg(
-            tmp_path, f"w{workers}", num_workers=workers, cpus_per_worker=0.5, epochs=4, batch_size=64,
+            tmp_path,
+            f"w{workers}",
+            num_workers=workers,
+            cpus_per_worker=0.5,
+            epochs=4,
+            batch_size=64,
             validation_fraction=0.0,
         )
         train_transformation(old_uri, new_uri, str(tmp_path / f"w{workers}"), new_model="unused", train=cfg)

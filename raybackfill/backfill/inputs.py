@@ -54,9 +54,15 @@ def _ids(table: TableFiles) -> np.ndarray:
         raise storage.StorageError(f"{table.uri}: cannot read the id column ({err})") from err
 
 
-def check_inputs(gallery: str | TableFiles, old_embeddings: str | TableFiles, upgrade: str,
-                 transformation: str | None = None, *, old_model: str | None = None,
-                 trust: EntrypointTrust | None = None) -> tuple[TableFiles, TableFiles]:
+def check_inputs(
+    gallery: str | TableFiles,
+    old_embeddings: str | TableFiles,
+    upgrade: str,
+    transformation: str | None = None,
+    *,
+    old_model: str | None = None,
+    trust: EntrypointTrust | None = None,
+) -> tuple[TableFiles, TableFiles]:
     """Raise (naming the file) if the gallery, the old embeddings or a model cannot be used at all.
 
     ``upgrade`` is the new encoder (any kind; an untrusted entrypoint is refused before it is imported);
@@ -75,8 +81,10 @@ def check_inputs(gallery: str | TableFiles, old_embeddings: str | TableFiles, up
         loaded = load_model(transformation)
         wants = loaded.spec.dims.get("old")
         if wants is not None and wants != dim:
-            raise SchemaError(f"{old_embeddings.uri}: old embeddings have dim {dim}, but the transformation "
-                              f"{transformation} maps dim {wants}")
+            raise SchemaError(
+                f"{old_embeddings.uri}: old embeddings have dim {dim}, but the transformation "
+                f"{transformation} maps dim {wants}"
+            )
         if getattr(loaded.module, "uses_side_info", False):
             _check_side_info(old_embeddings, loaded.spec.dims["side"], transformation)
     return gallery, old_embeddings
@@ -86,8 +94,12 @@ def _check_side_info(old_embeddings: TableFiles, dim: int, transformation: str) 
     """A transformation trained with side-information reads it from every old-embedding shard."""
     for shard, schema in old_embeddings.shard_schemas():
         if SIDE_INFO not in schema.names:
-            raise SchemaError(f"{shard}: missing column '{SIDE_INFO}', which the transformation {transformation} "
-                              f"reads (embed the old gallery with --side-info-model)")
+            raise SchemaError(
+                f"{shard}: missing column '{SIDE_INFO}', which the transformation {transformation} "
+                f"reads (embed the old gallery with --side-info-model)"
+            )
         if (found := embedding_dim(schema, SIDE_INFO, shard)) != dim:
-            raise SchemaError(f"{shard}: column '{SIDE_INFO}' has dim {found}, but the transformation "
-                              f"{transformation} reads dim {dim}")
+            raise SchemaError(
+                f"{shard}: column '{SIDE_INFO}' has dim {found}, but the transformation "
+                f"{transformation} reads dim {dim}"
+            )

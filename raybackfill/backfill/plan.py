@@ -85,16 +85,25 @@ def read_plan(uri: str) -> Plan | None:
     return Plan(uri, PlanConfig(**raw["config"]), raw["total"], tiers)
 
 
-def ensure_plan(config: PlanConfig, uri: str, quarantine_uri: str, *, batch_size: int = 65_536,
-                gallery: TableFiles | None = None, old_embeddings: TableFiles | None = None) -> Plan:
+def ensure_plan(
+    config: PlanConfig,
+    uri: str,
+    quarantine_uri: str,
+    *,
+    batch_size: int = 65_536,
+    gallery: TableFiles | None = None,
+    old_embeddings: TableFiles | None = None,
+) -> Plan:
     """Reuse the plan committed under ``uri`` (it must be for the same config), or build and commit one.
 
     ``gallery`` and ``old_embeddings``: the config's tables already resolved by the caller (else resolved here)."""
     plan = read_plan(uri)
     if plan is not None:
         if plan.config != config:
-            raise ValueError(f"{uri}: holds a plan for {plan.config}, not {config}; use a new --out to change "
-                             f"the policy, tiers or inputs of a backfill")
+            raise ValueError(
+                f"{uri}: holds a plan for {plan.config}, not {config}; use a new --out to change "
+                f"the policy, tiers or inputs of a backfill"
+            )
         return plan
     ids, scores = score_gallery(config, batch_size=batch_size, old_embeddings=old_embeddings)
     rank = np.empty(len(ids), dtype=np.int64)
@@ -158,8 +167,9 @@ def _score_batch(batch: pa.Table, config: PlanConfig) -> dict[str, np.ndarray]:
     return {ID: ids, "score": scores}
 
 
-def score_gallery(config: PlanConfig, *, batch_size: int = 65_536,
-                  old_embeddings: TableFiles | None = None) -> tuple[np.ndarray, np.ndarray]:
+def score_gallery(
+    config: PlanConfig, *, batch_size: int = 65_536, old_embeddings: TableFiles | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(ids, scores) of every stored old embedding: a Ray Data pass, collected to the driver (16 B/id).
     Policies of the id alone read only the id column, in the driver (8 MB for 1M ids: a Ray Data pass would
     start workers to read 512 MB of vectors these policies ignore)."""
@@ -170,7 +180,11 @@ def score_gallery(config: PlanConfig, *, batch_size: int = 65_536,
         return ids, priority_scores(config.policy, ids, seed=config.seed).astype(np.float64)
     columns = [ID, EMBEDDING] + ([SIDE_INFO] if SIDE_INFO in table.schema.names else [])
     ds = read_shards(table, columns=columns).map_batches(
-        _score_batch, fn_kwargs={"config": config}, batch_size=batch_size, batch_format="pyarrow", num_cpus=0.5  # type: ignore[arg-type]  # ray's UDF type omits fn_kwargs
+        _score_batch,
+        fn_kwargs={"config": config},
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        num_cpus=0.5,  # type: ignore[arg-type]  # ray's UDF type omits fn_kwargs
     )
     parts = list(ds.iter_batches(batch_format="numpy", batch_size=None))
     ids = np.concatenate([p[ID] for p in parts]).astype(np.int64)
@@ -179,8 +193,9 @@ def score_gallery(config: PlanConfig, *, batch_size: int = 65_536,
     return ids, scores
 
 
-def _split_block(block: pa.Table, sorted_ids: np.ndarray, sorted_ranks: np.ndarray, tier_size: int,
-                 attempt: str, quarantine_uri: str) -> dict[str, np.ndarray]:
+def _split_block(
+    block: pa.Table, sorted_ids: np.ndarray, sorted_ranks: np.ndarray, tier_size: int, attempt: str, quarantine_uri: str
+) -> dict[str, np.ndarray]:
     """Write one gallery block's rows into its tiers' files (rows sorted by rank); quarantine unknown ids."""
     ids = block.column(ID).to_numpy()
     pos = locate_sorted(sorted_ids, ids, missing="mask")
@@ -205,12 +220,16 @@ def _split_block(block: pa.Table, sorted_ids: np.ndarray, sorted_ranks: np.ndarr
         out["file"].append(storage.write_shard(part, directory, f"part-{digest}.parquet", if_exists="skip"))
         out["tier"].append(tier)
         out["rows"].append(part.num_rows)
-    return {"tier": np.array(out["tier"], dtype=np.int64), "rows": np.array(out["rows"], dtype=np.int64),
-            "file": np.array(out["file"], dtype=object)}
+    return {
+        "tier": np.array(out["tier"], dtype=np.int64),
+        "rows": np.array(out["rows"], dtype=np.int64),
+        "file": np.array(out["file"], dtype=object),
+    }
 
 
-def _write_tiers(config: PlanConfig, ids: np.ndarray, rank: np.ndarray, attempt: str,
-                 quarantine_uri: str, gallery: str | TableFiles) -> list[dict]:
+def _write_tiers(
+    config: PlanConfig, ids: np.ndarray, rank: np.ndarray, attempt: str, quarantine_uri: str, gallery: str | TableFiles
+) -> list[dict]:
     """One streaming pass over the gallery: each block writes its rows into the files of their tiers."""
     order = np.argsort(ids)
     tier_size = max(1, -(-len(ids) // config.tiers))

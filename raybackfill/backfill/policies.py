@@ -69,6 +69,7 @@ def least_confidence_scores(old: np.ndarray, weight: np.ndarray, bias: np.ndarra
 def uncertainty_scores(transformation: torch.nn.Module, old: np.ndarray, side: np.ndarray | None = None) -> np.ndarray:
     """FastFill's s_i from a transformation returning ``(h, s)`` (eval mode, no gradients), float64."""
     import torch  # here, not at the top: Ray workers that only copy plan tiers import this module, not torch
+
     old = _vectors(old, "old embeddings")
     if side is not None:
         side = _vectors(side, "side-information")

@@ -18,8 +18,13 @@ from raybackfill.types import locate_sorted
 TIER = "tier"  # column carried from decode to the sink: the tier (ledger directory) of each row
 
 
-def prepare_kept(batch: dict[str, np.ndarray], keep: np.ndarray, tiers: np.ndarray, content: str,
-                 preprocessing: dict[str, Preprocessing]) -> dict[str, np.ndarray]:
+def prepare_kept(
+    batch: dict[str, np.ndarray],
+    keep: np.ndarray,
+    tiers: np.ndarray,
+    content: str,
+    preprocessing: dict[str, Preprocessing],
+) -> dict[str, np.ndarray]:
     """Keep the rows still to do (``keep`` sorted, ``tiers`` the tier of each) and prepare their ``content``
     column for the encoder, each with its tier; a row that cannot be prepared keeps its place with its reason
     (the encoder skips it, the sink quarantines it)."""

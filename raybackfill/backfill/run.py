@@ -82,7 +82,8 @@ class BackfillConfig:
         object.__setattr__(self, "policy", parse(Policy, self.policy))
         if get_recipe(self.method).forward_transformation and not self.transformation:
             raise ValueError(
-                f"method {self.method.value!r} transforms the stored embeddings first: pass --transformation")
+                f"method {self.method.value!r} transforms the stored embeddings first: pass --transformation"
+            )
         if self.budget is not None and self.until is not None:
             raise ValueError("pass --budget or --until, not both")
         if self.budget is not None and self.budget < 0:
@@ -142,8 +143,14 @@ def run_backfill(config: BackfillConfig) -> BackfillSummary:
         ...     out="backfill/v2", method=Method.RANK_MERGE, policy=Policy.RANDOM))  # doctest: +SKIP
     """
     # Before any write. The input tables come back resolved (shards listed, footers read) for every later step.
-    gallery, old_embeddings = check_inputs(config.gallery, config.old_embeddings, config.upgrade,
-                                           config.transformation, old_model=config.old_model, trust=config.trust)
+    gallery, old_embeddings = check_inputs(
+        config.gallery,
+        config.old_embeddings,
+        config.upgrade,
+        config.transformation,
+        old_model=config.old_model,
+        trust=config.trust,
+    )
     ledger = Ledger(config.out)
     router = connect(config.index) if config.index else None
     version = read_spec(config.upgrade).version
@@ -151,13 +158,20 @@ def run_backfill(config: BackfillConfig) -> BackfillSummary:
         get(router.report_error.remote(None))  # a new attempt: the last run's error is history
     try:
         started, built = time.monotonic(), read_plan(ledger.plan_uri) is None
-        plan = ensure_plan(config.plan_config(), ledger.plan_uri, ledger.quarantine_uri, gallery=gallery,
-                           old_embeddings=old_embeddings)
+        plan = ensure_plan(
+            config.plan_config(), ledger.plan_uri, ledger.quarantine_uri, gallery=gallery, old_embeddings=old_embeddings
+        )
         # The plan counts as a phase only in the run that built it (later runs reuse it).
         planned = PhaseStats("plan", plan.total, len(ledger.quarantined(Stage.PLAN)), time.monotonic() - started)
         phases = [planned] if built else []
-        logger.info("%s plan of %d items (%s, %d tiers) in %s", "built the" if built else "reusing the", plan.total,
-                    config.policy, len(plan.tiers), ledger.plan_uri)
+        logger.info(
+            "%s plan of %d items (%s, %d tiers) in %s",
+            "built the" if built else "reusing the",
+            plan.total,
+            config.policy,
+            len(plan.tiers),
+            ledger.plan_uri,
+        )
         replayed = ledger.replay(router, version) if router is not None else 0
         if replayed:
             logger.warning("re-sent %d ledger rows the index had lost (a shard restarted)", replayed)
@@ -184,14 +198,25 @@ def run_backfill(config: BackfillConfig) -> BackfillSummary:
         phases=phases,
     )
     _set_phase(router, Phase.DONE if summary.complete else Phase.PAUSED)
-    logger.info("backfill %s: %d of %d items in the new space, %d quarantined", "complete" if summary.complete
-                else "paused", summary.new, summary.total, summary.quarantined)
+    logger.info(
+        "backfill %s: %d of %d items in the new space, %d quarantined",
+        "complete" if summary.complete else "paused",
+        summary.new,
+        summary.total,
+        summary.quarantined,
+    )
     return summary
 
 
 def _logged(stats: PhaseStats) -> PhaseStats:
-    logger.info("%s phase: %d items, %d quarantined in %.1fs (%.0f items/s)", stats.name, stats.items,
-                stats.quarantined, stats.seconds, stats.rate)
+    logger.info(
+        "%s phase: %d items, %d quarantined in %.1fs (%.0f items/s)",
+        stats.name,
+        stats.items,
+        stats.quarantined,
+        stats.seconds,
+        stats.rate,
+    )
     return stats
 
 
@@ -210,14 +235,16 @@ def _bar(config: BackfillConfig, name: str, total: int) -> tqdm:
     return tqdm(total=total, desc=name, unit="item", disable=not config.progress, dynamic_ncols=True)
 
 
-def _instant_phase(config: BackfillConfig, old_embeddings: TableFiles, ledger: Ledger, router,
-                   version: str) -> PhaseStats:
+def _instant_phase(
+    config: BackfillConfig, old_embeddings: TableFiles, ledger: Ledger, router, version: str
+) -> PhaseStats:
     """Transform the stored old embeddings not yet transformed (nor re-embedded) into the new space."""
     stats = PhaseStats("instant")
     old_ids = old_embeddings.read([ID]).column(ID).to_numpy()
     # An id the transform quarantined is done for this phase; the re-embedding still gets to it.
-    done = np.concatenate([ledger.ids(ledger.transformed_uri), ledger.ids(ledger.new_uri),
-                           ledger.quarantined(Stage.TRANSFORM)])
+    done = np.concatenate(
+        [ledger.ids(ledger.transformed_uri), ledger.ids(ledger.new_uri), ledger.quarantined(Stage.TRANSFORM)]
+    )
     keep = np.setdiff1d(old_ids, done)
     if not len(keep):
         return stats
@@ -229,8 +256,16 @@ def _instant_phase(config: BackfillConfig, old_embeddings: TableFiles, ledger: L
         ds = keep_only(ds, keep)
     ds = map_transform(ds, config.transformation, replace(pool, batch_size=config.transform_batch_size))
     with _bar(config, "instant (transform)", len(keep)) as bar:
-        sink = BatchSink(ledger, router, state=Space.TRANSFORMED, version=version, stats=stats,
-                         max_bad_fraction=config.max_bad_fraction, bar=bar, max_rate=config.max_rate)
+        sink = BatchSink(
+            ledger,
+            router,
+            state=Space.TRANSFORMED,
+            version=version,
+            stats=stats,
+            max_bad_fraction=config.max_bad_fraction,
+            bar=bar,
+            max_rate=config.max_rate,
+        )
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
             sink.consume(batch, ledger.transformed_uri)
         sink.flush()
@@ -243,7 +278,8 @@ def _tier_order(tier: Tier) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     fs, _ = storage.resolve(tier.files[0])
     table = pads.dataset([storage.resolve(f)[1] for f in tier.files], filesystem=fs, format="parquet").to_table(
-        columns=[ID, RANK])
+        columns=[ID, RANK]
+    )
     return table.column(ID).to_numpy()[np.argsort(table.column(RANK).to_numpy(), kind="stable")]
 
 
@@ -256,8 +292,9 @@ def backfill_limit(config: BackfillConfig, total: int, done: int) -> int:
     return total
 
 
-def _backfill_phase(config: BackfillConfig, gallery: TableFiles, plan: Plan, ledger: Ledger, router,
-                    version: str) -> PhaseStats:
+def _backfill_phase(
+    config: BackfillConfig, gallery: TableFiles, plan: Plan, ledger: Ledger, router, version: str
+) -> PhaseStats:
     """Re-embed the images tier by tier in one Ray Data run; each tier is in the index before the next starts."""
     stats = PhaseStats("backfill")
     done = np.union1d(ledger.ids(ledger.new_uri), ledger.quarantined(*ENCODER_STAGES))
@@ -277,31 +314,51 @@ def _backfill_phase(config: BackfillConfig, gallery: TableFiles, plan: Plan, led
     inputs = plan_inputs({EMBEDDING: config.upgrade}, gallery, config.trust)
     ds = backfill_stream(files, ids, tiers, inputs, config.pool)
     with _bar(config, "backfill (re-embed)", len(ids)) as bar:
-        sink = BatchSink(ledger, router, state=Space.NEW, version=version, stats=stats,
-                         max_bad_fraction=config.max_bad_fraction, bar=bar, max_rate=config.max_rate)
+        sink = BatchSink(
+            ledger,
+            router,
+            state=Space.NEW,
+            version=version,
+            stats=stats,
+            max_bad_fraction=config.max_bad_fraction,
+            bar=bar,
+            max_rate=config.max_rate,
+        )
         batches = ds.iter_batches(batch_format="numpy", batch_size=None)
-        consume_in_tier_order(batches, sink, ledger, lambda t: bar.set_description(
-            f"backfill tier {t + 1}/{len(plan.tiers)}"))
+        consume_in_tier_order(
+            batches, sink, ledger, lambda t: bar.set_description(f"backfill tier {t + 1}/{len(plan.tiers)}")
+        )
     return stats
 
 
-def backfill_stream(files: list[str], ids: np.ndarray, tiers: np.ndarray, inputs: EncoderInputs,
-                    pool: PoolConfig) -> ray.data.Dataset:
+def backfill_stream(
+    files: list[str], ids: np.ndarray, tiers: np.ndarray, inputs: EncoderInputs, pool: PoolConfig
+) -> ray.data.Dataset:
     """One dataset over ``files`` (listed in tier order) that keeps ``ids`` (``tiers``: the tier of each),
     prepares and embeds them with one actor pool, and yields its batches in the order of ``files``."""
     by_id = np.argsort(ids, kind="stable")
     ds = read_shards(files, columns=[ID, inputs.content], rows_per_block=pool.batch_size)  # one task per batch
-    ds = ds.map_batches(prepare_kept, fn_kwargs={"keep": ids[by_id], "tiers": tiers[by_id], "content": inputs.content,  # type: ignore[arg-type]  # ray's UDF type omits fn_kwargs
-                                                 "preprocessing": inputs.preprocessing},
-                        batch_format="numpy", batch_size=pool.batch_size, num_cpus=0.5)
+    ds = ds.map_batches(
+        prepare_kept,
+        fn_kwargs={
+            "keep": ids[by_id],
+            "tiers": tiers[by_id],
+            "content": inputs.content,  # type: ignore[arg-type]  # ray's UDF type omits fn_kwargs
+            "preprocessing": inputs.preprocessing,
+        },
+        batch_format="numpy",
+        batch_size=pool.batch_size,
+        num_cpus=0.5,
+    )
     ds = map_embed(ds, inputs, pool)
     # ds.context is this dataset's own copy of the DataContext: the setting does not leak into other datasets.
     ds.context.execution_options.preserve_order = True
     return ds
 
 
-def consume_in_tier_order(batches: Iterable[dict[str, np.ndarray]], sink: BatchSink, ledger: Ledger,
-                          on_tier: Callable[[int], None]) -> None:
+def consume_in_tier_order(
+    batches: Iterable[dict[str, np.ndarray]], sink: BatchSink, ledger: Ledger, on_tier: Callable[[int], None]
+) -> None:
     """Write each row to its tier's ledger directory; flush the sink before a tier's first write, so every item
     of the previous tier is in the index first. A batch may span a tier boundary; a stream whose tiers go down
     is refused (the order was lost upstream: a lower tier would be written after a higher one)."""
@@ -324,6 +381,8 @@ def summary_table(summary: BackfillSummary) -> str:
     for p in summary.phases:
         lines.append(f"{p.name:<10} {p.items:>10} {p.quarantined:>12} {p.seconds:>9.1f} {p.rate:>9.1f}")
     state = "complete" if summary.complete else "partial (re-run the same command to continue)"
-    lines.append(f"re-embedded {summary.new} of {summary.total} items; {summary.quarantined} quarantined in all; "
-                 f"{summary.replayed} rows replayed into the index; backfill {state}")
+    lines.append(
+        f"re-embedded {summary.new} of {summary.total} items; {summary.quarantined} quarantined in all; "
+        f"{summary.replayed} rows replayed into the index; backfill {state}"
+    )
     return "\n".join(lines)

@@ -22,25 +22,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The backfill's arguments, shared by this command and jobs/backfill.py."""
     parser.add_argument("--gallery", required=True, metavar="URI", help="gallery image table (path or s3://)")
     parser.add_argument("--old-embeddings", required=True, metavar="URI", help="stored old embeddings (+ side_info)")
-    parser.add_argument("--upgrade", required=True, metavar="MODEL_DIR",
-                        help="the new encoder artefact (trained here, or registered with `raybackfill encoder`)")
+    parser.add_argument(
+        "--upgrade",
+        required=True,
+        metavar="MODEL_DIR",
+        help="the new encoder artefact (trained here, or registered with `raybackfill encoder`)",
+    )
     parser.add_argument("--transformation", metavar="MODEL_DIR", help="forward transformation (FCT / FastFill)")
     parser.add_argument("--old-model", metavar="MODEL_DIR", help="old backbone (its classifier: entropy policies)")
-    parser.add_argument("--method", required=True, choices=[m.value for m in Method],
-                        help="the compatible-upgrade method")
-    parser.add_argument("--policy", default=Policy.UNCERTAINTY.value, choices=[p.value for p in Policy],
-                        help="priority (default uncertainty)")
+    parser.add_argument(
+        "--method", required=True, choices=[m.value for m in Method], help="the compatible-upgrade method"
+    )
+    parser.add_argument(
+        "--policy",
+        default=Policy.UNCERTAINTY.value,
+        choices=[p.value for p in Policy],
+        help="priority (default uncertainty)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random policy (default 0)")
     parser.add_argument("--tiers", type=int, default=8, help="priority tiers (default 8)")
     parser.add_argument("--out", required=True, metavar="URI", help="outputs and ledger (same URI = resume)")
     stop = parser.add_mutually_exclusive_group()
-    stop.add_argument("--budget", type=int, metavar="N",
-                      help="re-embed at most N items in this run (the instant phase always completes)")
+    stop.add_argument(
+        "--budget",
+        type=int,
+        metavar="N",
+        help="re-embed at most N items in this run (the instant phase always completes)",
+    )
     stop.add_argument("--until", type=float, metavar="FRACTION", help="stop once FRACTION of the gallery is done")
-    parser.add_argument("--max-rate", type=float, metavar="ITEMS_PER_S",
-                        help="write at most this many items/s per phase, to spare a busy index (default: no limit)")
-    parser.add_argument("--max-bad-fraction", type=float, default=0.01,
-                        help="fail when more than this share of rows is quarantined (default 0.01)")
+    parser.add_argument(
+        "--max-rate",
+        type=float,
+        metavar="ITEMS_PER_S",
+        help="write at most this many items/s per phase, to spare a busy index (default: no limit)",
+    )
+    parser.add_argument(
+        "--max-bad-fraction",
+        type=float,
+        default=0.01,
+        help="fail when more than this share of rows is quarantined (default 0.01)",
+    )
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--index", default=DEFAULT_NAME, help=f"name of the running index (default {DEFAULT_NAME})")
     target.add_argument("--no-index", action="store_true", help="only write the outputs; update no index")
@@ -70,8 +91,9 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress, trust=trust_from(args),
     )  # fmt: skip
     # A live index runs on an existing cluster: attach to it (RAY_ADDRESS or the one on this machine).
-    init_ray(args.address or os.environ.get("RAY_ADDRESS") or ("auto" if config.index else None),
-             py_modules=args.py_module)
+    init_ray(
+        args.address or os.environ.get("RAY_ADDRESS") or ("auto" if config.index else None), py_modules=args.py_module
+    )
     summary = run_backfill(config)
     print(summary_table(summary))
     return 0

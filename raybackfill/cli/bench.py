@@ -24,8 +24,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     suite = _find_suite()
     # Without the suite its options are unknown: then every argument is taken as a plain word ("+" is never
     # an option prefix here), so the run reaches _unavailable's message instead of an argparse error.
-    parser = subparsers.add_parser("bench", help="run the benchmark suite and write results JSON",
-                                   description=DESCRIPTION, prefix_chars="-" if suite else "+")
+    parser = subparsers.add_parser(
+        "bench",
+        help="run the benchmark suite and write results JSON",
+        description=DESCRIPTION,
+        prefix_chars="-" if suite else "+",
+    )
     if suite is None:
         parser.add_argument("suite_args", nargs="*")
         parser.set_defaults(func=_unavailable)
@@ -53,5 +57,7 @@ def _importable(name: str) -> bool:
 
 
 def _unavailable(args: argparse.Namespace) -> int:
-    raise OSError(f"the benchmark suite is the repository's benchmarks/ package, not installed with raybackfill; "
-                  f"run this command from the root of a source checkout (no benchmarks/run.py in {Path.cwd()})")
+    raise OSError(
+        f"the benchmark suite is the repository's benchmarks/ package, not installed with raybackfill; "
+        f"run this command from the root of a source checkout (no benchmarks/run.py in {Path.cwd()})"
+    )

@@ -81,12 +81,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "metadata). Rows with a missing or empty text are quarantined.",
     )
     text.add_argument("src", metavar="SRC", help="a .jsonl/.ndjson, .csv or .parquet/.pq file")
-    text.add_argument("--format", dest="text_format", choices=("jsonl", "csv", "parquet"),
-                      help="the file's format (default: from its extension)")
+    text.add_argument(
+        "--format",
+        dest="text_format",
+        choices=("jsonl", "csv", "parquet"),
+        help="the file's format (default: from its extension)",
+    )
     text.add_argument("--id-column", default="id", metavar="NAME", help="column holding the ids (default id)")
     text.add_argument("--text-column", default="text", metavar="NAME", help="column holding the texts (default text)")
-    text.add_argument("--label-column", default="label", metavar="NAME",
-                      help="column holding the labels, if the file has it (default label)")
+    text.add_argument(
+        "--label-column",
+        default="label",
+        metavar="NAME",
+        help="column holding the labels, if the file has it (default label)",
+    )
     text.add_argument("--assign-ids", action="store_true", help="number the rows 0..N-1 in file order")
     for parser in (folder, cifar, idx, text):
         _out(parser)

@@ -87,8 +87,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="URI",
         help="table with the served gallery's id and label (embedding or image table)",
     )
-    live.add_argument("--strategy", choices=[s.value for s in Strategy], default=Strategy.RANK_MERGE.value,
-                      help="default rank_merge")
+    live.add_argument(
+        "--strategy", choices=[s.value for s in Strategy], default=Strategy.RANK_MERGE.value, help="default rank_merge"
+    )
     live.add_argument("--k", type=int, default=DEFAULT_K, help=f"results per probe (default {DEFAULT_K})")
     live.add_argument(
         "--max-probes",
@@ -115,8 +116,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="gallery, old embeddings through the forward transformation (FCT / FastFill)",
     )
     tables.add_argument("--psi-queries", metavar="URI", help="psi(new query embeddings) (rank_merge_psi)")
-    parser.add_argument("--method", required=True, choices=[m.value for m in Method],
-                        help="compatibility method (its serving strategy)")
+    parser.add_argument(
+        "--method", required=True, choices=[m.value for m in Method], help="compatibility method (its serving strategy)"
+    )
     parser.add_argument(
         "--order", action="append", metavar="ORDER", dest="orders",
         help=f"backfill order, repeatable: {', '.join(Policy)} or {COLUMN_PREFIX}NAME (a score column of the old "
@@ -138,7 +140,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random order (default 0)")
     parser.add_argument(
-        "--random-seeds", type=int, default=1, metavar="N",
+        "--random-seeds",
+        type=int,
+        default=1,
+        metavar="N",
         help="measure the random order over N seeds (seed, seed+1, ...) and judge the other orders against "
         "that band (default 1: one random order)",
     )

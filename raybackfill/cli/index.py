@@ -36,17 +36,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--old-embeddings", required=True, metavar="URI", help="old embedding table (path or s3://)")
     serve.add_argument("--shards", type=int, default=2, help="number of shard actors (default 2)")
     serve.add_argument("--version", help="old model version tag (default: the table's 'model' column)")
-    serve.add_argument("--metric", choices=[m.value for m in Metric], default=Metric.COSINE.value,
-                       help="cosine (default; the index normalises vectors and queries), ip (raw inner product) or l2")
+    serve.add_argument(
+        "--metric",
+        choices=[m.value for m in Metric],
+        default=Metric.COSINE.value,
+        help="cosine (default; the index normalises vectors and queries), ip (raw inner product) or l2",
+    )
     serve.add_argument("--kind", choices=("flat", "ivf"), default="flat", help="flat (exact, default) or ivf")
     serve.add_argument("--nlist", type=int, default=IndexConfig.nlist, help="IVF lists per space and shard")
     serve.add_argument("--nprobe", type=int, default=IndexConfig.nprobe, help="IVF lists searched per query")
-    serve.add_argument("--shard-cpus", type=float, default=RouterConfig.shard_num_cpus,
-                       help="CPUs per shard actor (FAISS threads follow; default 0.25)")
+    serve.add_argument(
+        "--shard-cpus",
+        type=float,
+        default=RouterConfig.shard_num_cpus,
+        help="CPUs per shard actor (FAISS threads follow; default 0.25)",
+    )
     serve.add_argument("--shard-gpus", type=float, default=0.0, help="GPUs per shard actor (default 0)")
-    serve.add_argument("--snapshot-uri", metavar="URI",
-                       help="where shards snapshot and restore (path or s3://); the loaded gallery is snapshotted "
-                       "there at once, so a shard Ray restarts comes back with it instead of empty")
+    serve.add_argument(
+        "--snapshot-uri",
+        metavar="URI",
+        help="where shards snapshot and restore (path or s3://); the loaded gallery is snapshotted "
+        "there at once, so a shard Ray restarts comes back with it instead of empty",
+    )
     _name(serve)
     serve.set_defaults(func=_serve)
 
@@ -63,18 +74,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--vector", action="append", metavar="FILE.npy", help="query vector(s) (.npy)")
     source.add_argument("--image", metavar="FILE", help="query image (any size and format PIL reads)")
     source.add_argument("--text", help="query text")
-    query.add_argument("--model", action="append", metavar="DIR",
-                       help="encoder artefact that embeds --image/--text; its version picks the space (repeatable)")
+    query.add_argument(
+        "--model",
+        action="append",
+        metavar="DIR",
+        help="encoder artefact that embeds --image/--text; its version picks the space (repeatable)",
+    )
     query.add_argument("--k", type=int, default=10, help="results per query (default 10)")
-    query.add_argument("--strategy", choices=[s.value for s in Strategy], default=Strategy.RANK_MERGE.value,
-                       help="default rank_merge")
+    query.add_argument(
+        "--strategy", choices=[s.value for s in Strategy], default=Strategy.RANK_MERGE.value, help="default rank_merge"
+    )
     query.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _name(query)
     add_trust_arguments(query)
     query.set_defaults(func=_query)
 
-    status = subparsers.add_parser("status", help="backfill progress of the serving index",
-                                   description="Counts per state and shard, rate, ETA, phase and last error.")
+    status = subparsers.add_parser(
+        "status",
+        help="backfill progress of the serving index",
+        description="Counts per state and shard, rate, ETA, phase and last error.",
+    )
     _name(status)
     status.set_defaults(func=_status)
 
@@ -116,15 +135,19 @@ def _serve(args: argparse.Namespace) -> int:
     router = create_index(config)
     serving = get(router.progress.remote()).total
     if serving:
-        raise ValueError(f"index {args.name!r} already serves {serving} items; `raybackfill stop --name "
-                         f"{args.name}` first, or serve under another --name")
+        raise ValueError(
+            f"index {args.name!r} already serves {serving} items; `raybackfill stop --name "
+            f"{args.name}` first, or serve under another --name"
+        )
     ids = table.column(ID).to_numpy()
     vectors = vectors_of(table)
     started = time.monotonic()
     for start in range(0, len(ids), LOAD_ROWS):
         get(router.load_old.remote(ids[start : start + LOAD_ROWS], vectors[start : start + LOAD_ROWS], version))
-    print(f"index {args.name!r}: serving {len(ids)} items of model {version!r} (dim {vectors.shape[1]}, "
-          f"{args.metric}, {args.kind}) on {args.shards} shards; loaded in {time.monotonic() - started:.1f} s")
+    print(
+        f"index {args.name!r}: serving {len(ids)} items of model {version!r} (dim {vectors.shape[1]}, "
+        f"{args.metric}, {args.kind}) on {args.shards} shards; loaded in {time.monotonic() - started:.1f} s"
+    )
     if args.snapshot_uri:
         _print_snapshots(get(router.snapshot.remote()))
     return 0
@@ -144,8 +167,10 @@ def _table_version(table, source: str) -> str:
         raise ValueError(f"{source}: no 'model' column; pass --version (the old model's version tag)")
     versions = table.column(MODEL).unique().to_pylist()
     if len(versions) != 1 or not versions[0]:
-        raise ValueError(f"{source}: column 'model' holds {len(versions)} versions ({versions[:5]}); "
-                         f"an old space holds one model; pass --version to choose")
+        raise ValueError(
+            f"{source}: column 'model' holds {len(versions)} versions ({versions[:5]}); "
+            f"an old space holds one model; pass --version to choose"
+        )
     return versions[0]
 
 
@@ -180,8 +205,10 @@ def _vector_queries(files: list[str], strategy: Strategy) -> tuple[np.ndarray | 
     vectors = [np.load(Path(f), allow_pickle=False) for f in files]
     needed = 2 if strategy is Strategy.RANK_MERGE else 1
     if len(vectors) != needed:
-        raise ValueError(f"strategy {strategy.value!r} takes {needed} --vector file(s), got {len(vectors)}"
-                         + (" (rank_merge: --vector OLD.npy --vector NEW.npy)" if needed == 2 else ""))
+        raise ValueError(
+            f"strategy {strategy.value!r} takes {needed} --vector file(s), got {len(vectors)}"
+            + (" (rank_merge: --vector OLD.npy --vector NEW.npy)" if needed == 2 else "")
+        )
     if strategy is Strategy.OLD:
         return vectors[0], None
     if strategy is Strategy.COMPATIBLE:
@@ -213,8 +240,10 @@ def _content_queries(router, content: bytes | str, models: list[str] | None, str
             encoder.with_size(min(decode_image(content).size))  # a model that recorded no size: the image's own
         slot = next((s for s in slots if (spaces[f"{s}_space"] or {}).get("version") == encoder.version), None)
         if slot is None:
-            raise ValueError(f"{uri}: encoder version {encoder.version!r} is neither the old space's "
-                             f"({spaces['old_space']}) nor the new space's ({spaces['new_space']})")
+            raise ValueError(
+                f"{uri}: encoder version {encoder.version!r} is neither the old space's "
+                f"({spaces['old_space']}) nor the new space's ({spaces['new_space']})"
+            )
         vectors, ok, reasons = encoder.embed_rows([content])
         if not ok.all():
             raise ValueError(f"{uri}: cannot prepare the query ({reasons[0]})")
@@ -273,8 +302,10 @@ def format_status(p: Progress, now: float | None = None) -> str:
     lines.append(f"{'all':<6}" + "".join(f"{p.counts[s]:>13,}" for s in Space) + f"{p.total:>13,}")
     lines.append("")
     lines.append(f"new model  {progress_bar(p.fraction_new)} {100 * p.fraction_new:5.1f}%")
-    lines.append(f"new space  {progress_bar(p.fraction_in_new_space)} {100 * p.fraction_in_new_space:5.1f}%"
-                 "  (transformed or new)")
+    lines.append(
+        f"new space  {progress_bar(p.fraction_in_new_space)} {100 * p.fraction_in_new_space:5.1f}%"
+        "  (transformed or new)"
+    )
     eta = "unknown" if p.eta_seconds is None else _duration(p.eta_seconds)
     lines.append(f"rate {p.rate:,.1f} items/s   remaining {p.remaining:,}   ETA {eta}")
     if p.last_error:

@@ -41,9 +41,12 @@ def build_parser(command: str | None = None, *, complete: bool = True) -> argpar
         prog="raybackfill",
         description="Upgrade the embedding model of a retrieval service without downtime, on Ray.",
     )
-    parser.add_argument("--log-level", default=None, metavar="LEVEL",
-                        help=f"DEBUG, INFO (default), WARNING or ERROR, for this process and its Ray workers "
-                             f"(or set ${LEVEL_ENV})")
+    parser.add_argument(
+        "--log-level",
+        default=None,
+        metavar="LEVEL",
+        help=f"DEBUG, INFO (default), WARNING or ERROR, for this process and its Ray workers (or set ${LEVEL_ENV})",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     version = sub.add_parser("version", help="print the raybackfill version")
     version.set_defaults(func=lambda args: print(__version__))

@@ -71,9 +71,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _image_size(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--image-size", type=int, metavar="N",
-                        help="train on N x N images: each is resized (shorter side) and centre-cropped, and the model "
-                        "records it (default: the shorter side of the table's first image)")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        metavar="N",
+        help="train on N x N images: each is resized (shorter side) and centre-cropped, and the model "
+        "records it (default: the shorter side of the table's first image)",
+    )
 
 
 def _pair(parser: argparse.ArgumentParser) -> None:
@@ -156,8 +160,14 @@ def _side_info(args: argparse.Namespace) -> int:
     from raybackfill.train.api import train_side_info
 
     train = _config(args)
-    spec = train_side_info(args.images, args.out, embedding_dim=args.embedding_dim, version=args.version, train=train,
-                           image_size=args.image_size)
+    spec = train_side_info(
+        args.images,
+        args.out,
+        embedding_dim=args.embedding_dim,
+        version=args.version,
+        train=train,
+        image_size=args.image_size,
+    )
     return _print(spec)
 
 
@@ -184,4 +194,3 @@ def _reverse(args: argparse.Namespace) -> int:
             version=args.version, train=train,
         )
     )  # fmt: skip
-

@@ -38,8 +38,11 @@ class Recipe:
     old_query_source: OldQuerySource | None = None
 
     def __post_init__(self) -> None:
-        fields = [("name", Method, "method"), ("backbone_loss", BackboneLoss, "backbone_loss"),
-                  ("query_strategy", Strategy, "query_strategy")]
+        fields = [
+            ("name", Method, "method"),
+            ("backbone_loss", BackboneLoss, "backbone_loss"),
+            ("query_strategy", Strategy, "query_strategy"),
+        ]
         if self.old_query_source is not None:
             fields.append(("old_query_source", OldQuerySource, "old_query_source"))
         for name, kind, what in fields:

@@ -137,8 +137,13 @@ def import_image_folder(
             f"first: {quarantine.first_reason})"
         )
     if quarantined:
-        logger.warning("%s: %d of %d image files quarantined (they do not decode), see %s", root, quarantined,
-                       len(files), quarantine.uri)
+        logger.warning(
+            "%s: %d of %d image files quarantined (they do not decode), see %s",
+            root,
+            quarantined,
+            len(files),
+            quarantine.uri,
+        )
     return writer.close(empty, quarantined=quarantined)
 
 
@@ -196,7 +201,10 @@ def _folder_dataset(root: str, files: list[tuple[str, int]], size: int | None):
         for start in range(0, len(files), FILES_PER_TASK)
     ]  # fmt: skip
     ds = ray.data.from_arrow(blocks).map_batches(
-        _read_folder_block, fn_kwargs={"root": root, "size": size}, batch_format="pyarrow", batch_size=None  # type: ignore[arg-type]  # ray's UDF type omits fn_kwargs
+        _read_folder_block,
+        fn_kwargs={"root": root, "size": size},
+        batch_format="pyarrow",
+        batch_size=None,  # type: ignore[arg-type]  # ray's UDF type omits fn_kwargs
     )
     # This dataset's own copy of the DataContext (the setting does not leak into other datasets): rows must
     # come back in id order to be written in id order.
@@ -540,8 +548,13 @@ def import_text(
                 ids = np.arange(next_id, next_id + n, dtype=np.int64)
                 next_id += n
             else:
-                ids = np.array([_source_id(v, source.where(p), id_column) for v, p in
-                                zip(chunk.values[id_column], chunk.positions, strict=True)], dtype=np.int64)
+                ids = np.array(
+                    [
+                        _source_id(v, source.where(p), id_column)
+                        for v, p in zip(chunk.values[id_column], chunk.positions, strict=True)
+                    ],
+                    dtype=np.int64,
+                )
             keep, texts, bad, reasons = [], [], [], []
             for i, text in enumerate(chunk.values[text_column]):
                 reason = _text_problem(text)
@@ -568,8 +581,9 @@ def import_text(
             f"first: {quarantine.first_reason})"
         )
     if quarantined:
-        logger.warning("%s: %d of %d rows quarantined (no usable text), see %s", src, quarantined, scan.rows,
-                       quarantine.uri)
+        logger.warning(
+            "%s: %d of %d rows quarantined (no usable text), see %s", src, quarantined, scan.rows, quarantine.uri
+        )
     return writer.close(empty, quarantined=quarantined)
 
 
@@ -663,8 +677,9 @@ class _TextSource:
         # parsed here, with the row in the error. Quoted newlines are allowed: texts have them.
         options = pacsv.ConvertOptions(include_columns=columns, column_types={c: pa.string() for c in columns})
         try:
-            reader = pacsv.open_csv(self.path, parse_options=pacsv.ParseOptions(newlines_in_values=True),
-                                    convert_options=options)
+            reader = pacsv.open_csv(
+                self.path, parse_options=pacsv.ParseOptions(newlines_in_values=True), convert_options=options
+            )
             yield from self._batches(reader, columns, limit)
         except (OSError, pa.ArrowInvalid) as err:
             raise DatasetImportError(f"{self.path}: malformed CSV ({err})") from err
@@ -720,8 +735,15 @@ def _scan_text(source: _TextSource, id_column: str | None, label_column: str | N
     for chunk in source.chunks(columns, limit):
         rows += len(chunk.positions)
         if id_column is not None:
-            ids.append(np.array([_source_id(v, source.where(p), id_column)
-                                 for v, p in zip(chunk.values[id_column], chunk.positions, strict=True)], np.int64))
+            ids.append(
+                np.array(
+                    [
+                        _source_id(v, source.where(p), id_column)
+                        for v, p in zip(chunk.values[id_column], chunk.positions, strict=True)
+                    ],
+                    np.int64,
+                )
+            )
             positions.append(np.asarray(chunk.positions, dtype=np.int64))
         if label_column is not None:
             for value, position in zip(chunk.values[label_column], chunk.positions, strict=True):

@@ -79,8 +79,13 @@ class ShardFiles(Datasource):
         ]
 
 
-def read_shards(uris: list[str] | TableFiles, *, columns: list[str] | None = None, rows_per_block: int | None = None,
-                block_per_file: bool = True) -> ray.data.Dataset:
+def read_shards(
+    uris: list[str] | TableFiles,
+    *,
+    columns: list[str] | None = None,
+    rows_per_block: int | None = None,
+    block_per_file: bool = True,
+) -> ray.data.Dataset:
     """A lazy Dataset over Parquet shards; ``rows_per_block`` cuts blocks to at most that many rows (streaming),
     so an actor pool downstream gets one task per block instead of one task for a whole file.
 
@@ -96,8 +101,14 @@ def read_shards(uris: list[str] | TableFiles, *, columns: list[str] | None = Non
     return ds.repartition(target_num_rows_per_block=rows_per_block) if rows_per_block else ds
 
 
-def read_gallery(table: str | TableFiles, *, columns: list[str] | None = None, require_label: bool = False,
-                 rows_per_block: int | None = None, block_per_file: bool = True) -> ray.data.Dataset:
+def read_gallery(
+    table: str | TableFiles,
+    *,
+    columns: list[str] | None = None,
+    require_label: bool = False,
+    rows_per_block: int | None = None,
+    block_per_file: bool = True,
+) -> ray.data.Dataset:
     """A lazy Ray Dataset over a gallery table (images or texts, local or s3://), projected to ``columns``."""
     table = storage.open_table(table)
     gallery_shards(table, require_label=require_label)
@@ -130,8 +141,9 @@ def prepare_rows(
     )
 
 
-def _prepare_numpy_batch(batch: dict[str, np.ndarray], preprocessing: dict[str, Preprocessing],
-                         quarantine_uri: str | None) -> dict:
+def _prepare_numpy_batch(
+    batch: dict[str, np.ndarray], preprocessing: dict[str, Preprocessing], quarantine_uri: str | None
+) -> dict:
     content = next(iter(preprocessing.values())).modality.column
     prepared, reasons = prepare_values(batch[content], preprocessing)
     ok = reasons == ""
@@ -141,8 +153,9 @@ def _prepare_numpy_batch(batch: dict[str, np.ndarray], preprocessing: dict[str, 
     return out | {column: values[ok] for column, values in prepared.items()}
 
 
-def prepare_values(values: np.ndarray | list, preprocessing: dict[str, Preprocessing]
-                   ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def prepare_values(
+    values: np.ndarray | list, preprocessing: dict[str, Preprocessing]
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Prepare ``values`` with each preprocessing: one full-length array per output column (rows that failed
     hold zeros, or empty strings) and the reason of each row ("" when every preprocessing prepared it)."""
     reasons = np.full(len(values), "", dtype=object)
@@ -156,8 +169,11 @@ def prepare_values(values: np.ndarray | list, preprocessing: dict[str, Preproces
             out[column] = prepared.values
             continue
         shape = (len(values), *prepared.values.shape[1:])
-        full = np.full(shape, "", dtype=object) if prepared.values.dtype == object else np.zeros(
-            shape, dtype=prepared.values.dtype)
+        full = (
+            np.full(shape, "", dtype=object)
+            if prepared.values.dtype == object
+            else np.zeros(shape, dtype=prepared.values.dtype)
+        )
         full[prepared.ok] = prepared.values
         out[column] = full
     return out, reasons

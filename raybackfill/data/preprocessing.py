@@ -87,8 +87,11 @@ class ImagePreprocessing:
 
     def resolved(self, size: int) -> ImagePreprocessing:
         """This preprocessing with an unset crop filled in with ``size``."""
-        return self if self.crop is not None else ImagePreprocessing(
-            self.resize, size, self.mean, self.std, self.interpolation)
+        return (
+            self
+            if self.crop is not None
+            else ImagePreprocessing(self.resize, size, self.mean, self.std, self.interpolation)
+        )
 
     @property
     def output_size(self) -> int:
@@ -134,8 +137,13 @@ class ImagePreprocessing:
         return Prepared(self.normalise(out[ok]), ok, reasons)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "mean": list(self.mean), "std": list(self.std),
-                "interpolation": self.interpolation.value, "modality": self.modality.value}
+        return {
+            **asdict(self),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation.value,
+            "modality": self.modality.value,
+        }
 
 
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -162,8 +170,10 @@ class TextPreprocessing:
         if self.tokenizer is Tokenizer.BYTES:
             return [b + 1 for b in text.encode("utf-8")[: self.max_length]]
         words = _WORD.findall(text.lower() if self.lowercase else text)[: self.max_length]
-        return [1 + int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little")
-                % (self.vocab_size - 1) for w in words]
+        return [
+            1 + int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little") % (self.vocab_size - 1)
+            for w in words
+        ]
 
     def prepare(self, texts: list[str | None] | np.ndarray) -> Prepared:
         ok = np.zeros(len(texts), dtype=bool)

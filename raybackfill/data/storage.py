@@ -109,7 +109,7 @@ def list_shards(uri: str) -> list[str]:
     root = path.rstrip("/") + "/"
     names = []
     for i in infos:
-        relative = i.path[len(root):] if i.path.startswith(root) else i.base_name
+        relative = i.path[len(root) :] if i.path.startswith(root) else i.base_name
         if i.type != pafs.FileType.File or not relative.endswith(".parquet"):
             continue
         if any(part.startswith(("_", ".")) for part in relative.split("/")):

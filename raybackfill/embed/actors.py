@@ -40,16 +40,27 @@ class EmbedRows:
     with NaN/inf outputs so the sink can quarantine them; other columns pass through.
     """
 
-    def __init__(self, models: dict[str, str], inputs: dict[str, str], trust: EntrypointTrust | None = None,
-                 num_threads: int = 1, chunk: int = 256) -> None:
+    def __init__(
+        self,
+        models: dict[str, str],
+        inputs: dict[str, str],
+        trust: EntrypointTrust | None = None,
+        num_threads: int = 1,
+        chunk: int = 256,
+    ) -> None:
         configure_logging()
         torch.set_num_threads(max(int(num_threads), 1))
         self.device = actor_device()
-        self.encoders = {column: load_encoder(uri, trust=trust, device=self.device, chunk=chunk)
-                         for column, uri in models.items()}
+        self.encoders = {
+            column: load_encoder(uri, trust=trust, device=self.device, chunk=chunk) for column, uri in models.items()
+        }
         self.inputs = inputs
-        logger.info("embedding actor ready on %s (%d threads): %s", self.device, torch.get_num_threads(),
-                    ", ".join(f"{column} <- {uri}" for column, uri in models.items()))
+        logger.info(
+            "embedding actor ready on %s (%d threads): %s",
+            self.device,
+            torch.get_num_threads(),
+            ", ".join(f"{column} <- {uri}" for column, uri in models.items()),
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prepared = set(self.inputs.values())

@@ -115,8 +115,9 @@ class EncoderInputs:
     trust: EntrypointTrust = EntrypointTrust()
 
 
-def plan_inputs(models: dict[str, str], gallery: str | TableFiles,
-                trust: EntrypointTrust | None = None) -> EncoderInputs:
+def plan_inputs(
+    models: dict[str, str], gallery: str | TableFiles, trust: EntrypointTrust | None = None
+) -> EncoderInputs:
     """Read each encoder's model.json, refuse untrusted entrypoints and encoders of another modality than the
     gallery, and fill sizes left open from the gallery: all in the driver, before any job starts."""
     trust = trust or EntrypointTrust()
@@ -131,8 +132,10 @@ def plan_inputs(models: dict[str, str], gallery: str | TableFiles,
         wanted = resolve_preprocessing(encoder_preprocessing(spec, source), gallery)
         if wanted.modality.column != content:
             article = "an" if wanted.modality.value[0] in "aeiou" else "a"
-            raise ValueError(f"{source}: {article} {wanted.modality.value} encoder cannot embed {gallery.uri}, "
-                             f"whose rows hold '{content}'")
+            raise ValueError(
+                f"{source}: {article} {wanted.modality.value} encoder cannot embed {gallery.uri}, "
+                f"whose rows hold '{content}'"
+            )
         name = next((k for k, p in preprocessing.items() if p == wanted), f"prepared_{len(preprocessing)}")
         preprocessing[name] = wanted
         inputs[column] = name
@@ -141,8 +144,9 @@ def plan_inputs(models: dict[str, str], gallery: str | TableFiles,
 
 def map_embed(ds: ray.data.Dataset, plan: EncoderInputs, pool: PoolConfig) -> ray.data.Dataset:
     """Add the embedding stage: the prepared columns of ``plan`` -> one column per encoder."""
-    return _actor_stage(ds, EmbedRows, {"models": plan.models, "inputs": plan.inputs, "trust": plan.trust},
-                        pool, "numpy")
+    return _actor_stage(
+        ds, EmbedRows, {"models": plan.models, "inputs": plan.inputs, "trust": plan.trust}, pool, "numpy"
+    )
 
 
 def map_transform(ds: ray.data.Dataset, model_uri: str, pool: PoolConfig) -> ray.data.Dataset:
@@ -254,20 +258,22 @@ def _open_table(out_uri: str, models: dict[str, str]) -> Manifest:
     if manifest is None:
         if storage.exists(out_uri) and storage.list_shards(out_uri):
             raise storage.ShardExistsError(
-                f"{out_uri}: holds shards but no {MANIFEST} (not an embed job's); use a new URI")
+                f"{out_uri}: holds shards but no {MANIFEST} (not an embed job's); use a new URI"
+            )
         manifest = Manifest(models)
         _write_manifest(out_uri, manifest, if_exists="error")  # two runs starting at once: one fails
     if manifest.models != models:
-        raise ValueError(f"{out_uri}: holds embeddings by models {manifest.models}, not {models}; "
-                         "use a new URI, or the same models to continue it")
+        raise ValueError(
+            f"{out_uri}: holds embeddings by models {manifest.models}, not {models}; "
+            "use a new URI, or the same models to continue it"
+        )
     return manifest
 
 
 def _skip_done(ds: ray.data.Dataset, input_uri: str, out_uri: str, quarantine_uri: str) -> ray.data.Dataset | None:
     """``ds`` (rows of ``input_uri``) without the ids an earlier run committed to ``out_uri`` or quarantined;
     None when no row is left. A first run skips the filter pass."""
-    done = np.union1d(storage.committed_ids(out_uri, recursive=False),
-                      quarantined_ids(quarantine_uri, ENCODER_STAGES))
+    done = np.union1d(storage.committed_ids(out_uri, recursive=False), quarantined_ids(quarantine_uri, ENCODER_STAGES))
     if not len(done):
         return ds
     keep = np.setdiff1d(storage.read_table(input_uri, [ID]).column(ID).to_numpy(), done)

@@ -106,8 +106,9 @@ def torchvision_preprocessing(architecture: str) -> ImagePreprocessing:
         raise ArtifactError(f"torchvision {architecture!r} has no default preset; declare preprocessing") from err
     crop, resize = int(preset.crop_size[0]), int(preset.resize_size[0])
     interpolation = parse(Interpolation, str(preset.interpolation.value))
-    return ImagePreprocessing(resize=resize, crop=crop, mean=tuple(preset.mean), std=tuple(preset.std),
-                              interpolation=interpolation)
+    return ImagePreprocessing(
+        resize=resize, crop=crop, mean=tuple(preset.mean), std=tuple(preset.std), interpolation=interpolation
+    )
 
 
 class Encoder:
@@ -117,8 +118,16 @@ class Encoder:
     into float32 vectors. ``embed_rows`` does both and reports the rows that could not be prepared.
     """
 
-    def __init__(self, spec: ModelSpec, fn: Callable[[Any], Any], preprocessing: Preprocessing,
-                 module: nn.Module | None = None, *, device: torch.device | str = "cpu", chunk: int = 256) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        fn: Callable[[Any], Any],
+        preprocessing: Preprocessing,
+        module: nn.Module | None = None,
+        *,
+        device: torch.device | str = "cpu",
+        chunk: int = 256,
+    ) -> None:
         self.spec = spec
         self.preprocessing = preprocessing
         self.module = module
@@ -192,13 +201,15 @@ def _as_matrix(out: Any, rows: int, spec: ModelSpec) -> np.ndarray:
     if matrix.ndim > 2:
         matrix = matrix.reshape(len(matrix), -1)
     if matrix.ndim != 2 or len(matrix) != rows:
-        raise ArtifactError(f"encoder {spec.version!r} returned shape {matrix.shape} for {rows} inputs; "
-                            "expected (n, d)")
+        raise ArtifactError(
+            f"encoder {spec.version!r} returned shape {matrix.shape} for {rows} inputs; expected (n, d)"
+        )
     return matrix
 
 
-def load_encoder(uri: str, *, trust: EntrypointTrust | None = None, device: torch.device | str = "cpu",
-                 chunk: int = 256) -> Encoder:
+def load_encoder(
+    uri: str, *, trust: EntrypointTrust | None = None, device: torch.device | str = "cpu", chunk: int = 256
+) -> Encoder:
     """Load the encoder at ``uri`` (any kind) on ``device``.
 
     Args:
@@ -243,11 +254,13 @@ def load_encoder(uri: str, *, trust: EntrypointTrust | None = None, device: torc
         try:
             module = torch.export.load(io.BytesIO(data)).module()
         except Exception as err:  # torch.export raises many types for a bad archive; all mean the same here
-            raise ArtifactError(f"{data_uri}: not a readable torch.export program ({type(err).__name__}: {err})"
-                                ) from err
+            raise ArtifactError(
+                f"{data_uri}: not a readable torch.export program ({type(err).__name__}: {err})"
+            ) from err
         return Encoder(spec, module, preprocessing, module, device=device, chunk=chunk)
-    module, fn = torchvision_embedder(spec.architecture, spec.kwargs, spec.embedding_layer,
-                                      decode_weights(data, data_uri), data_uri)
+    module, fn = torchvision_embedder(
+        spec.architecture, spec.kwargs, spec.embedding_layer, decode_weights(data, data_uri), data_uri
+    )
     return Encoder(spec, fn, preprocessing, module, device=device, chunk=chunk)
 
 
@@ -258,14 +271,17 @@ def _call_entrypoint(entrypoint: str, kwargs: dict[str, Any], source: str) -> An
         for part in attr.split("."):
             target = getattr(target, part)
     except (ImportError, AttributeError) as err:
-        raise ArtifactError(f"{source}: cannot import entrypoint {entrypoint!r} ({err}); ship its code with the job "
-                            "(ray job submit --working-dir, or runtime_env py_modules)") from err
+        raise ArtifactError(
+            f"{source}: cannot import entrypoint {entrypoint!r} ({err}); ship its code with the job "
+            "(ray job submit --working-dir, or runtime_env py_modules)"
+        ) from err
     logger.info("calling entrypoint %s", entrypoint)
     return target(**kwargs)
 
 
-def torchvision_embedder(architecture: str, kwargs: dict[str, Any], layer: str | None,
-                         state: dict[str, torch.Tensor], source: str) -> tuple[nn.Module, Callable]:
+def torchvision_embedder(
+    architecture: str, kwargs: dict[str, Any], layer: str | None, state: dict[str, torch.Tensor], source: str
+) -> tuple[nn.Module, Callable]:
     """A torchvision architecture with ``state`` loaded, and a function giving the named layer's output
     (flattened per row); ``None``/``"penultimate"`` means the input of the last linear layer (the features the
     classifier reads)."""
@@ -286,8 +302,10 @@ def torchvision_embedder(architecture: str, kwargs: dict[str, Any], layer: str |
     try:
         extractor = create_feature_extractor(net, return_nodes={layer: "embedding"})
     except (ValueError, RuntimeError) as err:
-        raise ArtifactError(f"{source}: torchvision {architecture!r} has no layer {layer!r} ({err}); "
-                            "torchvision.models.feature_extraction.get_graph_node_names lists them") from err
+        raise ArtifactError(
+            f"{source}: torchvision {architecture!r} has no layer {layer!r} ({err}); "
+            "torchvision.models.feature_extraction.get_graph_node_names lists them"
+        ) from err
     return extractor, lambda x: extractor(x)["embedding"].flatten(1)
 
 

@@ -127,8 +127,10 @@ def _probe_dim(spec: ModelSpec, files: dict[str, bytes], trust: EntrypointTrust 
     if not ok.all():
         raise ArtifactError(f"{spec.version}: the probe batch did not prepare ({reasons})")
     if vectors.ndim != 2 or vectors.shape[1] < 1 or not np.isfinite(vectors).all():
-        raise ArtifactError(f"{spec.version}: the encoder returned {vectors.shape} with non-finite values or no "
-                            "columns on a probe batch")
+        raise ArtifactError(
+            f"{spec.version}: the encoder returned {vectors.shape} with non-finite values or no "
+            "columns on a probe batch"
+        )
     return int(vectors.shape[1])
 
 

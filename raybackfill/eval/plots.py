@@ -76,8 +76,10 @@ def online_figure(online: Mapping) -> Figure:
     share.plot(t, [r["fraction_new"] for r in readings], color="0.3", linestyle=":", label="fraction re-embedded")
     share.set_ylabel("fraction of the gallery")
     share.set_ylim(0, 1.05)
-    ax.set_title(f"{online.get('method', '')}/{online.get('policy', '')} backfill under live queries "
-                 f"({online.get('queries', 0)} queries, {online.get('query_errors', 0)} errors)")
+    ax.set_title(
+        f"{online.get('method', '')}/{online.get('policy', '')} backfill under live queries "
+        f"({online.get('queries', 0)} queries, {online.get('query_errors', 0)} errors)"
+    )
     handles = ax.get_legend_handles_labels()[0] + share.get_legend_handles_labels()[0]
     ax.legend(handles, [str(h.get_label()) for h in handles], loc="lower right", fontsize="small")
     return fig

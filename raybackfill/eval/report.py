@@ -310,9 +310,7 @@ def findings_table(reports: Sequence[Mapping], labels: Sequence[str] | None = No
         return f"{f.verdict.value}{z}"
 
     if len(reports) == 1:
-        rows = [
-            [f.claim, f"{f.a_label} {_cell(f.a)}", f"{f.b_label} {_cell(f.b)}", cell(f)] for f in per_report[0]
-        ]
+        rows = [[f.claim, f"{f.a_label} {_cell(f.a)}", f"{f.b_label} {_cell(f.b)}", cell(f)] for f in per_report[0]]
         return render_table(["finding", "measured", "against", "verdict"], rows, markdown)
     rows = [[group[0].claim, *(cell(f) for f in group)] for group in zip(*per_report, strict=True)]
     return render_table(["finding", *labels], rows, markdown)

@@ -61,8 +61,10 @@ def merge_topk(ids: np.ndarray, scores: np.ndarray, spaces: np.ndarray, k: int, 
     scores = np.asarray(scores, dtype=np.float32)
     spaces = np.asarray(spaces, dtype=np.int8)
     if ids.ndim != 2 or ids.shape != scores.shape or ids.shape != spaces.shape:
-        raise ValueError(f"ids, scores and spaces must be (nq, m) arrays of one shape, got "
-                         f"{ids.shape}, {scores.shape}, {spaces.shape}")
+        raise ValueError(
+            f"ids, scores and spaces must be (nq, m) arrays of one shape, got "
+            f"{ids.shape}, {scores.shape}, {spaces.shape}"
+        )
     if k <= 0:
         raise ValueError(f"k must be positive, got {k}")
     valid = ids != EMPTY_ID

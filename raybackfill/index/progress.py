@@ -114,10 +114,10 @@ class ProgressGauges:
 
     def __init__(self) -> None:
         self._items = Gauge("raybackfill_items", "gallery items per state", tag_keys=("index", "state"))
-        self._rate = Gauge("raybackfill_rate", "backfill rate over the moving window, items/s",
-                           tag_keys=("index",))
-        self._eta = Gauge("raybackfill_eta_seconds", "estimated seconds to finish the phase (-1 = unknown)",
-                          tag_keys=("index",))
+        self._rate = Gauge("raybackfill_rate", "backfill rate over the moving window, items/s", tag_keys=("index",))
+        self._eta = Gauge(
+            "raybackfill_eta_seconds", "estimated seconds to finish the phase (-1 = unknown)", tag_keys=("index",)
+        )
 
     def export(self, progress: Progress) -> None:
         for state in Space:

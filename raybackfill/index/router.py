@@ -97,8 +97,9 @@ class IndexUnavailableError(ConnectionError):
 
 
 def _unavailable(err: RayActorError, what: str) -> IndexUnavailableError:
-    return IndexUnavailableError(f"{what} unavailable (dead or restarting: {type(err).__name__}); "
-                                 f"no partial answer was returned, retry")
+    return IndexUnavailableError(
+        f"{what} unavailable (dead or restarting: {type(err).__name__}); no partial answer was returned, retry"
+    )
 
 
 def _cause(err: RayTaskError) -> Exception:
@@ -213,10 +214,15 @@ class IndexRouter:
             groups = split_by_shard(ids, len(self._shards))
             pieces = [(i, ray.put(ids[g]), ray.put(vectors[g])) for i, g in enumerate(groups) if len(g)]
             calls = [getattr(self._shards[i], method) for i, _, _ in pieces]
-            await _gather([call.remote(p_ids, p_vec, *args, dry_run=True)
-                           for call, (_, p_ids, p_vec) in zip(calls, pieces, strict=True)])
-            await _gather([call.remote(p_ids, p_vec, *args)
-                           for call, (_, p_ids, p_vec) in zip(calls, pieces, strict=True)])
+            await _gather(
+                [
+                    call.remote(p_ids, p_vec, *args, dry_run=True)
+                    for call, (_, p_ids, p_vec) in zip(calls, pieces, strict=True)
+                ]
+            )
+            await _gather(
+                [call.remote(p_ids, p_vec, *args) for call, (_, p_ids, p_vec) in zip(calls, pieces, strict=True)]
+            )
         except Exception as err:
             logger.warning("%s refused or failed: %s", method, err)
             with self._lock:
@@ -247,8 +253,12 @@ class IndexRouter:
         order = np.concatenate([g for g in groups if len(g)])
         states = np.zeros(len(ids), dtype=np.int8)
         states[order] = np.concatenate([p.states for p in parts])
-        return ItemVectors(ids, states, _scatter(order, [p.old for p in parts], len(ids)),
-                           _scatter(order, [p.new for p in parts], len(ids)))
+        return ItemVectors(
+            ids,
+            states,
+            _scatter(order, [p.old for p in parts], len(ids)),
+            _scatter(order, [p.new for p in parts], len(ids)),
+        )
 
     # ----------------------------------------------------------------- lifecycle
     async def promote(self) -> dict[str, int]:
@@ -365,8 +375,9 @@ def connect(name: str = DEFAULT_NAME):
     try:
         return ray.get_actor(name, namespace=NAMESPACE)
     except ValueError as err:
-        raise ValueError(f"no index named {name!r} in Ray namespace {NAMESPACE!r}; start one with "
-                         f"`raybackfill serve`") from err
+        raise ValueError(
+            f"no index named {name!r} in Ray namespace {NAMESPACE!r}; start one with `raybackfill serve`"
+        ) from err
 
 
 def create_index(config: RouterConfig | None = None):
@@ -396,8 +407,10 @@ def create_index(config: RouterConfig | None = None):
     ).remote(config)
     running = get(router.health.remote())["config"]
     if running != dataclasses.asdict(config):
-        raise ValueError(f"an index named {config.name!r} already runs with another configuration "
-                         f"({running}); connect to it, or destroy it first")
+        raise ValueError(
+            f"an index named {config.name!r} already runs with another configuration "
+            f"({running}); connect to it, or destroy it first"
+        )
     return router
 
 

@@ -136,8 +136,9 @@ class IndexShard:
             blobs = read_snapshot(snapshot_uri)
             if blobs is not None:
                 self._restore(blobs)
-                logger.info("restored %d items from the snapshot under %s: %s", len(self._ids), snapshot_uri,
-                            self._counts)
+                logger.info(
+                    "restored %d items from the snapshot under %s: %s", len(self._ids), snapshot_uri, self._counts
+                )
 
     # ----------------------------------------------------------------- state
     def _reset(self) -> None:
@@ -226,8 +227,10 @@ class IndexShard:
             if self._promoted:
                 raise ValueError("index is promoted: the old space was dropped and takes no more items")
             if self._old_space and self._old_space.version != version:
-                raise ValueError(f"old space holds model version {self._old_space.version!r}; refusing "
-                                 f"vectors of version {version!r} (spaces never mix)")
+                raise ValueError(
+                    f"old space holds model version {self._old_space.version!r}; refusing "
+                    f"vectors of version {version!r} (spaces never mix)"
+                )
             ids, vectors = self._batch(ids, vectors, self._old_space)
             known = locate_sorted(self._sorted_ids, ids, missing="mask") >= 0
             if known.any():
@@ -280,8 +283,10 @@ class IndexShard:
         state = parse(Space, state, what="upsert state", among=UPSERT_STATES)
         version = _check_version(version)
         if self._new_space and self._new_space.version != version:
-            raise ValueError(f"new space holds model version {self._new_space.version!r}; refusing vectors "
-                             f"of version {version!r} (spaces never mix; rollback first to change models)")
+            raise ValueError(
+                f"new space holds model version {self._new_space.version!r}; refusing vectors "
+                f"of version {version!r} (spaces never mix; rollback first to change models)"
+            )
         ids, vectors = self._batch(ids, vectors, self._new_space)
         slots = self._lookup(ids)
         if self._new is None:
@@ -302,8 +307,10 @@ class IndexShard:
         with self._lock:
             waiting = self._state == Space.OLD.code
             if waiting.any():
-                raise ValueError(f"cannot promote: {int(waiting.sum())} items are not in the new space yet "
-                                 f"(ids {show_ids(self._ids[waiting])})")
+                raise ValueError(
+                    f"cannot promote: {int(waiting.sum())} items are not in the new space yet "
+                    f"(ids {show_ids(self._ids[waiting])})"
+                )
             self._pending = self._backfilled = None
             self._promoted = True
             self._touch("pending", "backfilled")
@@ -458,7 +465,9 @@ class IndexShard:
             rows = {f"{name}_rows": store.row_slots() for name, store in stores.items()}
             np.savez(items, ids=self._ids, state=self._state, **rows)  # type: ignore[arg-type]  # mypy: **rows vs allow_pickle
             blobs: dict[str, bytes | memoryview] = {
-                "meta.json": json.dumps(self._meta()).encode(), "items.npz": items.getvalue()}
+                "meta.json": json.dumps(self._meta()).encode(),
+                "items.npz": items.getvalue(),
+            }
             blobs |= {f"{name}.faiss": _to_bytes(store.index) for name, store in stores.items()}
             items_held = len(self._ids)
         uri = write_snapshot(self._snapshot_uri, blobs)
@@ -486,8 +495,11 @@ class IndexShard:
         with np.load(io.BytesIO(blobs["items.npz"])) as items:
             self._ids = items["ids"].astype(np.int64)
             self._state = items["state"].astype(np.int8)
-            restored = {name: slot_index(_from_bytes(blobs[f"{name}.faiss"]), items[f"{name}_rows"])
-                        for name in INDEXES if f"{name}.faiss" in blobs}
+            restored = {
+                name: slot_index(_from_bytes(blobs[f"{name}.faiss"]), items[f"{name}_rows"])
+                for name in INDEXES
+                if f"{name}.faiss" in blobs
+            }
         self._sort_ids()
         self._old_space = SpaceInfo(**meta["old_space"]) if meta["old_space"] else None
         self._new_space = SpaceInfo(**meta["new_space"]) if meta["new_space"] else None

@@ -77,8 +77,9 @@ def as_queries(queries, dim: int | None, max_queries: int, what: str) -> np.ndar
     if arr.ndim == 2 and arr.shape[0] == 0:
         raise ValueError(f"{what} is empty: send at least one query")
     if arr.ndim == 2 and arr.shape[0] > max_queries:
-        raise ValueError(f"{what} has {arr.shape[0]} queries, more than the limit of {max_queries} per call; "
-                         f"split the batch")
+        raise ValueError(
+            f"{what} has {arr.shape[0]} queries, more than the limit of {max_queries} per call; split the batch"
+        )
     return as_vectors(arr, dim, what)
 
 

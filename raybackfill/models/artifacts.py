@@ -99,8 +99,10 @@ class ModelSpec:
         if self.kind is EncoderKind.RAYBACKFILL and self.architecture not in BUILDERS:
             problems.append(f"unknown architecture {self.architecture!r} (valid: {', '.join(sorted(BUILDERS))})")
         if self.kind is EncoderKind.TORCHVISION and not _is_torchvision_model(self.architecture):
-            problems.append(f"unknown torchvision architecture {self.architecture!r} "
-                            "(torchvision.models.list_models() names the valid ones)")
+            problems.append(
+                f"unknown torchvision architecture {self.architecture!r} "
+                "(torchvision.models.list_models() names the valid ones)"
+            )
         if not isinstance(self.architecture, str):
             problems.append("architecture must be a string")
         if (self.entrypoint is not None) != (self.kind is EncoderKind.ENTRYPOINT):
@@ -122,7 +124,8 @@ class ModelSpec:
                 problems.append(str(err))
         if self.weights not in KIND_FILES[self.kind]:
             problems.append(
-                f"weights must be one of {KIND_FILES[self.kind]} for kind {self.kind.value!r}, got {self.weights!r}")
+                f"weights must be one of {KIND_FILES[self.kind]} for kind {self.kind.value!r}, got {self.weights!r}"
+            )
         if not isinstance(self.dims, dict) or not all(isinstance(v, int) for v in self.dims.values()):
             problems.append("dims must map names to integers")
         if not isinstance(self.training, dict):
@@ -188,8 +191,10 @@ def save_model(module: nn.Module, uri: str, spec: ModelSpec) -> ModelSpec:
     kwargs would not rebuild (checked now, not discovered later by the job that loads it).
     """
     if spec.kind is not EncoderKind.RAYBACKFILL:
-        raise ArtifactError(f"{uri}: save_model writes raybackfill's own models; register a {spec.kind.value} "
-                            "encoder with raybackfill.encoders.register")
+        raise ArtifactError(
+            f"{uri}: save_model writes raybackfill's own models; register a {spec.kind.value} "
+            "encoder with raybackfill.encoders.register"
+        )
     json_uri = join(uri, MODEL_JSON)
     if exists(json_uri):  # before writing weights, so a committed artefact's weights are never replaced
         raise _already_committed(json_uri)
@@ -241,8 +246,10 @@ def load_model(uri: str) -> LoadedModel:
     spec = read_spec(uri)
     json_uri = join(uri, MODEL_JSON)
     if spec.kind is not EncoderKind.RAYBACKFILL:
-        raise ArtifactError(f"{json_uri}: a {spec.kind.value} encoder, not a model raybackfill trained: load it with "
-                            "raybackfill.encoders.load_encoder (this step needs raybackfill's own model)")
+        raise ArtifactError(
+            f"{json_uri}: a {spec.kind.value} encoder, not a model raybackfill trained: load it with "
+            "raybackfill.encoders.load_encoder (this step needs raybackfill's own model)"
+        )
     try:
         module = build_model(spec.architecture, **spec.kwargs)
     except ValueError as err:

@@ -39,8 +39,9 @@ def training_preprocessing(images_uri: str, image_size: int | None = None) -> Im
     return ImagePreprocessing(crop=image_size or probe_image_size(images_uri))
 
 
-def image_datasets(images_uri: str, train: TrainConfig, preprocessing: ImagePreprocessing | None = None
-                   ) -> tuple[dict[str, ray.data.Dataset], np.ndarray]:
+def image_datasets(
+    images_uri: str, train: TrainConfig, preprocessing: ImagePreprocessing | None = None
+) -> tuple[dict[str, ray.data.Dataset], np.ndarray]:
     """Decoded training images (:func:`training_preprocessing`), split into ``train`` and (when
     ``train.validation_fraction`` > 0) ``validation`` rows: a stratified, seeded hold-out of the table (see
     :func:`raybackfill.data.splits.holdout`). Returns the datasets and the labels of the validation rows (read
@@ -55,9 +56,7 @@ def image_datasets(images_uri: str, train: TrainConfig, preprocessing: ImagePrep
     size = preprocessing.output_size
     labelled = storage.read_table(images_uri, columns=[ID, LABEL])
     ids, labels = labelled.column(ID).to_numpy(), labelled.column(LABEL).to_numpy()
-    held_out = holdout(
-        ids, labels, train.validation_fraction, max_rows=train.max_validation_rows, seed=train.seed
-    )
+    held_out = holdout(ids, labels, train.validation_fraction, max_rows=train.max_validation_rows, seed=train.seed)
     parts = {TRAIN: np.sort(ids[~held_out])}
     if held_out.any():
         parts[VALIDATION] = np.sort(ids[held_out])
@@ -112,8 +111,15 @@ def _num_classes(images_uri: str) -> int:
     return int(pc.max(labels).as_py()) + 1
 
 
-def _save(state: dict, architecture: str, kwargs: dict, out_uri: str, *,
-          preprocessing: ImagePreprocessing | None = None, **spec_fields) -> ModelSpec:
+def _save(
+    state: dict,
+    architecture: str,
+    kwargs: dict,
+    out_uri: str,
+    *,
+    preprocessing: ImagePreprocessing | None = None,
+    **spec_fields,
+) -> ModelSpec:
     """Save a trained model; an image model records the preprocessing it was trained with."""
     if preprocessing is not None:
         spec_fields["preprocessing"] = preprocessing.to_dict()
@@ -233,7 +239,12 @@ def old_features_by_id(table: pa.Table) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_side_info(
-    images_uri: str, out_uri: str, *, embedding_dim: int = 32, version: str | None = None, train: TrainConfig,
+    images_uri: str,
+    out_uri: str,
+    *,
+    embedding_dim: int = 32,
+    version: str | None = None,
+    train: TrainConfig,
     image_size: int | None = None,
 ) -> ModelSpec:
     """Self-supervised (SimCLR) side-information model, trained on the old model's training images.
@@ -337,8 +348,11 @@ def train_transformation(
             new_classifier_weight=classifier.weight.detach().numpy(),
             new_classifier_bias=classifier.bias.detach().numpy(),
         )
-    method = next(m for m, r in RECIPES.items()
-                  if r.forward_transformation and (r.uncertainty, r.side_info) == (uncertainty, side_info))
+    method = next(
+        m
+        for m, r in RECIPES.items()
+        if r.forward_transformation and (r.uncertainty, r.side_info) == (uncertainty, side_info)
+    )
     state = fit(loops.transformation_loop, train, config | {"name": method}, table_datasets(table, train))
     return _save(
         state,
