@@ -180,11 +180,11 @@ def score_gallery(
         return ids, priority_scores(config.policy, ids, seed=config.seed).astype(np.float64)
     columns = [ID, EMBEDDING] + ([SIDE_INFO] if SIDE_INFO in table.schema.names else [])
     ds = read_shards(table, columns=columns).map_batches(
-        _score_batch,
+        _score_batch,  # type: ignore[arg-type]  # ray's UDF type omits fn_kwargs
         fn_kwargs={"config": config},
         batch_size=batch_size,
         batch_format="pyarrow",
-        num_cpus=0.5,  # type: ignore[arg-type]  # ray's UDF type omits fn_kwargs
+        num_cpus=0.5,
     )
     parts = list(ds.iter_batches(batch_format="numpy", batch_size=None))
     ids = np.concatenate([p[ID] for p in parts]).astype(np.int64)

@@ -339,11 +339,11 @@ def backfill_stream(
     by_id = np.argsort(ids, kind="stable")
     ds = read_shards(files, columns=[ID, inputs.content], rows_per_block=pool.batch_size)  # one task per batch
     ds = ds.map_batches(
-        prepare_kept,
+        prepare_kept,  # type: ignore[arg-type]  # ray's UDF type omits fn_kwargs
         fn_kwargs={
             "keep": ids[by_id],
             "tiers": tiers[by_id],
-            "content": inputs.content,  # type: ignore[arg-type]  # ray's UDF type omits fn_kwargs
+            "content": inputs.content,
             "preprocessing": inputs.preprocessing,
         },
         batch_format="numpy",

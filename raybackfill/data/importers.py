@@ -201,10 +201,10 @@ def _folder_dataset(root: str, files: list[tuple[str, int]], size: int | None):
         for start in range(0, len(files), FILES_PER_TASK)
     ]  # fmt: skip
     ds = ray.data.from_arrow(blocks).map_batches(
-        _read_folder_block,
+        _read_folder_block,  # type: ignore[arg-type]  # ray's UDF type omits fn_kwargs
         fn_kwargs={"root": root, "size": size},
         batch_format="pyarrow",
-        batch_size=None,  # type: ignore[arg-type]  # ray's UDF type omits fn_kwargs
+        batch_size=None,
     )
     # This dataset's own copy of the DataContext (the setting does not leak into other datasets): rows must
     # come back in id order to be written in id order.
