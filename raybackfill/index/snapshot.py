@@ -49,8 +49,11 @@ def write_snapshot(root: str, blobs: dict[str, bytes | memoryview], keep: int = 
     if keep < 1:
         raise ValueError(f"keep must be at least 1, got {keep}")
     previous = latest_version(root)
-    match = _VERSION.match(previous) if previous else None  # _read_pointer checked it against _VERSION
-    seq = int(match.group(1)) + 1 if match else 1
+    seq = 1
+    if previous:
+        match = _VERSION.match(previous)
+        assert match is not None, f"snapshot pointer {previous!r}"  # _read_pointer checked it against _VERSION
+        seq = int(match.group(1)) + 1
     version = f"v{seq:08d}-{uuid.uuid4().hex[:8]}"
     for name, data in blobs.items():
         write_bytes(join(root, version, name), data)
