@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from raybackfill.hashing import GOLDEN_GAMMA, splitmix64_finalize
 from raybackfill.types import Policy, parse
 
 if TYPE_CHECKING:
@@ -94,16 +95,10 @@ def uncertainty_scores(transformation: torch.nn.Module, old: np.ndarray, side: n
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
-_MASK64 = np.uint64(2**64 - 1)
-
-
 def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser: a bijective, well-mixed map of uint64 (wrapping arithmetic)."""
+    """SplitMix64's output function: the finaliser of ``x`` plus the golden-ratio increment."""
     with np.errstate(over="ignore"):
-        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
-        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
-        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
-        return x ^ (x >> np.uint64(31))
+        return splitmix64_finalize(x + GOLDEN_GAMMA)
 
 
 def random_scores(ids: np.ndarray, seed: int = 0) -> np.ndarray:

@@ -220,6 +220,22 @@ def _logged(stats: PhaseStats) -> PhaseStats:
     return stats
 
 
+def _sink(
+    config: BackfillConfig, ledger: Ledger, router, state: Space, version: str, stats: PhaseStats, bar: tqdm
+) -> BatchSink:
+    """The sink of one phase: ``state`` is the space its batches enter."""
+    return BatchSink(
+        ledger,
+        router,
+        state=state,
+        version=version,
+        stats=stats,
+        max_bad_fraction=config.max_bad_fraction,
+        bar=bar,
+        max_rate=config.max_rate,
+    )
+
+
 def _set_phase(router, phase: Phase) -> None:
     if router is not None:
         get(router.set_phase.remote(phase))
@@ -256,16 +272,7 @@ def _instant_phase(
         ds = keep_only(ds, keep)
     ds = map_transform(ds, config.transformation, replace(pool, batch_size=config.transform_batch_size))
     with _bar(config, "instant (transform)", len(keep)) as bar:
-        sink = BatchSink(
-            ledger,
-            router,
-            state=Space.TRANSFORMED,
-            version=version,
-            stats=stats,
-            max_bad_fraction=config.max_bad_fraction,
-            bar=bar,
-            max_rate=config.max_rate,
-        )
+        sink = _sink(config, ledger, router, Space.TRANSFORMED, version, stats, bar)
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
             sink.consume(batch, ledger.transformed_uri)
         sink.flush()
@@ -314,16 +321,7 @@ def _backfill_phase(
     inputs = plan_inputs({EMBEDDING: config.upgrade}, gallery, config.trust)
     ds = backfill_stream(files, ids, tiers, inputs, config.pool)
     with _bar(config, "backfill (re-embed)", len(ids)) as bar:
-        sink = BatchSink(
-            ledger,
-            router,
-            state=Space.NEW,
-            version=version,
-            stats=stats,
-            max_bad_fraction=config.max_bad_fraction,
-            bar=bar,
-            max_rate=config.max_rate,
-        )
+        sink = _sink(config, ledger, router, Space.NEW, version, stats, bar)
         batches = ds.iter_batches(batch_format="numpy", batch_size=None)
         consume_in_tier_order(
             batches, sink, ledger, lambda t: bar.set_description(f"backfill tier {t + 1}/{len(plan.tiers)}")

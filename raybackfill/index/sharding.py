@@ -10,19 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
-_C1 = np.uint64(0xBF58476D1CE4E5B9)
-_C2 = np.uint64(0x94D049BB133111EB)
+from raybackfill.hashing import splitmix64_finalize
 
 
 def mix64(ids: np.ndarray) -> np.ndarray:
-    """SplitMix64 finaliser of int64 ids, as uint64 (wrap-around multiplication is intended)."""
-    x = np.asarray(ids, dtype=np.int64).view(np.uint64).copy()
-    x ^= x >> np.uint64(30)
-    x *= _C1
-    x ^= x >> np.uint64(27)
-    x *= _C2
-    x ^= x >> np.uint64(31)
-    return x
+    """SplitMix64 finaliser of int64 ids, as uint64."""
+    return splitmix64_finalize(np.asarray(ids, dtype=np.int64).view(np.uint64))
 
 
 def shard_of(ids: np.ndarray, n_shards: int) -> np.ndarray:
