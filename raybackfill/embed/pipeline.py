@@ -214,7 +214,7 @@ def embed_gallery(
     ds: ray.data.Dataset | None  # None when no row is left to do (_skip_done)
     ds = read_gallery(gallery, rows_per_block=pool.batch_size)  # one actor task per batch
     columns = [c for c in (ID, plan.content, *keep_columns) if c in ds.schema().names]
-    ds = _skip_done(ds.select_columns(columns), gallery_uri, out_uri, quarantine_uri)
+    ds = _skip_done(ds.select_columns(columns), gallery, out_uri, quarantine_uri)
     if ds is not None:
         # Prepared in batches of the pool's size too: at the default 256 a small-batch run reached the sink
         # as a few large blocks, so its shards (and the work a kill can lose) were far above rows_per_shard.
@@ -233,8 +233,9 @@ def transform_embeddings(
         return EmbedResult(out_uri, manifest.rows, manifest.quarantined, 0, already_complete=True)
     quarantine_uri = storage.join(out_uri, "_quarantine")
     ds: ray.data.Dataset | None  # None when no row is left to do (_skip_done)
-    ds = read_shards(storage.list_shards(old_uri), rows_per_block=pool.batch_size)
-    ds = _skip_done(ds, old_uri, out_uri, quarantine_uri)
+    old = storage.open_table(old_uri)  # listed once, for the read and the resume filter
+    ds = read_shards(old, rows_per_block=pool.batch_size)
+    ds = _skip_done(ds, old, out_uri, quarantine_uri)
     if ds is not None:
         ds = map_transform(ds, model_uri, pool)
     return _write_embeddings(ds, out_uri, manifest, quarantine_uri, pool, progress, f"transform {old_uri}")
@@ -270,13 +271,13 @@ def _open_table(out_uri: str, models: dict[str, str]) -> Manifest:
     return manifest
 
 
-def _skip_done(ds: ray.data.Dataset, input_uri: str, out_uri: str, quarantine_uri: str) -> ray.data.Dataset | None:
-    """``ds`` (rows of ``input_uri``) without the ids an earlier run committed to ``out_uri`` or quarantined;
+def _skip_done(ds: ray.data.Dataset, table: TableFiles, out_uri: str, quarantine_uri: str) -> ray.data.Dataset | None:
+    """``ds`` (rows of ``table``) without the ids an earlier run committed to ``out_uri`` or quarantined;
     None when no row is left. A first run skips the filter pass."""
     done = np.union1d(storage.committed_ids(out_uri, recursive=False), quarantined_ids(quarantine_uri, ENCODER_STAGES))
     if not len(done):
         return ds
-    keep = np.setdiff1d(storage.read_table(input_uri, [ID]).column(ID).to_numpy(), done)
+    keep = np.setdiff1d(table.read([ID]).column(ID).to_numpy(), done)
     logger.info("continuing %s: %d rows already done or quarantined, %d left", out_uri, len(done), len(keep))
     if not len(keep):
         return None
