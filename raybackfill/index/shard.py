@@ -212,9 +212,11 @@ def train_index(config: IndexConfig, vectors: np.ndarray) -> bytes:
 
 def _threads() -> int:
     """FAISS threads: the actor's CPUs (one outside an actor, e.g. a shard object in a test process)."""
+    if not ray.is_initialized():
+        return 1
     try:
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-    except AssertionError:  # not a Ray worker
+    except AssertionError:  # a driver, not a Ray worker
         cpus = 1.0
     return max(1, int(cpus))
 
@@ -270,10 +272,6 @@ class _IndexShard:
             "config": dataclasses.asdict(self._config),
             "threads": self._threads,
             "gpu": self._gpu is not None,
-            "gpu_mirrors": {
-                name: {"copies": m.copies, "in_place": m.in_place, "stale": m.stale}
-                for name, m in self._mirrors.items()
-            },
             "indexes": {
                 name: {"stored": store.ntotal, "live": store.size, "layout": store.layout.value}
                 for name, store in stores.items()
@@ -732,7 +730,15 @@ class _IndexShard:
         return self._counts
 
     def describe(self) -> dict:
-        return self._description
+        return {**self._description, "gpu_mirrors": self._mirror_stats()}
+
+    def _mirror_stats(self) -> dict[str, dict[str, int]]:
+        """Each GPU copy's full copies, rows added in place and stale rows (read without the lock: a search
+        updates them, and a reader may see one search's update half-way)."""
+        return {
+            name: {"copies": m.copies, "in_place": m.in_place, "stale": m.stale}
+            for name, m in list(self._mirrors.items())
+        }
 
     # ----------------------------------------------------------------- snapshots
     def snapshot(self) -> str:
@@ -879,7 +885,7 @@ class IndexShard(_IndexShard):
 
     @ray.method(concurrency_group="light")
     def describe(self) -> dict:  # type: ignore[override]
-        return self._description
+        return super().describe()
 
     @ray.method(concurrency_group="light")
     def wait_for_rebuilds(self, timeout: float | None = None) -> bool:  # type: ignore[override]
