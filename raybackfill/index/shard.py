@@ -725,6 +725,15 @@ class _IndexShard:
                     new[moved] = self._new.reconstruct(slots[moved])
             return ItemVectors(ids, states, old, new)
 
+    def index_bytes(self) -> dict[str, int]:
+        """Serialised size of each index (what a snapshot of it takes; close to its memory)."""
+        with self._lock:
+            return {
+                name: len(faiss.serialize_index(store.index))
+                for name in INDEXES
+                if (store := self._index(name)) is not None
+            }
+
     # ----------------------------------------------------------------- light calls
     def counts(self) -> dict[str, int]:
         return self._counts
