@@ -234,7 +234,7 @@ class IndexRouter:
 
     async def train(self, space: Space, vectors, version: str) -> None:
         """Train ``space`` (old or new) of every shard on one sample: one empty index of the configured factory
-        is trained (in a Ray task, outside the shards, so serving goes on) and a copy is installed in every
+        is trained (in a Ray task that reserves no CPU, outside the shards, so serving goes on) and a copy is installed in every
         shard, so all shards share its codebooks. Call it before the first vectors of a space whose factory
         needs training (``IndexConfig.needs_training``); for other factories (Flat, HNSW) it does nothing.
 
@@ -255,9 +255,10 @@ class IndexRouter:
             logger.info("index %r needs no training: train(%s) does nothing", config.factory, space)
             return
         vectors = as_vectors(vectors, None, "training vectors")
-        cpus = max(self._config.shard_num_cpus, 0.25)
-        task = _train_task.options(num_cpus=cpus)  # type: ignore[attr-defined]  # a RemoteFunction
-        (blob,) = await _gather([task.remote(config, vectors, max(1, int(cpus)))])
+        # The task reserves no CPU, so it never waits behind shards that hold every CPU of the cluster; it runs
+        # as many FAISS threads as a shard has.
+        task = _train_task.options(num_cpus=0)  # type: ignore[attr-defined]  # a RemoteFunction
+        (blob,) = await _gather([task.remote(config, vectors, max(1, int(self._config.shard_num_cpus)))])
         blob_ref = ray.put(blob)
         self._record_counts(await _gather([s.set_trained.remote(space, blob_ref, version) for s in self._shards]))
         logger.info("trained the %s space (%s) of %r on %d vectors", space, version, config.factory, len(vectors))
