@@ -235,8 +235,9 @@ class IndexRouter:
     async def train(self, space: Space, vectors, version: str) -> None:
         """Train ``space`` (old or new) of every shard on one sample: one empty index of the configured factory
         is trained (in a Ray task that reserves no CPU, outside the shards, so serving goes on) and a copy is
-        installed in every shard, so all shards share its codebooks. Call it before the first vectors of a space whose factory
-        needs training (``IndexConfig.needs_training``); for other factories (Flat, HNSW) it does nothing.
+        installed in every shard, so all shards share its codebooks. Call it before the first vectors of a space
+        whose factory needs training (``IndexConfig.needs_training``); for other factories (Flat, HNSW) it does
+        nothing.
 
         Args:
             space: Space.OLD (a sample of the old table) or Space.NEW (transformed or new vectors).
