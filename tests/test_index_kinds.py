@@ -223,10 +223,12 @@ def test_snapshot_restores_every_kind(tmp_path, factory):
         np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5)
 
 
-def test_snapshot_copied_in_chunks_is_the_state_at_its_end_while_upserts_go_on(tmp_path, monkeypatch):
+@pytest.mark.parametrize("factory", ["Flat", "IVF8,SQ8", "OPQ4,IVF8,PQ4x4"])
+def test_snapshot_copied_in_chunks_is_the_state_at_its_end_while_upserts_go_on(tmp_path, monkeypatch, factory):
     monkeypatch.setattr(shard_module, "SNAPSHOT_CHUNK_ROWS", 16)
     uri = str(tmp_path / "snap")
-    shard = _IndexShard(IndexConfig(), uri)
+    shard, config = trained(factory, KINDS[factory])
+    shard._snapshot_uri = uri
     g = Gallery.random(100, D, seed=6)
     shard.load_old(g.ids, g.old, "v1")
     shard.upsert(g.ids[:40], g.old[:40] + 1, "transformed", "v2")
@@ -238,7 +240,7 @@ def test_snapshot_copied_in_chunks_is_the_state_at_its_end_while_upserts_go_on(t
     def write_and_change(self, name, data):
         original(self, name, data)
         writes.append(name)
-        if name.startswith("pending.codes.") and len(writes) == 2:  # between two chunks, without the lock
+        if name.startswith("pending.chunk.") and len(writes) == 2:  # between two chunks, without the lock
             chosen = rng.choice(np.flatnonzero(g.state == OLD), 30, replace=False)
             vectors = rng.standard_normal((30, D)).astype(np.float32)
             shard.upsert(g.ids[chosen], vectors, "new", "v2")  # removes from pending: holes filled from the tail
@@ -247,8 +249,8 @@ def test_snapshot_copied_in_chunks_is_the_state_at_its_end_while_upserts_go_on(t
 
     monkeypatch.setattr(shard_module.SnapshotWriter, "write", write_and_change)
     shard.snapshot()
-    assert sum(name.startswith("pending.codes.") for name in writes) >= 2  # written in chunks, changed between
-    restored = _IndexShard(IndexConfig(), uri)
+    assert sum(name.startswith("pending.chunk.") for name in writes) >= 2  # written in chunks, changed between
+    restored = _IndexShard(config, uri)
     assert restored.counts() == shard.counts() == {s: int((g.state == s.code).sum()) + (s is Space.OLD) for s in Space}
     q = rng.standard_normal((6, D)).astype(np.float32)
     for strategy in ("old", "compatible", "rank_merge"):

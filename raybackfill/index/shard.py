@@ -59,7 +59,7 @@ import ray
 from raybackfill.index import kinds
 from raybackfill.index.gpu import GPU_MAX_K, GpuMirror, gpu_supported
 from raybackfill.index.merge import EMPTY_ID, TopK, empty_topk, merge_results
-from raybackfill.index.slots import CodesSlots, GraphSlots, SlotIndex, slot_index
+from raybackfill.index.slots import CodesSlots, GraphSlots, IVFSlots, SlotIndex, slot_index
 from raybackfill.index.snapshot import SnapshotWriter, read_snapshot
 from raybackfill.index.validate import as_batch, as_ids, as_queries, check_k, show_ids, unit_rows
 from raybackfill.logs import configure_logging
@@ -71,9 +71,10 @@ INDEXES = ("pending", "backfilled", "new")
 SPACE_OF = {"pending": Space.OLD, "backfilled": Space.OLD, "new": Space.NEW}
 TRAINABLE_SPACES = (Space.OLD, Space.NEW)
 UPSERT_STATES = (Space.TRANSFORMED, Space.NEW)
-# 3: any factory; a space's trained empty index is saved apart from its contents; code rows in chunks.
+# 3: any factory; a space's trained empty index is saved apart from its contents; code rows and inverted lists
+# in chunks.
 SNAPSHOT_FORMAT = 3
-SNAPSHOT_CHUNK_ROWS = 65_536  # code rows copied per lock hold while a snapshot runs
+SNAPSHOT_CHUNK_ROWS = 65_536  # code rows (or IVF entries) copied per lock hold while a snapshot runs
 # Config fields that change what a shard stores (a snapshot restores only under the same values); the others
 # (search parameters, limits, GPU, rebuild and sync thresholds) only change how it serves.
 STORED_FIELDS = ("factory", "metric", "keep_old")
@@ -754,17 +755,18 @@ class _IndexShard:
         """Write the shard (trained indexes, contents, ids, states, provenance) as a new snapshot under its
         snapshot URI; return the version URI.
 
-        Code rows (Flat, PQ, SQ, ...) are copied in chunks of SNAPSHOT_CHUNK_ROWS, each under the lock for the
-        time of one chunk copy and written out without it; rows written meanwhile are recorded and copied again
-        in a final, short hold of the lock that also copies ids and states, so the snapshot is the state at
-        that moment. IVF and graph indexes are serialised whole in that final hold (their storage is not a row
-        array). A snapshot that dies half-way leaves the last committed one (raybackfill.index.snapshot)."""
+        Code rows (Flat, PQ, SQ, ...) are copied in chunks of SNAPSHOT_CHUNK_ROWS rows, and IVF indexes in
+        ranges of inverted lists holding about as many entries, each chunk under the lock for the time of its
+        copy and written out without it; rows and lists changed meanwhile are recorded and copied again in a
+        final, short hold of the lock that also copies ids and states, so the snapshot is the state at that
+        moment. Graph indexes (HNSW) are serialised whole in that final hold (a graph has no independent
+        parts). A snapshot that dies half-way leaves the last committed one (raybackfill.index.snapshot)."""
         if not self._snapshot_uri:
             raise ValueError("this shard has no snapshot_uri; create it with one to take snapshots")
         writer = SnapshotWriter(self._snapshot_uri)
         with self._lock:
             stores = {name: store for name in INDEXES if (store := self._index(name)) is not None}
-            chunked = {name: store for name, store in stores.items() if isinstance(store, CodesSlots)}
+            chunked = {name: store for name, store in stores.items() if isinstance(store, (CodesSlots, IVFSlots))}
             for store in chunked.values():
                 store.track()
         chunks: dict[str, int] = {}
@@ -796,6 +798,11 @@ class _IndexShard:
                     arrays[f"{name}_patch_rows"] = rows
                     arrays[f"{name}_patch_codes"] = store.codes()[rows].copy()
                     arrays[f"{name}_ntotal"] = np.array([store.ntotal], np.int64)
+                elif isinstance(store, IVFSlots):
+                    # lists changed since their chunk was copied (all lists of an index made meanwhile)
+                    lists = store.untrack() if name in chunked else np.arange(store.nlist, dtype=np.int64)
+                    for key, value in store.copy_lists(lists).items():
+                        arrays[f"{name}_patch_{key}"] = value
                 else:
                     blobs[f"{name}.faiss"] = bytes(_to_bytes(store.index))
             templates = dict(self._templates)
@@ -812,18 +819,31 @@ class _IndexShard:
         logger.info("snapshot of %d items written to %s", items_held, uri)
         return uri
 
-    def _write_chunks(self, writer: SnapshotWriter, name: str, store: CodesSlots) -> int:
-        """Write ``store``'s code rows chunk by chunk (the lock held per chunk copy only); return the count."""
+    def _write_chunks(self, writer: SnapshotWriter, name: str, store: CodesSlots | IVFSlots) -> int:
+        """Write ``store``'s code rows or inverted lists chunk by chunk (the lock held per chunk copy only);
+        return the number of chunks."""
         start, count = 0, 0
         while True:
             with self._lock:
                 if self._index(name) is not store:
                     return count  # replaced meanwhile: the final step refuses the snapshot
-                chunk = store.codes()[start : start + SNAPSHOT_CHUNK_ROWS].copy()
-            if not len(chunk):
+                if isinstance(store, CodesSlots):
+                    chunk = store.codes()[start : start + SNAPSHOT_CHUNK_ROWS].copy()
+                    data, size = chunk.tobytes(), len(chunk)
+                else:
+                    sizes = store.list_sizes()[start:]
+                    size = int(np.searchsorted(np.cumsum(sizes), SNAPSHOT_CHUNK_ROWS) + 1) if len(sizes) else 0
+                    lists = np.arange(start, min(start + size, store.nlist), dtype=np.int64)
+                    size = len(lists)
+                    content = store.copy_lists(lists)
+            if not size:
                 return count
-            writer.write(f"{name}.codes.{count:06d}", chunk.tobytes())
-            start, count = start + len(chunk), count + 1
+            if isinstance(store, IVFSlots):
+                buffer = io.BytesIO()
+                np.savez(buffer, **content)  # type: ignore[arg-type]  # mypy: **content vs allow_pickle
+                data = buffer.getvalue()
+            writer.write(f"{name}.chunk.{count:06d}", data)
+            start, count = start + size, count + 1
 
     def _meta(self, chunks: dict[str, int], templates: dict[Space, bytes]) -> dict:
         return {
@@ -863,10 +883,18 @@ class _IndexShard:
                     restored[name] = slot_index(_from_bytes(blobs[f"{name}.faiss"]), items[f"{name}_rows"], alive)
                     continue
                 store = slot_index(_from_bytes(self._templates[space]))
-                assert isinstance(store, CodesSlots)  # only code rows are chunked
-                codes = np.frombuffer(
-                    b"".join(blobs[f"{name}.codes.{i:06d}"] for i in range(meta["chunks"].get(name, 0))), np.uint8
-                ).reshape(-1, store.code_size)
+                chunks = [blobs[f"{name}.chunk.{i:06d}"] for i in range(meta["chunks"].get(name, 0))]
+                if isinstance(store, IVFSlots):
+                    for chunk in chunks:
+                        with np.load(io.BytesIO(chunk)) as content:
+                            store.set_lists({key: content[key] for key in content.files})
+                    patch = ("lists", "sizes", "ids", "codes")
+                    store.set_lists({key: items[f"{name}_patch_{key}"] for key in patch})
+                    store.finish_restore()
+                    restored[name] = store
+                    continue
+                assert isinstance(store, CodesSlots)  # graphs were serialised whole
+                codes = np.frombuffer(b"".join(chunks), np.uint8).reshape(-1, store.code_size)
                 n = int(items[f"{name}_ntotal"][0])
                 codes = np.concatenate([codes, np.zeros((max(n - len(codes), 0), store.code_size), np.uint8)])[:n]
                 codes[items[f"{name}_patch_rows"]] = items[f"{name}_patch_codes"]

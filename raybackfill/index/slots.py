@@ -204,9 +204,78 @@ class IVFSlots:
 
     def __init__(self, index: faiss.Index) -> None:
         self.index = index
-        ivf = faiss.extract_index_ivf(index)
-        if ivf.direct_map.type != faiss.DirectMap.Hashtable:  # type: ignore[attr-defined]  # stubs omit DirectMap
-            ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]
+        self._ivf: Any = faiss.extract_index_ivf(index)
+        if self._ivf.direct_map.type != faiss.DirectMap.Hashtable:  # type: ignore[attr-defined]  # stubs omit it
+            self._ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]
+        self._dirty: np.ndarray | None = None  # lists changed since track() (a snapshot in progress)
+        self._sizes = np.zeros(0, np.int64)
+
+    # ------------------------------------------------------------- snapshot support
+    @property
+    def nlist(self) -> int:
+        return int(self._ivf.nlist)
+
+    def list_sizes(self) -> np.ndarray:
+        invlists = self._ivf.invlists
+        return np.fromiter((invlists.list_size(i) for i in range(self.nlist)), np.int64, self.nlist)
+
+    def track(self) -> None:
+        """Start recording which inverted lists change (for a snapshot copied list range by list range). A
+        change to a list changes its size (an add appends; a remove moves the list's last entry into the hole),
+        so comparing sizes after each change finds every changed list."""
+        self._dirty = np.zeros(self.nlist, bool)
+        self._sizes = self.list_sizes()
+
+    def untrack(self) -> np.ndarray:
+        """Stop recording; the lists changed since :meth:`track`."""
+        dirty, self._dirty = self._dirty, None
+        return np.zeros(0, np.int64) if dirty is None else np.flatnonzero(dirty).astype(np.int64)
+
+    def _changed(self) -> None:
+        if self._dirty is not None:
+            sizes = self.list_sizes()
+            self._dirty |= sizes != self._sizes
+            self._sizes = sizes
+
+    def copy_lists(self, lists: np.ndarray) -> dict[str, np.ndarray]:
+        """The content of some inverted lists: list numbers, sizes, and their ids and codes concatenated."""
+        invlists, code_size = self._ivf.invlists, int(self._ivf.code_size)
+        sizes = np.array([invlists.list_size(int(i)) for i in lists], np.int64)
+        ids = [
+            faiss.rev_swig_ptr(invlists.get_ids(int(i)), int(n)).copy() for i, n in zip(lists, sizes, strict=True) if n
+        ]
+        codes = [
+            faiss.rev_swig_ptr(invlists.get_codes(int(i)), int(n) * code_size).copy()
+            for i, n in zip(lists, sizes, strict=True)
+            if n
+        ]
+        return {
+            "lists": np.asarray(lists, np.int64),
+            "sizes": sizes,
+            "ids": np.concatenate(ids) if ids else np.zeros(0, np.int64),
+            "codes": np.concatenate(codes) if codes else np.zeros(0, np.uint8),
+        }
+
+    def set_lists(self, content: Mapping[str, np.ndarray]) -> None:
+        """Replace the given lists with ``content`` (from :meth:`copy_lists`); call :meth:`finish_restore` after
+        the last one."""
+        invlists, code_size = self._ivf.invlists, int(self._ivf.code_size)
+        start = 0
+        for i, n in zip(content["lists"].tolist(), content["sizes"].tolist(), strict=True):
+            invlists.resize(i, 0)
+            if n:
+                ids = np.ascontiguousarray(content["ids"][start : start + n], np.int64)
+                codes = np.ascontiguousarray(content["codes"][start * code_size : (start + n) * code_size], np.uint8)
+                invlists.add_entries(i, n, faiss.swig_ptr(ids), faiss.swig_ptr(codes))
+            start += n
+
+    def finish_restore(self) -> None:
+        """Count the restored entries and rebuild the id -> (list, offset) map."""
+        total = int(self.list_sizes().sum())
+        self._ivf.ntotal = total
+        self.index.ntotal = total  # a transform in front counts its own ntotal
+        self._ivf.set_direct_map_type(faiss.DirectMap.NoMap)  # type: ignore[attr-defined]
+        self._ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]  # rebuilt from lists
 
     @property
     def ntotal(self) -> int:
@@ -219,6 +288,7 @@ class IVFSlots:
 
     def add(self, slots: np.ndarray, vectors: np.ndarray) -> None:
         self.index.add_with_ids(vectors, _ids(slots))
+        self._changed()
 
     def replace(self, slots: np.ndarray, vectors: np.ndarray) -> None:
         self.remove(slots)
@@ -227,6 +297,7 @@ class IVFSlots:
     def remove(self, slots: np.ndarray) -> None:
         slots = _ids(slots)
         removed = self.index.remove_ids(faiss.IDSelectorArray(len(slots), faiss.swig_ptr(slots)))
+        self._changed()
         if removed != len(slots):
             raise RuntimeError(f"index inconsistency: removed {removed} of {len(slots)} vectors")
 
@@ -244,6 +315,8 @@ class IVFSlots:
 
     def reset(self) -> None:
         self.index.reset()
+        if self._dirty is not None:
+            self._dirty[:] = True
 
 
 class GraphSlots:
