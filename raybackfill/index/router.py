@@ -243,7 +243,7 @@ class IndexRouter:
             with self._lock:
                 self._last_error = f"{method}: {err}"
             raise
-        state = args[0] if method == "upsert" else Space.OLD
+        state = parse(Space, args[0]) if method == "upsert" else Space.OLD
         self._metrics.observe_write(method, state, len(ids), time.perf_counter() - started)
         # Every shard's counts (light calls), so totals are right even for shards this batch missed.
         self._record_counts(await _gather([s.counts.remote() for s in self._shards]))
@@ -257,7 +257,7 @@ class IndexRouter:
         except Exception as err:
             self._metrics.count_error("search", err)
             raise
-        self._metrics.observe_query(strategy, len(top.ids), time.perf_counter() - started)
+        self._metrics.observe_query(parse(Strategy, strategy), len(top.ids), time.perf_counter() - started)
         return top
 
     async def _search(self, queries_old, queries_new, k: int, strategy: Strategy) -> TopK:
