@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -302,3 +303,4 @@ def test_router_and_shard_metrics_reach_prometheus_and_move_during_a_backfill(tm
             )
         finally:
             child.stop()
+            shutil.rmtree(ray_tmp, ignore_errors=True)
