@@ -229,10 +229,6 @@ def fit_trained(
             "mixer_dim": config.mixer_dim,
         }
     else:
-        if kind is AdapterKind.FASTFILL:
-            raise ValueError(
-                "fastfill's uncertainty orders the gallery's backfill: it maps old-to-new only (use mlp for psi)"
-            )
         architecture = "reverse_transformation"
         kwargs = {"new_dim": x.shape[1], "old_dim": y.shape[1], "hidden_dim": 2 * config.hidden_dim}
     # One run name per kind: `--kind auto` trains mlp and fastfill, and a shared name would resume the other's run.
@@ -265,6 +261,10 @@ def fit_adapter(
         The :class:`FittedAdapter`, with its module in eval mode and its held-out score.
     """
     kind = parse(AdapterKind, kind, what="adapter kind")
+    if kind not in auto_kinds(config.direction):
+        raise ValueError(
+            "fastfill's uncertainty orders the gallery's backfill: it maps old-to-new only (use mlp for psi)"
+        )
     fit_rows, test_rows = split_pairs(pairs, config)
     fit_pairs, held_out = pairs.take(fit_rows), pairs.take(test_rows)
     training: dict = {}

@@ -29,6 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the new encoder artefact (trained here, or registered with `raybackfill encoder`)",
     )
     parser.add_argument("--transformation", metavar="MODEL_DIR", help="forward transformation (FCT / FastFill)")
+    parser.add_argument(
+        "--min-adapter-recall",
+        type=float,
+        metavar="R",
+        help="refuse a --transformation whose recorded adapter recall@k (`train adapter`) is below R",
+    )
     parser.add_argument("--old-model", metavar="MODEL_DIR", help="old backbone (its classifier: entropy policies)")
     parser.add_argument(
         "--method", required=True, choices=[m.value for m in Method], help="the compatible-upgrade method"
@@ -79,8 +85,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Attach to Ray, run the backfill, print the summary table."""
+    from raybackfill.adapters.gate import check_adapter
     from raybackfill.backfill.run import BackfillConfig, run_backfill, summary_table
     from raybackfill.runtime import init_ray
+
+    if args.min_adapter_recall is not None:  # the adapter gate, before anything starts
+        if not args.transformation:
+            raise ValueError("--min-adapter-recall gates --transformation, and none was given")
+        check_adapter(args.transformation, args.min_adapter_recall, direction="old-to-new")
 
     config = BackfillConfig(
         gallery=args.gallery, old_embeddings=args.old_embeddings, upgrade=args.upgrade, out=args.out,
