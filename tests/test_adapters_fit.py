@@ -249,6 +249,9 @@ def test_train_adapter_cli_refuses_below_the_bar_and_writes_above_it(rotated, tm
     assert code == 0 and "wrote procrustes adapter 'a'" in captured.out and "(kept)" in captured.out
     record = json.loads(storage.read_bytes(os.path.join(out, "model.json")))["adapter"]
     assert record["min_recall"] == 0.99
+    with pytest.raises(SystemExit):  # the bar is the user's call: no default
+        main(["train", "adapter", "--paired", uri, "--kind", "affine", "--out", str(tmp_path / "b")])
+    assert "--min-recall" in capsys.readouterr().err
 
 
 def test_check_adapter_refuses_a_low_score_an_unscored_model_and_a_bad_bar(rotated, tmp_path):

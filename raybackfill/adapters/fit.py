@@ -54,7 +54,7 @@ class AdapterConfig:
     direction: AdapterDirection = AdapterDirection.OLD_TO_NEW
     metric: Metric = Metric.COSINE  # how the index will score: the gate searches with it
     k: int = 10  # recall@k of the gate
-    min_recall: float | None = 0.5  # the bar; None: record the score, refuse nothing
+    min_recall: float | None = None  # the bar (the CLI requires one); None: record the score, refuse nothing
     test_fraction: float = 0.2  # pairs held out for the gate
     max_test_rows: int = 5000  # the gate scores at most this many (a search of n x n)
     validation_fraction: float = 0.1  # of the remaining pairs: lambda / rank / epoch choice

@@ -100,8 +100,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="old-to-new (phi: the gallery's instant phase, default) or new-to-old (psi: old-space queries)",
     )
     adapter.add_argument(
-        "--min-recall", type=float, default=0.5, metavar="R",
-        help="the gate: refuse an adapter whose held-out recall@k is below R (default 0.5)",
+        "--min-recall", type=float, required=True, metavar="R",
+        help="the gate: refuse an adapter whose held-out recall@k is below R (0 keeps any; no default: the bar "
+        "is the user's call, see docs/concepts.md for figures)",
     )  # fmt: skip
     adapter.add_argument("--k", type=int, default=10, help="the gate's recall@k (default 10)")
     adapter.add_argument(
