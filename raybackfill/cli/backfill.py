@@ -73,6 +73,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--no-index", action="store_true", help="only write the outputs; update no index")
     add_pool_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="write nothing: time a sample of each phase on this cluster and print items, tiers, estimated time "
+        "and bytes per phase and the storage the run needs",
+    )
     parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else the cluster on this machine)")
     add_trust_arguments(parser)
 
@@ -106,6 +112,11 @@ def run(args: argparse.Namespace) -> int:
     init_ray(
         args.address or os.environ.get("RAY_ADDRESS") or ("auto" if config.index else None), py_modules=args.py_module
     )
+    if args.dry_run:
+        from raybackfill.backfill.estimate import dry_run
+
+        print(dry_run(config).table())
+        return 0
     summary = run_backfill(config)
     print(summary_table(summary))
     return 0
