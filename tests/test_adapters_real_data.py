@@ -5,6 +5,8 @@ must beat old/old (labels are used only to score)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pyarrow.compute as pc
 import pytest
 from real_data import export_digits
@@ -15,10 +17,11 @@ from raybackfill.adapters.sample import paired_sample
 from raybackfill.adapters.scores import score_adapter
 from raybackfill.data import storage
 from raybackfill.data.importers import import_image_folder
-from raybackfill.data.schema import ID, LABEL
+from raybackfill.data.schema import ID, LABEL, embedding_table
 from raybackfill.embed.pipeline import PoolConfig
+from raybackfill.models.artifacts import load_model
 from raybackfill.models.transformations import apply_transformation
-from raybackfill.train.api import train_backbone
+from raybackfill.train.api import train_backbone, train_transformation
 from raybackfill.train.trainer import TrainConfig
 from raybackfill.types import AdapterKind
 
@@ -44,7 +47,7 @@ def upgrade(ray_cluster, tmp_path_factory) -> dict:
         models[name] = str(root / name)
     pairs = str(root / "pairs")
     paired_sample(str(root / "gallery"), models["old"], models["new"], 10_000, pairs, pool=PoolConfig(batch_size=128))
-    return {"pairs": pairs, "runs": str(root / "runs")}
+    return {"pairs": pairs, "runs": str(root / "runs"), "new_model": models["new"], "root": root}
 
 
 @pytest.mark.slow
@@ -63,12 +66,23 @@ def test_every_adapter_fitted_without_labels_lifts_new_query_top1_above_old_old(
         score = score_adapter("old-to-new", held.old, held.new, mapped, labels=held.labels)
         assert score.labelled is not None
         figures[kind.value] = score.labelled | {"recall": score.recall}
+    # FCT with the new model's classifier and the labels, on the same fit rows: what the adapters replace
+    fit = labelled.take(~test_rows)
+    root = upgrade["root"]
+    for name, vectors in (("fct-old", fit.old), ("fct-new", fit.new)):
+        storage.write_table(embedding_table(fit.ids, vectors, extra={LABEL: fit.labels}), str(root / name))
+    train_transformation(str(root / "fct-old"), str(root / "fct-new"), str(root / "fct"),
+                         new_model=upgrade["new_model"], train=dataclasses.replace(train, name="fct"))  # fmt: skip
+    mapped, _ = apply_transformation(load_model(str(root / "fct")).module, held.old)
+    score = score_adapter("old-to-new", held.old, held.new, mapped, labels=held.labels)
+    assert score.labelled is not None
+    figures["fct (labels)"] = score.labelled | {"recall": score.recall}
     anchors = next(iter(figures.values()))
     print(f"\nheld-out pairs {len(held)}: old/old top-1 {anchors['old_old_top1']:.4f} "
           f"mAP {anchors['old_old_map']:.4f}, "
           f"new/new top-1 {anchors['new_new_top1']:.4f} mAP {anchors['new_new_map']:.4f}")  # fmt: skip
     for kind, f in figures.items():
-        print(f"{kind:<11} new query / adapted old gallery: top-1 {f['adapted_top1']:.4f}, mAP {f['adapted_map']:.4f}, "
+        print(f"{kind:<13} new query / adapted old gallery: top-1 {f['adapted_top1']:.4f}, mAP {f['adapted_map']:.4f}, "
               f"recall@10 {f['recall']:.4f}")  # fmt: skip
     assert anchors["new_new_top1"] > anchors["old_old_top1"]  # the upgrade is worth having
     for kind, f in figures.items():
