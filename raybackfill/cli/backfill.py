@@ -109,9 +109,9 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress, trust=trust_from(args),
     )  # fmt: skip
     # A live index runs on an existing cluster: attach to it (RAY_ADDRESS or the one on this machine).
-    init_ray(
-        args.address or os.environ.get("RAY_ADDRESS") or ("auto" if config.index else None), py_modules=args.py_module
-    )
+    # A dry run touches no index: it joins the cluster on this machine if there is one, else starts one.
+    attach = "auto" if config.index and not args.dry_run else None
+    init_ray(args.address or os.environ.get("RAY_ADDRESS") or attach, py_modules=args.py_module)
     if args.dry_run:
         from raybackfill.backfill.estimate import dry_run
 
