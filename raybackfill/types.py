@@ -16,12 +16,12 @@ from typing import TypeVar
 import numpy as np
 
 __all__ = [
+    "CLOSED_FORM_ADAPTERS",
     "ENCODER_STAGES",
+    "MODEL_METRICS",
     "AdapterDirection",
     "AdapterKind",
     "AdapterLoss",
-    "CLOSED_FORM_ADAPTERS",
-    "MODEL_METRICS",
     "BackboneLoss",
     "EncoderKind",
     "Interpolation",
