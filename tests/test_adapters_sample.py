@@ -106,3 +106,18 @@ def test_sample_command_uniform_subset_and_bad_stratification_column(ray_cluster
     assert "no column 'colour' to stratify by" in capsys.readouterr().err
     with pytest.raises(SchemaError, match="integer classes"):
         paired_sample(inputs["images"], inputs["old"], inputs["new"], 5, str(tmp_path / "y"), stratify_by=IMAGE)
+
+
+def test_sample_and_adapter_on_s3(ray_cluster, inputs, s3_bucket):
+    from raybackfill.adapters.fit import AdapterConfig, train_adapter
+    from raybackfill.adapters.gate import check_adapter
+
+    pairs_uri, adapter_uri = f"{s3_bucket}/pairs", f"{s3_bucket}/models/adapter"
+    result = paired_sample(inputs["images"], inputs["old"], inputs["new"], 40, pairs_uri, pool=PoolConfig(batch_size=8))
+    assert result.rows == 39 and storage.exists(f"{pairs_uri}/{SAMPLE_JSON}")
+    report = train_adapter(pairs_uri, adapter_uri, "affine", AdapterConfig(min_recall=0.0, test_fraction=0.25))
+    assert report.passed
+    record = check_adapter(adapter_uri, 0.0, direction="old-to-new")
+    assert report.chosen is not None
+    # held out: a quarter of each class of 10, 10, 10 and 9 pairs, rounded: 3 + 3 + 3 + 2
+    assert record["paired"] == pairs_uri and record["score"]["pairs"] == report.chosen.score.pairs == 11
