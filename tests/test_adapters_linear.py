@@ -192,6 +192,7 @@ def test_linear_modules_run_the_fitted_map_exactly(rank):
     unit = x / np.linalg.norm(x, axis=1, keepdims=True)
     np.testing.assert_allclose(apply_transformation(reverse, x)[0], fit.apply(unit), atol=1e-5)
     assert reverse.dims == {"new": 6, "old": 5}
+    assert (forward.old_dim, forward.new_dim, reverse.old_dim, reverse.new_dim) == (6, 5, 5, 6)
 
 
 def test_linear_module_with_side_information_concatenates_the_inputs():

@@ -212,6 +212,7 @@ class LinearForward(LinearTransformation):
         side_dim: int | None = None,
     ) -> None:
         super().__init__(old_dim, new_dim, rank, bias, normalize_input, side_dim)
+        self.old_dim, self.new_dim = old_dim, new_dim  # named as the other transformations name them
 
 
 class LinearReverse(LinearTransformation):
@@ -224,6 +225,7 @@ class LinearReverse(LinearTransformation):
         self, new_dim: int, old_dim: int, rank: int | None = None, bias: bool = True, normalize_input: bool = False
     ) -> None:
         super().__init__(new_dim, old_dim, rank, bias, normalize_input)
+        self.old_dim, self.new_dim = old_dim, new_dim  # named as the other transformations name them
 
 
 def apply_transformation(
