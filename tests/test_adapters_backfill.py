@@ -45,6 +45,7 @@ def upgrade(ray_cluster, tmp_path_factory) -> dict:
     return {"root": root, "gallery": gallery, "old": str(root / "old-emb"), "new": new, "ff": str(root / "ff")}
 
 
+@pytest.mark.slow
 def test_a_label_free_fastfill_adapter_backfills_by_its_uncertainty_behind_its_gate(upgrade, tmp_path, capsys):
     recall = read_spec(upgrade["ff"]).adapter["score"]["recall"]
     args = ["backfill", "--gallery", upgrade["gallery"], "--old-embeddings", upgrade["old"], "--upgrade",
