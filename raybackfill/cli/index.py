@@ -73,6 +73,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--shard-gpus", type=float, default=0.0, help="GPUs per shard actor (default 0)")
     serve.add_argument(
+        "--node-resource",
+        metavar="NAME",
+        help="custom Ray resource of the nodes that hold the index (e.g. index_node): the router and shards run "
+        "only on nodes started with it (default: anywhere)",
+    )
+    serve.add_argument(
         "--snapshot-uri",
         metavar="URI",
         help="where shards snapshot and restore (path or s3://); the loaded gallery is snapshotted "
@@ -168,6 +174,7 @@ def _serve(args: argparse.Namespace) -> int:
             keep_old=not args.drop_old_vectors,
         ),
         snapshot_uri=args.snapshot_uri,
+        node_resource=args.node_resource,
     )
     if args.train_sample < 1:
         raise ValueError(f"--train-sample must be positive, got {args.train_sample}")

@@ -49,6 +49,7 @@ import io
 import json
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +60,7 @@ import ray
 from raybackfill.index import kinds
 from raybackfill.index.gpu import GPU_MAX_K, GpuMirror, gpu_supported
 from raybackfill.index.merge import EMPTY_ID, TopK, empty_topk, merge_results
+from raybackfill.index.metrics import ShardMetrics
 from raybackfill.index.slots import CodesSlots, GraphSlots, IVFSlots, SlotIndex, slot_index
 from raybackfill.index.snapshot import SnapshotWriter, read_snapshot
 from raybackfill.index.validate import as_batch, as_ids, as_queries, check_k, show_ids, unit_rows
@@ -235,6 +237,8 @@ class _IndexShard:
         self._mirrors: dict[str, GpuMirror] = {}
         self._no_gpu: set[str] = set()  # indexes whose GPU copy failed: searched on the CPU
         self._rebuilds: dict[str, threading.Thread] = {}
+        actor_name = ray.get_runtime_context().get_actor_name() if ray.is_initialized() else None
+        self._metrics = ShardMetrics(actor_name or "")
         self._reset()
         if snapshot_uri:
             blobs = read_snapshot(snapshot_uri)
@@ -279,6 +283,7 @@ class _IndexShard:
             },
             "snapshot_uri": self._snapshot_uri,
         }
+        self._metrics.export_counts(self._counts)
 
     def _gpu_resources(self):
         has_gpu_faiss = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
@@ -393,6 +398,7 @@ class _IndexShard:
             self._state = np.concatenate([self._state, np.full(len(ids), Space.OLD.code, dtype=np.int8)])
             self._sort_ids()
             self._publish()
+            self._metrics.observe_write("load_old", len(ids))
             return self._counts
 
     def upsert(self, ids, vectors, state: Space, version: str, dry_run: bool = False) -> dict[str, int]:
@@ -423,6 +429,7 @@ class _IndexShard:
             for name in ("pending", "backfilled", "new"):
                 self._maybe_rebuild(name)
             self._publish()
+            self._metrics.observe_write("upsert", len(ids))
             return self._counts
 
     def _validated_upsert(self, ids, vectors, state: Space, version: str):
@@ -602,6 +609,7 @@ class _IndexShard:
         strategy = parse(Strategy, strategy)
         k = check_k(k, self._config.max_k)
         search_params = self._config.query_params(params)
+        started = time.perf_counter()
         with self._lock:
             self._set_threads()
             parts = self._plan(queries_old, queries_new, strategy)
@@ -611,6 +619,7 @@ class _IndexShard:
             results = [
                 self._search_part(name, q, k, code, search_params) for name, q, code in parts if self._live(name)
             ]
+        self._metrics.observe_search(time.perf_counter() - started)
         if not results:
             return empty_topk(rows.pop(), k, self._config.metric)
         return merge_results(results, k, self._config.metric)
