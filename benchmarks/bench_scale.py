@@ -1,0 +1,313 @@
+"""scale_10m: a clustered gallery of 10M x 128 old vectors served by 4 shards, backfilled through the transform path
+under live queries, on one box.
+
+    python -m benchmarks.bench_scale --out docs/benchmarks/scale.json               # 1M and 10M, IVF1024,SQ8
+    python -m benchmarks.bench_scale --quick --out /tmp/scale.json                  # 20k and 60k, a minute
+
+For each size n (the largest is the headline, every size feeds the growth exponents):
+
+1. the inputs are written in chunks (no process holds the gallery): the old-embedding table (unit vectors around
+   fixed cluster centres, so IVF lists have structure to find, as real embeddings do), a gallery of ids (one tiny
+   image each: the transform path reads no pixels) and the forward transformation;
+2. ``raybackfill.index.loading.load_old_table`` streams the old table into a fresh index (``--shards`` shards of
+   ``--index``), training the old space on a bounded sample first;
+3. single ``compatible`` queries (new-model queries: fresh points through the same transformation) are timed idle;
+4. ``run_backfill`` moves every item to the new space through the transform path (plan by id, budget 0: no
+   image is re-embedded) while a thread keeps timing single queries;
+5. recall@10 of the served answer against an exact search (a chunked brute-force scan of the transformed table
+   the backfill wrote: the vectors the index holds), and the peak memory (PSS and RSS sum) of this process and
+   every Ray process it started, sampled every second from the load to the end of the backfill.
+
+The side-by-side baseline of the QPS of each index kind is ``bench_index.py kinds``; this benchmark is about
+what the largest gallery this box can hold costs in memory, time and recall.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from benchmarks import bench_backfill, bench_index
+from benchmarks.run import PeakMemory, loglog_exponent
+from raybackfill.backfill.ledger import Ledger
+from raybackfill.backfill.run import BackfillConfig, run_backfill
+from raybackfill.data import storage
+from raybackfill.data.images import encode_png
+from raybackfill.data.schema import EMBEDDING, ID, IMAGE, embedding_table, vectors_of
+from raybackfill.embed.pipeline import PoolConfig
+from raybackfill.index.loading import LoadConfig, load_old_table
+from raybackfill.index.router import RouterConfig, create_index, destroy_index, get
+from raybackfill.index.shard import IndexConfig
+from raybackfill.models.artifacts import load_model
+from raybackfill.runtime import init_ray
+from raybackfill.types import Method, Policy, Space, Strategy
+
+FULL = {"sizes": "1000000,10000000", "index": "IVF1024,SQ8", "nprobe": 32, "probes": 300, "recall_queries": 200}
+QUICK = {"sizes": "20000,60000", "index": "IVF64,SQ8", "nprobe": 16, "probes": 60, "recall_queries": 50}
+INDEX_NAME = "bench-scale-10m"
+DIM = bench_backfill.OLD_DIM
+CLUSTERS = 4096
+SPREAD = 0.35
+ROWS_PER_FILE = 262_144
+CHUNK = 65_536
+K = 10
+STRATEGY = Strategy.COMPATIBLE  # what a forward-transformation upgrade serves from its instant phase on
+TARGETS = {
+    "peak_pss_gb": "< 16",
+    "recall_at_10": ">= 0.90",
+    "backfill_items_per_s": ">= 20000",
+    "p99_ratio": "<= 2.0",
+}
+
+
+def clustered_chunks(centres: np.ndarray, n: int, seed: int, spread: float = SPREAD):
+    """``n`` unit rows around ``centres`` in chunks of at most CHUNK rows (a Gaussian of scale spread/sqrt(d) per
+    coordinate around a uniformly drawn centre), the same rows for the same seed whatever the consumer keeps."""
+    rng = np.random.default_rng(seed)
+    d = centres.shape[1]
+    for lo in range(0, n, CHUNK):
+        m = min(CHUNK, n - lo)
+        rows = centres[rng.integers(len(centres), size=m)]
+        rows = rows + rng.standard_normal((m, d), dtype=np.float32) * np.float32(spread / np.sqrt(d))
+        rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+        yield lo, rows.astype(np.float32, copy=False)
+
+
+def write_inputs(root: str, n: int, centres: np.ndarray, seed: int) -> dict[str, str]:
+    """The old-embedding table, the gallery (ids and one tiny PNG each) and the models, written file by file."""
+    paths = {name: os.path.join(root, name) for name in ("gallery", "old", "backbone", "fct", "out")}
+    for name in ("gallery", "old"):
+        os.makedirs(paths[name], exist_ok=True)
+    png = encode_png(np.zeros((8, 8, 3), dtype=np.uint8))
+    file_rows: list[pa.Table] = []
+    part = 0
+
+    def flush() -> None:
+        nonlocal part, file_rows
+        if not file_rows:
+            return
+        old = pa.concat_tables(file_rows)
+        pq.write_table(old, os.path.join(paths["old"], f"part-{part:05d}.parquet"), row_group_size=CHUNK)
+        ids = old.column(ID)
+        gallery = pa.table({ID: ids, IMAGE: pa.array([png], pa.binary()).take(pa.array(np.zeros(len(ids), np.int64)))})
+        pq.write_table(gallery, os.path.join(paths["gallery"], f"part-{part:05d}.parquet"), row_group_size=CHUNK)
+        part += 1
+        file_rows = []
+
+    for lo, rows in clustered_chunks(centres, n, seed):
+        file_rows.append(embedding_table(np.arange(lo, lo + len(rows), dtype=np.int64), rows, model="old-v1"))
+        if sum(t.num_rows for t in file_rows) >= ROWS_PER_FILE:
+            flush()
+    flush()
+    bench_backfill.save_models(paths["backbone"], paths["fct"])
+    return paths
+
+
+def transform(fct_uri: str, old: np.ndarray) -> np.ndarray:
+    """New-model queries: old-space points through the forward transformation (unit rows)."""
+    model = load_model(fct_uri).module.eval()
+    with torch.inference_mode():
+        new = model(torch.from_numpy(old)).numpy().astype(np.float32)
+    return new / np.linalg.norm(new, axis=1, keepdims=True)
+
+
+def exact_topk(table_uri: str, queries: np.ndarray, k: int) -> np.ndarray:
+    """Ids of the exact inner-product top-k of every query over a table's unit vectors, scanned row group by row
+    group (the table never sits in memory whole); ties broken by id."""
+    best_ids = np.full((len(queries), 0), -1, np.int64)
+    best_scores = np.full((len(queries), 0), -np.inf, np.float32)
+    for uri in storage.open_table(table_uri).uris:
+        with storage.open_input(uri) as handle:
+            parquet = pq.ParquetFile(handle)
+            for group in range(parquet.num_row_groups):
+                chunk = parquet.read_row_group(group, columns=[ID, EMBEDDING])
+                vectors = vectors_of(chunk)
+                vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+                scores = queries @ vectors.T
+                ids = np.broadcast_to(chunk.column(ID).to_numpy(), scores.shape)
+                all_scores = np.concatenate([best_scores, scores], axis=1)
+                all_ids = np.concatenate([best_ids, ids], axis=1)
+                order = np.lexsort((all_ids, -all_scores), axis=1)[:, :k]
+                best_scores = np.take_along_axis(all_scores, order, axis=1)
+                best_ids = np.take_along_axis(all_ids, order, axis=1)
+    return best_ids
+
+
+def recall_at(found: np.ndarray, exact: np.ndarray) -> float:
+    """Mean share of each query's exact top-k that the served top-k holds."""
+    return float(np.mean([len(np.intersect1d(f, e)) / len(e) for f, e in zip(found, exact, strict=True)]))
+
+
+def timed_queries(router, queries: np.ndarray, stop: threading.Event | None = None) -> list[float]:
+    """Seconds of single-query searches, one call at a time, through every query once or (with ``stop``) round
+    and round until it is set."""
+    seconds: list[float] = []
+    i = 0
+    while True:
+        if stop is None and i == len(queries):
+            return seconds
+        if stop is not None and stop.is_set():
+            return seconds
+        q = queries[i % len(queries) : i % len(queries) + 1]
+        start = time.perf_counter()
+        get(router.search.remote(None, q, K, STRATEGY))
+        seconds.append(time.perf_counter() - start)
+        i += 1
+
+
+def scale_point(root: str, n: int, args: argparse.Namespace, centres: np.ndarray) -> dict:
+    """Write, load, probe idle, backfill under probes, check recall: one size."""
+    started = time.perf_counter()
+    paths = write_inputs(os.path.join(root, f"n{n}"), n, centres, args.seed)
+    write_s = time.perf_counter() - started
+    q_old = np.concatenate([rows for _, rows in clustered_chunks(centres, args.probes, args.seed + 1)])
+    queries = transform(paths["fct"], q_old)
+    index = IndexConfig(factory=args.index, search_params={"nprobe": args.nprobe} if "IVF" in args.index else {})
+    config = RouterConfig(name=INDEX_NAME, shards=args.shards, shard_num_cpus=args.shard_cpus, index=index)
+    router = create_index(config)
+    try:
+        with PeakMemory() as memory:
+            loaded = load_old_table(router, paths["old"], config=LoadConfig(train_sample=args.train_sample))
+            timed_queries(router, queries[: bench_index.WARMUP_PROBES])
+            idle = timed_queries(router, queries)
+            backfill = BackfillConfig(
+                gallery=paths["gallery"],
+                old_embeddings=paths["old"],
+                upgrade=paths["backbone"],
+                out=paths["out"],
+                method=Method.FCT,
+                transformation=paths["fct"],
+                policy=Policy.ID,
+                budget=0,
+                index=INDEX_NAME,
+                pool=PoolConfig(actors=1, cpus_per_actor=0.5, gpus_per_actor=0.0),
+                train_sample=args.train_sample,
+                progress=False,
+            )
+            stop = threading.Event()
+            live: list[float] = []
+            prober = threading.Thread(target=lambda: live.extend(timed_queries(router, queries, stop)), daemon=True)
+            loadavg_start = os.getloadavg()
+            start = time.perf_counter()
+            prober.start()
+            try:
+                summary = run_backfill(backfill)
+            finally:
+                stop.set()
+                prober.join()
+            backfill_s = time.perf_counter() - start
+            loadavg_end = os.getloadavg()
+        counts = get(router.progress.remote()).counts
+        recall_q = queries[: args.recall_queries]
+        served = get(router.search.remote(None, recall_q, K, STRATEGY))
+        exact = exact_topk(Ledger(paths["out"]).transformed_uri, recall_q, K)
+    finally:
+        destroy_index(INDEX_NAME)
+    phases = {p.name: {"items": p.items, "seconds": p.seconds, "items_per_s": p.rate} for p in summary.phases}
+    if counts.get(Space.TRANSFORMED, 0) != n:
+        raise RuntimeError(f"the backfill left {counts} in the index, expected {n} items transformed")
+    idle_ms, live_ms = bench_index.percentiles_ms(idle), bench_index.percentiles_ms(live)
+    return {
+        "items": n,
+        "write_inputs_seconds": write_s,
+        "load_seconds": loaded.seconds,
+        "load_items_per_s": n / loaded.seconds,
+        "trained_on": loaded.trained_on,
+        "backfill_seconds": backfill_s,
+        "backfill_items_per_s": n / backfill_s,
+        "phases": phases,
+        "peak_pss_bytes": memory.peak_pss,
+        "peak_pss_gb": memory.peak_pss / 1e9,
+        "peak_rss_sum_bytes": memory.peak_rss,
+        "peak_processes": memory.peak_processes,
+        "idle": {**idle_ms, "queries": len(idle)},
+        "during_backfill": {**live_ms, "queries": len(live)},
+        "p99_ratio": live_ms["p99_ms"] / idle_ms["p99_ms"],
+        "recall_at_10": recall_at(served.ids, exact),
+        "recall_queries": len(recall_q),
+        "loadavg_start": loadavg_start,
+        "loadavg_end": loadavg_end,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_scale", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (a minute)")
+    parser.add_argument("--sizes", help=f"comma-separated gallery sizes (default {FULL['sizes']})")
+    parser.add_argument("--index", help=f"FAISS factory string of both spaces (default {FULL['index']!r})")
+    parser.add_argument("--nprobe", type=int, help=f"IVF lists searched per query (default {FULL['nprobe']})")
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--shard-cpus", type=float, default=0.25)
+    parser.add_argument("--train-sample", type=int, default=100_000, help="vectors each space is trained on")
+    parser.add_argument("--probes", type=int, help="queries timed idle (and cycled during the backfill)")
+    parser.add_argument("--recall-queries", type=int, help="queries of the recall figure")
+    parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results/scale.json")
+    args = parser.parse_args(argv)
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    sizes = sorted(int(s) for s in str(args.sizes).split(","))
+    centres = bench_index.unit_rows(np.random.default_rng(args.seed), CLUSTERS, DIM)
+    started = time.time()
+    owns_ray = not ray.is_initialized()
+    init_ray(num_cpus=args.cpus)
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-scale-") as root:
+            points = [scale_point(root, n, args, centres) for n in sizes]
+    finally:
+        if owns_ray:
+            ray.shutdown()
+    largest = points[-1]
+    result = {
+        "benchmark": "scale",
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "seconds": time.time() - started,
+        "config": {**vars(args), "sizes": sizes, "clusters": CLUSTERS, "dim": DIM, "k": K, "strategy": STRATEGY},
+        "targets": TARGETS,
+        "machine": {**bench_index.machine_info(), "faiss": faiss.__version__},
+        "largest": largest,
+        "growth": {
+            "items": sizes,
+            "exponent_load_seconds": loglog_exponent(sizes, [p["load_seconds"] for p in points]),
+            "exponent_backfill_seconds": loglog_exponent(sizes, [p["backfill_seconds"] for p in points]),
+            "exponent_peak_pss": loglog_exponent(sizes, [p["peak_pss_bytes"] for p in points]),
+            "exponent_idle_p50": loglog_exponent(sizes, [p["idle"]["p50_ms"] for p in points]),
+        },
+        "points": points,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str))
+    print(summary(result))
+    print(f"wrote {out}")
+    return result
+
+
+def summary(result: dict) -> str:
+    p = result["largest"]
+    return (
+        f"{p['items']:,} items, {result['config']['index']} on {result['config']['shards']} shards: "
+        f"load {p['load_seconds']:.0f} s, backfill {p['backfill_items_per_s']:,.0f} items/s, "
+        f"peak PSS {p['peak_pss_gb']:.2f} GB, recall@10 {p['recall_at_10']:.3f}, "
+        f"p50/p99 idle {p['idle']['p50_ms']:.1f}/{p['idle']['p99_ms']:.1f} ms, during the backfill "
+        f"{p['during_backfill']['p50_ms']:.1f}/{p['during_backfill']['p99_ms']:.1f} ms "
+        f"(p99 x{p['p99_ratio']:.2f})"
+    )
+
+
+if __name__ == "__main__":
+    main()
