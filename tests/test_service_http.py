@@ -89,7 +89,7 @@ def service(ray_cluster, tmp_path_factory):
 
     tag = uuid.uuid4().hex[:6]
     img_index, txt_index = f"svc-img-{tag}", f"svc-txt-{tag}"
-    router = create_index(RouterConfig(name=img_index, shards=2))
+    router = create_index(RouterConfig(name=img_index, shards=2, shard_num_cpus=0))
     get(router.load_old.remote(ids, old_vectors, "v1"))
     get(router.upsert.remote(ids[::2], new_vectors[::2], Space.NEW, "v2"))
     get(router.set_phase.remote("backfill"))
@@ -109,12 +109,13 @@ def service(ray_cluster, tmp_path_factory):
         trust=EntrypointTrust((TEXT_ENTRYPOINT,)),
     )
     text_vectors = _embed(text_uri, TEXTS, trust=EntrypointTrust((TEXT_ENTRYPOINT,)))
-    text_router = create_index(RouterConfig(name=txt_index, shards=2))
+    text_router = create_index(RouterConfig(name=txt_index, shards=2, shard_num_cpus=0))
     get(text_router.load_old.remote(np.arange(len(TEXTS)) + 10, text_vectors, "text-v1"))
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    common = {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.25}
+    # No CPU reserved by the replicas and the test indexes: the demo test runs Ray Data tasks that need whole CPUs.
+    common = {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0}
     serve.run(
         build_app({"index": img_index, "old_model": old_uri, "new_model": new_uri, **common}),
         name=f"img-{tag}",
@@ -134,6 +135,9 @@ def service(ray_cluster, tmp_path_factory):
         name=f"txt-{tag}",
         route_prefix="/txt",
     )
+    from raybackfill.demo.online import INDEX_NAME as DEMO_INDEX
+
+    serve.run(build_app({"index": DEMO_INDEX, **common}), name=f"demo-{tag}", route_prefix="/demo")
     base = f"http://127.0.0.1:{port}"
     yield {
         "base": base,
@@ -148,6 +152,8 @@ def service(ray_cluster, tmp_path_factory):
         "text_uri": text_uri,
         "tmp": tmp,
         "txt_index": txt_index,
+        "img_index": img_index,
+        "table": table,
     }
     serve.shutdown()
     for name in (img_index, txt_index):
@@ -157,10 +163,13 @@ def service(ray_cluster, tmp_path_factory):
 
 def _router_hits(router, q_old, q_new, k, strategy, versions) -> list[list[tuple]]:
     top = get(router.search.remote(q_old, q_new, k, strategy))
-    return [
-        [(int(i), float(s), Space.from_code(c).value, versions[Space.from_code(c)]) for i, s, c in zip(*row) if i >= 0]
-        for row in zip(top.ids, top.scores, top.spaces, strict=True)
-    ]
+    out = []
+    for row in zip(top.ids, top.scores, top.spaces, strict=True):
+        spaces = [Space.from_code(c) for c in row[2]]
+        out.append(
+            [(int(i), float(s), c.value, versions[c]) for i, s, c in zip(row[0], row[1], spaces, strict=True) if i >= 0]
+        )
+    return out
 
 
 def _same(answer: dict, expected: list[list[tuple]]) -> None:
@@ -332,6 +341,62 @@ def test_search_params_are_passed_only_when_given(service):
         assert err.value.status == 400 and err.value.field == "params"
     body.pop("params")
     assert len(service["img"].search(body)["results"][0]) == 3
+
+
+def test_eval_live_through_http_reads_the_same_quality_as_the_router(service, capsys):
+    from raybackfill.cli.main import main
+    from raybackfill.data.schema import embedding_table
+    from raybackfill.data.storage import write_table
+
+    probes = synthesize(classes=4, per_class=3, size=16, seed=11)
+    images, labels = probes.column("image").to_pylist(), probes.column("label").to_numpy()
+    tmp, ids = service["tmp"], np.arange(len(images)) + 10_000
+    for name, uri in (("old", service["old_uri"]), ("new", service["new_uri"])):
+        write_table(embedding_table(ids, _embed(uri, images), extra={"label": labels}), str(tmp / f"probes-{name}"))
+    gallery = service["table"]
+    write_table(
+        embedding_table(
+            service["ids"],
+            np.zeros((len(service["ids"]), 2), np.float32),
+            extra={"label": gallery.column("label").to_numpy()},
+        ),
+        str(tmp / "gallery-labels"),
+    )
+    common = ["eval", "live", "--probes-old", str(tmp / "probes-old"), "--probes-new", str(tmp / "probes-new")]
+    common += ["--gallery-labels", str(tmp / "gallery-labels"), "--k", "5", "--json"]
+    assert main([*common, "--name", service["img_index"]]) == 0
+    direct = json.loads(capsys.readouterr().out)
+    assert main([*common, "--url", service["img"].url]) == 0
+    over_http = json.loads(capsys.readouterr().out)
+    assert over_http["probes"] == direct["probes"] == len(images)
+    assert over_http["top1"] == direct["top1"] and over_http["map_at_k"] == pytest.approx(direct["map_at_k"])
+
+
+def test_the_demo_online_phase_queries_through_the_service(service, tmp_path):
+    from raybackfill.demo.configs import DemoConfig, DemoScale, Fit, OnlineConfig
+    from raybackfill.demo.online import run_online
+    from raybackfill.demo.pipeline import run_demo
+
+    class CountingClient(ServiceClient):
+        searches = 0
+
+        def search(self, body: dict) -> dict:
+            CountingClient.searches += 1
+            return super().search(body)
+
+    one = Fit(epochs=1, batch_size=32, lr=1e-3)
+    tiny = DemoScale(
+        classes=4, per_class=10, image_size=16, width=4, embedding_dim=8, side_info_dim=4, old=one, new=one,
+        side_info=one, transformation=one, reverse=one, hidden_dim=8, mixer_dim=16, beta_points=3, backbone_lrs=(1e-3,),
+    )  # fmt: skip
+    config = DemoConfig(out=str(tmp_path / "demo"), scale=tiny, old_classes="0-1", seed=1, require_learning=False)
+    online = OnlineConfig(max_probes=8, pause_s=0.0, tiers=2, min_seconds=3.0, batch_size=3)
+    client = CountingClient(service["base"] + "/demo")
+    report = run_demo(config, online=lambda artifacts: run_online(artifacts, online, service=client))
+    section = report["online"]
+    assert section["queried_through"] == "http"
+    assert section["query_errors"] == 0 and section["queries"] > 0 and section["live_readings"]
+    assert CountingClient.searches >= 2 + len(section["live_readings"])  # before, after, and every reading
 
 
 def _doc_curls() -> list[str]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -44,6 +46,18 @@ class ServiceClient:
     api_key: str | None = None
     timeout_s: float = 60.0
     metric: Metric = Metric.COSINE  # for the empty-slot score of search_topk only
+    max_queries: int = 64  # queries per request of search_topk (the service's max_queries)
+
+    @classmethod
+    def from_env(cls, url: str, api_key_env: str | None = None) -> ServiceClient:
+        """A client whose API key is the value of the environment variable ``api_key_env`` (a key on a command
+        line would land in the shell's history and the process list)."""
+        key = None
+        if api_key_env:
+            key = os.environ.get(api_key_env)
+            if not key:
+                raise ValueError(f"--api-key-env {api_key_env}: that environment variable is unset or empty")
+        return cls(url, api_key=key)
 
     def request(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None) -> Any:
         """One HTTP call; the decoded JSON answer, or the typed exception of its error."""
@@ -88,10 +102,26 @@ class ServiceClient:
             for name, q in (("old", queries_old), ("new", queries_new))
             if q is not None
         }
-        body: dict[str, Any] = {"vectors": vectors, "k": int(k), "strategy": strategy.value}
-        if params:
-            body["params"] = params
-        return as_topk(self.search(body)["results"], k, self.metric)
+        n = len(next(iter(vectors.values())))
+        results: list[list[dict]] = []
+        for start in range(0, n, self.max_queries):  # the service bounds the queries of one request
+            chunk = {name: rows[start : start + self.max_queries] for name, rows in vectors.items()}
+            body: dict[str, Any] = {"vectors": chunk, "k": int(k), "strategy": strategy.value}
+            if params:
+                body["params"] = params
+            results += self.search(body)["results"]
+        return as_topk(results, k, self.metric)
+
+    def wait_ready(self, timeout_s: float = 60.0, interval_s: float = 0.5) -> dict:
+        """Poll ``/healthz`` until the service and its index answer; the last error after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return self.healthz()
+            except (IndexUnavailableError, OSError) as err:
+                if time.monotonic() > deadline:
+                    raise IndexUnavailableError(f"{self.url} not ready after {timeout_s:.0f} s: {err}") from None
+            time.sleep(interval_s)
 
 
 def as_topk(results: list[list[dict]], k: int, metric: Metric | str = Metric.COSINE) -> TopK:
