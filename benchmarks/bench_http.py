@@ -82,7 +82,7 @@ class Workload:
         return cls(ids, old, new, queries, top, {q: scores[j] for j, q in enumerate(queries.tolist())})
 
     def check(self, j: int, hit_ids: list[int], hit_scores: list[float]) -> str:
-        """"ok", "short" or "wrong" for the answer to query ``j`` (its position in ``queries``)."""
+        """The verdict ("ok", "short" or "wrong") on the answer to query ``j`` (its position in ``queries``)."""
         if len(hit_ids) < K:
             return "short"
         if len(set(hit_ids)) != K or not np.allclose(hit_scores, self.expected_scores[j], atol=SCORE_TOL):
