@@ -295,7 +295,7 @@ def test_bad_requests_are_typed_4xx_naming_the_field_and_never_echo_paths_or_cre
         ({"vectors": {"old": [1.0] * 8}, "strategy": "compatible"}, "vectors.new"),
         ({"vector": [[1.0] * 8, [1.0] * 7], "strategy": "old"}, "vector"),
         ({"image": png, "strategy": "newest"}, "strategy"),
-        ({"image": png, "params": {"nprobe": "many"}}, "params"),
+        ({"image": png, "params": {"nprobe": "many"}}, "params.nprobe"),
         ({"image": png, "params": {"nprobe": True}}, "params.nprobe"),
         ({"image": png, "params": [1, 2]}, "params"),
         ({"image": [png] * 65}, "image"),

@@ -94,7 +94,12 @@ class SearchBody(BaseModel):
     )
     k: int = Field(DEFAULT_K, ge=1, description="results per query")
     strategy: Strategy | None = Field(None, description="old, compatible or rank_merge; default: the phase's best")
-    params: dict[str, float] | None = Field(None, description='index search parameters, e.g. {"nprobe": 16}')
+    # Any values here, so that parse_params names the parameter at fault; the schema still says "numbers".
+    params: dict[str, Any] | None = Field(
+        None,
+        description='index search parameters, names to numbers, e.g. {"nprobe": 16}',
+        json_schema_extra={"additionalProperties": {"type": "number"}},
+    )
 
 
 class Hit(BaseModel):
