@@ -426,6 +426,33 @@ def test_the_documented_curl_examples_work_as_written(service):
         assert "results" in answer or "phase" in answer, answer
 
 
+def test_request_counts_latencies_and_errors_reach_rays_prometheus_export(service):
+    """Ray exports ray.util.metrics on each node's metrics port (prefixed ``ray_``) every few seconds: poll it."""
+    import time
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    wanted = (
+        "ray_raybackfill_http_requests_total",
+        "ray_raybackfill_http_errors_total",
+        "ray_raybackfill_http_request_seconds_bucket",
+    )
+    deadline, text = time.monotonic() + 90, ""
+    while time.monotonic() < deadline:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        if all(f"{name}{{" in text for name in wanted):
+            break
+        time.sleep(1)
+    lines = text.splitlines()
+    ok = [line for line in lines if line.startswith("ray_raybackfill_http_requests_total{")]
+    assert any('route="/search"' in line and 'status="200"' in line for line in ok), ok
+    assert any('route="/search"' in line and 'status="400"' in line for line in ok), ok
+    errors = [line for line in lines if line.startswith("ray_raybackfill_http_errors_total{")]
+    assert any('type="bad_request"' in line for line in errors) and any(
+        'type="unauthorized"' in line for line in errors
+    )
+    assert any(line.startswith("ray_raybackfill_http_request_seconds_bucket{") for line in lines)
+
+
 def test_a_shard_outage_is_a_503_with_retry_after_never_a_short_answer(service):
     """Last in the module: the text index's shard is killed for good."""
     shard = ray.get_actor(f"{service['txt_index']}-shard-000", namespace=NAMESPACE)

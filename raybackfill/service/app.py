@@ -18,9 +18,9 @@ missing or wrong API key a 401, a body over the limit a 413, a shard or router o
 :func:`~raybackfill.service.api.redact`: no model path, URI or credential reaches a client.
 
 Metrics go through ``ray.util.metrics`` to Ray's Prometheus export (the metrics port of each node, scraped as
-the Ray docs describe; there is no ``/metrics`` route): ``raybackfill_http_requests_total{route,status}``,
-``raybackfill_http_request_seconds{route}`` (histogram) and ``raybackfill_http_errors_total{route,type}``,
-beside Serve's own ``ray_serve_*`` series.
+the Ray docs describe; there is no ``/metrics`` route), where Ray prefixes them with ``ray_``:
+``ray_raybackfill_http_requests_total{route,status}``, ``ray_raybackfill_http_request_seconds{route}``
+(histogram) and ``ray_raybackfill_http_errors_total{route,type}``, beside Serve's own ``ray_serve_*`` series.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations (Request) at run time.
