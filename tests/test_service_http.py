@@ -141,6 +141,7 @@ def service(ray_cluster, tmp_path_factory):
     base = f"http://127.0.0.1:{port}"
     yield {
         "base": base,
+        "port": port,
         "img": ServiceClient(f"{base}/img"),
         "txt": ServiceClient(f"{base}/txt", api_key=API_KEY),
         "router": router,
@@ -424,6 +425,33 @@ def test_the_documented_curl_examples_work_as_written(service):
         assert done.returncode == 0, (command, done.stdout, done.stderr)
         answer = json.loads(done.stdout)
         assert "results" in answer or "phase" in answer, answer
+
+
+def test_raybackfill_serve_http_deploys_the_service_with_its_flags(service, capsys, monkeypatch):
+    from ray import serve
+
+    from raybackfill.cli.main import main
+    from raybackfill.service.app import APP_NAME
+
+    argv = ["serve", "--http", "--name", service["img_index"], "--port", str(service["port"])]
+    argv += ["--old-model", service["old_uri"], "--new-model", service["new_uri"], "--api-key-env", "RB_TEST_API_KEY"]
+    argv += ["--min-replicas", "1", "--max-replicas", "1", "--replica-cpus", "0"]
+    monkeypatch.delenv("RB_TEST_API_KEY", raising=False)
+    assert main(argv) == 2  # the key's variable is unset: refused before anything is deployed
+    assert "RB_TEST_API_KEY" in capsys.readouterr().err
+    monkeypatch.setenv("RB_TEST_API_KEY", API_KEY)
+    try:
+        assert main(argv) == 0
+        assert f"at {service['base']}" in capsys.readouterr().out
+        image = service["images"][5]
+        answer = ServiceClient(service["base"], api_key=API_KEY).search_image(image, k=K)
+        reference = service["img"].search_image(image, k=K)["results"]  # the fixture's app over the same index
+        _same(answer, [[(h["id"], h["score"], h["space"], h["model"]) for h in hits] for hits in reference])
+        with pytest.raises(ServiceHTTPError) as err:
+            ServiceClient(service["base"]).search_image(image, k=K)
+        assert err.value.status == 401
+    finally:
+        serve.delete(APP_NAME)
 
 
 def test_request_counts_latencies_and_errors_reach_rays_prometheus_export(service):
