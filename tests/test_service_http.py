@@ -455,30 +455,35 @@ def test_raybackfill_serve_http_deploys_the_service_with_its_flags(service, caps
 
 
 def test_request_counts_latencies_and_errors_reach_rays_prometheus_export(service):
-    """Ray exports ray.util.metrics on each node's metrics port (prefixed ``ray_``) every few seconds: poll it."""
+    """Ray exports ray.util.metrics on each node's metrics port (prefixed ``ray_``) every few seconds: poll it
+    until every replica's series are there (or a deadline passes, and the assertions say what is missing)."""
     import time
 
     port = ray._private.worker.global_worker.node.metrics_export_port
-    wanted = (
-        "ray_raybackfill_http_requests_total",
-        "ray_raybackfill_http_errors_total",
-        "ray_raybackfill_http_request_seconds_bucket",
-    )
-    deadline, text = time.monotonic() + 90, ""
-    while time.monotonic() < deadline:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        if all(f"{name}{{" in text for name in wanted):
-            break
+
+    def series() -> tuple[list[str], list[str], list[str]]:
+        lines = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode().splitlines()
+        return tuple(  # type: ignore[return-value]
+            [line for line in lines if line.startswith(f"ray_raybackfill_http_{name}{{")]
+            for name in ("requests_total", "errors_total", "request_seconds_bucket")
+        )
+
+    def complete(requests, errors, buckets) -> bool:
+        search = [line for line in requests if 'route="/search"' in line]
+        return (
+            any('status="200"' in line for line in search)
+            and any('status="400"' in line for line in search)
+            and any('type="bad_request"' in line for line in errors)
+            and any('type="unauthorized"' in line for line in errors)
+            and any('route="/search"' in line for line in buckets)
+        )
+
+    deadline = time.monotonic() + 120
+    found = series()
+    while not complete(*found) and time.monotonic() < deadline:
         time.sleep(1)
-    lines = text.splitlines()
-    ok = [line for line in lines if line.startswith("ray_raybackfill_http_requests_total{")]
-    assert any('route="/search"' in line and 'status="200"' in line for line in ok), ok
-    assert any('route="/search"' in line and 'status="400"' in line for line in ok), ok
-    errors = [line for line in lines if line.startswith("ray_raybackfill_http_errors_total{")]
-    assert any('type="bad_request"' in line for line in errors) and any(
-        'type="unauthorized"' in line for line in errors
-    )
-    assert any(line.startswith("ray_raybackfill_http_request_seconds_bucket{") for line in lines)
+        found = series()
+    assert complete(*found), found
 
 
 def test_a_shard_outage_is_a_503_with_retry_after_never_a_short_answer(service):

@@ -26,6 +26,7 @@ the Ray docs describe; there is no ``/metrics`` route), where Ray prefixes them 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations (Request) at run time.
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -435,7 +436,13 @@ class SearchService:
                 raise bad_request("params", "this index takes no search parameters") from None
             raise
         try:
-            return await ref
+            return await asyncio.wait_for(asyncio.wrap_future(ref.future()), self.config.index_timeout_s)
+        except TimeoutError:
+            with contextlib.suppress(Exception):  # best effort: the router may have finished meanwhile
+                ray.cancel(ref)
+            raise self._unavailable(
+                f"the index did not answer within {self.config.index_timeout_s:g} s; retry"
+            ) from None
         except RayTaskError as err:
             cause = err.cause
             if isinstance(cause, IndexUnavailableError):

@@ -24,6 +24,7 @@ max_batch_size           requests batched into one index call (32)
 batch_wait_timeout_s     how long a batch waits to fill (0.005)
 status_ttl_s             how old the cached phase and space versions may be (1.0)
 retry_after_s            the ``Retry-After`` of a 503 (2)
+index_timeout_s          a router call slower than this is a 503 (30)
 min_replicas             autoscaling floor (1)
 max_replicas             autoscaling ceiling (4)
 target_ongoing_requests  in-flight requests per replica the autoscaler aims at (8)
@@ -71,6 +72,7 @@ class ServiceConfig:
     batch_wait_timeout_s: float = 0.005
     status_ttl_s: float = 1.0
     retry_after_s: float = 2.0
+    index_timeout_s: float = 30.0
     min_replicas: int = 1
     max_replicas: int = 4
     target_ongoing_requests: float = 8.0
@@ -88,6 +90,8 @@ class ServiceConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_replicas < self.min_replicas:
             raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        if self.index_timeout_s <= 0:
+            raise ValueError(f"index_timeout_s must be positive, got {self.index_timeout_s}")
         for name in ("batch_wait_timeout_s", "status_ttl_s", "retry_after_s", "num_cpus", "num_gpus"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
