@@ -307,6 +307,12 @@ def test_bad_requests_are_typed_4xx_naming_the_field_and_never_echo_paths_or_cre
         assert status == 400, (payload, text)
         assert json.loads(text)["error"]["field"] == field, (payload, text)
         bodies.append(text)
+    for fields, field in ((b'name="strategy"\r\n\r\nbest', "strategy"), (b'name="k"\r\n\r\nten', "k")):
+        form = b"--B\r\nContent-Disposition: form-data; " + fields + b"\r\n--B\r\nContent-Disposition: form-data; "
+        form += b'name="image"; filename="q.png"\r\n\r\n' + service["images"][0] + b"\r\n--B--\r\n"
+        status, _, text = _raw(url, form, "multipart/form-data; boundary=B")
+        assert status == 400 and json.loads(text)["error"]["field"] == field, text
+        bodies.append(text)
     status, _, text = _raw(url, b"{not json")
     assert status == 400 and json.loads(text)["error"]["field"] == "body"
     status, _, text = _raw(url, b"x=1", "application/x-www-form-urlencoded")

@@ -55,6 +55,7 @@ from raybackfill.index.serving import serving_strategy
 from raybackfill.logs import configure_logging
 from raybackfill.service.api import (
     API_KEY_HEADER,
+    DEFAULT_K,
     ErrorResponse,
     SearchBody,
     SearchRequest,
@@ -324,9 +325,13 @@ class SearchService:
             params_value = json.loads(str(params)) if params is not None else None
         except json.JSONDecodeError:
             raise bad_request("params", "not a JSON object") from None
+        try:
+            chosen = parse(Strategy, str(strategy), what="strategy") if strategy is not None else None
+        except ValueError as err:
+            raise bad_request("strategy", str(err)) from None
         return SearchRequest(
-            k=parse_k(form.get("k", "10")),
-            strategy=parse(Strategy, str(strategy), what="strategy") if strategy is not None else None,
+            k=parse_k(form.get("k", str(DEFAULT_K))),
+            strategy=chosen,
             params=parse_params(params_value),
             contents=[data],
         )
