@@ -161,6 +161,17 @@ def test_service_args_round_trip_and_refuse_unknown_keys_and_bad_values(monkeypa
     assert config.to_args()["method"] == "bct"
     with pytest.raises(ValueError, match=r"unknown service args \['new_modle'\]"):
         ServiceConfig.from_args({"new_modle": "x"})
+    as_text = ServiceConfig.from_args(
+        {"max_replicas": "6", "num_gpus": "0.5", "trust_all_entrypoints": "true", "image_size": "none",
+         "trust_entrypoints": "a.b:c, d.e:f", "method": "rank_merge_psi", "psi_model": "m/psi"}
+    )  # fmt: skip  # what `serve run raybackfill.service.app:build_app key=value ...` passes
+    assert (as_text.max_replicas, as_text.num_gpus, as_text.trust_all_entrypoints) == (6, 0.5, True)
+    assert as_text.image_size is None and as_text.trust_entrypoints == ("a.b:c", "d.e:f")
+    assert as_text.method == "rank_merge_psi" and as_text.psi_model == "m/psi"
+    with pytest.raises(ValueError, match="service arg max_k: 'many' is not a int"):
+        ServiceConfig.from_args({"max_k": "many"})
+    with pytest.raises(ValueError, match="service arg trust_all_entrypoints"):
+        ServiceConfig.from_args({"trust_all_entrypoints": "maybe"})
     for bad in ({"device": "tpu"}, {"max_replicas": 0}, {"min_replicas": 3, "max_replicas": 2}, {"num_gpus": -1}):
         with pytest.raises(ValueError):
             ServiceConfig(**bad)

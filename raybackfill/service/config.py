@@ -105,13 +105,17 @@ class ServiceConfig:
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> ServiceConfig:
-        """From Serve's ``args`` dict; an unknown key is an error naming it (a typo must not pass silently)."""
+        """From Serve's ``args`` dict; an unknown key is an error naming it (a typo must not pass silently).
+
+        Values may be strings, as ``serve run raybackfill.service.app:build_app key=value`` passes them: numbers,
+        booleans (true/false), lists (comma-separated) and "none" are read by each field's type.
+        """
         args = dict(args or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(args) - known)
+        fields = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        unknown = sorted(set(args) - set(fields))
         if unknown:
-            raise ValueError(f"unknown service args {unknown}; valid: {', '.join(sorted(known))}")
-        return cls(**args)
+            raise ValueError(f"unknown service args {unknown}; valid: {', '.join(sorted(fields))}")
+        return cls(**{name: _from_text(name, value, fields[name]) for name, value in args.items()})
 
     def to_args(self) -> dict[str, Any]:
         """The ``args`` dict that :meth:`from_args` reads back (JSON-friendly)."""
@@ -143,3 +147,26 @@ class ServiceConfig:
         names += ["AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "RAY_AUTH_TOKEN"]
         found += [os.environ[n] for n in names if os.environ.get(n)]
         return found
+
+
+def _from_text(name: str, value: Any, annotation: str) -> Any:
+    """A string arg read as its field's type (``annotation`` as written in the dataclass); other values as given."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if "None" in annotation and text.lower() in ("", "none", "null"):
+        return None
+    try:
+        if annotation.startswith("bool"):
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1", "yes")
+        if annotation.startswith("int"):
+            return int(text)
+        if annotation.startswith("float"):
+            return float(text)
+    except ValueError:
+        raise ValueError(f"service arg {name}: {value!r} is not a {annotation.split(' ')[0]}") from None
+    if annotation.startswith("tuple"):
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+    return value
