@@ -255,6 +255,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_serve(attempts: int = 3) -> int:
+    """Start Serve's proxy on a free loopback port; another process can take the port before the proxy binds
+    it (a shared machine), so a failed bind tries another one. Returns the port."""
+    from ray import serve
+
+    for attempt in range(attempts):
+        port = _free_port()
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            return port
+        except Exception:  # noqa: BLE001 - Ray wraps the bind error; the last attempt re-raises it
+            serve.shutdown()
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 # --------------------------------------------------------------------------- the run
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -280,11 +297,10 @@ def main(argv: list[str] | None = None) -> dict:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-http-") as snapshots:
         router = create_index(RouterConfig(name=INDEX, shards=args.shards, snapshot_uri=snapshots))
-        port = _free_port()
         try:
             get(router.load_old.remote(work.ids, work.old, "v1"))
             get(router.snapshot.remote())
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            port = start_serve()
             app = build_app({"index": INDEX, "min_replicas": 1, "max_replicas": 1, "num_cpus": args.replica_cpus})
             serve.run(app, name=APP, route_prefix="/")
             # Warm both paths (connections, replica, caches) before anything is measured.

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import ray
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
@@ -124,6 +125,8 @@ class SearchService:
         self._secrets = self.config.secrets()
         self._key_digest = self.config.api_key_digest()
         self.device = resolve_device(self.config.device)
+        # Torch would start one thread per core of the node; a replica owns num_cpus of them.
+        torch.set_num_threads(max(1, round(self.config.num_cpus)))
         from raybackfill.encoders import EntrypointTrust
 
         trust = EntrypointTrust(self.config.trust_entrypoints, self.config.trust_all_entrypoints)
