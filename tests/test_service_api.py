@@ -86,6 +86,8 @@ def test_a_search_body_is_validated_field_by_field():
 
 
 def test_a_valid_search_body_parses_into_contents_or_vectors():
+    data_url = "data:image/png;base64," + base64.b64encode(b"abc").decode()
+    assert parse_search({"image": data_url}, max_queries=8).contents == [b"abc"]
     request = parse_search({"image": base64.b64encode(b"abc").decode(), "k": 3}, max_queries=8)
     assert request.contents == [b"abc"] and request.k == 3 and request.strategy is None and request.params is None
     texts = parse_search({"text": ["a", "b"], "strategy": "old", "params": {"nprobe": 4}}, max_queries=8)

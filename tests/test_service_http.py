@@ -245,6 +245,12 @@ def test_text_queries_agree_with_the_router_top_k_and_need_the_api_key(service):
     assert (answer["phase"], answer["strategy"]) == ("idle", "old")
     _same(answer, _router_hits(service["text_router"], q, None, 3, Strategy.OLD, versions))
     assert answer["results"][0][0]["id"] == 11 and answer["results"][0][0]["score"] == pytest.approx(1.0, abs=1e-5)
+    form = f'--B\r\nContent-Disposition: form-data; name="text"\r\n\r\n{query}\r\n'
+    form += '--B\r\nContent-Disposition: form-data; name="k"\r\n\r\n3\r\n--B--\r\n'
+    _same(
+        service["txt"].request("POST", "/search", form.encode(), "multipart/form-data; boundary=B"),
+        [[(h["id"], h["score"], h["space"], h["model"]) for h in answer["results"][0]]],
+    )
 
     for key in (None, "wrong", API_KEY[:-1]):
         with pytest.raises(ServiceHTTPError) as err:

@@ -238,6 +238,8 @@ def parse_k(value: Any) -> int:
 
 
 def _base64(text: str, name: str) -> bytes:
+    if text.startswith("data:") and ";base64," in text[:100]:  # a data URL, as browsers' FileReader makes them
+        text = text.split(";base64,", 1)[1]
     try:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):

@@ -197,9 +197,9 @@ class SearchService:
                     "multipart/form-data": {
                         "schema": {
                             "type": "object",
-                            "required": ["image"],
                             "properties": {
                                 "image": {"type": "string", "format": "binary"},
+                                "text": {"type": "string"},
                                 "k": {"type": "integer", "minimum": 1},
                                 "strategy": {"type": "string", "enum": [s.value for s in Strategy]},
                                 "params": {"type": "string", "description": "JSON object of names to numbers"},
@@ -313,15 +313,23 @@ class SearchService:
             ).parse()
         except MultiPartException as err:
             raise bad_request("body", f"malformed multipart form ({err.message})") from None
-        unknown = sorted(set(form.keys()) - {"image", "k", "strategy", "params"})
+        unknown = sorted(set(form.keys()) - {"image", "text", "k", "strategy", "params"})
         if unknown:
-            raise bad_request(unknown[0], "unknown form field; expected image, k, strategy, params")
-        upload = form.get("image")
-        if not isinstance(upload, UploadFile):
-            raise bad_request("image", "a multipart search needs an image file field")
-        data = await upload.read()
-        if not data:
-            raise bad_request("image", "empty image")
+            raise bad_request(unknown[0], "unknown form field; expected image or text, k, strategy, params")
+        upload, text = form.get("image"), form.get("text")
+        if (upload is None) == (text is None):
+            raise bad_request("query", "a multipart search needs an image file field or a text field (one)")
+        content: bytes | str
+        if upload is not None:
+            if not isinstance(upload, UploadFile):
+                raise bad_request("image", "send the image as a file field")
+            content = await upload.read()
+            if not content:
+                raise bad_request("image", "empty image")
+        else:
+            if not isinstance(text, str):
+                raise bad_request("text", "send the text as a plain form field, not a file")
+            content = text
         strategy = form.get("strategy")
         params = form.get("params")
         try:
@@ -336,7 +344,7 @@ class SearchService:
             k=parse_k(form.get("k", str(DEFAULT_K))),
             strategy=chosen,
             params=parse_params(params_value),
-            contents=[data],
+            contents=[content],
         )
 
     def _check_vectors(self, request: SearchRequest, strategy: Strategy, status: dict) -> None:
