@@ -1,6 +1,8 @@
-"""Job entry point: start the serving index over old embeddings (raybackfill serve ...).
+"""Job entry point: start the serving index over old embeddings (raybackfill serve ...), and with ``--http`` the
+HTTP search service in front of it.
 
     ray job submit --working-dir . -- python jobs/serve.py ARGS...
+    ray job submit --working-dir . -- python jobs/serve.py --http --new-model s3://bucket/models/new
 
 takes exactly the arguments of `raybackfill serve` (see `python jobs/serve.py --help`). Under
 `ray job submit` RAY_ADDRESS is set, so the job joins the cluster it was submitted to.

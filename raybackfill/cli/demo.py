@@ -17,6 +17,7 @@ from raybackfill.demo.summary import summary
 from raybackfill.eval.offline import output_files
 from raybackfill.logs import LEVEL_ENV
 from raybackfill.runtime import init_ray
+from raybackfill.service.client import ServiceClient
 from raybackfill.types import MODEL_METRICS, Metric
 
 DEFAULT_OUT = "raybackfill-demo"
@@ -55,6 +56,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="also report research diagnostics: how FastFill's uncertainty ranks items by their true error, and "
         "the oracle order by that error (a bound no service can use: it reads the new embeddings)",
     )
+    demo.add_argument(
+        "--url",
+        help="the online phase queries through the HTTP search service at this URL (start it with `raybackfill "
+        "serve --http --name raybackfill-demo`); default: it calls the index router directly",
+    )
+    demo.add_argument("--api-key-env", metavar="VAR", help="with --url: send the value of $VAR as the API key")
     demo.add_argument("--verbose", action="store_true", help="log every training epoch")
     demo.set_defaults(func=_demo)
 
@@ -109,7 +116,8 @@ def _demo(args: argparse.Namespace) -> None:
     with _demo_logging(args.verbose):
         init_ray()
         scale = config.resolved_scale()
-        report = run_demo(config, online=functools.partial(run_online, config=scale.online))
+        service = ServiceClient.from_env(args.url, args.api_key_env) if args.url else None
+        report = run_demo(config, online=functools.partial(run_online, config=scale.online, service=service))
     files = [f"{config.out}/{name}" for name in output_files(report)]
     print()
     print(summary(report, files))

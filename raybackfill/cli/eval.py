@@ -99,6 +99,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     live.add_argument("--seed", type=int, default=0, help="seed of the probe sample (default 0)")
     live.add_argument("--name", default=DEFAULT_NAME, help=f"index (router actor) name (default {DEFAULT_NAME})")
+    live.add_argument(
+        "--url",
+        help="query through the HTTP search service at this URL (e.g. http://127.0.0.1:8000), so the figures are "
+        "what its clients see; default: call the router directly",
+    )
+    live.add_argument("--api-key-env", metavar="VAR", help="with --url: send the value of $VAR as the API key")
     live.add_argument("--json", action="store_true", help="print JSON")
     live.set_defaults(func=_live)
 
@@ -195,14 +201,18 @@ def _merge(args: argparse.Namespace) -> int:
 def _live(args: argparse.Namespace) -> int:
     probes = ProbeSet.read(args.probes_old, args.probes_new)
     lookup = LabelLookup.read(args.gallery_labels)
+    from raybackfill.service.client import ServiceClient
+
+    target = ServiceClient.from_env(args.url, args.api_key_env) if args.url else connect(args.name)
     quality = live_quality(
-        connect(args.name), probes, lookup, strategy=args.strategy, k=args.k, max_probes=args.max_probes, seed=args.seed
+        target, probes, lookup, strategy=args.strategy, k=args.k, max_probes=args.max_probes, seed=args.seed
     )
     if args.json:
         print(json.dumps(quality.as_dict()))
     else:
         print(
-            f"index {args.name!r}, strategy {quality.strategy}, {quality.protocol}: top-1 {quality.top1:.3f}, "
+            f"{'service ' + args.url if args.url else 'index ' + repr(args.name)}, strategy {quality.strategy}, "
+            f"{quality.protocol}: top-1 {quality.top1:.3f}, "
             f"mAP@{quality.k} {quality.map_at_k:.3f} over {quality.probes} probes "
             f"({quality.dropped} dropped: no relevant gallery item); search {quality.latency_s * 1000:.0f} ms"
         )

@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from raybackfill.cli.encoder import add_trust_arguments, trust_from
+from raybackfill.cli.service import add_http_arguments, deploy_http
 from raybackfill.data.schema import ID, MODEL, validate_embedding_table, vectors_of
 from raybackfill.data.storage import read_table
 from raybackfill.index.merge import TopK
 from raybackfill.index.progress import Progress
 from raybackfill.index.router import DEFAULT_NAME, RouterConfig, connect, create_index, destroy_index, get
+from raybackfill.index.serving import serving_strategy
 from raybackfill.index.shard import IndexConfig
 from raybackfill.types import Metric, Space, Strategy
 
@@ -34,7 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Create the index router and shard actors (named, detached: they keep serving after "
         "this command exits) and load the old embeddings (Parquet: id, embedding fixed_size_list<float32,d>).",
     )
-    serve.add_argument("--old-embeddings", required=True, metavar="URI", help="old embedding table (path or s3://)")
+    serve.add_argument(
+        "--old-embeddings", metavar="URI", help="old embedding table (path or s3://); optional with --http"
+    )
     serve.add_argument("--shards", type=int, default=2, help="number of shard actors (default 2)")
     serve.add_argument("--version", help="old model version tag (default: the table's 'model' column)")
     serve.add_argument(
@@ -85,6 +89,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "there at once, so a shard Ray restarts comes back with it instead of empty",
     )
     _name(serve)
+    add_http_arguments(serve)
+    add_trust_arguments(serve)
     serve.set_defaults(func=_serve)
 
     query = subparsers.add_parser(
@@ -108,7 +114,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     query.add_argument("--k", type=int, default=10, help="results per query (default 10)")
     query.add_argument(
-        "--strategy", choices=[s.value for s in Strategy], default=Strategy.RANK_MERGE.value, help="default rank_merge"
+        "--strategy",
+        choices=[s.value for s in Strategy],
+        help="default: what the index's phase serves best (old before the backfill, rank_merge during, "
+        "compatible once every item is new)",
     )
     query.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _search_flags(query, "for this query; default: the index's")
@@ -160,6 +169,11 @@ def _name(parser: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------------- serve
 def _serve(args: argparse.Namespace) -> int:
+    if not args.old_embeddings:
+        if not args.http:
+            raise ValueError("serve needs --old-embeddings (or --http alone, to front an index that runs)")
+        deploy_http(args)
+        return 0
     table = validate_embedding_table(read_table(args.old_embeddings), args.old_embeddings)
     version = args.version or _table_version(table, args.old_embeddings)
     config = RouterConfig(
@@ -199,6 +213,8 @@ def _serve(args: argparse.Namespace) -> int:
     )
     if args.snapshot_uri:
         _print_snapshots(get(router.snapshot.remote()))
+    if args.http:
+        deploy_http(args)
     return 0
 
 
@@ -226,7 +242,7 @@ def _table_version(table, source: str) -> str:
 # ------------------------------------------------------------------------- query
 def _query(args: argparse.Namespace) -> int:
     router = connect(args.name)
-    strategy = Strategy(args.strategy)
+    strategy = Strategy(args.strategy) if args.strategy else serving_strategy(get(router.progress.remote()).phase)
     if args.id is not None:
         q_old, q_new = _item_queries(router, args.id, strategy)
     elif args.vector:
@@ -267,43 +283,22 @@ def _vector_queries(files: list[str], strategy: Strategy) -> tuple[np.ndarray | 
     return vectors[0], vectors[1]
 
 
-# The spaces whose query each strategy needs.
-QUERY_SPACES = {
-    Strategy.OLD: (Space.OLD,),
-    Strategy.COMPATIBLE: (Space.NEW,),
-    Strategy.RANK_MERGE: (Space.OLD, Space.NEW),
-}
-
-
 def _content_queries(router, content: bytes | str, models: list[str] | None, strategy: Strategy, trust):
     """Embed an image (bytes) or a text with each --model, prepared as the encoder declares; the encoder's
-    version says which space its query is for."""
+    version says which space its query is for (raybackfill.service.queries does the work)."""
     if not models:
         raise ValueError("image and text queries need --model DIR (the encoder artefact(s) that embed them)")
-    from raybackfill.data.preprocessing import decode_image
-    from raybackfill.encoders import load_encoder
+    from raybackfill.service.queries import MissingEncoderError, QueryEncoders
 
-    spaces = get(router.health.remote())
-    slots = dict.fromkeys((Space.OLD, Space.NEW))
-    for uri in models:
-        encoder = load_encoder(uri, trust=trust)
-        if isinstance(content, bytes):
-            encoder.with_size(min(decode_image(content).size))  # a model that recorded no size: the image's own
-        slot = next((s for s in slots if (spaces[f"{s}_space"] or {}).get("version") == encoder.version), None)
-        if slot is None:
-            raise ValueError(
-                f"{uri}: encoder version {encoder.version!r} is neither the old space's "
-                f"({spaces['old_space']}) nor the new space's ({spaces['new_space']})"
-            )
-        vectors, ok, reasons = encoder.embed_rows([content])
-        if not ok.all():
-            raise ValueError(f"{uri}: cannot prepare the query ({reasons[0]})")
-        slots[slot] = vectors
-    needs = QUERY_SPACES[strategy]
-    missing = [s for s in needs if slots[s] is None]
-    if missing:
-        raise ValueError(f"strategy {strategy.value!r} needs a --model for the {' and '.join(missing)} space")
-    return tuple(slots[s] if s in needs else None for s in slots)
+    encoders = QueryEncoders.matching(models, get(router.health.remote()), trust=trust)
+    try:
+        embedded = encoders.embed([content], strategy)
+    except MissingEncoderError as err:
+        spaces = " and ".join(s.value for s in err.spaces)
+        raise ValueError(f"strategy {strategy.value!r} needs a --model for the {spaces} space") from None
+    if embedded.failed:
+        raise ValueError(f"cannot prepare the query ({embedded.failed[0]})")
+    return embedded.rows([0])
 
 
 def _as_json(result: TopK) -> list[list[dict]]:

@@ -30,8 +30,13 @@ INDEX_NAME = "raybackfill-demo"
 LOAD_CHUNK = 10_000
 
 
-def run_online(artifacts: DemoArtifacts, config: OnlineConfig | None = None) -> dict:
-    """Returns the report's ``online`` section (items, seconds, items_per_s, queries, query_errors, ...)."""
+def run_online(artifacts: DemoArtifacts, config: OnlineConfig | None = None, service=None) -> dict:
+    """Returns the report's ``online`` section (items, seconds, items_per_s, queries, query_errors, ...).
+
+    ``service``: a :class:`~raybackfill.service.client.ServiceClient` of an HTTP search service in front of the
+    demo's index (``raybackfill serve --http --name raybackfill-demo``); the live queries then go through HTTP,
+    so the live quality is what its clients see. Without it they call the router directly.
+    """
     config = config or OnlineConfig()
     layout = artifacts.layout
     table = storage.read_table(artifacts.embeddings)
@@ -53,11 +58,15 @@ def run_online(artifacts: DemoArtifacts, config: OnlineConfig | None = None) -> 
         for start in range(0, gallery.num_rows, LOAD_CHUNK):
             stop = start + LOAD_CHUNK
             get(router.load_old.remote(gallery.column(ID).to_numpy()[start:stop], vectors[start:stop], Space.OLD))
-        before = live_quality(router, probes, lookup, strategy=Strategy.OLD, k=config.k, max_probes=config.max_probes)
+        queries = router
+        if service is not None:
+            service.wait_ready()  # a service that held a handle to an earlier demo index finds the new one
+            queries = service
+        before = live_quality(queries, probes, lookup, strategy=Strategy.OLD, k=config.k, max_probes=config.max_probes)
         # Every gallery item passes once per phase: transformed (methods with a forward transformation), re-embedded.
         forward = get_recipe(config.method).forward_transformation
         max_rate = (2 if forward else 1) * gallery.num_rows / config.min_seconds if config.min_seconds else None
-        client = _QueryClient(router, probes, lookup, config)
+        client = _QueryClient(router, probes, lookup, config, queries)
         client.start()
         started = time.perf_counter()
         try:
@@ -82,7 +91,9 @@ def run_online(artifacts: DemoArtifacts, config: OnlineConfig | None = None) -> 
         finally:
             seconds = time.perf_counter() - started
             client.stop()
-        after = live_quality(router, probes, lookup, strategy=config.strategy, k=config.k, max_probes=config.max_probes)
+        after = live_quality(
+            queries, probes, lookup, strategy=config.strategy, k=config.k, max_probes=config.max_probes
+        )
     finally:
         destroy_index(INDEX_NAME)
     items = sum(phase.items for phase in summary.phases if phase.name != "plan")
@@ -107,14 +118,16 @@ def run_online(artifacts: DemoArtifacts, config: OnlineConfig | None = None) -> 
         "live_map_at_k_after": after.map_at_k,
         "live_readings": client.readings,
         "k": config.k,
+        "queried_through": "http" if service is not None else "router",
     }
 
 
 class _QueryClient:
     """A thread that queries the live index like a user would, counting queries, errors and quality."""
 
-    def __init__(self, router, probes: ProbeSet, lookup: LabelLookup, config: OnlineConfig) -> None:
+    def __init__(self, router, probes: ProbeSet, lookup: LabelLookup, config: OnlineConfig, queries=None) -> None:
         self.router, self.probes, self.lookup, self.config = router, probes, lookup, config
+        self.queries_to = router if queries is None else queries  # the router, or the HTTP service's client
         self.queries = self.errors = 0
         self.readings: list[dict] = []
         self._stop = threading.Event()
@@ -132,7 +145,7 @@ class _QueryClient:
         while not self._stop.is_set():
             try:
                 reading = live_quality(
-                    self.router, self.probes, self.lookup, strategy=self.config.strategy,
+                    self.queries_to, self.probes, self.lookup, strategy=self.config.strategy,
                     k=self.config.k, max_probes=self.config.max_probes,
                 )  # fmt: skip
                 progress = get(self.router.progress.remote())

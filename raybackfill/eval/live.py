@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from raybackfill.data.schema import EMBEDDING, ID, LABEL, check_unique_ids, vectors_of
 from raybackfill.data.storage import read_table
-from raybackfill.index.merge import EMPTY_ID
+from raybackfill.index.merge import EMPTY_ID, TopK
 from raybackfill.index.router import get
 from raybackfill.types import Protocol, Space, Strategy, locate_ids, locate_sorted, parse
 
@@ -219,11 +219,24 @@ def live_quality(
     max_probes: int = DEFAULT_MAX_PROBES,
     seed: int = 0,
 ) -> LiveQuality:
-    """Query the router once with the seeded probe sample and score what it returns."""
+    """Query the router once with the seeded probe sample and score what it returns.
+
+    ``router`` is the router's actor handle, or a client of the HTTP search service
+    (:class:`raybackfill.service.client.ServiceClient`): then the probes go through HTTP, so the reading is what
+    the service's clients see.
+    """
     strategy = parse(Strategy, strategy)
     sample = probes.sample(max_probes, seed)
     queries_old, queries_new = sample.queries_for(strategy)
     started = time.perf_counter()
-    result = get(router.search.remote(queries_old, queries_new, k, strategy))
+    result = search_topk(router, queries_old, queries_new, k, strategy)
     latency = time.perf_counter() - started
     return summarize_scores(score_topk(result.ids, sample.labels, lookup), strategy, k, latency)
+
+
+def search_topk(target, queries_old, queries_new, k: int, strategy: Strategy) -> TopK:
+    """One search of the router (an actor handle) or of the HTTP search service (anything with ``search_topk``)."""
+    over_http = getattr(target, "search_topk", None)
+    if callable(over_http):
+        return over_http(queries_old, queries_new, k, strategy)
+    return get(target.search.remote(queries_old, queries_new, k, strategy))
