@@ -299,3 +299,21 @@ def test_the_stored_embedding_column_name_is_what_transform_reads(tmp_path):
     train_adapter(str(tmp_path / "p"), out, "procrustes", AdapterConfig(min_recall=None, test_fraction=0.3))
     with pytest.raises(SchemaError, match=EMBEDDING):
         transform_table(str(tmp_path / "p"), out, str(tmp_path / "t"))
+
+
+def test_the_http_service_refuses_a_psi_adapter_mapping_the_wrong_way_or_below_its_bar(rotated, tmp_path):
+    from raybackfill.service.app import build_app
+
+    psi = str(tmp_path / "psi")
+    train_adapter(rotated[0], psi, "lowrank", AdapterConfig(rank=2, direction=AdapterDirection.NEW_TO_OLD))
+    phi = str(tmp_path / "phi")
+    train_adapter(rotated[0], phi, "affine", AdapterConfig(direction=AdapterDirection.OLD_TO_NEW))
+    recall = read_spec(psi).adapter["score"]["recall"]
+    assert recall < 0.99  # rank 2 cannot hold a 16-d isometry
+    assert build_app({"psi_model": psi, "min_adapter_recall": recall}) is not None  # at the bar: served
+    with pytest.raises(AdapterGateError, match="is below the required"):
+        build_app({"psi_model": psi, "min_adapter_recall": recall + 0.01})
+    with pytest.raises(AdapterGateError, match="adapter maps old-to-new, but this step needs new-to-old"):
+        build_app({"psi_model": phi})
+    with pytest.raises(ValueError, match="min_adapter_recall gates psi_model"):
+        build_app({"min_adapter_recall": 0.5})

@@ -58,6 +58,7 @@ JOB_COMMANDS = {
     "serve": ["serve"],
     "backfill": ["backfill"],
     "evaluate": ["eval", "run"],
+    "sample": ["sample"],
 }
 ENTRYPOINT = re.compile(r"^python /home/ray/raybackfill/jobs/(\w+)\.py (.*)$")
 
@@ -325,7 +326,7 @@ def test_the_index_stages_run_on_the_long_lived_cluster_pinned_to_its_fixed_inde
         ["serve", *shlex.split(ENTRYPOINT.match(by_stage["serve"]["spec"]["entrypoint"])[2])]
     )
     assert serve.node_resource == "index_node"
-    for stage in ("prepare-data", "train", "embed", "evaluate"):
+    for stage in ("prepare-data", "train", "embed", "sample", "evaluate"):
         assert "rayClusterSpec" in by_stage[stage]["spec"]  # batch stages bring their own cluster
 
 

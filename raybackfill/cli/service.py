@@ -31,6 +31,12 @@ def add_http_arguments(parser: argparse.ArgumentParser) -> None:
         choices=[m.value for m in Method],
         help="the upgrade method: its strategy serves the mixed phases (default: inferred from the encoders)",
     )
+    group.add_argument(
+        "--min-adapter-recall",
+        type=float,
+        metavar="R",
+        help="refuse a --psi-model adapter whose recorded recall@k (`train adapter`) is below R",
+    )
     group.add_argument("--image-size", type=int, help="crop of image models that recorded none (default: each image's)")
     group.add_argument(
         "--api-key-env",
@@ -59,6 +65,7 @@ def service_config(args: argparse.Namespace):
         old_model=args.old_model,
         new_model=args.new_model,
         psi_model=args.psi_model,
+        min_adapter_recall=args.min_adapter_recall,
         method=args.method,
         image_size=args.image_size,
         trust_entrypoints=tuple(args.trust_entrypoint),

@@ -26,16 +26,8 @@ from raybackfill.data.schema import (
 )
 from raybackfill.embed.actors import transform_batch
 from raybackfill.models.artifacts import ArtifactError, load_model, read_spec
-from raybackfill.types import Space
+from raybackfill.models.registry import TRANSFORMATION_INPUTS
 
-# The stored space each transformation reads: FCT / FastFill h the old embeddings, psi the new ones.
-TRANSFORMATION_INPUTS = {
-    "forward_transformation": Space.OLD,
-    "fastfill_transformation": Space.OLD,
-    "reverse_transformation": Space.NEW,
-    "linear_forward": Space.OLD,  # closed-form adapters (raybackfill.adapters)
-    "linear_reverse": Space.NEW,
-}
 DEFAULT_BATCH_SIZE = 8192  # rows per forward pass, as the backfill's instant phase
 
 

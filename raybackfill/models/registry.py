@@ -20,6 +20,7 @@ from raybackfill.models.transformations import (
     LinearReverse,
     ReverseTransformation,
 )
+from raybackfill.types import Space
 
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": small_cnn,
@@ -31,6 +32,16 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "reverse_transformation": ReverseTransformation,
     "linear_forward": LinearForward,
     "linear_reverse": LinearReverse,
+}
+
+# The stored space each transformation reads: FCT / FastFill h and the old-to-new adapters the old embeddings,
+# psi and the new-to-old adapters the new ones.
+TRANSFORMATION_INPUTS: dict[str, Space] = {
+    "forward_transformation": Space.OLD,
+    "fastfill_transformation": Space.OLD,
+    "reverse_transformation": Space.NEW,
+    "linear_forward": Space.OLD,
+    "linear_reverse": Space.NEW,
 }
 
 

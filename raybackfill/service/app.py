@@ -49,6 +49,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from raybackfill import NAMESPACE
+from raybackfill.adapters.gate import check_adapter
 from raybackfill.compat.recipes import get_recipe
 from raybackfill.index.merge import EMPTY_ID, TopK
 from raybackfill.index.router import IndexUnavailableError
@@ -73,7 +74,7 @@ from raybackfill.service.api import (
 )
 from raybackfill.service.config import ServiceConfig
 from raybackfill.service.queries import EncoderMismatchError, MissingEncoderError, QueryEncoders
-from raybackfill.types import Space, Strategy, parse
+from raybackfill.types import AdapterDirection, Space, Strategy, parse
 
 logger = logging.getLogger(__name__)
 
@@ -542,6 +543,10 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         >>> serve.run(app, name="raybackfill", route_prefix="/")  # doctest: +SKIP
     """
     config = ServiceConfig.from_args(args)
+    if config.psi_model:  # the adapter gate, before any replica starts: a psi mapping the wrong way, or below the bar
+        check_adapter(config.psi_model, config.min_adapter_recall, direction=AdapterDirection.NEW_TO_OLD)
+    elif config.min_adapter_recall is not None:
+        raise ValueError("min_adapter_recall gates psi_model, and none was given")
     return SearchService.options(**deployment_options(config)).bind(config.to_args())  # type: ignore[attr-defined]
 
 

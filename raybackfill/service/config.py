@@ -10,6 +10,7 @@ index                    the router actor's name (``raybackfill-router``)
 old_model                encoder artefact for old-space queries (none)
 new_model                encoder artefact for new-space queries (none)
 psi_model                reverse transformation psi: old-space queries from the new encoder (none)
+min_adapter_recall       refuse a psi adapter whose recorded recall@k (`train adapter`) is below this (none)
 method                   the upgrade method; its recipe's strategy serves the mixed phases (inferred)
 image_size               crop of image models that recorded none (each image's own shorter side)
 trust_entrypoints        list of ``package.module:factory`` user encoders to run ([])
@@ -58,6 +59,7 @@ class ServiceConfig:
     old_model: str | None = None
     new_model: str | None = None
     psi_model: str | None = None
+    min_adapter_recall: float | None = None
     method: Method | None = None
     image_size: int | None = None
     trust_entrypoints: tuple[str, ...] = ()

@@ -25,12 +25,11 @@ from raybackfill.data.preprocessing import ImagePreprocessing, Prepared, decode_
 from raybackfill.encoders import Encoder, EntrypointTrust, load_encoder
 from raybackfill.index.serving import QUERY_SPACES
 from raybackfill.models.artifacts import ArtifactError, load_model
+from raybackfill.models.registry import TRANSFORMATION_INPUTS
 from raybackfill.models.transformations import apply_transformation
 from raybackfill.types import Space, Strategy, parse
 
 logger = logging.getLogger(__name__)
-
-PSI_ARCHITECTURE = "reverse_transformation"
 
 
 class MissingEncoderError(ValueError):
@@ -126,9 +125,10 @@ class QueryEncoders:
         module, version = None, None
         if psi:
             model = load_model(psi)
-            if model.spec.architecture != PSI_ARCHITECTURE:
+            if TRANSFORMATION_INPUTS.get(model.spec.architecture) is not Space.NEW:
                 raise ArtifactError(
-                    f"{psi}: architecture {model.spec.architecture!r} is not a reverse transformation (psi)"
+                    f"{psi}: architecture {model.spec.architecture!r} does not map the new space to the old one "
+                    "(psi: a reverse transformation or a new-to-old adapter)"
                 )
             module, version = model.module.to(device), model.spec.version
         return cls(
