@@ -57,6 +57,14 @@ def summary(report: Mapping, files: Sequence[str]) -> str:
     verdicts = [f.verdict for f in findings(report)]
     counts = ", ".join(f"{verdicts.count(v)} {v.value}" for v in Verdict if verdicts.count(v))
     lines += ["", f"the papers' directions on this run: {counts} (report.md has each one)"]
+    adapters = report.get("adapters")
+    if adapters:
+        shown = ", ".join(f"{r['name'].removeprefix('adapter_')} {r['top1']:.3f}" for r in adapters["rows"])
+        below = adapters["below_old_old"]
+        lines.append(
+            f"new query / mapped old gallery top-1 (label-free adapters, then FCT/FastFill with labels): {shown}; "
+            + (f"below old/old: {', '.join(below)}" if below else "all above old/old")
+        )
     online = report.get("online")
     if online:
         line = (
