@@ -3,6 +3,8 @@ Ray cluster (quick size; the figures are checked against each other, never again
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 from pathlib import Path
@@ -86,14 +88,16 @@ def test_the_stdlib_corpus_is_labelled_by_module_balanced_and_deterministic():
 @pytest.fixture(scope="module")
 def text_demo(ray_cluster, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("text-demo") / "out")
-    assert main(["demo", "--text", "--quick", "--out", out]) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["demo", "--text", "--quick", "--out", out]) == 0
     with open(os.path.join(out, "report.json")) as f:
-        return out, json.load(f)
+        return out, json.load(f), printed.getvalue()
 
 
 @pytest.mark.slow
-def test_the_text_demo_upgrades_without_labels_and_says_how_well(text_demo, capsys):
-    out, report = text_demo
+def test_the_text_demo_upgrades_without_labels_and_says_how_well(text_demo):
+    out, report, printed = text_demo
     anchors, verdicts = report["anchors"], report["text_demo"]["verdicts"]
     old_old, new_new = anchors["old_old"]["top1"], anchors["new_new"]["top1"]
     # the upgrade is worth doing, and the gate's adapter (chosen on held-out pairs, no labels) beats not upgrading
@@ -128,13 +132,12 @@ def test_the_text_demo_upgrades_without_labels_and_says_how_well(text_demo, caps
     assert online["live_top1_after"] > online["live_top1_before"]  # old/old on the probes, then new/new
     for name in ("report.json", "report.md", "backfill_curves.png", "online_quality.png"):
         assert Path(out, name).stat().st_size > 0, name
-    printed = capsys.readouterr().out
     assert "adapters on held-out pairs" in printed and "uncertainty order" in printed
 
 
 @pytest.mark.slow
 def test_the_text_encoders_are_ordinary_encoder_artefacts(text_demo):
-    out, report = text_demo
+    out, report, _ = text_demo
     v1, v2 = load_encoder(f"{out}/models/v1"), load_encoder(f"{out}/models/v2")
     assert (v1.modality, v2.modality) == ("text", "text")
     vectors, ok, _ = v2.embed_rows(["Return a new event loop.", ""])
