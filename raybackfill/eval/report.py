@@ -387,8 +387,9 @@ def summary_table(report: Mapping, markdown: bool = False) -> str:
     adapters = report.get("adapters")
     if adapters:
         oo, nn = adapters["old_old"], adapters["new_new"]
+        versus = " vs FCT with classifier" if any(not r["label_free"] for r in adapters["rows"]) else ""
         text += (
-            f"\n\nadapters (label-free) vs FCT with classifier: new query / old gallery through each map "
+            f"\n\nadapters (label-free){versus}: new query / old gallery through each map "
             f"(old/old top1 {_cell(oo['top1'])}, new/new {_cell(nn['top1'])}; gain = share of the old -> new gap):"
             f"\n\n{adapter_table(adapters, markdown)}"
         )
