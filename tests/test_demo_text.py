@@ -106,6 +106,9 @@ def test_the_text_demo_upgrades_without_labels_and_says_how_well(text_demo):
     assert verdicts["best_adapter"] == best and best in {k.value for k in auto_kinds("old-to-new")}
     assert anchors[f"new_adapter_{best}"]["top1"] > old_old
     assert verdicts["new_new_above_old_old"] and verdicts["best_adapter_above_old_old"]
+    # above, but by how much: the gaps in standard errors, with a verdict a reader can trust
+    for gap in (verdicts["new_new_vs_old_old"], verdicts["best_adapter_vs_old_old"]):
+        assert gap["z"] > 0 and gap["verdict"] == ("holds" if gap["z"] >= Z_CLEAR else "noise")
     # every adapter kind is in the gate table and in the report's adapters section, all fitted without labels
     gate = report["text_demo"]["gate"]
     assert set(gate["adapters"]) == {k.value for k in auto_kinds("old-to-new")}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 
 import numpy as np
@@ -50,7 +51,7 @@ from raybackfill.demo.pipeline import (
 )
 from raybackfill.demo.training import train_config
 from raybackfill.embed.pipeline import embed_gallery
-from raybackfill.eval.findings import verdict
+from raybackfill.eval.findings import share_se, verdict
 from raybackfill.eval.metrics import EvalConfig, RetrievalResult, evaluate
 from raybackfill.eval.offline import (
     Embeddings,
@@ -358,6 +359,16 @@ def text_verdicts(report: dict, best: str | None) -> dict:
     oo, nn = report["anchors"]["old_old"], report["anchors"]["new_new"]
     rows = {r["name"]: r for r in report["adapters"]["rows"] if r["label_free"]}
     chosen = rows.get(best) if best is not None else None
+    n = report["queries"]["evaluated"]
+
+    def versus_old_old(top1: float | None) -> dict:
+        """The gap to old/old in standard errors of the two shares (as eval.findings measures it)."""
+        if top1 is None:
+            return {"z": None, "verdict": "missing"}
+        se = math.sqrt(2) * share_se((top1 + oo["top1"]) / 2, n)
+        z = (top1 - oo["top1"]) / se if se > 0 else None
+        return {"z": z, "verdict": verdict(z).value}
+
     out: dict = {
         "new_new_top1": nn["top1"],
         "old_old_top1": oo["top1"],
@@ -367,6 +378,8 @@ def text_verdicts(report: dict, best: str | None) -> dict:
         "best_adapter_top1": None if chosen is None else chosen["top1"],
         "best_adapter_above_old_old": chosen is not None and chosen["above_old_old"],
         "adapters_below_old_old": report["adapters"]["below_old_old"],
+        "new_new_vs_old_old": versus_old_old(nn["top1"]),
+        "best_adapter_vs_old_old": versus_old_old(None if chosen is None else chosen["top1"]),
     }
     band = [r for r in versus_random(report) if r["policy"] == Policy.UNCERTAINTY]
     if band:
@@ -402,13 +415,14 @@ def text_summary(report: dict, files: list[str]) -> str:
         demo["gate"]["table"],
         "",
         f"old/old top-1 {v['old_old_top1']:.3f}, new/new {v['new_new_top1']:.3f}"
-        f" ({'above' if v['new_new_above_old_old'] else 'NOT above'} old/old)",
+        f" ({'above' if v['new_new_above_old_old'] else 'NOT above'} old/old, {_z(v['new_new_vs_old_old'])})",
     ]
     if v["best_adapter"] is not None:
         lines.append(
             f"best adapter by the gate ({v['best_adapter']}): new query on the adapted old gallery top-1 "
             f"{v['best_adapter_top1']:.3f} ({'above' if v['best_adapter_above_old_old'] else 'NOT above'} "
-            "old/old)"
+            f"old/old, {_z(v['best_adapter_vs_old_old'])}); below old/old: "
+            f"{', '.join(v['adapters_below_old_old']) or 'none'}"
         )
     u = v["uncertainty_vs_random"]
     if "z" in u:
@@ -428,3 +442,8 @@ def text_summary(report: dict, files: list[str]) -> str:
         )
     lines.append("files: " + ", ".join(files))
     return "\n".join(lines)
+
+
+def _z(gap: dict) -> str:
+    z = "-" if gap["z"] is None else f"{gap['z']:+.1f}"
+    return f"z {z}: {gap['verdict']}"
