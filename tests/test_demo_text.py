@@ -18,8 +18,11 @@ from raybackfill.cli.main import main
 from raybackfill.data import storage
 from raybackfill.data.info import class_names
 from raybackfill.data.preprocessing import TextPreprocessing
-from raybackfill.data.schema import ID, LABEL, TEXT
+from raybackfill.data.schema import ID, LABEL, TEXT, SchemaError, text_table
 from raybackfill.data.stdlib_docs import MIN_CHARS, STDLIB_PACKAGES, docstrings, module_files, stdlib_docstrings
+from raybackfill.demo.configs import TEXT_QUICK, DemoConfig
+from raybackfill.demo.pipeline import DemoLayout
+from raybackfill.demo.text import corpus_table, split_texts
 from raybackfill.encoders import load_encoder
 from raybackfill.eval.findings import Z_CLEAR
 from raybackfill.models.registry import build_model
@@ -83,6 +86,23 @@ def test_the_stdlib_corpus_is_labelled_by_module_balanced_and_deterministic():
     assert table.column(ID).to_pylist() == list(range(len(texts)))
     with pytest.raises(ValueError, match="classes must be between"):
         stdlib_docstrings(1)
+
+
+def test_a_given_text_table_replaces_the_corpus_and_is_split_like_images(tmp_path):
+    texts = [f"document {i} about topic {i % 3} with enough words" for i in range(60)]
+    source = str(tmp_path / "mine")
+    storage.write_table(text_table(np.arange(60), texts, np.arange(60) % 3), source)
+    config = DemoConfig(out=str(tmp_path / "out"), data=source, old_classes="0")
+    layout = DemoLayout(config.out)
+    uri, record = corpus_table(layout, config, TEXT_QUICK)
+    assert uri == source and record == {"source": source, "documents": 60, "classes": 3}
+    splits = split_texts(uri, layout, config)
+    sizes = {name: storage.read_table(u, columns=[ID]).num_rows for name, u in splits.items()}
+    assert sizes == {"train": 30, "gallery": 18, "query": 12, "train_old": 10}
+    unlabelled = str(tmp_path / "unlabelled")
+    storage.write_table(text_table(np.arange(3), texts[:3]), unlabelled)
+    with pytest.raises(SchemaError, match="label"):
+        split_texts(unlabelled, layout, config)
 
 
 @pytest.fixture(scope="module")

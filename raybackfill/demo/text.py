@@ -118,8 +118,9 @@ def _run(config: DemoConfig, online: bool) -> dict:
     models |= adapters
     artifacts = DemoArtifacts(layout, texts, splits, models, embeddings, gallery_old)
     online_section = None
-    with timer("online"):
-        online_section = online_phase(artifacts, gate, scale) if online else None
+    if online:
+        with timer("online"):
+            online_section = online_phase(artifacts, gate, scale)
     with timer("evaluate"):
         report = evaluate_text(artifacts, table, labels, gate, fitted, scale, config)
     report["text_demo"] = {
