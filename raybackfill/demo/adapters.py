@@ -67,7 +67,22 @@ def fit_demo_adapters(
     layout: DemoLayout, old_train: str, new_train: str, scale: DemoScale, config: DemoConfig
 ) -> DemoAdapters:
     """Fit every old-to-new adapter kind on the train split's pairs (no labels) and save each one under
-    ``models/adapter_<kind>``. No bar is set: the demo reports every adapter, good or bad, next to FCT."""
+    ``models/adapter_<kind>``. No bar is set: the demo reports every adapter, good or bad, next to FCT.
+
+    Args:
+        layout: the demo's out directory layout (artefacts and Ray Train runs go under it).
+        old_train: the train split's stored old embeddings; new_train: its new ones (matched by id).
+        scale: the MLP widths and the Fit of the trained kinds (the transformations' budget, so the comparison
+            with FCT is at equal training).
+        config: metric, seed, Ray Train workers.
+
+    Returns:
+        The :class:`DemoAdapters`: each artefact, the gate table and the number of pairs.
+
+    Examples:
+        >>> adapters = fit_demo_adapters(layout, "emb/old/train", "emb/new/train", QUICK, config)  # doctest: +SKIP
+        >>> print(adapters.report.table())  # doctest: +SKIP
+    """
     pairs = train_pairs(old_train, new_train)
     adapter_config = AdapterConfig(
         direction=AdapterDirection.OLD_TO_NEW,

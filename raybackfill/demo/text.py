@@ -76,7 +76,21 @@ ORDERS = (Order(Policy.UNCERTAINTY), Order(Policy.RANDOM))
 
 
 def run_text_demo(config: DemoConfig, *, online: bool = True) -> dict:
-    """Run the text demo (Ray must be initialised) and return the report it also wrote to ``config.out``."""
+    """Run the text demo (Ray must be initialised) and return the report it also wrote to ``config.out``.
+
+    Args:
+        config: out directory (must be new), ``quick`` (:data:`TEXT_QUICK`) or ``text_scale``, ``data`` (a
+            labelled text table instead of the docstring corpus), seed, old classes, split fractions, metric.
+        online: run the online phase (live index, instant phase, backfill under queries).
+
+    Returns:
+        The report (eval.report schema plus ``adapters``, ``text_demo`` and, with ``online``, ``online``).
+
+    Examples:
+        >>> report = run_text_demo(DemoConfig(out="demo-text", quick=True))  # doctest: +SKIP
+        >>> report["text_demo"]["verdicts"]["best_adapter_above_old_old"]  # doctest: +SKIP
+        True
+    """
     threads = torch.get_num_threads()
     torch.set_num_threads(config.torch_threads)
     try:
