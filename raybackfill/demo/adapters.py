@@ -42,10 +42,6 @@ class DemoAdapters:
     report: AdapterReport
     pairs: int
 
-    def gate(self) -> dict[str, dict]:
-        """Per artefact key: the held-out gate score and what the fit chose (as model.json records them)."""
-        return {adapter_model_name(f.kind): {"score": f.score.to_dict(), "fit": f.fit} for f in self.report.fitted}
-
 
 def train_pairs(old_train: str, new_train: str, *, version_old: str = "old", version_new: str = "new") -> Pairs:
     """The train split's stored old and new embeddings as pairs, matched by id, without labels."""
