@@ -22,6 +22,18 @@ is already initialised (or RAY_ADDRESS) and otherwise starts a local one with ``
 
     PYTHONPATH=. python benchmarks/bench_index.py --n 1000000 --d 128 --queries 1000 --k 10
     PYTHONPATH=. python benchmarks/bench_index.py --quick   # 50k vectors, well under a minute
+
+``kinds`` (``python benchmarks/bench_index.py kinds``, :func:`kinds_main`) compares, for each FAISS factory string
+of ``--factories`` (default: Flat, IVF1024,Flat, IVF1024,SQ8, IVF1024,PQ32, OPQ16,IVF1024,PQ16, HNSW32), the
+router's merged query with a bare FAISS index of the same factory string and search parameters, side by side
+in one run, over a clustered synthetic gallery (default 1M x 128): recall@10 against exact search, QPS, bytes
+per item (serialised size / n) and their ratios. Both sides train on the same sample. The router holds the
+gallery with a fraction ``--beta`` moved to the new space *with the same vectors* (so exact search over the
+gallery is the ground truth of both sides) and answers ``rank_merge`` queries, which search the pending old
+vectors and the new space of every shard and merge them.
+
+    PYTHONPATH=. python benchmarks/bench_index.py kinds --n 1000000   # the issue's size
+    PYTHONPATH=. python benchmarks/bench_index.py kinds --n 20000 --factories "Flat;IVF1024,SQ8;HNSW32"
 """
 
 from __future__ import annotations
@@ -41,9 +53,12 @@ import faiss
 import numpy as np
 import ray
 
+from raybackfill import NAMESPACE
+from raybackfill.index.kinds import default_params, faiss_metric, search_parameters
 from raybackfill.index.router import RouterConfig, create_index, destroy_index, get
+from raybackfill.index.shard import IndexConfig
 from raybackfill.runtime import init_ray
-from raybackfill.types import Space, Strategy
+from raybackfill.types import Metric, Space, Strategy
 
 CHUNK = 10_000  # rows per load_old / upsert call, like a backfill batch
 QUICK = {"n": 50_000, "queries": 200, "latency_probes": 100}
@@ -335,5 +350,215 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+# ------------------------------------------------------------------------- index kinds
+KIND_FACTORIES = ("Flat", "IVF1024,Flat", "IVF1024,SQ8", "IVF1024,PQ32", "OPQ16,IVF1024,PQ16", "HNSW32")
+# A quick run keeps the six layouts but with codebooks that train in seconds (256 lists, 4-bit PQ): 8-bit PQ32
+# codebooks alone take minutes to train on a busy 2-core box.
+KINDS_QUICK = {
+    "n": 20_000,
+    "queries": 200,
+    "train_size": 20_000,
+    "factories": "Flat;IVF256,Flat;IVF256,SQ8;IVF256,PQ32x4;OPQ16,IVF256,PQ16x4;HNSW32",
+}
+KINDS_INDEX = "bench-kinds"
+RECALL_K = 10
+
+
+def clustered_rows(rng: np.random.Generator, n: int, d: int, clusters: int, spread: float = 0.35) -> np.ndarray:
+    """``n`` unit rows around ``clusters`` random unit centres (a Gaussian of scale ``spread`` / sqrt(d) per
+    coordinate around each), so IVF lists and PQ codebooks have structure to find, as real embeddings do.
+    Drawn in chunks: the only full-size array is the result."""
+    centres = unit_rows(rng, clusters, d)
+    out = np.empty((n, d), np.float32)
+    for lo in range(0, n, 65_536):
+        hi = min(n, lo + 65_536)
+        which = rng.integers(clusters, size=hi - lo)
+        out[lo:hi] = centres[which] + rng.standard_normal((hi - lo, d), dtype=np.float32) * (spread / np.sqrt(d))
+        out[lo:hi] /= np.linalg.norm(out[lo:hi], axis=1, keepdims=True)
+    return out
+
+
+def recall_at(found: np.ndarray, exact: np.ndarray, k: int) -> float:
+    """Mean over queries of |found top-k & exact top-k| / k."""
+    return float(
+        np.mean([len(set(f[:k].tolist()) & set(e[:k].tolist())) / k for f, e in zip(found, exact, strict=True)])
+    )
+
+
+def bare_kind(factory: str, params: dict, gallery, sample, queries, k: int, threads: list[int], repeats: int) -> dict:
+    """One bare FAISS index of ``factory`` (inner product over unit rows = the router's cosine): train on
+    ``sample``, add ``gallery``, search with ``params``; the best of ``threads`` counts."""
+    index = faiss.index_factory(gallery.shape[1], factory, faiss_metric(Metric.IP))
+    faiss.omp_set_num_threads(max(threads))
+    train_s, _ = best_of(1, lambda: index.train(sample) if not index.is_trained else None)
+    add_s, _ = best_of(1, lambda: index.add(gallery))
+    keep: list = []
+    sp = search_parameters(index, params, None, keep)
+    by_threads = {}
+    for t in threads:
+        faiss.omp_set_num_threads(t)
+        seconds, (_, ids) = best_of(
+            repeats, lambda: index.search(queries, k) if sp is None else index.search(queries, k, params=sp)
+        )
+        by_threads[t] = (seconds, ids)
+    best = min(by_threads, key=lambda t: by_threads[t][0])
+    return {
+        "train_seconds": train_s,
+        "add_seconds": add_s,
+        "threads": best,
+        "search_seconds": by_threads[best][0],
+        "qps": len(queries) / by_threads[best][0],
+        "qps_by_threads": {t: len(queries) / v[0] for t, v in by_threads.items()},
+        "bytes": len(faiss.serialize_index(index)),
+        "ids": by_threads[best][1],
+    }
+
+
+def router_kind(factory: str, params: dict, gallery, sample, queries, k: int, args, rng) -> dict:
+    """The router over ``args.shards`` shards: train both spaces on ``sample``, load the gallery, move a
+    fraction beta to the new space with the same vectors, then time rank_merge queries."""
+    n = len(gallery)
+    ids = np.arange(n, dtype=np.int64)
+    index = IndexConfig(factory=factory, metric=Metric.COSINE, search_params=params)
+    config = RouterConfig(name=KINDS_INDEX, shards=args.shards, shard_num_cpus=args.cpus / args.shards, index=index)
+    router = create_index(config)
+    try:
+        start = time.perf_counter()
+        get(router.train.remote(Space.OLD, sample, "v1"))
+        get(router.train.remote(Space.NEW, sample, "v2"))
+        train_s = time.perf_counter() - start
+        start = time.perf_counter()
+        for lo in range(0, n, CHUNK):
+            get(router.load_old.remote(ids[lo : lo + CHUNK], gallery[lo : lo + CHUNK], "v1"))
+        load_s = time.perf_counter() - start
+        moved = np.sort(rng.permutation(n)[: int(args.beta * n)])
+        start = time.perf_counter()
+        for lo in range(0, len(moved), CHUNK):
+            part = moved[lo : lo + CHUNK]
+            get(router.upsert.remote(ids[part], gallery[part], Space.NEW, "v2"))
+        upsert_s = time.perf_counter() - start
+        shards = [ray.get_actor(config.shard_name(i), namespace=NAMESPACE) for i in range(args.shards)]
+        for shard in shards:  # a graph index rebuilds in the background after the moves: time the settled index
+            get(shard.wait_for_rebuilds.remote())
+        seconds, result = best_of(
+            args.repeats, lambda: get(router.search.remote(queries, queries, k, Strategy.RANK_MERGE))
+        )
+        described = [get(shard.describe.remote()) for shard in shards]
+        sizes = [get(shard.index_bytes.remote()) for shard in shards]
+    finally:
+        destroy_index(config.name)
+    return {
+        "train_seconds": train_s,
+        "load_seconds": load_s,
+        "upsert_seconds": upsert_s,
+        "moved": len(moved),
+        "search_seconds": seconds,
+        "qps": len(queries) / seconds,
+        "bytes_served": sum(s.get("pending", 0) + s.get("new", 0) for s in sizes),
+        "bytes_held": sum(sum(s.values()) for s in sizes),
+        "indexes": [d["indexes"] for d in described],
+        "ids": result.ids,
+    }
+
+
+def kinds_main(argv: list[str] | None = None) -> dict:
+    """The per-kind benchmark (see the module docstring); writes JSON and returns it."""
+    load_start = os.getloadavg()
+    parser = argparse.ArgumentParser(prog="bench_index.py kinds", description="index kinds vs bare FAISS")
+    parser.add_argument(
+        "--factories",
+        default=";".join(KIND_FACTORIES),
+        help="FAISS factory strings separated by ';' (default: the six kinds of the issue)",
+    )
+    parser.add_argument("--n", type=int, default=1_000_000, help="gallery size (default 1M)")
+    parser.add_argument("--d", type=int, default=128)
+    parser.add_argument("--clusters", type=int, default=1000, help="clusters of the synthetic gallery")
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--train-size", type=int, default=100_000, help="training sample (both sides)")
+    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="total threads, both sides")
+    parser.add_argument("--beta", type=float, default=0.5, help="fraction moved to the new space")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results/bench_index_kinds.json")
+    parser.add_argument("--quick", action="store_true", help=f"small run, fast-training kinds: defaults {KINDS_QUICK}")
+    if parser.parse_known_args(argv)[0].quick:
+        parser.set_defaults(**KINDS_QUICK)
+    args = parser.parse_args(argv)
+    factories = [f.strip() for f in args.factories.split(";") if f.strip()]
+    for factory in factories:
+        IndexConfig(factory=factory)  # a bad string fails here, before minutes of data generation
+
+    rng = np.random.default_rng(args.seed)
+    gallery = clustered_rows(rng, args.n, args.d, args.clusters)
+    queries = gallery[rng.integers(args.n, size=args.queries)] + rng.standard_normal(
+        (args.queries, args.d), dtype=np.float32
+    ) * (0.1 / np.sqrt(args.d))
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    sample = gallery[np.sort(rng.permutation(args.n)[: min(args.train_size, args.n)])]
+    faiss.omp_set_num_threads(args.cpus)
+    exact = faiss.IndexFlatIP(args.d)
+    exact.add(gallery)
+    _, truth = exact.search(queries, RECALL_K)
+    del exact
+
+    owns_ray = not ray.is_initialized()
+    init_ray(num_cpus=args.cpus)
+    results = {}
+    try:
+        for factory in factories:
+            params = default_params(factory, Metric.COSINE, {})
+            bare = bare_kind(factory, params, gallery, sample, queries, RECALL_K, sorted({args.cpus, 1}), args.repeats)
+            ours = router_kind(factory, params, gallery, sample, queries, RECALL_K, args, rng)
+            bare_ids, our_ids = bare.pop("ids"), ours.pop("ids")
+            results[factory] = {
+                "search_params": params,
+                "bare": {
+                    **bare,
+                    "recall_at_10": recall_at(bare_ids, truth, RECALL_K),
+                    "bytes_per_item": bare["bytes"] / args.n,
+                },
+                "index": {
+                    **ours,
+                    "recall_at_10": recall_at(our_ids, truth, RECALL_K),
+                    "bytes_per_item_served": ours["bytes_served"] / args.n,
+                    "bytes_per_item_held": ours["bytes_held"] / args.n,
+                },
+                "qps_ratio": ours["qps"] / bare["qps"],
+                "recall_difference": recall_at(our_ids, truth, RECALL_K) - recall_at(bare_ids, truth, RECALL_K),
+            }
+            r = results[factory]
+            print(
+                f"{factory:>20}: recall@10 {r['index']['recall_at_10']:.3f} (bare {r['bare']['recall_at_10']:.3f}), "
+                f"{r['index']['qps']:,.0f} QPS (bare {r['bare']['qps']:,.0f}, ratio {r['qps_ratio']:.2f}), "
+                f"{r['index']['bytes_per_item_served']:.0f} B/item served "
+                f"({r['index']['bytes_per_item_held']:.0f} held; bare {r['bare']['bytes_per_item']:.0f})"
+            )
+    finally:
+        if owns_ray:
+            ray.shutdown()
+    load_end = os.getloadavg()
+    result = {
+        "benchmark": "bench_index_kinds",
+        "what": f"rank_merge top-{RECALL_K} of {args.queries} queries over {args.n} clustered unit vectors (d={args.d})"
+        f", a fraction {args.beta} moved to the new space with the same vectors, {args.shards} shards x "
+        f"{args.cpus / args.shards:g} CPU, vs one bare FAISS index of the same factory and search parameters "
+        f"(best of {sorted({args.cpus, 1})} threads); recall against exact search",
+        "config": vars(args) | {"factories": factories},
+        "machine": {**machine_info(), "loadavg_start": load_start, "loadavg_end": load_end},
+        "kinds": results,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"load average {load_start[0]:.1f} -> {load_end[0]:.1f} on {os.cpu_count()} cores; wrote {out}")
+    return result
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if sys.argv[1:2] == ["kinds"]:
+        kinds_main(sys.argv[2:])
+    else:
+        main()

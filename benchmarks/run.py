@@ -9,6 +9,8 @@ project's path and its bare baseline always run in the same process and the same
 
 - ``embed_pipeline_vs_bare`` and ``transform_vs_reembed`` come from benchmarks/bench_backfill.py;
 - ``merged_query_vs_bare_faiss`` and ``p99_live_vs_idle`` come from benchmarks/bench_index.py;
+- ``index_kinds`` comes from ``bench_index.py kinds``: recall@10, QPS and bytes per item of each FAISS index kind
+  (factory string) through the router, next to a bare FAISS index of the same string and parameters;
 - ``growth`` runs the backfill through the transform path (plan, instant phase into a live index that already
   serves the old gallery; ``budget=0``, so no image is re-embedded) at each of ``--sizes``, then times single
   queries against the index; it fits log(time) = a + b log(n) and reports the exponents b;
@@ -218,6 +220,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embeddings", type=int, help="stored embeddings for the transform benchmark")
     parser.add_argument("--index-n", type=int, help="gallery of the query benchmarks (bench_index's default)")
     parser.add_argument("--probes", type=int, help=f"single queries per latency figure (default {SCALE_PROBES})")
+    parser.add_argument("--kinds-n", type=int, help="gallery of the index-kind benchmark (bench_index kinds' default)")
+    parser.add_argument("--factories", help="';'-separated FAISS factory strings of the index-kind benchmark")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -232,7 +236,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def sub_argv(args: argparse.Namespace, out: str, **sizes: int | None) -> list[str]:
+def sub_argv(args: argparse.Namespace, out: str, **sizes: int | str | None) -> list[str]:
     """Arguments for a sub-benchmark: the shared ones, then any size given here (they beat its --quick)."""
     argv = ["--cpus", str(args.cpus), "--repeats", str(args.repeats), "--seed", str(args.seed), "--out", out]
     argv += ["--quick"] if args.quick else []
@@ -267,6 +271,9 @@ def run(args: argparse.Namespace) -> dict:
             )
             index = bench_index.main(
                 sub_argv(args, os.path.join(root, "index.json"), n=args.index_n, latency_probes=args.probes)
+            )
+            kinds = bench_index.kinds_main(
+                sub_argv(args, os.path.join(root, "kinds.json"), n=args.kinds_n, factories=args.factories)
             )
             points = [scale_point(root, n, args.probes, args.seed) for n in args.sizes]
     finally:
@@ -313,6 +320,26 @@ def run(args: argparse.Namespace) -> dict:
             "during_upserts": index["latency"]["during_upserts"],
             "during_paced_upserts": index["latency"]["during_paced_upserts"],
             **loads(index),
+        },
+        "index_kinds": {
+            "what": kinds["what"],
+            "target_qps_ratio": 0.9,
+            "min_qps_ratio": min(k["qps_ratio"] for k in kinds["kinds"].values()),
+            "by_factory": {
+                factory: {
+                    "recall_at_10": k["index"]["recall_at_10"],
+                    "bare_recall_at_10": k["bare"]["recall_at_10"],
+                    "qps": k["index"]["qps"],
+                    "bare_qps": k["bare"]["qps"],
+                    "qps_ratio": k["qps_ratio"],
+                    "bytes_per_item_served": k["index"]["bytes_per_item_served"],
+                    "bytes_per_item_held": k["index"]["bytes_per_item_held"],
+                    "bare_bytes_per_item": k["bare"]["bytes_per_item"],
+                    "search_params": k["search_params"],
+                }
+                for factory, k in kinds["kinds"].items()
+            },
+            **loads(kinds),
         },
         "scale_1m": {
             "what": f"backfill of {largest['items']} items through the transform path (plan by id, instant phase "
@@ -365,6 +392,11 @@ def summary(result: dict) -> str:
         f" with upserts as fast as taken; {result['p99_live_vs_idle']['ratio_paced']:.2f} at "
         f"{paced['upserts_per_s']:,.0f} items/s"
     )
+    lines += [
+        f"index kind {factory}: recall@10 {k['recall_at_10']:.3f} (bare {k['bare_recall_at_10']:.3f}), QPS ratio "
+        f"{k['qps_ratio']:.2f}, {k['bytes_per_item_served']:.0f} B/item (bare {k['bare_bytes_per_item']:.0f})"
+        for factory, k in result["index_kinds"]["by_factory"].items()
+    ]
     lines.append(
         f"scale ({scale['items']:,} items): {scale['wall_seconds']:.1f} s, "
         f"{scale['items_per_s']:,.0f} items/s, peak PSS {scale['peak_pss_gb']:.2f} GB "

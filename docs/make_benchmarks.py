@@ -228,6 +228,31 @@ def _details(run: dict) -> list[str]:
     return lines
 
 
+def _index_kinds(run: dict) -> list[str]:
+    """The per-kind table (recall, QPS, bytes per item next to bare FAISS); runs from before it have none."""
+    kinds = run.get("index_kinds")
+    if not kinds:
+        return []
+    lines = [
+        "## Index kinds",
+        "",
+        f"{kinds['what']}. Reproduce: `python benchmarks/bench_index.py kinds --n N` "
+        f"(target: merged QPS >= {kinds['target_qps_ratio']}x bare).",
+        "",
+        "| factory | search params | recall@10 | bare recall@10 | QPS | bare QPS | ratio | bytes/item served "
+        "(held) | bare bytes/item |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for factory, k in kinds["by_factory"].items():
+        params = ", ".join(f"{name}={value}" for name, value in k["search_params"].items()) or "-"
+        lines.append(
+            f"| `{factory}` | {params} | {k['recall_at_10']:.3f} | {k['bare_recall_at_10']:.3f} | {k['qps']:,.0f} "
+            f"| {k['bare_qps']:,.0f} | {k['qps_ratio']:.2f} | {k['bytes_per_item_served']:.0f} "
+            f"({k['bytes_per_item_held']:.0f}) | {k['bare_bytes_per_item']:.0f} |"
+        )
+    return [*lines, ""]
+
+
 def _kept(runs: list[dict]) -> list[str]:
     lines = [
         "| file | date (UTC) | sizes | minutes | load at start | embed | transform | merged query | p99 |",
@@ -273,6 +298,7 @@ def render(runs: list[dict] | None = None) -> str:
         "",
         *_details(latest),
         "",
+        *_index_kinds(latest),
         "## Reproduce",
         "",
         "```bash",

@@ -25,6 +25,7 @@ __all__ = [
     "BackboneLoss",
     "EncoderKind",
     "Interpolation",
+    "Layout",
     "Method",
     "Metric",
     "Modality",
@@ -94,6 +95,14 @@ class Space(_Term):
 
 
 _SPACE_ORDER = tuple(Space)
+
+
+class Layout(_Term):
+    """How a serving index stores its vectors, which decides how an item leaves it (raybackfill.index.kinds)."""
+
+    CODES = "codes"  # one code row per vector (Flat, PQ, SQ): rows are edited in place
+    IVF = "ivf"  # inverted lists: removed by id through a hashtable direct map
+    GRAPH = "graph"  # HNSW and other indexes without removal: rows are marked deleted, rebuilt past a threshold
 
 
 class Policy(_Term):

@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 
@@ -72,3 +73,40 @@ def test_quick_run_reuses_the_session_ray_and_reports_latency_idle_and_during_up
     # the pace holds: the thread sleeps off any lead, so it never runs ahead by more than one batch
     assert paced["upsert_items"] <= paced["paced_rate"] * paced["upsert_seconds"] + 10_000
     assert latency["p99_ratio_paced"] == pytest.approx(paced["p99_ms"] / latency["idle"]["p99_ms"])
+
+
+def test_kinds_run_compares_each_factory_with_bare_faiss_on_the_session_ray(ray_cluster, tmp_path):
+    out = tmp_path / "kinds.json"
+    bench = load_benchmark()
+    argv = ["--n", "2000", "--queries", "40", "--train-size", "2000", "--clusters", "20", "--cpus", "1"]
+    returned = bench.kinds_main([*argv, "--repeats", "1", "--factories", "Flat;IVF8,SQ8;HNSW16", "--out", str(out)])
+
+    assert ray.is_initialized(), "the benchmark must not shut down a Ray it did not start"
+    with pytest.raises(ValueError):
+        ray.get_actor(bench.KINDS_INDEX, namespace=NAMESPACE)  # its index was destroyed
+    result = json.loads(out.read_text())
+    assert result == json.loads(json.dumps(returned))
+    kinds = result["kinds"]
+    assert list(kinds) == ["Flat", "IVF8,SQ8", "HNSW16"]
+    # Exact search through the router finds exactly what exact search finds; the same vectors, moved or not.
+    assert kinds["Flat"]["index"]["recall_at_10"] == 1.0 and kinds["Flat"]["bare"]["recall_at_10"] == 1.0
+    assert kinds["Flat"]["bare"]["bytes_per_item"] == pytest.approx(128 * 4, rel=0.01)
+    assert kinds["IVF8,SQ8"]["bare"]["bytes_per_item"] < kinds["Flat"]["bare"]["bytes_per_item"] / 2  # 8-bit codes
+    assert kinds["IVF8,SQ8"]["search_params"] == {"nprobe": 16} and kinds["HNSW16"]["search_params"] == {"efSearch": 64}
+    for name, k in kinds.items():
+        assert k["index"]["moved"] == 1000
+        assert 0.5 <= k["index"]["recall_at_10"] <= 1.0 and 0.5 <= k["bare"]["recall_at_10"] <= 1.0, name
+        for side in ("index", "bare"):
+            assert_finite(k[side]["qps"], f"{name}.{side}.qps")
+        assert k["qps_ratio"] == pytest.approx(k["index"]["qps"] / k["bare"]["qps"])
+        # Half the items moved with keep_old: the router holds their old vectors too.
+        assert k["index"]["bytes_per_item_held"] > k["index"]["bytes_per_item_served"]
+
+
+def test_clustered_rows_are_unit_vectors_around_their_centres():
+    rows = load_benchmark().clustered_rows(np.random.default_rng(0), 5000, 16, clusters=5)
+    np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, rtol=1e-5)
+    # Five tight clusters: every row is far closer to some other row than random unit vectors would be.
+    sims = rows[:200] @ rows.T
+    np.fill_diagonal(sims[:, :200], -1)
+    assert np.median(sims.max(axis=1)) > 0.9

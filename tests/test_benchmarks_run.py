@@ -53,6 +53,10 @@ def test_quick_suite_writes_every_key_with_finite_figures(ray_cluster, tmp_path)
             "2000,5000",
             "--probes",
             "10",
+            "--kinds-n",
+            "3000",
+            "--factories",
+            "Flat;IVF16,SQ8",
             "--out",
             str(out),
         ]
@@ -87,6 +91,14 @@ def test_quick_suite_writes_every_key_with_finite_figures(ray_cluster, tmp_path)
         assert_positive(scale[key], f"scale_1m.{key}")
     assert scale["peak_processes"] > 1  # the driver and the Ray processes it started
     assert scale["query"]["p50_ms"] <= scale["query"]["p99_ms"]
+
+    kinds = result["index_kinds"]
+    assert list(kinds["by_factory"]) == ["Flat", "IVF16,SQ8"]
+    assert (
+        kinds["by_factory"]["Flat"]["recall_at_10"] == 1.0 and kinds["by_factory"]["Flat"]["bare_recall_at_10"] == 1.0
+    )
+    assert kinds["min_qps_ratio"] == min(k["qps_ratio"] for k in kinds["by_factory"].values())
+    assert kinds["by_factory"]["IVF16,SQ8"]["bare_bytes_per_item"] < kinds["by_factory"]["Flat"]["bare_bytes_per_item"]
 
     growth = result["growth"]
     assert growth["items"] == [2000, 5000] and len(growth["points"]) == 2

@@ -188,3 +188,27 @@ def test_status_text_and_progress_bar():
     assert text[7] == "new model  [######........................]  20.0%"
     assert text[9] == "rate 2.0 items/s   remaining 8   ETA 0:00:04"
     assert text[10] == "last error: upsert: boom"
+
+
+def test_serve_any_factory_trains_the_old_space_and_query_sets_search_params(index_name, tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((300, 8)).astype(np.float32)
+    write_table(embedding_table(np.arange(300), vectors, model="v1"), str(tmp_path / "old"))
+    np.save(tmp_path / "q.npy", vectors[7])
+    with pytest.raises(ValueError, match="factory 'IVF4,Junk' is not an index FAISS can build"):
+        run("serve", "--old-embeddings", str(tmp_path / "old"), "--index", "IVF4,Junk", "--name", index_name)
+    argv = ["--old-embeddings", str(tmp_path / "old"), "--index", "IVF4,SQ8", "--train-sample", "200"]
+    assert run("serve", *argv, "--nprobe", "1", "--name", index_name) == 0
+    out = capsys.readouterr().out
+    assert "serving 300 items of model 'v1'" in out and "IVF4,SQ8" in out
+    health = get(connect(index_name).health.remote())
+    assert health["config"]["index"]["factory"] == "IVF4,SQ8"
+    assert health["config"]["index"]["search_params"] == {"nprobe": 1}
+    query = ["query", "--vector", str(tmp_path / "q.npy"), "--strategy", "old", "--k", "300", "--json"]
+    run(*query, "--nprobe", "4", "--name", index_name)  # every list: every item comes back
+    hits = json.loads(capsys.readouterr().out)[0]
+    assert hits[0]["id"] == 7 and sorted(h["id"] for h in hits) == list(range(300))
+    run(*query, "--name", index_name)  # the index's nprobe=1: one list of four
+    assert len(json.loads(capsys.readouterr().out)[0]) < 300
+    with pytest.raises(ValueError, match="'efSearch' does not apply to index 'IVF4,SQ8'"):
+        run(*query, "--ef-search", "32", "--name", index_name)

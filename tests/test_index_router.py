@@ -149,7 +149,9 @@ def test_progress_answers_while_a_heavy_search_runs(make_index):
 
 def test_index_is_found_by_name_from_another_process_and_survives_restarts(make_index, tmp_path):
     router, config = make_index(
-        shards=2, snapshot_uri=str(tmp_path / "index"), index=IndexConfig(kind="ivf", nlist=2, nprobe=2)
+        shards=2,
+        snapshot_uri=str(tmp_path / "index"),
+        index=IndexConfig(factory="IVF2,Flat", search_params={"nprobe": 2}),
     )
     assert create_index(config)._actor_id == router._actor_id  # get_if_exists: the same actor
     with pytest.raises(ValueError, match="already runs with another configuration"):
@@ -158,6 +160,8 @@ def test_index_is_found_by_name_from_another_process_and_survives_restarts(make_
         connect("nobody")
 
     g = Gallery.random(40, 4, seed=8)
+    get(router.train.remote("old", g.old, "v1"))
+    get(router.train.remote("new", g.old + 1, "v2"))
     get(router.load_old.remote(g.ids, g.old, "v1"))
     get(router.set_phase.remote("instant"))
     get(router.upsert.remote(g.ids[:20], g.old[:20] + 1, "transformed", "v2"))
@@ -195,6 +199,11 @@ def test_index_is_found_by_name_from_another_process_and_survives_restarts(make_
         brute_force(_moved(g, 20), q, q + 1, 10, "rank_merge"),
         atol=1e-3,
     )
+    # Search parameters per query: a kind's own are taken, others are refused by name before any shard runs.
+    one_list = get(router.search.remote(q, q + 1, 10, "rank_merge", {"nprobe": 1}))
+    assert one_list.ids.shape == (3, 10) and set(one_list.ids[0]) <= set(g.ids.tolist()) | {-1}
+    with pytest.raises(ValueError, match="'efSearch' does not apply to index 'IVF2,Flat'"):
+        get(router.search.remote(q, q + 1, 10, "rank_merge", {"efSearch": 16}))
 
 
 def _moved(g: Gallery, n: int) -> Gallery:

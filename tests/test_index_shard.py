@@ -19,7 +19,7 @@ from index_testing import (
 
 from raybackfill.data.storage import join
 from raybackfill.index.router import get
-from raybackfill.index.shard import IndexConfig, IndexShard
+from raybackfill.index.shard import IndexConfig, IndexShard, train_index
 
 
 @pytest.fixture
@@ -34,6 +34,12 @@ def make_shard(ray_cluster):
     yield make
     for shard in made:
         ray.kill(shard, no_restart=True)
+
+
+def train(shard, config: IndexConfig, space: str, vectors: np.ndarray, version: str) -> None:
+    """What router.train does, for one shard: a no-op for a factory that needs no training."""
+    if config.needs_training:
+        get(shard.set_trained.remote(space, train_index(config, vectors), version))
 
 
 def load(shard, g: Gallery, version: str = "v1") -> None:
@@ -60,7 +66,7 @@ CONFIGS = {
     "flat-cosine": IndexConfig(),
     "flat-ip": IndexConfig(metric="ip"),
     "flat-l2": IndexConfig(metric="l2"),
-    "ivf-cosine-exhaustive": IndexConfig(kind="ivf", nlist=4, nprobe=4),  # nprobe = nlist: exact
+    "ivf-cosine-exhaustive": IndexConfig(factory="IVF4,Flat", search_params={"nprobe": 4}),  # every list: exact
 }
 
 
@@ -69,6 +75,8 @@ def test_every_strategy_matches_brute_force(make_shard, name):
     config = CONFIGS[name]
     shard = make_shard(config)
     g = Gallery.random(150, 8, seed=7)
+    train(shard, config, "old", g.old, "v1")
+    train(shard, config, "new", np.random.default_rng(11).standard_normal((150, 8)).astype(np.float32), "v2")
     load(shard, g)
     backfill_some(shard, g)
     rng = np.random.default_rng(2)
@@ -83,15 +91,25 @@ def test_every_strategy_matches_brute_force(make_shard, name):
     }
 
 
-def test_ivf_is_trained_on_the_first_batch_of_a_space(make_shard):
-    shard = make_shard(IndexConfig(kind="ivf", nlist=16, nprobe=16))
+def test_a_space_that_needs_training_refuses_vectors_until_trained_then_takes_any_batch(make_shard):
+    config = IndexConfig(factory="IVF16,Flat")
+    shard = make_shard(config)
     g = Gallery.random(40, 4)
-    with pytest.raises(ValueError, match="nlist=16 .* old space .* only 8 vectors"):
+    with pytest.raises(ValueError, match=r"old space of index 'IVF16,Flat' is not trained: .*router.train\(Space.OLD"):
         get(shard.load_old.remote(g.ids[:8], g.old[:8], "v1"))
-    get(shard.load_old.remote(g.ids, g.old, "v1"))
-    with pytest.raises(ValueError, match=r"first batch of the new space \(per shard\), which has only 3 vectors"):
+    sample = np.random.default_rng(1).standard_normal((400, 4)).astype(np.float32)
+    train(shard, config, "old", sample, "v1")
+    get(shard.load_old.remote(g.ids[:3], g.old[:3], "v1"))  # a batch smaller than nlist is fine once trained
+    get(shard.load_old.remote(g.ids[3:], g.old[3:], "v1"))
+    with pytest.raises(ValueError, match=r"new space of index 'IVF16,Flat' is not trained"):
         get(shard.upsert.remote(g.ids[:3], g.old[:3], "new", "v2"))
-    assert get(shard.counts.remote()) == {"old": 40, "transformed": 0, "new": 0}
+    train(shard, config, "new", sample, "v2")
+    get(shard.upsert.remote(g.ids[:3], g.old[:3], "new", "v2"))
+    # Training again with the same version keeps the codebooks; another version is refused.
+    train(shard, config, "new", sample[:100], "v2")
+    with pytest.raises(ValueError, match="holds 3 vectors of model version 'v2'; refusing a training for version 'v3'"):
+        train(shard, config, "new", sample, "v3")
+    assert get(shard.counts.remote()) == {"old": 37, "transformed": 0, "new": 3}
 
 
 def test_upserts_are_idempotent_and_new_replaces_transformed(make_shard):
@@ -194,9 +212,11 @@ def test_each_id_is_seen_exactly_once_while_upserts_run(make_shard):
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_a_restarted_shard_restores_its_last_snapshot(make_shard, tmp_path, where, request):
     root = str(tmp_path / "snap") if where == "local" else join(request.getfixturevalue("s3_bucket"), "snap")
-    config = IndexConfig(kind="ivf", nlist=4, nprobe=4) if where == "s3" else IndexConfig()
+    config = IndexConfig(factory="IVF4,Flat", search_params={"nprobe": 4}) if where == "s3" else IndexConfig()
     shard = make_shard(config, join(root, "shard-000"), max_restarts=1)
     g = Gallery.random(80, 8, seed=13)
+    train(shard, config, "old", g.old, "v1")
+    train(shard, config, "new", np.random.default_rng(2).standard_normal((80, 8)).astype(np.float32), "v2")
     load(shard, g)
     backfill_some(shard, g)
     get(shard.snapshot.remote())

@@ -5,7 +5,7 @@ import faiss
 import numpy as np
 import pytest
 
-from raybackfill.index.slots import FlatSlots, IVFSlots, slot_index
+from raybackfill.index.slots import CodesSlots, GraphSlots, IVFSlots, slot_index
 
 DIM = 8
 
@@ -24,16 +24,16 @@ def _check_equal(store, reference: dict[int, np.ndarray], rng) -> None:
     np.testing.assert_array_equal(store.reconstruct(slots), np.stack([reference[s] for s in slots]))
     queries = rng.standard_normal((5, DIM)).astype(np.float32)
     k = min(4, len(reference))
-    scores, labels = store.index.search(queries, k)
+    scores, slots = store.search(queries, k)
     want_scores, want_slots = _reference_search(reference, queries, k)
     np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(store.slots_of(labels), want_slots)
+    np.testing.assert_array_equal(slots, want_slots)
 
 
 def test_flat_slots_match_a_dict_reference_through_random_adds_removes_and_replaces():
     rng = np.random.default_rng(0)
     store = slot_index(faiss.IndexFlat(DIM, faiss.METRIC_INNER_PRODUCT))
-    assert isinstance(store, FlatSlots)
+    assert isinstance(store, CodesSlots)
     reference: dict[int, np.ndarray] = {}
     next_slot = 0
     for _ in range(60):
@@ -108,7 +108,6 @@ def test_flat_slots_survive_serialisation_with_their_row_map():
 def test_ivf_slots_keep_faiss_ids_as_slots():
     rng = np.random.default_rng(3)
     ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(DIM), DIM, 4, faiss.METRIC_INNER_PRODUCT)
-    ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
     vectors = rng.standard_normal((64, DIM)).astype(np.float32)
     ivf.train(vectors)
     ivf.nprobe = 4  # every list: exact
@@ -122,3 +121,118 @@ def test_ivf_slots_keep_faiss_ids_as_slots():
     reference = {int(s): v for s, v in zip(slots[10:], vectors[10:], strict=True)}
     reference.update(zip(slots[10:15].tolist(), replaced, strict=True))
     _check_equal(store, reference, rng)
+
+
+def _random_ops(store, rng, steps: int, check) -> dict[int, np.ndarray]:
+    """Random adds, removes and replaces on ``store``, mirrored in a dict reference; ``check`` after each."""
+    reference: dict[int, np.ndarray] = {}
+    next_slot = 0
+    for _ in range(steps):
+        op = rng.integers(3) if reference else 0
+        if op == 0:
+            n = int(rng.integers(1, 12))
+            slots = np.arange(next_slot, next_slot + n, dtype=np.int64)[rng.permutation(n)]
+            next_slot += n
+            vectors = rng.standard_normal((n, DIM)).astype(np.float32)
+            store.add(slots, vectors)
+            reference.update(zip(slots.tolist(), vectors, strict=True))
+        else:
+            have = np.array(sorted(reference), dtype=np.int64)
+            slots = rng.choice(have, size=int(rng.integers(1, len(have) + 1)), replace=False)
+            if op == 1:
+                store.remove(slots)
+                for s in slots.tolist():
+                    del reference[s]
+            else:
+                vectors = rng.standard_normal((len(slots), DIM)).astype(np.float32)
+                store.replace(slots, vectors)
+                reference.update(zip(slots.tolist(), vectors, strict=True))
+        if reference:
+            check(store, reference)
+    return reference
+
+
+def test_compressed_code_rows_move_as_codes_and_decode_like_faiss():
+    rng = np.random.default_rng(4)
+    train = rng.standard_normal((500, DIM)).astype(np.float32)
+    template = faiss.index_factory(DIM, "SQ8", faiss.METRIC_INNER_PRODUCT)
+    template.train(train)
+    a = slot_index(faiss.clone_index(template))
+    b = slot_index(faiss.clone_index(template))
+    assert isinstance(a, CodesSlots) and a.code_size == DIM
+    decoded: dict[int, np.ndarray] = {}
+
+    def check(store, reference):
+        # What the store returns is exactly FAISS's decoding of the vectors the reference holds.
+        slots = np.array(sorted(reference), dtype=np.int64)
+        want = template.sa_decode(template.sa_encode(np.stack([reference[s] for s in slots])))
+        np.testing.assert_array_equal(store.reconstruct(slots), want)
+        decoded.update(zip(slots.tolist(), want, strict=True))
+        _check_equal_scores(store, dict(zip(slots.tolist(), want, strict=True)), rng)
+
+    reference = _random_ops(a, rng, 40, check)
+    moving = np.array(sorted(reference)[::2], dtype=np.int64)
+    codes_before = a.codes()[a._map.rows(moving)].copy()
+    a.move_to(b, moving)
+    np.testing.assert_array_equal(b.codes()[b._map.rows(moving)], codes_before)  # codes moved, not re-encoded
+    assert a.ntotal + b.ntotal == len(reference)
+
+
+def _check_equal_scores(store, reference: dict[int, np.ndarray], rng) -> None:
+    queries = rng.standard_normal((5, DIM)).astype(np.float32)
+    k = min(4, len(reference))
+    scores, slots = store.search(queries, k)
+    want_scores, want_slots = _reference_search(reference, queries, k)
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(slots, want_slots)
+
+
+@pytest.mark.parametrize("selector", [True, False], ids=["idselector", "overfetch"])
+def test_graph_slots_filter_deleted_rows_and_refill_to_k(selector):
+    rng = np.random.default_rng(5)
+    index = faiss.index_factory(DIM, "HNSW16", faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efSearch = 400  # small graph searched almost exhaustively: compare with an exact reference
+    store = slot_index(index)
+    assert isinstance(store, GraphSlots)
+    store.takes_selector = selector
+
+    def check(store, reference):
+        assert store.size == len(reference)
+        queries = rng.standard_normal((5, DIM)).astype(np.float32)
+        k = min(4, len(reference))
+        scores, slots = store.search(queries, k, {"efSearch": 400})
+        want_scores, want_slots = _reference_search(reference, queries, k)
+        np.testing.assert_array_equal(slots, want_slots)
+        np.testing.assert_allclose(scores, want_scores, rtol=1e-4, atol=1e-4)
+
+    reference = _random_ops(store, rng, 40, check)
+    assert store.deleted > 0 and store.ntotal == store.size + store.deleted
+    slots = np.array(sorted(reference), dtype=np.int64)
+    np.testing.assert_array_equal(store.reconstruct(slots), np.stack([reference[s] for s in slots]))
+
+
+def test_graph_rebuild_replays_the_moves_made_while_it_was_built():
+    rng = np.random.default_rng(6)
+    template = faiss.index_factory(DIM, "HNSW16", faiss.METRIC_INNER_PRODUCT)
+    store = slot_index(faiss.clone_index(template))
+    vectors = rng.standard_normal((60, DIM)).astype(np.float32)
+    store.add(np.arange(60), vectors)
+    store.remove(np.arange(0, 30))
+    slots, live = store.begin_rebuild()
+    np.testing.assert_array_equal(np.sort(slots), np.arange(30, 60))
+    # Moves while the new index is being built (outside the shard lock in the shard).
+    store.remove(np.array([30, 31]))
+    fresh = rng.standard_normal((2, DIM)).astype(np.float32)
+    store.add(np.array([100, 101]), fresh)
+    store.replace(np.array([40]), fresh[:1])
+    rebuilt = faiss.clone_index(template)
+    rebuilt.add(live)
+    assert store.finish_rebuild(rebuilt, slots) == 4  # remove, add, and the replace's remove + add
+    assert store.deleted == 3 and store.size == 30  # 30, 31 and the old row of 40 are marked in the new index
+    want = {s: vectors[s] for s in range(32, 60)} | {100: fresh[0], 101: fresh[1], 40: fresh[0]}
+    keys = np.array(sorted(want), dtype=np.int64)
+    np.testing.assert_array_equal(store.reconstruct(keys), np.stack([want[s] for s in keys]))
+    # A reset while a rebuild runs voids it.
+    store.begin_rebuild()
+    store.reset()
+    assert store.finish_rebuild(faiss.clone_index(template), np.zeros(0, np.int64)) is None

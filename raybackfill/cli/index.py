@@ -24,6 +24,7 @@ from raybackfill.index.shard import IndexConfig
 from raybackfill.types import Metric, Space, Strategy
 
 LOAD_ROWS = 100_000
+TRAIN_SAMPLE = 100_000
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,9 +43,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=Metric.COSINE.value,
         help="cosine (default; the index normalises vectors and queries), ip (raw inner product) or l2",
     )
-    serve.add_argument("--kind", choices=("flat", "ivf"), default="flat", help="flat (exact, default) or ivf")
-    serve.add_argument("--nlist", type=int, default=IndexConfig.nlist, help="IVF lists per space and shard")
-    serve.add_argument("--nprobe", type=int, default=IndexConfig.nprobe, help="IVF lists searched per query")
+    serve.add_argument(
+        "--index",
+        default=IndexConfig.factory,
+        metavar="FACTORY",
+        help="FAISS index_factory string per space: Flat (exact, default), 'IVF1024,Flat', 'IVF4096,PQ32', "
+        "'OPQ16,IVF1024,PQ16', 'IVF1024,SQ8', HNSW32, PQ16, ...",
+    )
+    _search_flags(serve, "default for every query")
+    serve.add_argument(
+        "--train-sample",
+        type=int,
+        default=TRAIN_SAMPLE,
+        metavar="N",
+        help=f"rows of the table (a seeded random sample) that train the old space of an index that needs "
+        f"training (IVF, PQ, SQ; default {TRAIN_SAMPLE:,}; FAISS wants ~40 x nlist)",
+    )
+    serve.add_argument(
+        "--drop-old-vectors",
+        action="store_true",
+        help="drop an item's old vector once its true new vector arrives (saves memory; then no strategy "
+        "'old' and no rollback)",
+    )
     serve.add_argument(
         "--shard-cpus",
         type=float,
@@ -91,6 +111,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--strategy", choices=[s.value for s in Strategy], default=Strategy.RANK_MERGE.value, help="default rank_merge"
     )
     query.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _search_flags(query, "for this query; default: the index's")
     _name(query)
     add_trust_arguments(query)
     query.set_defaults(func=_query)
@@ -122,6 +143,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         parser.set_defaults(func=_lifecycle)
 
 
+def _search_flags(parser: argparse.ArgumentParser, scope: str) -> None:
+    parser.add_argument("--nprobe", type=int, help=f"IVF lists searched per query ({scope})")
+    parser.add_argument("--ef-search", type=int, help=f"HNSW candidate list size (efSearch; {scope})")
+
+
+def search_params(args: argparse.Namespace) -> dict[str, int]:
+    """The --nprobe / --ef-search flags given, as FAISS search parameters."""
+    given = {"nprobe": args.nprobe, "efSearch": args.ef_search}
+    return {name: value for name, value in given.items() if value is not None}
+
+
 def _name(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=DEFAULT_NAME, help=f"index (router actor) name (default {DEFAULT_NAME})")
 
@@ -135,10 +167,17 @@ def _serve(args: argparse.Namespace) -> int:
         shards=args.shards,
         shard_num_cpus=args.shard_cpus,
         shard_num_gpus=args.shard_gpus,
-        index=IndexConfig(kind=args.kind, metric=args.metric, nlist=args.nlist, nprobe=args.nprobe),
+        index=IndexConfig(
+            factory=args.index,
+            metric=args.metric,
+            search_params=search_params(args),
+            keep_old=not args.drop_old_vectors,
+        ),
         snapshot_uri=args.snapshot_uri,
         node_resource=args.node_resource,
     )
+    if args.train_sample < 1:
+        raise ValueError(f"--train-sample must be positive, got {args.train_sample}")
     router = create_index(config)
     serving = get(router.progress.remote()).total
     if serving:
@@ -149,11 +188,14 @@ def _serve(args: argparse.Namespace) -> int:
     ids = table.column(ID).to_numpy()
     vectors = vectors_of(table)
     started = time.monotonic()
+    if config.index.needs_training:
+        sample = np.random.default_rng(0).permutation(len(ids))[: args.train_sample]
+        get(router.train.remote(Space.OLD, vectors[np.sort(sample)], version))
     for start in range(0, len(ids), LOAD_ROWS):
         get(router.load_old.remote(ids[start : start + LOAD_ROWS], vectors[start : start + LOAD_ROWS], version))
     print(
         f"index {args.name!r}: serving {len(ids)} items of model {version!r} (dim {vectors.shape[1]}, "
-        f"{args.metric}, {args.kind}) on {args.shards} shards; loaded in {time.monotonic() - started:.1f} s"
+        f"{args.metric}, {args.index}) on {args.shards} shards; loaded in {time.monotonic() - started:.1f} s"
     )
     if args.snapshot_uri:
         _print_snapshots(get(router.snapshot.remote()))
@@ -192,13 +234,15 @@ def _query(args: argparse.Namespace) -> int:
     else:
         content = Path(args.image).read_bytes() if args.image else args.text
         q_old, q_new = _content_queries(router, content, args.model, strategy, trust_from(args))
-    result = get(router.search.remote(q_old, q_new, args.k, strategy))
+    result = get(router.search.remote(q_old, q_new, args.k, strategy, search_params(args) or None))
     print(json.dumps(_as_json(result)) if args.json else format_results(result))
     return 0
 
 
 def _item_queries(router, item: int, strategy: Strategy) -> tuple[np.ndarray | None, np.ndarray | None]:
     stored = get(router.vectors.remote(np.array([item], dtype=np.int64)))
+    if strategy is not Strategy.COMPATIBLE and stored.old is not None and np.isnan(stored.old).any():
+        raise ValueError(f"item {item} has no old vector: the index dropped it (--drop-old-vectors)")
     if strategy is Strategy.OLD:
         if stored.old is None:
             raise ValueError("the index was promoted: items have no old vector any more")

@@ -47,9 +47,9 @@ from raybackfill.index.progress import (
     eta_seconds,
     remaining_items,
 )
-from raybackfill.index.shard import IndexConfig, IndexShard, ItemVectors
+from raybackfill.index.shard import TRAINABLE_SPACES, IndexConfig, IndexShard, ItemVectors, train_index
 from raybackfill.index.sharding import split_by_shard
-from raybackfill.index.validate import as_batch, as_ids, as_queries, check_k
+from raybackfill.index.validate import as_batch, as_ids, as_queries, as_vectors, check_k
 from raybackfill.logs import configure_logging
 from raybackfill.runtime import init_ray
 from raybackfill.types import Phase, Space, Strategy, parse
@@ -249,25 +249,60 @@ class IndexRouter:
         self._record_counts(await _gather([s.counts.remote() for s in self._shards]))
         return self._progress().counts
 
-    async def search(self, queries_old, queries_new, k: int, strategy: Strategy) -> TopK:
-        """Top-k per query over every shard, merged and de-duplicated (see raybackfill.index.merge)."""
+    async def train(self, space: Space, vectors, version: str) -> None:
+        """Train ``space`` (old or new) of every shard on one sample: one empty index of the configured factory
+        is trained (in a Ray task that reserves no CPU, outside the shards, so serving goes on) and a copy is
+        installed in every shard, so all shards share its codebooks. Call it before the first vectors of a space
+        whose factory needs training (``IndexConfig.needs_training``); for other factories (Flat, HNSW) it does
+        nothing.
+
+        Args:
+            space: Space.OLD (a sample of the old table) or Space.NEW (transformed or new vectors).
+            vectors: (n, d) training sample (normalised here for the cosine metric).
+            version: the model version of the space; a space holding vectors of another version refuses it,
+                one holding vectors of this version keeps its training (a resumed backfill may train again).
+
+        Example:
+            >>> get(router.train.remote(Space.OLD, sample, "old-v1"))  # doctest: +SKIP
+        """
+        space = parse(Space, space, what="space", among=TRAINABLE_SPACES)
+        if not isinstance(version, str) or not version:
+            raise ValueError(f"version must be a non-empty model version tag, got {version!r}")
+        config = self._config.index
+        if not config.needs_training:
+            logger.info("index %r needs no training: train(%s) does nothing", config.factory, space)
+            return
+        vectors = as_vectors(vectors, None, "training vectors")
+        # The task reserves no CPU, so it never waits behind shards that hold every CPU of the cluster; it runs
+        # as many FAISS threads as a shard has.
+        task = _train_task.options(num_cpus=0)  # type: ignore[attr-defined]  # a RemoteFunction
+        (blob,) = await _gather([task.remote(config, vectors, max(1, int(self._config.shard_num_cpus)))])
+        blob_ref = ray.put(blob)
+        self._record_counts(await _gather([s.set_trained.remote(space, blob_ref, version) for s in self._shards]))
+        logger.info("trained the %s space (%s) of %r on %d vectors", space, version, config.factory, len(vectors))
+
+    async def search(self, queries_old, queries_new, k: int, strategy: Strategy, params: dict | None = None) -> TopK:
+        """Top-k per query over every shard, merged and de-duplicated (see raybackfill.index.merge).
+        ``params`` overrides the index's search parameters for this query (``{"nprobe": 32}``,
+        ``{"efSearch": 128}``); a parameter the index kind does not take is refused by name."""
         started = time.perf_counter()
         try:
-            top = await self._search(queries_old, queries_new, k, strategy)
+            top = await self._search(queries_old, queries_new, k, strategy, params)
         except Exception as err:
             self._metrics.count_error("search", err)
             raise
         self._metrics.observe_query(parse(Strategy, strategy), len(top.ids), time.perf_counter() - started)
         return top
 
-    async def _search(self, queries_old, queries_new, k: int, strategy: Strategy) -> TopK:
+    async def _search(self, queries_old, queries_new, k: int, strategy: Strategy, params: dict | None) -> TopK:
         strategy = parse(Strategy, strategy)
         k = check_k(k, self._config.index.max_k)
+        params = self._config.index.query_params(params) if params else None  # refused here, before any shard
         # Bounded here, before the batch is copied to the object store and fanned out to every shard.
         limit = self._config.index.max_queries
         q_old = None if queries_old is None else ray.put(as_queries(queries_old, None, limit, "queries_old"))
         q_new = None if queries_new is None else ray.put(as_queries(queries_new, None, limit, "queries_new"))
-        results = await _gather([s.search.remote(q_old, q_new, k, strategy) for s in self._shards])
+        results = await _gather([s.search.remote(q_old, q_new, k, strategy, params) for s in self._shards])
         return merge_results(results, k, self._config.index.metric)
 
     async def vectors(self, ids) -> ItemVectors:
@@ -362,6 +397,15 @@ class IndexRouter:
             with self._lock:
                 state = {"phase": self._phase, "started_at": self._started_at, "last_error": self._last_error}
             write_bytes(self._state_uri, json.dumps(state).encode())
+
+
+@ray.remote
+def _train_task(config: IndexConfig, vectors: np.ndarray, threads: int) -> bytes:
+    """Train one empty index of the configured factory (a task: the router actor itself takes no CPU)."""
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    return train_index(config, vectors)
 
 
 def _scatter(order: np.ndarray, parts: list[np.ndarray | None], n: int) -> np.ndarray | None:

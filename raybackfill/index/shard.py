@@ -19,12 +19,23 @@ remove-from-pending + add-to-backfilled + add-to-new, each O(batch) (raybackfill
 upsert holds the shard for milliseconds, not for a compaction of the whole index. Old vectors are kept
 until `promote`, so `rollback` only moves them back.
 
+Index kinds. Each space is a FAISS index built from the config's factory string ("Flat", "IVF1024,PQ32",
+"HNSW32", ...; raybackfill.index.kinds). A factory that needs training is trained once per space on a sample
+(:meth:`IndexRouter.train`: one training shared by every shard) before anything is added; an untrained space
+refuses vectors. Each layout removes in O(batch) its own way (raybackfill.index.slots); a graph index (HNSW)
+marks removed rows deleted and is rebuilt in a background thread past ``rebuild_deleted_fraction``: the
+rebuild reads the live rows under the lock, builds outside it while queries and upserts go on, and swaps in
+under the lock after replaying the moves made meanwhile. With ``keep_old=False`` an item's old vector is
+dropped once a true new vector replaces it (state new): less memory, but no strategy 'old' and no rollback.
+
 Atomicity. All mutations and searches run under one lock, so a search sees every id exactly once
-(in pending, or in new) and never half a batch. The actor's default concurrency group runs one call at a
+(in pending, or in new) and never half a batch. GPU copies follow their CPU index in place
+(raybackfill.index.gpu). The actor's default concurrency group runs one call at a
 time (search, upsert, ...); `counts`/`describe` run in a separate "light" group and read only immutable
 values that mutations replace in one assignment, so they answer while a long search runs; `snapshot`
-runs in its own group, holds the lock only while it serialises the indexes (a memory copy) and uploads
-outside the lock, so serving goes on while a snapshot is written.
+runs in its own group and copies code rows in chunks, taking the lock per chunk and once more at the end to
+copy the rows changed meanwhile (see :meth:`IndexShard.snapshot`), so serving goes on while it copies and
+uploads.
 
 Restart. A shard created with ``snapshot_uri`` restores its last snapshot in its constructor, so a Ray
 restart (max_restarts) comes back with the state of the last snapshot; later upserts are replayed by
@@ -39,27 +50,36 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import faiss
 import numpy as np
 import ray
 
+from raybackfill.index import kinds
+from raybackfill.index.gpu import GPU_MAX_K, GpuMirror, gpu_supported
 from raybackfill.index.merge import EMPTY_ID, TopK, empty_topk, merge_results
 from raybackfill.index.metrics import ShardMetrics
-from raybackfill.index.slots import SlotIndex, slot_index
-from raybackfill.index.snapshot import read_snapshot, write_snapshot
+from raybackfill.index.slots import CodesSlots, GraphSlots, IVFSlots, SlotIndex, slot_index
+from raybackfill.index.snapshot import SnapshotWriter, read_snapshot
 from raybackfill.index.validate import as_batch, as_ids, as_queries, check_k, show_ids, unit_rows
 from raybackfill.logs import configure_logging
-from raybackfill.types import Metric, Space, Strategy, locate_sorted, parse
+from raybackfill.types import Layout, Metric, Space, Strategy, locate_sorted, parse
 
 logger = logging.getLogger(__name__)
 
 INDEXES = ("pending", "backfilled", "new")
+SPACE_OF = {"pending": Space.OLD, "backfilled": Space.OLD, "new": Space.NEW}
+TRAINABLE_SPACES = (Space.OLD, Space.NEW)
 UPSERT_STATES = (Space.TRANSFORMED, Space.NEW)
-SNAPSHOT_FORMAT = 2  # 2: flat indexes are plain IndexFlat with a row -> slot map (items.npz)
-# GPU flat search handles at most this k; larger k searches the CPU index.
-GPU_MAX_K = 2048
+# 3: any factory; a space's trained empty index is saved apart from its contents; code rows and inverted lists
+# in chunks.
+SNAPSHOT_FORMAT = 3
+SNAPSHOT_CHUNK_ROWS = 65_536  # code rows (or IVF entries) copied per lock hold while a snapshot runs
+# Config fields that change what a shard stores (a snapshot restores only under the same values); the others
+# (search parameters, limits, GPU, rebuild and sync thresholds) only change how it serves.
+STORED_FIELDS = ("factory", "metric", "keep_old")
 # FAISS 1.15 scans a flat index with BLAS only when n_queries * dim >= distance_compute_blas_threshold
 # (default 128000: 1000 queries at d=128); below that it scans query by query, which is much slower per query
 # once a batch holds more than a few queries (one or two queries are faster without BLAS). A shard takes the
@@ -69,24 +89,67 @@ BLAS_MIN_QUERIES = 4
 
 @dataclass(frozen=True)
 class IndexConfig:
-    """How each space is indexed. Flat is exact; IVF-Flat trades recall (nprobe/nlist) for speed and is
-    trained on the first batch that enters a space (which must hold at least ``nlist`` vectors)."""
+    """How each space is indexed.
 
-    kind: str = "flat"
+    Args:
+        factory: a FAISS ``index_factory`` string: "Flat" (exact, default), "IVF1024,Flat", "IVF4096,PQ32",
+            "OPQ16,IVF1024,PQ16", "IVF1024,SQ8", "HNSW32", "PQ16", ... Checked here; a kind that needs training
+            is trained per space with :meth:`IndexRouter.train` before vectors are added.
+        metric: cosine (vectors and queries are L2-normalised by the shard), ip or l2.
+        search_params: defaults for every query (``nprobe``/``max_codes`` for IVF, ``efSearch`` for HNSW,
+            ``k_factor`` for a refined index); a query may override them. Unset ones: nprobe 16, efSearch 64.
+        keep_old: keep an item's old vector after a true new one arrives (state new). False saves the memory
+            of the old vectors but refuses strategy 'old' and rollback once any item is new.
+        rebuild_deleted_fraction: a graph index (HNSW, ...) is rebuilt in the background once this fraction of
+            its rows are deleted (moved to another index).
+        gpu_sync_rows / gpu_sync_seconds: a GPU copy is copied again after this many removed rows or when a
+            removal is this old (additions go to the copy in place; raybackfill.index.gpu).
+        max_k / max_queries: limits per search call.
+        use_gpu: search on a GPU copy when faiss has GPU support and the actor got a GPU.
+
+    Example:
+        >>> IndexConfig(factory="IVF1024,PQ32", search_params={"nprobe": 32}).needs_training
+        True
+    """
+
+    factory: str = "Flat"
     metric: Metric = Metric.COSINE  # the models' default; vectors and queries are L2-normalised by the shard
-    nlist: int = 1024
-    nprobe: int = 16
+    search_params: dict[str, Any] = field(default_factory=dict)
+    keep_old: bool = True
+    rebuild_deleted_fraction: float = 0.25
+    gpu_sync_rows: int = 50_000
+    gpu_sync_seconds: float = 10.0
     max_k: int = 10_000
     max_queries: int = 10_000
     use_gpu: bool = True  # only when faiss has GPU support AND the actor was given a GPU
 
     def __post_init__(self) -> None:
-        if self.kind not in ("flat", "ivf"):
-            raise ValueError(f"kind must be 'flat' or 'ivf', got {self.kind!r}")
         object.__setattr__(self, "metric", parse(Metric, self.metric))
-        for name in ("nlist", "nprobe", "max_k", "max_queries"):
+        kinds.probe(self.factory, self.metric)  # a string FAISS cannot build fails here, naming the factory
+        params = kinds.check_params(self.search_params, self.factory, self.metric, "search_params")
+        object.__setattr__(self, "search_params", params)
+        for name in ("max_k", "max_queries", "gpu_sync_rows"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.rebuild_deleted_fraction <= 1:
+            raise ValueError(f"rebuild_deleted_fraction must be in (0, 1], got {self.rebuild_deleted_fraction}")
+        if self.gpu_sync_seconds < 0:
+            raise ValueError(f"gpu_sync_seconds must be non-negative, got {self.gpu_sync_seconds}")
+
+    @property
+    def needs_training(self) -> bool:
+        """Whether an empty index of this factory must be trained before vectors are added."""
+        return kinds.needs_training(self.factory, self.metric)
+
+    @property
+    def layout(self) -> Layout:
+        return kinds.layout_of(kinds.probe(self.factory, self.metric))
+
+    def query_params(self, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The search parameters of a query: the defaults, then ``overrides`` (validated)."""
+        return kinds.default_params(self.factory, self.metric, self.search_params) | kinds.check_params(
+            overrides, self.factory, self.metric
+        )
 
 
 @dataclass(frozen=True)
@@ -99,8 +162,9 @@ class SpaceInfo:
 
 @dataclass(frozen=True)
 class ItemVectors:
-    """Stored vectors of some items: ``old`` (None after promote), ``new`` (None before the first upsert;
-    zero rows where ``states`` is old)."""
+    """Stored vectors of some items: ``old`` (None after promote; NaN rows where ``keep_old=False`` dropped
+    it), ``new`` (None before the first upsert; zero rows where ``states`` is old). Compressed kinds (PQ, SQ)
+    return the decoded approximation."""
 
     ids: np.ndarray
     states: np.ndarray
@@ -118,22 +182,63 @@ def _to_bytes(index: faiss.Index) -> memoryview:
     return faiss.serialize_index(index).data
 
 
-def _from_bytes(data: bytes) -> faiss.Index:
+def _from_bytes(data: bytes | memoryview) -> faiss.Index:
     return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
 
 
-@ray.remote(concurrency_groups={"light": 2, "snapshot": 1})  # type: ignore[call-overload]  # ray's overloads omit it
-class IndexShard:
+def train_index(config: IndexConfig, vectors: np.ndarray) -> bytes:
+    """An empty index of ``config.factory`` trained on ``vectors`` (validated, normalised for cosine), serialised.
+
+    Raises:
+        ValueError: the sample cannot train this factory (too few vectors for nlist or the PQ codebooks, a dim
+            the factory does not take), with FAISS's reason.
+    """
+    vectors = np.asarray(vectors)
+    if vectors.ndim != 2 or not len(vectors):
+        raise ValueError(f"train: vectors must be a non-empty (n, d) array, got shape {vectors.shape}")
+    from raybackfill.index.validate import as_vectors
+
+    vectors = as_vectors(vectors, None, "training vectors")
+    if config.metric is Metric.COSINE:
+        vectors = unit_rows(vectors, "training vectors")
+    index = kinds.build(config.factory, vectors.shape[1], config.metric)
+    try:
+        index.train(vectors)
+    except RuntimeError as err:
+        reason = str(err).strip().splitlines()[-1]
+        raise ValueError(
+            f"train: {len(vectors)} vectors cannot train index {config.factory!r}: {reason} "
+            f"(FAISS wants about 40 x nlist vectors for IVF and at least 256 x for PQ codebooks)"
+        ) from None
+    return bytes(_to_bytes(index))
+
+
+def _threads() -> int:
+    """FAISS threads: the actor's CPUs (one outside an actor, e.g. a shard object in a test process)."""
+    if not ray.is_initialized():
+        return 1
+    try:
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    except AssertionError:  # a driver, not a Ray worker
+        cpus = 1.0
+    return max(1, int(cpus))
+
+
+class _IndexShard:
+    """The shard's logic (the actor :data:`IndexShard` wraps it; see the module docstring)."""
+
     def __init__(self, config: IndexConfig | None = None, snapshot_uri: str | None = None) -> None:
         configure_logging()
         self._config = config or IndexConfig()
         self._snapshot_uri = snapshot_uri
         self._lock = threading.Lock()
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-        self._threads = max(1, int(cpus))
+        self._threads = _threads()
         self._gpu = self._gpu_resources()
-        self._gpu_mirrors: dict[str, faiss.Index] = {}  # dropped by _touch whenever its index changes
-        self._metrics = ShardMetrics(ray.get_runtime_context().get_actor_name() or "")
+        self._mirrors: dict[str, GpuMirror] = {}
+        self._no_gpu: set[str] = set()  # indexes whose GPU copy failed: searched on the CPU
+        self._rebuilds: dict[str, threading.Thread] = {}
+        actor_name = ray.get_runtime_context().get_actor_name() if ray.is_initialized() else None
+        self._metrics = ShardMetrics(actor_name or "")
         self._reset()
         if snapshot_uri:
             blobs = read_snapshot(snapshot_uri)
@@ -151,6 +256,7 @@ class IndexShard:
         self._sorted_ids = np.zeros(0, dtype=np.int64)  # = self._ids[self._by_id]
         self._old_space: SpaceInfo | None = None
         self._new_space: SpaceInfo | None = None
+        self._templates: dict[Space, bytes] = {}  # space -> its trained empty index, serialised
         self._pending: SlotIndex | None = None
         self._backfilled: SlotIndex | None = None
         self._new: SlotIndex | None = None
@@ -161,48 +267,32 @@ class IndexShard:
         """Replace the immutable views that the light concurrency group reads without the lock."""
         per_state = np.bincount(self._state, minlength=len(Space))
         self._counts: dict[str, int] = {space: int(per_state[space.code]) for space in Space}
+        stores = {name: store for name in INDEXES if (store := self._index(name)) is not None}
         self._description = {
             "counts": self._counts,
             "old_space": dataclasses.asdict(self._old_space) if self._old_space else None,
             "new_space": dataclasses.asdict(self._new_space) if self._new_space else None,
+            "trained": sorted(self._templates),
             "promoted": self._promoted,
             "config": dataclasses.asdict(self._config),
             "threads": self._threads,
             "gpu": self._gpu is not None,
+            "indexes": {
+                name: {"stored": store.ntotal, "live": store.size, "layout": store.layout.value}
+                for name, store in stores.items()
+            },
             "snapshot_uri": self._snapshot_uri,
         }
         self._metrics.export_counts(self._counts)
 
     def _gpu_resources(self):
         has_gpu_faiss = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-        if self._config.use_gpu and self._config.kind == "flat" and has_gpu_faiss and ray.get_gpu_ids():
+        if self._config.use_gpu and has_gpu_faiss and ray.get_gpu_ids():
             return faiss.StandardGpuResources()
         return None
 
-    def _empty_index(self, dim: int) -> SlotIndex:
-        metric = faiss.METRIC_L2 if self._config.metric is Metric.L2 else faiss.METRIC_INNER_PRODUCT
-        if self._config.kind == "flat":
-            return slot_index(faiss.IndexFlat(dim, metric))
-        index = faiss.IndexIVFFlat(faiss.IndexFlat(dim, metric), dim, self._config.nlist, metric)
-        index.nprobe = self._config.nprobe
-        # Hashtable direct map: reconstruct and remove by id (slot) without scanning the lists.
-        index.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]  # faiss's stubs omit DirectMap
-        return slot_index(index)
-
-    def _check_trainable(self, n: int, space: str) -> None:
-        """An IVF space is trained on its first batch, which must hold at least nlist vectors."""
-        if self._config.kind == "ivf" and n < self._config.nlist:
-            raise ValueError(
-                f"IVF index with nlist={self._config.nlist} is trained on the first batch of the {space} space "
-                f"(per shard), which has only {n} vectors; send at least nlist vectors first, lower nlist, or "
-                f"use kind='flat'"
-            )
-
-    def _trained_index(self, vectors: np.ndarray) -> SlotIndex:
-        store = self._empty_index(vectors.shape[1])
-        if not store.index.is_trained:
-            store.index.train(vectors)
-        return store
+    def _to_gpu(self, index: faiss.Index) -> faiss.Index:
+        return faiss.index_cpu_to_gpu(self._gpu, 0, index)
 
     def _sort_ids(self) -> None:
         self._by_id = np.argsort(self._ids, kind="stable")
@@ -220,6 +310,64 @@ class IndexShard:
     def _set_threads(self) -> None:
         # OpenMP thread counts are per calling thread, and Ray runs calls on its own threads: set it each time.
         faiss.omp_set_num_threads(self._threads)
+
+    # ----------------------------------------------------------------- training
+    def set_trained(self, space: Space, blob: bytes, version: str) -> dict[str, int]:
+        """Install a trained empty index (``blob``, from :func:`train_index`) as ``space``'s index (old: pending
+        and backfilled; new: new). A space that already holds vectors keeps its training when ``version`` is
+        its own (a resumed backfill trains again) and refuses another version."""
+        space = parse(Space, space, what="space", among=TRAINABLE_SPACES)
+        version = _check_version(version)
+        index = _from_bytes(blob)
+        if not index.is_trained or index.ntotal:
+            raise ValueError("set_trained takes a trained, empty index (see train_index)")
+        with self._lock:
+            info = self._old_space if space is Space.OLD else self._new_space
+            held = sum(self._size(name) for name in INDEXES if SPACE_OF[name] is space)
+            if space is Space.OLD and self._promoted:
+                raise ValueError("index is promoted: the old space was dropped and takes no training")
+            if held:
+                assert info is not None  # set with the first vectors
+                if info.version != version:
+                    raise ValueError(
+                        f"the {space} space holds {held} vectors of model version {info.version!r}; refusing "
+                        f"a training for version {version!r} (spaces never mix; rollback first to change models)"
+                    )
+                if info.dim != index.d:
+                    raise ValueError(
+                        f"the {space} space holds vectors of dim {info.dim}; the training has dim {index.d}"
+                    )
+                logger.info("%s space already holds %d vectors of %s: training kept", space, held, version)
+                return self._counts
+            self._install(space, bytes(blob), SpaceInfo(version, int(index.d)))
+            self._publish()
+            return self._counts
+
+    def _install(self, space: Space, template: bytes, info: SpaceInfo) -> None:
+        """Empty indexes of ``space`` from a trained empty index."""
+        self._templates[space] = template
+        if space is Space.OLD:
+            self._pending, self._backfilled = slot_index(_from_bytes(template)), slot_index(_from_bytes(template))
+            self._old_space = info
+            self._drop_derived("pending", "backfilled")
+        else:
+            self._new = slot_index(_from_bytes(template))
+            self._new_space = info
+            self._drop_derived("new")
+
+    def _ensure_space(self, space: Space, dim: int, version: str) -> None:
+        """Create an empty space at its first vectors when its kind needs no training (Flat, HNSW, ...)."""
+        if space in self._templates:
+            return
+        if self._config.needs_training:
+            raise ValueError(
+                f"the {space} space of index {self._config.factory!r} is not trained: train it first with "
+                f"router.train(Space.{space.name}, sample, version) on a sample of its vectors (`raybackfill serve` "
+                f"trains the old space from --train-sample rows of the table; a backfill trains the new space "
+                f"before its first upsert)"
+            )
+        template = kinds.build(self._config.factory, dim, self._config.metric)
+        self._install(space, bytes(_to_bytes(template)), SpaceInfo(version, dim))
 
     # ----------------------------------------------------------------- mutations
     def load_old(self, ids, vectors, version: str, dry_run: bool = False) -> dict[str, int]:
@@ -239,20 +387,16 @@ class IndexShard:
             known = locate_sorted(self._sorted_ids, ids, missing="mask") >= 0
             if known.any():
                 raise ValueError(f"ids already loaded in this shard: {show_ids(ids[known])}")
-            if self._pending is None:
-                self._check_trainable(len(ids), "old")
+            if Space.OLD not in self._templates and self._config.needs_training:
+                self._ensure_space(Space.OLD, vectors.shape[1], version)  # raises: train first
             if dry_run:
                 return self._counts
-            if self._pending is None:
-                self._pending = self._trained_index(vectors)
-                self._backfilled = slot_index(faiss.clone_index(self._pending.index))  # empty, same training
-                self._old_space = SpaceInfo(version, vectors.shape[1])
+            self._ensure_space(Space.OLD, vectors.shape[1], version)
             slots = np.arange(len(self._ids), len(self._ids) + len(ids), dtype=np.int64)
-            self._pending.add(slots, vectors)
+            self._add("pending", slots, vectors)
             self._ids = np.concatenate([self._ids, ids])
             self._state = np.concatenate([self._state, np.full(len(ids), Space.OLD.code, dtype=np.int8)])
             self._sort_ids()
-            self._touch("pending")
             self._publish()
             self._metrics.observe_write("load_old", len(ids))
             return self._counts
@@ -265,22 +409,25 @@ class IndexShard:
             ids, vectors, slots, code = self._validated_upsert(ids, vectors, state, version)
             if dry_run:
                 return self._counts
-            if self._new is None:
-                self._new = self._trained_index(vectors)
-                self._new_space = SpaceInfo(version, vectors.shape[1])
+            self._ensure_space(Space.NEW, vectors.shape[1], version)
+            drop_old = code == Space.NEW.code and not self._config.keep_old
             waiting = self._state[slots] == Space.OLD.code
             moving = slots[waiting]
             if len(moving):
-                assert self._pending is not None and self._backfilled is not None  # old items exist: load_old ran
-                old_vectors = self._pending.reconstruct(moving)
-                self._pending.remove(moving)
-                self._backfilled.add(moving, old_vectors)
-                self._new.add(moving, vectors[waiting])
+                if drop_old:
+                    self._remove("pending", moving)
+                else:
+                    self._move("pending", "backfilled", moving)
+                self._add("new", moving, vectors[waiting])
             replacing = ~waiting
             if replacing.any():
-                self._new.replace(slots[replacing], vectors[replacing])
+                self._replace("new", slots[replacing], vectors[replacing])
+                transformed = slots[replacing][self._state[slots[replacing]] == Space.TRANSFORMED.code]
+                if drop_old and len(transformed):
+                    self._remove("backfilled", transformed)
             self._state[slots] = code
-            self._touch("pending", "backfilled", "new")
+            for name in ("pending", "backfilled", "new"):
+                self._maybe_rebuild(name)
             self._publish()
             self._metrics.observe_write("upsert", len(ids))
             return self._counts
@@ -295,8 +442,15 @@ class IndexShard:
             )
         ids, vectors = self._batch(ids, vectors, self._new_space)
         slots = self._lookup(ids)
-        if self._new is None:
-            self._check_trainable(len(ids), "new")
+        if Space.NEW not in self._templates and self._config.needs_training:
+            self._ensure_space(Space.NEW, vectors.shape[1], version)  # raises: train first
+        if state is Space.TRANSFORMED and not self._config.keep_old:
+            dropped = self._state[slots] == Space.NEW.code
+            if dropped.any():
+                raise ValueError(
+                    f"items {show_ids(ids[dropped])} are new and their old vectors were dropped (keep_old=False): "
+                    f"a transformed vector cannot replace their new one"
+                )
         return ids, vectors, slots, state.code
 
     def _batch(self, ids, vectors, space: SpaceInfo | None) -> tuple[np.ndarray, np.ndarray]:
@@ -308,6 +462,99 @@ class IndexShard:
         q = as_queries(queries, dim, self._config.max_queries, name)
         return unit_rows(q, name) if self._config.metric is Metric.COSINE else q
 
+    # Every change to an index goes through these, so its GPU copy follows it.
+    def _add(self, name: str, slots: np.ndarray, vectors: np.ndarray) -> None:
+        store = self._index(name)
+        assert store is not None  # the space exists
+        store.add(slots, vectors)
+        if (mirror := self._mirrors.get(name)) is not None:
+            mirror.add(slots, vectors, store.layout)
+
+    def _remove(self, name: str, slots: np.ndarray) -> None:
+        store = self._index(name)
+        assert store is not None
+        store.remove(slots)
+        if (mirror := self._mirrors.get(name)) is not None:
+            mirror.remove(slots)
+
+    def _replace(self, name: str, slots: np.ndarray, vectors: np.ndarray) -> None:
+        store = self._index(name)
+        assert store is not None
+        store.replace(slots, vectors)
+        if (mirror := self._mirrors.get(name)) is not None:
+            mirror.remove(slots)
+            mirror.add(slots, vectors, store.layout)
+
+    def _move(self, source: str, target: str, slots: np.ndarray) -> None:
+        src, dst = self._index(source), self._index(target)
+        assert src is not None and dst is not None
+        target_mirror = self._mirrors.get(target)
+        vectors = src.reconstruct(slots) if target_mirror is not None else None
+        src.move_to(dst, slots)
+        if (mirror := self._mirrors.get(source)) is not None:
+            mirror.remove(slots)
+        if target_mirror is not None:
+            assert vectors is not None
+            target_mirror.add(slots, vectors, dst.layout)
+
+    def _drop_derived(self, *names: str) -> None:
+        """Forget GPU copies of indexes that were replaced or dropped."""
+        for name in names:
+            self._mirrors.pop(name, None)
+            self._no_gpu.discard(name)
+
+    # ----------------------------------------------------------------- graph rebuilds
+    def _maybe_rebuild(self, name: str) -> None:
+        """Start a background rebuild of a graph index past its deleted fraction (under the lock)."""
+        store = self._index(name)
+        if not isinstance(store, GraphSlots) or store.rebuilding or name in self._rebuilds:
+            return
+        if not store.ntotal or store.deleted < self._config.rebuild_deleted_fraction * store.ntotal:
+            return
+        slots, vectors = store.begin_rebuild()
+        template = self._templates[SPACE_OF[name]]
+        thread = threading.Thread(
+            target=self._rebuild, args=(name, store, slots, vectors, template), name=f"rebuild-{name}", daemon=True
+        )
+        self._rebuilds[name] = thread
+        logger.info("rebuilding %s: %d of %d rows deleted", name, store.deleted, store.ntotal)
+        thread.start()
+
+    def _rebuild(self, name: str, store: GraphSlots, slots: np.ndarray, vectors: np.ndarray, template: bytes) -> None:
+        """Build the new index outside the lock (queries and upserts go on), swap it in under the lock."""
+        try:
+            faiss.omp_set_num_threads(self._threads)
+            index = _from_bytes(template)
+            if len(vectors):
+                index.add(vectors)
+            with self._lock:
+                replayed = store.finish_rebuild(index, slots) if self._index(name) is store else None
+                if replayed is not None:
+                    self._drop_derived(name)
+                    logger.info("rebuilt %s: %d rows, %d moves replayed", name, len(slots), replayed)
+                    self._publish()
+        except Exception:
+            logger.exception("rebuild of %s failed; it keeps its deleted rows (filtered at search)", name)
+            with self._lock:
+                store.abort_rebuild()
+        finally:
+            with self._lock:
+                self._rebuilds.pop(name, None)
+                self._maybe_rebuild(name)  # moves made meanwhile may have crossed the threshold again
+
+    def wait_for_rebuilds(self, timeout: float | None = None) -> bool:
+        """Wait until background rebuilds (graph indexes) are done; False if ``timeout`` passed first."""
+        while True:
+            with self._lock:
+                running = list(self._rebuilds.values())
+            if not running:
+                return True
+            for thread in running:
+                thread.join(timeout)
+                if thread.is_alive():
+                    return False
+
+    # ----------------------------------------------------------------- lifecycle
     def promote(self) -> dict[str, int]:
         """Make the new space the only one (every item must be in it); the old vectors are dropped."""
         with self._lock:
@@ -318,34 +565,50 @@ class IndexShard:
                     f"(ids {show_ids(self._ids[waiting])})"
                 )
             self._pending = self._backfilled = None
+            self._templates.pop(Space.OLD, None)
             self._promoted = True
-            self._touch("pending", "backfilled")
+            self._drop_derived("pending", "backfilled")
             self._publish()
             return self._counts
 
     def rollback(self) -> dict[str, int]:
-        """Return every item to the old space and forget the new space (its version may then change)."""
+        """Return every item to the old space and forget the new space (its version and training may then
+        change: a factory that needs training is trained again)."""
         with self._lock:
             self._set_threads()
             if self._promoted:
                 raise ValueError("cannot roll back: the index was promoted and the old space dropped")
+            self._refuse_without_old("rollback")
             moved = np.flatnonzero(self._state != Space.OLD.code).astype(np.int64)
             if len(moved):
                 assert self._pending is not None and self._backfilled is not None  # not promoted, items loaded
-                self._pending.add(moved, self._backfilled.reconstruct(moved))
+                self._move("backfilled", "pending", moved)
                 self._backfilled.reset()
+                self._drop_derived("backfilled")
             self._new = None
             self._new_space = None
+            self._templates.pop(Space.NEW, None)
             self._state[:] = Space.OLD.code
-            self._touch("pending", "backfilled", "new")
+            self._drop_derived("new")
             self._publish()
             return self._counts
 
+    def _refuse_without_old(self, what: str) -> None:
+        if not self._config.keep_old:
+            dropped = int((self._state == Space.NEW.code).sum())
+            if dropped:
+                raise ValueError(
+                    f"{what} is unavailable: the index runs with keep_old=False and dropped the old vectors of "
+                    f"{dropped} re-embedded (new) items"
+                )
+
     # ----------------------------------------------------------------- queries
-    def search(self, queries_old, queries_new, k: int, strategy: Strategy) -> TopK:
-        """Top-k per query under a strategy (see module docstring of raybackfill.index.router)."""
+    def search(self, queries_old, queries_new, k: int, strategy: Strategy, params: dict | None = None) -> TopK:
+        """Top-k per query under a strategy (see module docstring of raybackfill.index.router); ``params``
+        overrides the configured search parameters for this query (e.g. ``{"nprobe": 32}``)."""
         strategy = parse(Strategy, strategy)
         k = check_k(k, self._config.max_k)
+        search_params = self._config.query_params(params)
         started = time.perf_counter()
         with self._lock:
             self._set_threads()
@@ -353,7 +616,9 @@ class IndexShard:
             rows = {len(q) for _, q, _ in parts}
             if len(rows) > 1:
                 raise ValueError(f"queries_old and queries_new must hold the same queries, got {sorted(rows)} rows")
-            results = [self._search_part(name, q, k, code) for name, q, code in parts if self._size(name)]
+            results = [
+                self._search_part(name, q, k, code, search_params) for name, q, code in parts if self._live(name)
+            ]
         self._metrics.observe_search(time.perf_counter() - started)
         if not results:
             return empty_topk(rows.pop(), k, self._config.metric)
@@ -369,22 +634,23 @@ class IndexShard:
         if strategy is Strategy.OLD:
             if self._promoted:
                 raise ValueError("strategy 'old' is gone: the index was promoted and the old space dropped")
+            self._refuse_without_old("strategy 'old'")
             q = self._queries(self._required(queries_old, "queries_old", strategy), old_dim, "queries_old")
             return [("pending", q, Space.OLD.code), ("backfilled", q, Space.OLD.code)]
         if strategy is Strategy.COMPATIBLE:
             q = self._queries(self._required(queries_new, "queries_new", strategy), new_dim or old_dim, "queries_new")
-            if self._size("pending") and new_dim is not None and new_dim != old_dim:
+            if self._live("pending") and new_dim is not None and new_dim != old_dim:
                 raise ValueError(
                     f"strategy 'compatible' compares new queries with old vectors, but the new space has dim "
-                    f"{new_dim} and the old space dim {old_dim}, and {self._size('pending')} items are not in "
+                    f"{new_dim} and the old space dim {old_dim}, and {self._live('pending')} items are not in "
                     f"the new space yet: use 'rank_merge', or move every item to the new space first"
                 )
             return [("new", q, None), ("pending", q, Space.OLD.code)]
         parts: list[tuple[str, np.ndarray, int | None]] = []
-        if self._size("pending") or (queries_old is not None and not self._promoted):
+        if self._live("pending") or (queries_old is not None and not self._promoted):
             q = self._queries(self._required(queries_old, "queries_old", strategy), old_dim, "queries_old")
             parts.append(("pending", q, Space.OLD.code))
-        if self._size("new") or queries_new is not None:
+        if self._live("new") or queries_new is not None:
             q = self._queries(self._required(queries_new, "queries_new", strategy), new_dim, "queries_new")
             parts.append(("new", q, None))
         if not parts:
@@ -401,32 +667,46 @@ class IndexShard:
         return {"pending": self._pending, "backfilled": self._backfilled, "new": self._new}[name]
 
     def _size(self, name: str) -> int:
+        """Vectors stored (deleted graph rows included)."""
         index = self._index(name)
         return int(index.ntotal) if index is not None else 0
 
-    def _search_part(self, name: str, queries: np.ndarray, k: int, code: int | None) -> TopK:
+    def _live(self, name: str) -> int:
+        """Vectors a search can return."""
+        index = self._index(name)
+        return int(index.size) if index is not None else 0
+
+    def _search_part(self, name: str, queries: np.ndarray, k: int, code: int | None, params: dict) -> TopK:
         store = self._index(name)
         assert store is not None  # only non-empty indexes are searched
         faiss.cvar.distance_compute_blas_threshold = BLAS_MIN_QUERIES * store.index.d  # per process; under the lock
-        scores, labels = self._searchable(name, store.index, k).search(queries, min(k, store.ntotal))
-        slots = store.slots_of(labels)
+        k = min(k, store.size)
+        mirror = self._mirror(name, store, k)
+        if mirror is not None:
+            scores, slots = mirror.search(store, len(self._ids), queries, k, params)
+        else:
+            scores, slots = store.search(queries, k, params)
         hit = slots >= 0
         safe = np.where(hit, slots, 0)
         ids = np.where(hit, self._ids[safe], EMPTY_ID)
         spaces = self._state[safe] if code is None else np.full(slots.shape, code, dtype=np.int8)
         return TopK(ids, scores, spaces.astype(np.int8))
 
-    def _touch(self, *names: str) -> None:
-        for name in names:
-            self._gpu_mirrors.pop(name, None)
-
-    def _searchable(self, name: str, index: faiss.Index, k: int) -> faiss.Index:
-        """The index itself, or its GPU copy (made on the first search after the index last changed)."""
-        if self._gpu is None or k > GPU_MAX_K:
-            return index
-        if name not in self._gpu_mirrors:
-            self._gpu_mirrors[name] = faiss.index_cpu_to_gpu(self._gpu, 0, index)
-        return self._gpu_mirrors[name]
+    def _mirror(self, name: str, store: SlotIndex, k: int) -> GpuMirror | None:
+        """The GPU copy that serves this search, made on the first search of a GPU-capable index."""
+        if self._gpu is None or k > GPU_MAX_K or name in self._no_gpu or not gpu_supported(store):
+            return None
+        mirror = self._mirrors.get(name)
+        if mirror is None:
+            mirror = GpuMirror(self._to_gpu, self._config.gpu_sync_rows, self._config.gpu_sync_seconds)
+            try:
+                mirror.resync(store, len(self._ids))
+            except RuntimeError as err:  # a kind FAISS has no GPU version of
+                logger.warning("no GPU copy of %s (%s): searching it on the CPU", name, err)
+                self._no_gpu.add(name)
+                return None
+            self._mirrors[name] = mirror
+        return mirror
 
     def vectors(self, ids) -> ItemVectors:
         """The stored vectors of some items (e.g. to use an item as a query)."""
@@ -439,10 +719,14 @@ class IndexShard:
                 old = np.zeros((len(ids), self._old_space.dim), dtype=np.float32)
                 assert self._pending is not None and self._backfilled is not None  # not promoted
                 waiting = states == Space.OLD.code
+                kept = ~waiting
+                if not self._config.keep_old:
+                    kept &= states != Space.NEW.code
+                    old[states == Space.NEW.code] = np.nan  # dropped
                 if waiting.any():
                     old[waiting] = self._pending.reconstruct(slots[waiting])
-                if (~waiting).any():
-                    old[~waiting] = self._backfilled.reconstruct(slots[~waiting])
+                if kept.any():
+                    old[kept] = self._backfilled.reconstruct(slots[kept])
             if self._new is not None:
                 assert self._new_space is not None  # set with the new index
                 new = np.zeros((len(ids), self._new_space.dim), dtype=np.float32)
@@ -451,43 +735,133 @@ class IndexShard:
                     new[moved] = self._new.reconstruct(slots[moved])
             return ItemVectors(ids, states, old, new)
 
+    def index_bytes(self) -> dict[str, int]:
+        """Serialised size of each index (what a snapshot of it takes; close to its memory)."""
+        with self._lock:
+            return {
+                name: len(faiss.serialize_index(store.index))
+                for name in INDEXES
+                if (store := self._index(name)) is not None
+            }
+
     # ----------------------------------------------------------------- light calls
-    @ray.method(concurrency_group="light")
     def counts(self) -> dict[str, int]:
         return self._counts
 
-    @ray.method(concurrency_group="light")
     def describe(self) -> dict:
-        return self._description
+        return {**self._description, "gpu_mirrors": self._mirror_stats()}
+
+    def _mirror_stats(self) -> dict[str, dict[str, int]]:
+        """Each GPU copy's full copies, rows added in place and stale rows (read without the lock: a search
+        updates them, and a reader may see one search's update half-way)."""
+        return {
+            name: {"copies": m.copies, "in_place": m.in_place, "stale": m.stale}
+            for name, m in list(self._mirrors.items())
+        }
 
     # ----------------------------------------------------------------- snapshots
-    @ray.method(concurrency_group="snapshot")
     def snapshot(self) -> str:
-        """Write the shard (indexes, ids, states, provenance) under its snapshot URI; return the version URI."""
+        """Write the shard (trained indexes, contents, ids, states, provenance) as a new snapshot under its
+        snapshot URI; return the version URI.
+
+        Code rows (Flat, PQ, SQ, ...) are copied in chunks of SNAPSHOT_CHUNK_ROWS rows, and IVF indexes in
+        ranges of inverted lists holding about as many entries, each chunk under the lock for the time of its
+        copy and written out without it; rows and lists changed meanwhile are recorded and copied again in a
+        final, short hold of the lock that also copies ids and states, so the snapshot is the state at that
+        moment. Graph indexes (HNSW) are serialised whole in that final hold (a graph has no independent
+        parts). A snapshot that dies half-way leaves the last committed one (raybackfill.index.snapshot)."""
         if not self._snapshot_uri:
             raise ValueError("this shard has no snapshot_uri; create it with one to take snapshots")
+        writer = SnapshotWriter(self._snapshot_uri)
         with self._lock:
-            self._set_threads()
             stores = {name: store for name in INDEXES if (store := self._index(name)) is not None}
+            chunked = {name: store for name, store in stores.items() if isinstance(store, (CodesSlots, IVFSlots))}
+            for store in chunked.values():
+                store.track()
+        chunks: dict[str, int] = {}
+        try:
+            for name, store in chunked.items():
+                chunks[name] = self._write_chunks(writer, name, store)
+        except BaseException:
+            with self._lock:
+                for store in chunked.values():
+                    store.untrack()
+            raise
+        with self._lock:
+            stores = {name: store for name in INDEXES if (store := self._index(name)) is not None}
+            replaced = [name for name, store in chunked.items() if stores.get(name) is not store]
+            if replaced:
+                for store in chunked.values():
+                    store.untrack()
+                raise RuntimeError(f"{replaced} replaced (promote or rollback) during the snapshot; take it again")
             items = io.BytesIO()
-            rows = {f"{name}_rows": store.row_slots() for name, store in stores.items()}
-            np.savez(items, ids=self._ids, state=self._state, **rows)  # type: ignore[arg-type]  # mypy: **rows vs allow_pickle
-            blobs: dict[str, bytes | memoryview] = {
-                "meta.json": json.dumps(self._meta()).encode(),
-                "items.npz": items.getvalue(),
-            }
-            blobs |= {f"{name}.faiss": _to_bytes(store.index) for name, store in stores.items()}
+            arrays: dict[str, np.ndarray] = {"ids": self._ids.copy(), "state": self._state.copy()}
+            blobs: dict[str, bytes | memoryview] = {}
+            for name, store in stores.items():
+                arrays[f"{name}_rows"] = store.row_slots().copy()
+                if isinstance(store, GraphSlots):
+                    arrays[f"{name}_alive"] = store.alive.copy()
+                if isinstance(store, CodesSlots):
+                    # rows written since their chunk was copied (all rows of an index made meanwhile)
+                    rows = store.untrack() if name in chunked else np.arange(store.ntotal, dtype=np.int64)
+                    arrays[f"{name}_patch_rows"] = rows
+                    arrays[f"{name}_patch_codes"] = store.codes()[rows].copy()
+                    arrays[f"{name}_ntotal"] = np.array([store.ntotal], np.int64)
+                elif isinstance(store, IVFSlots):
+                    # lists changed since their chunk was copied (all lists of an index made meanwhile)
+                    lists = store.untrack() if name in chunked else np.arange(store.nlist, dtype=np.int64)
+                    for key, value in store.copy_lists(lists).items():
+                        arrays[f"{name}_patch_{key}"] = value
+                else:
+                    blobs[f"{name}.faiss"] = bytes(_to_bytes(store.index))
+            templates = dict(self._templates)
+            meta = self._meta(chunks, templates)
             items_held = len(self._ids)
-        uri = write_snapshot(self._snapshot_uri, blobs)
+        np.savez(items, **arrays)  # type: ignore[arg-type]  # mypy: **arrays vs allow_pickle
+        for space, template in templates.items():
+            writer.write(f"{space}.template.faiss", template)
+        for name, data in blobs.items():
+            writer.write(name, data)
+        writer.write("items.npz", items.getvalue())
+        writer.write("meta.json", json.dumps(meta).encode())
+        uri = writer.commit()
         logger.info("snapshot of %d items written to %s", items_held, uri)
         return uri
 
-    def _meta(self) -> dict:
+    def _write_chunks(self, writer: SnapshotWriter, name: str, store: CodesSlots | IVFSlots) -> int:
+        """Write ``store``'s code rows or inverted lists chunk by chunk (the lock held per chunk copy only);
+        return the number of chunks."""
+        start, count = 0, 0
+        while True:
+            with self._lock:
+                if self._index(name) is not store:
+                    return count  # replaced meanwhile: the final step refuses the snapshot
+                if isinstance(store, CodesSlots):
+                    chunk = store.codes()[start : start + SNAPSHOT_CHUNK_ROWS].copy()
+                    data, size = chunk.tobytes(), len(chunk)
+                else:
+                    sizes = store.list_sizes()[start:]
+                    size = int(np.searchsorted(np.cumsum(sizes), SNAPSHOT_CHUNK_ROWS) + 1) if len(sizes) else 0
+                    lists = np.arange(start, min(start + size, store.nlist), dtype=np.int64)
+                    size = len(lists)
+                    content = store.copy_lists(lists)
+            if not size:
+                return count
+            if isinstance(store, IVFSlots):
+                buffer = io.BytesIO()
+                np.savez(buffer, **content)  # type: ignore[arg-type]  # mypy: **content vs allow_pickle
+                data = buffer.getvalue()
+            writer.write(f"{name}.chunk.{count:06d}", data)
+            start, count = start + size, count + 1
+
+    def _meta(self, chunks: dict[str, int], templates: dict[Space, bytes]) -> dict:
         return {
             "format": SNAPSHOT_FORMAT,
             "config": dataclasses.asdict(self._config),
             "old_space": dataclasses.asdict(self._old_space) if self._old_space else None,
             "new_space": dataclasses.asdict(self._new_space) if self._new_space else None,
+            "trained": sorted(templates),
+            "chunks": chunks,
             "promoted": self._promoted,
         }
 
@@ -495,27 +869,74 @@ class IndexShard:
         meta = json.loads(blobs["meta.json"])
         where = f"snapshot under {self._snapshot_uri}"
         if meta.get("format") != SNAPSHOT_FORMAT:
-            raise ValueError(f"{where} has format {meta.get('format')!r}, expected {SNAPSHOT_FORMAT}")
-        config = {key: value for key, value in meta["config"].items() if key != "use_gpu"}
-        ours = {key: value for key, value in dataclasses.asdict(self._config).items() if key != "use_gpu"}
-        if config != ours:
-            raise ValueError(f"{where} was written with index config {config}, this shard has {ours}")
+            raise ValueError(
+                f"{where} has format {meta.get('format')!r}, this raybackfill reads format {SNAPSHOT_FORMAT}: "
+                f"restore it with the raybackfill version that wrote it, or serve again from the embedding table "
+                f"into a new --snapshot-uri"
+            )
+        stored = {key: meta["config"].get(key) for key in STORED_FIELDS}
+        ours = {key: dataclasses.asdict(self._config)[key] for key in STORED_FIELDS}
+        if stored != ours:
+            raise ValueError(f"{where} was written with index config {stored}, this shard has {ours}")
+        self._templates = {parse(Space, s): blobs[f"{s}.template.faiss"] for s in meta["trained"]}
         with np.load(io.BytesIO(blobs["items.npz"])) as items:
             self._ids = items["ids"].astype(np.int64)
             self._state = items["state"].astype(np.int8)
-            restored = {
-                name: slot_index(_from_bytes(blobs[f"{name}.faiss"]), items[f"{name}_rows"])
-                for name in INDEXES
-                if f"{name}.faiss" in blobs
-            }
+            restored: dict[str, SlotIndex] = {}
+            for name in INDEXES:
+                space = SPACE_OF[name]
+                if space not in self._templates or f"{name}_rows" not in items:
+                    continue
+                if f"{name}.faiss" in blobs:
+                    alive = items[f"{name}_alive"] if f"{name}_alive" in items.files else None
+                    restored[name] = slot_index(_from_bytes(blobs[f"{name}.faiss"]), items[f"{name}_rows"], alive)
+                    continue
+                store = slot_index(_from_bytes(self._templates[space]))
+                chunks = [blobs[f"{name}.chunk.{i:06d}"] for i in range(meta["chunks"].get(name, 0))]
+                if isinstance(store, IVFSlots):
+                    for chunk in chunks:
+                        with np.load(io.BytesIO(chunk)) as content:
+                            store.set_lists({key: content[key] for key in content.files})
+                    patch = ("lists", "sizes", "ids", "codes")
+                    store.set_lists({key: items[f"{name}_patch_{key}"] for key in patch})
+                    store.finish_restore()
+                    restored[name] = store
+                    continue
+                assert isinstance(store, CodesSlots)  # graphs were serialised whole
+                codes = np.frombuffer(b"".join(chunks), np.uint8).reshape(-1, store.code_size)
+                n = int(items[f"{name}_ntotal"][0])
+                codes = np.concatenate([codes, np.zeros((max(n - len(codes), 0), store.code_size), np.uint8)])[:n]
+                codes[items[f"{name}_patch_rows"]] = items[f"{name}_patch_codes"]
+                store.add_codes(items[f"{name}_rows"], codes)
+                restored[name] = store
         self._sort_ids()
         self._old_space = SpaceInfo(**meta["old_space"]) if meta["old_space"] else None
         self._new_space = SpaceInfo(**meta["new_space"]) if meta["new_space"] else None
         self._promoted = bool(meta["promoted"])
-        for store in restored.values():
-            if isinstance(store.index, faiss.IndexIVF):
-                store.index.nprobe = self._config.nprobe
         self._pending = restored.get("pending")
         self._backfilled = restored.get("backfilled")
         self._new = restored.get("new")
         self._publish()
+
+
+@ray.remote(concurrency_groups={"light": 2, "snapshot": 1})  # type: ignore[call-overload]  # ray's overloads omit it
+class IndexShard(_IndexShard):
+    """The shard actor: one call of the default group at a time; ``counts``/``describe`` and
+    ``wait_for_rebuilds`` in the light group, ``snapshot`` in its own. (The overrides only place the calls in
+    their concurrency groups; mypy sees ray.method's remote-method type instead of the plain method.)"""
+
+    @ray.method(concurrency_group="light")
+    def counts(self) -> dict[str, int]:  # type: ignore[override]
+        return self._counts
+
+    @ray.method(concurrency_group="light")
+    def describe(self) -> dict:  # type: ignore[override]
+        return super().describe()
+
+    @ray.method(concurrency_group="light")
+    def wait_for_rebuilds(self, timeout: float | None = None) -> bool:  # type: ignore[override]
+        return super().wait_for_rebuilds(timeout)
+
+    @ray.method(concurrency_group="snapshot")
+    def snapshot(self) -> str:  # type: ignore[override]
+        return super().snapshot()

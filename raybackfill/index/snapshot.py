@@ -7,6 +7,9 @@ Layout under a snapshot root (local path or s3://):
 A crash (or a lost actor) in the middle of a snapshot leaves LATEST pointing at the previous complete
 snapshot; the half-written directory is invisible and pruned later. The pointer is replaced atomically
 (os.replace locally, one PUT on S3).
+
+:class:`SnapshotWriter` writes the blobs one at a time as they are produced (a shard writes its code rows
+in chunks, so no second copy of a whole index is held in memory) and commits the pointer last.
 """
 
 from __future__ import annotations
@@ -44,23 +47,49 @@ def latest_version(root: str) -> str | None:
     return pointer["version"] if pointer else None
 
 
+class SnapshotWriter:
+    """One new snapshot under ``root``, written blob by blob; invisible until :meth:`commit`.
+
+    Example:
+        >>> writer = SnapshotWriter("/tmp/snaps")  # doctest: +SKIP
+        >>> writer.write("meta.json", b"{}")  # doctest: +SKIP
+        >>> writer.commit()  # doctest: +SKIP
+        '/tmp/snaps/v00000001-1a2b3c4d'
+    """
+
+    def __init__(self, root: str, keep: int = 2) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}")
+        self.root, self.keep = root, keep
+        previous = latest_version(root)
+        self.seq = 1
+        if previous:
+            match = _VERSION.match(previous)
+            assert match is not None, f"snapshot pointer {previous!r}"  # _read_pointer checked it against _VERSION
+            self.seq = int(match.group(1)) + 1
+        self.version = f"v{self.seq:08d}-{uuid.uuid4().hex[:8]}"
+        self.files: list[str] = []
+
+    def write(self, name: str, data: bytes | memoryview) -> None:
+        if name in self.files:
+            raise ValueError(f"snapshot blob {name!r} written twice")
+        write_bytes(join(self.root, self.version, name), data)
+        self.files.append(name)
+
+    def commit(self) -> str:
+        """Point LATEST at this snapshot, prune all but the ``keep`` newest; return its URI."""
+        pointer = {"version": self.version, "files": sorted(self.files), "written_at": time.time()}
+        write_bytes(join(self.root, POINTER), json.dumps(pointer).encode())
+        _prune(self.root, self.seq - self.keep + 1)
+        return join(self.root, self.version)
+
+
 def write_snapshot(root: str, blobs: dict[str, bytes | memoryview], keep: int = 2) -> str:
     """Write ``blobs`` as a new snapshot, commit it, prune all but the ``keep`` newest; return its URI."""
-    if keep < 1:
-        raise ValueError(f"keep must be at least 1, got {keep}")
-    previous = latest_version(root)
-    seq = 1
-    if previous:
-        match = _VERSION.match(previous)
-        assert match is not None, f"snapshot pointer {previous!r}"  # _read_pointer checked it against _VERSION
-        seq = int(match.group(1)) + 1
-    version = f"v{seq:08d}-{uuid.uuid4().hex[:8]}"
+    writer = SnapshotWriter(root, keep)
     for name, data in blobs.items():
-        write_bytes(join(root, version, name), data)
-    pointer = {"version": version, "files": sorted(blobs), "written_at": time.time()}
-    write_bytes(join(root, POINTER), json.dumps(pointer).encode())
-    _prune(root, seq - keep + 1)
-    return join(root, version)
+        writer.write(name, data)
+    return writer.commit()
 
 
 def read_snapshot(root: str) -> dict[str, bytes] | None:

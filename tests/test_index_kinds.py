@@ -1,0 +1,363 @@
+"""Index kinds from FAISS factory strings, on the shard's logic in this process (no actor: fast, and the GPU
+plumbing can be faked): config validation, training, moves between spaces for every kind checked against a
+brute-force reference of who is where, keep_old=False, snapshots written in chunks while the shard changes,
+and GPU copies that follow the CPU index without a copy per upsert."""
+
+from __future__ import annotations
+
+import json
+
+import faiss
+import numpy as np
+import pytest
+from index_testing import NEW, OLD, Gallery, assert_matches, brute_force
+
+from raybackfill.index import shard as shard_module
+from raybackfill.index.shard import IndexConfig, _IndexShard, train_index
+from raybackfill.types import Space
+
+D = 8
+# Small codebooks (4-bit PQ, 8 lists) keep training fast on a shared 2-core box.
+KINDS = {
+    "Flat": {},
+    "IVF8,Flat": {"nprobe": 8},  # every list: exact
+    "IVF8,SQ8": {"nprobe": 8},
+    "IVF8,PQ4x4": {"nprobe": 8},
+    "OPQ4,IVF8,PQ4x4": {"nprobe": 8},
+    "HNSW16": {"efSearch": 256},
+    "PQ4x4": {},
+    "SQ8": {},
+    "IVF8,SQ8,RFlat": {"nprobe": 8},  # a refined index: no remove_ids, rows marked deleted
+}
+EXACT = {"Flat", "IVF8,Flat"}  # answers equal the brute-force reference
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    faiss.omp_set_num_threads(1)  # the box is shared: OpenMP spinning on busy cores is slower, not faster
+
+
+def make(factory: str, params: dict | None = None, **options) -> tuple[_IndexShard, IndexConfig]:
+    config = IndexConfig(factory=factory, search_params=params or {}, rebuild_deleted_fraction=0.2, **options)
+    return _IndexShard(config), config
+
+
+def trained(factory: str, params: dict | None = None, seed: int = 0, **options) -> tuple[_IndexShard, IndexConfig]:
+    shard, config = make(factory, params, **options)
+    rng = np.random.default_rng(seed)
+    if config.needs_training:
+        for space, version in ((Space.OLD, "v1"), (Space.NEW, "v2")):
+            sample = rng.standard_normal((600, D)).astype(np.float32)
+            shard.set_trained(space, train_index(config, sample), version)
+    return shard, config
+
+
+# --------------------------------------------------------------------------- config
+def test_factory_strings_are_checked_up_front_with_the_field_named():
+    assert IndexConfig().factory == "Flat" and not IndexConfig().needs_training
+    assert IndexConfig(factory="IVF64,PQ8").needs_training and IndexConfig(factory="HNSW32").layout == "graph"
+    assert IndexConfig(factory="OPQ16,IVF1024,PQ16").layout == "ivf" and IndexConfig(factory="PQ16").layout == "codes"
+    with pytest.raises(ValueError, match="factory 'IVF12,Junk' is not an index FAISS can build"):
+        IndexConfig(factory="IVF12,Junk")
+    with pytest.raises(ValueError, match="leave out IDMap"):
+        IndexConfig(factory="IDMap,Flat")
+    with pytest.raises(ValueError, match="NSG index is built once"):
+        IndexConfig(factory="NSG32")
+    with pytest.raises(ValueError, match="factory must be a FAISS index_factory string"):
+        IndexConfig(factory="")
+    with pytest.raises(ValueError, match="search_params: 'efSearch' does not apply to index 'IVF64,Flat'"):
+        IndexConfig(factory="IVF64,Flat", search_params={"efSearch": 10})
+    with pytest.raises(ValueError, match="unknown search parameter 'nprob'"):
+        IndexConfig(factory="IVF64,Flat", search_params={"nprob": 10})
+    with pytest.raises(ValueError, match="nprobe must be at least 1"):
+        IndexConfig(factory="IVF64,Flat", search_params={"nprobe": 0})
+    config = IndexConfig(factory="IVF64,Flat", search_params={"nprobe": 4})
+    assert config.query_params() == {"nprobe": 4}
+    assert config.query_params({"nprobe": 32}) == {"nprobe": 32}
+    assert IndexConfig(factory="HNSW32").query_params() == {"efSearch": 64}  # the default: FAISS's 16 is too low
+
+
+def test_a_factory_that_does_not_fit_the_data_dim_is_refused_when_the_dim_is_known():
+    shard, config = make("PQ3")  # 3 sub-quantizers: dim 8 does not split
+    with pytest.raises(ValueError, match="index factory 'PQ3' does not build an index of dim 8"):
+        train_index(config, np.random.default_rng(0).standard_normal((300, D)))
+    with pytest.raises(ValueError, match=r"train: 5 vectors cannot train index 'IVF8,Flat'.*"):
+        train_index(IndexConfig(factory="IVF8,Flat"), np.random.default_rng(0).standard_normal((5, D)))
+
+
+def test_per_query_search_params_change_the_answer_of_an_ivf_index():
+    shard, _ = trained("IVF8,Flat", {"nprobe": 1})
+    g = Gallery.random(400, D, seed=3)
+    shard.load_old(g.ids, g.old, "v1")
+    q = np.random.default_rng(1).standard_normal((20, D)).astype(np.float32)
+    exact = brute_force(g, q, None, 10, "old")
+    one = shard.search(q, None, 10, "old")
+    every = shard.search(q, None, 10, "old", params={"nprobe": 8})
+    assert_matches(every, exact, atol=1e-4)  # every list probed: the exact answer
+    recall_one = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(one.ids, exact[0], strict=True)])
+    assert recall_one < 1.0  # one list of eight misses neighbours: the default nprobe=1 was used
+    with pytest.raises(ValueError, match="'efSearch' does not apply"):
+        shard.search(q, None, 10, "old", params={"efSearch": 10})
+
+
+# --------------------------------------------------------------------------- moves, every kind
+def check_against_reference(shard: _IndexShard, g: Gallery, factory: str, rng) -> None:
+    """Every strategy: each id at most once per answer, each hit labelled with its item's space as the reference
+    has it and only from the parts the strategy searches, full answers; exact kinds equal brute force."""
+    n_queries, k = 4, 12
+    q_old, q_new = rng.standard_normal((2, n_queries, D)).astype(np.float32)
+    state = dict(zip(g.ids.tolist(), g.state.tolist(), strict=True))
+    strategies = ["compatible", "rank_merge"] + (
+        ["old"] if shard._config.keep_old or not (g.state == NEW).any() else []
+    )
+    for strategy in strategies:
+        result = shard.search(q_old, q_new, k, strategy)
+        for row_ids, row_spaces in zip(result.ids, result.spaces, strict=True):
+            hits = row_ids[row_ids >= 0]
+            assert len(set(hits.tolist())) == len(hits), f"{factory} {strategy}: an id twice"
+            assert len(hits) == min(k, len(g.ids)), f"{factory} {strategy}: {len(hits)} hits"
+            for item, space in zip(hits.tolist(), row_spaces[row_ids >= 0].tolist(), strict=True):
+                if strategy == "old":
+                    assert space == OLD
+                else:  # an old-space hit is an item still in the old space; a new-space hit carries its state
+                    assert space == state[item], f"{factory} {strategy}: item {item} labelled {space}"
+        if factory in EXACT:
+            assert_matches(result, brute_force(g, q_old, q_new, k, strategy), atol=1e-4)
+    # With k = every item, rank_merge returns every id exactly once (not for a graph: HNSW answers fewer).
+    if shard._config.layout != "graph":
+        everything = shard.search(q_old, q_new, len(g.ids), "rank_merge")
+        for row in everything.ids:
+            assert sorted(row.tolist()) == sorted(g.ids.tolist())
+
+
+@pytest.mark.parametrize("factory", list(KINDS))
+def test_moves_between_spaces_keep_every_id_exactly_once_for_every_kind(factory):
+    shard, _ = trained(factory, KINDS[factory])
+    rng = np.random.default_rng(7)
+    g = Gallery.random(160, D, seed=5)
+    for part in np.array_split(np.arange(160), 3):  # small batches never fail once trained
+        shard.load_old(g.ids[part], g.old[part], "v1")
+    check_against_reference(shard, g, factory, rng)
+    for step in range(8):
+        state = ("transformed", "new")[step % 2]
+        chosen = rng.choice(160, size=int(rng.integers(5, 40)), replace=False)
+        vectors = rng.standard_normal((len(chosen), D)).astype(np.float32)
+        shard.upsert(g.ids[chosen], vectors, state, "v2")
+        g.upsert(chosen, vectors, state)
+        shard.wait_for_rebuilds()
+        check_against_reference(shard, g, factory, rng)
+        if step == 4:  # a rollback in the middle: every item back in the old space
+            shard.rollback()
+            g.state[:] = OLD
+            if shard._config.needs_training:
+                sample = rng.standard_normal((600, D)).astype(np.float32)
+                shard.set_trained(Space.NEW, train_index(shard._config, sample), "v2")
+            check_against_reference(shard, g, factory, rng)
+    counts = shard.counts()
+    assert counts == {s: int((g.state == s.code).sum()) for s in Space}
+    described = shard.describe()["indexes"]
+    if shard._config.layout == "graph":  # rows were deleted, and past 20% the index was rebuilt
+        assert sum(part["stored"] - part["live"] for part in described.values()) < 0.2 * 3 * 160
+
+
+def test_graph_index_rebuilds_in_the_background_and_serves_meanwhile():
+    shard, _ = trained("HNSW16", {"efSearch": 256})
+    g = Gallery.random(200, D, seed=9)
+    shard.load_old(g.ids, g.old, "v1")
+    rng = np.random.default_rng(2)
+    vectors = rng.standard_normal((100, D)).astype(np.float32)
+    shard.upsert(g.ids[:100], vectors, "transformed", "v2")  # half of pending deleted: a rebuild starts
+    g.upsert(np.arange(100), vectors, "transformed")
+    check_against_reference(shard, g, "HNSW16", rng)  # answered while the rebuild may still run
+    assert shard.wait_for_rebuilds(timeout=120)
+    pending = shard.describe()["indexes"]["pending"]
+    assert pending == {"stored": 100, "live": 100, "layout": "graph"}
+    check_against_reference(shard, g, "HNSW16", rng)
+
+
+def test_keep_old_false_drops_old_vectors_of_new_items_and_refuses_old_and_rollback():
+    shard, config = trained("Flat", keep_old=False)
+    g = Gallery.random(50, D, seed=4)
+    shard.load_old(g.ids, g.old, "v1")
+    rng = np.random.default_rng(3)
+    t = rng.standard_normal((20, D)).astype(np.float32)
+    shard.upsert(g.ids[:20], t, "transformed", "v2")
+    g.upsert(np.arange(20), t, "transformed")
+    q = rng.standard_normal((3, D)).astype(np.float32)
+    assert_matches(shard.search(q, None, 10, "old"), brute_force(g, q, None, 10, "old"), atol=1e-4)  # all kept
+    new = rng.standard_normal((15, D)).astype(np.float32)
+    shard.upsert(g.ids[10:25], new, "new", "v2")  # 10 transformed and 5 old items become new
+    g.upsert(np.arange(10, 25), new, "new")
+    indexes = shard.describe()["indexes"]
+    assert indexes["pending"]["stored"] == 25 and indexes["backfilled"]["stored"] == 10  # 15 old vectors dropped
+    check_against_reference(shard, g, "Flat", rng)
+    with pytest.raises(ValueError, match="strategy 'old' is unavailable: .*keep_old=False.* 15 re-embedded"):
+        shard.search(q, None, 10, "old")
+    with pytest.raises(ValueError, match="rollback is unavailable"):
+        shard.rollback()
+    with pytest.raises(ValueError, match="old vectors were dropped"):
+        shard.upsert(g.ids[10:12], new[:2], "transformed", "v2")
+    stored = shard.vectors(g.ids[[0, 12, 40]])
+    assert np.isnan(stored.old[1]).all() and np.isfinite(stored.old[[0, 2]]).all()
+    assert config.keep_old is False
+
+
+# --------------------------------------------------------------------------- snapshots
+@pytest.mark.parametrize("factory", ["Flat", "IVF8,PQ4x4", "HNSW16", "OPQ4,PQ4x4"])
+def test_snapshot_restores_every_kind(tmp_path, factory):
+    uri = str(tmp_path / "snap")
+    shard, config = trained(factory, KINDS.get(factory, {}))
+    shard._snapshot_uri = uri
+    g = Gallery.random(120, D, seed=1)
+    shard.load_old(g.ids, g.old, "v1")
+    moved = np.random.default_rng(0).standard_normal((50, D)).astype(np.float32)
+    shard.upsert(g.ids[:50], moved, "transformed", "v2")
+    shard.wait_for_rebuilds()
+    shard.snapshot()
+    restored = _IndexShard(config, uri)
+    assert restored.counts() == shard.counts() and restored.describe()["indexes"] == shard.describe()["indexes"]
+    q = np.random.default_rng(2).standard_normal((5, D)).astype(np.float32)
+    for strategy in ("old", "compatible", "rank_merge"):
+        a, b = shard.search(q, q, 10, strategy), restored.search(q, q, 10, strategy)
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5)
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF8,SQ8", "OPQ4,IVF8,PQ4x4"])
+def test_snapshot_copied_in_chunks_is_the_state_at_its_end_while_upserts_go_on(tmp_path, monkeypatch, factory):
+    monkeypatch.setattr(shard_module, "SNAPSHOT_CHUNK_ROWS", 16)
+    uri = str(tmp_path / "snap")
+    shard, config = trained(factory, KINDS[factory])
+    shard._snapshot_uri = uri
+    g = Gallery.random(100, D, seed=6)
+    shard.load_old(g.ids, g.old, "v1")
+    shard.upsert(g.ids[:40], g.old[:40] + 1, "transformed", "v2")
+    g.upsert(np.arange(40), g.old[:40] + 1, "transformed")
+    rng = np.random.default_rng(8)
+    writes = []
+    original = shard_module.SnapshotWriter.write
+
+    def write_and_change(self, name, data):
+        original(self, name, data)
+        writes.append(name)
+        if name.startswith("pending.chunk.") and len(writes) == 2:  # between two chunks, without the lock
+            chosen = rng.choice(np.flatnonzero(g.state == OLD), 30, replace=False)
+            vectors = rng.standard_normal((30, D)).astype(np.float32)
+            shard.upsert(g.ids[chosen], vectors, "new", "v2")  # removes from pending: holes filled from the tail
+            g.upsert(chosen, vectors, "new")
+            shard.load_old(np.array([5]), rng.standard_normal((1, D)), "v1")
+
+    monkeypatch.setattr(shard_module.SnapshotWriter, "write", write_and_change)
+    shard.snapshot()
+    assert sum(name.startswith("pending.chunk.") for name in writes) >= 2  # written in chunks, changed between
+    restored = _IndexShard(config, uri)
+    assert restored.counts() == shard.counts() == {s: int((g.state == s.code).sum()) + (s is Space.OLD) for s in Space}
+    q = rng.standard_normal((6, D)).astype(np.float32)
+    for strategy in ("old", "compatible", "rank_merge"):
+        a, b = shard.search(q, q, 101, strategy), restored.search(q, q, 101, strategy)
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_allclose(a.scores, b.scores, rtol=1e-6)
+
+
+def test_a_snapshot_of_an_older_format_is_a_clear_error(tmp_path):
+    uri = str(tmp_path / "snap")
+    shard = _IndexShard(IndexConfig(), uri)
+    shard.load_old(np.arange(3), np.eye(3, D), "v1")
+    shard.snapshot()
+    pointer = json.loads((tmp_path / "snap" / "LATEST").read_text())
+    meta = tmp_path / "snap" / pointer["version"] / "meta.json"
+    meta.write_text(json.dumps(json.loads(meta.read_text()) | {"format": 2}))
+    with pytest.raises(ValueError, match="has format 2, this raybackfill reads format 3"):
+        _IndexShard(IndexConfig(), uri)
+    with pytest.raises(ValueError, match="written with index config"):
+        meta.write_text(json.dumps(json.loads(meta.read_text()) | {"format": 3}))
+        _IndexShard(IndexConfig(factory="SQ8"), uri)
+
+
+# --------------------------------------------------------------------------- GPU plumbing, without a GPU
+class FakeGpu:
+    """Stands in for faiss GPU support: a 'GPU copy' is a CPU clone, and every copy is counted."""
+
+    def __init__(self, monkeypatch):
+        self.copies = 0
+        self.searched: list[int] = []
+        fake = self
+
+        class Resources:
+            pass
+
+        def cpu_to_gpu(resources, device, index):
+            assert isinstance(resources, Resources) and device == 0
+            fake.copies += 1
+            clone = faiss.clone_index(index)
+            original_search = clone.search
+
+            def search(*args, **kwargs):
+                fake.searched.append(id(clone))
+                return original_search(*args, **kwargs)
+
+            clone.search = search
+            return clone
+
+        monkeypatch.setattr(faiss, "StandardGpuResources", Resources, raising=False)
+        monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+        monkeypatch.setattr(faiss, "index_cpu_to_gpu", cpu_to_gpu, raising=False)
+        monkeypatch.setattr(shard_module.ray, "get_gpu_ids", lambda: [0])
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF8,Flat"])
+def test_gpu_copies_follow_upserts_in_place_and_answer_like_the_cpu_index(monkeypatch, factory):
+    cpu, _ = trained(factory, KINDS[factory])
+    fake = FakeGpu(monkeypatch)
+    gpu, _ = trained(factory, KINDS[factory], gpu_sync_rows=45, gpu_sync_seconds=3600)
+    assert gpu.describe()["gpu"] and not cpu.describe()["gpu"]
+    g = Gallery.random(200, D, seed=2)
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((5, D)).astype(np.float32)
+    for shard in (cpu, gpu):
+        shard.load_old(g.ids, g.old, "v1")
+
+    def same_answers():
+        for strategy in ("old", "compatible", "rank_merge"):
+            a, b = cpu.search(q, q, 20, strategy), gpu.search(q, q, 20, strategy)
+            np.testing.assert_array_equal(a.ids, b.ids)
+            np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5)
+
+    same_answers()
+    assert fake.copies == 1 and fake.searched  # pending copied once (backfilled is empty); searches ran on the copy
+    for step in range(4):  # 4 upserts of 10 items: moves and replacements, no copy
+        chosen = rng.choice(200, 10, replace=False)
+        vectors = rng.standard_normal((10, D)).astype(np.float32)
+        for shard in (cpu, gpu):
+            shard.upsert(g.ids[chosen], vectors, ("transformed", "new")[step % 2], "v2")
+        same_answers()
+    mirrors = gpu.describe()["gpu_mirrors"]
+    assert fake.copies == 3  # backfilled and new got their first copy once they held vectors; then followed in place
+    assert mirrors["new"]["in_place"] > 0 and mirrors["pending"]["stale"] > 0
+    # Past gpu_sync_rows stale rows, the next search copies that index again (once), then answers the same.
+    waiting = g.ids[cpu.vectors(g.ids).states == OLD]
+    chosen, vectors = waiting[:45], rng.standard_normal((45, D)).astype(np.float32)
+    for shard in (cpu, gpu):
+        shard.upsert(chosen, vectors, "new", "v2")
+    before = fake.copies
+    same_answers()
+    assert fake.copies > before and gpu.describe()["gpu_mirrors"]["pending"]["stale"] == 0
+    # The copies hold what the CPU indexes hold: every item, searched with k = everything.
+    a, b = cpu.search(q, q, 200, "rank_merge"), gpu.search(q, q, 200, "rank_merge")
+    np.testing.assert_array_equal(a.ids, b.ids)
+
+
+def test_a_large_k_or_a_kind_without_gpu_search_stays_on_the_cpu(monkeypatch):
+    fake = FakeGpu(monkeypatch)
+    hnsw, _ = trained("HNSW16")
+    g = Gallery.random(60, D, seed=2)
+    hnsw.load_old(g.ids, g.old, "v1")
+    hnsw.search(g.old[:2], None, 5, "old")
+    assert fake.copies == 0 and hnsw.describe()["gpu_mirrors"] == {}
+    flat, _ = trained("Flat")
+    big = Gallery.random(2500, D, seed=3)
+    flat.load_old(big.ids, big.old, "v1")
+    flat.search(g.old[:2], None, 2500, "old")  # beyond what a GPU search takes
+    assert fake.copies == 0
+    flat.search(g.old[:2], None, 5, "old")
+    assert fake.copies == 1
