@@ -5,7 +5,7 @@ import argparse
 import pytest
 
 from raybackfill.cli.demo import DEFAULT_OUT, config_from_args, register
-from raybackfill.demo.configs import FULL, QUICK
+from raybackfill.demo.configs import FULL, QUICK, TEXT_FULL, TEXT_QUICK
 
 
 def _parse(argv):
@@ -36,3 +36,12 @@ def test_a_bad_seed_or_metric_is_refused_by_the_parser():
         _parse(["--seed", "x"])
     with pytest.raises(SystemExit):
         _parse(["--metric", "ip"])
+
+
+def test_text_selects_the_text_demo_and_its_scale():
+    args = _parse(["--text", "--quick", "--out", "t"])
+    assert args.text
+    config = config_from_args(args)
+    assert config.resolved_text_scale() == TEXT_QUICK
+    assert config_from_args(_parse(["--text"])).resolved_text_scale() == TEXT_FULL
+    assert not _parse([]).text

@@ -6,8 +6,10 @@ import os
 import numpy as np
 import pytest
 
+from raybackfill.adapters.fit import auto_kinds
 from raybackfill.data import storage
 from raybackfill.data.schema import ID
+from raybackfill.demo.adapters import adapter_model_name
 from raybackfill.demo.configs import DemoConfig, DemoScale, Fit
 from raybackfill.demo.evaluation import METHOD_ORDERS, method_orders
 from raybackfill.demo.pipeline import run_demo
@@ -16,6 +18,7 @@ from raybackfill.demo.training import TRANSFORMATIONS
 from raybackfill.eval.diagnostics import ORACLE_ORDER
 from raybackfill.eval.offline import output_files
 from raybackfill.eval.report import load_report
+from raybackfill.models.artifacts import read_spec
 from raybackfill.train import api
 
 ONE_EPOCH = Fit(epochs=1, batch_size=32, lr=1e-3)
@@ -137,7 +140,7 @@ def test_online_hook_gets_the_artifacts_and_fills_the_online_section(demo):
     assert artifacts.layout.out == config.out
     for uri in (artifacts.images, artifacts.embeddings, artifacts.gallery_old, *artifacts.splits.values()):
         assert os.path.isdir(uri), uri
-    for name in ("old", "new", "bct", "ract", "side_info", *TRANSFORMATIONS, "psi"):
+    for name in ("old", "new", "bct", "ract", "side_info", *TRANSFORMATIONS, "psi", "adapter_procrustes"):
         assert os.path.isfile(os.path.join(artifacts.models[name], "model.json")), name
 
 
@@ -155,7 +158,8 @@ def test_no_choice_made_in_training_sees_an_evaluation_id(demo):
         name: storage.read_table(uri, columns=[ID]).column(ID).to_numpy() for name, uri in artifacts.splits.items()
     }
     evaluation = np.concatenate([split_ids["gallery"], split_ids["query"]])
-    runs = 3 + 1 + len(TRANSFORMATIONS) + 1 + 1  # new/bct/ract, old at one rate, transformations, psi, side-info
+    # new/bct/ract, old at one rate, transformations, psi, side-info, the label-free mlp and fastfill adapters
+    runs = 3 + 1 + len(TRANSFORMATIONS) + 1 + 1 + 2
     assert len(held_out) == runs
     for ids, validation in held_out:
         assert validation.any(), "each run holds rows out"
@@ -163,6 +167,32 @@ def test_no_choice_made_in_training_sees_an_evaluation_id(demo):
         assert not np.isin(ids, evaluation).any()
     validation_of_old_classes = [ids[mask] for ids, mask in held_out if np.isin(ids, split_ids["train_old"]).all()]
     assert validation_of_old_classes, "the old model (which picks the learning rate) holds out old-class rows"
+
+
+def test_label_free_adapters_sit_next_to_fct_in_the_report(demo):
+    config, report, (artifacts,), _ = demo
+    section = report["adapters"]
+    rows = {r["name"]: r for r in section["rows"]}
+    kinds = [adapter_model_name(k) for k in auto_kinds("old-to-new")]
+    assert set(rows) == {*kinds, *TRANSFORMATIONS}
+    assert all(rows[k]["label_free"] for k in kinds) and not any(rows[m]["label_free"] for m in TRANSFORMATIONS)
+    old_old = report["anchors"]["old_old"]
+    assert section["old_old"] == {"top1": old_old["top1"], "map": old_old["map"]}
+    for name, row in rows.items():
+        assert row["above_old_old"] == (row["top1"] > old_old["top1"]), name
+        assert row["top1_vs_old_old"] == pytest.approx(row["top1"] - old_old["top1"])
+    assert section["below_old_old"] == [n for n, r in rows.items() if not r["above_old_old"]]
+    # FCT / FastFill rows are the report's new_<method> anchors; every adapter is a saved, scored artefact
+    for method in TRANSFORMATIONS:
+        assert rows[method]["top1"] == report["anchors"][f"new_{method}"]["top1"]
+    train_rows = storage.read_table(artifacts.splits["train"], columns=[ID]).num_rows
+    for kind in kinds:
+        record = read_spec(artifacts.models[kind]).adapter
+        assert record["score"] == rows[kind]["gate"]["score"] and "labelled" not in record["score"], "no labels"
+        assert record["score"]["pairs"] + record["fit"]["fit_rows"] == train_rows, "fitted on the train split only"
+    with open(os.path.join(config.out, "report.md")) as f:
+        assert "adapters (label-free) vs FCT with classifier" in f.read()
+    assert "label-free adapters" in summary(report, [])
 
 
 def test_the_terminal_summary_is_short_and_points_to_every_file(demo):

@@ -9,6 +9,7 @@ from raybackfill.eval.curves import BackfillCurve
 from raybackfill.eval.metrics import RetrievalResult
 from raybackfill.eval.report import (
     Run,
+    adapter_section,
     build_report,
     compare_reports,
     load_report,
@@ -180,3 +181,29 @@ def test_orders_are_judged_against_the_band_of_random_seeds():
     assert "orders against 3 random orders" in table and "0.600 ± 0.050" in table and "+0.7" in table
     # One seed is no band: nothing to judge against.
     assert versus_random(build_report(ANCHORS, runs())) == []
+
+
+def test_adapter_section_judges_each_map_against_old_old_by_hand():
+    gate = {"score": {"k": 10, "recall": 0.9, "pairs": 20}, "fit": {}}
+    section = adapter_section(
+        anchor(0.4, 0.2),
+        anchor(0.8, 0.5),
+        {"procrustes": (anchor(0.6, 0.35), gate), "affine": (anchor(0.4, 0.25), gate)},
+        {"fct": anchor(0.7, 0.4)},
+    )
+    rows = {r["name"]: r for r in section["rows"]}
+    assert rows["procrustes"]["gain_top1"] == pytest.approx((0.6 - 0.4) / (0.8 - 0.4))
+    assert rows["procrustes"]["gain_map"] == pytest.approx((0.35 - 0.2) / (0.5 - 0.2))
+    assert rows["procrustes"]["top1_vs_old_old"] == pytest.approx(0.2) and rows["procrustes"]["above_old_old"]
+    assert not rows["affine"]["above_old_old"], "equal to old/old is not above it"
+    assert section["below_old_old"] == ["affine"]
+    assert rows["procrustes"]["label_free"] and not rows["fct"]["label_free"] and "gate" not in rows["fct"]
+    report = build_report(ANCHORS, runs()) | {"adapters": section}
+    validate_report(report)
+    text = summary_table(report)
+    assert "adapters (label-free) vs FCT with classifier" in text and "BELOW old/old" in text
+    with pytest.raises(ValueError, match="evaluated differently"):
+        adapter_section(anchor(0.4, 0.2), anchor(0.8, 0.5), {}, {"fct": anchor(0.7, 0.4, metric="l2")})
+    broken = report | {"adapters": {**section, "rows": [{"name": "x"}]}}
+    with pytest.raises(ValueError, match="adapters row 0 lacks"):
+        validate_report(broken)

@@ -1,13 +1,15 @@
 """The demo's configuration as data: what one run does (:class:`DemoConfig`), how big it is
-(:class:`DemoScale`, with the two built-in sizes :data:`QUICK` and :data:`FULL`) and how the online phase
-serves and paces its backfill (:class:`OnlineConfig`).
+(:class:`DemoScale`, with the two built-in sizes :data:`QUICK` and :data:`FULL`; the text demo's
+:class:`TextScale`, :data:`TEXT_QUICK` and :data:`TEXT_FULL`) and how the online phase serves and paces its
+backfill (:class:`OnlineConfig`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
-from raybackfill.types import MODEL_METRICS, Method, Metric, Policy, Strategy, parse
+from raybackfill.types import MODEL_METRICS, Method, Metric, Policy, Strategy, Tokenizer, parse
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,68 @@ QUICK = DemoScale(
 
 
 @dataclass(frozen=True)
+class TextEncoderSpec:
+    """One text encoder of the text demo: its architecture (:mod:`raybackfill.models.text`), builder arguments,
+    the tokenizer it reads (with ``max_length`` and, for hashed words, ``vocab_size``) and how it trains."""
+
+    architecture: str
+    kwargs: dict
+    tokenizer: Tokenizer
+    max_length: int
+    fit: Fit
+    vocab_size: int = 32_768
+
+
+@dataclass(frozen=True)
+class TextScale:
+    """How big `raybackfill demo --text` is: the standard-library docstring corpus (``classes`` modules, at most
+    ``per_class`` docstrings each), the two encoders, the paired sample and the label-free adapters.
+
+    v1 is a hashed bag of words trained on the old classes only (as the image demo's old model), v2 character
+    n-grams trained on every class, with a different width: the two spaces share nothing. ``min_recall`` is the
+    gate the adapter the backfill runs must pass (recall@10 of new queries on its held-out pairs); ``sample``
+    is how many train items the paired sample embeds with both models (None: every train item).
+    """
+
+    classes: int = 24
+    per_class: int = 200
+    v1: TextEncoderSpec = TextEncoderSpec(
+        "text_hashed_words",
+        {"word_dim": 64, "embedding_dim": 48},
+        Tokenizer.HASHED_WORDS,
+        64,
+        Fit(epochs=25, batch_size=32, lr=1e-2, augment=False),
+        vocab_size=16_384,
+    )
+    v2: TextEncoderSpec = TextEncoderSpec(
+        "text_char_ngrams",
+        {"buckets": 32_768, "lengths": [3, 4, 5], "gram_dim": 64, "hidden_dim": 128, "embedding_dim": 96},
+        Tokenizer.BYTES,
+        256,
+        Fit(epochs=25, batch_size=32, lr=1e-2, augment=False),
+    )
+    sample: int | None = None
+    adapter: Fit = Fit(epochs=30, batch_size=64, lr=1e-3)  # mlp / fastfill adapters
+    min_recall: float = 0.3
+    beta_points: int = 21
+    random_seeds: int = 8
+    online: OnlineConfig = OnlineConfig(min_seconds=40.0)
+
+
+TEXT_FULL = TextScale()
+TEXT_QUICK = TextScale(
+    classes=8,
+    per_class=90,
+    v1=dataclasses.replace(TEXT_FULL.v1, fit=Fit(epochs=15, batch_size=32, lr=1e-2, augment=False)),
+    v2=dataclasses.replace(TEXT_FULL.v2, fit=Fit(epochs=15, batch_size=32, lr=1e-2, augment=False)),
+    adapter=Fit(epochs=20, batch_size=64, lr=1e-3),
+    beta_points=11,
+    random_seeds=6,
+    online=OnlineConfig(min_seconds=10.0, max_probes=100),
+)
+
+
+@dataclass(frozen=True)
 class DemoConfig:
     """One demo run. ``data=None`` uses the built-in synthetic dataset at ``scale``.
 
@@ -118,10 +182,12 @@ class DemoConfig:
 
     out: str = "raybackfill-demo"
     quick: bool = False
-    data: str | None = None  # any labelled image table (id, image, label), local or s3://
+    # any labelled image table (id, image, label), local or s3://; the text demo: a text table (id, text, label)
+    data: str | None = None
     old_classes: str = "half"  # classes the old model is trained on: "half", "0-49", "0,1,5-9"
     seed: int = 0  # data, splits, training and the random policy
     scale: DemoScale | None = None  # None: QUICK or FULL by ``quick``
+    text_scale: TextScale | None = None  # the text demo's; None: TEXT_QUICK or TEXT_FULL by ``quick``
     fractions: dict[str, float] = field(default_factory=lambda: {"train": 0.5, "gallery": 0.3, "query": 0.2})
     num_workers: int = 0  # Ray Train workers per model; 0 = local mode in the driver (fastest on 2 cores)
     cpus_per_worker: float = 1.0
@@ -141,3 +207,8 @@ class DemoConfig:
         if self.scale is not None:
             return self.scale
         return QUICK if self.quick else FULL
+
+    def resolved_text_scale(self) -> TextScale:
+        if self.text_scale is not None:
+            return self.text_scale
+        return TEXT_QUICK if self.quick else TEXT_FULL

@@ -13,14 +13,15 @@ import pyarrow as pa
 from raybackfill.backfill.policies import priority_scores
 from raybackfill.compat.recipes import get_recipe
 from raybackfill.data.schema import EMBEDDING, ID, LABEL, SIDE_INFO, embedding_table, vectors_of
+from raybackfill.demo.adapters import ADAPTER_PREFIX
 from raybackfill.demo.configs import DemoConfig, DemoScale
 from raybackfill.demo.pipeline import DemoArtifacts, rows_of_ids
 from raybackfill.demo.training import TRANSFORMATIONS
 from raybackfill.eval import diagnostics
 from raybackfill.eval.metrics import EvalConfig, RetrievalResult, evaluate
 from raybackfill.eval.offline import Embeddings, LoadedTables, OfflineConfig, Order, method_spaces, order_run
-from raybackfill.eval.report import build_report
-from raybackfill.models.artifacts import load_model
+from raybackfill.eval.report import adapter_section, build_report
+from raybackfill.models.artifacts import load_model, read_spec
 from raybackfill.models.transformations import apply_transformation
 from raybackfill.types import BackboneLoss, Method, Policy, Protocol
 
@@ -51,7 +52,8 @@ def method_orders(method: Method, with_diagnostics: bool = False) -> tuple[Order
 def evaluate_demo(
     artifacts: DemoArtifacts, table: pa.Table, labels: dict[str, pa.Table], scale: DemoScale, config: DemoConfig
 ) -> dict:
-    """The report (eval.report schema, plus ``diagnostics`` when ``config.diagnostics``).
+    """The report (eval.report schema, plus ``diagnostics`` when ``config.diagnostics`` and ``adapters`` when the
+    artefacts hold label-free adapters: each one's new-query figures on the mapped old gallery beside FCT's).
 
     ``table`` holds every image under every backbone (see ``pipeline.embed_all``); ``labels`` the id and
     label of each split. The FCT/FastFill gallery and psi(new query) are computed here from the stored
@@ -131,6 +133,15 @@ def evaluate_demo(
         spaces = method_spaces(method, tables)
         runs += [order_run(order, spaces, tables, offline, anchors["old_old"], eval_config) for order in orders]
     report = build_report(anchors, runs)
+    adapters = {name: uri for name, uri in artifacts.models.items() if name.startswith(ADAPTER_PREFIX)}
+    if adapters:
+        fitted = {}
+        for name, uri in adapters.items():
+            mapped = apply_transformation(load_model(uri).module, gallery["old"])[0]
+            record = read_spec(uri).adapter
+            fitted[name] = (measure(query["new"], mapped), {"score": record["score"], "fit": record["fit"]})
+        references = {m.value: anchors[f"new_{m}"] for m in TRANSFORMATIONS}
+        report["adapters"] = adapter_section(anchors["old_old"], anchors["new_new"], fitted, references)
     if config.diagnostics:
         report["diagnostics"] = diagnosed
     return report

@@ -3,7 +3,8 @@
 One run makes (or reads) a labelled image table, splits it (old classes = the old model's world), trains
 the old model, the new one and every compatibility artefact with the train API (Ray Train), embeds all
 images once per backbone with the embed jobs (Ray Data), transforms the stored old gallery embeddings
-(FCT / FastFill, no images read), and evaluates every method x backfill order offline with
+(FCT / FastFill, no images read), fits every label-free adapter on the train split's stored embeddings
+(raybackfill.adapters: no labels, no classifier), and evaluates every method x backfill order offline with
 raybackfill.eval. The online phase (live index, backfill while a client queries) plugs in through
 ``run_demo(..., online=...)``; without it the report has no ``online`` section rather than a made-up one.
 
@@ -116,6 +117,7 @@ def run_demo(config: DemoConfig, *, online: OnlinePhase | None = None) -> dict:
 
 def _run(config: DemoConfig, online: OnlinePhase | None) -> dict:
     # Imported here: the training and evaluation stages import torch models and Ray Train.
+    from raybackfill.demo.adapters import fit_demo_adapters
     from raybackfill.demo.evaluation import evaluate_demo
     from raybackfill.demo.training import train_backbones, train_transformations
 
@@ -138,6 +140,8 @@ def _run(config: DemoConfig, online: OnlinePhase | None) -> dict:
         new_train = write_split_embeddings(table, labels[TRAIN], "new", layout.embeddings("new", TRAIN))
     with timer("train transformations"):
         models |= train_transformations(layout, old_train, new_train, models["new"], scale, config)
+    with timer("fit adapters"):  # label-free: the same train pairs, no labels, no classifier
+        models |= fit_demo_adapters(layout, old_train, new_train, scale, config).models
     artifacts = DemoArtifacts(layout, images, splits, models, embeddings, gallery_old)
     online_section = None
     if online is not None:
@@ -227,7 +231,7 @@ def write_split_embeddings(table: pa.Table, rows: pa.Table, column: str, uri: st
     """One backbone's vectors (``column`` of the all-images table) for the ids of a split, as an embedding
     table with the split's labels (and the side-information next to the old vectors)."""
     part = table.take(rows_of_ids(table, rows.column(ID).to_numpy()))
-    side = vectors_of(part, SIDE_INFO) if column == EMBEDDING else None
+    side = vectors_of(part, SIDE_INFO) if column == EMBEDDING and SIDE_INFO in part.schema.names else None
     out = embedding_table(
         part.column(ID).to_numpy(),
         vectors_of(part, column),

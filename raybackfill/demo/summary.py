@@ -57,6 +57,19 @@ def summary(report: Mapping, files: Sequence[str]) -> str:
     verdicts = [f.verdict for f in findings(report)]
     counts = ", ".join(f"{verdicts.count(v)} {v.value}" for v in Verdict if verdicts.count(v))
     lines += ["", f"the papers' directions on this run: {counts} (report.md has each one)"]
+    adapters = report.get("adapters")
+    if adapters:
+
+        def shown(label_free: bool) -> str:
+            rows = [r for r in adapters["rows"] if r["label_free"] is label_free]
+            return ", ".join(f"{r['name'].removeprefix('adapter_')} {_top1(r)}" for r in rows) or "-"
+
+        below = adapters["below_old_old"]
+        lines += [
+            f"new query / mapped old gallery top-1: label-free adapters {shown(True)}",
+            f"  trained with labels and the new classifier: {shown(False)}; "
+            + (f"below old/old: {', '.join(below)}" if below else "all above old/old"),
+        ]
     online = report.get("online")
     if online:
         line = (
@@ -68,3 +81,7 @@ def summary(report: Mapping, files: Sequence[str]) -> str:
         lines.append(line)
     lines.append("files: " + ", ".join(files))
     return "\n".join(lines)
+
+
+def _top1(row: Mapping) -> str:
+    return "-" if row["top1"] is None else f"{row['top1']:.3f}"

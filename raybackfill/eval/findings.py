@@ -43,7 +43,8 @@ class Finding:
     lower_is_better: bool = False
 
 
-def _verdict(z: float | None) -> Verdict:
+def verdict(z: float | None) -> Verdict:
+    """holds at z >= Z_CLEAR, reversed at z <= -Z_CLEAR, noise in between (missing without a z)."""
     if z is None:
         return Verdict.MISSING
     if z >= Z_CLEAR:
@@ -91,7 +92,7 @@ def _area(claim: str, a_run: Mapping | None, a_label: str, b_run: Mapping | None
         a_value, b_value = (None if run is None else run[key] for run in (a_run, b_run))
         return Finding(claim, a_label, a_value, b_label, b_value, None, Verdict.MISSING)
     z = _gap(a_run[key], b_run[key], sd)
-    return Finding(claim, a_label, a_run[key], b_label, b_run[key], z, _verdict(z))
+    return Finding(claim, a_label, a_run[key], b_label, b_run[key], z, verdict(z))
 
 
 def findings(report: Mapping) -> list[Finding]:
@@ -103,12 +104,12 @@ def findings(report: Mapping) -> list[Finding]:
         se = math.sqrt(2) * share_se((oo["top1"] + nn["top1"]) / 2, n)  # mAP gets top-1's scale: no closed form
         z = _gap(nn[metric], oo[metric], se)
         out.append(Finding(f"the new model retrieves better than the old ({metric})", "new/new", nn[metric],
-                           "old/old", oo[metric], z, _verdict(z)))  # fmt: skip
+                           "old/old", oo[metric], z, verdict(z)))  # fmt: skip
     if "bct_old" in anchors:
         bo = anchors["bct_old"]["top1"]
         z = _gap(bo, oo["top1"], math.sqrt(2) * share_se((bo + oo["top1"]) / 2, n))
         out.append(Finding("BCT: the new query on the old gallery beats old/old (top-1)", "BCT query/old gallery", bo,
-                           "old/old", oo["top1"], z, _verdict(z)))  # fmt: skip
+                           "old/old", oo["top1"], z, verdict(z)))  # fmt: skip
     else:
         out.append(Finding("BCT: the new query on the old gallery beats old/old (top-1)", "BCT query/old gallery",
                            None, "old/old", oo["top1"], None, Verdict.MISSING))  # fmt: skip
@@ -119,7 +120,7 @@ def findings(report: Mapping) -> list[Finding]:
     else:
         r, b = _at_beta(ract, "nfr", NFR_BETA), _at_beta(bct, "nfr", NFR_BETA)
         z = _gap(b, r, math.sqrt(share_se(r, n) ** 2 + share_se(b, n) ** 2))
-        out.append(Finding(claim, f"ract/{ract['policy']}", r, f"bct/{bct['policy']}", b, z, _verdict(z),
+        out.append(Finding(claim, f"ract/{ract['policy']}", r, f"bct/{bct['policy']}", b, z, verdict(z),
                            lower_is_better=True))  # fmt: skip
     ff_random = runs.get((Method.FASTFILL, Policy.RANDOM))
     ff_ordered = runs.get((Method.FASTFILL, Policy.UNCERTAINTY))

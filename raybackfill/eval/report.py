@@ -21,6 +21,15 @@ Schema (version 1); all metrics are fractions in [0, 1], null where undefined:
         "max_nfr", "final_top1", "final_map",
         "seed_aucs": {"seeds": [...], "auc_top1": [...], "auc_map": [...]}   # optional, random runs: the
       }],                                                # AUCs of several random orders, the noise band
+      "adapters": {                             # optional: adapters fitted without labels vs transformations
+        "query": "new", "gallery": "old gallery through each map",   # what every row measures
+        "old_old": {"top1", "map"}, "new_new": {"top1", "map"},
+        "rows": [{"name", "label_free": bool, "top1", "map", "top1_vs_old_old", "map_vs_old_old",
+                  "gain_top1", "gain_map",            # (x - old_old) / (new_new - old_old)
+                  "above_old_old": bool,              # top-1 strictly above old/old
+                  "gate": {...}}],                    # label-free rows: the held-out gate score (adapters.scores)
+        "below_old_old": [name, ...]
+      },
       "online": {...},                          # optional, written by the online (serving) evaluation
       "diagnostics": {str: float}               # optional, e.g. the demo's uncertainty-vs-error Spearmans
     }
@@ -44,6 +53,7 @@ from raybackfill.types import Policy
 SCHEMA_VERSION = 1
 AUC_DEFINITION = "mean over even grid"
 ANCHOR_KEYS = ("top1", "top5", "map", "map_at_r")
+ADAPTER_ROW_KEYS = ("name", "label_free", "top1", "map", "top1_vs_old_old", "above_old_old")
 CURVE_KEYS = ("betas", "top1", "top5", "map", "nfr")
 SUMMARY_KEYS = (
     "auc_top1",
@@ -154,6 +164,81 @@ def build_report(anchors: Mapping[str, RetrievalResult], runs: Sequence[Run], on
     return report
 
 
+def _gain(value: float, old: float, new: float) -> float | None:
+    return _number((value - old) / (new - old)) if new != old else None
+
+
+def adapter_section(
+    old_old: RetrievalResult,
+    new_new: RetrievalResult,
+    adapters: Mapping[str, tuple[RetrievalResult, Mapping]],
+    references: Mapping[str, RetrievalResult],
+) -> dict:
+    """The report's ``adapters`` section: new-model queries against the old gallery sent through each map.
+
+    Args:
+        old_old: the old/old anchor every row is judged against (no upgrade at all).
+        new_new: the new/new anchor (full re-embedding).
+        adapters: maps fitted without labels: name -> (its evaluation, its gate record: ``score`` and ``fit``).
+        references: maps trained with labels and the new model's classifier (FCT, FastFill): name -> evaluation.
+
+    Returns:
+        The section (see the module docstring); ``below_old_old`` names every map whose top-1 is not above
+        old/old, so a reader sees at once which ones would serve worse than not upgrading.
+    """
+    for name, result in [*((n, r) for n, (r, _) in adapters.items()), *references.items(), ("new_new", new_new)]:
+        if (result.metric, result.protocol, result.n_queries) != (old_old.metric, old_old.protocol, old_old.n_queries):
+            raise ValueError(f"adapter row {name} was evaluated differently from old_old")
+    oo, nn = old_old, new_new
+
+    def row(name: str, result: RetrievalResult, label_free: bool) -> dict:
+        return {
+            "name": name,
+            "label_free": label_free,
+            "top1": _number(result.top1),
+            "map": _number(result.map),
+            "top1_vs_old_old": _number(result.top1 - oo.top1),
+            "map_vs_old_old": _number(result.map - oo.map),
+            "gain_top1": _gain(result.top1, oo.top1, nn.top1),
+            "gain_map": _gain(result.map, oo.map, nn.map),
+            "above_old_old": bool(result.top1 > oo.top1),
+        }
+
+    rows = [row(name, result, True) | {"gate": dict(record)} for name, (result, record) in adapters.items()]
+    rows += [row(name, result, False) for name, result in references.items()]
+    return {
+        "query": "new",
+        "gallery": "old gallery through each map",
+        "old_old": {"top1": _number(oo.top1), "map": _number(oo.map)},
+        "new_new": {"top1": _number(nn.top1), "map": _number(nn.map)},
+        "rows": rows,
+        "below_old_old": [r["name"] for r in rows if not r["above_old_old"]],
+    }
+
+
+def adapter_table(section: Mapping, markdown: bool = False) -> str:
+    """The adapters section as a table: each map's top-1 / mAP against the old gallery it maps, its gap to
+    old/old, its share of the old -> new gain and, for label-free ones, the gate's held-out recall@k."""
+    rows = []
+    for r in section["rows"]:
+        score = r.get("gate", {}).get("score", {})
+        recall = score.get("recall")
+        rows.append(
+            [
+                r["name"],
+                "none" if r["label_free"] else "labels + classifier",
+                r["top1"],
+                r["map"],
+                "-" if r["top1_vs_old_old"] is None else f"{r['top1_vs_old_old']:+.3f}",
+                r["gain_top1"],
+                None if recall is None else float(recall),
+                "above old/old" if r["above_old_old"] else "BELOW old/old",
+            ]
+        )
+    header = ["map", "trained with", "top1", "mAP", "top1 - old/old", "gain top1", "gate recall@k", "verdict"]
+    return render_table(header, rows, markdown)
+
+
 def validate_report(report: Mapping) -> None:
     """Raise ValueError naming the first thing a reader of the schema would miss."""
     for key in ("metric", "protocol", "queries", "auc", "anchors", "runs"):
@@ -170,6 +255,15 @@ def validate_report(report: Mapping) -> None:
         lengths = {k: len(run[k]) for k in CURVE_KEYS}
         if len(set(lengths.values())) != 1:
             raise ValueError(f"report: run {i} ({run['method']}/{run['policy']}) curve lengths differ: {lengths}")
+    adapters = report.get("adapters")
+    if adapters is not None:
+        for key in ("old_old", "new_new", "rows", "below_old_old"):
+            if key not in adapters:
+                raise ValueError(f"report: adapters lacks '{key}'")
+        for i, row in enumerate(adapters["rows"]):
+            missing = [k for k in ADAPTER_ROW_KEYS if k not in row]
+            if missing:
+                raise ValueError(f"report: adapters row {i} lacks {missing}")
 
 
 def save_report(report: Mapping, uri: str) -> str:
@@ -290,6 +384,15 @@ def summary_table(report: Mapping, markdown: bool = False) -> str:
             markdown,
         )
         text += f"\n\norders against {rows[0]['random_seeds']} random orders (mean ± sd; z in sd):\n\n{versus}"
+    adapters = report.get("adapters")
+    if adapters:
+        oo, nn = adapters["old_old"], adapters["new_new"]
+        versus = " vs FCT with classifier" if any(not r["label_free"] for r in adapters["rows"]) else ""
+        text += (
+            f"\n\nadapters (label-free){versus}: new query / old gallery through each map "
+            f"(old/old top1 {_cell(oo['top1'])}, new/new {_cell(nn['top1'])}; gain = share of the old -> new gap):"
+            f"\n\n{adapter_table(adapters, markdown)}"
+        )
     diagnostics = report.get("diagnostics")
     if diagnostics:
         table = render_table(["diagnostic", "value"], [[k, float(v)] for k, v in diagnostics.items()], markdown)

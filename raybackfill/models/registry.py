@@ -13,6 +13,7 @@ from torch import nn
 
 from raybackfill.models.backbones import resnet18, resnet50, small_cnn
 from raybackfill.models.side_info import SideInfoModel
+from raybackfill.models.text import CharNgrams, HashedWords
 from raybackfill.models.transformations import (
     FastFillTransformation,
     ForwardTransformation,
@@ -27,6 +28,8 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet18,
     "resnet50": resnet50,
     "side_info_cnn": SideInfoModel,
+    "text_hashed_words": HashedWords,
+    "text_char_ngrams": CharNgrams,
     "forward_transformation": ForwardTransformation,
     "fastfill_transformation": FastFillTransformation,
     "reverse_transformation": ReverseTransformation,
