@@ -263,7 +263,8 @@ def locate_gallery(gallery: str | TableFiles, *, in_flight: int = LOCATE_IN_FLIG
     in file order. One Ray task per file reads its id column row group by row group; the driver gathers 20
     bytes per row."""
     gallery = storage.open_table(gallery)
-    pending, done = [], {}
+    pending: list[tuple[ray.ObjectRef, int]] = []
+    done: dict[int, pa.Table] = {}
     files = list(enumerate(zip(gallery.shards, gallery.footers, strict=True)))
     while files or pending:
         while files and len(pending) < in_flight:

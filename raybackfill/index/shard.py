@@ -86,6 +86,12 @@ class IndexConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
+    @property
+    def needs_training(self) -> bool:
+        """Whether a space must be trained (``IndexRouter.train``) before vectors are added. False for both kinds
+        here: flat needs no training and IVF-Flat trains itself on the first batch a space receives."""
+        return False
+
 
 @dataclass(frozen=True)
 class SpaceInfo:
