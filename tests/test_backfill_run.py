@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from raybackfill.backfill.ledger import Ledger
-from raybackfill.backfill.plan import RANK, PlanConfig, ensure_plan, read_plan
+from raybackfill.backfill.plan import FILE, PLAN_COLUMNS, RANK, ROW, ROW_GROUP, PlanConfig, ensure_plan, read_plan
 from raybackfill.backfill.run import BackfillConfig, run_backfill, summary_table
 from raybackfill.backfill.sink import TooManyBadRows
 from raybackfill.data.schema import ID, IMAGE, embedding_table, image_table
@@ -109,17 +109,20 @@ def _ledger_ids(ledger: Ledger, directory: str) -> np.ndarray:
     return np.concatenate([pq.read_table(f, columns=[ID]).column(ID).to_numpy() for f in ledger.files(directory)])
 
 
-def test_plan_tiers_hold_the_policy_order_and_quarantine_unknown_ids(inputs, id_plan):
+def test_plan_tiers_hold_ids_and_gallery_locations_in_policy_order_and_quarantine_unknown_ids(inputs, id_plan):
     plan = read_plan(id_plan)
     assert plan.total == N  # the 16 ids with an old embedding; id 99 has none
+    gallery = {uri: pq.read_table(uri) for uri in plan.gallery_files}
     ranks = []
     for tier in plan.tiers:
-        files = [pq.read_table(f) for f in tier.files]
-        assert all(np.all(np.diff(f.column(RANK).to_numpy()) > 0) for f in files)  # each file sorted by rank
-        table = pa.concat_tables(files)
+        table = pa.concat_tables([pq.read_table(f) for f in tier.files])
+        assert table.column_names == list(PLAN_COLUMNS)  # ids, ranks and locations: no image bytes
         ranks.append(np.sort(table.column(RANK).to_numpy()))
         # policy "id": ascending ids first, so tier t holds ids 8t .. 8t+7
         assert sorted(table.column(ID).to_pylist()) == list(range(8 * tier.index, 8 * tier.index + 8))
+        for row in table.to_pylist():  # every location points at the row of that id in the original gallery
+            located = gallery[plan.gallery_files[row[FILE]]].slice(row[ROW], 1)  # one row group per file here
+            assert row[ROW_GROUP] == 0 and located.column(ID)[0].as_py() == row[ID]
     assert np.array_equal(np.concatenate(ranks), np.arange(N))
     quarantine = read_table(str(inputs["root"] / "id-plan-quarantine"))
     assert quarantine.column(ID).to_pylist() == [UNKNOWN_ID]
@@ -172,6 +175,9 @@ def test_fastfill_backfill_writes_tiers_in_order_exactly_once_while_queries_keep
     # ... and tier 0 is the higher-uncertainty half of the plan.
     plan = read_plan(ledger.plan_uri)
     tier0 = set(pa.concat_tables([pq.read_table(f) for f in plan.tiers[0].files]).column(ID).to_pylist())
+    # The tier markers count what the tiers hold; the summary reads them, not the batches.
+    tracks = [ledger.track(ledger.tier_uri(t)) for t in range(2)]
+    assert [t.position for t in tracks] == [8, 8] and sum(t.items for t in tracks) == N - 1
     assert set(_ledger_ids(ledger, ledger.tier_uri(0))) == tier0 - {CORRUPT_ID}
 
     quarantine = read_table(ledger.quarantine_uri)

@@ -94,10 +94,11 @@ class BatchSink:
                 f"{directory}: the stream re-sent position {int(positions[0])}, but positions up to "
                 f"{state.position} are committed (the stream lost its order)"
             )
-        undecoded = batch[BAD_REASON] != "" if BAD_REASON in batch else np.zeros(len(ids), dtype=bool)
+        why = batch[BAD_REASON] if BAD_REASON in batch else np.full(len(ids), "", dtype=object)
+        undecoded = why != ""
         nonfinite = ~batch[FINITE] & ~undecoded
         bad = [
-            BadRows(ids[undecoded], [str(r) for r in batch[BAD_REASON][undecoded]], Stage.DECODE),
+            BadRows(ids[undecoded], [str(r) for r in why[undecoded]], Stage.DECODE),
             BadRows(ids[nonfinite], ["non-finite embedding"] * int(nonfinite.sum()), self.stage),
         ]
         good = ~(undecoded | nonfinite)

@@ -182,7 +182,7 @@ def usable_vectors(sample: pa.Table, metric: Metric) -> np.ndarray:
     """The sample's vectors without null, non-finite and (cosine) zero rows: what training may see."""
     sample = sample.filter(sample.column(EMBEDDING).is_valid())
     vectors = vectors_of(sample)
-    good = np.isfinite(vectors).all(axis=1)
+    good = np.asarray(np.isfinite(vectors).all(axis=1), dtype=bool)
     if metric is Metric.COSINE:
         good &= np.linalg.norm(np.where(good[:, None], vectors, 0), axis=1) > 0
     return vectors[good]
@@ -268,7 +268,7 @@ def _load_group(job: _GroupJob) -> tuple[int, int]:
     reasons[~valid & (reasons == "")] = "null embedding"
     vectors = np.zeros((len(ids), job.dim), dtype=np.float32)
     vectors[valid] = vectors_of(table.filter(pa.array(valid)))
-    finite = np.isfinite(vectors).all(axis=1)
+    finite = np.asarray(np.isfinite(vectors).all(axis=1), dtype=bool)
     reasons[~finite & (reasons == "")] = "non-finite embedding (NaN or inf)"
     if job.metric is Metric.COSINE:
         zero = finite & (np.linalg.norm(np.where(finite[:, None], vectors, 0), axis=1) == 0)
