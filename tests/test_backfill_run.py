@@ -263,7 +263,9 @@ def test_nan_outputs_are_quarantined_and_too_many_fail_the_job_cleanly(inputs, i
     with pytest.raises(TooManyBadRows, match="quarantined"):
         run_backfill(config)
     ledger = Ledger(out)
-    assert ledger.files(ledger.new_uri) == []  # nothing written, nothing half-written
+    assert len(ledger.ids(ledger.new_uri)) == 0  # no vector written, nothing half-written
+    # The all-bad batches are committed (empty files): their positions are done, their rows quarantined.
+    assert ledger.track(ledger.tier_uri(0)).quarantined == ledger.track(ledger.tier_uri(0)).position > 0
     quarantine = read_table(ledger.quarantine_uri)
     reasons = dict(zip(quarantine.column(ID).to_pylist(), quarantine.column("reason").to_pylist(), strict=True))
     assert reasons.pop(CORRUPT_ID, "corrupt image").startswith("corrupt image")  # in tier 0: maybe reached
