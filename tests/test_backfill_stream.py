@@ -98,6 +98,8 @@ def test_stream_reads_planned_rows_from_the_gallery_in_unit_order_and_leaves_the
     assert np.concatenate([b[TIER] for b in batches]).tolist() == [0] * 200 + [1] * 10
     assert np.concatenate([b[POSITION] for b in batches]).tolist() == list(range(200)) + list(range(10))
     assert all(b[EMBEDDING].shape[1] == 4 for b in batches)
+    # Each batch is at most the pool's batch size: a unit (a whole row group) is cut for the actors and the ledger.
+    assert max(len(b[ID]) for b in batches) <= pool.batch_size
 
     # A gallery rewritten after the plan (other ids at the planned rows) fails loudly instead of embedding them.
     wrong = [RowGroupRead(uri, 0, np.array([0, 1], np.int32), 0, ids=gallery_ids[[1, 0]])]

@@ -110,10 +110,13 @@ class RowGroupReads(Datasource):
 def read_units(
     units: Sequence[RowGroupRead], columns: list[str], schema: pa.Schema, rows_per_block: int
 ) -> ray.data.Dataset:
-    """A lazy Dataset over ``units`` (one block per unit at read time, then blocks of ``rows_per_block``)."""
-    return ray.data.read_datasource(
-        RowGroupReads(units, columns, schema, rows_per_block), override_num_blocks=len(units)
-    )
+    """A lazy Dataset over ``units`` (one read task per unit), in blocks of at most ``rows_per_block`` rows.
+
+    The streaming repartition matters: the blocks one read task yields travel as one bundle, and a map stage
+    downstream would run that whole bundle (up to a row group) as one task on one actor, and emit it as one
+    batch; cut into bundles of ``rows_per_block`` rows, each becomes its own task and its own ledger batch."""
+    ds = ray.data.read_datasource(RowGroupReads(units, columns, schema, rows_per_block), override_num_blocks=len(units))
+    return ds.repartition(target_num_rows_per_block=max(1, rows_per_block))
 
 
 def bytes_per_row(footer: pq.FileMetaData, columns: list[str]) -> float:
