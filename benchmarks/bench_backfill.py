@@ -67,7 +67,7 @@ from raybackfill.embed.pipeline import PoolConfig, embed_gallery, map_embed, pla
 from raybackfill.models.artifacts import ModelSpec, load_model, save_model
 from raybackfill.models.registry import build_model
 from raybackfill.runtime import init_ray
-from raybackfill.types import Method
+from raybackfill.types import Method, Policy
 
 QUICK = {"images": 2_000, "size": 32, "embeddings": 20_000, "reembed_also": ""}
 # The re-embedding backbone. small_cnn is the cheapest model a backfill would run (so the transform ratio is
@@ -125,7 +125,7 @@ def jpeg_gallery(uri: str, images: int, size: int, seed: int, rows_per_shard: in
         blobs = []
         for _ in range(count):
             coarse = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize(
-                (size, size), Image.BICUBIC
+                (size, size), Image.Resampling.BICUBIC
             )
             pixels = np.asarray(coarse, dtype=np.int16) + rng.integers(-12, 13, (size, size, 3))
             buffer = io.BytesIO()
@@ -155,7 +155,7 @@ def plan_storage(root: str, args: argparse.Namespace) -> dict[str, Any]:
     ids = np.arange(n, dtype=np.int64)
     vectors = np.random.default_rng(args.seed).standard_normal((n, OLD_DIM), dtype=np.float32)
     storage.write_table(embedding_table(ids, vectors, model="old-v1"), old, rows_per_shard=max(n // 8, 1))
-    config = PlanConfig(gallery=gallery, old_embeddings=old, policy="random", tiers=8, seed=args.seed)
+    config = PlanConfig(gallery=gallery, old_embeddings=old, policy=Policy.RANDOM, tiers=8, seed=args.seed)
     new_seconds, copy_seconds, copy_bytes = [], [], []
     for repeat in range(args.repeats):
         uri = f"{plan_uri}-{repeat}"

@@ -20,13 +20,15 @@ import torch
 
 from raybackfill.backfill.ledger import Ledger
 from raybackfill.backfill.plan import FILE, PLAN_COLUMNS, RANK, ROW, ROW_GROUP, PlanConfig, ensure_plan, read_plan
-from raybackfill.backfill.run import BackfillConfig, run_backfill, summary_table
+from raybackfill.backfill.run import BackfillConfig, new_space_sample, run_backfill, summary_table
 from raybackfill.backfill.sink import TooManyBadRows
 from raybackfill.data.schema import ID, IMAGE, embedding_table, image_table
 from raybackfill.data.storage import read_table, write_table
 from raybackfill.data.synth import synthesize
 from raybackfill.embed.pipeline import PoolConfig
+from raybackfill.index.loading import LoadConfig, load_old_table
 from raybackfill.index.router import RouterConfig, create_index, destroy_index, get
+from raybackfill.index.shard import IndexConfig
 from raybackfill.models.artifacts import ModelSpec, save_model
 from raybackfill.models.registry import build_model
 
@@ -273,3 +275,62 @@ def test_nan_outputs_are_quarantined_and_too_many_fail_the_job_cleanly(inputs, i
     assert set(quarantine.column(ID).to_pylist()) <= set(range(8))  # stopped in the first tier
     progress = get(router.progress.remote())
     assert progress.counts["new"] == 0 and progress.phase == "paused" and "quarantined" in progress.last_error
+
+
+@pytest.mark.parametrize("method", ["bct", "fastfill"])
+def test_an_index_kind_that_needs_training_gets_its_new_space_trained_before_the_first_upsert(
+    inputs, id_plan, ray_cluster, tmp_path, method
+):
+    """Batches of 2 items split over 2 shards are smaller than nlist=4: only spaces trained up front take them
+    (old: on a sample of the old table at load; new: on transformed old embeddings (fastfill), or on a sample
+    embedded by the new model up front (bct))."""
+    index = IndexConfig(kind="ivf", nlist=4, nprobe=4)
+    if not index.needs_training:
+        pytest.skip("no index kind needs an explicit training call on this branch (IVF trains on its first batch)")
+    name = f"bf-train-{method}"
+    router = create_index(RouterConfig(name=name, shards=2, shard_num_cpus=0.1, index=index))
+    try:
+        loaded = load_old_table(router, inputs["old"], config=LoadConfig(batch_rows=2, train_sample=N))
+        assert loaded.trained_on == N and loaded.items == N
+        out = _out_with_plan(id_plan, tmp_path / "out")
+        extra = {"transformation": inputs["fastfill"]} if method == "fastfill" else {}
+        summary = run_backfill(BackfillConfig(
+            gallery=inputs["gallery"], old_embeddings=inputs["old"], upgrade=inputs["new"], out=out, method=method,
+            policy="id", tiers=2, max_bad_fraction=0.5, index=name, pool=PoolConfig(batch_size=2), progress=False,
+            train_sample=N, **extra,
+        ))  # fmt: skip
+        assert summary.complete and get(router.progress.remote()).counts["new"] == N - 1
+        q = inputs["old_vectors"][:2]
+        assert (get(router.search.remote(q, q, 3, "rank_merge")).ids >= 0).all()
+    finally:
+        destroy_index(name)
+
+
+def _nearest_distance(sample: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    return np.min(np.linalg.norm(sample[:, None, :] - reference[None, :, :], axis=2), axis=1)
+
+
+def test_the_new_space_is_trained_on_transformed_old_embeddings_or_on_images_embedded_up_front(inputs, ray_cluster):
+    from raybackfill.data.storage import open_table
+    from raybackfill.embed.actors import transform_batch
+    from raybackfill.encoders import load_encoder
+    from raybackfill.models.artifacts import load_model
+
+    gallery, old = open_table(inputs["gallery"]), open_table(inputs["old"])
+    base = dict(gallery=inputs["gallery"], old_embeddings=inputs["old"], upgrade=inputs["new"], out="unused",
+                policy="id", pool=POOL)  # fmt: skip
+    # FastFill: a sample of the stored vectors, transformed (every sampled vector is one of the table's, mapped).
+    fastfill = BackfillConfig(**base, method="fastfill", transformation=inputs["fastfill"], train_sample=5)
+    sample = new_space_sample(fastfill, gallery, old)
+    transformed = transform_batch(load_model(inputs["fastfill"]).module, old.read())["embedding"]
+    assert sample.shape == (5, DIM) and (_nearest_distance(sample, transformed) < 1e-4).all()
+    # BCT: gallery images embedded by the new encoder; the corrupt image is left out of the sample.
+    bct = BackfillConfig(**base, method="bct", train_sample=100)
+    sample = new_space_sample(bct, gallery, old)
+    images = [b for i, b in zip(gallery.read().column(ID).to_pylist(), gallery.read().column(IMAGE).to_pylist(),
+                                strict=True) if i != CORRUPT_ID]  # fmt: skip
+    encoder = load_encoder(inputs["new"])
+    encoder.with_size(16)  # the gallery's image size, as the pipeline resolves it
+    embedded, ok, _ = encoder.embed_rows(images)
+    assert ok.all() and sample.shape == (N, DIM)  # 17 gallery rows, 1 corrupt
+    assert (_nearest_distance(sample, embedded) < 1e-4).all()

@@ -224,13 +224,22 @@ def _train_new_space(
     config: BackfillConfig, router, gallery: TableFiles, old_embeddings: TableFiles, version: str
 ) -> None:
     """Train the index's new space before its first upsert, when its kind needs training and nothing entered it
-    yet: on a sample of transformed old embeddings (methods with a forward transformation: the vectors the
-    instant phase sends first), else on a sample of gallery items embedded now by the new encoder. The sample
-    is bounded (``config.train_sample``) and uniform over the table (raybackfill.index.loading.sample_rows)."""
+    yet, on :func:`new_space_sample`."""
     health = get(router.health.remote())
     if not index_config_of(health).needs_training or health["new_space"] is not None:
         return
     started = time.monotonic()
+    vectors = new_space_sample(config, gallery, old_embeddings)
+    get(router.train.remote(Space.NEW, vectors, version))
+    logger.info("trained the new space on %d vectors in %.1fs", len(vectors), time.monotonic() - started)
+
+
+def new_space_sample(config: BackfillConfig, gallery: TableFiles, old_embeddings: TableFiles) -> np.ndarray:
+    """New-space vectors to train an index on: for a method with a forward transformation, a sample of the stored
+    old embeddings transformed (the vectors the instant phase sends first); else a sample of the gallery embedded
+    by the new encoder now (those items are embedded again in plan order later). The sample is bounded
+    (``config.train_sample``) and uniform over the table (raybackfill.index.loading.sample_rows); rows that cannot
+    be prepared or give non-finite vectors are left out."""
     if config.transformation is not None and get_recipe(config.method).forward_transformation:
         columns = _transform_columns(config.transformation)
         sample = sample_rows(old_embeddings, config.train_sample, columns, seed=config.seed)
@@ -246,15 +255,13 @@ def _train_new_space(
             num_cpus=0.5,
         )
         ds = map_embed(ds, inputs, config.pool)
-    parts = [
-        b[EMBEDDING][b[FINITE] & (b[BAD_REASON] == "" if BAD_REASON in b else True)]
-        for b in ds.iter_batches(batch_format="numpy", batch_size=None)
-    ]
-    vectors = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-    if not len(vectors):
-        raise ValueError(f"no usable vector in a sample of {len(sample)} items to train the new space on")
-    get(router.train.remote(Space.NEW, vectors, version))
-    logger.info("trained the new space on %d vectors in %.1fs", len(vectors), time.monotonic() - started)
+    parts = []
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        usable = batch[FINITE] & (batch[BAD_REASON] == "" if BAD_REASON in batch else True)
+        parts.append(batch[EMBEDDING][usable])
+    if not parts or not sum(len(p) for p in parts):
+        raise ValueError(f"no usable vector in a sample of {sample.num_rows} items to train the new space on")
+    return np.concatenate(parts)
 
 
 def _logged(stats: PhaseStats) -> PhaseStats:
