@@ -36,10 +36,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 
 from raybackfill.backfill.policies import CLASSIFIER_POLICIES, OLD_EMBEDDING_POLICIES, priority_order, priority_scores
-from raybackfill.backfill.reads import RowGroupRead, read_row_group
+from raybackfill.backfill.reads import RowGroupRead
 from raybackfill.data import storage
 from raybackfill.data.loading import read_shards, write_quarantine
 from raybackfill.data.schema import EMBEDDING, ID, SIDE_INFO, check_unique_ids, vectors_of
@@ -235,22 +236,29 @@ def score_gallery(
 
 
 @ray.remote(num_cpus=0.25)
-def _locate_file(uri: str, file_index: int, row_groups: int) -> pa.Table:
-    """The id of every row of one gallery file with its location (id column only is read)."""
+def _locate_file(uri: str, file_index: int) -> pa.Table:
+    """The id of every row of one gallery file with its location (id column only is read, row group by row
+    group)."""
+    fs, path = storage.resolve(uri)
     parts = []
-    for group in range(row_groups):
-        ids = read_row_group(uri, group, [ID]).column(ID).cast(pa.int64())
-        n = len(ids)
-        parts.append(
-            pa.table(
-                {
-                    ID: ids,
-                    FILE: pa.array(np.full(n, file_index, dtype=np.int32)),
-                    ROW_GROUP: pa.array(np.full(n, group, dtype=np.int32)),
-                    ROW: pa.array(np.arange(n, dtype=np.int32)),
-                }
-            )
-        )
+    try:
+        with fs.open_input_file(path) as f:
+            parquet = pq.ParquetFile(f)
+            for group in range(parquet.num_row_groups):
+                ids = parquet.read_row_group(group, columns=[ID]).column(ID).cast(pa.int64())
+                n = len(ids)
+                parts.append(
+                    pa.table(
+                        {
+                            ID: ids,
+                            FILE: pa.array(np.full(n, file_index, dtype=np.int32)),
+                            ROW_GROUP: pa.array(np.full(n, group, dtype=np.int32)),
+                            ROW: pa.array(np.arange(n, dtype=np.int32)),
+                        }
+                    )
+                )
+    except (OSError, pa.ArrowInvalid) as err:
+        raise storage.StorageError(f"{uri}: cannot read the id column ({err})") from err
     return pa.concat_tables(parts) if parts else _empty_locations()
 
 
@@ -263,19 +271,16 @@ def locate_gallery(gallery: str | TableFiles, *, in_flight: int = LOCATE_IN_FLIG
     in file order. One Ray task per file reads its id column row group by row group; the driver gathers 20
     bytes per row."""
     gallery = storage.open_table(gallery)
-    pending: list[tuple[ray.ObjectRef, int]] = []
+    pending: dict[ray.ObjectRef, int] = {}
     done: dict[int, pa.Table] = {}
-    files = list(enumerate(zip(gallery.shards, gallery.footers, strict=True)))
-    while files or pending:
-        while files and len(pending) < in_flight:
-            index, (uri, footer) = files.pop(0)
-            ref = _locate_file.remote(uri, index, footer.num_row_groups)  # type: ignore[call-arg]  # ray's remote
-            pending.append((ref, index))
-        ready, _ = ray.wait([r for r, _ in pending], num_returns=1)
-        for ref, index in [p for p in pending if p[0] in ready]:
-            done[index] = ray.get(ref)
-            pending.remove((ref, index))
-    tables = [done[i] for i in sorted(done)]
+    for index, uri in enumerate(gallery.shards):
+        if len(pending) >= in_flight:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            done[pending.pop(ready[0])] = ray.get(ready[0])
+        pending[_locate_file.remote(uri, index)] = index
+    for ref, index in pending.items():
+        done[index] = ray.get(ref)
+    tables = [done[i] for i in range(len(done))]
     return pa.concat_tables(tables) if tables else _empty_locations()
 
 

@@ -94,12 +94,10 @@ class RowGroupReads(Datasource):
         return int(sum(len(u) * u.bytes_per_row for u in self.units))
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list:
-        def read(unit: RowGroupRead) -> Iterator[pa.Table]:
-            return read_unit(unit, self.columns, self.rows_per_block)
-
+        # Each task's function carries its own unit only (a closure over self would ship every unit to every task).
         return [
             ReadTask(
-                functools.partial(read, unit),
+                functools.partial(read_unit, unit, self.columns, self.rows_per_block),
                 BlockMetadata(len(unit), int(len(unit) * unit.bytes_per_row), None, None),
                 schema=self.schema,
             )
