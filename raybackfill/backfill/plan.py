@@ -97,6 +97,8 @@ class Plan:
     total: int  # gallery rows in the plan (ids with an old embedding and an image)
     tiers: list[Tier]
     gallery_files: list[str]  # the gallery files the locations point into (FILE indexes this list)
+    # The old-embedding table as planned: (file, rows) in order; the instant phase's track counts its rows.
+    old_embedding_files: list[tuple[str, int]]
 
 
 def read_plan(uri: str) -> Plan | None:
@@ -112,7 +114,8 @@ def read_plan(uri: str) -> Plan | None:
             f"started it, or start a new --out"
         )
     tiers = [Tier(t["index"], t["rows"], [storage.join(uri, f) for f in t["files"]]) for t in raw["tiers"]]
-    return Plan(uri, PlanConfig(**raw["config"]), raw["total"], tiers, list(raw["gallery_files"]))
+    old = [(str(f), int(n)) for f, n in raw["old_embedding_files"]]
+    return Plan(uri, PlanConfig(**raw["config"]), raw["total"], tiers, list(raw["gallery_files"]), old)
 
 
 def ensure_plan(
@@ -150,6 +153,10 @@ def ensure_plan(
             )
         return plan
     gallery = storage.open_table(gallery or config.gallery)
+    old_embeddings = storage.open_table(old_embeddings or config.old_embeddings)
+    old_files = [
+        (uri, footer.num_rows) for uri, footer in zip(old_embeddings.shards, old_embeddings.footers, strict=True)
+    ]
     ids, scores = score_gallery(config, batch_size=batch_size, old_embeddings=old_embeddings)
     located = locate_gallery(gallery)
     layout = plan_layout(ids, scores, located, config.tiers, quarantine_uri)
@@ -161,13 +168,19 @@ def ensure_plan(
         "config": dataclasses.asdict(config),
         "total": len(layout),
         "gallery_files": list(gallery.shards),
+        "old_embedding_files": old_files,
         "tiers": [{"index": t.index, "rows": t.rows, "files": [f[prefix:] for f in t.files]} for t in tiers],
     }
     try:
         storage.write_bytes(storage.join(uri, PLAN_JSON), json.dumps(manifest, indent=1).encode(), if_exists="error")
     except FileExistsError:
         return ensure_plan(config, uri, quarantine_uri, batch_size=batch_size)  # a concurrent run committed first
-    return Plan(uri, config, len(layout), tiers, list(gallery.shards))
+    return Plan(uri, config, len(layout), tiers, list(gallery.shards), old_files)
+
+
+def file_rows(table: TableFiles) -> list[tuple[str, int]]:
+    """(file, rows) of each file of a table, in order (from the footers)."""
+    return [(uri, footer.num_rows) for uri, footer in zip(table.shards, table.footers, strict=True)]
 
 
 def _score_batch(batch: pa.Table, config: PlanConfig) -> dict[str, np.ndarray]:

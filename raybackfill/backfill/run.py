@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from raybackfill.backfill.inputs import check_inputs
 from raybackfill.backfill.ledger import Ledger
-from raybackfill.backfill.plan import Plan, PlanConfig, ensure_plan, read_plan, read_tier, tier_units
+from raybackfill.backfill.plan import Plan, PlanConfig, ensure_plan, file_rows, read_plan, read_tier, tier_units
 from raybackfill.backfill.policies import CLASSIFIER_POLICIES
 from raybackfill.backfill.reads import RowGroupRead, bytes_per_row, read_units, table_units
 from raybackfill.backfill.rows import TIER, prepare_content
@@ -188,7 +188,7 @@ def run_backfill(config: BackfillConfig) -> BackfillSummary:
             _train_new_space(config, router, gallery, old_embeddings, version)
         if get_recipe(config.method).forward_transformation:
             _set_phase(router, Phase.INSTANT)
-            phases.append(_logged(_instant_phase(config, old_embeddings, ledger, router, version)))
+            phases.append(_logged(_instant_phase(config, plan, old_embeddings, ledger, router, version)))
         _set_phase(router, Phase.BACKFILL)
         phases.append(_logged(_backfill_phase(config, gallery, plan, ledger, router, version)))
         if router is not None:  # cheap when the index matches the ledger (counts are compared first)
@@ -308,10 +308,18 @@ def _bar(config: BackfillConfig, name: str, total: int) -> tqdm:
 
 
 def _instant_phase(
-    config: BackfillConfig, old_embeddings: TableFiles, ledger: Ledger, router, version: str
+    config: BackfillConfig, plan: Plan, old_embeddings: TableFiles, ledger: Ledger, router, version: str
 ) -> PhaseStats:
     """Transform the stored old embeddings into the new space, from where the transformed track stopped."""
     stats = PhaseStats("instant")
+    now = file_rows(old_embeddings)
+    if now != plan.old_embedding_files:
+        changed = next((f for f, g in zip(now, plan.old_embedding_files, strict=False) if f != g), None)
+        raise storage.StorageError(
+            f"{old_embeddings.uri}: the table changed since the plan was built ({len(plan.old_embedding_files)} "
+            f"files then, {len(now)} now; first difference: {changed}); the instant phase counts its rows by "
+            f"position: restore the table, or start a new --out"
+        )
     state = ledger.track(ledger.transformed_uri)
     total = old_embeddings.num_rows
     if state.position >= total:

@@ -344,30 +344,46 @@ def load_old_table(
             )  # fmt: skip
             jobs.append((job, n))
             first += n
-    loaded = quarantined = 0
-    pending: dict = {}
-    total = table.num_rows
+    tally = _Tally(table.num_rows, on_progress)
+    pending: dict[ray.ObjectRef, int] = {}
     for job, rows in jobs:
         if len(pending) >= config.in_flight:
-            loaded, quarantined = _collect(pending, loaded, quarantined, on_progress, total)
+            tally.collect(pending)
         pending[_load_group.options(num_cpus=config.task_cpus).remote(job)] = rows
     while pending:
-        loaded, quarantined = _collect(pending, loaded, quarantined, on_progress, total)
-    return LoadSummary(loaded, quarantined, version, dim, len(jobs), trained, time.monotonic() - started)
+        tally.collect(pending)
+    seconds = time.monotonic() - started
+    logger.info(
+        "loaded %d items (%d quarantined) from %d row groups in %.1fs", tally.loaded, tally.bad, len(jobs), seconds
+    )
+    return LoadSummary(tally.loaded, tally.bad, version, dim, len(jobs), trained, seconds)
 
 
-def _collect(pending: dict, loaded: int, quarantined: int, on_progress, total: int) -> tuple[int, int]:
-    """Wait for one row group task; account for it. A task's error stops the load (the others finish first)."""
-    ready, _ = ray.wait(list(pending), num_returns=1)
-    rows = pending.pop(ready[0])
-    try:
-        done, bad = get(ready[0])
-    except Exception:
-        if pending:
-            ray.wait(list(pending), num_returns=len(pending))  # let the others end before reporting
-        raise
-    loaded, quarantined = loaded + done, quarantined + bad
-    if on_progress is not None:
-        on_progress(rows)
-    logger.info("loaded %d of %d rows (%d quarantined)", loaded + quarantined, total, quarantined)
-    return loaded, quarantined
+@dataclass
+class _Tally:
+    """Rows loaded and quarantined so far; progress to the callback per row group, to the log per tenth."""
+
+    total: int
+    on_progress: Callable[[int], None] | None
+    loaded: int = 0
+    bad: int = 0
+    logged: int = 0  # tenths of the table logged so far
+
+    def collect(self, pending: dict) -> None:
+        """Wait for one row group task and account for it. A task's error stops the load (after the other tasks
+        in flight end, so nothing is still writing when the error is reported)."""
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        rows = pending.pop(ready[0])
+        try:
+            done, bad = get(ready[0])
+        except Exception:
+            if pending:
+                ray.wait(list(pending), num_returns=len(pending))
+            raise
+        self.loaded, self.bad = self.loaded + done, self.bad + bad
+        if self.on_progress is not None:
+            self.on_progress(rows)
+        tenths = 10 * (self.loaded + self.bad) // max(self.total, 1)
+        if tenths > self.logged:
+            self.logged = tenths
+            logger.info("loaded %d of %d rows (%d quarantined)", self.loaded + self.bad, self.total, self.bad)
