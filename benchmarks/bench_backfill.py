@@ -181,7 +181,9 @@ def plan_storage(root: str, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "what": f"policy random, {config.tiers} tiers, over {n} {args.plan_size}x{args.plan_size} JPEGs "
         f"(quality 90) in 8 files of row groups of 1024 rows; plan: ids, ranks and (file, row group, row); "
-        "former plan: the gallery rows with a rank column in one file per tier",
+        "former plan: the gallery rows with a rank column in one file per tier; plan_seconds include the Ray "
+        "tasks that locate the ids and the scoring pass, former_plan_seconds a driver-side copy (the former "
+        "code ran the copy as a Ray Data pass)",
         "gallery_bytes": gallery_bytes,
         "gallery_bytes_per_image": gallery_bytes / n,
         "plan_bytes": plan_bytes,
