@@ -69,7 +69,7 @@ from raybackfill.models.registry import build_model
 from raybackfill.runtime import init_ray
 from raybackfill.types import Method, Policy
 
-QUICK = {"images": 2_000, "size": 32, "embeddings": 20_000, "reembed_also": ""}
+QUICK = {"images": 2_000, "size": 32, "embeddings": 20_000, "reembed_also": "", "plan_images": 1_000}
 # The re-embedding backbone. small_cnn is the cheapest model a backfill would run (so the transform ratio is
 # its worst case); resnet18 stands for a production backbone.
 BACKBONES = {
