@@ -16,8 +16,12 @@ from typing import TypeVar
 import numpy as np
 
 __all__ = [
+    "CLOSED_FORM_ADAPTERS",
     "ENCODER_STAGES",
     "MODEL_METRICS",
+    "AdapterDirection",
+    "AdapterKind",
+    "AdapterLoss",
     "BackboneLoss",
     "EncoderKind",
     "Interpolation",
@@ -167,6 +171,35 @@ class EncoderKind(_Term):
     TORCH_EXPORT = "torch_export"  # a ``torch.export.save`` program (.pt2)
     TORCHVISION = "torchvision"  # a torchvision architecture by name + the user's weights
     ENTRYPOINT = "entrypoint"  # ``package.module:factory``: user code, honoured only when trusted
+
+
+class AdapterKind(_Term):
+    """How an adapter between two encoders' spaces is fitted on a paired sample (raybackfill.adapters)."""
+
+    PROCRUSTES = "procrustes"  # orthogonal (semi-orthogonal across dims) map, closed form by SVD
+    AFFINE = "affine"  # ridge regression with a bias, closed form; lambda chosen on validation pairs
+    LOWRANK = "lowrank"  # reduced-rank ridge regression: an affine map of rank r, closed form
+    MLP = "mlp"  # the FCT MLP (or psi's) trained on Ray Train with a label-free loss
+    FASTFILL = "fastfill"  # the FCT MLP plus FastFill's uncertainty head, on the label-free loss
+
+
+# The adapter kinds fitted in closed form (no Ray Train run).
+CLOSED_FORM_ADAPTERS = (AdapterKind.PROCRUSTES, AdapterKind.AFFINE, AdapterKind.LOWRANK)
+
+
+class AdapterDirection(_Term):
+    """Which way an adapter maps: old -> new (phi: the gallery's instant phase) or new -> old (psi: queries)."""
+
+    OLD_TO_NEW = "old-to-new"
+    NEW_TO_OLD = "new-to-old"
+
+
+class AdapterLoss(_Term):
+    """The label-free loss a trained adapter minimises against the true embedding of the pair."""
+
+    MSE = "mse"  # mean squared error per dimension
+    COSINE = "cosine"  # 1 - cosine similarity
+    MSE_COSINE = "mse_cosine"  # the sum of both
 
 
 class Modality(_Term):

@@ -32,6 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the new encoder artefact (trained here, or registered with `raybackfill encoder`)",
     )
     parser.add_argument("--transformation", metavar="MODEL_DIR", help="forward transformation (FCT / FastFill)")
+    parser.add_argument(
+        "--min-adapter-recall",
+        type=float,
+        metavar="R",
+        help="refuse a --transformation whose recorded adapter recall@k (`train adapter`) is below R",
+    )
     parser.add_argument("--old-model", metavar="MODEL_DIR", help="old backbone (its classifier: entropy policies)")
     parser.add_argument(
         "--method", required=True, choices=[m.value for m in Method], help="the compatible-upgrade method"
@@ -78,6 +84,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_pool_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="write nothing: time a sample of each phase on this cluster and print items, tiers, estimated time "
+        "and bytes per phase and the storage the run needs",
+    )
     parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else the cluster on this machine)")
     add_trust_arguments(parser)
 
@@ -90,8 +102,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Attach to Ray, run the backfill, print the summary table."""
+    from raybackfill.adapters.gate import check_adapter
     from raybackfill.backfill.run import BackfillConfig, run_backfill, summary_table
     from raybackfill.runtime import init_ray
+
+    if args.min_adapter_recall is not None:  # the adapter gate, before anything starts
+        if not args.transformation:
+            raise ValueError("--min-adapter-recall gates --transformation, and none was given")
+        check_adapter(args.transformation, args.min_adapter_recall, direction="old-to-new")
 
     config = BackfillConfig(
         gallery=args.gallery, old_embeddings=args.old_embeddings, upgrade=args.upgrade, out=args.out,
@@ -102,9 +120,14 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress, trust=trust_from(args),
     )  # fmt: skip
     # A live index runs on an existing cluster: attach to it (RAY_ADDRESS or the one on this machine).
-    init_ray(
-        args.address or os.environ.get("RAY_ADDRESS") or ("auto" if config.index else None), py_modules=args.py_module
-    )
+    # A dry run touches no index: it joins the cluster on this machine if there is one, else starts one.
+    attach = "auto" if config.index and not args.dry_run else None
+    init_ray(args.address or os.environ.get("RAY_ADDRESS") or attach, py_modules=args.py_module)
+    if args.dry_run:
+        from raybackfill.backfill.estimate import dry_run
+
+        print(dry_run(config).table())
+        return 0
     summary = run_backfill(config)
     print(summary_table(summary))
     return 0

@@ -52,6 +52,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--shard-gpus", type=float, default=0.0, help="GPUs per shard actor (default 0)")
     serve.add_argument(
+        "--node-resource",
+        metavar="NAME",
+        help="custom Ray resource of the nodes that hold the index (e.g. index_node): the router and shards run "
+        "only on nodes started with it (default: anywhere)",
+    )
+    serve.add_argument(
         "--snapshot-uri",
         metavar="URI",
         help="where shards snapshot and restore (path or s3://); the loaded gallery is snapshotted "
@@ -158,6 +164,7 @@ def _serve(args: argparse.Namespace) -> int:
         shard_num_gpus=args.shard_gpus,
         index=IndexConfig(kind=args.kind, metric=args.metric, nlist=args.nlist, nprobe=args.nprobe),
         snapshot_uri=args.snapshot_uri,
+        node_resource=args.node_resource,
     )
     router = create_index(config)
     serving = get(router.progress.remote()).total

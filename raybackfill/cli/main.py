@@ -18,6 +18,7 @@ from raybackfill.logs import LEVEL_ENV, configure_logging
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("data", "make, import, split and inspect datasets"),
     "train": ("train", "train backbones, side-information, transformations and psi on Ray Train"),
+    "sample": ("sample", "embed N gallery items with the old and the new encoder: pairs to fit adapters on"),
     "embed": ("embed", "embed a gallery table (images or texts) with an encoder (Ray Data actor pool)"),
     "encoder": ("encoder", "register a model made elsewhere (TorchScript, torch.export, torchvision, entrypoint)"),
     "serve": ("index", "start the serving index over a table of old embeddings"),

@@ -7,7 +7,18 @@ import sys
 
 from raybackfill.compat.recipes import RECIPES
 from raybackfill.runtime import init_ray
-from raybackfill.types import BackboneLoss, Method
+from raybackfill.types import (
+    CLOSED_FORM_ADAPTERS,
+    AdapterDirection,
+    AdapterKind,
+    AdapterLoss,
+    BackboneLoss,
+    Method,
+    Metric,
+)
+
+AUTO = "auto"  # `train adapter --kind auto`: every kind that applies, the best kept
+ADAPTER_EPOCHS = 30  # a paired sample is small: an adapter's MLP needs more epochs than a model on a whole table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -66,8 +77,59 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     reverse.add_argument("--tau", type=float, default=0.05, help="contrastive temperature (default 0.05)")
     reverse.set_defaults(func=_reverse)
 
-    for parser in (backbone, side, transformation, reverse):
+    adapter = sub.add_parser(
+        "adapter",
+        help="an adapter between two encoders, fitted on a paired sample without labels, gated on held-out pairs",
+        description="Fit a map between the old and the new encoder's spaces on a paired table (`raybackfill "
+        "sample`): closed form (procrustes, affine, lowrank) or trained on Ray Train with a label-free loss (mlp: "
+        "the FCT MLP, or psi's for new-to-old; fastfill: plus the uncertainty head that orders the backfill). "
+        "--test-fraction of the pairs is held out; the gate compares new-model queries against the adapted "
+        "gallery with the same queries against the truly re-embedded one (recall@k; psi: psi queries against "
+        "the old model's). The score goes into model.json, which the backfill's --min-adapter-recall reads. "
+        "Below --min-recall nothing is written and the command exits 1. --kind auto fits every kind, prints "
+        "the table and keeps the best.",
+    )
+    adapter.add_argument("--paired", required=True, metavar="URI", help="the paired table (raybackfill sample)")
+    adapter.add_argument(
+        "--kind", required=True, choices=[k.value for k in AdapterKind] + [AUTO], help="the adapter, or auto"
+    )
+    adapter.add_argument(
+        "--direction",
+        choices=[d.value for d in AdapterDirection],
+        default=AdapterDirection.OLD_TO_NEW.value,
+        help="old-to-new (phi: the gallery's instant phase, default) or new-to-old (psi: old-space queries)",
+    )
+    adapter.add_argument(
+        "--min-recall", type=float, required=True, metavar="R",
+        help="the gate: refuse an adapter whose held-out recall@k is below R (0 keeps any; no default: the bar "
+        "is the user's call, see docs/concepts.md for figures)",
+    )  # fmt: skip
+    adapter.add_argument("--k", type=int, default=10, help="the gate's recall@k (default 10)")
+    adapter.add_argument(
+        "--metric", choices=[Metric.COSINE.value, Metric.L2.value], default=Metric.COSINE.value,
+        help="how the index scores (cosine: inputs and targets are L2-normalised for the fit; default cosine)",
+    )  # fmt: skip
+    adapter.add_argument(
+        "--test-fraction", type=float, default=0.2, metavar="F", help="pairs held out for the gate (default 0.2)"
+    )
+    adapter.add_argument("--rank", type=int, help="lowrank: the rank (default: chosen on validation pairs)")
+    adapter.add_argument(
+        "--loss", choices=[loss.value for loss in AdapterLoss], default=AdapterLoss.MSE_COSINE.value,
+        help="mlp / fastfill: the label-free loss (default mse_cosine)",
+    )  # fmt: skip
+    adapter.add_argument(
+        "--side-info", action="store_true", help="old-to-new: also read the pairs' 'side' column (side-information)"
+    )
+    adapter.add_argument("--hidden-dim", type=int, default=128, help="mlp / fastfill: MLP width (default 128)")
+    adapter.add_argument("--mixer-dim", type=int, default=512, help="old-to-new MLP mixer width (default 512)")
+    adapter.set_defaults(func=_adapter)
+
+    for parser in (backbone, side, transformation, reverse, adapter):
         _common(parser)
+    adapter.set_defaults(epochs=ADAPTER_EPOCHS)
+    for action in adapter._actions:  # the help shows the adapter's own default
+        if action.dest == "epochs":
+            action.help = f"mlp / fastfill epochs (default {ADAPTER_EPOCHS})"
 
 
 def _image_size(parser: argparse.ArgumentParser) -> None:
@@ -105,7 +167,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local cluster)")
 
 
-def _config(args: argparse.Namespace):
+def _config(args: argparse.Namespace, *, start_ray: bool = True):
     from raybackfill.train.trainer import TrainConfig
 
     version = args.version or args.out.rstrip("/").rsplit("/", 1)[-1]
@@ -121,7 +183,8 @@ def _config(args: argparse.Namespace):
         seed=args.seed,
         validation_fraction=args.validation_fraction,
     )  # checked before Ray starts
-    init_ray(args.address, log_to_driver=True)  # the loops' per-epoch lines
+    if start_ray:
+        init_ray(args.address, log_to_driver=True)  # the loops' per-epoch lines
     return config
 
 
@@ -194,3 +257,39 @@ def _reverse(args: argparse.Namespace) -> int:
             version=args.version, train=train,
         )
     )  # fmt: skip
+
+
+def _adapter(args: argparse.Namespace) -> int:
+    """Fit, print the table of held-out figures, write the kept adapter; exit 1 below the bar."""
+    from raybackfill.adapters.fit import AdapterConfig, auto_kinds, train_adapter
+
+    config = AdapterConfig(
+        direction=args.direction, metric=args.metric, k=args.k, min_recall=args.min_recall,
+        test_fraction=args.test_fraction, validation_fraction=args.validation_fraction, seed=args.seed,
+        side_info=args.side_info, rank=args.rank, loss=args.loss, hidden_dim=args.hidden_dim,
+        mixer_dim=args.mixer_dim,
+    )  # fmt: skip
+    kinds = auto_kinds(config.direction) if args.kind == AUTO else [AdapterKind(args.kind)]
+    trained = any(k not in CLOSED_FORM_ADAPTERS for k in kinds)
+    train = _config(args, start_ray=trained)  # closed-form fits need no cluster
+    report = train_adapter(args.paired, args.out, kinds, config, train=train, version=args.version)
+    print(report.table())
+    chosen = report.chosen
+    assert chosen is not None  # at least one kind was fitted
+    score = chosen.score
+    if not report.passed:
+        print(
+            f"raybackfill train: error: the best adapter ({chosen.kind.value}) has recall@{score.k} "
+            f"{score.recall:.4f} on {score.pairs} held-out pairs, below --min-recall {args.min_recall}; "
+            "nothing written",
+            file=sys.stderr,
+        )
+        return 1
+    spec = report.spec
+    assert spec is not None  # passed
+    print(
+        f"wrote {chosen.kind.value} adapter {spec.version!r} ({config.direction.value}, {spec.architecture}, "
+        f"dims {spec.dims}) to {args.out}: recall@{score.k} {score.recall:.4f}, pair top-1 {score.pair_top1:.4f} "
+        f"on {score.pairs} held-out pairs"
+    )
+    return 0

@@ -33,6 +33,8 @@ TRANSFORMATION_INPUTS = {
     "forward_transformation": Space.OLD,
     "fastfill_transformation": Space.OLD,
     "reverse_transformation": Space.NEW,
+    "linear_forward": Space.OLD,  # closed-form adapters (raybackfill.adapters)
+    "linear_reverse": Space.NEW,
 }
 DEFAULT_BATCH_SIZE = 8192  # rows per forward pass, as the backfill's instant phase
 

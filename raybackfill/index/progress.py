@@ -1,17 +1,16 @@
-"""Backfill progress: counts per state, rate over a moving window, ETA, phase; Prometheus gauges.
+"""Backfill progress: counts per state, rate over a moving window, ETA, phase.
 
 The math (``window_rate``, ``remaining_items``, ``eta_seconds``) is pure and takes the clock as an
 argument, so it is unit-tested exactly. The rate is measured on the *progress counter* (items that
 reached the phase's target state), not on upsert calls: replaying a batch (upserts are idempotent,
-and a restarted job re-sends its last batches) must not inflate the rate.
+and a restarted job re-sends its last batches) must not inflate the rate. The router exports each
+progress view as Prometheus gauges (raybackfill.index.metrics); nothing here imports Ray.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-
-from ray.util.metrics import Gauge
 
 from raybackfill.types import Phase, Space, parse
 
@@ -107,21 +106,3 @@ class Progress:
     def fraction_in_new_space(self) -> float:
         done = self.counts.get(Space.TRANSFORMED, 0) + self.counts.get(Space.NEW, 0)
         return done / self.total if self.total else 0.0
-
-
-class ProgressGauges:
-    """raybackfill_items{state}, raybackfill_rate, raybackfill_eta_seconds (-1 = unknown), per index."""
-
-    def __init__(self) -> None:
-        self._items = Gauge("raybackfill_items", "gallery items per state", tag_keys=("index", "state"))
-        self._rate = Gauge("raybackfill_rate", "backfill rate over the moving window, items/s", tag_keys=("index",))
-        self._eta = Gauge(
-            "raybackfill_eta_seconds", "estimated seconds to finish the phase (-1 = unknown)", tag_keys=("index",)
-        )
-
-    def export(self, progress: Progress) -> None:
-        for state in Space:
-            self._items.set(progress.counts.get(state, 0), tags={"index": progress.name, "state": state.value})
-        self._rate.set(progress.rate, tags={"index": progress.name})
-        eta = -1.0 if progress.eta_seconds is None else progress.eta_seconds
-        self._eta.set(eta, tags={"index": progress.name})

@@ -40,9 +40,9 @@ from ray.exceptions import RayActorError, RayTaskError
 from raybackfill import NAMESPACE
 from raybackfill.data.storage import exists, join, read_bytes, write_bytes
 from raybackfill.index.merge import TopK, merge_results
+from raybackfill.index.metrics import IndexMetrics
 from raybackfill.index.progress import (
     Progress,
-    ProgressGauges,
     RateTracker,
     eta_seconds,
     remaining_items,
@@ -58,6 +58,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_NAME = "raybackfill-router"
 ROUTER_STATE = "router.json"
+# What the router and each shard ask of RouterConfig.node_resource: a sliver, so that only nodes started with
+# that resource take them, without capping how many index actors fit on one such node.
+NODE_RESOURCE_SHARE = 0.001
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,9 @@ class RouterConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
     snapshot_uri: str | None = None
     rate_window_s: float = 60.0
+    # A custom resource (e.g. "index_node") that only the cluster's fixed, never-autoscaled nodes declare: the
+    # router and the shards then run only there, never on a worker the autoscaler may remove. None: anywhere.
+    node_resource: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -82,6 +88,12 @@ class RouterConfig:
             raise ValueError("shard resources must be non-negative")
         if self.rate_window_s <= 0:
             raise ValueError(f"rate_window_s must be positive, got {self.rate_window_s}")
+        if self.node_resource is not None and not self.node_resource:
+            raise ValueError("node_resource must be a resource name or None")
+
+    def actor_resources(self) -> dict[str, float]:
+        """Custom resources of the router and of each shard: a sliver of ``node_resource``, if set."""
+        return {self.node_resource: NODE_RESOURCE_SHARE} if self.node_resource else {}
 
     def shard_name(self, shard: int) -> str:
         return f"{self.name}-shard-{shard:03d}"
@@ -143,6 +155,7 @@ class IndexRouter:
                 max_restarts=-1,
                 num_cpus=config.shard_num_cpus,
                 num_gpus=config.shard_num_gpus,
+                resources=config.actor_resources(),
             ).remote(config.index, config.shard_snapshot_uri(i))
             for i in range(config.shards)
         ]
@@ -151,7 +164,7 @@ class IndexRouter:
         self._shard_counts: list[dict[str, int]] = [dict.fromkeys(Space, 0) for _ in self._shards]
         self._tracker = RateTracker(config.rate_window_s)
         self._phase, self._started_at, self._last_error = Phase.IDLE, None, None
-        self._gauges = ProgressGauges()
+        self._metrics = IndexMetrics(config.name)
         self._state_uri = join(config.snapshot_uri, ROUTER_STATE) if config.snapshot_uri else None
         if self._state_uri and exists(self._state_uri):
             state = json.loads(read_bytes(self._state_uri))
@@ -209,6 +222,7 @@ class IndexRouter:
         return await self._apply("upsert", ids, vectors, state, version)
 
     async def _apply(self, method: str, ids, vectors, *args) -> dict[str, int]:
+        started = time.perf_counter()
         try:
             ids, vectors = as_batch(ids, vectors)
             groups = split_by_shard(ids, len(self._shards))
@@ -225,15 +239,28 @@ class IndexRouter:
             )
         except Exception as err:
             logger.warning("%s refused or failed: %s", method, err)
+            self._metrics.count_error(method, err)
             with self._lock:
                 self._last_error = f"{method}: {err}"
             raise
+        state = parse(Space, args[0]) if method == "upsert" else Space.OLD
+        self._metrics.observe_write(method, state, len(ids), time.perf_counter() - started)
         # Every shard's counts (light calls), so totals are right even for shards this batch missed.
         self._record_counts(await _gather([s.counts.remote() for s in self._shards]))
         return self._progress().counts
 
     async def search(self, queries_old, queries_new, k: int, strategy: Strategy) -> TopK:
         """Top-k per query over every shard, merged and de-duplicated (see raybackfill.index.merge)."""
+        started = time.perf_counter()
+        try:
+            top = await self._search(queries_old, queries_new, k, strategy)
+        except Exception as err:
+            self._metrics.count_error("search", err)
+            raise
+        self._metrics.observe_query(parse(Strategy, strategy), len(top.ids), time.perf_counter() - started)
+        return top
+
+    async def _search(self, queries_old, queries_new, k: int, strategy: Strategy) -> TopK:
         strategy = parse(Strategy, strategy)
         k = check_k(k, self._config.index.max_k)
         # Bounded here, before the batch is copied to the object store and fanned out to every shard.
@@ -327,7 +354,7 @@ class IndexRouter:
                 updated_at=now,
                 last_error=self._last_error,
             )
-        self._gauges.export(progress)
+        self._metrics.export_progress(progress)
         return progress
 
     def _save_state(self) -> None:
@@ -404,6 +431,7 @@ def create_index(config: RouterConfig | None = None):
         get_if_exists=True,
         max_restarts=-1,
         num_cpus=0,
+        resources=config.actor_resources(),
     ).remote(config)
     running = get(router.health.remote())["config"]
     if running != dataclasses.asdict(config):

@@ -38,6 +38,7 @@ import io
 import json
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 import faiss
@@ -45,6 +46,7 @@ import numpy as np
 import ray
 
 from raybackfill.index.merge import EMPTY_ID, TopK, empty_topk, merge_results
+from raybackfill.index.metrics import ShardMetrics
 from raybackfill.index.slots import SlotIndex, slot_index
 from raybackfill.index.snapshot import read_snapshot, write_snapshot
 from raybackfill.index.validate import as_batch, as_ids, as_queries, check_k, show_ids, unit_rows
@@ -137,6 +139,7 @@ class IndexShard:
         self._threads = max(1, int(cpus))
         self._gpu = self._gpu_resources()
         self._gpu_mirrors: dict[str, faiss.Index] = {}  # dropped by _touch whenever its index changes
+        self._metrics = ShardMetrics(ray.get_runtime_context().get_actor_name() or "")
         self._reset()
         if snapshot_uri:
             blobs = read_snapshot(snapshot_uri)
@@ -174,6 +177,7 @@ class IndexShard:
             "gpu": self._gpu is not None,
             "snapshot_uri": self._snapshot_uri,
         }
+        self._metrics.export_counts(self._counts)
 
     def _gpu_resources(self):
         has_gpu_faiss = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
@@ -256,6 +260,7 @@ class IndexShard:
             self._sort_ids()
             self._touch("pending")
             self._publish()
+            self._metrics.observe_write("load_old", len(ids))
             return self._counts
 
     def upsert(self, ids, vectors, state: Space, version: str, dry_run: bool = False) -> dict[str, int]:
@@ -283,6 +288,7 @@ class IndexShard:
             self._state[slots] = code
             self._touch("pending", "backfilled", "new")
             self._publish()
+            self._metrics.observe_write("upsert", len(ids))
             return self._counts
 
     def _validated_upsert(self, ids, vectors, state: Space, version: str):
@@ -346,6 +352,7 @@ class IndexShard:
         """Top-k per query under a strategy (see module docstring of raybackfill.index.router)."""
         strategy = parse(Strategy, strategy)
         k = check_k(k, self._config.max_k)
+        started = time.perf_counter()
         with self._lock:
             self._set_threads()
             parts = self._plan(queries_old, queries_new, strategy)
@@ -353,6 +360,7 @@ class IndexShard:
             if len(rows) > 1:
                 raise ValueError(f"queries_old and queries_new must hold the same queries, got {sorted(rows)} rows")
             results = [self._search_part(name, q, k, code) for name, q, code in parts if self._size(name)]
+        self._metrics.observe_search(time.perf_counter() - started)
         if not results:
             return empty_topk(rows.pop(), k, self._config.metric)
         return merge_results(results, k, self._config.metric)

@@ -86,6 +86,9 @@ class ModelSpec:
     preprocessing: dict[str, Any] = field(default_factory=dict)
     embedding_layer: str | None = None  # torchvision: the graph node giving the embedding (None: penultimate)
     entrypoint: str | None = None  # "package.module:factory" (kind entrypoint only)
+    # A map fitted between two encoders' spaces on a paired sample (raybackfill.adapters): its kind, direction,
+    # the encoders' versions, what the fit chose and its quality-gate score on held-out pairs. Empty otherwise.
+    adapter: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         problems = []
@@ -130,6 +133,8 @@ class ModelSpec:
             problems.append("dims must map names to integers")
         if not isinstance(self.training, dict):
             problems.append("training must be an object")
+        if not isinstance(self.adapter, dict):
+            problems.append("adapter must be an object")
         if problems:
             raise ArtifactError("; ".join(problems))
 

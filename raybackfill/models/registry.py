@@ -13,7 +13,13 @@ from torch import nn
 
 from raybackfill.models.backbones import resnet18, resnet50, small_cnn
 from raybackfill.models.side_info import SideInfoModel
-from raybackfill.models.transformations import FastFillTransformation, ForwardTransformation, ReverseTransformation
+from raybackfill.models.transformations import (
+    FastFillTransformation,
+    ForwardTransformation,
+    LinearForward,
+    LinearReverse,
+    ReverseTransformation,
+)
 
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": small_cnn,
@@ -23,6 +29,8 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "forward_transformation": ForwardTransformation,
     "fastfill_transformation": FastFillTransformation,
     "reverse_transformation": ReverseTransformation,
+    "linear_forward": LinearForward,
+    "linear_reverse": LinearReverse,
 }
 
 

@@ -124,6 +124,110 @@ class ReverseTransformation(nn.Module):
         return self.net(new)
 
 
+class LinearTransformation(nn.Module):
+    """An affine map between two spaces, ``y = x W + b``, as fitted in closed form by :mod:`raybackfill.adapters`
+    (Procrustes, ridge, low-rank): the one module the backfill, `transform` and the index run for such an adapter.
+
+    ``rank`` stores the map as two factors (in -> rank -> out, the first without bias), cheaper at low rank.
+    ``normalize_input`` L2-normalises each input row first (the fit was made on normalised rows). With
+    ``side_dim`` the input is the concatenation of the (normalised) vector and its side-information. The names of
+    the input and output spaces come from the subclass (:class:`LinearForward`, :class:`LinearReverse`), so
+    ``dims`` reads like the other transformations' (``{"old": ..., "new": ...}``).
+    """
+
+    input_space = "in"
+    output_space = "out"
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        rank: int | None = None,
+        bias: bool = True,
+        normalize_input: bool = False,
+        side_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        if rank is not None and not 1 <= rank <= min(in_dim + (side_dim or 0), out_dim):
+            raise ValueError(f"rank must be in [1, {min(in_dim + (side_dim or 0), out_dim)}], got {rank}")
+        self.in_dim, self.out_dim, self.rank, self.side_dim = in_dim, out_dim, rank, side_dim
+        self.normalize_input = normalize_input
+        width = in_dim + (side_dim or 0)
+        if rank is None:
+            self.net: nn.Module = nn.Linear(width, out_dim, bias=bias)
+        else:
+            self.net = nn.Sequential(nn.Linear(width, rank, bias=False), nn.Linear(rank, out_dim, bias=bias))
+
+    @property
+    def uses_side_info(self) -> bool:
+        return self.side_dim is not None
+
+    @property
+    def dims(self) -> dict[str, int]:
+        dims = {self.input_space: self.in_dim, self.output_space: self.out_dim}
+        return dims | ({"side": self.side_dim} if self.side_dim is not None else {})
+
+    def load_map(self, weight: np.ndarray, bias: np.ndarray, left=None, right=None) -> LinearTransformation:
+        """Set the parameters from a row-vector map ``x @ weight + bias`` (``weight`` (in, out)); a low-rank
+        module takes the factors ``left`` (in, rank) and ``right`` (rank, out)."""
+        with torch.no_grad():
+            layers = [m for m in self.net.modules() if isinstance(m, nn.Linear)]  # in order: in -> (rank ->) out
+            matrices = [weight] if len(layers) == 1 else [left, right]
+            if any(m is None for m in matrices):
+                raise ValueError("a low-rank module needs the map's factors (left, right)")
+            for layer, matrix in zip(layers, matrices, strict=True):
+                assert matrix is not None  # checked above
+                layer.weight.copy_(torch.as_tensor(np.asarray(matrix).T, dtype=torch.float32))
+            last = layers[-1]
+            if last.bias is not None:
+                last.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
+            elif np.any(np.asarray(bias) != 0):
+                raise ValueError("this module has no bias, but the map has one")
+        return self
+
+    def forward(self, x: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
+        if self.uses_side_info and side is None:
+            raise ValueError(f"this adapter was fitted with side-information (dim {self.side_dim}); pass it")
+        if not self.uses_side_info and side is not None:
+            raise ValueError("this adapter was fitted without side-information; do not pass any")
+        parts = [x] if side is None else [x, side]
+        if self.normalize_input:
+            parts = [F.normalize(p, dim=1) for p in parts]
+        return self.net(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
+
+
+class LinearForward(LinearTransformation):
+    """A closed-form adapter old -> new (the backfill's instant phase runs it like FCT's h)."""
+
+    input_space = "old"
+    output_space = "new"
+
+    def __init__(
+        self,
+        old_dim: int,
+        new_dim: int,
+        rank: int | None = None,
+        bias: bool = True,
+        normalize_input: bool = False,
+        side_dim: int | None = None,
+    ) -> None:
+        super().__init__(old_dim, new_dim, rank, bias, normalize_input, side_dim)
+        self.old_dim, self.new_dim = old_dim, new_dim  # named as the other transformations name them
+
+
+class LinearReverse(LinearTransformation):
+    """A closed-form adapter new -> old (psi: the old-space query from a new-model query)."""
+
+    input_space = "new"
+    output_space = "old"
+
+    def __init__(
+        self, new_dim: int, old_dim: int, rank: int | None = None, bias: bool = True, normalize_input: bool = False
+    ) -> None:
+        super().__init__(new_dim, old_dim, rank, bias, normalize_input)
+        self.old_dim, self.new_dim = old_dim, new_dim  # named as the other transformations name them
+
+
 def apply_transformation(
     module: nn.Module,
     vectors: np.ndarray,
