@@ -1,5 +1,5 @@
-"""The backfill phase's single Ray Data run: rows arrive in the order of the tier files (one actor pool for every
-tier), and the consumer writes each tier's rows to that tier's ledger directory, flushing between tiers."""
+"""The backfill phase's single Ray Data run: rows arrive in the order of the planned row groups (one actor pool for
+every tier), and the consumer writes each tier's rows to that tier's ledger directory, flushing between tiers."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ as ``first + (n - first_rows) / rate``: ``first`` is the time to the first batch
 batch), ``rate`` the steady rate after it (rows after the first batch over the time they took). A sample that
 yields one batch only has no steady rate: its rate is taken as ``rows / first`` (start-up included), which
 over-estimates. The plan reads the gallery's id column to locate every item (raybackfill.backfill.plan): that
-pass is run on the first gallery shards and its time scaled to the gallery's rows.
+work is done on the first gallery shards in the driver and its time scaled to the gallery's rows.
 
 Bytes are measured too: the sample's outputs are encoded as the backfill's Parquet files in memory, and the
 bytes per row scale to the phase; the plan's bytes per item are those of the sample's locations (ids, ranks,
@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import ray
 
 from raybackfill.backfill.inputs import check_inputs
-from raybackfill.backfill.plan import PLAN_COLUMNS, RANK, locate_gallery, score_gallery
+from raybackfill.backfill.plan import PLAN_COLUMNS, RANK, locate_file, score_gallery
 from raybackfill.backfill.policies import OLD_EMBEDDING_POLICIES
 from raybackfill.backfill.run import BackfillConfig
 from raybackfill.compat.recipes import get_recipe
@@ -246,8 +246,10 @@ def _plan_phase(
         # linear in the rows, start-up included: an over-estimate when the sample is a small share of the table
         seconds += (time.monotonic() - started) * old.num_rows / max(sample.num_rows, 1)
     sample = _first_shards(gallery, sample_batches * config.pool.batch_size)
+    # The locating work (the id column of each file) over the first shards, in this process: the run does the
+    # same per file in Ray tasks, several at once, so this over-estimates on a cluster with free CPUs.
     started = time.monotonic()
-    located = locate_gallery(sample)  # the real locating pass (id column only) over the first shards: no write
+    located = pa.concat_tables([locate_file(uri, i) for i, uri in enumerate(sample.shards)])
     seconds += (time.monotonic() - started) * gallery_rows / max(sample.num_rows, 1)
     rows = located.append_column(RANK, pa.array(np.arange(located.num_rows, dtype=np.int64))).select(list(PLAN_COLUMNS))
     plan_bytes = int(parquet_bytes(rows) / max(rows.num_rows, 1) * planned)

@@ -248,8 +248,7 @@ def score_gallery(
     return ids, scores
 
 
-@ray.remote(num_cpus=0.25)
-def _locate_file(uri: str, file_index: int) -> pa.Table:
+def locate_file(uri: str, file_index: int) -> pa.Table:
     """The id of every row of one gallery file with its location (id column only is read, row group by row
     group)."""
     fs, path = storage.resolve(uri)
@@ -273,6 +272,9 @@ def _locate_file(uri: str, file_index: int) -> pa.Table:
     except (OSError, pa.ArrowInvalid) as err:
         raise storage.StorageError(f"{uri}: cannot read the id column ({err})") from err
     return pa.concat_tables(parts) if parts else _empty_locations()
+
+
+_locate_file = ray.remote(num_cpus=0.25)(locate_file)
 
 
 def _empty_locations() -> pa.Table:
