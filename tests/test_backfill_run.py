@@ -334,3 +334,24 @@ def test_the_new_space_is_trained_on_transformed_old_embeddings_or_on_images_emb
     embedded, ok, _ = encoder.embed_rows(images)
     assert ok.all() and sample.shape == (N, DIM)  # 17 gallery rows, 1 corrupt
     assert (_nearest_distance(sample, embedded) < 1e-4).all()
+
+
+def test_an_old_embedding_table_changed_after_the_plan_is_refused_by_the_instant_phase(inputs, ray_cluster, tmp_path):
+    """The instant phase's ledger counts the old table's rows by position: a table rewritten since the plan
+    would shift them, so the phase refuses it before it transforms anything."""
+    old = str(tmp_path / "old")
+    shutil.copytree(inputs["old"], old)
+    out = str(tmp_path / "out")
+    config = BackfillConfig(
+        gallery=inputs["gallery"], old_embeddings=old, upgrade=inputs["new"], out=out, method="fastfill",
+        transformation=inputs["fastfill"], policy="id", tiers=2, max_bad_fraction=0.5, index=None, pool=POOL,
+        progress=False, budget=0,
+    )  # fmt: skip
+    ensure_plan(config.plan_config(), Ledger(out).plan_uri, Ledger(out).quarantine_uri)
+    last = sorted(Path(old).glob("*.parquet"))[-1]
+    table = pq.read_table(last)
+    last.unlink()
+    write_table(table.slice(0, table.num_rows - 1), old, append=True)  # one row fewer, in a new file
+    with pytest.raises(OSError, match="the table changed since the plan was built"):
+        run_backfill(config)
+    assert not Path(out, "transformed").exists()
