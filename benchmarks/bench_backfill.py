@@ -25,12 +25,19 @@ transformation items/s (read + forward, warmed, one process) over the bare embed
 ratio is the backbone's cost over the transformation's, so ``--reembed-also`` repeats the re-embedding side
 with heavier backbones (default ResNet-18 on fewer images) against the same transform runs.
 
+``plan_storage``: the bytes the priority plan stores for a gallery of real-sized JPEGs (``--plan-images`` at
+``--plan-size`` pixels, natural-looking pictures: smooth fields plus grain, quality 90), side by side with what
+the former plan stored for the same gallery (every row copied, image bytes included, into its tier's files,
+with a rank column: written here in the same run, the same tiers and policy), both as a share of the
+gallery's bytes (target < 2 %), with the time each took. ``--plan-only`` runs just this section.
+
 Every figure is the median of ``--repeats``. Writes JSON (default benchmarks/results/bench_backfill.json)
 with the machine (cores, torch/faiss/numpy versions, load average at start and end: the box is shared)
 and prints a summary. Uses a Ray that is already initialised (or RAY_ADDRESS), else starts one.
 
     PYTHONPATH=. python benchmarks/bench_backfill.py            # 10k images, 200k embeddings
     PYTHONPATH=. python benchmarks/bench_backfill.py --quick    # 2k images, 20k embeddings, about a minute
+    PYTHONPATH=. python benchmarks/bench_backfill.py --plan-only --plan-images 5000   # the plan figure alone
 """
 
 from __future__ import annotations
@@ -60,9 +67,9 @@ from raybackfill.embed.pipeline import PoolConfig, embed_gallery, map_embed, pla
 from raybackfill.models.artifacts import ModelSpec, load_model, save_model
 from raybackfill.models.registry import build_model
 from raybackfill.runtime import init_ray
-from raybackfill.types import Method
+from raybackfill.types import Method, Policy
 
-QUICK = {"images": 2_000, "size": 32, "embeddings": 20_000, "reembed_also": ""}
+QUICK = {"images": 2_000, "size": 32, "embeddings": 20_000, "reembed_also": "", "plan_images": 1_000}
 # The re-embedding backbone. small_cnn is the cheapest model a backfill would run (so the transform ratio is
 # its worst case); resnet18 stands for a production backbone.
 BACKBONES = {
@@ -99,6 +106,97 @@ def write_inputs(root: str, args: argparse.Namespace) -> dict[str, str]:
     storage.write_table(table, paths["old_2x"], rows_per_shard=args.transform_batch_size)
     save_models(paths["backbone"], paths["fct"], args.backbone)
     return paths
+
+
+def jpeg_gallery(uri: str, images: int, size: int, seed: int, rows_per_shard: int, row_group: int) -> int:
+    """A gallery of ``images`` JPEGs (``size`` px, quality 90) in shards of ``rows_per_shard`` rows and row groups
+    of ``row_group`` rows; returns its bytes on disk. Each image is a smooth random field (an 8x8 colour grid
+    upsampled) plus grain, so it compresses like a photo, not like a flat synthetic picture."""
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from raybackfill.data.schema import image_table
+
+    rng = np.random.default_rng(seed)
+    for shard, start in enumerate(range(0, images, rows_per_shard)):
+        count = min(rows_per_shard, images - start)
+        blobs = []
+        for _ in range(count):
+            coarse = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize(
+                (size, size), Image.Resampling.BICUBIC
+            )
+            pixels = np.asarray(coarse, dtype=np.int16) + rng.integers(-12, 13, (size, size, 3))
+            buffer = io.BytesIO()
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+            blobs.append(buffer.getvalue())
+        ids = np.arange(start, start + count, dtype=np.int64)
+        os.makedirs(uri, exist_ok=True)
+        path = os.path.join(uri, storage.shard_name(shard))
+        pq.write_table(image_table(ids, blobs, labels=ids % 10), path, row_group_size=row_group)
+    return directory_bytes(uri)
+
+
+def directory_bytes(uri: str) -> int:
+    return sum(f.stat().st_size for f in Path(uri).rglob("*") if f.is_file())
+
+
+def plan_storage(root: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The plan's bytes (ids, ranks, locations) vs the former plan's (the gallery rows copied into tiers)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raybackfill.backfill.plan import RANK, PlanConfig, ensure_plan, locate_gallery, plan_layout, score_gallery
+
+    gallery, old, plan_uri = (os.path.join(root, name) for name in ("plan-gallery", "plan-old", "plan"))
+    n = args.plan_images
+    gallery_bytes = jpeg_gallery(gallery, n, args.plan_size, args.seed, max(n // 8, 1), 1024)
+    ids = np.arange(n, dtype=np.int64)
+    vectors = np.random.default_rng(args.seed).standard_normal((n, OLD_DIM), dtype=np.float32)
+    storage.write_table(embedding_table(ids, vectors, model="old-v1"), old, rows_per_shard=max(n // 8, 1))
+    config = PlanConfig(gallery=gallery, old_embeddings=old, policy=Policy.RANDOM, tiers=8, seed=args.seed)
+    new_seconds, copy_seconds, copy_bytes = [], [], []
+    for repeat in range(args.repeats):
+        uri = f"{plan_uri}-{repeat}"
+        start = time.perf_counter()
+        plan = ensure_plan(config, uri, os.path.join(root, f"plan-quarantine-{repeat}"))
+        new_seconds.append(time.perf_counter() - start)
+        # The former plan: the same tiers, every gallery row (image bytes included) copied with its rank.
+        start = time.perf_counter()
+        scored_ids, scores = score_gallery(config)
+        layout = plan_layout(scored_ids, scores, locate_gallery(gallery), config.tiers, None)
+        rows = storage.read_table(gallery)
+        by_id = np.argsort(rows.column(ID).to_numpy())
+        copied = rows.take(pa.array(by_id[layout.column(ID).to_numpy()]))
+        copied = copied.append_column(RANK, layout.column(RANK)).append_column("tier", layout.column("tier"))
+        copy_dir = os.path.join(root, f"copy-{repeat}")
+        for t in range(config.tiers):
+            tier_rows = copied.filter(pa.compute.equal(copied.column("tier"), t)).drop_columns(["tier"])
+            os.makedirs(os.path.join(copy_dir, f"tier-{t:05d}"), exist_ok=True)
+            pq.write_table(tier_rows, os.path.join(copy_dir, f"tier-{t:05d}", "part-00000.parquet"))
+        copy_seconds.append(time.perf_counter() - start)
+        copy_bytes.append(directory_bytes(copy_dir))
+    plan_bytes = directory_bytes(f"{plan_uri}-0")
+    return {
+        "what": f"policy random, {config.tiers} tiers, over {n} {args.plan_size}x{args.plan_size} JPEGs "
+        f"(quality 90) in 8 files of row groups of 1024 rows; plan: ids, ranks and (file, row group, row); "
+        "former plan: the gallery rows with a rank column in one file per tier; plan_seconds include the Ray "
+        "tasks that locate the ids and the scoring pass, former_plan_seconds a driver-side copy (the former "
+        "code ran the copy as a Ray Data pass)",
+        "gallery_bytes": gallery_bytes,
+        "gallery_bytes_per_image": gallery_bytes / n,
+        "plan_bytes": plan_bytes,
+        "plan_bytes_per_item": plan_bytes / n,
+        "plan_fraction": plan_bytes / gallery_bytes,
+        "target_fraction": 0.02,
+        "former_plan_bytes": statistics.median(copy_bytes),
+        "former_plan_fraction": statistics.median(copy_bytes) / gallery_bytes,
+        "ratio_plan_to_former": plan_bytes / statistics.median(copy_bytes),
+        "plan_seconds": new_seconds,
+        "former_plan_seconds": copy_seconds,
+        "planned_items": plan.total,
+    }
 
 
 def save_backbone(uri: str, backbone: str) -> None:
@@ -340,6 +438,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/bench_backfill.json")
+    parser.add_argument("--plan-images", type=int, default=20_000, help="JPEGs of the plan_storage gallery")
+    parser.add_argument("--plan-size", type=int, default=64, help="side of the plan_storage JPEGs (default 64)")
+    parser.add_argument("--plan-only", action="store_true", help="run only the plan_storage section")
     parser.add_argument(
         "--quick", action="store_true", help=f"small run for a smoke test: defaults {QUICK} (explicit flags still win)"
     )
@@ -359,9 +460,17 @@ def main(argv: list[str] | None = None) -> dict:
     transform_pool = PoolConfig(
         actors=args.cpus, cpus_per_actor=0.5, gpus_per_actor=0.0, batch_size=args.transform_batch_size
     )
+    if args.plan_only:
+        try:
+            with tempfile.TemporaryDirectory(prefix="bench-plan-") as root:
+                return write_plan_only(args, plan_storage(root, args), load_start)
+        finally:
+            if owns_ray:
+                ray.shutdown()
     with tempfile.TemporaryDirectory(prefix="bench-backfill-") as root:
         try:
             context.execution_options.resource_limits = previous_limits.copy(cpu=args.cpus)
+            plan_figures = plan_storage(root, args)
             paths = write_inputs(root, args)
             n = args.images
 
@@ -482,6 +591,7 @@ def main(argv: list[str] | None = None) -> dict:
             "transform_seconds_2x": transform_2x,
             "by_backbone": by_backbone,
         },
+        "plan_storage": plan_figures,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -509,7 +619,34 @@ def main(argv: list[str] | None = None) -> dict:
         f"compute bound with {args.backbone}: bare transform {bare_transform_rate:,.0f} items/s vs bare embed "
         f"{bare_rates[best]:,.0f} img/s = {result['transform_vs_reembed']['compute_bound_ratio']:.1f}x"
     )
+    print_plan(plan_figures)
     print(f"load average {load_start[0]:.1f} -> {load_end[0]:.1f} on {os.cpu_count()} cores; wrote {out}")
+    return result
+
+
+def print_plan(figures: dict[str, Any]) -> None:
+    print(
+        f"plan storage: {figures['plan_bytes']:,} bytes ({figures['plan_bytes_per_item']:.1f} B/item) = "
+        f"{100 * figures['plan_fraction']:.2f}% of the gallery's {figures['gallery_bytes']:,} bytes "
+        f"({figures['gallery_bytes_per_image']:,.0f} B/image; target < 2%); the former copy of the rows: "
+        f"{100 * figures['former_plan_fraction']:.1f}% (plan/former = {figures['ratio_plan_to_former']:.4f})"
+    )
+
+
+def write_plan_only(args: argparse.Namespace, figures: dict[str, Any], load_start) -> dict:
+    """The JSON of a ``--plan-only`` run (its own file next to the full run's)."""
+    result = {
+        "benchmark": "bench_backfill",
+        "config": vars(args),
+        "machine": {**machine_info(), "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
+        "plan_storage": figures,
+    }
+    out = Path(args.out)
+    out = out.with_name(out.stem + "_plan" + out.suffix)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print_plan(figures)
+    print(f"wrote {out}")
     return result
 
 

@@ -164,6 +164,7 @@ class Stage(_Term):
     TRANSFORM = "transform"  # the forward transformation produced a non-finite embedding
     DECODE = "decode"  # its bytes do not decode to an image or text
     EMBED = "embed"  # the encoder failed or returned a non-finite embedding
+    LOAD = "load"  # serve's loader: a stored old embedding is null, non-finite, zero (cosine), or its id repeats
 
 
 # The stages of one pass through an encoder (an embed job, a backfill's re-embedding): on resume the pass skips

@@ -38,9 +38,9 @@ def test_max_rate_reaches_the_config(monkeypatch):
     monkeypatch.setattr("raybackfill.runtime.init_ray", lambda *a, **k: None)
     monkeypatch.setattr("raybackfill.backfill.run.run_backfill", lambda config: seen.setdefault("config", config))
     monkeypatch.setattr("raybackfill.backfill.run.summary_table", lambda summary: "")
-    cli.run(_parse("--policy", "id", "--no-index", "--max-rate", "250"))
-    assert seen["config"].max_rate == 250.0
-    assert _parse().max_rate is None
+    cli.run(_parse("--policy", "id", "--no-index", "--max-rate", "250", "--train-sample", "5000"))
+    assert seen["config"].max_rate == 250.0 and seen["config"].train_sample == 5000
+    assert _parse().max_rate is None and _parse().train_sample == 100_000
 
 
 def test_the_subcommand_registers_under_backfill():
@@ -60,6 +60,7 @@ def test_the_subcommand_registers_under_backfill():
         ({"method": "bct", "policy": "id", "until": 1.5}, "fraction"),
         ({"method": "bct", "policy": "id", "max_bad_fraction": -0.1}, "max_bad_fraction"),
         ({"method": "bct", "policy": "id", "max_rate": 0}, "max_rate"),
+        ({"method": "bct", "policy": "id", "train_sample": 0}, "train_sample"),
         ({"method": "bct", "policy": "nope"}, "unknown policy"),
         ({"method": "nope", "policy": "id"}, "unknown method"),
     ],

@@ -19,14 +19,16 @@ import pytest
 import torch
 
 from raybackfill.backfill.ledger import Ledger
-from raybackfill.backfill.plan import RANK, PlanConfig, ensure_plan, read_plan
-from raybackfill.backfill.run import BackfillConfig, run_backfill, summary_table
+from raybackfill.backfill.plan import FILE, PLAN_COLUMNS, RANK, ROW, ROW_GROUP, PlanConfig, ensure_plan, read_plan
+from raybackfill.backfill.run import BackfillConfig, new_space_sample, run_backfill, summary_table
 from raybackfill.backfill.sink import TooManyBadRows
 from raybackfill.data.schema import ID, IMAGE, embedding_table, image_table
 from raybackfill.data.storage import read_table, write_table
 from raybackfill.data.synth import synthesize
 from raybackfill.embed.pipeline import PoolConfig
+from raybackfill.index.loading import LoadConfig, load_old_table
 from raybackfill.index.router import RouterConfig, create_index, destroy_index, get
+from raybackfill.index.shard import IndexConfig
 from raybackfill.models.artifacts import ModelSpec, save_model
 from raybackfill.models.registry import build_model
 
@@ -109,17 +111,20 @@ def _ledger_ids(ledger: Ledger, directory: str) -> np.ndarray:
     return np.concatenate([pq.read_table(f, columns=[ID]).column(ID).to_numpy() for f in ledger.files(directory)])
 
 
-def test_plan_tiers_hold_the_policy_order_and_quarantine_unknown_ids(inputs, id_plan):
+def test_plan_tiers_hold_ids_and_gallery_locations_in_policy_order_and_quarantine_unknown_ids(inputs, id_plan):
     plan = read_plan(id_plan)
     assert plan.total == N  # the 16 ids with an old embedding; id 99 has none
+    gallery = {uri: pq.read_table(uri) for uri in plan.gallery_files}
     ranks = []
     for tier in plan.tiers:
-        files = [pq.read_table(f) for f in tier.files]
-        assert all(np.all(np.diff(f.column(RANK).to_numpy()) > 0) for f in files)  # each file sorted by rank
-        table = pa.concat_tables(files)
+        table = pa.concat_tables([pq.read_table(f) for f in tier.files])
+        assert table.column_names == list(PLAN_COLUMNS)  # ids, ranks and locations: no image bytes
         ranks.append(np.sort(table.column(RANK).to_numpy()))
         # policy "id": ascending ids first, so tier t holds ids 8t .. 8t+7
         assert sorted(table.column(ID).to_pylist()) == list(range(8 * tier.index, 8 * tier.index + 8))
+        for row in table.to_pylist():  # every location points at the row of that id in the original gallery
+            located = gallery[plan.gallery_files[row[FILE]]].slice(row[ROW], 1)  # one row group per file here
+            assert row[ROW_GROUP] == 0 and located.column(ID)[0].as_py() == row[ID]
     assert np.array_equal(np.concatenate(ranks), np.arange(N))
     quarantine = read_table(str(inputs["root"] / "id-plan-quarantine"))
     assert quarantine.column(ID).to_pylist() == [UNKNOWN_ID]
@@ -172,6 +177,9 @@ def test_fastfill_backfill_writes_tiers_in_order_exactly_once_while_queries_keep
     # ... and tier 0 is the higher-uncertainty half of the plan.
     plan = read_plan(ledger.plan_uri)
     tier0 = set(pa.concat_tables([pq.read_table(f) for f in plan.tiers[0].files]).column(ID).to_pylist())
+    # The tier markers count what the tiers hold; the summary reads them, not the batches.
+    tracks = [ledger.track(ledger.tier_uri(t)) for t in range(2)]
+    assert [t.position for t in tracks] == [8, 8] and sum(t.items for t in tracks) == N - 1
     assert set(_ledger_ids(ledger, ledger.tier_uri(0))) == tier0 - {CORRUPT_ID}
 
     quarantine = read_table(ledger.quarantine_uri)
@@ -257,7 +265,9 @@ def test_nan_outputs_are_quarantined_and_too_many_fail_the_job_cleanly(inputs, i
     with pytest.raises(TooManyBadRows, match="quarantined"):
         run_backfill(config)
     ledger = Ledger(out)
-    assert ledger.files(ledger.new_uri) == []  # nothing written, nothing half-written
+    assert len(ledger.ids(ledger.new_uri)) == 0  # no vector written, nothing half-written
+    # The all-bad batches are committed (empty files): their positions are done, their rows quarantined.
+    assert ledger.track(ledger.tier_uri(0)).quarantined == ledger.track(ledger.tier_uri(0)).position > 0
     quarantine = read_table(ledger.quarantine_uri)
     reasons = dict(zip(quarantine.column(ID).to_pylist(), quarantine.column("reason").to_pylist(), strict=True))
     assert reasons.pop(CORRUPT_ID, "corrupt image").startswith("corrupt image")  # in tier 0: maybe reached
@@ -265,3 +275,82 @@ def test_nan_outputs_are_quarantined_and_too_many_fail_the_job_cleanly(inputs, i
     assert set(quarantine.column(ID).to_pylist()) <= set(range(8))  # stopped in the first tier
     progress = get(router.progress.remote())
     assert progress.counts["new"] == 0 and progress.phase == "paused" and "quarantined" in progress.last_error
+
+
+@pytest.mark.parametrize("method", ["bct", "fastfill"])
+def test_an_index_kind_that_needs_training_gets_its_new_space_trained_before_the_first_upsert(
+    inputs, id_plan, ray_cluster, tmp_path, method
+):
+    """Batches of 2 items split over 2 shards are smaller than nlist=4: only spaces trained up front take them
+    (old: on a sample of the old table at load; new: on transformed old embeddings (fastfill), or on a sample
+    embedded by the new model up front (bct))."""
+    index = IndexConfig(factory="IVF4,Flat", search_params={"nprobe": 4})
+    assert index.needs_training
+    name = f"bf-train-{method}"
+    router = create_index(RouterConfig(name=name, shards=2, shard_num_cpus=0.1, index=index))
+    try:
+        loaded = load_old_table(router, inputs["old"], config=LoadConfig(batch_rows=2, train_sample=N))
+        assert loaded.trained_on == N and loaded.items == N
+        out = _out_with_plan(id_plan, tmp_path / "out")
+        extra = {"transformation": inputs["fastfill"]} if method == "fastfill" else {}
+        summary = run_backfill(BackfillConfig(
+            gallery=inputs["gallery"], old_embeddings=inputs["old"], upgrade=inputs["new"], out=out, method=method,
+            policy="id", tiers=2, max_bad_fraction=0.5, index=name, pool=PoolConfig(batch_size=2), progress=False,
+            train_sample=N, **extra,
+        ))  # fmt: skip
+        assert summary.complete and get(router.progress.remote()).counts["new"] == N - 1
+        q = inputs["old_vectors"][:2]
+        assert (get(router.search.remote(q, q, 3, "rank_merge")).ids >= 0).all()
+    finally:
+        destroy_index(name)
+
+
+def _nearest_distance(sample: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    return np.min(np.linalg.norm(sample[:, None, :] - reference[None, :, :], axis=2), axis=1)
+
+
+def test_the_new_space_is_trained_on_transformed_old_embeddings_or_on_images_embedded_up_front(inputs, ray_cluster):
+    from raybackfill.data.storage import open_table
+    from raybackfill.embed.actors import transform_batch
+    from raybackfill.encoders import load_encoder
+    from raybackfill.models.artifacts import load_model
+
+    gallery, old = open_table(inputs["gallery"]), open_table(inputs["old"])
+    base = dict(gallery=inputs["gallery"], old_embeddings=inputs["old"], upgrade=inputs["new"], out="unused",
+                policy="id", pool=POOL)  # fmt: skip
+    # FastFill: a sample of the stored vectors, transformed (every sampled vector is one of the table's, mapped).
+    fastfill = BackfillConfig(**base, method="fastfill", transformation=inputs["fastfill"], train_sample=5)
+    sample = new_space_sample(fastfill, gallery, old)
+    transformed = transform_batch(load_model(inputs["fastfill"]).module, old.read())["embedding"]
+    assert sample.shape == (5, DIM) and (_nearest_distance(sample, transformed) < 1e-4).all()
+    # BCT: gallery images embedded by the new encoder; the corrupt image is left out of the sample.
+    bct = BackfillConfig(**base, method="bct", train_sample=100)
+    sample = new_space_sample(bct, gallery, old)
+    images = [b for i, b in zip(gallery.read().column(ID).to_pylist(), gallery.read().column(IMAGE).to_pylist(),
+                                strict=True) if i != CORRUPT_ID]  # fmt: skip
+    encoder = load_encoder(inputs["new"])
+    encoder.with_size(16)  # the gallery's image size, as the pipeline resolves it
+    embedded, ok, _ = encoder.embed_rows(images)
+    assert ok.all() and sample.shape == (N, DIM)  # 17 gallery rows, 1 corrupt
+    assert (_nearest_distance(sample, embedded) < 1e-4).all()
+
+
+def test_an_old_embedding_table_changed_after_the_plan_is_refused_by_the_instant_phase(inputs, ray_cluster, tmp_path):
+    """The instant phase's ledger counts the old table's rows by position: a table rewritten since the plan
+    would shift them, so the phase refuses it before it transforms anything."""
+    old = str(tmp_path / "old")
+    shutil.copytree(inputs["old"], old)
+    out = str(tmp_path / "out")
+    config = BackfillConfig(
+        gallery=inputs["gallery"], old_embeddings=old, upgrade=inputs["new"], out=out, method="fastfill",
+        transformation=inputs["fastfill"], policy="id", tiers=2, max_bad_fraction=0.5, index=None, pool=POOL,
+        progress=False, budget=0,
+    )  # fmt: skip
+    ensure_plan(config.plan_config(), Ledger(out).plan_uri, Ledger(out).quarantine_uri)
+    last = sorted(Path(old).glob("*.parquet"))[-1]
+    table = pq.read_table(last)
+    last.unlink()
+    write_table(table.slice(0, table.num_rows - 1), old, append=True)  # one row fewer, in a new file
+    with pytest.raises(OSError, match="the table changed since the plan was built"):
+        run_backfill(config)
+    assert not Path(out, "transformed").exists()

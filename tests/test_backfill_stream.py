@@ -1,5 +1,5 @@
-"""The backfill phase's single Ray Data run: rows arrive in the order of the tier files (one actor pool for every
-tier), and the consumer writes each tier's rows to that tier's ledger directory, flushing between tiers."""
+"""The backfill phase's single Ray Data run: rows arrive in the order of the planned row groups (one actor pool for
+every tier), and the consumer writes each tier's rows to that tier's ledger directory, flushing between tiers."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import torch
 from tqdm import tqdm
 
 from raybackfill.backfill.ledger import Ledger
-from raybackfill.backfill.rows import TIER
+from raybackfill.backfill.reads import RowGroupRead
+from raybackfill.backfill.rows import POSITION, TIER
 from raybackfill.backfill.run import backfill_stream, consume_in_tier_order, tier_runs
 from raybackfill.backfill.sink import FINITE, BatchSink, PhaseStats
 from raybackfill.data import storage
@@ -43,7 +44,7 @@ class RecordingSink:
 
 
 def _batch(ids: list[int], tiers: list[int]) -> dict[str, np.ndarray]:
-    return {ID: np.array(ids), TIER: np.array(tiers), EMBEDDING: np.zeros((len(ids), 2), np.float32)}
+    return {ID: np.array(ids), TIER: np.array(tiers), POSITION: np.array(ids), EMBEDDING: np.zeros((len(ids), 2))}
 
 
 def test_consumer_routes_rows_to_their_tier_and_flushes_before_each_new_tier(tmp_path):
@@ -64,34 +65,46 @@ def test_consumer_refuses_a_stream_whose_tiers_go_down(tmp_path):
     assert ("consume", "tier-00000", [3]) not in sink.events  # nothing of the late row was written
 
 
-def test_stream_yields_rows_in_file_order_with_their_tier_and_leaves_the_global_context_alone(ray_cluster, tmp_path):
-    """A big first file and small later ones: unordered, the small files' rows overtake the big file's tail
-    (they are read and cut into blocks first). preserve_order on the dataset keeps the listed order."""
+def test_stream_reads_planned_rows_from_the_gallery_in_unit_order_and_leaves_the_global_context_alone(
+    ray_cluster, tmp_path
+):
+    """A big first unit and small later ones: unordered, the small units' rows overtake the big one's tail (they
+    are read and cut into blocks first). preserve_order on the dataset keeps the listed order; each unit reads
+    only its rows of its row group, in the order the unit lists them."""
     torch.manual_seed(0)
     images = synthesize(classes=2, per_class=120, size=8)
-    sizes = [200, 4, 4, 4, 4, 4]
-    bounds = np.cumsum([0, *sizes])
-    files = [
-        storage.write_shard(images.slice(a, b - a), str(tmp_path / "g"), f"part-{i}.parquet")
-        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))
-    ]
+    uri = str(tmp_path / "g" / "part-00000.parquet")
+    storage.write_shard(images.slice(0, 40), str(tmp_path / "g"), "part-00000.parquet")
+    big = storage.write_shard(images.slice(40, 200), str(tmp_path / "g"), "part-00001.parquet")
     kwargs = {"embedding_dim": 4, "num_classes": 2, "width": 4}
     model = str(tmp_path / "model")
     save_model(build_model("small_cnn", **kwargs), model, ModelSpec("small_cnn", "v", kwargs))
-    ids = np.arange(bounds[-1])[::-1].copy()  # any order: the stream must follow the files, not these ids
-    tiers = np.where(ids < sizes[0], 0, 1)
+    gallery_ids = images.column(ID).to_numpy()
+    big_rows = np.arange(199, -1, -1, dtype=np.int32)  # the whole big file, last row first
+    small = [np.array([5 * i + 3, 5 * i], dtype=np.int32) for i in range(5)]  # two rows of the small file each
+    units = [RowGroupRead(big, 0, big_rows, 0, tier=0, ids=gallery_ids[40 + big_rows])]
+    units += [RowGroupRead(uri, 0, rows, 2 * i, tier=1, ids=gallery_ids[rows]) for i, rows in enumerate(small)]
     before = ray.data.DataContext.get_current().execution_options.preserve_order
 
     pool = PoolConfig(actors=2, cpus_per_actor=0.25, batch_size=4, gpus_per_actor=0.0)
-    inputs = plan_inputs({EMBEDDING: model}, str(tmp_path / "g"))
-    ds = backfill_stream(files, ids, tiers, inputs, pool)
+    table = storage.open_table(str(tmp_path / "g"))
+    inputs = plan_inputs({EMBEDDING: model}, table)
+    ds = backfill_stream(units, table.schema, inputs, pool)
     batches = list(ds.iter_batches(batch_format="numpy", batch_size=None))
 
     assert ray.data.DataContext.get_current().execution_options.preserve_order == before
     got = np.concatenate([b[ID] for b in batches])
-    assert got.tolist() == list(range(bounds[-1]))
-    assert np.concatenate([b[TIER] for b in batches]).tolist() == [0] * sizes[0] + [1] * sum(sizes[1:])
+    assert got.tolist() == gallery_ids[40 + big_rows].tolist() + gallery_ids[np.concatenate(small)].tolist()
+    assert np.concatenate([b[TIER] for b in batches]).tolist() == [0] * 200 + [1] * 10
+    assert np.concatenate([b[POSITION] for b in batches]).tolist() == list(range(200)) + list(range(10))
     assert all(b[EMBEDDING].shape[1] == 4 for b in batches)
+    # Each batch is at most the pool's batch size: a unit (a whole row group) is cut for the actors and the ledger.
+    assert max(len(b[ID]) for b in batches) <= pool.batch_size
+
+    # A gallery rewritten after the plan (other ids at the planned rows) fails loudly instead of embedding them.
+    wrong = [RowGroupRead(uri, 0, np.array([0, 1], np.int32), 0, ids=gallery_ids[[1, 0]])]
+    with pytest.raises(Exception, match="changed after the plan"):
+        list(backfill_stream(wrong, table.schema, inputs, pool).iter_batches(batch_format="numpy"))
 
 
 def test_a_sink_with_max_rate_holds_each_batch_until_its_rows_are_due(tmp_path):
@@ -102,7 +115,8 @@ def test_a_sink_with_max_rate_holds_each_batch_until_its_rows_are_due(tmp_path):
     start = time.monotonic()
     for first in range(0, 40, 10):
         ids = np.arange(first, first + 10)
-        sink.consume({ID: ids, EMBEDDING: np.ones((10, 4), np.float32), FINITE: np.ones(10, bool)}, ledger.tier_uri(0))
+        batch = {ID: ids, POSITION: ids, EMBEDDING: np.ones((10, 4), np.float32), FINITE: np.ones(10, bool)}
+        sink.consume(batch, ledger.tier_uri(0))
     sink.flush()
     assert time.monotonic() - start >= 40 / 100.0  # 40 rows at 100 rows/s
     assert stats.items == 40 and sorted(ledger.ids(ledger.new_uri).tolist()) == list(range(40))

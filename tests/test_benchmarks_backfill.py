@@ -95,6 +95,9 @@ def test_quick_run_reports_both_ratios_against_the_best_bare_baseline(ray_cluste
                 figures["ratio_steady"], figures["transform_steady_items_per_s"] / figures["reembed_steady_items_per_s"]
             )
     assert_positive(transform["compute_bound_ratio"], "compute_bound_ratio")
+    plan = result["plan_storage"]  # --quick: 1000 JPEGs of 64x64
+    assert plan["planned_items"] == 1000 and plan["gallery_bytes_per_image"] > 500
+    assert plan["former_plan_bytes"] > plan["gallery_bytes"] > 20 * plan["plan_bytes"] > 0
     assert math.isclose(
         transform["compute_bound_ratio"], transform["bare_transform_items_per_s"] / embed["bare_items_per_s"]
     )

@@ -7,11 +7,13 @@ pool settings, and the batches are timestamped as they reach the driver. A phase
 as ``first + (n - first_rows) / rate``: ``first`` is the time to the first batch (the pool's start and one
 batch), ``rate`` the steady rate after it (rows after the first batch over the time they took). A sample that
 yields one batch only has no steady rate: its rate is taken as ``rows / first`` (start-up included), which
-over-estimates. The plan's copy of the gallery into tiers (one read and one write of every planned row) is
-estimated as twice the time the reader takes over the sample's bytes, scaled to the gallery's bytes.
+over-estimates. The plan reads the gallery's id column to locate every item (raybackfill.backfill.plan): that
+work is done on the first gallery shards in the driver and its time scaled to the gallery's rows.
 
 Bytes are measured too: the sample's outputs are encoded as the backfill's Parquet files in memory, and the
-bytes per row scale to the phase; the plan needs the planned rows' share of the gallery's files.
+bytes per row scale to the phase; the plan's bytes per item are those of the sample's locations (ids, ranks,
+file, row group, row) encoded the same way, so they over-estimate for a small sample (the file's fixed
+overhead is shared by fewer rows).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import pyarrow.parquet as pq
 import ray
 
 from raybackfill.backfill.inputs import check_inputs
-from raybackfill.backfill.plan import score_gallery
+from raybackfill.backfill.plan import PLAN_COLUMNS, RANK, locate_file, score_gallery
 from raybackfill.backfill.policies import OLD_EMBEDDING_POLICIES
 from raybackfill.backfill.run import BackfillConfig
 from raybackfill.compat.recipes import get_recipe
@@ -103,7 +105,7 @@ class DryRunReport:
 
     @property
     def plan_bytes(self) -> int:
-        """The plan's tier files: the planned rows' share of the gallery's files (the plan copies the rows)."""
+        """The plan's tier files: ids, ranks and locations of the planned items (no gallery row is copied)."""
         return sum(p.bytes_written for p in self.phases if p.name == "plan")
 
     @property
@@ -235,7 +237,7 @@ def dry_run(config: BackfillConfig, *, sample_batches: int = SAMPLE_BATCHES) -> 
 def _plan_phase(
     config: BackfillConfig, gallery: TableFiles, old: TableFiles, planned: int, gallery_rows: int, sample_batches: int
 ) -> PhaseEstimate:
-    """The scoring pass (policies that read the old embeddings) and the copy of the gallery into tiers."""
+    """The scoring pass (policies that read the old embeddings) and the pass that locates every gallery item."""
     seconds = 0.0
     if config.policy in OLD_EMBEDDING_POLICIES:
         sample = _first_shards(old, 1)
@@ -243,13 +245,15 @@ def _plan_phase(
         score_gallery(config.plan_config(), old_embeddings=sample)  # the real scoring pass over a sample: no write
         # linear in the rows, start-up included: an over-estimate when the sample is a small share of the table
         seconds += (time.monotonic() - started) * old.num_rows / max(sample.num_rows, 1)
-    rows = sample_batches * config.pool.batch_size
-    ds = read_gallery(_first_shards(gallery, rows), rows_per_block=config.pool.batch_size).limit(rows)
-    timing, _ = time_stream(ds)
-    # one read and one write of every planned row: twice the reader's time
-    seconds += 2 * timing.seconds_for(planned)
-    plan_bytes = int(_file_bytes(gallery) * planned / max(gallery_rows, 1))
-    return PhaseEstimate("plan", planned, seconds, plan_bytes, timing)
+    sample = _first_shards(gallery, sample_batches * config.pool.batch_size)
+    # The locating work (the id column of each file) over the first shards, in this process: the run does the
+    # same per file in Ray tasks, several at once, so this over-estimates on a cluster with free CPUs.
+    started = time.monotonic()
+    located = pa.concat_tables([locate_file(uri, i) for i, uri in enumerate(sample.shards)])
+    seconds += (time.monotonic() - started) * gallery_rows / max(sample.num_rows, 1)
+    rows = located.append_column(RANK, pa.array(np.arange(located.num_rows, dtype=np.int64))).select(list(PLAN_COLUMNS))
+    plan_bytes = int(parquet_bytes(rows) / max(rows.num_rows, 1) * planned)
+    return PhaseEstimate("plan", planned, seconds, plan_bytes)
 
 
 def _instant_phase(config: BackfillConfig, old: TableFiles, sample_batches: int) -> PhaseEstimate:

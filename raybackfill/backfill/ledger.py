@@ -1,41 +1,84 @@
-"""The backfill's outputs are its ledger: what is written is done, and nothing else records progress.
+"""The backfill's outputs are its ledger: what is written is done, and a small marker per track says how far.
 
 Layout under the output URI (local or s3://)::
 
-    plan/                        tiers of gallery rows in priority order (raybackfill.backfill.plan)
-    transformed/batch-*.parquet  instant phase: forward-transformed old embeddings
+    plan/                           ranks, tiers and gallery locations (raybackfill.backfill.plan)
+    transformed/batch-*.parquet     instant phase: forward-transformed old embeddings
+    transformed/_ledger.json        its marker
     new/tier-NNNNN/batch-*.parquet  re-embedded items, one directory per priority tier
-    quarantine/*.parquet         bad rows (id, reason, stage)
+    new/tier-NNNNN/_ledger.json     the tier's marker
+    quarantine/*.parquet            bad rows (id, reason, stage)
 
-A batch file is named after a hash of its sorted ids, so writing the same batch twice (a retry) is a
-no-op, and a batch is committed atomically (raybackfill.data.storage.write_shard). A restarted job reads the
-ids of every committed batch and skips them; it never re-emits a written id, so every id is in the
-outputs exactly once. Because each batch is written *before* it is upserted, the index holds a subset
-of the ledger, and :meth:`Ledger.replay` closes the gap left by a kill between the two steps.
+Tracks. Each output directory is a *track*: a fixed sequence of positions (the instant phase: the rows of the
+old-embedding table in file order; a tier: its rows in plan order) consumed strictly in order
+(``preserve_order``), so what is done is always a prefix of the track. A batch covers the positions
+``[start, stop)`` (its good rows are in the file; the bad ones were quarantined) and is named after its start
+(``batch-000000001234.parquet``), so a track's batches never overlap.
 
-The skip lists (``storage.committed_ids``, ``loading.quarantined_ids``) live in the data layer: the embed job
-(raybackfill.embed.pipeline) resumes with them too.
+Commit of one batch, in this order: (1) the batch file, written atomically, its footer holding the range, the
+counts, the previous batch's start and the bad rows with their reasons; (2) the quarantine rows (named after
+their ids, so a second write is a no-op); (3) the marker ``_ledger.json`` (position, items, quarantined, last
+batch), replaced atomically. A kill after (1) leaves an *orphan* batch that the next run finds by name at the
+marker's position (it restores its quarantine rows from the footer and moves the marker past it), so every
+position is committed exactly once.
+
+Why markers instead of reading the batches back: a resume reads one small file per track and probes one name,
+whatever the number of batches (a billion-item gallery at 8k items per batch writes 125k of them), where
+listing and reading the id column of every batch costs a request per file. The batch files stay an ordinary
+embedding table (``OUT/new`` reads as one table; names starting with ``_`` are not shards).
+
+Because each batch is written *before* it is upserted, the index holds a subset of the ledger, and
+:meth:`Ledger.replay` closes the gap left by a kill between the two steps, walking the newest batches back
+through their footers' ``prev`` links.
 """
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 from raybackfill.data import storage
-from raybackfill.data.loading import quarantined_ids
+from raybackfill.data.loading import quarantined_ids, write_quarantine
 from raybackfill.data.schema import EMBEDDING, ID, vectors_of
 from raybackfill.index.router import get
-from raybackfill.types import Space, Stage
+from raybackfill.types import Space, Stage, parse
+
+logger = logging.getLogger(__name__)
+
+MARKER = "_ledger.json"
+METADATA_KEY = b"raybackfill.ledger"
+TIER_PREFIX = "tier-"
 
 
-def batch_name(ids: np.ndarray) -> str:
-    """A deterministic file name for a batch: the same ids always give the same name."""
-    digest = hashlib.sha1(np.sort(np.asarray(ids, dtype=np.int64)).tobytes()).hexdigest()[:20]
-    return f"batch-{digest}.parquet"
+def batch_name(start: int) -> str:
+    """The file name of the batch that starts at track position ``start``."""
+    return f"batch-{start:012d}.parquet"
+
+
+@dataclass(frozen=True)
+class TrackState:
+    """How far a track is committed: positions ``[0, position)``; ``items`` written, ``quarantined`` bad rows;
+    ``last``: start position of the newest batch (None before the first)."""
+
+    position: int = 0
+    items: int = 0
+    quarantined: int = 0
+    last: int | None = None
+
+
+@dataclass(frozen=True)
+class BadRows:
+    """Rows of a batch that were quarantined instead of written, with their reasons and stage."""
+
+    ids: np.ndarray
+    reasons: list[str]
+    stage: Stage
 
 
 @dataclass(frozen=True)
@@ -61,50 +104,136 @@ class Ledger:
         return storage.join(self.uri, "quarantine")
 
     def tier_uri(self, tier: int) -> str:
-        return storage.join(self.new_uri, f"tier-{tier:05d}")
+        return storage.join(self.new_uri, f"{TIER_PREFIX}{tier:05d}")
 
-    def write(self, directory: str, table: pa.Table) -> str:
-        """Commit one batch under ``directory`` (a retried batch is skipped, never duplicated)."""
-        return storage.write_shard(table, directory, batch_name(table.column(ID).to_numpy()), if_exists="skip")
+    # ----------------------------------------------------------------- tracks
+    def track(self, directory: str) -> TrackState:
+        """The committed state of a track: its marker, moved past any orphan batch a kill left behind (whose
+        quarantine rows are restored from its footer). Reads one small file and probes one name per orphan."""
+        marker = storage.join(directory, MARKER)
+        state = TrackState(**json.loads(storage.read_bytes(marker))) if storage.exists(marker) else TrackState()
+        while storage.exists(uri := storage.join(directory, batch_name(state.position))):
+            meta = batch_metadata(uri)
+            for bad in _bad_rows(meta):
+                write_quarantine(self.quarantine_uri, bad.ids, bad.reasons, stage=bad.stage)
+            state = _advanced(state, meta)
+            self._write_marker(directory, state)
+            logger.info("%s: adopted the batch a stopped run wrote last (positions %d..%d)", directory, *meta["range"])
+        return state
 
+    def commit(
+        self, directory: str, state: TrackState, table: pa.Table, stop: int, bad: Sequence[BadRows] = ()
+    ) -> TrackState:
+        """Commit the batch ``[state.position, stop)`` of a track: ``table`` its good rows, ``bad`` its
+        quarantined rows. Returns the track's new state."""
+        start = state.position
+        if stop <= start:
+            raise ValueError(f"{directory}: a batch must cover positions after {start}, got stop {stop}")
+        meta = {
+            "range": [start, stop],
+            "prev": state.last,
+            "items": table.num_rows,
+            "bad": [[b.ids.tolist(), list(b.reasons), str(b.stage)] for b in bad if len(b.ids)],
+        }
+        meta["quarantined"] = sum(len(ids) for ids, _, _ in meta["bad"])
+        schema = table.schema.with_metadata({**(table.schema.metadata or {}), METADATA_KEY: json.dumps(meta).encode()})
+        storage.write_shard(table.replace_schema_metadata(schema.metadata), directory, batch_name(start))
+        for b in bad:
+            if len(b.ids):
+                write_quarantine(self.quarantine_uri, b.ids, b.reasons, stage=b.stage)
+        new_state = _advanced(state, meta)
+        self._write_marker(directory, new_state)
+        return new_state
+
+    def _write_marker(self, directory: str, state: TrackState) -> None:
+        storage.write_bytes(storage.join(directory, MARKER), json.dumps(asdict(state)).encode())
+
+    def batches(self, directory: str, state: TrackState | None = None) -> Iterator[tuple[str, dict]]:
+        """(URI, footer metadata) of a track's batches, newest first (one footer read per step)."""
+        start = (state or self.track(directory)).last
+        while start is not None:
+            uri = storage.join(directory, batch_name(start))
+            meta = batch_metadata(uri)
+            yield uri, meta
+            start = meta["prev"]
+
+    def tier_tracks(self) -> dict[int, TrackState]:
+        """The state of every tier track that has a directory (lists ``OUT/new`` itself, not its batches)."""
+        fs, path = storage.resolve(self.new_uri)
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        except OSError as err:
+            raise storage.StorageError(f"{self.new_uri}: cannot list ({err})") from err
+        tiers = sorted(
+            int(i.base_name[len(TIER_PREFIX) :])
+            for i in infos
+            if i.type == pafs.FileType.Directory and i.base_name.startswith(TIER_PREFIX)
+        )
+        return {t: self.track(self.tier_uri(t)) for t in tiers}
+
+    # ----------------------------------------------------------------- reading back (tools and tests)
     def files(self, directory: str) -> list[str]:
-        """Committed batch files under ``directory``, oldest first (the order they were written)."""
+        """Committed batch files under ``directory``, oldest first. Lists the directory: for tools and tests;
+        a resume reads the markers instead."""
         root = len(storage.resolve(directory)[1]) + 1
         return [storage.join(directory, i.path[root:]) for i in storage.committed_files(directory)]
 
     def ids(self, directory: str) -> np.ndarray:
-        """Ids of every committed batch under ``directory`` (id column only: cheap)."""
+        """Ids of every committed batch under ``directory`` (reads every batch's id column: tools and tests)."""
         return storage.committed_ids(directory)
 
     def quarantined(self, *stages: Stage) -> np.ndarray:
-        """Ids quarantined at any of ``stages``."""
+        """Ids quarantined at any of ``stages`` (the quarantine table holds bad rows only)."""
         return quarantined_ids(self.quarantine_uri, stages)
 
+    # ----------------------------------------------------------------- index
     def replay(self, router, version: str) -> int:
-        """Re-upsert committed batches that did not reach the index (killed between write and upsert).
+        """Re-upsert committed batches that did not reach the index (killed between write and upsert, or a
+        shard restored from an older snapshot).
 
-        Cheap in the usual case: the index's counts are compared with the ledger's first, and files are
-        replayed newest first only until they match (a kill leaves at most the last batch behind; an
-        index restored from an older snapshot needs more). New batches go before transformed ones, and a
-        transformed vector never replaces a new one. Returns the number of rows re-sent.
+        New space: the index must hold as many new vectors as the tier markers count; while it holds fewer,
+        batches are re-sent newest first (tiers from the last). Transformed: the newest transformed batches are
+        re-sent, only for items the index still has in the old space (a transformed vector never replaces a new
+        one), until a batch has none left. Upserts are idempotent. Returns the number of rows re-sent.
         """
-        new_ids = self.ids(self.new_uri)
-        moved_ids = np.union1d(self.ids(self.transformed_uri), new_ids)
+        tracks = self.tier_tracks()
+        expected_new = sum(s.items for s in tracks.values())
         counts = get(router.progress.remote()).counts
         sent = 0
-        for path in reversed(self.files(self.new_uri)):
-            if counts[Space.NEW] == len(new_ids):
-                break
-            table = storage.read_shard(path, [ID, EMBEDDING])
-            counts = get(router.upsert.remote(table.column(ID).to_numpy(), vectors_of(table), Space.NEW, version))
-            sent += table.num_rows
-        for path in reversed(self.files(self.transformed_uri)):
-            if counts[Space.TRANSFORMED] + counts[Space.NEW] == len(moved_ids):
-                break
-            table = storage.read_shard(path, [ID, EMBEDDING])
+        for tier in sorted(tracks, reverse=True):
+            for uri, _ in self.batches(self.tier_uri(tier), tracks[tier]):
+                if counts[Space.NEW] >= expected_new:
+                    break
+                table = storage.read_shard(uri, [ID, EMBEDDING])
+                if table.num_rows:
+                    ids = table.column(ID).to_numpy()
+                    counts = get(router.upsert.remote(ids, vectors_of(table), Space.NEW, version))
+                    sent += table.num_rows
+        for uri, _ in self.batches(self.transformed_uri):
+            table = storage.read_shard(uri, [ID, EMBEDDING])
+            if not table.num_rows:
+                continue
             ids = table.column(ID).to_numpy()
-            keep = ~np.isin(ids, new_ids)
-            if keep.any():
-                counts = get(router.upsert.remote(ids[keep], vectors_of(table)[keep], Space.TRANSFORMED, version))
-                sent += int(keep.sum())
+            waiting = get(router.vectors.remote(ids)).states == Space.OLD.code
+            if not waiting.any():
+                break
+            get(router.upsert.remote(ids[waiting], vectors_of(table)[waiting], Space.TRANSFORMED, version))
+            sent += int(waiting.sum())
         return sent
+
+
+def batch_metadata(uri: str) -> dict:
+    """The ledger metadata in a batch file's footer (range, prev, items, quarantined, bad rows)."""
+    metadata = storage.read_footer(uri).metadata or {}
+    if METADATA_KEY not in metadata:
+        raise storage.StorageError(f"{uri}: not a ledger batch (no {METADATA_KEY.decode()} footer metadata)")
+    return json.loads(metadata[METADATA_KEY])
+
+
+def _bad_rows(meta: dict) -> list[BadRows]:
+    return [BadRows(np.asarray(ids, np.int64), reasons, parse(Stage, stage)) for ids, reasons, stage in meta["bad"]]
+
+
+def _advanced(state: TrackState, meta: dict) -> TrackState:
+    start, stop = meta["range"]
+    return TrackState(stop, state.items + meta["items"], state.quarantined + meta["quarantined"], start)

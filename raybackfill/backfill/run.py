@@ -1,23 +1,27 @@
-"""The backfill orchestrator: plan, instant phase, then the re-embedding tier by tier, resumable.
+"""The backfill orchestrator: plan, training, instant phase, then the re-embedding tier by tier, resumable.
 
-1. Plan (raybackfill.backfill.plan): rank every gallery item with a policy, cut into tiers of files.
-2. Instant phase (methods with a forward transformation): transform every stored old embedding into the
+1. Plan (raybackfill.backfill.plan): rank every gallery item with a policy, cut into tiers, and locate each
+   item in the gallery (file, row group, row); no row is copied.
+2. Training: an index kind that needs training (IVF, PQ, ...) gets its new space trained on a bounded sample
+   before anything enters it: transformed old embeddings when there is a forward transformation, else a sample
+   of the gallery embedded by the new encoder.
+3. Instant phase (methods with a forward transformation): transform every stored old embedding into the
    new space (no images read) and upsert it as "transformed": the whole gallery is queryable in the new
    space within minutes.
-3. Backfill phase: one Ray Data run over every tier's files, highest priority tier first, consumed in order
-   (``preserve_order`` on this dataset only): keep the rows still to do -> decode (bad images flagged, not
-   dropped, so the sink can account for them) -> one actor pool running the new backbone -> the sink
-   (raybackfill.backfill.sink) writes and upserts each batch as "new" into its tier's ledger directory. The
-   pool starts once for the whole phase (a run per tier paid the worker start, torch import and model load
-   once per tier), and the sink flushes at each tier boundary, so no item of tier t is written or upserted
-   before every item of tier t-1 is in the index.
+4. Backfill phase: one Ray Data run over the planned rows, highest priority tier first, consumed in order
+   (``preserve_order`` on this dataset only): read each row group with the rows still to do (raybackfill.
+   backfill.reads) -> decode (bad images flagged, not dropped, so the sink can account for them) -> one actor
+   pool running the new encoder -> the sink (raybackfill.backfill.sink) commits and upserts each batch as "new"
+   into its tier's ledger track. The pool starts once for the whole phase, and the sink flushes at each tier
+   boundary, so no item of tier t is written or upserted before every item of tier t-1 is in the index.
 
 Inputs that are invalid as a whole (raybackfill.backfill.inputs) stop the job before it writes anything.
 
-Resume: the ledger (raybackfill.backfill.ledger) is read first; done ids are filtered out of every
-stream, and batches written but not upserted before a kill are replayed (again at the end, for a shard
-that restarted from an older snapshot during the run). A budget (``budget`` items or
-``until`` a fraction of the gallery) stops a partial backfill; the next run continues from the ledger.
+Resume: each track's marker (raybackfill.backfill.ledger) says how far it is committed; every stream starts
+there (one small file per track is read, no batch file), and batches written but not upserted before a kill
+are replayed (again at the end, for a shard that restarted from an older snapshot during the run). A budget
+(``budget`` items or ``until`` a fraction of the gallery) stops a partial backfill; the next run continues from
+the markers.
 """
 
 from __future__ import annotations
@@ -29,26 +33,28 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-import pyarrow.dataset as pads
+import pyarrow as pa
 import ray
 from tqdm import tqdm
 
 from raybackfill.backfill.inputs import check_inputs
 from raybackfill.backfill.ledger import Ledger
-from raybackfill.backfill.plan import RANK, Plan, PlanConfig, Tier, ensure_plan, read_plan
+from raybackfill.backfill.plan import Plan, PlanConfig, ensure_plan, file_rows, read_plan, read_tier, tier_units
 from raybackfill.backfill.policies import CLASSIFIER_POLICIES
-from raybackfill.backfill.rows import TIER, prepare_kept
-from raybackfill.backfill.sink import BatchSink, PhaseStats
+from raybackfill.backfill.reads import RowGroupRead, bytes_per_row, read_units, table_units
+from raybackfill.backfill.rows import TIER, prepare_content
+from raybackfill.backfill.sink import FINITE, BatchSink, PhaseStats
 from raybackfill.compat.recipes import get_recipe
 from raybackfill.data import storage
-from raybackfill.data.loading import keep_only, read_shards
-from raybackfill.data.schema import EMBEDDING, ID, SIDE_INFO
+from raybackfill.data.loading import gallery_content
+from raybackfill.data.schema import BAD_REASON, EMBEDDING, ID, SIDE_INFO
 from raybackfill.data.storage import TableFiles
 from raybackfill.embed.pipeline import EncoderInputs, PoolConfig, map_embed, map_transform, plan_inputs
 from raybackfill.encoders import EntrypointTrust
+from raybackfill.index.loading import DEFAULT_TRAIN_SAMPLE, index_config_of, sample_rows
 from raybackfill.index.router import connect, get
 from raybackfill.models.artifacts import read_spec
-from raybackfill.types import ENCODER_STAGES, Method, Phase, Policy, Space, Stage, parse
+from raybackfill.types import Method, Phase, Policy, Space, Stage, parse
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +82,7 @@ class BackfillConfig:
     transform_batch_size: int = 8192
     progress: bool = True
     trust: EntrypointTrust = field(default_factory=EntrypointTrust)  # entrypoints the user trusts
+    train_sample: int = DEFAULT_TRAIN_SAMPLE  # new-space training vectors, for an index kind that needs training
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", parse(Method, self.method))
@@ -92,6 +99,8 @@ class BackfillConfig:
             raise ValueError(f"until must be a fraction in [0, 1], got {self.until}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if self.train_sample <= 0:
+            raise ValueError(f"train_sample must be positive, got {self.train_sample}")
         if self.max_rate is not None and self.max_rate <= 0:
             raise ValueError(f"max_rate must be positive items/s (or None), got {self.max_rate}")
         self.plan_config()  # validates the policy and what it needs
@@ -175,9 +184,11 @@ def run_backfill(config: BackfillConfig) -> BackfillSummary:
         replayed = ledger.replay(router, version) if router is not None else 0
         if replayed:
             logger.warning("re-sent %d ledger rows the index had lost (a shard restarted)", replayed)
+        if router is not None:
+            _train_new_space(config, router, gallery, old_embeddings, version)
         if get_recipe(config.method).forward_transformation:
             _set_phase(router, Phase.INSTANT)
-            phases.append(_logged(_instant_phase(config, old_embeddings, ledger, router, version)))
+            phases.append(_logged(_instant_phase(config, plan, old_embeddings, ledger, router, version)))
         _set_phase(router, Phase.BACKFILL)
         phases.append(_logged(_backfill_phase(config, gallery, plan, ledger, router, version)))
         if router is not None:  # cheap when the index matches the ledger (counts are compared first)
@@ -188,11 +199,12 @@ def run_backfill(config: BackfillConfig) -> BackfillSummary:
             get(router.report_error.remote(f"backfill: {err}"))
             _set_phase(router, Phase.PAUSED)
         raise
-    new = ledger.ids(ledger.new_uri)
+    # The tier markers count what the tiers hold (each position once); no batch file is read.
+    tracks = [ledger.track(ledger.tier_uri(tier.index)) for tier in plan.tiers]
     summary = BackfillSummary(
         total=plan.total,
-        new=len(new),
-        backfill_quarantined=len(np.setdiff1d(ledger.quarantined(*ENCODER_STAGES), new)),
+        new=sum(t.items for t in tracks),
+        backfill_quarantined=sum(t.quarantined for t in tracks),
         quarantined=len(np.unique(ledger.quarantined(*Stage))),
         replayed=replayed,
         phases=phases,
@@ -206,6 +218,50 @@ def run_backfill(config: BackfillConfig) -> BackfillSummary:
         summary.quarantined,
     )
     return summary
+
+
+def _train_new_space(
+    config: BackfillConfig, router, gallery: TableFiles, old_embeddings: TableFiles, version: str
+) -> None:
+    """Train the index's new space before its first upsert, when its kind needs training and nothing entered it
+    yet, on :func:`new_space_sample`."""
+    health = get(router.health.remote())
+    if not index_config_of(health).needs_training or health["new_space"] is not None:
+        return
+    started = time.monotonic()
+    vectors = new_space_sample(config, gallery, old_embeddings)
+    get(router.train.remote(Space.NEW, vectors, version))
+    logger.info("trained the new space on %d vectors in %.1fs", len(vectors), time.monotonic() - started)
+
+
+def new_space_sample(config: BackfillConfig, gallery: TableFiles, old_embeddings: TableFiles) -> np.ndarray:
+    """New-space vectors to train an index on: for a method with a forward transformation, a sample of the stored
+    old embeddings transformed (the vectors the instant phase sends first); else a sample of the gallery embedded
+    by the new encoder now (those items are embedded again in plan order later). The sample is bounded
+    (``config.train_sample``) and uniform over the table (raybackfill.index.loading.sample_rows); rows that cannot
+    be prepared or give non-finite vectors are left out."""
+    if config.transformation is not None and get_recipe(config.method).forward_transformation:
+        columns = _transform_columns(config.transformation)
+        sample = sample_rows(old_embeddings, config.train_sample, columns, seed=config.seed)
+        ds = map_transform(ray.data.from_arrow(sample), config.transformation, config.pool)
+    else:
+        inputs = plan_inputs({EMBEDDING: config.upgrade}, gallery, config.trust)
+        sample = sample_rows(gallery, config.train_sample, [ID, inputs.content], seed=config.seed)
+        ds = ray.data.from_arrow(sample).map_batches(
+            prepare_content,  # type: ignore[arg-type]  # ray's UDF type omits fn_kwargs
+            fn_kwargs={"content": inputs.content, "preprocessing": inputs.preprocessing},
+            batch_format="numpy",
+            batch_size=config.pool.batch_size,
+            num_cpus=0.5,
+        )
+        ds = map_embed(ds, inputs, config.pool)
+    parts = []
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        usable = batch[FINITE] & (batch[BAD_REASON] == "" if BAD_REASON in batch else True)
+        parts.append(batch[EMBEDDING][usable])
+    if not parts or not sum(len(p) for p in parts):
+        raise ValueError(f"no usable vector in a sample of {sample.num_rows} items to train the new space on")
+    return np.concatenate(parts)
 
 
 def _logged(stats: PhaseStats) -> PhaseStats:
@@ -252,26 +308,30 @@ def _bar(config: BackfillConfig, name: str, total: int) -> tqdm:
 
 
 def _instant_phase(
-    config: BackfillConfig, old_embeddings: TableFiles, ledger: Ledger, router, version: str
+    config: BackfillConfig, plan: Plan, old_embeddings: TableFiles, ledger: Ledger, router, version: str
 ) -> PhaseStats:
-    """Transform the stored old embeddings not yet transformed (nor re-embedded) into the new space."""
+    """Transform the stored old embeddings into the new space, from where the transformed track stopped."""
     stats = PhaseStats("instant")
-    old_ids = old_embeddings.read([ID]).column(ID).to_numpy()
-    # An id the transform quarantined is done for this phase; the re-embedding still gets to it.
-    done = np.concatenate(
-        [ledger.ids(ledger.transformed_uri), ledger.ids(ledger.new_uri), ledger.quarantined(Stage.TRANSFORM)]
-    )
-    keep = np.setdiff1d(old_ids, done)
-    if not len(keep):
+    now = file_rows(old_embeddings)
+    if now != plan.old_embedding_files:
+        changed = next((f for f, g in zip(now, plan.old_embedding_files, strict=False) if f != g), None)
+        raise storage.StorageError(
+            f"{old_embeddings.uri}: the table changed since the plan was built ({len(plan.old_embedding_files)} "
+            f"files then, {len(now)} now; first difference: {changed}); the instant phase counts its rows by "
+            f"position: restore the table, or start a new --out"
+        )
+    state = ledger.track(ledger.transformed_uri)
+    total = old_embeddings.num_rows
+    if state.position >= total:
         return stats
     assert config.transformation is not None  # BackfillConfig requires it for a forward transformation
-    columns = [ID, EMBEDDING] + ([SIDE_INFO] if read_spec(config.transformation).dims.get("side") else [])
-    pool = config.pool
-    ds = read_shards(old_embeddings, columns=columns, rows_per_block=config.transform_batch_size)
-    if len(keep) < len(old_ids):  # a resumed run: drop what is done (a first run skips this whole pass)
-        ds = keep_only(ds, keep)
-    ds = map_transform(ds, config.transformation, replace(pool, batch_size=config.transform_batch_size))
-    with _bar(config, "instant (transform)", len(keep)) as bar:
+    columns = _transform_columns(config.transformation)
+    units = table_units(old_embeddings, columns, start=state.position)
+    ds = read_units(units, columns, old_embeddings.schema, config.transform_batch_size)
+    ds = map_transform(ds, config.transformation, replace(config.pool, batch_size=config.transform_batch_size))
+    # In track order, so what is committed is always a prefix of the old table (the ledger's marker).
+    ds.context.execution_options.preserve_order = True
+    with _bar(config, "instant (transform)", total - state.position) as bar:
         sink = _sink(config, ledger, router, Space.TRANSFORMED, version, stats, bar)
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
             sink.consume(batch, ledger.transformed_uri)
@@ -279,15 +339,8 @@ def _instant_phase(
     return stats
 
 
-def _tier_order(tier: Tier) -> np.ndarray:
-    """The tier's ids, highest priority (lowest rank) first (id and rank columns only)."""
-    if not tier.files:
-        return np.zeros(0, dtype=np.int64)
-    fs, _ = storage.resolve(tier.files[0])
-    table = pads.dataset([storage.resolve(f)[1] for f in tier.files], filesystem=fs, format="parquet").to_table(
-        columns=[ID, RANK]
-    )
-    return table.column(ID).to_numpy()[np.argsort(table.column(RANK).to_numpy(), kind="stable")]
+def _transform_columns(transformation: str) -> list[str]:
+    return [ID, EMBEDDING] + ([SIDE_INFO] if read_spec(transformation).dims.get("side") else [])
 
 
 def backfill_limit(config: BackfillConfig, total: int, done: int) -> int:
@@ -304,23 +357,24 @@ def _backfill_phase(
 ) -> PhaseStats:
     """Re-embed the images tier by tier in one Ray Data run; each tier is in the index before the next starts."""
     stats = PhaseStats("backfill")
-    done = np.union1d(ledger.ids(ledger.new_uri), ledger.quarantined(*ENCODER_STAGES))
-    left = backfill_limit(config, plan.total, len(done))
-    files, todo, tier_of = [], [], []
+    tracks = {tier.index: ledger.track(ledger.tier_uri(tier.index)) for tier in plan.tiers}
+    left = backfill_limit(config, plan.total, sum(s.position for s in tracks.values()))
+    per_row = _bytes_per_row(plan, gallery)
+    units: list[RowGroupRead] = []
+    todo = 0
     for tier in plan.tiers:
-        order = _tier_order(tier)
-        order = order[~np.isin(order, done)][: max(left, 0)]
-        left -= len(order)
-        if len(order):  # a tier with nothing left to do is not read at all
-            files += tier.files
-            todo.append(order)
-            tier_of.append(np.full(len(order), tier.index, dtype=np.int64))
-    if not todo:
+        start = tracks[tier.index].position
+        if start >= tier.rows or left <= 0:  # a tier with nothing left to do is not read at all
+            continue
+        locations = read_tier(tier, start, left)
+        left -= locations.num_rows
+        todo += locations.num_rows
+        units += tier_units(plan, tier, locations, start, per_row)
+    if not units:
         return stats
-    ids, tiers = np.concatenate(todo), np.concatenate(tier_of)
     inputs = plan_inputs({EMBEDDING: config.upgrade}, gallery, config.trust)
-    ds = backfill_stream(files, ids, tiers, inputs, config.pool)
-    with _bar(config, "backfill (re-embed)", len(ids)) as bar:
+    ds = backfill_stream(units, gallery.schema, inputs, config.pool)
+    with _bar(config, "backfill (re-embed)", todo) as bar:
         sink = _sink(config, ledger, router, Space.NEW, version, stats, bar)
         batches = ds.iter_batches(batch_format="numpy", batch_size=None)
         consume_in_tier_order(
@@ -329,21 +383,32 @@ def _backfill_phase(
     return stats
 
 
+def _bytes_per_row(plan: Plan, gallery: TableFiles) -> list[float]:
+    """Per gallery file of the plan, its bytes per row (id and content columns); a file of the plan that is gone
+    from the gallery is refused by name, rows added since the plan are not part of this backfill."""
+    footers = dict(zip(gallery.shards, gallery.footers, strict=True))
+    gone = [f for f in plan.gallery_files if f not in footers]
+    if gone:
+        raise storage.StorageError(
+            f"{gone[0]}: the plan reads this gallery file, which is no longer in {gallery.uri} "
+            f"({len(gone)} file(s) gone); restore it, or start a new --out"
+        )
+    added = len(footers) - len(plan.gallery_files)
+    if added > 0:
+        logger.warning("%s: %d file(s) added since the plan was built are not in this backfill", gallery.uri, added)
+    content = gallery_content(gallery)
+    return [bytes_per_row(footers[f], [ID, content]) for f in plan.gallery_files]
+
+
 def backfill_stream(
-    files: list[str], ids: np.ndarray, tiers: np.ndarray, inputs: EncoderInputs, pool: PoolConfig
+    units: list[RowGroupRead], schema: pa.Schema, inputs: EncoderInputs, pool: PoolConfig
 ) -> ray.data.Dataset:
-    """One dataset over ``files`` (listed in tier order) that keeps ``ids`` (``tiers``: the tier of each),
-    prepares and embeds them with one actor pool, and yields its batches in the order of ``files``."""
-    by_id = np.argsort(ids, kind="stable")
-    ds = read_shards(files, columns=[ID, inputs.content], rows_per_block=pool.batch_size)  # one task per batch
+    """One dataset that reads the planned rows of ``units`` from the gallery (``schema``: its schema), prepares
+    and embeds them with one actor pool, and yields its batches in the order of ``units``."""
+    ds = read_units(units, [ID, inputs.content], schema, pool.batch_size)
     ds = ds.map_batches(
-        prepare_kept,  # type: ignore[arg-type]  # ray's UDF type omits fn_kwargs
-        fn_kwargs={
-            "keep": ids[by_id],
-            "tiers": tiers[by_id],
-            "content": inputs.content,
-            "preprocessing": inputs.preprocessing,
-        },
+        prepare_content,  # type: ignore[arg-type]  # ray's UDF type omits fn_kwargs
+        fn_kwargs={"content": inputs.content, "preprocessing": inputs.preprocessing},
         batch_format="numpy",
         batch_size=pool.batch_size,
         num_cpus=0.5,

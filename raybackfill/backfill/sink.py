@@ -1,9 +1,11 @@
 """Where every finished batch of a backfill phase goes: quarantine, durable write, upsert, progress.
 
-The order inside a batch is what makes a kill at any point safe: bad rows are quarantined first, the
-good rows are committed to the ledger, and only then upserted into the index (so the index never holds
-a vector the ledger lacks). The bad-row limit is checked after the batch is complete, so a job that
-fails on it leaves only whole batches behind.
+The order inside a batch is what makes a kill at any point safe: the batch (good rows, and the bad rows'
+ids and reasons in its footer) is committed to its ledger track with its quarantine rows and marker
+(raybackfill.backfill.ledger), and only then upserted into the index (so the index never holds a vector the
+ledger lacks). A batch whose rows are all bad is committed too (an empty file): its positions are done.
+The bad-row limit is checked after the batch is complete, so a job that fails on it leaves only whole
+batches behind.
 
 One upsert is in flight while the next batch is written: the driver's Parquet write and the shards'
 index update take comparable time, so overlapping them hides most of one behind the other. A batch is still committed
@@ -23,8 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from raybackfill.backfill.ledger import Ledger
-from raybackfill.data.loading import write_quarantine
+from raybackfill.backfill.ledger import BadRows, Ledger, TrackState
+from raybackfill.backfill.rows import POSITION
 from raybackfill.data.schema import BAD_REASON, EMBEDDING, ID, UNCERTAINTY, embedding_table
 from raybackfill.index.router import IndexUnavailableError, get
 from raybackfill.types import Space, Stage
@@ -75,25 +77,40 @@ class BatchSink:
         self.stage = Stage.EMBED if state is Space.NEW else Stage.TRANSFORM
         self.started = time.monotonic()
         self._in_flight = None  # the ObjectRef of the last upsert sent, not yet confirmed
+        self._tracks: dict[str, TrackState] = {}  # committed state of each track this sink wrote to
 
     def consume(self, batch: dict[str, np.ndarray], directory: str) -> None:
+        """Commit one batch of a track (``directory``): its rows carry their track ``position``, ascending and
+        past everything committed there; the batch covers the positions up to its last row's."""
         ids = batch[ID]
-        undecoded = batch[BAD_REASON] != "" if BAD_REASON in batch else np.zeros(len(ids), dtype=bool)
-        if undecoded.any():
-            self._quarantine(ids[undecoded], [str(r) for r in batch[BAD_REASON][undecoded]], Stage.DECODE)
+        if not len(ids):
+            return
+        positions = batch[POSITION]
+        state = self._tracks.get(directory)
+        if state is None:
+            state = self._tracks[directory] = self.ledger.track(directory)
+        if positions[0] < state.position:
+            raise RuntimeError(
+                f"{directory}: the stream re-sent position {int(positions[0])}, but positions up to "
+                f"{state.position} are committed (the stream lost its order)"
+            )
+        why = batch[BAD_REASON] if BAD_REASON in batch else np.full(len(ids), "", dtype=object)
+        undecoded = why != ""
         nonfinite = ~batch[FINITE] & ~undecoded
-        if nonfinite.any():
-            self._quarantine(ids[nonfinite], ["non-finite embedding"] * int(nonfinite.sum()), self.stage)
+        bad = [
+            BadRows(ids[undecoded], [str(r) for r in why[undecoded]], Stage.DECODE),
+            BadRows(ids[nonfinite], ["non-finite embedding"] * int(nonfinite.sum()), self.stage),
+        ]
         good = ~(undecoded | nonfinite)
-        if good.any():
-            vectors = batch[EMBEDDING][good]
-            uncertainty = batch[UNCERTAINTY][good] if UNCERTAINTY in batch else None
-            table = embedding_table(ids[good], vectors, uncertainty=uncertainty, model=self.version)
-            self.ledger.write(directory, table)
-            if self.router is not None:
-                self._confirm_upsert()
-                self._in_flight = self.router.upsert.remote(ids[good], vectors, self.state, self.version)
-            self.stats.items += int(good.sum())
+        vectors = batch[EMBEDDING][good]
+        uncertainty = batch[UNCERTAINTY][good] if UNCERTAINTY in batch else None
+        table = embedding_table(ids[good], vectors, uncertainty=uncertainty, model=self.version)
+        self._tracks[directory] = self.ledger.commit(directory, state, table, int(positions[-1]) + 1, bad)
+        if good.any() and self.router is not None:
+            self._confirm_upsert()
+            self._in_flight = self.router.upsert.remote(ids[good], vectors, self.state, self.version)
+        self.stats.items += int(good.sum())
+        self.stats.quarantined += int((~good).sum())
         self.stats.seconds = time.monotonic() - self.started
         self.bar.update(len(ids))
         self._check_bad_fraction()
@@ -134,10 +151,6 @@ class BatchSink:
             return
         due = self.started + (self.stats.items + self.stats.quarantined) / self.max_rate
         time.sleep(max(0.0, due - time.monotonic()))
-
-    def _quarantine(self, ids: np.ndarray, reasons: list[str], stage: Stage) -> None:
-        write_quarantine(self.ledger.quarantine_uri, ids, reasons, stage=stage)
-        self.stats.quarantined += len(ids)
 
     def _check_bad_fraction(self) -> None:
         processed = self.stats.items + self.stats.quarantined

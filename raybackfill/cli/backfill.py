@@ -6,15 +6,18 @@ import argparse
 import os
 
 from raybackfill.cli.encoder import add_pool_arguments, add_trust_arguments, pool_from, trust_from
+from raybackfill.index.loading import DEFAULT_TRAIN_SAMPLE
 from raybackfill.index.router import DEFAULT_NAME
 from raybackfill.types import Method, Policy
 
 DESCRIPTION = (
-    "Rank the gallery with a priority policy and write the plan (tiers of Parquet files) under OUT/plan; "
-    "methods with a forward transformation first transform every stored old embedding (the instant phase); "
-    "then re-embed the images with the new model tier by tier, writing each batch under OUT/new and "
-    "upserting it into the running index. Re-running the same command after a crash or a --budget/--until "
-    "stop continues where the last run stopped; bad rows go to OUT/quarantine."
+    "Rank the gallery with a priority policy and write the plan under OUT/plan (ids, ranks, tiers and where "
+    "each item lives in the gallery: no image is copied); an index kind that needs training gets its new space "
+    "trained on a sample first; methods with a forward transformation then transform every stored old "
+    "embedding (the instant phase); then re-embed the images with the new model tier by tier, reading them "
+    "from the gallery, writing each batch under OUT/new and upserting it into the running index. Re-running the "
+    "same command after a crash or a --budget/--until stop continues where the last run stopped; bad rows go "
+    "to OUT/quarantine."
 )
 
 
@@ -71,6 +74,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--index", default=DEFAULT_NAME, help=f"name of the running index (default {DEFAULT_NAME})")
     target.add_argument("--no-index", action="store_true", help="only write the outputs; update no index")
+    parser.add_argument(
+        "--train-sample",
+        type=int,
+        default=DEFAULT_TRAIN_SAMPLE,
+        metavar="N",
+        help="items the new space is trained on when the index kind needs training (transformed old embeddings, "
+        f"else images embedded up front; default {DEFAULT_TRAIN_SAMPLE:,})",
+    )
     add_pool_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
@@ -105,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         method=args.method, transformation=args.transformation, old_model=args.old_model, policy=args.policy,
         seed=args.seed, tiers=args.tiers, budget=args.budget, until=args.until,
         max_bad_fraction=args.max_bad_fraction, max_rate=args.max_rate, index=None if args.no_index else args.index,
-        pool=pool_from(args),
+        pool=pool_from(args), train_sample=args.train_sample,
         progress=not args.no_progress, trust=trust_from(args),
     )  # fmt: skip
     # A live index runs on an existing cluster: attach to it (RAY_ADDRESS or the one on this machine).

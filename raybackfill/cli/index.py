@@ -16,8 +16,7 @@ import numpy as np
 
 from raybackfill.cli.encoder import add_trust_arguments, trust_from
 from raybackfill.cli.service import add_http_arguments, deploy_http
-from raybackfill.data.schema import ID, MODEL, validate_embedding_table, vectors_of
-from raybackfill.data.storage import read_table
+from raybackfill.index.loading import DEFAULT_TRAIN_SAMPLE, LoadConfig
 from raybackfill.index.merge import TopK
 from raybackfill.index.progress import Progress
 from raybackfill.index.router import DEFAULT_NAME, RouterConfig, connect, create_index, destroy_index, get
@@ -25,16 +24,15 @@ from raybackfill.index.serving import serving_strategy
 from raybackfill.index.shard import IndexConfig
 from raybackfill.types import Metric, Space, Strategy
 
-LOAD_ROWS = 100_000
-TRAIN_SAMPLE = 100_000
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     serve = subparsers.add_parser(
         "serve",
         help="start the serving index over a table of old embeddings",
         description="Create the index router and shard actors (named, detached: they keep serving after "
-        "this command exits) and load the old embeddings (Parquet: id, embedding fixed_size_list<float32,d>).",
+        "this command exits) and load the old embeddings (Parquet: id, embedding fixed_size_list<float32,d>): "
+        "Ray tasks read the table one row group at a time and send each shard its rows, so no process holds "
+        "the whole table. An index kind that needs training is trained first on a sample (--train-sample).",
     )
     serve.add_argument(
         "--old-embeddings", metavar="URI", help="old embedding table (path or s3://); optional with --http"
@@ -55,14 +53,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "'OPQ16,IVF1024,PQ16', 'IVF1024,SQ8', HNSW32, PQ16, ...",
     )
     _search_flags(serve, "default for every query")
-    serve.add_argument(
-        "--train-sample",
-        type=int,
-        default=TRAIN_SAMPLE,
-        metavar="N",
-        help=f"rows of the table (a seeded random sample) that train the old space of an index that needs "
-        f"training (IVF, PQ, SQ; default {TRAIN_SAMPLE:,}; FAISS wants ~40 x nlist)",
-    )
     serve.add_argument(
         "--drop-old-vectors",
         action="store_true",
@@ -87,6 +77,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="URI",
         help="where shards snapshot and restore (path or s3://); the loaded gallery is snapshotted "
         "there at once, so a shard Ray restarts comes back with it instead of empty",
+    )
+    serve.add_argument(
+        "--quarantine",
+        metavar="URI",
+        help="where rows with a null, NaN or zero vector or a repeated id go (default: refuse them)",
+    )
+    serve.add_argument(
+        "--train-sample",
+        type=int,
+        default=DEFAULT_TRAIN_SAMPLE,
+        metavar="N",
+        help="rows of the table (a uniform sample) that train the old space of an index kind that needs training "
+        f"(IVF, PQ, SQ; default {DEFAULT_TRAIN_SAMPLE:,}; FAISS wants ~40 x nlist)",
+    )
+    serve.add_argument(
+        "--load-in-flight", type=int, default=LoadConfig.in_flight, help="row groups read at once (default 4)"
+    )
+    serve.add_argument(
+        "--load-batch-rows", type=int, default=LoadConfig.batch_rows, help="rows per call to the shards (default 65536)"
     )
     _name(serve)
     add_http_arguments(serve)
@@ -174,8 +183,18 @@ def _serve(args: argparse.Namespace) -> int:
             raise ValueError("serve needs --old-embeddings (or --http alone, to front an index that runs)")
         deploy_http(args)
         return 0
-    table = validate_embedding_table(read_table(args.old_embeddings), args.old_embeddings)
-    version = args.version or _table_version(table, args.old_embeddings)
+    from tqdm import tqdm
+
+    from raybackfill.data.storage import open_table
+    from raybackfill.index.loading import load_old_table
+
+    table = open_table(args.old_embeddings)  # lists the files and reads their footers: no rows are read here
+    load = LoadConfig(
+        batch_rows=args.load_batch_rows,
+        in_flight=args.load_in_flight,
+        train_sample=args.train_sample,
+        quarantine_uri=args.quarantine,
+    )
     config = RouterConfig(
         name=args.name,
         shards=args.shards,
@@ -199,17 +218,14 @@ def _serve(args: argparse.Namespace) -> int:
             f"index {args.name!r} already serves {serving} items; `raybackfill stop --name "
             f"{args.name}` first, or serve under another --name"
         )
-    ids = table.column(ID).to_numpy()
-    vectors = vectors_of(table)
-    started = time.monotonic()
-    if config.index.needs_training:
-        sample = np.random.default_rng(0).permutation(len(ids))[: args.train_sample]
-        get(router.train.remote(Space.OLD, vectors[np.sort(sample)], version))
-    for start in range(0, len(ids), LOAD_ROWS):
-        get(router.load_old.remote(ids[start : start + LOAD_ROWS], vectors[start : start + LOAD_ROWS], version))
+    with tqdm(total=table.num_rows, desc="load", unit="item", dynamic_ncols=True) as bar:
+        summary = load_old_table(router, table, version=args.version, config=load, on_progress=bar.update)
+    trained = f"; old space trained on {summary.trained_on} vectors" if summary.trained_on else ""
+    quarantined = f"; {summary.quarantined} rows quarantined in {args.quarantine}" if summary.quarantined else ""
     print(
-        f"index {args.name!r}: serving {len(ids)} items of model {version!r} (dim {vectors.shape[1]}, "
-        f"{args.metric}, {args.index}) on {args.shards} shards; loaded in {time.monotonic() - started:.1f} s"
+        f"index {args.name!r}: serving {summary.items} items of model {summary.version!r} (dim {summary.dim}, "
+        f"{args.metric}, {args.index}) on {args.shards} shards; loaded {summary.row_groups} row groups in "
+        f"{summary.seconds:.1f} s{trained}{quarantined}"
     )
     if args.snapshot_uri:
         _print_snapshots(get(router.snapshot.remote()))
@@ -225,18 +241,6 @@ def _snapshot(args: argparse.Namespace) -> int:
 
 def _print_snapshots(uris: list[str]) -> None:
     print(f"snapshot of {len(uris)} shards: " + ", ".join(uris))
-
-
-def _table_version(table, source: str) -> str:
-    if MODEL not in table.schema.names:
-        raise ValueError(f"{source}: no 'model' column; pass --version (the old model's version tag)")
-    versions = table.column(MODEL).unique().to_pylist()
-    if len(versions) != 1 or not versions[0]:
-        raise ValueError(
-            f"{source}: column 'model' holds {len(versions)} versions ({versions[:5]}); "
-            f"an old space holds one model; pass --version to choose"
-        )
-    return versions[0]
 
 
 # ------------------------------------------------------------------------- query
