@@ -414,9 +414,10 @@ def test_the_demo_online_phase_queries_through_the_service(service, tmp_path):
 
 
 def _doc_curls() -> list[str]:
+    """Every curl line of the README and of the HTTP section of docs/operations.md."""
     text = (ROOT / "docs" / "operations.md").read_text()
-    section = text[text.index("## HTTP search service") :]
-    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    sections = [text[text.index("## HTTP search service") :], (ROOT / "README.md").read_text()]
+    blocks = [block for section in sections for block in re.findall(r"```bash\n(.*?)```", section, re.S)]
     lines = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]
     return [line.strip() for line in lines if line.strip().startswith("curl ")]
 
@@ -426,7 +427,8 @@ def test_the_documented_curl_examples_work_as_written(service):
     assert len(curls) >= 3
     workdir = service["tmp"] / "curl"
     workdir.mkdir(exist_ok=True)
-    (workdir / "query.png").write_bytes(service["images"][5])
+    for name in ("query.png", "query.jpg"):  # the docs' file names; the service reads the format from the bytes
+        (workdir / name).write_bytes(service["images"][5])
     env = {**os.environ, "RAYBACKFILL_API_KEY": API_KEY}
     for command in curls:
         # The docs serve one index at 127.0.0.1:8000; here the text examples go to the text app, the rest to images.
