@@ -180,7 +180,7 @@ def _text_gate(reports: dict[Run, dict]) -> str:
     rows = []
     for kind in kinds:
         cells = []
-        for run, report in reports.items():
+        for report in reports.values():
             gate = report["text_demo"]["gate"]
             record = gate["adapters"].get(kind)
             top1 = {r["name"]: r["top1"] for r in report["adapters"]["rows"]}.get(kind)
