@@ -85,7 +85,8 @@ def test_the_generated_sections_carry_every_kept_adapter_and_text_report():
     assert len(text) == len(script.TEXT_RUNS), "a listed text run has no kept report"
     section = page.split("## The text demo")[1].split("\n## ")[0]
     for run in text:
-        verdicts = json.loads((script.RESULTS / f"{run.name}.json").read_text())["text_demo"]["verdicts"]
-        row = next(line for line in section.splitlines() if line.startswith(f"| {run.label} | "))
+        report = json.loads((script.RESULTS / f"{run.name}.json").read_text())
+        verdicts, queries = report["text_demo"]["verdicts"], report["queries"]["evaluated"]
+        row = next(line for line in section.splitlines() if line.startswith(f"| {run.label} | {queries} | "))
         for key in ("new_new_vs_old_old", "best_adapter_vs_old_old", "uncertainty_vs_random"):
             assert verdicts[key]["verdict"] in row, (run.name, key)
