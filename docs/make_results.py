@@ -120,7 +120,9 @@ def _adapters(reports: dict[Run, dict]) -> list[str]:
                     "above old/old" if r["above_old_old"] else "**below old/old**",
                 ]
             )
-        header = ["search", "trained with", "top-1 / mAP", "share of the top-1 gain", "gate recall@10", "verdict"]
+        ks = sorted({r["gate"]["score"]["k"] for r in section["rows"] if "gate" in r})
+        gate = "gate recall@" + ("/".join(map(str, ks)) or "k")
+        header = ["search", "trained with", "top-1 / mAP", "share of the top-1 gain", gate, "verdict"]
         below = _field(run, report, "adapters", "below_old_old")
         lines += [
             f"### {run.label}",
@@ -172,7 +174,7 @@ def _text_rows(reports: dict[Run, dict]) -> list[list[str]]:
 
 
 def _text_gate(reports: dict[Run, dict]) -> str:
-    """Per adapter kind and text run: the gate's recall@10 on held-out pairs, then the top-1 of new queries on
+    """Per adapter kind and text run: the gate's recall@k on held-out pairs, then the top-1 of new queries on
     the old gallery through it (the evaluation split)."""
     kinds: list[str] = []
     for run, report in reports.items():
@@ -190,7 +192,8 @@ def _text_gate(reports: dict[Run, dict]) -> str:
             mark = " (kept)" if gate.get("kept") == kind else ("" if record["passes"] else " (refused)")
             cells.append(f"{record['score']['recall']:.3f} / {'-' if top1 is None else f'{top1:.3f}'}{mark}")
         rows.append([kind, *cells])
-    return render_table(["adapter (recall@10 / top-1)", *(run.label for run in reports)], rows, markdown=True)
+    ks = "/".join(sorted({str(r["text_demo"]["gate"]["k"]) for r in reports.values()}))
+    return render_table([f"adapter (recall@{ks} / top-1)", *(run.label for run in reports)], rows, markdown=True)
 
 
 def _text_tally(reports: dict[Run, dict]) -> list[str]:
@@ -243,7 +246,7 @@ def _text(reports: dict[Run, dict]) -> list[str]:
             markdown=True,
         ),
         "",
-        "Every adapter kind on the same runs: the gate's recall@10 on held-out pairs (labels not used), then the",
+        "Every adapter kind on the same runs: the gate's recall on held-out pairs (labels not used), then the",
         "top-1 of new queries on the old gallery mapped by it:",
         "",
         _text_gate(reports),
@@ -397,7 +400,7 @@ def render() -> str:
                 "New-model queries against the old gallery sent through each map: the label-free adapters",
                 "([Adapters](concepts.md#adapters)), fitted on the train split's stored old and new embeddings with",
                 "the labels dropped, then FCT / FastFill trained with labels and the new model's classifier. The",
-                "share of the gain is (top-1 - old/old) / (new/new - old/old); the gate's recall@10 is on held-out",
+                "share of the gain is (top-1 - old/old) / (new/new - old/old); the gate's recall is on held-out",
                 "pairs. A map is *below old/old* when its top-1 is not above it: serving it is worse than not",
                 "upgrading, and the gate is what should refuse it.",
                 "",
