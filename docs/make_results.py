@@ -41,6 +41,17 @@ SEED_RUNS = tuple(
     Run(f"digits-seed{s}", f"digits, seed {s}", f"raybackfill demo --quick --seed {s} --data {DIGITS} --out demo-d{s}")
     for s in (1, 2)
 )
+TEXT_RUNS = (
+    *(
+        Run(
+            f"text-quick-seed{s}",
+            f"text, quick, seed {s}",
+            f"raybackfill demo --text --quick --seed {s} --out demo-text-{s}",
+        )
+        for s in (0, 1, 2)
+    ),
+    Run("text-full", "text, full", "raybackfill demo --text --seed 0 --out demo-text"),
+)
 DIGITS_SETUP = (
     "python -c \"import sys; sys.path.insert(0, 'tests'); from real_data import export_digits; "
     "export_digits('digits-folder')\"",
@@ -62,6 +73,189 @@ ANCHORS = (
 def _reports(runs: tuple[Run, ...]) -> dict[Run, dict]:
     paths = {run: RESULTS / f"{run.name}.json" for run in runs}
     return {run: load_report(str(path)) for run, path in paths.items() if path.exists()}
+
+
+def kept_runs() -> tuple[Run, ...]:
+    """Every run this page reads, in the order it lists them (one ``docs/results/<name>.json`` each)."""
+    return MAIN_RUNS + SEED_RUNS + TEXT_RUNS
+
+
+def _field(run: Run, report: dict, *path: str):
+    """``report[path[0]][path[1]]...``, or a ValueError naming the run and the missing field."""
+    value = report
+    for i, key in enumerate(path):
+        if not isinstance(value, dict) or key not in value:
+            raise ValueError(f"docs/results/{run.name}.json: no '{'.'.join(path[: i + 1])}'")
+        value = value[key]
+    return value
+
+
+def _pair(values: dict) -> str:
+    return f"{values['top1']:.3f} / {values['map']:.3f}"
+
+
+def _adapters(reports: dict[Run, dict]) -> list[str]:
+    """One table per image-demo report with an ``adapters`` section: new-model queries against the old gallery
+    sent through each map (label-free adapters, then the transformations trained with labels), next to old/old
+    and new/new; each row's verdict is the report's ``above_old_old``."""
+    lines: list[str] = []
+    for run, report in reports.items():
+        section = report.get("adapters")
+        if section is None:
+            continue
+        oo, nn = _field(run, report, "adapters", "old_old"), _field(run, report, "adapters", "new_new")
+        rows = [
+            ["old query / old gallery (no upgrade)", "-", _pair(oo), "-", "-", "-"],
+            ["new query / new gallery (everything re-embedded)", "-", _pair(nn), "-", "-", "-"],
+        ]
+        for r in _field(run, report, "adapters", "rows"):
+            recall = r.get("gate", {}).get("score", {}).get("recall")
+            rows.append(
+                [
+                    f"new query / {r['name']}(old)",
+                    "none (label-free adapter)" if r["label_free"] else "labels + the new classifier",
+                    _pair(r),
+                    "-" if r["gain_top1"] is None else f"{r['gain_top1']:+.2f}",
+                    "-" if recall is None else f"{recall:.3f}",
+                    "above old/old" if r["above_old_old"] else "**below old/old**",
+                ]
+            )
+        ks = sorted({r["gate"]["score"]["k"] for r in section["rows"] if "gate" in r})
+        gate = "gate recall@" + ("/".join(map(str, ks)) or "k")
+        header = ["search", "trained with", "top-1 / mAP", "share of the top-1 gain", gate, "verdict"]
+        below = _field(run, report, "adapters", "below_old_old")
+        lines += [
+            f"### {run.label}",
+            "",
+            f"`{run.command}`, {report['queries']['evaluated']} queries.",
+            "",
+            render_table(header, rows, markdown=True),
+            "",
+            f"Below old/old (would serve worse than not upgrading): {', '.join(below) if below else 'none'}.",
+            "",
+        ]
+    return lines
+
+
+def _z(gap: dict) -> str:
+    return "-" if gap.get("z") is None else f"{gap['z']:+.1f}"
+
+
+def _text_rows(reports: dict[Run, dict]) -> list[list[str]]:
+    rows = []
+    for run, report in reports.items():
+        v = _field(run, report, "text_demo", "verdicts")
+        new, best = _field(run, report, "text_demo", "verdicts", "new_new_vs_old_old"), v.get("best_adapter")
+        gap = _field(run, report, "text_demo", "verdicts", "best_adapter_vs_old_old")
+        adapter = (
+            "none passed the gate"
+            if best is None
+            else f"{best} {v['best_adapter_top1']:.3f} (z {_z(gap)}, {gap['verdict']})"
+        )
+        u = _field(run, report, "text_demo", "verdicts", "uncertainty_vs_random")
+        order = (
+            f"{u['verdict']}: {u.get('why', '')}"
+            if "auc_map" not in u
+            else f"{u['auc_map']:.3f} vs {u['random_mean']:.3f} ± {u['random_sd']:.3f} over {u['random_orders']} "
+            f"orders (z {_z(u)}, {u['verdict']})"
+        )
+        rows.append(
+            [
+                run.label,
+                str(report["queries"]["evaluated"]),
+                f"{v['old_old_top1']:.3f}",
+                f"{v['new_new_top1']:.3f} (z {_z(new)}, {new['verdict']})",
+                adapter,
+                ", ".join(v["adapters_below_old_old"]) or "none",
+                order,
+            ]
+        )
+    return rows
+
+
+def _text_gate(reports: dict[Run, dict]) -> str:
+    """Per adapter kind and text run: the gate's recall@k on held-out pairs, then the top-1 of new queries on
+    the old gallery through it (the evaluation split)."""
+    kinds: list[str] = []
+    for run, report in reports.items():
+        kinds += [k for k in _field(run, report, "text_demo", "gate", "adapters") if k not in kinds]
+    rows = []
+    for kind in kinds:
+        cells = []
+        for report in reports.values():
+            gate = report["text_demo"]["gate"]
+            record = gate["adapters"].get(kind)
+            top1 = {r["name"]: r["top1"] for r in report["adapters"]["rows"]}.get(kind)
+            if record is None:
+                cells.append("-")
+                continue
+            mark = " (kept)" if gate.get("kept") == kind else ("" if record["passes"] else " (refused)")
+            cells.append(f"{record['score']['recall']:.3f} / {'-' if top1 is None else f'{top1:.3f}'}{mark}")
+        rows.append([kind, *cells])
+    ks = "/".join(sorted({str(r["text_demo"]["gate"]["k"]) for r in reports.values()}))
+    return render_table([f"adapter (recall@{ks} / top-1)", *(run.label for run in reports)], rows, markdown=True)
+
+
+def _text_tally(reports: dict[Run, dict]) -> list[str]:
+    """Per claim of the text demo, how many runs gave each verdict (read from the reports)."""
+    claims = (
+        ("new_new_vs_old_old", "new/new above old/old"),
+        ("best_adapter_vs_old_old", "the gate's adapter above old/old"),
+        ("uncertainty_vs_random", "the uncertainty order's mAP area above the band of random orders"),
+    )
+    n, lines = len(reports), []
+    for key, claim in claims:
+        verdicts = [_field(run, r, "text_demo", "verdicts", key)["verdict"] for run, r in reports.items()]
+        counts = {v.value: verdicts.count(v.value) for v in Verdict}
+        rest = ", ".join(f"{v} in {counts[v]}" for v in ("noise", "reversed", "missing") if counts[v])
+        lines.append(f"- {claim}: holds in {counts['holds']} of {n} runs" + (f"; {rest}" if rest else "") + ".")
+    below = sum(bool(r["text_demo"]["verdicts"]["adapters_below_old_old"]) for r in reports.values())
+    lines.append(f"- at least one label-free adapter below old/old: in {below} of {n} runs.")
+    return lines
+
+
+def _text(reports: dict[Run, dict]) -> list[str]:
+    if not reports:
+        return []
+    return [
+        "## The text demo",
+        "",
+        "`raybackfill demo --text` upgrades a text encoder with no labels on the upgrade path (see",
+        "[the text demo](concepts.md#the-text-demo)): v1 a hashed bag of words, v2 character n-grams, the",
+        "adapters fitted on a paired sample and gated on held-out pairs. Each run's `report.json` is kept here:",
+        "",
+        "| run | command |",
+        "|---|---|",
+        *(f"| {run.label} | `{run.command}` |" for run in reports),
+        "",
+        "Top-1 of new-model queries. z is the gap to old/old in standard errors of the two shares; the",
+        "uncertainty order's mAP area is set against the mean ± sd of the random orders' areas. Each verdict is",
+        f"the report's: *holds* at z >= {Z_CLEAR:g}, *reversed* at z <= -{Z_CLEAR:g}, *noise* in between.",
+        "",
+        render_table(
+            [
+                "run",
+                "queries",
+                "old/old",
+                "new/new",
+                "the gate's adapter",
+                "below old/old",
+                "uncertainty order vs random (mAP area)",
+            ],
+            _text_rows(reports),
+            markdown=True,
+        ),
+        "",
+        "Every adapter kind on the same runs: the gate's recall on held-out pairs (labels not used), then the",
+        "top-1 of new queries on the old gallery mapped by it:",
+        "",
+        _text_gate(reports),
+        "",
+        "Counted over the runs above:",
+        "",
+        *_text_tally(reports),
+        "",
+    ]
 
 
 def _anchors(reports: dict[Run, dict]) -> str:
@@ -133,8 +327,9 @@ def readme_summary() -> str:
 
 
 def render() -> str:
-    main, seeds = _reports(MAIN_RUNS), _reports(SEED_RUNS)
+    main, seeds, text = _reports(MAIN_RUNS), _reports(SEED_RUNS), _reports(TEXT_RUNS)
     every = main | seeds
+    adapters = _adapters(every)
     lines = [
         "# Results",
         "",
@@ -198,13 +393,30 @@ def render() -> str:
         "their reference code trains with augmentation and label smoothing. Where a direction does not hold here,",
         "this setting may be the reason; it is reported, not tuned away.",
         "",
+        *(
+            [
+                "## Label-free adapters vs transformations trained with labels",
+                "",
+                "New-model queries against the old gallery sent through each map: the label-free adapters",
+                "([Adapters](concepts.md#adapters)), fitted on the train split's stored old and new embeddings with",
+                "the labels dropped, then FCT / FastFill trained with labels and the new model's classifier. The",
+                "share of the gain is (top-1 - old/old) / (new/new - old/old); the gate's recall is on held-out",
+                "pairs. A map is *below old/old* when its top-1 is not above it: serving it is worse than not",
+                "upgrading, and the gate is what should refuse it.",
+                "",
+                *adapters,
+            ]
+            if adapters
+            else []
+        ),
+        *_text(text),
         "## How the backbones trained",
         "",
         _training(every),
         "",
         "## Run times",
         "",
-        _timings(every),
+        _timings(every | text),
         "",
     ]
     return "\n".join(lines)
