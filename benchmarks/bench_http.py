@@ -257,9 +257,15 @@ def _free_port() -> int:
 
 def start_serve(attempts: int = 3) -> int:
     """Start Serve's proxy on a free loopback port; another process can take the port before the proxy binds
-    it (a shared machine), so a failed bind tries another one. Returns the port."""
+    it (a shared machine), so a failed bind tries another one. Returns the port. A proxy already running on
+    this cluster keeps its port (Serve fixes it at start): that one is returned."""
     from ray import serve
 
+    from raybackfill.service.app import running_proxy
+
+    running = running_proxy()
+    if running is not None:
+        return running[1]
     for attempt in range(attempts):
         port = _free_port()
         try:
@@ -295,6 +301,9 @@ def main(argv: list[str] | None = None) -> dict:
     work = Workload.make(args.n, args.d, args.queries)
     idle_s = args.idle if args.idle is not None else args.duration / 2
     load_before = os.getloadavg()
+    from raybackfill.service.app import running_proxy
+
+    owns_serve = running_proxy() is None
     with tempfile.TemporaryDirectory(prefix="bench-http-") as snapshots:
         router = create_index(RouterConfig(name=INDEX, shards=args.shards, snapshot_uri=snapshots))
         try:
@@ -336,6 +345,8 @@ def main(argv: list[str] | None = None) -> dict:
                 outage["restarted_at"] = outage["killed_at"] + outage["down_s"]
         finally:
             serve.delete(APP)
+            if owns_serve:  # leave no proxy behind on a port the next user of this cluster did not choose
+                serve.shutdown()
             destroy_index(INDEX)
 
     window = (outage.get("killed_at", 0.0), outage.get("restarted_at", float("inf")) + args.grace_s)

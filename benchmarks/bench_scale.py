@@ -128,8 +128,9 @@ def exact_topk(table_uri: str, queries: np.ndarray, k: int) -> np.ndarray:
     group (the table never sits in memory whole); ties broken by id."""
     best_ids = np.full((len(queries), 0), -1, np.int64)
     best_scores = np.full((len(queries), 0), -np.inf, np.float32)
-    for uri in storage.open_table(table_uri).uris:
-        with storage.open_input(uri) as handle:
+    fs, _ = storage.resolve(table_uri)
+    for info in storage.committed_files(table_uri):
+        with fs.open_input_file(info.path) as handle:
             parquet = pq.ParquetFile(handle)
             for group in range(parquet.num_row_groups):
                 chunk = parquet.read_row_group(group, columns=[ID, EMBEDDING])
@@ -249,7 +250,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--index", help=f"FAISS factory string of both spaces (default {FULL['index']!r})")
     parser.add_argument("--nprobe", type=int, help=f"IVF lists searched per query (default {FULL['nprobe']})")
     parser.add_argument("--shards", type=int, default=4)
-    parser.add_argument("--shard-cpus", type=float, default=0.25)
+    parser.add_argument(
+        "--shard-cpus", type=float, default=0.1, help="CPUs reserved per shard (FAISS uses one thread either way)"
+    )
     parser.add_argument("--train-sample", type=int, default=100_000, help="vectors each space is trained on")
     parser.add_argument("--probes", type=int, help="queries timed idle (and cycled during the backfill)")
     parser.add_argument("--recall-queries", type=int, help="queries of the recall figure")

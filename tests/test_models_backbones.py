@@ -82,6 +82,10 @@ def test_registry_builds_every_architecture_with_its_keyword_arguments():
         "forward_transformation": {"old_dim": 4, "new_dim": 8, "side_dim": 6},
         "fastfill_transformation": {"old_dim": 4, "new_dim": 8},
         "reverse_transformation": {"new_dim": 8, "old_dim": 4},
+        "linear_forward": {"old_dim": 4, "new_dim": 8, "rank": 2},
+        "linear_reverse": {"new_dim": 8, "old_dim": 4},
+        "text_hashed_words": {"vocab_size": 64, "word_dim": 4, "embedding_dim": 6, "num_classes": 3},
+        "text_char_ngrams": {"buckets": 64, "gram_dim": 4, "hidden_dim": 8, "embedding_dim": 6, "num_classes": 3},
     }
     assert set(kwargs) == set(BUILDERS)
     for name, args in kwargs.items():

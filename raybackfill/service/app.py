@@ -550,6 +550,21 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     return SearchService.options(**deployment_options(config)).bind(config.to_args())  # type: ignore[attr-defined]
 
 
+def running_proxy() -> tuple[str, int] | None:
+    """(host, port) of the HTTP proxy of the Serve instance already running on this Ray cluster, or None.
+
+    Why: Serve fixes its proxy's address when it first starts on a cluster, and a later ``serve.start`` with
+    other ``http_options`` only logs that they are ignored; Serve has no public getter for the address, so it
+    is read from the controller client.
+    """
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return None
+    return str(client.http_config.host), int(client.http_config.port)
+
+
 def deploy(config: ServiceConfig, *, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME) -> str:
     """Start Serve's HTTP proxy on ``host:port`` (loopback by default) and run the service; returns its URL.
 
@@ -560,6 +575,13 @@ def deploy(config: ServiceConfig, *, host: str = "127.0.0.1", port: int = 8000, 
         >>> deploy(ServiceConfig(new_model="models/new"), port=8000)  # doctest: +SKIP
         'http://127.0.0.1:8000'
     """
+    running = running_proxy()
+    if running is not None and running != (host, port):
+        raise ValueError(
+            f"Serve already runs on this Ray cluster with its HTTP proxy at http://{running[0]}:{running[1]}, and "
+            f"a proxy's address is fixed when Serve starts: deploy with --host {running[0]} --port {running[1]}, or "
+            "stop Serve first (`serve shutdown`)"
+        )
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(config.to_args()), name=name, route_prefix="/", blocking=False)
     return f"http://{host}:{port}"
