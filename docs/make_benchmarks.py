@@ -15,6 +15,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS, PAGE = HERE / "benchmarks", HERE / "benchmarks.md"
+SCALE_RESULTS = RESULTS / "scale"  # what ``python -m benchmarks.bench_scale --out FILE`` wrote
 
 # key -> (what it measures, in words; what the ratio compares)
 KEYS = {
@@ -68,10 +69,13 @@ def _load(entry_or_machine: dict) -> str:
 
 
 def _meets(value: float, target: str) -> str:
-    """'meets' or 'misses' for a target written as '>= X' or '<= X'."""
-    op, number = target.split()[:2]
-    ok = value >= float(number) if op == ">=" else value <= float(number)
-    return "meets" if ok else "misses"
+    """'meets' or 'misses' for a target written as '>= X', '<= X', '> X' or '< X'."""
+    op, text = target.split()[:2]
+    number = float(text)
+    checks = {">=": value >= number, "<=": value <= number, ">": value > number, "<": value < number}
+    if op not in checks:
+        raise ValueError(f"target {target!r}: expected one of {', '.join(checks)} and a number")
+    return "meets" if checks[op] else "misses"
 
 
 def _steady(value: float | None, unit: str = "") -> str:
@@ -253,6 +257,59 @@ def _index_kinds(run: dict) -> list[str]:
     return [*lines, ""]
 
 
+def load_scale_runs() -> list[dict]:
+    """Every kept scale result (docs/benchmarks/scale/), oldest first, each with its ``_file``."""
+    runs = []
+    for path in sorted(SCALE_RESULTS.glob("*.json")):
+        run = json.loads(path.read_text())
+        run["_file"] = f"scale/{path.name}"
+        runs.append(run)
+    return sorted(runs, key=lambda run: run["date_utc"])
+
+
+def _scale(runs: list[dict]) -> list[str]:
+    """The latest scale run: each size's load, backfill, memory, recall and latency, against the targets."""
+    if not runs:
+        return []
+    run = runs[-1]
+    config, largest = run["config"], run["largest"]
+    targets = run["targets"]
+    lines = [
+        "## Scale: the largest gallery on one box",
+        "",
+        f"`docs/benchmarks/{run['_file']}` ({run['date_utc']}, {run['seconds'] / 60:.0f} min; load "
+        f"{_load(largest)} during the largest backfill). A clustered synthetic gallery of d={config['dim']} unit "
+        f"vectors ({config['clusters']} clusters) streamed into {config['shards']} shards of `{config['index']}` "
+        f"(nprobe {config['nprobe']}; each space trained on {config['train_sample']:,} vectors), then backfilled "
+        "through the transform path (plan by id, instant phase, no image re-embedded) while one client sends "
+        f"single `{config['strategy']}` queries (k={config['k']}). Recall@10 is against an exact scan of the "
+        "vectors the index holds; memory is the peak PSS of this process and every Ray process. Reproduce: "
+        f"`python -m benchmarks.bench_scale --sizes {','.join(str(n) for n in config['sizes'])} --out FILE`.",
+        "",
+        "| items | load (s) | backfill items/s | peak PSS (GB) | recall@10 | p50 / p99 idle (ms) "
+        "| p50 / p99 during the backfill (ms) | p99 ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for p in run["points"]:
+        lines.append(
+            f"| {p['items']:,} | {p['load_seconds']:.0f} | {p['backfill_items_per_s']:,.0f} | {p['peak_pss_gb']:.2f} "
+            f"| {p['recall_at_10']:.3f} | {p['idle']['p50_ms']:.1f} / {p['idle']['p99_ms']:.1f} "
+            f"| {p['during_backfill']['p50_ms']:.1f} / {p['during_backfill']['p99_ms']:.1f} | {p['p99_ratio']:.2f} |"
+        )
+    lines += ["", f"Targets at {largest['items']:,} items:", ""]
+    for key, target in targets.items():
+        lines.append(f"- `{key}` {target}: {largest[key]:,.3g} ({_meets(largest[key], target)})")
+    growth = run["growth"]
+    lines += [
+        "",
+        f"Growth from {growth['items'][0]:,} to {growth['items'][-1]:,} items (exponent b of time ~ n^b): load "
+        f"{growth['exponent_load_seconds']:.2f}, backfill {growth['exponent_backfill_seconds']:.2f}, peak PSS "
+        f"{growth['exponent_peak_pss']:.2f}, idle p50 latency {growth['exponent_idle_p50']:.2f}.",
+        "",
+    ]
+    return lines
+
+
 def _kept(runs: list[dict]) -> list[str]:
     lines = [
         "| file | date (UTC) | sizes | minutes | load at start | embed | transform | merged query | p99 |",
@@ -268,8 +325,9 @@ def _kept(runs: list[dict]) -> list[str]:
     return lines
 
 
-def render(runs: list[dict] | None = None) -> str:
+def render(runs: list[dict] | None = None, scale_runs: list[dict] | None = None) -> str:
     runs = load_runs() if runs is None else runs
+    scale_runs = load_scale_runs() if scale_runs is None else scale_runs
     if not runs:
         raise ValueError(f"no benchmark results in {RESULTS}: run python -m benchmarks.run --out {RESULTS}/NAME.json")
     latest = runs[-1]
@@ -299,6 +357,7 @@ def render(runs: list[dict] | None = None) -> str:
         *_details(latest),
         "",
         *_index_kinds(latest),
+        *_scale(scale_runs),
         "## Reproduce",
         "",
         "```bash",

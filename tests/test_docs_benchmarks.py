@@ -38,3 +38,34 @@ def test_the_page_states_the_machine_and_load_of_the_run_it_shows():
     page = script.render()
     assert f"{latest['machine']['loadavg_start'][0]:.1f}" in page
     assert f"{latest['machine']['cpus']} cores" in page and latest["machine"]["faiss"] in page
+
+
+def test_the_scale_section_shows_each_size_and_judges_the_largest_against_its_targets():
+    script = _script()
+    point = {
+        "items": 0, "load_seconds": 10.0, "backfill_items_per_s": 25_000.0, "peak_pss_gb": 17.5,
+        "recall_at_10": 0.93, "idle": {"p50_ms": 4.0, "p99_ms": 10.0},
+        "during_backfill": {"p50_ms": 6.0, "p99_ms": 25.0}, "p99_ratio": 2.5,
+        "loadavg_start": [1.0], "loadavg_end": [2.0],
+    }  # fmt: skip
+    points = [{**point, "items": 1_000_000}, {**point, "items": 10_000_000}]
+    run = {
+        "_file": "scale/x.json", "date_utc": "2026-12-04T20:00:00Z", "seconds": 600.0, "points": points,
+        "largest": points[-1], "targets": {"peak_pss_gb": "< 16", "recall_at_10": ">= 0.90",
+        "backfill_items_per_s": ">= 20000", "p99_ratio": "<= 2.0"},
+        "config": {"dim": 128, "clusters": 4096, "shards": 4, "index": "IVF1024,SQ8", "nprobe": 32,
+                   "train_sample": 100_000, "strategy": "compatible", "k": 10, "sizes": [1_000_000, 10_000_000]},
+        "growth": {"items": [1_000_000, 10_000_000], "exponent_load_seconds": 1.0, "exponent_backfill_seconds": 0.9,
+                   "exponent_peak_pss": 0.8, "exponent_idle_p50": 0.5},
+    }  # fmt: skip
+    lines = script._scale([run])
+    rows = [line for line in lines if line.startswith("| 1") and "," in line.split("|")[1]]
+    assert [row.split("|")[1].strip() for row in rows] == ["1,000,000", "10,000,000"]
+    verdicts = {line.split("`")[1]: line.rsplit("(", 1)[1] for line in lines if line.startswith("- `")}
+    assert verdicts == {
+        "peak_pss_gb": "misses)",
+        "recall_at_10": "meets)",
+        "backfill_items_per_s": "meets)",
+        "p99_ratio": "misses)",
+    }
+    assert script._scale([]) == []
