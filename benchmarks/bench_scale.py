@@ -40,19 +40,18 @@ import ray
 import torch
 
 from benchmarks import bench_backfill, bench_index
-from benchmarks.run import PeakMemory, loglog_exponent
+from benchmarks.run import PeakMemory, loglog_exponent, transform_path
 from raybackfill.backfill.ledger import Ledger
-from raybackfill.backfill.run import BackfillConfig, run_backfill
+from raybackfill.backfill.run import run_backfill
 from raybackfill.data import storage
 from raybackfill.data.images import encode_png
 from raybackfill.data.schema import EMBEDDING, ID, IMAGE, embedding_table, vectors_of
-from raybackfill.embed.pipeline import PoolConfig
 from raybackfill.index.loading import LoadConfig, load_old_table
 from raybackfill.index.router import RouterConfig, create_index, destroy_index, get
 from raybackfill.index.shard import IndexConfig
 from raybackfill.models.artifacts import load_model
 from raybackfill.runtime import init_ray
-from raybackfill.types import Method, Policy, Space, Strategy
+from raybackfill.types import Space, Strategy
 
 FULL = {"sizes": "1000000,10000000", "index": "IVF1024,SQ8", "nprobe": 32, "probes": 300, "recall_queries": 200}
 QUICK = {"sizes": "20000,60000", "index": "IVF64,SQ8", "nprobe": 16, "probes": 60, "recall_queries": 50}
@@ -183,20 +182,7 @@ def scale_point(root: str, n: int, args: argparse.Namespace, centres: np.ndarray
             loaded = load_old_table(router, paths["old"], config=LoadConfig(train_sample=args.train_sample))
             timed_queries(router, queries[: bench_index.WARMUP_PROBES])
             idle = timed_queries(router, queries)
-            backfill = BackfillConfig(
-                gallery=paths["gallery"],
-                old_embeddings=paths["old"],
-                upgrade=paths["backbone"],
-                out=paths["out"],
-                method=Method.FCT,
-                transformation=paths["fct"],
-                policy=Policy.ID,
-                budget=0,
-                index=INDEX_NAME,
-                pool=PoolConfig(actors=1, cpus_per_actor=0.5, gpus_per_actor=0.0),
-                train_sample=args.train_sample,
-                progress=False,
-            )
+            backfill = transform_path(paths, INDEX_NAME, train_sample=args.train_sample)
             stop = threading.Event()
             live: list[float] = []
             prober = threading.Thread(target=lambda: live.extend(timed_queries(router, queries, stop)), daemon=True)

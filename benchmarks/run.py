@@ -146,6 +146,25 @@ def write_scale_inputs(root: str, n: int, seed: int) -> tuple[dict[str, str], np
     return paths, old
 
 
+def transform_path(paths: dict[str, str], index: str, **overrides) -> BackfillConfig:
+    """The backfill the scale benchmarks time: through the forward transformation only (plan by id, budget 0:
+    no image is re-embedded), one transformation actor, into the live index ``index``."""
+    return BackfillConfig(
+        gallery=paths["gallery"],
+        old_embeddings=paths["old"],
+        upgrade=paths["backbone"],
+        out=paths["out"],
+        method=Method.FCT,
+        transformation=paths["fct"],
+        policy=Policy.ID,
+        budget=0,
+        index=index,
+        pool=PoolConfig(actors=1, cpus_per_actor=0.5, gpus_per_actor=0.0),
+        progress=False,
+        **overrides,
+    )
+
+
 def scale_point(root: str, n: int, probes: int, seed: int) -> dict:
     """One backfill of ``n`` items through the transform path into a live index, then single-query latency."""
     paths, old = write_scale_inputs(os.path.join(root, f"scale-{n}"), n, seed)
@@ -158,19 +177,7 @@ def scale_point(root: str, n: int, probes: int, seed: int) -> dict:
             get(router.load_old.remote(ids[lo : lo + bench_index.CHUNK], old[lo : lo + bench_index.CHUNK], "v1"))
         load_s = time.perf_counter() - start
         del old
-        backfill = BackfillConfig(
-            gallery=paths["gallery"],
-            old_embeddings=paths["old"],
-            upgrade=paths["backbone"],
-            out=paths["out"],
-            method=Method.FCT,
-            transformation=paths["fct"],
-            policy=Policy.ID,
-            budget=0,
-            index=SCALE_INDEX,
-            pool=PoolConfig(actors=1, cpus_per_actor=0.5, gpus_per_actor=0.0),
-            progress=False,
-        )
+        backfill = transform_path(paths, SCALE_INDEX)
         loadavg_start = os.getloadavg()
         with PeakMemory() as memory:
             start = time.perf_counter()
