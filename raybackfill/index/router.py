@@ -156,6 +156,8 @@ class IndexRouter:
                 num_cpus=config.shard_num_cpus,
                 num_gpus=config.shard_num_gpus,
                 resources=config.actor_resources(),
+                # Across nodes, not packed on the first that fits: a shard's memory is its share of the gallery.
+                scheduling_strategy="SPREAD",
             ).remote(config.index, config.shard_snapshot_uri(i))
             for i in range(config.shards)
         ]
