@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import inspect
 import json
 import os
 import re
@@ -32,7 +31,7 @@ from raybackfill import NAMESPACE
 from raybackfill.data.preprocessing import ImagePreprocessing, TextPreprocessing
 from raybackfill.data.synth import synthesize
 from raybackfill.encoders import EntrypointTrust, load_encoder
-from raybackfill.index.router import IndexRouter, RouterConfig, create_index, destroy_index, get
+from raybackfill.index.router import RouterConfig, create_index, destroy_index, get
 from raybackfill.models.artifacts import ModelSpec, save_model
 from raybackfill.models.backbones import small_cnn
 from raybackfill.service.client import ServiceClient, ServiceHTTPError
@@ -340,21 +339,20 @@ def test_bad_requests_are_typed_4xx_naming_the_field_and_never_echo_paths_or_cre
 
 
 def test_search_params_are_passed_only_when_given(service):
-    """``params`` goes to the router only when a request carries it: a router that takes no search parameters
-    refuses them with a 400 naming the field; one that takes them answers as it would directly."""
+    """``params`` reaches the router only when a request carries it: the image index is Flat, which takes no
+    search parameter, so the router's refusal comes back as a 400 naming the field and the parameter; without
+    ``params`` the same query answers."""
     q = np.random.default_rng(3).standard_normal((1, 8)).astype(np.float32)
     body = {"vector": q[0].tolist(), "k": 3, "strategy": "old", "params": {"nprobe": 4}}
-    takes_params = "params" in inspect.signature(IndexRouter.__ray_metadata__.modified_class.search).parameters
-    if takes_params:
-        answer = service["img"].search(body)
-        direct = get(service["router"].search.remote(q, None, 3, "old", params={"nprobe": 4}))
-        assert [h["id"] for h in answer["results"][0]] == direct.ids[0].tolist()
-    else:
-        with pytest.raises(ServiceHTTPError) as err:
-            service["img"].search(body)
-        assert err.value.status == 400 and err.value.field == "params"
+    with pytest.raises(ValueError, match="'nprobe' does not apply to index 'Flat'"):
+        get(service["router"].search.remote(q, None, 3, "old", params={"nprobe": 4}))
+    with pytest.raises(ServiceHTTPError) as err:
+        service["img"].search(body)
+    assert err.value.status == 400 and err.value.field == "params" and "nprobe" in str(err.value)
     body.pop("params")
-    assert len(service["img"].search(body)["results"][0]) == 3
+    answer = service["img"].search(body)
+    direct = get(service["router"].search.remote(q, None, 3, "old"))
+    assert [h["id"] for h in answer["results"][0]] == direct.ids[0].tolist()
 
 
 def test_eval_live_through_http_reads_the_same_quality_as_the_router(service, capsys):
