@@ -283,7 +283,9 @@ def _scale(runs: list[dict]) -> list[str]:
         f"(nprobe {config['nprobe']}; each space trained on {config['train_sample']:,} vectors), then backfilled "
         "through the transform path (plan by id, instant phase, no image re-embedded) while one client sends "
         f"single `{config['strategy']}` queries (k={config['k']}). Recall@10 is against an exact scan of the "
-        "vectors the index holds; memory is the peak PSS of this process and every Ray process. Reproduce: "
+        "old table, for queries on the old space right after the load (the benchmark's transformation is untrained and "
+        "collapses its output, so the new space's top-10 would be decided by ties); memory is the peak PSS of this "
+        "process and every Ray process. Reproduce: "
         f"`python -m benchmarks.bench_scale --sizes {','.join(str(n) for n in config['sizes'])} --out FILE`.",
         "",
         "| items | load (s) | backfill items/s | peak PSS (GB) | recall@10 | p50 / p99 idle (ms) "
