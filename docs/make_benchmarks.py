@@ -300,7 +300,9 @@ def _scale(runs: list[dict]) -> list[str]:
         )
     lines += ["", f"Targets at {largest['items']:,} items:", ""]
     for key, target in targets.items():
-        lines.append(f"- `{key}` {target}: {largest[key]:,.3g} ({_meets(largest[key], target)})")
+        value = largest[key]
+        shown = f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+        lines.append(f"- `{key}` {target}: {shown} ({_meets(value, target)})")
     growth = run["growth"]
     lines += [
         "",
