@@ -51,19 +51,9 @@ class RowGroupRead:
         return len(self.rows)
 
 
-def read_row_group(uri: str, row_group: int, columns: list[str] | None) -> pa.Table:
-    """One row group of a Parquet file (``columns`` only); errors name the file."""
-    fs, path = storage.resolve(uri)
-    try:
-        with fs.open_input_file(path) as f:
-            return pq.ParquetFile(f).read_row_group(row_group, columns=columns)
-    except (OSError, pa.ArrowInvalid) as err:
-        raise storage.StorageError(f"{uri}: cannot read row group {row_group} ({err})") from err
-
-
 def read_unit(unit: RowGroupRead, columns: list[str], rows_per_block: int) -> Iterator[pa.Table]:
     """The unit's rows with ``columns`` plus ``position`` and ``tier``, in blocks of at most ``rows_per_block``."""
-    table = read_row_group(unit.uri, unit.row_group, columns).take(pa.array(unit.rows, type=pa.int64()))
+    table = storage.read_row_group(unit.uri, unit.row_group, columns).take(pa.array(unit.rows, type=pa.int64()))
     if unit.ids is not None:
         found = table.column(ID).to_numpy()
         if not np.array_equal(found, unit.ids):

@@ -187,6 +187,16 @@ def _read_shards(shards: Sequence[str], columns: list[str] | None) -> pa.Table:
     return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
 
 
+def read_row_group(uri: str, row_group: int, columns: list[str] | None = None) -> pa.Table:
+    """One row group of a Parquet file (``columns`` only); errors name the file and the group."""
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_file(path) as f:
+            return pq.ParquetFile(f).read_row_group(row_group, columns=columns)
+    except (OSError, pa.ArrowInvalid) as err:
+        raise StorageError(f"{uri}: cannot read row group {row_group} ({err})") from err
+
+
 def read_shard(uri: str, columns: list[str] | None = None) -> pa.Table:
     fs, path = resolve(uri)
     try:

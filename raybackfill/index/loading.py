@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
 from raybackfill import NAMESPACE
@@ -110,7 +109,7 @@ def table_version(table: TableFiles) -> str:
             raise SchemaError(f"{uri}: no 'model' column; pass --version (the old model's version tag)")
         for group in range(footer.num_row_groups):
             if footer.row_group(group).num_rows:
-                versions = _read_group(uri, group, [MODEL]).column(MODEL).unique().to_pylist()
+                versions = storage.read_row_group(uri, group, [MODEL]).column(MODEL).unique().to_pylist()
                 if len(versions) != 1 or not versions[0]:
                     raise SchemaError(
                         f"{uri}: column 'model' holds {len(versions)} versions ({versions[:5]}); an old space "
@@ -118,15 +117,6 @@ def table_version(table: TableFiles) -> str:
                     )
                 return str(versions[0])
     raise SchemaError(f"{table.uri}: table has no rows")
-
-
-def _read_group(uri: str, group: int, columns: list[str]) -> pa.Table:
-    fs, path = storage.resolve(uri)
-    try:
-        with fs.open_input_file(path) as f:
-            return pq.ParquetFile(f).read_row_group(group, columns=columns)
-    except (OSError, pa.ArrowInvalid) as err:
-        raise storage.StorageError(f"{uri}: cannot read row group {group} ({err})") from err
 
 
 # --------------------------------------------------------------------- sampling
@@ -170,7 +160,7 @@ def sample_rows(table: str | TableFiles, n: int, columns: list[str], *, seed: in
         uri, group, size = groups[i]
         mine = picks[(picks >= offset) & (picks < offset + size)] - offset
         if len(mine):
-            parts.append(_read_group(uri, group, columns).take(pa.array(mine)))
+            parts.append(storage.read_row_group(uri, group, columns).take(pa.array(mine)))
         offset += size
     if not parts:
         schema = table.schema
@@ -252,7 +242,7 @@ def _load_group(job: _GroupJob) -> tuple[int, int]:
     """Read one row group, quarantine (or refuse) its bad rows, send the rest to their shards in bounded batches.
     Returns (rows loaded, rows quarantined)."""
     columns = [ID, EMBEDDING] + ([MODEL] if job.check_model else [])
-    table = _read_group(job.uri, job.group, columns)
+    table = storage.read_row_group(job.uri, job.group, columns)
     where = f"{job.uri} (row group {job.group})"
     if job.check_model:
         versions = set(table.column(MODEL).unique().to_pylist())
