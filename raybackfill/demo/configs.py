@@ -6,7 +6,9 @@ backfill (:class:`OnlineConfig`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from raybackfill.types import MODEL_METRICS, Method, Metric, Policy, Strategy, Tokenizer, parse
@@ -212,3 +214,16 @@ class DemoConfig:
         if self.text_scale is not None:
             return self.text_scale
         return TEXT_QUICK if self.quick else TEXT_FULL
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a demo with ``n`` torch threads in this process, and give the caller its own count back after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import torch
 
 from raybackfill.data import storage
 from raybackfill.data.schema import (
@@ -41,7 +40,7 @@ from raybackfill.data.schema import (
 )
 from raybackfill.data.splits import OLD_TRAIN, TRAIN, split_table, write_splits
 from raybackfill.data.synth import write_synthetic
-from raybackfill.demo.configs import DemoConfig, DemoScale
+from raybackfill.demo.configs import DemoConfig, DemoScale, torch_threads
 from raybackfill.embed.pipeline import embed_gallery
 from raybackfill.eval.offline import write_outputs
 from raybackfill.types import locate_ids
@@ -107,12 +106,8 @@ OnlinePhase = Callable[[DemoArtifacts], Mapping[str, Any]]
 
 def run_demo(config: DemoConfig, *, online: OnlinePhase | None = None) -> dict:
     """Run the demo (Ray must be initialised) and return the report dict it also saved to report.json."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.torch_threads)
-    try:
+    with torch_threads(config.torch_threads):
         return _run(config, online)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(config: DemoConfig, online: OnlinePhase | None) -> dict:

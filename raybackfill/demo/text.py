@@ -28,7 +28,6 @@ import os
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from raybackfill.adapters.fit import AdapterConfig, FittedAdapter, auto_kinds, save_adapter, train_adapter
 from raybackfill.adapters.gate import check_adapter
@@ -39,7 +38,7 @@ from raybackfill.data.preprocessing import TextPreprocessing
 from raybackfill.data.schema import EMBEDDING, ID, LABEL, TEXT, SchemaError, embedding_table, vectors_of
 from raybackfill.data.splits import OLD_TRAIN, TRAIN, split_table, write_splits
 from raybackfill.data.stdlib_docs import PYTHON_KEY, stdlib_docstrings
-from raybackfill.demo.configs import DemoConfig, TextEncoderSpec, TextScale
+from raybackfill.demo.configs import DemoConfig, TextEncoderSpec, TextScale, torch_threads
 from raybackfill.demo.online import run_online
 from raybackfill.demo.pipeline import (
     EVALUATION_SPLITS,
@@ -91,12 +90,8 @@ def run_text_demo(config: DemoConfig, *, online: bool = True) -> dict:
         >>> report["text_demo"]["verdicts"]["best_adapter_above_old_old"]  # doctest: +SKIP
         True
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.torch_threads)
-    try:
+    with torch_threads(config.torch_threads):
         return _run(config, online)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _claim(layout: DemoLayout, config: DemoConfig, scale: TextScale) -> None:
