@@ -288,11 +288,16 @@ def test_router_and_shard_metrics_reach_prometheus_and_move_during_a_backfill(tm
             child.step("search")
             seen = _wait_for(
                 port,
-                lambda s: all(_value(s, query_count, strategy=k) == 1 for k in ("old", "rank_merge", "compatible")),
-                "one timed search per strategy",
+                # Each shard process reports on its own clock, so wait for all three reporters, not just the router.
+                lambda s: (
+                    all(_value(s, query_count, strategy=k) == 1 for k in ("old", "rank_merge", "compatible"))
+                    and _value(s, shard_search_count) is not None
+                    and _value(s, shard_search_count) >= 2 * 3
+                ),
+                "one timed search per strategy, reaching both shards",
             )
             assert all(_value(seen, queries, strategy=k) == 2 for k in ("old", "rank_merge", "compatible"))
-            assert _value(seen, shard_search_count) == 2 * 3  # every search reaches both shards
+            assert _value(seen, shard_search_count) == 2 * 3  # every search reaches both shards, exactly once
 
             refused = child.step("refused")
             assert "another-version" in refused["error"]
