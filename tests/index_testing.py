@@ -36,6 +36,11 @@ class Gallery:
         self.new[positions] = vectors
         self.state[positions] = TRANSFORMED if state == "transformed" else NEW
 
+    def promote(self) -> Gallery:
+        """The gallery after a promote: the new-space vectors serve as the next upgrade's old space."""
+        assert (self.state != OLD).all(), "promote needs every item in the new space"
+        return Gallery(self.ids, self.new.copy(), np.zeros_like(self.new), np.full(len(self.ids), OLD, np.int8))
+
 
 def unit(x: np.ndarray) -> np.ndarray:
     """Rows at unit length: what a cosine index stores."""

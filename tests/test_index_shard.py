@@ -252,11 +252,22 @@ def test_promote_requires_every_item_and_rollback_restores_the_old_answer(make_s
     # After a rollback the new space is free for another model version.
     vectors = np.random.default_rng(5).standard_normal((50, 4)).astype(np.float32)
     get(shard.upsert.remote(g.ids, vectors, "new", "v3"))
-    assert get(shard.promote.remote()) == {"old": 0, "transformed": 0, "new": 50}
-    with pytest.raises(ValueError, match="strategy 'old' is gone"):
-        get(shard.search.remote(q, None, 10, "old"))
-    with pytest.raises(ValueError, match="cannot roll back"):
-        get(shard.rollback.remote())
     g.upsert(np.arange(50), vectors, "new")
+    before = get(shard.search.remote(None, q, 10, "compatible"))
+    assert_matches(before, brute_force(g, None, q, 10, "compatible"))
+    # Promote: the v3 vectors become the serving generation (the old space of the next upgrade).
+    assert get(shard.promote.remote()) == {"old": 50, "transformed": 0, "new": 0}
+    promoted = g.promote()
+    assert_matches(get(shard.search.remote(q, None, 10, "old")), brute_force(promoted, q, None, 10, "old"))
+    assert_matches(get(shard.search.remote(None, q, 10, "compatible")), brute_force(promoted, None, q, 10, "compatible"))
+    assert get(shard.describe.remote())["old_space"]["version"] == "v3"
+    # Rollback of the promote brings back the generation it replaced, as it was.
+    assert get(shard.rollback.remote(undo_promote=True)) == {"old": 0, "transformed": 0, "new": 50}
     assert_matches(get(shard.search.remote(None, q, 10, "compatible")), brute_force(g, None, q, 10, "compatible"))
-    assert_matches(get(shard.search.remote(q, q, 10, "rank_merge")), brute_force(g, q, q, 10, "rank_merge"))
+    np.testing.assert_array_equal(get(shard.search.remote(q, None, 10, "old")).ids, old_answer.ids)
+    with pytest.raises(ValueError, match="an upgrade of the current generation has begun"):
+        get(shard.rollback.remote(undo_promote=True))
+    assert get(shard.rollback.remote()) == {"old": 50, "transformed": 0, "new": 0}
+    np.testing.assert_array_equal(get(shard.search.remote(q, q, 10, "rank_merge")).ids, old_answer.ids)
+    with pytest.raises(ValueError, match="cannot roll back the promote: the generation it replaced is gone"):
+        get(shard.rollback.remote(undo_promote=True))

@@ -18,6 +18,8 @@ EMBEDDING = "embedding"
 SIDE_INFO = "side_info"
 UNCERTAINTY = "uncertainty"
 MODEL = "model"
+GENERATION = "generation"  # an export's model version of the space its vectors are served in
+LINEAGE = "lineage"  # an export's models each vector went through ("v1>v2": a v1 embedding transformed into v2)
 BAD_REASON = "bad_reason"  # carried through a stream: why a row could not be prepared ("" when it could)
 
 IMAGE_FIELDS = {ID: pa.int64(), IMAGE: pa.binary(), LABEL: pa.int32()}

@@ -55,6 +55,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import ray
 
 from raybackfill.index import kinds
@@ -69,13 +70,18 @@ from raybackfill.types import Layout, Metric, Space, Strategy, locate_sorted, pa
 
 logger = logging.getLogger(__name__)
 
-INDEXES = ("pending", "backfilled", "new")
+SERVING = ("pending", "backfilled", "new")
+RETIRED = ("retired_pending", "retired_backfilled")  # the generation a promote replaced, kept for rollback
+INDEXES = SERVING + RETIRED
 SPACE_OF = {"pending": Space.OLD, "backfilled": Space.OLD, "new": Space.NEW}
+# A vector's lineage: the model versions it went through, first the encoder that embedded it, then each
+# transformation that carried it into the next generation ("v1>v2>v3").
+LINEAGE_SEP = ">"
 TRAINABLE_SPACES = (Space.OLD, Space.NEW)
 UPSERT_STATES = (Space.TRANSFORMED, Space.NEW)
 # 3: any factory; a space's trained empty index is saved apart from its contents; code rows and inverted lists
-# in chunks.
-SNAPSHOT_FORMAT = 3
+# in chunks. 4: generations (per-item lineage, the retired generation kept for rollback after promote).
+SNAPSHOT_FORMAT = 4
 SNAPSHOT_CHUNK_ROWS = 65_536  # code rows (or IVF entries) copied per lock hold while a snapshot runs
 # Config fields that change what a shard stores (a snapshot restores only under the same values); the others
 # (search parameters, limits, GPU, rebuild and sync thresholds) only change how it serves.
@@ -106,6 +112,8 @@ class IndexConfig:
             removal is this old (additions go to the copy in place; raybackfill.index.gpu).
         max_k / max_queries: limits per search call.
         use_gpu: search on a GPU copy when faiss has GPU support and the actor got a GPU.
+        retention_s: how long a promote keeps the generation it replaced (for ``rollback`` after promote);
+            None keeps it until ``gc``. The retired generation holds its vectors in memory meanwhile.
 
     Example:
         >>> IndexConfig(factory="IVF1024,PQ32", search_params={"nprobe": 32}).needs_training
@@ -122,6 +130,7 @@ class IndexConfig:
     max_k: int = 10_000
     max_queries: int = 10_000
     use_gpu: bool = True  # only when faiss has GPU support AND the actor was given a GPU
+    retention_s: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "metric", parse(Metric, self.metric))
@@ -135,6 +144,8 @@ class IndexConfig:
             raise ValueError(f"rebuild_deleted_fraction must be in (0, 1], got {self.rebuild_deleted_fraction}")
         if self.gpu_sync_seconds < 0:
             raise ValueError(f"gpu_sync_seconds must be non-negative, got {self.gpu_sync_seconds}")
+        if self.retention_s is not None and self.retention_s < 0:
+            raise ValueError(f"retention_s must be non-negative (or None: until gc), got {self.retention_s}")
 
     @property
     def needs_training(self) -> bool:
@@ -162,20 +173,61 @@ class SpaceInfo:
 
 @dataclass(frozen=True)
 class ItemVectors:
-    """Stored vectors of some items: ``old`` (None after promote; NaN rows where ``keep_old=False`` dropped
+    """Stored vectors of some items: ``old`` (the serving generation; NaN rows where ``keep_old=False`` dropped
     it), ``new`` (None before the first upsert; zero rows where ``states`` is old). Compressed kinds (PQ, SQ)
-    return the decoded approximation."""
+    return the decoded approximation. ``old_lineage`` / ``new_lineage`` say which models made each vector
+    ("v1>v2": a v1 embedding transformed into v2; None where the item has no such vector)."""
 
     ids: np.ndarray
     states: np.ndarray
     old: np.ndarray | None
     new: np.ndarray | None
+    old_lineage: list[str | None] | None = None
+    new_lineage: list[str | None] | None = None
+
+
+@dataclass
+class _Retired:
+    """The generation a promote replaced: its space, stores and every item's state and lineage at that moment,
+    kept so that ``rollback`` can undo the promote until it is collected (``gc`` or ``retention_s``)."""
+
+    space: SpaceInfo
+    template: bytes | None
+    pending: SlotIndex | None
+    backfilled: SlotIndex | None
+    states: np.ndarray
+    lineage: np.ndarray
+    items: int  # items at the promote: items loaded later have no vector in this generation
+    promoted_at: float
+    expires_at: float | None
+
+    def describe(self) -> dict:
+        return {
+            "version": self.space.version,
+            "dim": self.space.dim,
+            "items": self.items,
+            "promoted_at": self.promoted_at,
+            "expires_at": self.expires_at,
+        }
 
 
 def _check_version(version) -> str:
     if not isinstance(version, str) or not version:
         raise ValueError(f"version must be a non-empty model version tag, got {version!r}")
+    if LINEAGE_SEP in version:
+        raise ValueError(f"version {version!r} must not contain {LINEAGE_SEP!r} (it separates a lineage's steps)")
     return version
+
+
+def check_lineage(lineage: str, version: str) -> str:
+    """A lineage string ("v1>v2") whose last step is ``version`` (the space it is served in)."""
+    steps = lineage.split(LINEAGE_SEP) if isinstance(lineage, str) else []
+    if not steps or not all(steps) or steps[-1] != version:
+        raise ValueError(
+            f"lineage {lineage!r} must be model versions joined by {LINEAGE_SEP!r}, ending with the space's "
+            f"version {version!r}"
+        )
+    return lineage
 
 
 def _to_bytes(index: faiss.Index) -> memoryview:
@@ -260,8 +312,51 @@ class _IndexShard:
         self._pending: SlotIndex | None = None
         self._backfilled: SlotIndex | None = None
         self._new: SlotIndex | None = None
-        self._promoted = False
+        self._lineage = np.zeros(0, dtype=np.int32)  # slot -> code of its old-space vector's lineage
+        self._lineages: list[str] = []  # code -> lineage ("v1>v2")
+        self._generation = 1  # +1 per promote, -1 per rollback of a promote
+        self._retired: _Retired | None = None
         self._publish()
+
+    def _lineage_codes(self, lineages: list[str]) -> np.ndarray:
+        """Codes of lineage strings (new ones are added to the table; a gallery has a handful of lineages)."""
+        if not lineages:
+            return np.zeros(0, dtype=np.int32)
+        unique, inverse = np.unique(np.asarray(lineages, dtype=object), return_inverse=True)
+        for lineage in unique:
+            if lineage not in self._lineages:
+                self._lineages.append(str(lineage))
+        table = np.asarray([self._lineages.index(str(lineage)) for lineage in unique], dtype=np.int32)
+        return table[inverse]
+
+    def _new_lineage(self, slots: np.ndarray) -> np.ndarray:
+        """Lineage codes of the new-space vectors of moved slots: a transformed vector continues its old vector's
+        lineage, a new one starts with the new model."""
+        assert self._new_space is not None  # slots are moved, so the new space exists
+        version = self._new_space.version
+        codes = np.empty(len(slots), dtype=np.int32)
+        new = self._state[slots] == Space.NEW.code
+        if new.any():
+            codes[new] = self._lineage_codes([version])[0]
+        carried = np.flatnonzero(~new)
+        old_codes = self._lineage[slots[carried]]
+        for code in np.unique(old_codes):
+            step = f"{self._lineages[code]}{LINEAGE_SEP}{version}"
+            codes[carried[old_codes == code]] = self._lineage_codes([step])[0]
+        return codes
+
+    def _expire(self) -> None:
+        """Collect the retired generation once its retention is over (checked on each call, under the lock)."""
+        retired = self._retired
+        if retired is not None and retired.expires_at is not None and time.time() >= retired.expires_at:
+            logger.info("retention of generation %s is over: collected", retired.space.version)
+            self._collect()
+
+    def _collect(self) -> dict:
+        retired, self._retired = self._retired, None
+        self._drop_derived(*RETIRED)
+        self._publish()
+        return retired.describe() if retired else {}
 
     def _publish(self) -> None:
         """Replace the immutable views that the light concurrency group reads without the lock."""
@@ -273,7 +368,9 @@ class _IndexShard:
             "old_space": dataclasses.asdict(self._old_space) if self._old_space else None,
             "new_space": dataclasses.asdict(self._new_space) if self._new_space else None,
             "trained": sorted(self._templates),
-            "promoted": self._promoted,
+            "generation": self._generation,
+            "promoted": self._generation > 1,
+            "retired": self._retired.describe() if self._retired else None,
             "config": dataclasses.asdict(self._config),
             "threads": self._threads,
             "gpu": self._gpu is not None,
@@ -323,9 +420,7 @@ class _IndexShard:
             raise ValueError("set_trained takes a trained, empty index (see train_index)")
         with self._lock:
             info = self._old_space if space is Space.OLD else self._new_space
-            held = sum(self._size(name) for name in INDEXES if SPACE_OF[name] is space)
-            if space is Space.OLD and self._promoted:
-                raise ValueError("index is promoted: the old space was dropped and takes no training")
+            held = sum(self._size(name) for name in SERVING if SPACE_OF[name] is space)
             if held:
                 assert info is not None  # set with the first vectors
                 if info.version != version:
@@ -370,20 +465,24 @@ class _IndexShard:
         self._install(space, bytes(_to_bytes(template)), SpaceInfo(version, dim))
 
     # ----------------------------------------------------------------- mutations
-    def load_old(self, ids, vectors, version: str, dry_run: bool = False) -> dict[str, int]:
-        """Add gallery items with their old-model vectors (state old). Ids must be new to the shard.
-        ``dry_run`` only validates (the router checks every shard before any shard applies a batch)."""
+    def load_old(self, ids, vectors, version: str, dry_run: bool = False, lineage=None) -> dict[str, int]:
+        """Add gallery items with their vectors of the serving generation (state old). Ids must be new to the
+        shard. ``lineage`` (one string per row, e.g. "v1>v2" for a v1 embedding transformed into v2; default
+        ``version``) records which models made each vector. ``dry_run`` only validates (the router checks every
+        shard before any shard applies a batch)."""
         version = _check_version(version)
         with self._lock:
             self._set_threads()
-            if self._promoted:
-                raise ValueError("index is promoted: the old space was dropped and takes no more items")
+            self._expire()
             if self._old_space and self._old_space.version != version:
                 raise ValueError(
                     f"old space holds model version {self._old_space.version!r}; refusing "
                     f"vectors of version {version!r} (spaces never mix)"
                 )
             ids, vectors = self._batch(ids, vectors, self._old_space)
+            lineages = [version] * len(ids) if lineage is None else [check_lineage(x, version) for x in lineage]
+            if len(lineages) != len(ids):
+                raise ValueError(f"lineage has {len(lineages)} entries for {len(ids)} ids")
             known = locate_sorted(self._sorted_ids, ids, missing="mask") >= 0
             if known.any():
                 raise ValueError(f"ids already loaded in this shard: {show_ids(ids[known])}")
@@ -396,6 +495,7 @@ class _IndexShard:
             self._add("pending", slots, vectors)
             self._ids = np.concatenate([self._ids, ids])
             self._state = np.concatenate([self._state, np.full(len(ids), Space.OLD.code, dtype=np.int8)])
+            self._lineage = np.concatenate([self._lineage, self._lineage_codes(lineages)])
             self._sort_ids()
             self._publish()
             self._metrics.observe_write("load_old", len(ids))
@@ -406,6 +506,7 @@ class _IndexShard:
         replaced. Idempotent: the same batch twice gives the same state. ``dry_run`` only validates."""
         with self._lock:
             self._set_threads()
+            self._expire()
             ids, vectors, slots, code = self._validated_upsert(ids, vectors, state, version)
             if dry_run:
                 return self._counts
@@ -512,7 +613,8 @@ class _IndexShard:
         if not store.ntotal or store.deleted < self._config.rebuild_deleted_fraction * store.ntotal:
             return
         slots, vectors = store.begin_rebuild()
-        template = self._templates[SPACE_OF[name]]
+        template = self._template_of(name)
+        assert template is not None  # a store exists only with its space's template
         thread = threading.Thread(
             target=self._rebuild, args=(name, store, slots, vectors, template), name=f"rebuild-{name}", daemon=True
         )
@@ -529,6 +631,8 @@ class _IndexShard:
                 index.add(vectors)
             with self._lock:
                 replayed = store.finish_rebuild(index, slots) if self._index(name) is store else None
+                if self._index(name) is not store:  # promoted or rolled back meanwhile: it may serve on elsewhere
+                    store.abort_rebuild()
                 if replayed is not None:
                     self._drop_derived(name)
                     logger.info("rebuilt %s: %d rows, %d moves replayed", name, len(slots), replayed)
@@ -555,33 +659,83 @@ class _IndexShard:
                     return False
 
     # ----------------------------------------------------------------- lifecycle
-    def promote(self) -> dict[str, int]:
-        """Make the new space the only one (every item must be in it); the old vectors are dropped."""
+    def promote(self, new_space: dict | None = None, retain: bool = True) -> dict[str, int]:
+        """Make the new space the serving generation (every item must be in it): its vectors become the old space
+        of the next upgrade, and the generation it replaces is kept for ``rollback`` until ``gc`` or
+        ``retention_s`` (``retain=False`` drops it now). ``new_space`` ({"version", "dim"}, from the router) names
+        the generation on a shard that holds none of its vectors."""
         with self._lock:
+            self._expire()
             waiting = self._state == Space.OLD.code
             if waiting.any():
                 raise ValueError(
                     f"cannot promote: {int(waiting.sum())} items are not in the new space yet "
                     f"(ids {show_ids(self._ids[waiting])})"
                 )
-            self._pending = self._backfilled = None
+            serving = self._new_space or (SpaceInfo(**new_space) if new_space else None)
+            if serving is None and len(self._ids):
+                raise ValueError("cannot promote: there is no new space (no upgrade was started)")
+            if new_space and serving is not None and serving.version != new_space["version"]:
+                raise ValueError(
+                    f"cannot promote: this shard's new space holds {serving.version!r}, not {new_space['version']!r}"
+                )
+            moved = np.arange(len(self._ids), dtype=np.int64)
+            lineage = self._new_lineage(moved) if len(moved) else self._lineage
+            dropped = not self._config.keep_old and bool((self._state == Space.NEW.code).any())
+            now = time.time()
+            self._drop_derived(*INDEXES)
+            self._retired = None
+            if retain and self._old_space is not None and not dropped:
+                retention = self._config.retention_s
+                self._retired = _Retired(
+                    space=self._old_space,
+                    template=self._templates.get(Space.OLD),
+                    pending=self._pending,
+                    backfilled=self._backfilled,
+                    states=self._state.copy(),
+                    lineage=self._lineage,
+                    items=len(self._ids),
+                    promoted_at=now,
+                    expires_at=None if retention is None else now + retention,
+                )
+            elif retain and dropped:
+                logger.warning("promote keeps no rollback generation: keep_old=False dropped old vectors")
+            template = self._templates.pop(Space.NEW, None)
             self._templates.pop(Space.OLD, None)
-            self._promoted = True
-            self._drop_derived("pending", "backfilled")
+            if template is not None:
+                self._templates[Space.OLD] = template
+            self._pending = self._new if self._new is not None else self._empty(template)
+            self._backfilled = self._empty(template)
+            self._new = None
+            self._old_space, self._new_space = serving, None
+            self._state[:] = Space.OLD.code
+            self._lineage = lineage
+            self._generation += 1
             self._publish()
             return self._counts
 
-    def rollback(self) -> dict[str, int]:
-        """Return every item to the old space and forget the new space (its version and training may then
-        change: a factory that needs training is trained again)."""
+    @staticmethod
+    def _empty(template: bytes | None) -> SlotIndex | None:
+        return slot_index(_from_bytes(template)) if template is not None else None
+
+    def rollback(self, undo_promote: bool = False) -> dict[str, int]:
+        """Undo the last step of the lifecycle.
+
+        ``undo_promote=False``: return every item to the old space and forget the new space (its version and
+        training may then change: a factory that needs training is trained again). ``undo_promote=True``: bring
+        back the generation the last promote replaced, as it was at the promote (every item in the new space
+        again); refused once it was collected, while an upgrade of the current generation has begun, or when
+        items were loaded after the promote (they have no vector in the retired generation)."""
         with self._lock:
             self._set_threads()
-            if self._promoted:
-                raise ValueError("cannot roll back: the index was promoted and the old space dropped")
+            self._expire()
+            if undo_promote:
+                self._undo_promote()
+                return self._counts
             self._refuse_without_old("rollback")
             moved = np.flatnonzero(self._state != Space.OLD.code).astype(np.int64)
             if len(moved):
-                assert self._pending is not None and self._backfilled is not None  # not promoted, items loaded
+                assert self._pending is not None and self._backfilled is not None  # items loaded
                 self._move("backfilled", "pending", moved)
                 self._backfilled.reset()
                 self._drop_derived("backfilled")
@@ -592,6 +746,46 @@ class _IndexShard:
             self._drop_derived("new")
             self._publish()
             return self._counts
+
+    def _undo_promote(self) -> None:
+        if self._new_space is not None or Space.NEW in self._templates or (self._state != Space.OLD.code).any():
+            raise ValueError(
+                "cannot roll back the promote: an upgrade of the current generation has begun; roll it back first"
+            )
+        retired = self._retired
+        if retired is None:
+            if not len(self._ids) and self._generation > 1:
+                self._generation -= 1  # an empty shard follows the others
+                self._publish()
+                return
+            raise ValueError(
+                "cannot roll back the promote: the generation it replaced is gone (collected by gc or its "
+                "retention, or never kept)"
+            )
+        added = len(self._ids) - retired.items
+        if added:
+            raise ValueError(
+                f"cannot roll back the promote: {added} items were loaded after it and have no vector of "
+                f"{retired.space.version!r}"
+            )
+        self._drop_derived(*INDEXES)
+        template = self._templates.pop(Space.OLD, None)
+        if template is not None:
+            self._templates[Space.NEW] = template
+        if retired.template is not None:
+            self._templates[Space.OLD] = retired.template
+        self._new, self._pending, self._backfilled = self._pending, retired.pending, retired.backfilled
+        self._new_space, self._old_space = self._old_space, retired.space
+        self._state, self._lineage = retired.states.copy(), retired.lineage
+        self._generation -= 1
+        self._retired = None
+        self._publish()
+
+    def gc(self) -> dict:
+        """Drop the retired generation now (its memory is freed; rollback of the promote is no longer possible).
+        Returns what was collected ({} when there was nothing)."""
+        with self._lock:
+            return self._collect()
 
     def _refuse_without_old(self, what: str) -> None:
         if not self._config.keep_old:
@@ -612,6 +806,7 @@ class _IndexShard:
         started = time.perf_counter()
         with self._lock:
             self._set_threads()
+            self._expire()
             parts = self._plan(queries_old, queries_new, strategy)
             rows = {len(q) for _, q, _ in parts}
             if len(rows) > 1:
@@ -632,8 +827,6 @@ class _IndexShard:
         old_dim = self._old_space.dim if self._old_space else None
         new_dim = self._new_space.dim if self._new_space else None
         if strategy is Strategy.OLD:
-            if self._promoted:
-                raise ValueError("strategy 'old' is gone: the index was promoted and the old space dropped")
             self._refuse_without_old("strategy 'old'")
             q = self._queries(self._required(queries_old, "queries_old", strategy), old_dim, "queries_old")
             return [("pending", q, Space.OLD.code), ("backfilled", q, Space.OLD.code)]
@@ -647,7 +840,7 @@ class _IndexShard:
                 )
             return [("new", q, None), ("pending", q, Space.OLD.code)]
         parts: list[tuple[str, np.ndarray, int | None]] = []
-        if self._live("pending") or (queries_old is not None and not self._promoted):
+        if self._live("pending") or queries_old is not None:
             q = self._queries(self._required(queries_old, "queries_old", strategy), old_dim, "queries_old")
             parts.append(("pending", q, Space.OLD.code))
         if self._live("new") or queries_new is not None:
@@ -664,7 +857,15 @@ class _IndexShard:
         return queries
 
     def _index(self, name: str) -> SlotIndex | None:
+        if name in RETIRED:
+            retired = self._retired
+            return None if retired is None else (retired.pending if name == "retired_pending" else retired.backfilled)
         return {"pending": self._pending, "backfilled": self._backfilled, "new": self._new}[name]
+
+    def _template_of(self, name: str) -> bytes | None:
+        if name in RETIRED:
+            return self._retired.template if self._retired else None
+        return self._templates.get(SPACE_OF[name])
 
     def _size(self, name: str) -> int:
         """Vectors stored (deleted graph rows included)."""
@@ -715,9 +916,8 @@ class _IndexShard:
             slots = self._lookup(ids)
             states = self._state[slots].copy()
             old = new = None
-            if self._old_space is not None and not self._promoted:
+            if self._old_space is not None and self._pending is not None and self._backfilled is not None:
                 old = np.zeros((len(ids), self._old_space.dim), dtype=np.float32)
-                assert self._pending is not None and self._backfilled is not None  # not promoted
                 waiting = states == Space.OLD.code
                 kept = ~waiting
                 if not self._config.keep_old:
@@ -733,7 +933,123 @@ class _IndexShard:
                 moved = states != Space.OLD.code
                 if moved.any():
                     new[moved] = self._new.reconstruct(slots[moved])
-            return ItemVectors(ids, states, old, new)
+            return ItemVectors(ids, states, old, new, *self._lineages_of(slots, states))
+
+    def _lineages_of(self, slots: np.ndarray, states: np.ndarray) -> tuple[list[str | None], list[str | None]]:
+        dropped = (states == Space.NEW.code) & (not self._config.keep_old)
+        old_lineage = [None if d else self._lineages[c] for c, d in zip(self._lineage[slots], dropped, strict=True)]
+        new_lineage: list[str | None] = [None] * len(slots)
+        moved = np.flatnonzero(states != Space.OLD.code)
+        if len(moved):
+            for i, code in zip(moved, self._new_lineage(slots[moved]), strict=True):
+                new_lineage[i] = self._lineages[code]
+        return old_lineage, new_lineage
+
+    def provenance(self) -> dict:
+        """Which models made the vectors: items per lineage in the serving (old) space and in the new space
+        (per state), with the generation number and the retired generation.
+
+        Returns:
+            ``{"generation": 2, "old": {"version": "v2", "lineages": {"v2": 60, "v1>v2": 40}},
+            "new": {"version": "v3", "lineages": {"v3": {"new": 10}, "v1>v2>v3": {"transformed": 30}, ...}},
+            "retired": {"version": "v1", ...} or None}``; ``old``/``new`` are None for a space not created.
+        """
+        with self._lock:
+            self._expire()
+            old = None
+            if self._old_space is not None:
+                has_old = np.ones(len(self._ids), dtype=bool)
+                if not self._config.keep_old:
+                    has_old = self._state != Space.NEW.code
+                codes, counts = np.unique(self._lineage[has_old], return_counts=True)
+                lineages = {self._lineages[c]: int(n) for c, n in zip(codes, counts, strict=True)}
+                old = {"version": self._old_space.version, "lineages": lineages}
+            new = None
+            if self._new_space is not None:
+                moved = np.flatnonzero(self._state != Space.OLD.code)
+                per: dict[str, dict[str, int]] = {}
+                for code, state in zip(self._new_lineage(moved), self._state[moved], strict=True):
+                    states = per.setdefault(self._lineages[code], {})
+                    name = Space.from_code(state).value
+                    states[name] = states.get(name, 0) + 1
+                new = {"version": self._new_space.version, "lineages": per}
+            return {
+                "generation": self._generation,
+                "old": old,
+                "new": new,
+                "retired": self._retired.describe() if self._retired else None,
+            }
+
+    def export(self, uri: str, prefix: str, space: Space, part_rows: int = 100_000) -> dict:
+        """Write the vectors of one space as Parquet parts ``{prefix}-00000.parquet``, ... under ``uri`` (columns
+        id, embedding, model, generation, lineage), ``part_rows`` items per part, each part copied under the lock
+        and written without it so serving goes on.
+
+        The items are those in the space when the export starts (every item for the old space, the moved ones
+        for the new space); a promote or rollback during the export refuses it (run it again).
+
+        Returns:
+            ``{"files": [...], "items": n, "version": ..., "dim": ..., "lineages": {lineage: n}}``.
+        """
+        from raybackfill.data import storage
+        from raybackfill.data.schema import GENERATION, LINEAGE, MODEL, embedding_table
+
+        space = parse(Space, space, what="space", among=TRAINABLE_SPACES)
+        if part_rows <= 0:
+            raise ValueError(f"part_rows must be positive, got {part_rows}")
+        with self._lock:
+            info = self._old_space if space is Space.OLD else self._new_space
+            if info is None:
+                return {"files": [], "items": 0, "version": None, "dim": None, "lineages": {}}
+            if space is Space.OLD:
+                self._refuse_without_old("export of the old space")
+                slots = np.arange(len(self._ids), dtype=np.int64)
+            else:
+                slots = np.flatnonzero(self._state != Space.OLD.code).astype(np.int64)
+            generation = self._generation
+        files: list[str] = []
+        lineage_counts: dict[str, int] = {}
+        for part, start in enumerate(range(0, len(slots), part_rows)):
+            chunk = slots[start : start + part_rows]
+            with self._lock:
+                if self._generation != generation or (space is Space.NEW and self._new_space is None):
+                    raise ValueError("the index was promoted or rolled back during the export; run it again")
+                states = self._state[chunk]
+                ids = self._ids[chunk]
+                if space is Space.OLD:
+                    vectors = np.zeros((len(chunk), info.dim), dtype=np.float32)
+                    waiting = states == Space.OLD.code
+                    assert self._pending is not None and self._backfilled is not None  # items were loaded
+                    if waiting.any():
+                        vectors[waiting] = self._pending.reconstruct(chunk[waiting])
+                    if (~waiting).any():
+                        vectors[~waiting] = self._backfilled.reconstruct(chunk[~waiting])
+                    lineages = [self._lineages[c] for c in self._lineage[chunk]]
+                else:
+                    assert self._new is not None
+                    vectors = self._new.reconstruct(chunk)
+                    lineages = [self._lineages[c] for c in self._new_lineage(chunk)]
+            models = [lineage.split(LINEAGE_SEP, 1)[0] for lineage in lineages]
+            table = embedding_table(
+                ids,
+                vectors,
+                extra={
+                    MODEL: pa.array(models, type=pa.string()),
+                    GENERATION: pa.array([info.version] * len(ids), type=pa.string()),
+                    LINEAGE: pa.array(lineages, type=pa.string()),
+                },
+            )
+            files.append(storage.write_shard(table, uri, f"{prefix}-{part:05d}.parquet"))
+            for lineage in lineages:
+                lineage_counts[lineage] = lineage_counts.get(lineage, 0) + 1
+        logger.info("exported %d %s-space vectors (%s) to %s", len(slots), space, info.version, uri)
+        return {
+            "files": files,
+            "items": len(slots),
+            "version": info.version,
+            "dim": info.dim,
+            "lineages": lineage_counts,
+        }
 
     def index_bytes(self) -> dict[str, int]:
         """Serialised size of each index (what a snapshot of it takes; close to its memory)."""
@@ -795,8 +1111,17 @@ class _IndexShard:
                     store.untrack()
                 raise RuntimeError(f"{replaced} replaced (promote or rollback) during the snapshot; take it again")
             items = io.BytesIO()
-            arrays: dict[str, np.ndarray] = {"ids": self._ids.copy(), "state": self._state.copy()}
             blobs: dict[str, bytes | memoryview] = {}
+            arrays: dict[str, np.ndarray] = {
+                "ids": self._ids.copy(),
+                "state": self._state.copy(),
+                "lineage": self._lineage.copy(),
+            }
+            if self._retired is not None:
+                arrays["retired_state"] = self._retired.states
+                arrays["retired_lineage"] = self._retired.lineage
+                if self._retired.template is not None:
+                    blobs["retired.template.faiss"] = self._retired.template
             for name, store in stores.items():
                 arrays[f"{name}_rows"] = store.row_slots().copy()
                 if isinstance(store, GraphSlots):
@@ -862,7 +1187,9 @@ class _IndexShard:
             "new_space": dataclasses.asdict(self._new_space) if self._new_space else None,
             "trained": sorted(templates),
             "chunks": chunks,
-            "promoted": self._promoted,
+            "generation": self._generation,
+            "lineages": self._lineages,
+            "retired": self._retired.describe() if self._retired else None,
         }
 
     def _restore(self, blobs: dict[str, bytes]) -> None:
@@ -882,16 +1209,18 @@ class _IndexShard:
         with np.load(io.BytesIO(blobs["items.npz"])) as items:
             self._ids = items["ids"].astype(np.int64)
             self._state = items["state"].astype(np.int8)
+            self._lineage = items["lineage"].astype(np.int32)
+            retired_template = blobs.get("retired.template.faiss")
             restored: dict[str, SlotIndex] = {}
             for name in INDEXES:
-                space = SPACE_OF[name]
-                if space not in self._templates or f"{name}_rows" not in items:
+                template = retired_template if name in RETIRED else self._templates.get(SPACE_OF[name])
+                if template is None or f"{name}_rows" not in items:
                     continue
                 if f"{name}.faiss" in blobs:
                     alive = items[f"{name}_alive"] if f"{name}_alive" in items.files else None
                     restored[name] = slot_index(_from_bytes(blobs[f"{name}.faiss"]), items[f"{name}_rows"], alive)
                     continue
-                store = slot_index(_from_bytes(self._templates[space]))
+                store = slot_index(_from_bytes(template))
                 chunks = [blobs[f"{name}.chunk.{i:06d}"] for i in range(meta["chunks"].get(name, 0))]
                 if isinstance(store, IVFSlots):
                     for chunk in chunks:
@@ -912,7 +1241,24 @@ class _IndexShard:
         self._sort_ids()
         self._old_space = SpaceInfo(**meta["old_space"]) if meta["old_space"] else None
         self._new_space = SpaceInfo(**meta["new_space"]) if meta["new_space"] else None
-        self._promoted = bool(meta["promoted"])
+        self._generation = int(meta["generation"])
+        self._lineages = list(meta["lineages"])
+        self._retired = None
+        if meta["retired"] is not None:
+            retired = meta["retired"]
+            with np.load(io.BytesIO(blobs["items.npz"])) as items:
+                states, lineage = items["retired_state"].astype(np.int8), items["retired_lineage"].astype(np.int32)
+            self._retired = _Retired(
+                space=SpaceInfo(retired["version"], retired["dim"]),
+                template=retired_template,
+                pending=restored.get("retired_pending"),
+                backfilled=restored.get("retired_backfilled"),
+                states=states,
+                lineage=lineage,
+                items=int(retired["items"]),
+                promoted_at=float(retired["promoted_at"]),
+                expires_at=retired["expires_at"],
+            )
         self._pending = restored.get("pending")
         self._backfilled = restored.get("backfilled")
         self._new = restored.get("new")
