@@ -78,7 +78,7 @@ def test_serve_query_status_and_lifecycle(index_name, tmp_path, capsys):
     with pytest.raises(ValueError, match="cannot promote: 50 items"):
         run("promote", "--name", index_name)
     run("rollback", "--name", index_name)
-    assert capsys.readouterr().out.strip() == "rollback: old 60, transformed 0, new 0"
+    assert capsys.readouterr().out.strip() == "rollback: phase rolled_back (old 60, transformed 0, new 0)"
     run("stop", "--name", index_name)
     assert capsys.readouterr().out.startswith(f"stopped: {index_name}-shard-000, {index_name}-shard-001")
     with pytest.raises(ValueError, match="no index named"):

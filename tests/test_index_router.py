@@ -85,11 +85,11 @@ def test_merged_answers_match_brute_force_and_batches_are_all_or_nothing(make_in
     assert get(router.rollback.remote()) == {"old": 200, "transformed": 0, "new": 0}
     assert get(router.progress.remote()).phase == "rolled_back"
     get(router.upsert.remote(g.ids, g.old * 2, "new", "v3"))
-    assert get(router.promote.remote()) == {"old": 0, "transformed": 0, "new": 200}
+    assert get(router.promote.remote()) == {"old": 200, "transformed": 0, "new": 0}  # v3 serves, as the old space
     stored = get(router.vectors.remote(g.ids[[5, 0, 150]]))
-    np.testing.assert_array_equal(stored.states, [2, 2, 2])
-    np.testing.assert_allclose(stored.new, unit(g.old[[5, 0, 150]]), rtol=1e-5)  # cosine: stored at unit length
-    assert stored.old is None
+    np.testing.assert_array_equal(stored.states, [0, 0, 0])
+    np.testing.assert_allclose(stored.old, unit(g.old[[5, 0, 150]]), rtol=1e-5)  # cosine: stored at unit length
+    assert stored.new is None and stored.old_lineage == ["v3"] * 3
 
 
 def test_each_id_is_seen_exactly_once_across_shards_and_progress_tracks_the_backfill(make_index):

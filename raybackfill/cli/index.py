@@ -19,7 +19,7 @@ from raybackfill.cli.service import add_http_arguments, deploy_http
 from raybackfill.index.loading import DEFAULT_TRAIN_SAMPLE, LoadConfig
 from raybackfill.index.merge import TopK
 from raybackfill.index.progress import Progress
-from raybackfill.index.router import DEFAULT_NAME, RouterConfig, connect, create_index, destroy_index, get
+from raybackfill.index.router import DEFAULT_NAME, RouterConfig, connect, create_index, get
 from raybackfill.index.serving import serving_strategy
 from raybackfill.index.shard import IndexConfig
 from raybackfill.types import Metric, Space, Strategy
@@ -58,6 +58,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="drop an item's old vector once its true new vector arrives (saves memory; then no strategy "
         "'old' and no rollback)",
+    )
+    serve.add_argument(
+        "--retention",
+        type=float,
+        metavar="SECONDS",
+        help="how long a promote keeps the generation it replaced, for rollback (default: until `raybackfill gc`)",
     )
     serve.add_argument(
         "--shard-cpus",
@@ -139,6 +145,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="backfill progress of the serving index",
         description="Counts per state and shard, rate, ETA, phase and last error.",
     )
+    status.add_argument(
+        "--by-model",
+        action="store_true",
+        help="also the items per model lineage in each generation (which encoder embedded them, which "
+        "transformations carried them: 'v1>v2' is a v1 embedding transformed into v2)",
+    )
     _name(status)
     status.set_defaults(func=_status)
 
@@ -150,15 +162,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _name(snapshot)
     snapshot.set_defaults(func=_snapshot)
-
-    for command, help_text in (
-        ("promote", "make the new space the only one (every item must be in it)"),
-        ("rollback", "return every item to the old space (before promote)"),
-        ("stop", "kill the index router and its shards"),
-    ):
-        parser = subparsers.add_parser(command, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
-        _name(parser)
-        parser.set_defaults(func=_lifecycle)
 
 
 def _search_flags(parser: argparse.ArgumentParser, scope: str) -> None:
@@ -205,6 +208,7 @@ def _serve(args: argparse.Namespace) -> int:
             metric=args.metric,
             search_params=search_params(args),
             keep_old=not args.drop_old_vectors,
+            retention_s=args.retention,
         ),
         snapshot_uri=args.snapshot_uri,
         node_resource=args.node_resource,
@@ -265,8 +269,10 @@ def _item_queries(router, item: int, strategy: Strategy) -> tuple[np.ndarray | N
         raise ValueError(f"item {item} has no old vector: the index dropped it (--drop-old-vectors)")
     if strategy is Strategy.OLD:
         if stored.old is None:
-            raise ValueError("the index was promoted: items have no old vector any more")
+            raise ValueError(f"item {item} has no vector in the serving generation")
         return stored.old, None
+    if stored.new is None and strategy is Strategy.COMPATIBLE and stored.old is not None:
+        return None, stored.old  # no upgrade under way (e.g. just promoted): the serving generation is the one space
     if stored.new is None or stored.states[0] == Space.OLD.code:
         raise ValueError(f"item {item} has no new-space vector yet (state old); use --strategy old")
     return (stored.old if strategy is Strategy.RANK_MERGE else None), stored.new
@@ -325,8 +331,33 @@ def format_results(result: TopK) -> str:
 
 # ------------------------------------------------------------------------- status
 def _status(args: argparse.Namespace) -> int:
-    print(format_status(get(connect(args.name).progress.remote())))
+    router = connect(args.name)
+    print(format_status(get(router.progress.remote())))
+    if args.by_model:
+        print()
+        print(format_provenance(get(router.provenance.remote())))
     return 0
+
+
+def format_provenance(provenance: dict) -> str:
+    """The items per model lineage of each generation (``router.provenance()``), one table per space."""
+    lines = [f"generation {provenance['generation']}"]
+    old, new, retired = provenance["old"], provenance["new"], provenance["retired"]
+    if old is not None:
+        lines.append(f"serving {old['version']!r}: {sum(old['lineages'].values()):,} items")
+        lines.extend(f"  {lineage:<30} {n:>13,}" for lineage, n in sorted(old["lineages"].items()))
+    if new is not None:
+        total = sum(sum(states.values()) for states in new["lineages"].values())
+        lines.append(f"upgrade {new['version']!r}: {total:,} items")
+        for lineage, states in sorted(new["lineages"].items()):
+            per_state = ", ".join(f"{state} {n:,}" for state, n in sorted(states.items()))
+            lines.append(f"  {lineage:<30} {sum(states.values()):>13,}  ({per_state})")
+    if retired is not None:
+        expires = "until gc"
+        if retired["expires_at"] is not None:
+            expires = "until " + datetime.fromtimestamp(retired["expires_at"], tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        lines.append(f"retired {retired['version']!r}: {retired['items']:,} items, kept for rollback {expires}")
+    return "\n".join(lines)
 
 
 def progress_bar(fraction: float, width: int = 30) -> str:
@@ -361,14 +392,3 @@ def format_status(p: Progress, now: float | None = None) -> str:
     if p.last_error:
         lines.append(f"last error: {p.last_error}")
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------- lifecycle
-def _lifecycle(args: argparse.Namespace) -> int:
-    if args.command == "stop":
-        print("stopped: " + ", ".join(destroy_index(args.name)))
-        return 0
-    router = connect(args.name)
-    counts = get(getattr(router, args.command).remote())
-    print(f"{args.command}: " + ", ".join(f"{s} {counts[s]:,}" for s in Space))
-    return 0

@@ -32,7 +32,16 @@ import ray
 from raybackfill import NAMESPACE
 from raybackfill.data import storage
 from raybackfill.data.loading import write_quarantine
-from raybackfill.data.schema import EMBEDDING, ID, MODEL, SchemaError, embedding_dim, vectors_of
+from raybackfill.data.schema import (
+    EMBEDDING,
+    GENERATION,
+    ID,
+    LINEAGE,
+    MODEL,
+    SchemaError,
+    embedding_dim,
+    vectors_of,
+)
 from raybackfill.data.storage import TableFiles
 from raybackfill.index.router import get
 from raybackfill.index.shard import IndexConfig
@@ -101,18 +110,31 @@ def table_dim(table: TableFiles) -> int:
     return dims[first]
 
 
+def version_column(table: TableFiles) -> str:
+    """The column naming the space's model version: ``generation`` in an export (whose ``model`` column says
+    which encoder embedded each item before any transformation), else ``model``."""
+    names = table.footers[0].schema.to_arrow_schema().names if table.footers else []
+    return GENERATION if GENERATION in names else MODEL
+
+
+def has_lineage(table: TableFiles) -> bool:
+    """Whether the table records each vector's lineage (an export does)."""
+    return bool(table.footers) and LINEAGE in table.footers[0].schema.to_arrow_schema().names
+
+
 def table_version(table: TableFiles) -> str:
-    """The model version in the ``model`` column of the table's first non-empty row group (the load checks every
-    other row against it)."""
+    """The model version in the version column (``generation``, else ``model``) of the table's first non-empty
+    row group (the load checks every other row against it)."""
+    column = version_column(table)
     for uri, footer in zip(table.shards, table.footers, strict=True):
-        if MODEL not in footer.schema.to_arrow_schema().names:
-            raise SchemaError(f"{uri}: no 'model' column; pass --version (the old model's version tag)")
+        if column not in footer.schema.to_arrow_schema().names:
+            raise SchemaError(f"{uri}: no {column!r} column; pass --version (the old model's version tag)")
         for group in range(footer.num_row_groups):
             if footer.row_group(group).num_rows:
-                versions = storage.read_row_group(uri, group, [MODEL]).column(MODEL).unique().to_pylist()
+                versions = storage.read_row_group(uri, group, [column]).column(column).unique().to_pylist()
                 if len(versions) != 1 or not versions[0]:
                     raise SchemaError(
-                        f"{uri}: column 'model' holds {len(versions)} versions ({versions[:5]}); an old space "
+                        f"{uri}: column {column!r} holds {len(versions)} versions ({versions[:5]}); an old space "
                         f"holds one model; pass --version to choose"
                     )
                 return str(versions[0])
@@ -229,7 +251,8 @@ class _GroupJob:
     first_row: int  # row of the group's first row within its file
     repeated: np.ndarray  # rows (within the group) holding an id seen earlier in the table
     version: str
-    check_model: bool  # the version came from the table: every row's 'model' must match it
+    check_column: str | None  # the version came from this column of the table: every row's must match it
+    lineage: bool  # the table records each vector's lineage (an export)
     dim: int
     metric: Metric
     shard_names: list[str]
@@ -241,15 +264,15 @@ class _GroupJob:
 def _load_group(job: _GroupJob) -> tuple[int, int]:
     """Read one row group, quarantine (or refuse) its bad rows, send the rest to their shards in bounded batches.
     Returns (rows loaded, rows quarantined)."""
-    columns = [ID, EMBEDDING] + ([MODEL] if job.check_model else [])
+    columns = [ID, EMBEDDING] + ([job.check_column] if job.check_column else []) + ([LINEAGE] if job.lineage else [])
     table = storage.read_row_group(job.uri, job.group, columns)
     where = f"{job.uri} (row group {job.group})"
-    if job.check_model:
-        versions = set(table.column(MODEL).unique().to_pylist())
+    if job.check_column:
+        versions = set(table.column(job.check_column).unique().to_pylist())
         if versions != {job.version}:
             raise SchemaError(
-                f"{where}: column 'model' holds {sorted(map(str, versions))[:5]}, not only {job.version!r}; an old "
-                f"space holds one model (pass --version to choose)"
+                f"{where}: column {job.check_column!r} holds {sorted(map(str, versions))[:5]}, not only "
+                f"{job.version!r}; an old space holds one model (pass --version to choose)"
             )
     ids = table.column(ID).to_numpy().astype(np.int64)
     reasons = np.full(len(ids), "", dtype=object)
@@ -273,11 +296,18 @@ def _load_group(job: _GroupJob) -> tuple[int, int]:
             )
         write_quarantine(job.quarantine_uri, ids[bad], [str(r) for r in reasons[bad]], stage=Stage.LOAD)
     ids, vectors = ids[~bad], vectors[~bad]
+    lineages = np.asarray(table.column(LINEAGE).to_pylist(), dtype=object)[~bad] if job.lineage else None
     shards = [ray.get_actor(name, namespace=NAMESPACE) for name in job.shard_names]
     for start in range(0, len(ids), job.batch_rows):
         batch_ids, batch = ids[start : start + job.batch_rows], vectors[start : start + job.batch_rows]
+        batch_lineage = None if lineages is None else lineages[start : start + job.batch_rows]
         calls = [
-            shards[s].load_old.remote(batch_ids[rows], batch[rows], job.version)
+            shards[s].load_old.remote(
+                batch_ids[rows],
+                batch[rows],
+                job.version,
+                lineage=None if batch_lineage is None else batch_lineage[rows],
+            )
             for s, rows in enumerate(split_by_shard(batch_ids, len(shards)))
             if len(rows)
         ]
@@ -315,7 +345,7 @@ def load_old_table(
     started = time.monotonic()
     table = storage.open_table(table)
     dim = table_dim(table)
-    check_model = version is None
+    check_column = version_column(table) if version is None else None
     version = version or table_version(table)
     health = get(router.health.remote())
     index = index_config_of(health)
@@ -329,8 +359,8 @@ def load_old_table(
             n = footer.row_group(group).num_rows
             mine = dups[(dups >= first) & (dups < first + n)] - first
             job = _GroupJob(
-                uri, group, first, mine, version, check_model, dim, index.metric, list(health["shard_names"]),
-                config.batch_rows, config.quarantine_uri,
+                uri, group, first, mine, version, check_column, has_lineage(table), dim, index.metric,
+                list(health["shard_names"]), config.batch_rows, config.quarantine_uri,
             )  # fmt: skip
             jobs.append((job, n))
             first += n

@@ -57,6 +57,7 @@ from raybackfill.types import Phase, Space, Strategy, parse
 logger = logging.getLogger(__name__)
 
 DEFAULT_NAME = "raybackfill-router"
+EXPORT_MANIFEST = "_export.json"  # written last by an export: its presence means the export is complete
 ROUTER_STATE = "router.json"
 # What the router and each shard ask of RouterConfig.node_resource: a sliver, so that only nodes started with
 # that resource take them, without capping how many index actors fit on one such node.
@@ -186,6 +187,8 @@ class IndexRouter:
             "shard_names": await self.shard_names(),  # type: ignore[operator]  # ray.method types the remote handle
             "shard_counts": [d["counts"] for d in shards],
             "promoted": any(d["promoted"] for d in shards),
+            "generation": max(d["generation"] for d in shards),
+            "retired": next((d["retired"] for d in shards if d["retired"]), None),
             **spaces,
         }
 
@@ -317,29 +320,135 @@ class IndexRouter:
         order = np.concatenate([g for g in groups if len(g)])
         states = np.zeros(len(ids), dtype=np.int8)
         states[order] = np.concatenate([p.states for p in parts])
+        lineages: list[list[str | None]] = [[None] * len(ids), [None] * len(ids)]
+        for which, attribute in enumerate(("old_lineage", "new_lineage")):
+            flat = [x for p in parts for x in (getattr(p, attribute) or [None] * len(p.ids))]
+            for position, lineage in zip(order, flat, strict=True):
+                lineages[which][position] = lineage
         return ItemVectors(
             ids,
             states,
             _scatter(order, [p.old for p in parts], len(ids)),
             _scatter(order, [p.new for p in parts], len(ids)),
+            *lineages,
         )
 
     # ----------------------------------------------------------------- lifecycle
-    async def promote(self) -> dict[str, int]:
-        """New space only, on every shard; refused (on all shards) while any item is still old."""
+    async def promote(self, retain: bool = True) -> dict[str, int]:
+        """Make the new space the serving generation on every shard; refused (on all shards) while any item is
+        still old. The generation it replaces is kept for :meth:`rollback` until :meth:`gc` or the index's
+        ``retention_s`` (``retain=False``: dropped now, its memory freed)."""
         counts = await _gather([s.counts.remote() for s in self._shards])
         waiting = sum(c[Space.OLD] for c in counts)
         if waiting:
             raise ValueError(f"cannot promote: {waiting} items are not in the new space yet")
-        self._record_counts(await _gather([s.promote.remote() for s in self._shards]))
+        shards = await _gather([s.describe.remote() for s in self._shards])
+        new_space = next((d["new_space"] for d in shards if d["new_space"]), None)
+        if new_space is None:
+            raise ValueError("cannot promote: there is no new space (no upgrade was started)")
+        self._record_counts(await _gather([s.promote.remote(new_space, retain) for s in self._shards]))
         self._enter_phase(Phase.PROMOTED)
+        logger.info("index %s: generation %s promoted", self._config.name, new_space["version"])
         return self._progress().counts
 
     async def rollback(self) -> dict[str, int]:
-        """Every shard back to the old space (refused after promote)."""
-        self._record_counts(await _gather([s.rollback.remote() for s in self._shards]))
-        self._enter_phase(Phase.ROLLED_BACK)
+        """Undo the last step of the lifecycle on every shard.
+
+        While an upgrade is under way or done (any shard has a new space): every item back to the old space,
+        the new space forgotten (phase ``rolled_back``). After a promote with no new upgrade begun: the
+        generation the promote replaced comes back as it was, every item in the new space again (phase
+        ``done``; promote again, or roll back once more to the older generation alone). Refused once that
+        generation was collected (:meth:`gc`, retention) or when items were loaded after the promote."""
+        shards = await _gather([s.describe.remote() for s in self._shards])
+        upgrading = any(d["new_space"] or Space.NEW in d["trained"] for d in shards)
+        undo_promote = not upgrading and any(d["generation"] > 1 for d in shards)
+        if undo_promote:
+            missing = [i for i, d in enumerate(shards) if d["retired"] is None and sum(d["counts"].values())]
+            if missing:
+                raise ValueError(
+                    "cannot roll back the promote: the generation it replaced is gone (collected by gc or its "
+                    f"retention, or never kept) on shards {missing}"
+                )
+        self._record_counts(await _gather([s.rollback.remote(undo_promote) for s in self._shards]))
+        self._enter_phase(Phase.DONE if undo_promote else Phase.ROLLED_BACK)
         return self._progress().counts
+
+    async def gc(self) -> dict:
+        """Drop the generation the last promote replaced, on every shard (its memory is freed; the promote can
+        no longer be rolled back). Returns what was collected ({} when there was nothing)."""
+        collected = await _gather([s.gc.remote() for s in self._shards])
+        found = [c for c in collected if c]
+        if not found:
+            return {}
+        return {**found[0], "items": sum(c["items"] for c in found)}
+
+    async def provenance(self) -> dict:
+        """Which models made the served vectors, summed over the shards: the generation, the serving space's
+        items per lineage ("v2", "v1>v2", ...), the new space's items per lineage and state, the retired one.
+        See :meth:`IndexShard.provenance`."""
+        parts = await _gather([s.provenance.remote() for s in self._shards])
+        merged: dict = {"generation": max(p["generation"] for p in parts), "old": None, "new": None, "retired": None}
+        for part in parts:
+            for key in ("old", "new"):
+                if part[key] is None:
+                    continue
+                into = merged[key] = merged[key] or {"version": part[key]["version"], "lineages": {}}
+                for lineage, count in part[key]["lineages"].items():
+                    if key == "old":
+                        into["lineages"][lineage] = into["lineages"].get(lineage, 0) + count
+                    else:
+                        states = into["lineages"].setdefault(lineage, {})
+                        for state, n in count.items():
+                            states[state] = states.get(state, 0) + n
+            if part["retired"] is not None:
+                if merged["retired"] is None:
+                    merged["retired"] = dict(part["retired"])
+                else:
+                    merged["retired"]["items"] += part["retired"]["items"]
+        return merged
+
+    async def export(self, uri: str, space: Space, part_rows: int = 100_000) -> dict:
+        """Write one space's vectors as an embedding table under ``uri``: every shard writes its own Parquet
+        parts (``shard-000-00000.parquet``, ...; columns id, embedding, model, generation, lineage), then a
+        manifest ``_export.json`` is written last. The table loads with ``raybackfill serve --old-embeddings``
+        and feeds the next upgrade as its old embeddings.
+
+        Args:
+            uri: a new directory (local or s3://).
+            space: Space.OLD (the serving generation: every item) or Space.NEW (the items moved so far).
+            part_rows: items per Parquet part.
+
+        Returns:
+            The manifest: generation version, dim, metric, items, lineages, files.
+        """
+        space = parse(Space, space, what="space", among=TRAINABLE_SPACES)
+        if exists(join(uri, EXPORT_MANIFEST)):
+            raise ValueError(f"{uri} already holds an export; choose a new directory")
+        parts = await _gather(
+            [s.export.remote(uri, f"shard-{i:03d}", space, part_rows) for i, s in enumerate(self._shards)]
+        )
+        versions = {p["version"] for p in parts if p["version"] is not None}
+        if not versions:
+            raise ValueError(f"nothing to export: the index has no {space} space")
+        lineages: dict[str, int] = {}
+        for part in parts:
+            for lineage, n in part["lineages"].items():
+                lineages[lineage] = lineages.get(lineage, 0) + n
+        manifest = {
+            "index": self._config.name,
+            "space": space.value,
+            "generation": versions.pop(),
+            "dim": next(p["dim"] for p in parts if p["dim"] is not None),
+            "metric": self._config.index.metric.value,
+            "factory": self._config.index.factory,
+            "items": sum(p["items"] for p in parts),
+            "lineages": lineages,
+            "files": [f for p in parts for f in p["files"]],
+            "written_at": time.time(),
+        }
+        write_bytes(join(uri, EXPORT_MANIFEST), json.dumps(manifest, indent=1).encode())
+        logger.info("exported %d items of %s to %s", manifest["items"], manifest["generation"], uri)
+        return manifest
 
     async def snapshot(self) -> list[str]:
         """Snapshot every shard (concurrently); each shard restores its own on restart."""
@@ -357,6 +466,8 @@ class IndexRouter:
             self._phase = phase
             if phase in (Phase.INSTANT, Phase.BACKFILL) and self._started_at is None:
                 self._started_at = time.time()
+            if phase in (Phase.PROMOTED, Phase.ROLLED_BACK):
+                self._started_at = None  # the next upgrade starts its own clock
             self._tracker.reset(time.time(), self._done())
         self._save_state()
 

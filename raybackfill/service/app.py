@@ -288,7 +288,7 @@ class SearchService:
             if missing:
                 raise bad_request("strategy", str(MissingEncoderError(strategy, missing)))
             try:
-                self.encoders.check_index(status)
+                self.encoders.check_index(status, strategy)
             except EncoderMismatchError as err:
                 raise ServiceError(409, "encoder_mismatch", str(err)) from None
         outcome = await self._search_batch(_Job(parsed, strategy))

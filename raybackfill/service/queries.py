@@ -163,6 +163,10 @@ class QueryEncoders:
                     f"({spaces.get('old_space')}) nor the new space's ({spaces.get('new_space')})"
                 )
             slots[slot] = encoder
+        if not spaces.get("new_space") and slots[Space.NEW] is None:
+            # One space only (before an upgrade, or just promoted): a compatible query against it is the same
+            # as an old query, so the serving generation's encoder makes both.
+            slots[Space.NEW] = slots[Space.OLD]
         return cls(slots[Space.OLD], slots[Space.NEW], device=device)
 
     # ------------------------------------------------------------------ what it can answer
@@ -180,15 +184,18 @@ class QueryEncoders:
         """The spaces ``strategy`` needs that these encoders cannot make (empty: it can be answered)."""
         return tuple(s for s in QUERY_SPACES[parse(Strategy, strategy)] if s not in self.query_spaces)
 
-    def check_index(self, health: dict) -> None:
+    def check_index(self, health: dict, strategy: Strategy | str | None = None) -> None:
         """Refuse encoders the index's spaces were not embedded with (versions, dims); spaces not created yet pass.
+        With ``strategy``, only the encoders it uses are checked (after a promote the old encoder of the
+        previous upgrade is no longer the serving generation's, but a compatible query does not use it).
 
         Raises:
             EncoderMismatchError: naming the space, the index's version and the encoder's.
         """
         old_space, new_space = health.get("old_space"), health.get("new_space")
+        used = QUERY_SPACES[parse(Strategy, strategy)] if strategy is not None else (Space.OLD, Space.NEW)
         for space, held, encoder in ((Space.OLD, old_space, self.old), (Space.NEW, new_space, self.new)):
-            if held and encoder is not None and held["version"] != encoder.version:
+            if space in used and held and encoder is not None and held["version"] != encoder.version:
                 raise EncoderMismatchError(
                     f"the index's {space} space holds model {held['version']!r}; this {space} encoder is "
                     f"{encoder.version!r}"
