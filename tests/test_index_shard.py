@@ -259,7 +259,9 @@ def test_promote_requires_every_item_and_rollback_restores_the_old_answer(make_s
     assert get(shard.promote.remote()) == {"old": 50, "transformed": 0, "new": 0}
     promoted = g.promote()
     assert_matches(get(shard.search.remote(q, None, 10, "old")), brute_force(promoted, q, None, 10, "old"))
-    assert_matches(get(shard.search.remote(None, q, 10, "compatible")), brute_force(promoted, None, q, 10, "compatible"))
+    assert_matches(
+        get(shard.search.remote(None, q, 10, "compatible")), brute_force(promoted, None, q, 10, "compatible")
+    )
     assert get(shard.describe.remote())["old_space"]["version"] == "v3"
     # Rollback of the promote brings back the generation it replaced, as it was.
     assert get(shard.rollback.remote(undo_promote=True)) == {"old": 0, "transformed": 0, "new": 50}
