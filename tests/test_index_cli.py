@@ -13,6 +13,7 @@ import ray
 from index_testing import kill_and_wait_for_restart
 
 from raybackfill import NAMESPACE
+from raybackfill.cli import lifecycle
 from raybackfill.cli.index import format_status, progress_bar, register
 from raybackfill.data.images import encode_png
 from raybackfill.data.schema import embedding_table
@@ -24,7 +25,9 @@ from raybackfill.index.snapshot import latest_version
 
 def run(*argv: str) -> int:
     parser = argparse.ArgumentParser(prog="raybackfill")
-    register(parser.add_subparsers(dest="command", required=True))
+    commands = parser.add_subparsers(dest="command", required=True)
+    register(commands)
+    lifecycle.register(commands)
     args = parser.parse_args(list(argv))
     return args.func(args)
 
