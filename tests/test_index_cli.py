@@ -154,6 +154,12 @@ def test_image_queries_embed_with_the_model_of_the_matching_space(index_name, tm
     )
     hits = json.loads(capsys.readouterr().out)[0]
     assert hits[0]["id"] == 0 and hits[0]["score"] == pytest.approx(8 * 0.01**2, rel=1e-2)
+    # One space only: a compatible query against it is an old query, made by the same encoder.
+    query = ("query", "--image", str(tmp_path / "query.png"), "--model", model_uri, "--k", "2", "--json")
+    run(*query, "--strategy", "compatible", "--name", index_name)
+    assert json.loads(capsys.readouterr().out)[0] == hits
+    # Once an upgrade has a new space, that space needs its own encoder.
+    get(connect(index_name).upsert.remote(np.array([1]), np.ones((1, 8), np.float32), "new", "v-next"))
     with pytest.raises(ValueError, match="needs a --model for the new space"):
         run(
             "query",

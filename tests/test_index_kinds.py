@@ -13,7 +13,7 @@ import pytest
 from index_testing import NEW, OLD, Gallery, assert_matches, brute_force
 
 from raybackfill.index import shard as shard_module
-from raybackfill.index.shard import IndexConfig, _IndexShard, train_index
+from raybackfill.index.shard import SNAPSHOT_FORMAT, IndexConfig, _IndexShard, train_index
 from raybackfill.types import Space
 
 D = 8
@@ -267,10 +267,10 @@ def test_a_snapshot_of_an_older_format_is_a_clear_error(tmp_path):
     pointer = json.loads((tmp_path / "snap" / "LATEST").read_text())
     meta = tmp_path / "snap" / pointer["version"] / "meta.json"
     meta.write_text(json.dumps(json.loads(meta.read_text()) | {"format": 2}))
-    with pytest.raises(ValueError, match="has format 2, this raybackfill reads format 3"):
+    with pytest.raises(ValueError, match=f"has format 2, this raybackfill reads format {SNAPSHOT_FORMAT}"):
         _IndexShard(IndexConfig(), uri)
     with pytest.raises(ValueError, match="written with index config"):
-        meta.write_text(json.dumps(json.loads(meta.read_text()) | {"format": 3}))
+        meta.write_text(json.dumps(json.loads(meta.read_text()) | {"format": SNAPSHOT_FORMAT}))
         _IndexShard(IndexConfig(factory="SQ8"), uri)
 
 
