@@ -1,4 +1,4 @@
-"""`raybackfill serve | query | status | snapshot | promote | rollback | stop`: run and use the serving index.
+"""`raybackfill serve | query | status | snapshot`: run and use the serving index.
 
 Every command attaches to the running Ray cluster (RAY_ADDRESS, or the cluster started on this machine)
 and finds the index by its actor name in the raybackfill namespace, so they work from any shell.

@@ -8,7 +8,8 @@ no strategy gets the one its index's phase serves best.
   methods whose new model or transformation makes one space (BCT, RACT, FCT, FastFill), ``rank_merge`` for
   the rest, ``old`` for an independent model served only after the cut-over (the method's recipe says which).
 - Once every item is in the new space (``done``, ``promoted``): ``compatible``, a new query against the new
-  space (after promote the old vectors are gone, so ``old`` and ``rank_merge`` could not be answered).
+  space; after a promote the promoted generation is the only space served, so the same new-model query
+  keeps working unchanged across the promote.
 """
 
 from __future__ import annotations

@@ -19,6 +19,12 @@ remove-from-pending + add-to-backfilled + add-to-new, each O(batch) (raybackfill
 upsert holds the shard for milliseconds, not for a compaction of the whole index. Old vectors are kept
 until `promote`, so `rollback` only moves them back.
 
+Generations. `promote` turns the new space into the serving generation: the "new" index becomes "pending" (the
+old space of the next upgrade) and the replaced old-space indexes are kept as the *retired* generation, with
+every item's state and lineage at that moment, until `gc` or ``retention_s``; `rollback(undo_promote=True)`
+swaps them back. Each item records the lineage of its old-space vector ("v1>v2": a v1 embedding transformed
+into v2) as a code into a small table; its new-space lineage follows from its state.
+
 Index kinds. Each space is a FAISS index built from the config's factory string ("Flat", "IVF1024,PQ32",
 "HNSW32", ...; raybackfill.index.kinds). A factory that needs training is trained once per space on a sample
 (:meth:`IndexRouter.train`: one training shared by every shard) before anything is added; an untrained space
