@@ -513,3 +513,46 @@ def test_a_shard_outage_is_a_503_with_retry_after_never_a_short_answer(service):
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(request, timeout=60)
     assert err.value.code == 503 and int(err.value.headers["Retry-After"]) >= 1
+
+
+def test_the_service_answers_across_promote_rollback_and_promote_with_each_generations_versions(service):
+    """A service deployed for a v1 -> v2 upgrade keeps answering, unchanged, when v2 is promoted to the serving
+    generation and when the promote is rolled back: the hits' model follows the generation that serves them."""
+    from ray import serve
+
+    from raybackfill.service.app import build_app
+
+    tag = uuid.uuid4().hex[:6]
+    name, app = f"svc-life-{tag}", f"life-{tag}"
+    images, ids = service["images"], service["ids"]
+    router = create_index(RouterConfig(name=name, shards=2, shard_num_cpus=0))
+    try:
+        get(router.load_old.remote(ids, _embed(service["old_uri"], images), "v1"))
+        get(router.upsert.remote(ids, _embed(service["new_uri"], images), Space.NEW, "v2"))
+        get(router.set_phase.remote("done"))
+        config = {"index": name, "old_model": service["old_uri"], "new_model": service["new_uri"], "status_ttl_s": 0}
+        serve.run(
+            build_app({**config, "min_replicas": 1, "max_replicas": 1, "num_cpus": 0}), name=app, route_prefix="/life"
+        )
+        client = ServiceClient(f"{service['base']}/life")
+        image = images[3]
+        q_new = _embed(service["new_uri"], [image])
+        done = client.search_image(image, k=K)
+        assert (done["phase"], done["strategy"]) == ("done", "compatible")
+        _same(done, _router_hits(router, None, q_new, K, Strategy.COMPATIBLE, VERSIONS))
+
+        get(router.promote.remote())
+        promoted = client.search_image(image, k=K)
+        assert (promoted["phase"], promoted["strategy"]) == ("promoted", "compatible")
+        v2_serving = {Space.OLD: "v2", Space.TRANSFORMED: "v2", Space.NEW: "v2"}
+        _same(promoted, _router_hits(router, None, q_new, K, Strategy.COMPATIBLE, v2_serving))
+        assert [h["id"] for h in promoted["results"][0]] == [h["id"] for h in done["results"][0]]
+        assert {(h["space"], h["model"]) for h in promoted["results"][0]} == {("old", "v2")}
+
+        get(router.rollback.remote())
+        back = client.search_image(image, k=K)
+        assert back["phase"] == "done"
+        _same(back, _router_hits(router, None, q_new, K, Strategy.COMPATIBLE, VERSIONS))
+    finally:
+        serve.delete(app)
+        destroy_index(name)
