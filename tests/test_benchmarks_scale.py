@@ -14,7 +14,7 @@ from benchmarks import bench_scale
 
 def test_bench_scale_writes_every_figure_for_each_size(ray_cluster, tmp_path):
     out = tmp_path / "scale.json"
-    argv = ["--sizes", "3000,6000", "--index", "IVF16,SQ8", "--nprobe", "16", "--probes", "8"]
+    argv = ["--sizes", "3000,6000", "--index", "IVF16,SQ8", "--probes", "8", "--paced-rate", "4000"]
     argv += ["--recall-queries", "8", "--train-sample", "2000", "--out", str(out)]
     result = bench_scale.main(argv)
     assert json.loads(out.read_text()) == json.loads(json.dumps(result, default=str))
@@ -23,8 +23,15 @@ def test_bench_scale_writes_every_figure_for_each_size(ray_cluster, tmp_path):
         assert 0.0 <= point["recall_at_10"] <= 1.0 and point["recall_queries"] == 8
         assert point["trained_on"] == 2000 and point["phases"]["instant"]["items"] == point["items"]
         assert point["idle"]["queries"] == 8 and point["during_backfill"]["queries"] >= 1
-        for key in ("load_seconds", "backfill_items_per_s", "peak_pss_gb", "p99_ratio"):
+        for key in ("load_seconds", "backfill_items_per_s", "peak_pss_gb", "p99_ratio", "p99_ratio_paced"):
             assert math.isfinite(point[key]) and point[key] > 0, key
+        # nprobe chosen on validation queries: the smallest candidate reaching the goal, or the largest tried
+        tried = {int(k): v for k, v in point["nprobe_validation_recall"].items()}
+        assert point["nprobe"] in tried and all(n <= 16 for n in tried)
+        goal = bench_scale.RECALL_TARGET + bench_scale.VALIDATION_MARGIN
+        reached = [n for n, r in tried.items() if r >= goal]
+        assert point["nprobe"] == (min(reached) if reached else max(tried))
+        assert point["paced"]["max_rate"] == 4000 and point["paced"]["during_backfill"]["queries"] >= 1
     assert set(result["targets"]) <= set(result["largest"])
     assert all(math.isfinite(v) for k, v in result["growth"].items() if k.startswith("exponent"))
 
