@@ -204,7 +204,7 @@ def test_the_terminal_summary_is_short_and_points_to_every_file(demo):
     # The chain adds its own short block to the rest.
     assert len(summary({k: v for k, v in report.items() if k != "chain"}, files).splitlines()) <= 25
     block = "\n".join(chain_block(report["chain"])).splitlines()
-    assert len(block) <= 9 and len(text.splitlines()) <= 25 + len(block) + 1
+    assert len(block) <= 10 and len(text.splitlines()) <= 25 + len(block) + 1
     assert all(path in text for path in files)
     for method in METHOD_ORDERS:
         assert f"\n{method} " in text

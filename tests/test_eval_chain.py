@@ -11,11 +11,13 @@ import pytest
 from raybackfill.demo.summary import summary
 from raybackfill.eval.chain import (
     CHAIN_ANCHORS,
+    COMPOSED_FIRST,
     SERVED_COMPOSED,
     SERVED_V3,
     SERVED_VIA_V2,
     ChainConfig,
     ChainVectors,
+    composed_first_order,
     evaluate_chain,
     gallery_at,
     generation,
@@ -74,6 +76,18 @@ def test_provenance_shares_by_hand():
     assert shares[SERVED_V3] == [0.0, 0.25, 0.5, 1.0]
     assert shares[SERVED_VIA_V2] == [0.5, 0.25, 0.25, 0.0]  # item 0 waits until the end
     assert shares[SERVED_COMPOSED] == [0.5, 0.5, 0.25, 0.0]  # items 2, 3 go straight from h23(h12) to phi3
+
+
+def test_composed_first_order_by_hand():
+    # items 1 and 3 were not re-embedded by v2: they go first, by uncertainty; a tie falls to the lower id
+    moved = np.array([True, False, True, False, True])
+    u = np.array([5.0, 1.0, 7.0, 3.0, 7.0])
+    ids = np.array([10, 11, 14, 13, 12])
+    assert composed_first_order(moved, u, ids).tolist() == [3, 1, 4, 2, 0]
+    with pytest.raises(ValueError, match="unique"):
+        composed_first_order(moved, u, np.array([1, 1, 2, 3, 4]))
+    with pytest.raises(ValueError, match="one mask entry"):
+        composed_first_order(moved[:4], u, ids)
 
 
 def test_pooled_z_by_hand():
@@ -144,15 +158,27 @@ def by_priority(scores, ids):
     return np.array(sorted(range(len(ids)), key=lambda i: (-scores[i], ids[i])))
 
 
-def brute_force_curve(chain, fraction, betas, config):
+def order_moved(chain, fraction):
+    n = len(chain.gallery_ids)
+    return by_priority(chain.u12, chain.gallery_ids)[: math.floor(round(fraction * n, 6))]
+
+
+def run_of(variant, policy):
+    return next(run for run in variant["runs"] if run["policy"] == policy)
+
+
+def brute_force_curve(chain, fraction, betas, config, composed_first=False):
     """The chain walked item by item: stop v2, apply h23 to the v2 generation, order by h23's uncertainty on the
     item's generation vector, then at each beta assign phi3 item by item and evaluate the plain gallery."""
     n = len(chain.gallery_ids)
     v2_gen = chain.h12.copy()
-    for i in by_priority(chain.u12, chain.gallery_ids)[: math.floor(round(fraction * n, 6))]:
+    for i in order_moved(chain, fraction):
         v2_gen[i] = chain.phi2[i]
     start = h23(v2_gen)  # h23 on the generation itself, not on its two halves
-    v3_order = by_priority(uncertainty(v2_gen), chain.gallery_ids)
+    u = uncertainty(v2_gen)
+    if composed_first:  # a score bonus larger than any uncertainty for the items still on h12(phi1)
+        u = u + np.where(np.isin(np.arange(n), order_moved(chain, fraction)), 0.0, 1e9)
+    v3_order = by_priority(u, chain.gallery_ids)
     top1, maps = [], []
     for beta in betas:
         gallery = start.copy()
@@ -171,11 +197,15 @@ def test_chain_curves_equal_the_brute_force_walk(fraction):
     section = evaluate_chain(chain, config)
     variant = section["variants"][0]
     assert variant["name"] == variant_name(fraction) and variant["v2_fraction"] == fraction
-    ordered = next(run for run in variant["runs"] if run["policy"] == "uncertainty")
+    ordered = run_of(variant, "uncertainty")
     betas = np.array(ordered["betas"])
     top1, maps, start = brute_force_curve(chain, fraction, betas, config.eval_config)
     assert ordered["top1"] == pytest.approx(top1, abs=1e-12)
     assert ordered["map"] == pytest.approx(maps, abs=1e-12)
+    if fraction < 1:
+        first = run_of(variant, COMPOSED_FIRST)
+        top1, maps, _ = brute_force_curve(chain, fraction, betas, config.eval_config, composed_first=True)
+        assert first["top1"] == pytest.approx(top1, abs=1e-12) and first["map"] == pytest.approx(maps, abs=1e-12)
     # beta 0 is v3 queries on h23 of the v2 generation; the end is v3/v3.
     at_start = evaluate(chain.queries["v3"], start, chain.query_labels, chain.gallery_labels, config.eval_config)
     assert ordered["top1"][0] == pytest.approx(at_start.top1)
@@ -191,7 +221,7 @@ def test_negative_flips_are_counted_against_the_v1_answer():
     section = evaluate_chain(chain, ChainConfig(beta_points=5, random_seeds=2, eval_config=eval_config))
     v1 = evaluate(chain.queries["v1"], chain.phi1, chain.query_labels, chain.gallery_labels, eval_config)
     v3 = evaluate(chain.queries["v3"], chain.phi3, chain.query_labels, chain.gallery_labels, eval_config)
-    ordered = section["variants"][0]["runs"][0]
+    ordered = run_of(section["variants"][0], "uncertainty")
     assert ordered["nfr"][-1] == pytest.approx(float(np.mean(v1.correct_top1 & ~v3.correct_top1)))
 
 
@@ -199,8 +229,8 @@ def test_random_runs_carry_their_seeds_spread_and_the_curve_of_the_first_seed():
     chain = synthetic_chain(np.random.default_rng(3), 30, 12)
     config = ChainConfig(v2_fraction=0.5, beta_points=5, random_seeds=4, seed=2, eval_config=EvalConfig(metric="l2"))
     section = evaluate_chain(chain, config)
-    random_run = section["variants"][0]["runs"][1]
-    assert random_run["policy"] == "random" and random_run["seed_aucs"]["seeds"] == [2, 3, 4, 5]
+    random_run = run_of(section["variants"][0], "random")
+    assert random_run["seed_aucs"]["seeds"] == [2, 3, 4, 5]
     assert random_run["seed_aucs"]["auc_map"][0] == pytest.approx(random_run["auc_map"])
     # Seed 3's curve, computed directly, gives the second area.
     from raybackfill.backfill.policies import priority_order, random_scores
@@ -215,10 +245,11 @@ def test_random_runs_carry_their_seeds_spread_and_the_curve_of_the_first_seed():
     )  # fmt: skip
     assert random_run["seed_aucs"]["auc_map"][1] == pytest.approx(float(np.mean(curve.map)))
     versus = section["variants"][0]["versus_random"]
-    assert [row["policy"] for row in versus] == ["uncertainty"]
-    z = versus[0]["auc_map_z"]
-    expected = "noise" if z is None or abs(z) < 2 else ("holds" if z > 0 else "reversed")
-    assert versus[0]["auc_map_verdict"] == (expected if z is not None else "missing")
+    assert [row["policy"] for row in versus] == ["uncertainty", COMPOSED_FIRST]
+    for row in versus:
+        z = row["auc_map_z"]
+        expected = "noise" if z is None or abs(z) < 2 else ("holds" if z > 0 else "reversed")
+        assert row["auc_map_verdict"] == (expected if z is not None else "missing")
 
 
 def test_stopped_and_finished_variants_and_their_comparison():
@@ -227,10 +258,13 @@ def test_stopped_and_finished_variants_and_their_comparison():
     assert [v["name"] for v in section["variants"]] == ["v2_at_40", "v2_at_100"]
     finished = section["variants"][1]
     assert finished["served"][SERVED_COMPOSED] == [0.0] * 5  # v2 moved everything before v3 started
+    # composed-first is the uncertainty order when nothing is left on the composed path
+    assert [run["policy"] for run in finished["runs"]] == ["uncertainty", "random"]
+    assert [run["policy"] for run in section["variants"][0]["runs"]] == ["uncertainty", COMPOSED_FIRST, "random"]
     assert set(section["anchors"]) == set(CHAIN_ANCHORS)
     comparison = section["comparison"]
     assert (comparison["a"], comparison["b"]) == ("v2_at_100", "v2_at_40")
-    spread = [np.array(v["runs"][1]["seed_aucs"]["auc_map"]) for v in section["variants"]]
+    spread = [np.array(run_of(v, "random")["seed_aucs"]["auc_map"]) for v in section["variants"]]
     z = (spread[1].mean() - spread[0].mean()) / math.sqrt(spread[1].var(ddof=1) + spread[0].var(ddof=1))
     assert comparison["auc_map"]["z"] == pytest.approx(z)
     # A finished v2 as the configuration gives one variant and no comparison.

@@ -10,8 +10,9 @@ The state of the chain (every function below the evaluation glue is pure numpy):
    Since h23 acts row by row, ``h23(generation)`` is :func:`generation` of ``h23(phi2)`` and
    ``h23(h12(phi1))`` with the same mask, which is how the caller passes it.
 3. v3's backfill then re-embeds straight to ``phi3(x)`` in its own order (FastFill uncertainty of h23 on the
-   item's v2-generation vector, or random), skipping v2 for the items not yet moved: at fraction beta the
-   gallery is :func:`gallery_at`. :func:`provenance_shares` says what serves each item along the way.
+   item's v2-generation vector; the items v2 never reached first, :func:`composed_first_order`; or random),
+   skipping v2 for the items not yet moved: at fraction beta the gallery is :func:`gallery_at`.
+   :func:`provenance_shares` says what serves each item along the way.
 
 The curves are scored with v3 queries (strategy ``compatible``), negative flips against the v1/v1 answer,
 AUC as the mean over an even beta grid. A "finished" variant (v2 at 100 % before v3 starts) is evaluated next
@@ -44,7 +45,9 @@ CHAIN_ANCHORS = {
 }
 # What serves an item during the v3 backfill (provenance_shares' keys).
 SERVED_V3, SERVED_VIA_V2, SERVED_COMPOSED = "phi3", "h23(phi2)", "h23(h12(phi1))"
-CHAIN_ORDERS = (Policy.UNCERTAINTY, Policy.RANDOM)
+# v3's backfill order that re-embeds the items v2 never reached (served through both transformations) first,
+# each group by h23's uncertainty: what a team would try when the composed path serves worst.
+COMPOSED_FIRST = "composed_first"
 
 
 # ---- the chain's state: pure functions ---------------------------------------------------------------------
@@ -123,6 +126,25 @@ def provenance_shares(v2_moved: np.ndarray, v3_order: np.ndarray, betas: np.ndar
         shares[SERVED_VIA_V2].append(float((~v3 & v2_moved).sum()) / n)
         shares[SERVED_COMPOSED].append(float((~v3 & ~v2_moved).sum()) / n)
     return shares
+
+
+def composed_first_order(v2_moved: np.ndarray, uncertainty: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """v3's backfill order with the items v2 had not re-embedded first: within each group the higher
+    ``uncertainty`` first, equal ones by ascending id.
+
+    Example:
+        >>> composed_first_order(np.array([True, False, False]), np.array([9.0, 1.0, 2.0]), np.array([5, 6, 7]))
+        array([2, 1, 0])
+    """
+    v2_moved = np.asarray(v2_moved, dtype=bool)
+    uncertainty = np.asarray(uncertainty, dtype=np.float64)
+    ids = np.asarray(ids, dtype=np.int64)
+    if not v2_moved.shape == uncertainty.shape == ids.shape or ids.ndim != 1:
+        raise ValueError(f"need one mask entry, uncertainty and id per item, got {v2_moved.shape}, "
+                         f"{uncertainty.shape} and {ids.shape}")  # fmt: skip
+    if len(np.unique(ids)) != len(ids):
+        raise ValueError("ids must be unique for a deterministic order")
+    return np.lexsort((ids, -uncertainty, v2_moved))
 
 
 def pooled_z(a: float, b: float, sd_a: float | None, sd_b: float | None) -> float | None:
@@ -222,7 +244,8 @@ def chain_curve(
 
 def evaluate_chain(vectors: ChainVectors, config: ChainConfig = ChainConfig()) -> dict:
     """The report's ``chain`` section: anchors, and per variant (v2 stopped at ``config.v2_fraction``, v2
-    finished) the v3 backfill's curves under the uncertainty order and several random orders, the shares of the
+    finished) the v3 backfill's curves under the uncertainty order, the composed-first order (stopped v2 only)
+    and several random orders, the shares of the
     gallery each path serves, the uncertainty order against the random spread, and the stopped variant against
     the finished one.
 
@@ -264,6 +287,11 @@ def evaluate_chain(vectors: ChainVectors, config: ChainConfig = ChainConfig()) -
         name = variant_name(fraction)
         ordered = priority_order(uncertainty[:, 0].astype(np.float64), ids)
         runs = [Run(name, Policy.UNCERTAINTY, Strategy.COMPATIBLE, chain_curve(vectors, start, ordered, v1_v1, config))]
+        if not moved.all():  # with every item moved by v2 it is the uncertainty order
+            first = composed_first_order(moved, uncertainty[:, 0], ids)
+            runs.append(
+                Run(name, COMPOSED_FIRST, Strategy.COMPATIBLE, chain_curve(vectors, start, first, v1_v1, config))
+            )
         seed_aucs, random_curve = {}, None
         for seed in range(config.seed, config.seed + config.random_seeds):
             curve = chain_curve(vectors, start, priority_order(random_scores(ids, seed), ids), v1_v1, config)

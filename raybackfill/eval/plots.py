@@ -14,7 +14,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from raybackfill.data.storage import write_bytes
+from raybackfill.eval.chain import COMPOSED_FIRST
 from raybackfill.eval.report import validate_report
+from raybackfill.types import Policy
 
 PANELS = (("top1", "CMC top-1"), ("map", "mAP@all"))
 ANCHORS = (("old_old", "old/old", "0.3"), ("new_new", "new/new", "0.0"))
@@ -54,7 +56,7 @@ def plot_curves(report: Mapping, uri: str) -> str:
 
 
 CHAIN_ANCHOR_LINES = (("v1_v1", "v1/v1", "0.6"), ("v2_v2", "v2/v2", "0.3"), ("v3_v3", "v3/v3", "0.0"))
-CHAIN_ORDER_STYLES = {"uncertainty": "-", "random": "-."}
+CHAIN_ORDER_STYLES = {Policy.UNCERTAINTY: "-", Policy.RANDOM: "-.", COMPOSED_FIRST: ":"}
 
 
 def chain_figure(chain: Mapping) -> Figure:
@@ -72,7 +74,7 @@ def chain_figure(chain: Mapping) -> Figure:
         for i, variant in enumerate(variants):
             for run in variant["runs"]:
                 ax.plot(run["betas"], run[key], color=f"C{i % 10}", marker="o", markersize=3,
-                        linestyle=CHAIN_ORDER_STYLES.get(run["policy"], ":"),
+                        linestyle=CHAIN_ORDER_STYLES.get(run["policy"], "--"),
                         label=f"{variant['name']}, v3 order {run['policy']}")  # fmt: skip
         for name, label, color in CHAIN_ANCHOR_LINES:
             value = chain["anchors"][name][key]
