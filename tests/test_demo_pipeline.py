@@ -232,7 +232,8 @@ def test_the_chain_section_has_both_v2_states_and_a_plot(demo):
             assert run["top1"][-1] == pytest.approx(chain["anchors"]["v3_v3"]["top1"])
         served = variant["served"]
         assert all(sum(shares) == pytest.approx(1.0) for shares in zip(*served.values(), strict=True))
-    random_run = chain["variants"][0]["runs"][1]
+    assert [run["policy"] for run in chain["variants"][0]["runs"]] == ["uncertainty", "composed_first", "random"]
+    random_run = chain["variants"][0]["runs"][-1]
     assert len(random_run["seed_aucs"]["seeds"]) == TINY.random_seeds
     v3 = chain["v3"]
     assert v3["width"] == 2 * TINY.width and v3["above_v2"] == (v3["val_accuracy"] > v3["v2_val_accuracy"])
