@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from raybackfill.eval.chain import chain_table
 from raybackfill.eval.findings import Z_CLEAR, Verdict, findings
 from raybackfill.eval.report import compare_reports, findings_table, load_report, render_table
 
@@ -52,6 +53,9 @@ TEXT_RUNS = (
     ),
     Run("text-full", "text, full", "raybackfill demo --text --seed 0 --out demo-text"),
 )
+CHAIN_RUNS = (
+    Run("quick-chain", "quick, chained upgrade", "raybackfill demo --quick --chain --seed 0 --out demo-quick-chain"),
+)
 DIGITS_SETUP = (
     "python -c \"import sys; sys.path.insert(0, 'tests'); from real_data import export_digits; "
     "export_digits('digits-folder')\"",
@@ -77,7 +81,7 @@ def _reports(runs: tuple[Run, ...]) -> dict[Run, dict]:
 
 def kept_runs() -> tuple[Run, ...]:
     """Every run this page reads, in the order it lists them (one ``docs/results/<name>.json`` each)."""
-    return MAIN_RUNS + SEED_RUNS + TEXT_RUNS
+    return MAIN_RUNS + SEED_RUNS + TEXT_RUNS + CHAIN_RUNS
 
 
 def _field(run: Run, report: dict, *path: str):
@@ -132,6 +136,35 @@ def _adapters(reports: dict[Run, dict]) -> list[str]:
             render_table(header, rows, markdown=True),
             "",
             f"Below old/old (would serve worse than not upgrading): {', '.join(below) if below else 'none'}.",
+            "",
+        ]
+    return lines
+
+
+def _chain(reports: dict[Run, dict]) -> list[str]:
+    """One section per kept report with a ``chain`` section (``demo --chain``): v3 against v2 on their validation
+    split, then the chain's table (raybackfill.eval.chain.chain_table)."""
+    if not reports:
+        return []
+    lines = [
+        "## Chained upgrades",
+        "",
+        "v1 -> v2 -> v3 with the v3 upgrade started while v2's backfill was unfinished, and after it finished",
+        "([Chained upgrades](concepts.md#chained-upgrades)): v3 queries; items v2 never re-embedded are served",
+        "through h23(h12(phi1)) until v3 re-embeds them. A priority order's z is its gap to the random orders in",
+        f"their standard deviation: *noise* inside {Z_CLEAR:g} of them.",
+        "",
+    ]
+    for run, report in reports.items():
+        chain = _field(run, report, "chain")
+        v3 = _field(run, report, "chain", "v3")
+        lines += [
+            f"### {run.label}: `{run.command}`",
+            "",
+            f"v3 (trunk width {v3['width']}, v2's {v3['v2_width']}): accuracy {v3['val_accuracy']:.3f} on its "
+            f"{v3['measured_on']}, v2 {v3['v2_val_accuracy']:.3f}.",
+            "",
+            chain_table(chain, markdown=True),
             "",
         ]
     return lines
@@ -328,6 +361,7 @@ def readme_summary() -> str:
 
 def render() -> str:
     main, seeds, text = _reports(MAIN_RUNS), _reports(SEED_RUNS), _reports(TEXT_RUNS)
+    chain = _reports(CHAIN_RUNS)
     every = main | seeds
     adapters = _adapters(every)
     lines = [
@@ -410,6 +444,7 @@ def render() -> str:
             else []
         ),
         *_text(text),
+        *_chain(chain),
         "## How the backbones trained",
         "",
         _training(every),

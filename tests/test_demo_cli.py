@@ -45,3 +45,18 @@ def test_text_selects_the_text_demo_and_its_scale():
     assert config.resolved_text_scale() == TEXT_QUICK
     assert config_from_args(_parse(["--text"])).resolved_text_scale() == TEXT_FULL
     assert not _parse([]).text
+
+
+def test_chain_flags_reach_the_config_and_a_bad_fraction_is_refused():
+    config = config_from_args(_parse(["--chain", "--chain-v2-fraction", "0.25"]))
+    assert (config.chain, config.chain_v2_fraction) == (True, 0.25)
+    assert (config_from_args(_parse([])).chain, config_from_args(_parse([])).chain_v2_fraction) == (False, 0.5)
+    with pytest.raises(ValueError, match="chain_v2_fraction"):
+        config_from_args(_parse(["--chain", "--chain-v2-fraction", "1.5"]))
+
+
+def test_text_demo_refuses_the_chain_before_starting_anything(tmp_path):
+    args = _parse(["--text", "--chain", "--out", str(tmp_path / "t")])
+    with pytest.raises(ValueError, match="--chain"):
+        args.func(args)
+    assert not (tmp_path / "t").exists()

@@ -13,10 +13,10 @@ from raybackfill.demo.adapters import adapter_model_name
 from raybackfill.demo.configs import DemoConfig, DemoScale, Fit
 from raybackfill.demo.evaluation import METHOD_ORDERS, method_orders
 from raybackfill.demo.pipeline import run_demo
-from raybackfill.demo.summary import summary
+from raybackfill.demo.summary import chain_block, summary
 from raybackfill.demo.training import TRANSFORMATIONS
 from raybackfill.eval.diagnostics import ORACLE_ORDER
-from raybackfill.eval.offline import output_files
+from raybackfill.eval.offline import CHAIN_PLOT_FILE, output_files
 from raybackfill.eval.report import load_report
 from raybackfill.models.artifacts import read_spec
 from raybackfill.train import api
@@ -44,8 +44,9 @@ ONLINE = {"items": 18, "seconds": 1.5, "items_per_s": 12.0, "queries": 7, "query
 
 @pytest.fixture(scope="module")
 def demo(ray_cluster, tmp_path_factory):
-    """One tiny demo, scored by l2 distance, with diagnostics; ``held_out`` records every (ids, validation mask) a
-    training run drew. (test_demo_online.py runs the default, cosine, without diagnostics.)"""
+    """One tiny demo, scored by l2 distance, with diagnostics and the v1 -> v2 -> v3 chain; ``held_out`` records
+    every (ids, validation mask) a training run drew. (test_demo_online.py runs the default, cosine, without
+    diagnostics or chain.)"""
     out = str(tmp_path_factory.mktemp("demo") / "out")
     seen, held_out = [], []
 
@@ -60,7 +61,7 @@ def demo(ray_cluster, tmp_path_factory):
 
     real_holdout = api.holdout
     config = DemoConfig(out=out, scale=TINY, old_classes="0-2", seed=3, require_learning=False, metric="l2",
-                        diagnostics=True)  # fmt: skip
+                        diagnostics=True, chain=True, chain_v2_fraction=0.4)  # fmt: skip
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(api, "holdout", recording_holdout)
         report = run_demo(config, online=online)
@@ -158,8 +159,9 @@ def test_no_choice_made_in_training_sees_an_evaluation_id(demo):
         name: storage.read_table(uri, columns=[ID]).column(ID).to_numpy() for name, uri in artifacts.splits.items()
     }
     evaluation = np.concatenate([split_ids["gallery"], split_ids["query"]])
-    # new/bct/ract, old at one rate, transformations, psi, side-info, the label-free mlp and fastfill adapters
-    runs = 3 + 1 + len(TRANSFORMATIONS) + 1 + 1 + 2
+    # new/bct/ract, old at one rate, transformations, psi, side-info, the label-free mlp and fastfill adapters,
+    # the chain's v3 and h23
+    runs = 3 + 1 + len(TRANSFORMATIONS) + 1 + 1 + 2 + 2
     assert len(held_out) == runs
     for ids, validation in held_out:
         assert validation.any(), "each run holds rows out"
@@ -199,7 +201,10 @@ def test_the_terminal_summary_is_short_and_points_to_every_file(demo):
     config, report, _, _ = demo
     files = [f"{config.out}/{name}" for name in output_files(report)]
     text = summary(report, files)
-    assert len(text.splitlines()) <= 25
+    # The chain adds its own short block to the rest.
+    assert len(summary({k: v for k, v in report.items() if k != "chain"}, files).splitlines()) <= 25
+    block = "\n".join(chain_block(report["chain"])).splitlines()
+    assert len(block) <= 10 and len(text.splitlines()) <= 25 + len(block) + 1
     assert all(path in text for path in files)
     for method in METHOD_ORDERS:
         assert f"\n{method} " in text
@@ -211,3 +216,30 @@ def test_the_terminal_summary_is_short_and_points_to_every_file(demo):
 def test_without_diagnostics_the_oracle_order_is_not_evaluated():
     assert ORACLE_ORDER not in method_orders("fastfill") and ORACLE_ORDER in method_orders("fastfill", True)
     assert method_orders("bct", True) == method_orders("bct")
+
+
+def test_the_chain_section_has_both_v2_states_and_a_plot(demo):
+    config, report, (artifacts,), _ = demo
+    chain = report["chain"]
+    assert [v["name"] for v in chain["variants"]] == ["v2_at_40", "v2_at_100"]
+    assert chain["v2_fraction"] == 0.4 and chain["models"]["h12"] == "fastfill"
+    # v1/v1 and v2/v2 are the demo's own anchors, measured on the same queries
+    assert chain["anchors"]["v1_v1"] == report["anchors"]["old_old"]
+    assert chain["anchors"]["v2_v2"] == report["anchors"]["new_new"]
+    for variant in chain["variants"]:
+        for run in variant["runs"]:
+            assert run["betas"] == pytest.approx(np.linspace(0, 1, TINY.beta_points))
+            assert run["top1"][-1] == pytest.approx(chain["anchors"]["v3_v3"]["top1"])
+        served = variant["served"]
+        assert all(sum(shares) == pytest.approx(1.0) for shares in zip(*served.values(), strict=True))
+    assert [run["policy"] for run in chain["variants"][0]["runs"]] == ["uncertainty", "composed_first", "random"]
+    random_run = chain["variants"][0]["runs"][-1]
+    assert len(random_run["seed_aucs"]["seeds"]) == TINY.random_seeds
+    v3 = chain["v3"]
+    assert v3["width"] == 2 * TINY.width and v3["above_v2"] == (v3["val_accuracy"] > v3["v2_val_accuracy"])
+    assert os.path.isfile(os.path.join(config.out, CHAIN_PLOT_FILE)) and CHAIN_PLOT_FILE in output_files(report)
+    assert os.path.isfile(os.path.join(config.out, "models", "v3", "model.json"))
+    assert os.path.isfile(os.path.join(config.out, "models", "h23", "model.json"))
+    with open(os.path.join(config.out, "report.md")) as f:
+        assert "chained upgrade v1 -> v2 -> v3" in f.read()
+    assert "v2_at_40" in summary(report, [])

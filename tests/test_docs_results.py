@@ -90,3 +90,14 @@ def test_the_generated_sections_carry_every_kept_adapter_and_text_report():
         row = next(line for line in section.splitlines() if line.startswith(f"| {run.label} | {queries} | "))
         for key in ("new_new_vs_old_old", "best_adapter_vs_old_old", "uncertainty_vs_random"):
             assert verdicts[key]["verdict"] in row, (run.name, key)
+
+
+def test_every_kept_chain_report_has_its_section_on_the_page():
+    script = _script()
+    page = script.render()
+    for run in script.CHAIN_RUNS:
+        path = script.RESULTS / f"{run.name}.json"
+        if path.exists():
+            chain = json.loads(path.read_text())["chain"]
+            assert f"### {run.label}: `{run.command}`" in page
+            assert script.chain_table(chain, markdown=True) in page

@@ -31,7 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "compatibility artefact (BCT, RACT, side-information, FCT, FastFill, psi), embed and transform the "
         "gallery, serve it from a live index backfilled under queries, evaluate every method x backfill order, "
         "print a short summary and write OUT/report.md (every table), OUT/report.json, OUT/backfill_curves.png "
-        "and OUT/online_quality.png. Starts a local Ray cluster unless RAY_ADDRESS names one.",
+        "and OUT/online_quality.png (with --chain also OUT/chain_curves.png). Starts a local Ray cluster unless "
+        "RAY_ADDRESS names one.",
     )
     demo.add_argument("--out", default=DEFAULT_OUT, help=f"output directory, must be new (default {DEFAULT_OUT})")
     demo.add_argument("--quick", action="store_true", help="smaller data and fewer epochs (a few minutes)")
@@ -69,6 +70,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "the oracle order by that error (a bound no service can use: it reads the new embeddings)",
     )
     demo.add_argument(
+        "--chain",
+        action="store_true",
+        help="also evaluate a chained upgrade v1 -> v2 -> v3: train a third, wider backbone v3 and a FastFill "
+        "transformation h23 (v2 -> v3), start the v3 upgrade while v2's backfill has re-embedded "
+        "--chain-v2-fraction of the gallery (items v2 never reached are served through h23(h12(v1))), and report "
+        "the v3 backfill's curves against a finished v2 (report.json 'chain', OUT/chain_curves.png); image demo only",
+    )
+    demo.add_argument(
+        "--chain-v2-fraction",
+        type=float,
+        default=0.5,
+        metavar="F",
+        help="with --chain: the share of the gallery v2's backfill re-embedded (in its uncertainty order) when the "
+        "v3 upgrade starts, in [0, 1] (default 0.5)",
+    )
+    demo.add_argument(
         "--url",
         help="the online phase queries through the HTTP search service at this URL (start it with `raybackfill "
         "serve --http --name raybackfill-demo`); default: it calls the index router directly",
@@ -87,6 +104,8 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         seed=args.seed,
         metric=args.metric,
         diagnostics=args.diagnostics,
+        chain=args.chain,
+        chain_v2_fraction=args.chain_v2_fraction,
     )
 
 
@@ -144,6 +163,8 @@ def _text_demo(config: DemoConfig, verbose: bool, start: float) -> None:
 
     if config.diagnostics:
         raise ValueError("--diagnostics reads the new model's classifier: the text demo has none on its upgrade path")
+    if config.chain:
+        raise ValueError("--chain trains a third image backbone: the text demo has two encoders and no chain")
     with _demo_logging(verbose):
         init_ray()
         report = run_text_demo(config)

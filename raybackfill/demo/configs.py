@@ -94,6 +94,13 @@ class DemoScale:
     beta_points: int = 21
     random_seeds: int = 8  # random orders the other orders are compared with (report: seed_aucs)
     online: OnlineConfig = OnlineConfig()
+    # `demo --chain`'s third backbone v3: the new model's recipe (every train class) with a wider trunk, so a
+    # better model than v2; None: twice ``width``. ``v3``: how it trains (None: as ``new``, at the chosen rate).
+    v3_width: int | None = None
+    v3: Fit | None = None
+
+    def resolved_v3_width(self) -> int:
+        return self.v3_width if self.v3_width is not None else 2 * self.width
 
 
 FULL = DemoScale()
@@ -178,7 +185,8 @@ class DemoConfig:
     """One demo run. ``data=None`` uses the built-in synthetic dataset at ``scale``.
 
     ``metric``: how every figure of the report is scored (cosine, or l2 distance as the reference code
-    does). ``diagnostics``: add the research diagnostics of :mod:`raybackfill.eval.diagnostics` (the
+    does). ``chain``: add the chained upgrade v1 -> v2 -> v3 (see :mod:`raybackfill.demo.chain`).
+    ``diagnostics``: add the research diagnostics of :mod:`raybackfill.eval.diagnostics` (the
     uncertainty head's rank agreement with its true error, and the oracle order it is bounded by).
     """
 
@@ -201,9 +209,16 @@ class DemoConfig:
     # Stop with ModelDidNotLearnError when a backbone ends near chance on its validation split. Off only for
     # structural tests on data too small to tell (a few images per class).
     require_learning: bool = True
+    # Also evaluate a chained upgrade v1 -> v2 -> v3 (report section ``chain``, chain_curves.png): a third,
+    # better backbone v3 and a FastFill transformation h23 (v2 -> v3); the v3 upgrade starts while v2's
+    # backfill has re-embedded ``chain_v2_fraction`` of the gallery (and, for comparison, after it finished).
+    chain: bool = False
+    chain_v2_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "metric", parse(Metric, self.metric, among=MODEL_METRICS))
+        if not 0.0 <= self.chain_v2_fraction <= 1.0:
+            raise ValueError(f"chain_v2_fraction must lie in [0, 1], got {self.chain_v2_fraction}")
 
     def resolved_scale(self) -> DemoScale:
         if self.scale is not None:

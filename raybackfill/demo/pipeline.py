@@ -7,6 +7,8 @@ images once per backbone with the embed jobs (Ray Data), transforms the stored o
 (raybackfill.adapters: no labels, no classifier), and evaluates every method x backfill order offline with
 raybackfill.eval. The online phase (live index, backfill while a client queries) plugs in through
 ``run_demo(..., online=...)``; without it the report has no ``online`` section rather than a made-up one.
+With ``DemoConfig.chain`` a third backbone v3 and h23 (v2 -> v3) train after the adapters, and the report gets
+a ``chain`` section (raybackfill.demo.chain) and chain_curves.png.
 
 Everything lands under ``config.out``: data/, models/, embeddings/, runs/ (Ray Train), report.json,
 report.md, backfill_curves.png and demo.json (the resolved config). An out directory holding a finished or
@@ -137,6 +139,14 @@ def _run(config: DemoConfig, online: OnlinePhase | None) -> dict:
         models |= train_transformations(layout, old_train, new_train, models["new"], scale, config)
     with timer("fit adapters"):  # label-free: the same train pairs, no labels, no classifier
         models |= fit_demo_adapters(layout, old_train, new_train, scale, config).models
+    chain = None
+    if config.chain:
+        from raybackfill.demo.chain import evaluate_demo_chain, train_chain
+
+        with timer("chain: train v3 and h23"):
+            chain = train_chain(
+                layout, images, splits[TRAIN], labels[TRAIN], new_train, models, training["backbone_lr"], scale, config
+            )
     artifacts = DemoArtifacts(layout, images, splits, models, embeddings, gallery_old)
     online_section = None
     if online is not None:
@@ -144,6 +154,9 @@ def _run(config: DemoConfig, online: OnlinePhase | None) -> dict:
             online_section = dict(online(artifacts))
     with timer("evaluate"):
         report = evaluate_demo(artifacts, table, labels, scale, config)
+    if chain is not None:
+        with timer("evaluate chain"):
+            report["chain"] = evaluate_demo_chain(artifacts, chain, table, labels, scale, config)
     report["training"] = training
     if online_section is not None:
         report["online"] = online_section
@@ -222,16 +235,17 @@ def rows_of_ids(table: pa.Table, ids) -> pa.Array:
         raise ValueError(f"{err.args[0]} have no embedding (quarantined while embedding?)") from None
 
 
-def write_split_embeddings(table: pa.Table, rows: pa.Table, column: str, uri: str) -> str:
+def write_split_embeddings(table: pa.Table, rows: pa.Table, column: str, uri: str, model: str | None = None) -> str:
     """One backbone's vectors (``column`` of the all-images table) for the ids of a split, as an embedding
-    table with the split's labels (and the side-information next to the old vectors)."""
+    table with the split's labels (and the side-information next to the old vectors). ``model``: the table's
+    model name (default: ``column``, or ``old`` for the ``embedding`` column)."""
     part = table.take(rows_of_ids(table, rows.column(ID).to_numpy()))
     side = vectors_of(part, SIDE_INFO) if column == EMBEDDING and SIDE_INFO in part.schema.names else None
     out = embedding_table(
         part.column(ID).to_numpy(),
         vectors_of(part, column),
         side_info=side,
-        model=column if column != EMBEDDING else "old",
+        model=model or (column if column != EMBEDDING else "old"),
         extra={LABEL: part.column(LABEL)},
     )
     storage.write_table(out, uri)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from raybackfill.eval.chain import CHAIN_HEADER, chain_rows, comparison_line
 from raybackfill.eval.findings import Verdict, findings
 from raybackfill.eval.offline import Order
 from raybackfill.eval.report import render_table, versus_random
@@ -79,8 +80,29 @@ def summary(report: Mapping, files: Sequence[str]) -> str:
         if "live_top1_before" in online:
             line += f"; live top-1 {online['live_top1_before']:.3f} (old) -> {online['live_top1_after']:.3f} (after)"
         lines.append(line)
+    chain = report.get("chain")
+    if chain:
+        lines += ["", *chain_block(chain)]
     lines.append("files: " + ", ".join(files))
     return "\n".join(lines)
+
+
+def chain_block(chain: Mapping) -> list[str]:
+    """The chained upgrade in a few lines: its anchors, the v3 backfill per v2 state and order (a priority
+    order's z against the random orders, ``noise`` inside their spread) and the stopped-vs-finished verdict."""
+    a = chain["anchors"]
+    top1 = ", ".join(f"{label} {a[key]['top1']:.3f}" for key, label in CHAIN_SHOWN)
+    lines = [
+        f"chained upgrade v1 -> v2 -> v3, v3 started with v2's backfill at {chain['v2_fraction']:.0%} "
+        f"(v3 queries; top-1 {top1})",
+        render_table(CHAIN_HEADER, chain_rows(chain)),
+    ]
+    if "comparison" in chain:
+        lines.append(comparison_line(chain["comparison"]))
+    return lines
+
+
+CHAIN_SHOWN = (("v1_v1", "v1/v1"), ("v2_v2", "v2/v2"), ("v3_v3", "v3/v3"), ("v3_h23_h12_v1", "v3/h23(h12(v1))"))
 
 
 def _top1(row: Mapping) -> str:

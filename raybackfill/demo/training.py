@@ -55,7 +55,7 @@ def train_backbones(
 
     start = time.perf_counter()
     lr, searched = choose_backbone_lr(layout, train_old, models["old"], scale, config, common)
-    _check_backbone("old", read_spec(models["old"]), time.perf_counter() - start, config)
+    check_backbone("old", read_spec(models["old"]), time.perf_counter() - start, config)
     training: dict = {"backbone_lr": lr, "lr_search": searched, "backbones": {"old": backbone_summary(models["old"])}}
     new_fit = dataclasses.replace(scale.new, lr=lr)
     for name, method in NEW_BACKBONES.items():
@@ -71,7 +71,7 @@ def train_backbones(
             tau=scale.ract_tau,
             **common,
         )
-        _check_backbone(name, spec, time.perf_counter() - start, config)
+        check_backbone(name, spec, time.perf_counter() - start, config)
         training["backbones"][name] = backbone_summary(models[name])
     start = time.perf_counter()
     train_side_info(
@@ -84,7 +84,7 @@ def train_backbones(
     return models, training
 
 
-def _check_backbone(name: str, spec: ModelSpec, seconds: float, config: DemoConfig) -> None:
+def check_backbone(name: str, spec: ModelSpec, seconds: float, config: DemoConfig) -> None:
     """Log how a backbone trained and stop the demo if it did not learn (see raybackfill.train.quality)."""
     t = spec.training
     figures = f"train accuracy {t['train_accuracy']:.3f}"
@@ -132,27 +132,47 @@ def choose_backbone_lr(
     return best, {f"{lr:g}": acc for lr, (acc, _) in candidates.items()}
 
 
+def train_forward(
+    layout: DemoLayout,
+    method: Method,
+    source_train: str,
+    target_train: str,
+    target_model: str,
+    scale: DemoScale,
+    config: DemoConfig,
+    name: str | None = None,
+) -> str:
+    """One forward transformation of ``method``'s recipe (FCT / FastFill, with or without side-information) from
+    the space of ``source_train``'s embeddings to ``target_train``'s (the same train images; ``target_model`` is
+    the target backbone, whose classifier FastFill's loss reads), trained at ``scale.transformation``. Written
+    to ``models/NAME`` (default: the method's name); returns its URI."""
+    recipe = get_recipe(method)
+    name = name or method.value
+    uri = layout.model(name)
+    train_transformation(
+        source_train,
+        target_train,
+        uri,
+        new_model=target_model,
+        side_info=recipe.side_info,
+        uncertainty=recipe.uncertainty,
+        hidden_dim=scale.hidden_dim,
+        mixer_dim=scale.mixer_dim,
+        version=name,
+        train=train_config(name, layout, config, scale.transformation),
+    )
+    return uri
+
+
 def train_transformations(
     layout: DemoLayout, old_train: str, new_train: str, new_model: str, scale: DemoScale, config: DemoConfig
 ) -> dict[str, str]:
     """FCT / FastFill transformations (with and without side-information) and psi, on the train split's old
     and new embeddings."""
-    models = {}
-    for method in TRANSFORMATIONS:
-        recipe = get_recipe(method)
-        models[method.value] = layout.model(method)
-        train_transformation(
-            old_train,
-            new_train,
-            models[method],
-            new_model=new_model,
-            side_info=recipe.side_info,
-            uncertainty=recipe.uncertainty,
-            hidden_dim=scale.hidden_dim,
-            mixer_dim=scale.mixer_dim,
-            version=method,
-            train=train_config(method, layout, config, scale.transformation),
-        )
+    models = {
+        method.value: train_forward(layout, method, old_train, new_train, new_model, scale, config)
+        for method in TRANSFORMATIONS
+    }
     models["psi"] = layout.model("psi")
     train_reverse(
         old_train,

@@ -20,6 +20,7 @@ from raybackfill.backfill.policies import priority_order, priority_scores
 from raybackfill.compat.recipes import get_recipe
 from raybackfill.data.schema import ID, LABEL, SIDE_INFO, validate_embedding_table, vectors_of
 from raybackfill.data.storage import join, read_table, write_bytes
+from raybackfill.eval.chain import chain_table
 from raybackfill.eval.curves import (
     DEFAULT_POINTS,
     BackfillCurve,
@@ -29,7 +30,7 @@ from raybackfill.eval.curves import (
     even_betas,
 )
 from raybackfill.eval.metrics import EvalConfig, RetrievalResult, cross_tests
-from raybackfill.eval.plots import plot_curves, plot_online
+from raybackfill.eval.plots import plot_chain, plot_curves, plot_online
 from raybackfill.eval.report import Run, build_report, save_report, summary_table
 from raybackfill.models.artifacts import load_model
 from raybackfill.types import Method, Metric, OldQuerySource, Policy, Protocol, Strategy, locate_ids, parse
@@ -38,6 +39,7 @@ COLUMN_PREFIX = "column:"
 REPORT_FILE = "report.json"
 PLOT_FILE = "backfill_curves.png"
 ONLINE_PLOT_FILE = "online_quality.png"
+CHAIN_PLOT_FILE = "chain_curves.png"
 MARKDOWN_FILE = "report.md"
 
 
@@ -305,9 +307,11 @@ def evaluate_tables(inputs: EvalInputs, config: OfflineConfig) -> dict:
 
 def output_files(report: Mapping) -> list[str]:
     """What ``write_outputs`` writes for this report: report.json, backfill_curves.png and report.md (the
-    markdown tables), plus online_quality.png when the report has live readings from an online backfill."""
+    markdown tables), plus online_quality.png when the report has live readings from an online backfill and
+    chain_curves.png when it has a chained upgrade's section (``chain``)."""
     online = [ONLINE_PLOT_FILE] if report.get("online", {}).get("live_readings") else []
-    return [REPORT_FILE, PLOT_FILE, MARKDOWN_FILE, *online]
+    chain = [CHAIN_PLOT_FILE] if report.get("chain") else []
+    return [REPORT_FILE, PLOT_FILE, MARKDOWN_FILE, *online, *chain]
 
 
 def write_outputs(report: dict, out_uri: str) -> dict[str, str]:
@@ -317,5 +321,9 @@ def write_outputs(report: dict, out_uri: str) -> dict[str, str]:
     plot_curves(report, paths[PLOT_FILE])
     if ONLINE_PLOT_FILE in paths:
         plot_online(report["online"], paths[ONLINE_PLOT_FILE])
-    write_bytes(paths[MARKDOWN_FILE], (summary_table(report, markdown=True) + "\n").encode())
+    markdown = summary_table(report, markdown=True)
+    if CHAIN_PLOT_FILE in paths:
+        plot_chain(report["chain"], paths[CHAIN_PLOT_FILE])
+        markdown += "\n\n" + chain_table(report["chain"], markdown=True)
+    write_bytes(paths[MARKDOWN_FILE], (markdown + "\n").encode())
     return paths

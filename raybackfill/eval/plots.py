@@ -14,7 +14,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from raybackfill.data.storage import write_bytes
+from raybackfill.eval.chain import COMPOSED_FIRST
 from raybackfill.eval.report import validate_report
+from raybackfill.types import Policy
 
 PANELS = (("top1", "CMC top-1"), ("map", "mAP@all"))
 ANCHORS = (("old_old", "old/old", "0.3"), ("new_new", "new/new", "0.0"))
@@ -51,6 +53,55 @@ def curve_figure(report: Mapping) -> Figure:
 def plot_curves(report: Mapping, uri: str) -> str:
     """Write the curve figure as PNG (local path or s3://) and return where it went."""
     return _save_png(curve_figure(report), uri)
+
+
+CHAIN_ANCHOR_LINES = (("v1_v1", "v1/v1", "0.6"), ("v2_v2", "v2/v2", "0.3"), ("v3_v3", "v3/v3", "0.0"))
+CHAIN_ORDER_STYLES = {Policy.UNCERTAINTY: "-", Policy.RANDOM: "-.", COMPOSED_FIRST: ":"}
+
+
+def chain_figure(chain: Mapping) -> Figure:
+    """A chained upgrade's v3 backfill (the report's ``chain`` section): top-1 and mAP of v3 queries against
+    the share of the gallery v3 re-embedded, one colour per v2 state (stopped, finished) and one line style per
+    order, v1/v1, v2/v2 and v3/v3 as dashed lines; a third panel shows what serves the gallery along the
+    stopped variant's uncertainty order (phi3, h23(phi2), the composed h23(h12(phi1)))."""
+    variants = chain.get("variants") or []
+    if not variants:
+        raise ValueError("the chain section has no variants to plot")
+    fig = Figure(figsize=(16, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
+    for ax, (key, title) in zip(axes[:2], PANELS, strict=True):
+        for i, variant in enumerate(variants):
+            for run in variant["runs"]:
+                ax.plot(run["betas"], run[key], color=f"C{i % 10}", marker="o", markersize=3,
+                        linestyle=CHAIN_ORDER_STYLES.get(run["policy"], "--"),
+                        label=f"{variant['name']}, v3 order {run['policy']}")  # fmt: skip
+        for name, label, color in CHAIN_ANCHOR_LINES:
+            value = chain["anchors"][name][key]
+            if value is not None:
+                ax.axhline(value, linestyle="--", color=color, linewidth=1, label=label)
+        ax.set_xlabel("fraction of the gallery re-embedded by v3")
+        ax.set_ylabel(title)
+        ax.set_xlim(0, 1)
+        ax.set_title(f"{title}, v3 queries (v2 stopped at {chain['v2_fraction']:.0%})")
+        ax.grid(alpha=0.3)
+    first = variants[0]
+    served = first["served"]
+    betas = first["runs"][0]["betas"]
+    axes[2].stackplot(betas, *served.values(), labels=list(served), alpha=0.7)
+    axes[2].set_xlabel("fraction of the gallery re-embedded by v3")
+    axes[2].set_ylabel("share of the gallery served as")
+    axes[2].set_xlim(0, 1)
+    axes[2].set_ylim(0, 1)
+    axes[2].set_title(f"{first['name']}: what serves each item")
+    axes[2].legend(loc="upper right", fontsize="small")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize="small")
+    return fig
+
+
+def plot_chain(chain: Mapping, uri: str) -> str:
+    """Write the chain figure as PNG (local path or s3://) and return where it went."""
+    return _save_png(chain_figure(chain), uri)
 
 
 def online_figure(online: Mapping) -> Figure:
