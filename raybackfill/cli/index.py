@@ -103,7 +103,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--load-batch-rows", type=int, default=LoadConfig.batch_rows, help="rows per call to the shards (default 65536)"
     )
-    _name(serve)
+    add_index_name(serve)
     add_http_arguments(serve)
     add_trust_arguments(serve)
     serve.set_defaults(func=_serve)
@@ -136,7 +136,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     query.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _search_flags(query, "for this query; default: the index's")
-    _name(query)
+    add_index_name(query)
     add_trust_arguments(query)
     query.set_defaults(func=_query)
 
@@ -151,7 +151,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="also the items per model lineage in each generation (which encoder embedded them, which "
         "transformations carried them: 'v1>v2' is a v1 embedding transformed into v2)",
     )
-    _name(status)
+    add_index_name(status)
     status.set_defaults(func=_status)
 
     snapshot = subparsers.add_parser(
@@ -160,7 +160,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Write every shard's state under the index's --snapshot-uri. A shard that Ray restarts "
         "serves its last snapshot, and a backfill replays only what came after it, so snapshot after long runs.",
     )
-    _name(snapshot)
+    add_index_name(snapshot)
     snapshot.set_defaults(func=_snapshot)
 
 
@@ -175,7 +175,8 @@ def search_params(args: argparse.Namespace) -> dict[str, int]:
     return {name: value for name, value in given.items() if value is not None}
 
 
-def _name(parser: argparse.ArgumentParser) -> None:
+def add_index_name(parser: argparse.ArgumentParser) -> None:
+    """The --name flag of every command that attaches to a running index."""
     parser.add_argument("--name", default=DEFAULT_NAME, help=f"index (router actor) name (default {DEFAULT_NAME})")
 
 

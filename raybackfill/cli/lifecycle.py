@@ -12,7 +12,8 @@ import argparse
 import json
 from datetime import UTC, datetime
 
-from raybackfill.index.router import DEFAULT_NAME, connect, destroy_index, get
+from raybackfill.cli.index import add_index_name
+from raybackfill.index.router import connect, destroy_index, get
 from raybackfill.types import Space
 
 SPACES = {"serving": Space.OLD, "upgrade": Space.NEW}
@@ -29,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     promote.add_argument(
         "--no-retain", action="store_true", help="drop the replaced generation now (no rollback of this promote)"
     )
-    _name(promote)
+    add_index_name(promote)
     promote.set_defaults(func=_promote)
 
     rollback = subparsers.add_parser(
@@ -39,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "After a promote (no new upgrade begun): the generation it replaced comes back, with the promoted one "
         "as its upgrade, as before the promote; roll back again to serve the older generation alone.",
     )
-    _name(rollback)
+    add_index_name(rollback)
     rollback.set_defaults(func=_rollback)
 
     gc = subparsers.add_parser(
@@ -47,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="free the generation the last promote replaced (no rollback of it afterwards)",
         description="Drop the retired generation on every shard now and free its memory.",
     )
-    _name(gc)
+    add_index_name(gc)
     gc.set_defaults(func=_gc)
 
     export = subparsers.add_parser(
@@ -67,18 +68,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "auto (default): the upgrade once every item is in it, else the serving generation",
     )
     export.add_argument("--part-rows", type=int, default=100_000, help="items per Parquet part (default 100000)")
-    _name(export)
+    add_index_name(export)
     export.set_defaults(func=_export)
 
     stop = subparsers.add_parser(
         "stop", help="kill the index router and its shards", description="Kill the index router and its shards."
     )
-    _name(stop)
+    add_index_name(stop)
     stop.set_defaults(func=_stop)
-
-
-def _name(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--name", default=DEFAULT_NAME, help=f"index (router actor) name (default {DEFAULT_NAME})")
 
 
 def _counts(counts: dict) -> str:

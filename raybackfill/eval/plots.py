@@ -37,10 +37,7 @@ def curve_figure(report: Mapping) -> Figure:
             color = f"C{methods.index(run['method']) % 10}"
             style = LINE_STYLES[orders.index(run["policy"]) % len(LINE_STYLES)]
             ax.plot(run["betas"], run[key], color=color, linestyle=style, marker="o", markersize=3, label=label)
-        for name, label, color in ANCHORS:
-            value = report["anchors"][name][key]
-            if value is not None:
-                ax.axhline(value, linestyle="--", color=color, linewidth=1, label=label)
+        _anchor_lines(ax, ANCHORS, report["anchors"], key)
         ax.set_xlabel("backfilled fraction of the gallery")
         ax.set_ylabel(title)
         ax.set_xlim(0, 1)
@@ -48,6 +45,14 @@ def curve_figure(report: Mapping) -> Figure:
         ax.grid(alpha=0.3)
     fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize="small")
     return fig
+
+
+def _anchor_lines(ax, lines, anchors: Mapping, key: str) -> None:
+    """A dashed horizontal line per anchor (name, label, colour) that has a value for ``key``."""
+    for name, label, color in lines:
+        value = anchors[name][key]
+        if value is not None:
+            ax.axhline(value, linestyle="--", color=color, linewidth=1, label=label)
 
 
 def plot_curves(report: Mapping, uri: str) -> str:
@@ -76,10 +81,7 @@ def chain_figure(chain: Mapping) -> Figure:
                 ax.plot(run["betas"], run[key], color=f"C{i % 10}", marker="o", markersize=3,
                         linestyle=CHAIN_ORDER_STYLES.get(run["policy"], "--"),
                         label=f"{variant['name']}, v3 order {run['policy']}")  # fmt: skip
-        for name, label, color in CHAIN_ANCHOR_LINES:
-            value = chain["anchors"][name][key]
-            if value is not None:
-                ax.axhline(value, linestyle="--", color=color, linewidth=1, label=label)
+        _anchor_lines(ax, CHAIN_ANCHOR_LINES, chain["anchors"], key)
         ax.set_xlabel("fraction of the gallery re-embedded by v3")
         ax.set_ylabel(title)
         ax.set_xlim(0, 1)
