@@ -36,6 +36,7 @@ __all__ = [
     "Space",
     "Stage",
     "Strategy",
+    "TargetHealth",
     "Tokenizer",
     "locate_ids",
     "locate_sorted",
@@ -154,6 +155,14 @@ class Phase(_Term):
     DONE = "done"
     PROMOTED = "promoted"
     ROLLED_BACK = "rolled_back"
+
+
+class TargetHealth(_Term):
+    """How the index an alias points to answers (`raybackfill alias show`)."""
+
+    OK = "ok"  # the router and every shard answer
+    UNAVAILABLE = "unavailable"  # the router or a shard is dead, restarting or too slow
+    MISSING = "missing"  # no index of that name runs (stopped, or never started)
 
 
 class Stage(_Term):

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from raybackfill.cli.alias import say_alias
 from raybackfill.cli.encoder import add_trust_arguments, trust_from
 from raybackfill.cli.service import add_http_arguments, deploy_http
+from raybackfill.index.aliases import get_alias
 from raybackfill.index.loading import DEFAULT_TRAIN_SAMPLE, LoadConfig
 from raybackfill.index.merge import TopK
 from raybackfill.index.progress import Progress
@@ -177,7 +179,9 @@ def search_params(args: argparse.Namespace) -> dict[str, int]:
 
 def add_index_name(parser: argparse.ArgumentParser) -> None:
     """The --name flag of every command that attaches to a running index."""
-    parser.add_argument("--name", default=DEFAULT_NAME, help=f"index (router actor) name (default {DEFAULT_NAME})")
+    parser.add_argument(
+        "--name", default=DEFAULT_NAME, help=f"index (router actor) name or alias (default {DEFAULT_NAME})"
+    )
 
 
 # ------------------------------------------------------------------------- serve
@@ -216,6 +220,12 @@ def _serve(args: argparse.Namespace) -> int:
     )
     if args.train_sample < 1:
         raise ValueError(f"--train-sample must be positive, got {args.train_sample}")
+    alias = get_alias(args.name)
+    if alias is not None:
+        raise ValueError(
+            f"--name {args.name!r} is an alias (-> index {alias.index!r}): give the new index its own name; clients "
+            f"switch to it with `raybackfill alias set {args.name} NEW-INDEX`"
+        )
     router = create_index(config)
     serving = get(router.progress.remote()).total
     if serving:
@@ -240,6 +250,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _snapshot(args: argparse.Namespace) -> int:
+    say_alias(args.name)
     _print_snapshots(get(connect(args.name).snapshot.remote()))
     return 0
 
@@ -332,6 +343,7 @@ def format_results(result: TopK) -> str:
 
 # ------------------------------------------------------------------------- status
 def _status(args: argparse.Namespace) -> int:
+    say_alias(args.name)
     router = connect(args.name)
     print(format_status(get(router.progress.remote())))
     if args.by_model:

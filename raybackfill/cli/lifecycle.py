@@ -12,6 +12,7 @@ import argparse
 import json
 from datetime import UTC, datetime
 
+from raybackfill.cli.alias import check_stop, say_alias
 from raybackfill.cli.index import add_index_name
 from raybackfill.index.router import connect, destroy_index, get
 from raybackfill.types import Space
@@ -75,6 +76,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "stop", help="kill the index router and its shards", description="Kill the index router and its shards."
     )
     add_index_name(stop)
+    stop.add_argument(
+        "--force", action="store_true", help="stop the index even though aliases point to it (they then fail)"
+    )
     stop.set_defaults(func=_stop)
 
 
@@ -83,6 +87,7 @@ def _counts(counts: dict) -> str:
 
 
 def _promote(args: argparse.Namespace) -> int:
+    say_alias(args.name)
     router = connect(args.name)
     counts = get(router.promote.remote(retain=not args.no_retain))
     health = get(router.health.remote())
@@ -99,6 +104,7 @@ def _promote(args: argparse.Namespace) -> int:
 
 
 def _rollback(args: argparse.Namespace) -> int:
+    say_alias(args.name)
     router = connect(args.name)
     counts = get(router.rollback.remote())
     progress = get(router.progress.remote())
@@ -135,5 +141,6 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _stop(args: argparse.Namespace) -> int:
+    check_stop(args.name, args.force)
     print("stopped: " + ", ".join(destroy_index(args.name)))
     return 0

@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "gc": ("lifecycle", "free the generation the last promote replaced"),
     "export": ("lifecycle", "write a generation of the index as an embedding table"),
     "stop": ("lifecycle", "kill the index router and its shards"),
+    "alias": ("alias", "point a stable name at an index and switch it atomically (blue/green)"),
     "backfill": ("backfill", "backfill a live index with a new model"),
     "transform": ("transform", "map an embedding table through a trained transformation (FCT/FastFill h, or psi)"),
     "eval": ("eval", "evaluate an upgrade: backfill curves, reports, live index quality"),

@@ -39,6 +39,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from raybackfill import NAMESPACE
 from raybackfill.data.storage import exists, join, read_bytes, write_bytes
+from raybackfill.index.aliases import get_alias
 from raybackfill.index.merge import TopK, merge_results
 from raybackfill.index.metrics import IndexMetrics
 from raybackfill.index.progress import (
@@ -543,10 +544,15 @@ def _attach() -> None:
 
 
 def connect(name: str = DEFAULT_NAME):
-    """The router actor named ``name``, from any process attached to (or able to reach) the cluster.
+    """The router actor named ``name``, or of the index the alias ``name`` points to, from any process attached to
+    (or able to reach) the cluster. An index name wins over an alias (``alias set`` refuses such an alias).
+
+    The handle stays on the index it was resolved to: to follow ``raybackfill alias set``, call ``connect`` again
+    (an alias costs one GCS read more than an index name, well under a millisecond).
 
     Args:
-        name: the index name given to :func:`create_index` (``raybackfill serve --name``).
+        name: the index name given to :func:`create_index` (``raybackfill serve --name``), or an alias
+            (``raybackfill alias set NAME INDEX``).
 
     Returns:
         The router's actor handle: ``search``, ``progress``, ``upsert``, ``promote``, ... are remote methods.
@@ -559,8 +565,19 @@ def connect(name: str = DEFAULT_NAME):
     try:
         return ray.get_actor(name, namespace=NAMESPACE)
     except ValueError as err:
+        missing = err
+    alias = get_alias(name)
+    if alias is None:
         raise ValueError(
-            f"no index named {name!r} in Ray namespace {NAMESPACE!r}; start one with `raybackfill serve`"
+            f"no index named {name!r} in Ray namespace {NAMESPACE!r}, nor an alias of that name; start one with "
+            "`raybackfill serve`"
+        ) from missing
+    try:
+        return ray.get_actor(alias.index, namespace=NAMESPACE)
+    except ValueError as err:
+        raise ValueError(
+            f"alias {name!r} points to index {alias.index!r}, which does not run (stopped, or not started); point "
+            f"it at a running index with `raybackfill alias set {name} INDEX`"
         ) from err
 
 

@@ -110,7 +110,8 @@ class Hit(BaseModel):
 
 
 class SearchResponse(BaseModel):
-    index: str
+    index: str = Field(description="the index that answered (an alias's target at the time of the request)")
+    alias: str | None = Field(None, description="the alias the service resolved, when it fronts one")
     phase: str
     strategy: Strategy
     k: int

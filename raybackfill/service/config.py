@@ -6,7 +6,7 @@
 ======================== =============================================================================
 key                      meaning (default)
 ======================== =============================================================================
-index                    the router actor's name (``raybackfill-router``)
+index                    the router actor's name, or an alias of one (``raybackfill-router``)
 old_model                encoder artefact for old-space queries (none)
 new_model                encoder artefact for new-space queries (none)
 psi_model                reverse transformation psi: old-space queries from the new encoder (none)
@@ -24,6 +24,7 @@ max_k                    largest k (1000)
 max_batch_size           requests batched into one index call (32)
 batch_wait_timeout_s     how long a batch waits to fill (0.005)
 status_ttl_s             how old the cached phase and space versions may be (1.0)
+alias_ttl_s              how long an alias's target is reused before it is read again; 0: every request (1.0)
 retry_after_s            the ``Retry-After`` of a 503 (2)
 index_timeout_s          a router call slower than this is a 503 (30)
 min_replicas             autoscaling floor (1)
@@ -73,6 +74,7 @@ class ServiceConfig:
     max_batch_size: int = 32
     batch_wait_timeout_s: float = 0.005
     status_ttl_s: float = 1.0
+    alias_ttl_s: float = 1.0
     retry_after_s: float = 2.0
     index_timeout_s: float = 30.0
     min_replicas: int = 1
@@ -94,7 +96,7 @@ class ServiceConfig:
             raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
         if self.index_timeout_s <= 0:
             raise ValueError(f"index_timeout_s must be positive, got {self.index_timeout_s}")
-        for name in ("batch_wait_timeout_s", "status_ttl_s", "retry_after_s", "num_cpus", "num_gpus"):
+        for name in ("batch_wait_timeout_s", "status_ttl_s", "alias_ttl_s", "retry_after_s", "num_cpus", "num_gpus"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
         if self.image_size is not None and self.image_size <= 0:
