@@ -12,7 +12,9 @@ Training on Ray Train:
 Embedding with Ray Data:
     :func:`embed_gallery`, :class:`PoolConfig`.
 The live index (Ray actors):
-    :func:`create_index`, :func:`connect`, :func:`destroy_index`, :class:`RouterConfig`.
+    :func:`create_index`, :func:`connect`, :func:`destroy_index`, :class:`RouterConfig`;
+    aliases for blue/green switches: :func:`set_alias`, :func:`get_alias`, :func:`list_aliases`,
+    :func:`remove_alias`.
 The backfill:
     :func:`run_backfill`, :class:`BackfillConfig`, :class:`BackfillSummary`.
 Evaluation:
@@ -58,6 +60,10 @@ _EXPORTS: dict[str, str] = {
     "connect": "raybackfill.index.router",
     "create_index": "raybackfill.index.router",
     "destroy_index": "raybackfill.index.router",
+    "get_alias": "raybackfill.index.aliases",
+    "list_aliases": "raybackfill.index.aliases",
+    "remove_alias": "raybackfill.index.aliases",
+    "set_alias": "raybackfill.index.aliases",
     # the backfill
     "BackfillConfig": "raybackfill.backfill.run",
     "BackfillSummary": "raybackfill.backfill.run",
@@ -101,9 +107,13 @@ __all__ = [
     "destroy_index",
     "embed_gallery",
     "evaluate_tables",
+    "get_alias",
+    "list_aliases",
     "load_encoder",
     "register_encoder",
+    "remove_alias",
     "run_backfill",
+    "set_alias",
     "train_backbone",
     "train_reverse",
     "train_side_info",
@@ -130,6 +140,7 @@ if TYPE_CHECKING:
     from raybackfill.encoders.encoder import Encoder, EntrypointTrust, load_encoder
     from raybackfill.encoders.register import EncoderSource, register_encoder
     from raybackfill.eval.offline import EvalInputs, OfflineConfig, evaluate_tables
+    from raybackfill.index.aliases import get_alias, list_aliases, remove_alias, set_alias
     from raybackfill.index.router import RouterConfig, connect, create_index, destroy_index
     from raybackfill.train.api import train_backbone, train_reverse, train_side_info, train_transformation
     from raybackfill.train.trainer import TrainConfig

@@ -81,13 +81,16 @@ def service_config(args: argparse.Namespace):
 
 def deploy_http(args: argparse.Namespace) -> None:
     """Deploy the service for ``args`` (the index must run) and print its URL."""
+    from raybackfill.index.aliases import resolve
     from raybackfill.index.router import connect
     from raybackfill.service.app import deploy
 
     config = service_config(args)
     try:
         connect(args.name)  # attaches to Ray
-    except ValueError:  # the service finds the index by name when it comes (the demo creates its own)
-        print(f"note: no index named {args.name!r} runs yet; the service answers 503 until one does")
+    except ValueError as err:  # the service finds the index by name when it comes (the demo creates its own)
+        print(f"note: {err}; the service answers 503 until it runs")
+    resolved = resolve(args.name)
+    what = f"alias {args.name!r} (now index {resolved.index!r})" if resolved.alias else f"index {args.name!r}"
     url = deploy(config, host=args.host, port=args.port)
-    print(f"search service for index {args.name!r} at {url} (POST /search, GET /status, GET /healthz, /docs)")
+    print(f"search service for {what} at {url} (POST /search, GET /status, GET /healthz, /docs)")

@@ -462,6 +462,9 @@ class SearchService:
                     )
                 except TimeoutError:
                     raise self._unavailable("the cluster's GCS did not answer the alias lookup; retry") from None
+                except Exception as err:  # noqa: BLE001 - a GCS error is an outage for the client, not a bug
+                    logger.warning("resolving %r failed: %s", self.config.index, err)
+                    raise self._unavailable("the alias lookup failed; retry") from None
                 if resolved != self._target:
                     if self._target is not None:
                         logger.info("%r now resolves to index %r (was %r)", self.config.index, resolved.index,
