@@ -7,8 +7,8 @@ A team that prefers a full rebuild to an in-place backfill builds a second index
 Storage. One JSON record per alias in Ray's GCS key-value store (``ray.experimental.internal_kv``, namespace
 :data:`KV_NAMESPACE`, key = the alias name). Why the KV and not a detached actor: a single key put is atomic in
 the GCS, it outlives every driver (like the index's detached actors, it lives as long as the cluster's GCS), a
-read costs one GCS round trip (about 0.2 ms here, against about 5 ms for a one-query search of a 10k-item,
-2-shard index) and needs no actor to be scheduled, restarted or given state to persist. The KV module is Ray's
+read is one GCS round trip (a fraction of a search's fan-out to the shards), and there is no actor to schedule,
+restart or give state to persist (docs/operations.md has the measured costs). The KV module is Ray's
 experimental API (Ray Serve and Ray Jobs keep their own state in it); every call to it is in this module.
 
 Resolution (:func:`resolve`, used by :func:`raybackfill.index.router.connect` and the HTTP service): a running

@@ -548,7 +548,7 @@ def connect(name: str = DEFAULT_NAME):
     (or able to reach) the cluster. An index name wins over an alias (``alias set`` refuses such an alias).
 
     The handle stays on the index it was resolved to: to follow ``raybackfill alias set``, call ``connect`` again
-    (an alias costs one GCS read more than an index name, well under a millisecond).
+    (an alias costs one GCS read more than an index name).
 
     Args:
         name: the index name given to :func:`create_index` (``raybackfill serve --name``), or an alias

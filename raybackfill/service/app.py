@@ -13,9 +13,9 @@ The phase and the spaces' model versions are cached for ``status_ttl_s`` (one ro
 not one per request).
 
 Aliases (blue/green, raybackfill.index.aliases). ``index`` may name an alias: the replica resolves it to an index
-and reuses that resolution for ``alias_ttl_s`` (default 1 s; 0 reads it on every request). Why a TTL: one read
-costs a GCS round trip (about 0.2 ms here, against about 5 ms for a one-query search of a 10k-item index), small
-per request but a load on the GCS that would grow with every replica's request rate. The bound: a request that
+and reuses that resolution for ``alias_ttl_s`` (default 1 s; 0 reads it on every request). Why a TTL: a read is
+a GCS round trip, small next to a search but a load on the cluster's one GCS that would grow with every
+replica's request rate (docs/operations.md has the measured costs). The bound: a request that
 reaches a replica more than ``alias_ttl_s`` after `raybackfill alias set` returned goes to the new target. A
 request is pinned to the index it resolved to: its status (phase, versions, the encoder check), its search and
 the versions of its hits all come from that one index, and a batch groups requests by index, so no answer mixes
