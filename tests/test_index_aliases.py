@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import ray
 
+from raybackfill import NAMESPACE
 from raybackfill.cli.main import main
 from raybackfill.index.aliases import (
     Alias,
@@ -161,7 +162,15 @@ def test_connect_follows_a_switch_and_each_answer_comes_from_one_index(indexes, 
 def test_an_alias_to_a_stopped_index_is_an_error_naming_both(indexes, alias):
     gone = f"alias-gone-{indexes['tag']}"
     _index(gone, 50_000, seed=2)
-    set_alias(alias, gone)
+    set_alias(alias, indexes["blue"])
+    # A shard down for good: the target exists but does not answer, so a switch to it needs --force.
+    ray.kill(ray.get_actor(f"{gone}-shard-001", namespace=NAMESPACE), no_restart=True)
+    state = index_state(gone)
+    assert state.health is TargetHealth.UNAVAILABLE and state.items is None
+    with pytest.raises(ValueError, match=f"target index '{gone}' is unavailable .*--force"):
+        set_alias(alias, gone)
+    assert get_alias(alias).index == indexes["blue"]
+    assert set_alias(alias, gone, force=True).previous == indexes["blue"]
     destroy_index(gone)
     with pytest.raises(ValueError, match=f"alias '{alias}' points to index '{gone}', which does not run"):
         connect(alias)
