@@ -105,6 +105,9 @@ def test_set_show_rm_and_their_refusals(indexes, alias):
         set_alias(f"other-{indexes['tag']}", shard)
     assert index_state(shard).health is TargetHealth.MISSING
     assert get_alias(alias) == switched  # nothing refused was written
+    with pytest.raises(ValueError, match=f"'{alias}' is an alias \\(of index '{green}'\\), not an index"):
+        destroy_index(alias)  # the library, like `raybackfill stop`, never stops an index through an alias
+    assert connect(green) is not None
     assert check_alias_name("a.b_c-1") == "a.b_c-1"
 
     removed = remove_alias(alias)

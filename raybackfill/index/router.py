@@ -620,7 +620,8 @@ def destroy_index(name: str = DEFAULT_NAME) -> list[str]:
     """Kill the router and its shards for good (no restart); their snapshots are kept.
 
     Args:
-        name: the index name.
+        name: the index name (an alias is refused: stopping an index is never done through a name that may be
+            switched to another index meanwhile).
 
     Returns:
         The names of the killed actors.
@@ -628,7 +629,16 @@ def destroy_index(name: str = DEFAULT_NAME) -> list[str]:
     Example:
         >>> destroy_index("raybackfill-router")  # doctest: +SKIP
     """
-    router = connect(name)
+    _attach()
+    try:
+        router = ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError as err:
+        alias = get_alias(name)
+        if alias is not None:
+            raise ValueError(
+                f"{name!r} is an alias (of index {alias.index!r}), not an index: stop the index by its own name"
+            ) from err
+        raise ValueError(f"no index named {name!r} in Ray namespace {NAMESPACE!r}") from err
     shard_names = get(router.shard_names.remote())
     for shard in shard_names:
         try:
