@@ -286,7 +286,8 @@ def _scale(runs: list[dict]) -> list[str]:
         "old table, for queries on the old space right after the load (the benchmark's transformation is untrained and "
         "collapses its output, so the new space's top-10 would be decided by ties); memory is the peak PSS of this "
         "process and every Ray process. Reproduce: "
-        f"`python -m benchmarks.bench_scale --sizes {','.join(str(n) for n in config['sizes'])} --out FILE`.",
+        f"`python -m benchmarks.bench_scale --sizes {','.join(str(n) for n in config['sizes'])} "
+        f"--index '{config['index']}' --out FILE`.",
         "",
         "| items | load (s) | backfill items/s | peak PSS (GB) | nprobe | recall@10 | p50 / p99 idle (ms) "
         "| p50 / p99 during the backfill (ms) | p99 ratio | paced: items/s, p50 / p99 (ms), p99 ratio |",
@@ -320,6 +321,25 @@ def _scale(runs: list[dict]) -> list[str]:
         f"{growth['exponent_peak_pss']:.2f}, idle p50 latency {growth['exponent_idle_p50']:.2f}.",
         "",
     ]
+    if len(runs) > 1:
+        lines += [
+            "Every kept scale run, largest size (newest first; validation recall per nprobe tried, when chosen):",
+            "",
+            "| file | index | items | nprobe (validation recall@10 per nprobe) | recall@10 | peak PSS (GB) "
+            "| backfill items/s | p99 ratio | paced p99 ratio |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for kept in reversed(runs):
+            p = kept["largest"]
+            tried = ", ".join(f"{n}: {r:.3f}" for n, r in (p.get("nprobe_validation_recall") or {}).items())
+            nprobe = p.get("nprobe", kept["config"].get("nprobe"))
+            paced = f"{p['paced']['p99_ratio']:.2f}" if p.get("paced") else "not run"
+            lines.append(
+                f"| `docs/benchmarks/{kept['_file']}` | `{kept['config']['index']}` | {p['items']:,} "
+                f"| {nprobe}{f' ({tried})' if tried else ''} | {p['recall_at_10']:.3f} | {p['peak_pss_gb']:.2f} "
+                f"| {p['backfill_items_per_s']:,.0f} | {p['p99_ratio']:.2f} | {paced} |"
+            )
+        lines.append("")
     return lines
 
 
@@ -327,8 +347,8 @@ def _nprobe_text(config: dict) -> str:
     if config.get("nprobe") is not None:
         return f"nprobe {config['nprobe']}"
     return (
-        "nprobe per size: the smallest whose recall@10 on separate validation queries reaches the target plus a "
-        "margin; the recall shown is on the evaluation queries"
+        "nprobe per size chosen on separate validation queries: the smallest reaching the recall target plus a "
+        "margin, else the smallest within a tie of the best; the recall shown is on the evaluation queries"
     )
 
 

@@ -220,6 +220,9 @@ def test_export_then_serve_answers_like_the_live_index_and_keeps_lineage(make_in
     assert main(["status", "--by-model", "--name", config.name]) == 0
     status = capsys.readouterr().out
     assert "serving 'v2': 96 items" in status and "retired 'v1': 96 items, kept for rollback until gc" in status
+    item = int(g.ids[-1])  # never re-embedded by v2: a v1 embedding transformed into v2
+    assert main(["status", "--by-model", "--item", str(item), "--name", config.name]) == 0
+    assert [str(item), "old", "v1>v2", "-"] in [line.split() for line in capsys.readouterr().out.splitlines()]
 
 
 # --------------------------------------------------------------------- a v3 backfill over an unfinished v2

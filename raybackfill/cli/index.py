@@ -153,6 +153,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="also the items per model lineage in each generation (which encoder embedded them, which "
         "transformations carried them: 'v1>v2' is a v1 embedding transformed into v2)",
     )
+    status.add_argument(
+        "--item",
+        type=int,
+        action="append",
+        metavar="ID",
+        help="with --by-model: also this item's state and the lineage of its vectors (repeatable)",
+    )
     add_index_name(status)
     status.set_defaults(func=_status)
 
@@ -346,9 +353,19 @@ def _status(args: argparse.Namespace) -> int:
     say_alias(args.name)
     router = connect(args.name)
     print(format_status(get(router.progress.remote())))
+    if args.item and not args.by_model:
+        raise ValueError("--item goes with --by-model")
     if args.by_model:
         print()
         print(format_provenance(get(router.provenance.remote())))
+        if args.item:
+            stored = get(router.vectors.remote(np.asarray(args.item, dtype=np.int64)))
+            print()
+            print(f"{'item':>12}  {'state':<12} {'serving lineage':<24} upgrade lineage")
+            for i, item in enumerate(args.item):
+                old = (stored.old_lineage or [None] * len(args.item))[i] or "-"
+                new = (stored.new_lineage or [None] * len(args.item))[i] or "-"
+                print(f"{item:>12}  {Space.from_code(stored.states[i]).value:<12} {old:<24} {new}")
     return 0
 
 
