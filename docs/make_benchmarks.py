@@ -310,7 +310,10 @@ def _scale(runs: list[dict]) -> list[str]:
         )
     lines += ["", f"Targets at {largest['items']:,} items:", ""]
     for key, target in targets.items():
-        value = largest[key]
+        value = largest.get(key)
+        if value is None:
+            lines.append(f"- `{key}` {target}: not measured in this run")
+            continue
         shown = f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
         lines.append(f"- `{key}` {target}: {shown} ({_meets(value, target)})")
     growth = run["growth"]
