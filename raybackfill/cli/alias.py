@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from datetime import UTC, datetime
 
+from raybackfill.cli import utc_time
 from raybackfill.index.aliases import (
     STATE_TIMEOUT_S,
     Alias,
@@ -101,7 +101,7 @@ def _set(args: argparse.Namespace) -> int:
 
 
 def _when(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if seconds else "-"
+    return utc_time(seconds) if seconds else "-"
 
 
 def _show(args: argparse.Namespace) -> int:

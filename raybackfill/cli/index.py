@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
+from raybackfill.cli import utc_time
 from raybackfill.cli.alias import say_alias
 from raybackfill.cli.encoder import add_trust_arguments, trust_from
 from raybackfill.cli.service import add_http_arguments, deploy_http
@@ -362,10 +362,10 @@ def _status(args: argparse.Namespace) -> int:
             stored = get(router.vectors.remote(np.asarray(args.item, dtype=np.int64)))
             print()
             print(f"{'item':>12}  {'state':<12} {'serving lineage':<24} upgrade lineage")
-            for i, item in enumerate(args.item):
-                old = (stored.old_lineage or [None] * len(args.item))[i] or "-"
-                new = (stored.new_lineage or [None] * len(args.item))[i] or "-"
-                print(f"{item:>12}  {Space.from_code(stored.states[i]).value:<12} {old:<24} {new}")
+            none = [None] * len(args.item)
+            rows = zip(args.item, stored.states, stored.old_lineage or none, stored.new_lineage or none, strict=True)
+            for item, state, old, new in rows:
+                print(f"{item:>12}  {Space.from_code(state).value:<12} {old or '-':<24} {new or '-'}")
     return 0
 
 
@@ -385,7 +385,7 @@ def format_provenance(provenance: dict) -> str:
     if retired is not None:
         expires = "until gc"
         if retired["expires_at"] is not None:
-            expires = "until " + datetime.fromtimestamp(retired["expires_at"], tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+            expires = "until " + utc_time(retired["expires_at"])
         lines.append(f"retired {retired['version']!r}: {retired['items']:,} items, kept for rollback {expires}")
     return "\n".join(lines)
 
@@ -404,7 +404,7 @@ def format_status(p: Progress, now: float | None = None) -> str:
     now = time.time() if now is None else now
     started = "not started"
     if p.started_at is not None:
-        when = datetime.fromtimestamp(p.started_at, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        when = utc_time(p.started_at)
         started = f"started {when} ({_duration(now - p.started_at)} ago)"
     lines = [f"index {p.name}   phase {p.phase}   {started}", ""]
     lines.append(f"{'shard':<6}" + "".join(f"{s:>13}" for s in Space) + f"{'total':>13}")

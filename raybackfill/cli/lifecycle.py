@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from datetime import UTC, datetime
 
+from raybackfill.cli import utc_time
 from raybackfill.cli.alias import check_stop, say_alias
 from raybackfill.cli.index import add_index_name
 from raybackfill.index.router import connect, destroy_index, get
@@ -95,7 +95,7 @@ def _promote(args: argparse.Namespace) -> int:
     kept = "dropped (--no-retain)" if retired is None else f"{retired['version']!r} kept for rollback"
     expires = ""
     if retired and retired["expires_at"] is not None:
-        expires = " until " + datetime.fromtimestamp(retired["expires_at"], tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        expires = " until " + utc_time(retired["expires_at"])
     print(
         f"promote: serving generation {health['generation']} = {health['old_space']['version']!r} "
         f"({_counts(counts)}); previous generation {kept}{expires}"

@@ -321,11 +321,11 @@ class IndexRouter:
         order = np.concatenate([g for g in groups if len(g)])
         states = np.zeros(len(ids), dtype=np.int8)
         states[order] = np.concatenate([p.states for p in parts])
-        lineages: list[list[str | None]] = [[None] * len(ids), [None] * len(ids)]
-        for which, attribute in enumerate(("old_lineage", "new_lineage")):
-            flat = [x for p in parts for x in (getattr(p, attribute) or [None] * len(p.ids))]
-            for position, lineage in zip(order, flat, strict=True):
-                lineages[which][position] = lineage
+        lineages = []
+        for attribute in ("old_lineage", "new_lineage"):
+            in_order = np.full(len(ids), None, dtype=object)
+            in_order[order] = [x for p in parts for x in (getattr(p, attribute) or [None] * len(p.ids))]
+            lineages.append(in_order.tolist())
         return ItemVectors(
             ids,
             states,
@@ -388,24 +388,14 @@ class IndexRouter:
         items per lineage ("v2", "v1>v2", ...), the new space's items per lineage and state, the retired one.
         See :meth:`IndexShard.provenance`."""
         parts = await _gather([s.provenance.remote() for s in self._shards])
-        merged: dict = {"generation": max(p["generation"] for p in parts), "old": None, "new": None, "retired": None}
-        for part in parts:
-            for key in ("old", "new"):
-                if part[key] is None:
-                    continue
-                into = merged[key] = merged[key] or {"version": part[key]["version"], "lineages": {}}
-                for lineage, count in part[key]["lineages"].items():
-                    if key == "old":
-                        into["lineages"][lineage] = into["lineages"].get(lineage, 0) + count
-                    else:
-                        states = into["lineages"].setdefault(lineage, {})
-                        for state, n in count.items():
-                            states[state] = states.get(state, 0) + n
-            if part["retired"] is not None:
-                if merged["retired"] is None:
-                    merged["retired"] = dict(part["retired"])
-                else:
-                    merged["retired"]["items"] += part["retired"]["items"]
+        merged: dict = {"generation": max(p["generation"] for p in parts)}
+        for key in ("old", "new"):
+            held = [p[key] for p in parts if p[key] is not None]
+            merged[key] = (
+                {"version": held[0]["version"], "lineages": _summed([h["lineages"] for h in held])} if held else None
+            )
+        retired = [p["retired"] for p in parts if p["retired"] is not None]
+        merged["retired"] = {**retired[0], "items": sum(r["items"] for r in retired)} if retired else None
         return merged
 
     async def export(self, uri: str, space: Space, part_rows: int = 100_000) -> dict:
@@ -520,6 +510,18 @@ def _train_task(config: IndexConfig, vectors: np.ndarray, threads: int) -> bytes
 
     faiss.omp_set_num_threads(threads)
     return train_index(config, vectors)
+
+
+def _summed(counts: list[dict]) -> dict:
+    """Nested count dicts ({lineage: n} or {lineage: {state: n}}) added key by key."""
+    total: dict = {}
+    for part in counts:
+        for key, value in part.items():
+            if isinstance(value, dict):
+                total[key] = _summed([total.get(key, {}), value])
+            else:
+                total[key] = total.get(key, 0) + value
+    return total
 
 
 def _scatter(order: np.ndarray, parts: list[np.ndarray | None], n: int) -> np.ndarray | None:

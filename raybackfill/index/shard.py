@@ -358,6 +358,9 @@ class _IndexShard:
             logger.info("retention of generation %s is over: collected", retired.space.version)
             self._collect()
 
+    def _retired_info(self) -> dict | None:
+        return self._retired.describe() if self._retired else None
+
     def _collect(self) -> dict:
         retired, self._retired = self._retired, None
         self._drop_derived(*RETIRED)
@@ -376,7 +379,7 @@ class _IndexShard:
             "trained": sorted(self._templates),
             "generation": self._generation,
             "promoted": self._generation > 1,
-            "retired": self._retired.describe() if self._retired else None,
+            "retired": self._retired_info(),
             "config": dataclasses.asdict(self._config),
             "threads": self._threads,
             "gpu": self._gpu is not None,
@@ -923,16 +926,7 @@ class _IndexShard:
             states = self._state[slots].copy()
             old = new = None
             if self._old_space is not None and self._pending is not None and self._backfilled is not None:
-                old = np.zeros((len(ids), self._old_space.dim), dtype=np.float32)
-                waiting = states == Space.OLD.code
-                kept = ~waiting
-                if not self._config.keep_old:
-                    kept &= states != Space.NEW.code
-                    old[states == Space.NEW.code] = np.nan  # dropped
-                if waiting.any():
-                    old[waiting] = self._pending.reconstruct(slots[waiting])
-                if kept.any():
-                    old[kept] = self._backfilled.reconstruct(slots[kept])
+                old = self._old_vectors(slots, states)
             if self._new is not None:
                 assert self._new_space is not None  # set with the new index
                 new = np.zeros((len(ids), self._new_space.dim), dtype=np.float32)
@@ -940,6 +934,22 @@ class _IndexShard:
                 if moved.any():
                     new[moved] = self._new.reconstruct(slots[moved])
             return ItemVectors(ids, states, old, new, *self._lineages_of(slots, states))
+
+    def _old_vectors(self, slots: np.ndarray, states: np.ndarray) -> np.ndarray:
+        """The old-space vectors of some slots (under the lock): from pending for items still old, from backfilled
+        for moved ones; NaN rows where ``keep_old=False`` dropped them."""
+        assert self._old_space is not None and self._pending is not None and self._backfilled is not None
+        old = np.zeros((len(slots), self._old_space.dim), dtype=np.float32)
+        waiting = states == Space.OLD.code
+        kept = ~waiting
+        if not self._config.keep_old:
+            kept &= states != Space.NEW.code
+            old[states == Space.NEW.code] = np.nan  # dropped
+        if waiting.any():
+            old[waiting] = self._pending.reconstruct(slots[waiting])
+        if kept.any():
+            old[kept] = self._backfilled.reconstruct(slots[kept])
+        return old
 
     def _lineages_of(self, slots: np.ndarray, states: np.ndarray) -> tuple[list[str | None], list[str | None]]:
         dropped = (states == Space.NEW.code) & (not self._config.keep_old)
@@ -973,17 +983,18 @@ class _IndexShard:
             new = None
             if self._new_space is not None:
                 moved = np.flatnonzero(self._state != Space.OLD.code)
+                pairs, counts = np.unique(
+                    np.stack([self._new_lineage(moved), self._state[moved]]), axis=1, return_counts=True
+                )
                 per: dict[str, dict[str, int]] = {}
-                for code, state in zip(self._new_lineage(moved), self._state[moved], strict=True):
-                    states = per.setdefault(self._lineages[code], {})
-                    name = Space.from_code(state).value
-                    states[name] = states.get(name, 0) + 1
+                for (code, state), n in zip(pairs.T, counts, strict=True):
+                    per.setdefault(self._lineages[code], {})[Space.from_code(state).value] = int(n)
                 new = {"version": self._new_space.version, "lineages": per}
             return {
                 "generation": self._generation,
                 "old": old,
                 "new": new,
-                "retired": self._retired.describe() if self._retired else None,
+                "retired": self._retired_info(),
             }
 
     def export(self, uri: str, prefix: str, space: Space, part_rows: int = 100_000) -> dict:
@@ -1020,34 +1031,30 @@ class _IndexShard:
             with self._lock:
                 if self._generation != generation or (space is Space.NEW and self._new_space is None):
                     raise ValueError("the index was promoted or rolled back during the export; run it again")
-                states = self._state[chunk]
                 ids = self._ids[chunk]
                 if space is Space.OLD:
-                    vectors = np.zeros((len(chunk), info.dim), dtype=np.float32)
-                    waiting = states == Space.OLD.code
-                    assert self._pending is not None and self._backfilled is not None  # items were loaded
-                    if waiting.any():
-                        vectors[waiting] = self._pending.reconstruct(chunk[waiting])
-                    if (~waiting).any():
-                        vectors[~waiting] = self._backfilled.reconstruct(chunk[~waiting])
-                    lineages = [self._lineages[c] for c in self._lineage[chunk]]
+                    vectors = self._old_vectors(chunk, self._state[chunk])
+                    codes = self._lineage[chunk]
                 else:
                     assert self._new is not None
                     vectors = self._new.reconstruct(chunk)
-                    lineages = [self._lineages[c] for c in self._new_lineage(chunk)]
-            models = [lineage.split(LINEAGE_SEP, 1)[0] for lineage in lineages]
+                    codes = self._new_lineage(chunk)
+                table_of_lineages = list(self._lineages)  # the table only grows: this copy covers every code
+            lineages = pa.array(table_of_lineages, type=pa.string())
+            models = pa.array([lineage.split(LINEAGE_SEP, 1)[0] for lineage in table_of_lineages], type=pa.string())
             table = embedding_table(
                 ids,
                 vectors,
                 extra={
-                    MODEL: pa.array(models, type=pa.string()),
+                    MODEL: models.take(codes),
                     GENERATION: pa.array([info.version] * len(ids), type=pa.string()),
-                    LINEAGE: pa.array(lineages, type=pa.string()),
+                    LINEAGE: lineages.take(codes),
                 },
             )
             files.append(storage.write_shard(table, uri, f"{prefix}-{part:05d}.parquet"))
-            for lineage in lineages:
-                lineage_counts[lineage] = lineage_counts.get(lineage, 0) + 1
+            for code, n in zip(*np.unique(codes, return_counts=True), strict=True):
+                lineage = table_of_lineages[code]
+                lineage_counts[lineage] = lineage_counts.get(lineage, 0) + int(n)
         logger.info("exported %d %s-space vectors (%s) to %s", len(slots), space, info.version, uri)
         return {
             "files": files,
@@ -1195,7 +1202,7 @@ class _IndexShard:
             "chunks": chunks,
             "generation": self._generation,
             "lineages": self._lineages,
-            "retired": self._retired.describe() if self._retired else None,
+            "retired": self._retired_info(),
         }
 
     def _restore(self, blobs: dict[str, bytes]) -> None:
@@ -1216,6 +1223,11 @@ class _IndexShard:
             self._ids = items["ids"].astype(np.int64)
             self._state = items["state"].astype(np.int8)
             self._lineage = items["lineage"].astype(np.int32)
+            retired_arrays = (
+                (items["retired_state"].astype(np.int8), items["retired_lineage"].astype(np.int32))
+                if "retired_state" in items.files
+                else None
+            )
             retired_template = blobs.get("retired.template.faiss")
             restored: dict[str, SlotIndex] = {}
             for name in INDEXES:
@@ -1251,9 +1263,9 @@ class _IndexShard:
         self._lineages = list(meta["lineages"])
         self._retired = None
         if meta["retired"] is not None:
+            assert retired_arrays is not None  # written with the retired generation's meta
             retired = meta["retired"]
-            with np.load(io.BytesIO(blobs["items.npz"])) as items:
-                states, lineage = items["retired_state"].astype(np.int8), items["retired_lineage"].astype(np.int32)
+            states, lineage = retired_arrays
             self._retired = _Retired(
                 space=SpaceInfo(retired["version"], retired["dim"]),
                 template=retired_template,
