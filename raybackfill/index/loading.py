@@ -346,6 +346,7 @@ def load_old_table(
     table = storage.open_table(table)
     dim = table_dim(table)
     check_column = version_column(table) if version is None else None
+    lineage = has_lineage(table)
     version = version or table_version(table)
     health = get(router.health.remote())
     index = index_config_of(health)
@@ -359,7 +360,7 @@ def load_old_table(
             n = footer.row_group(group).num_rows
             mine = dups[(dups >= first) & (dups < first + n)] - first
             job = _GroupJob(
-                uri, group, first, mine, version, check_column, has_lineage(table), dim, index.metric,
+                uri, group, first, mine, version, check_column, lineage, dim, index.metric,
                 list(health["shard_names"]), config.batch_rows, config.quarantine_uri,
             )  # fmt: skip
             jobs.append((job, n))
