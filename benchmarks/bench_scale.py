@@ -298,6 +298,7 @@ def scale_point(root: str, n: int, args: argparse.Namespace, centres: np.ndarray
         "peak_pss_gb": memory.peak_pss / 1e9,
         "peak_rss_sum_bytes": memory.peak_rss,
         "peak_processes": memory.peak_processes,
+        "peak_pss_by_process": memory.peak_breakdown,
         "nprobe": nprobe,
         "nprobe_validation_recall": {str(k): v for k, v in tried.items()},
         "idle": {**idle_ms, "queries": len(idle)},

@@ -88,6 +88,15 @@ def memory_of(pid: int) -> tuple[int, int]:
     return fields.get("Rss", 0), fields.get("Pss", 0)
 
 
+def process_name(pid: int) -> str:
+    """A process's command line, cut short (a Ray worker's reads ``ray::ActorName.method``)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    return " ".join(a.decode(errors="replace") for a in argv if a)[:80] or "?"
+
+
 class PeakMemory:
     """Samples the memory of this process and all its descendants in a thread; keeps the peaks (bytes).
 
@@ -100,12 +109,22 @@ class PeakMemory:
     def __init__(self, interval_s: float = 1.0) -> None:
         self.interval_s = interval_s
         self.peak_rss = self.peak_pss = self.peak_processes = 0
+        self.peak_breakdown: list[dict] = []  # the processes behind the PSS peak, largest first
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="peak-memory", daemon=True)
 
     def sample(self) -> None:
         pids = process_tree(os.getpid())
-        rss, pss = (sum(values) for values in zip(*(memory_of(pid) for pid in pids), strict=True))
+        usage = [memory_of(pid) for pid in pids]
+        rss, pss = (sum(values) for values in zip(*usage, strict=True))
+        if pss > self.peak_pss:
+            by_name: dict[str, list[int]] = {}
+            for pid, (_, share) in zip(pids, usage, strict=True):
+                by_name.setdefault(process_name(pid), []).append(share)
+            self.peak_breakdown = sorted(
+                ({"process": name, "count": len(shares), "pss_bytes": sum(shares)} for name, shares in by_name.items()),
+                key=lambda row: -row["pss_bytes"],
+            )
         self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
         self.peak_processes = max(self.peak_processes, len(pids))
 

@@ -131,7 +131,10 @@ def check_against_reference(shard: _IndexShard, g: Gallery, factory: str, rng) -
 
 
 @pytest.mark.parametrize("factory", list(KINDS))
-def test_moves_between_spaces_keep_every_id_exactly_once_for_every_kind(factory):
+def test_moves_between_spaces_keep_every_id_exactly_once_for_every_kind(factory, monkeypatch):
+    # small thresholds: indexes are compacted as they empty, and the rollback moves items back in chunks
+    monkeypatch.setattr(shard_module, "COMPACT_MIN_ROWS", 8)
+    monkeypatch.setattr(shard_module, "MOVE_CHUNK_ROWS", 7)
     shard, _ = trained(factory, KINDS[factory])
     rng = np.random.default_rng(7)
     g = Gallery.random(160, D, seed=5)
@@ -361,3 +364,51 @@ def test_a_large_k_or_a_kind_without_gpu_search_stays_on_the_cpu(monkeypatch):
     assert fake.copies == 0
     flat.search(g.old[:2], None, 5, "old")
     assert fake.copies == 1
+
+
+def test_an_upsert_encodes_outside_the_lock_and_a_rollback_meanwhile_makes_it_encode_again(monkeypatch):
+    shard, config = trained("IVF8,SQ8", {"nprobe": 8})
+    g = Gallery.random(60, D, seed=9)
+    shard.load_old(g.ids, g.old, "v1")
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((20, D)).astype(np.float32)
+    first = rng.standard_normal((10, D)).astype(np.float32)
+    shard.upsert(g.ids[:10], first, "transformed", "v2")
+    store = shard._new
+    prepare = store.prepare
+    seen = []
+
+    def prepare_then_roll_back(batch):
+        seen.append(shard._lock.locked())  # encoded without the lock held
+        prepared = prepare(batch)
+        shard.rollback()  # a lifecycle call between the two holds: the new index is gone
+        shard.set_trained(Space.NEW, train_index(config, rng.standard_normal((600, D)).astype(np.float32)), "v2")
+        return prepared
+
+    monkeypatch.setattr(store, "prepare", prepare_then_roll_back)
+    shard.upsert(g.ids[20:40], vectors, "new", "v2")
+    assert seen == [False] and shard._new is not store
+    assert shard.counts() == {Space.OLD: 40, Space.TRANSFORMED: 0, Space.NEW: 20}  # the rollback undid the first
+    g.upsert(np.arange(20, 40), vectors, "new")
+    check_against_reference(shard, g, "IVF8,SQ8", rng)
+
+
+def test_writes_run_at_the_configured_nice_value_on_their_own_thread():
+    import os
+    import threading
+
+    shard, _ = make("Flat", write_nice=7)
+    seen: dict[str, int] = {}
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def write() -> None:
+        shard._lower_write_priority()
+        seen["writer"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    writer.join()
+    assert seen["writer"] == max(7, before)  # only ever lowered
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before  # the caller's thread is untouched
+    with pytest.raises(ValueError, match="write_nice must be a nice value"):
+        IndexConfig(write_nice=25)

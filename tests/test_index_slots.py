@@ -236,3 +236,110 @@ def test_graph_rebuild_replays_the_moves_made_while_it_was_built():
     store.begin_rebuild()
     store.reset()
     assert store.finish_rebuild(faiss.clone_index(template), np.zeros(0, np.int64)) is None
+
+
+@pytest.mark.parametrize("factory", ["Flat", "SQ8", "IVF4,Flat", "OPQ4,IVF4,SQ8"])
+def test_an_index_that_lost_half_its_vectors_is_compacted_with_the_same_content(factory):
+    rng = np.random.default_rng(5)
+    template = faiss.index_factory(DIM, factory, faiss.METRIC_INNER_PRODUCT)
+    vectors = rng.standard_normal((400, DIM)).astype(np.float32)
+    template.train(vectors)
+    store = slot_index(template)
+    store.add(np.arange(400, dtype=np.int64), vectors)
+    assert store.high_water == 400
+    store.remove(np.arange(0, 150, dtype=np.int64))
+    assert not store.maybe_compact(min_rows=10)  # 250 of 400 left: more than half
+    store.remove(np.arange(150, 250, dtype=np.int64))
+    assert not store.maybe_compact(min_rows=1000)  # 250 left the index: fewer than min_rows
+    before_index = store.index
+    kept = np.arange(250, 400, dtype=np.int64)
+    decoded = store.reconstruct(kept)
+    queries = rng.standard_normal((6, DIM)).astype(np.float32)
+    scores, slots = store.search(queries, 5)
+    assert store.maybe_compact(min_rows=10)
+    assert store.index is not before_index and store.high_water == store.ntotal == 150
+    np.testing.assert_array_equal(store.reconstruct(kept), decoded)
+    got_scores, got_slots = store.search(queries, 5)
+    np.testing.assert_array_equal(got_slots, slots)
+    np.testing.assert_allclose(got_scores, scores, rtol=1e-6)
+    store.remove(kept[:10])  # the compacted copy keeps working (ids / row map and direct map included)
+    store.add(np.arange(400, 410, dtype=np.int64), vectors[:10])
+    assert store.ntotal == 150 and store.high_water == 150
+    everything = store.search(queries[:1], 150, {"nprobe": 4} if "IVF" in factory else {})[1][0]
+    assert sorted(everything.tolist()) == list(range(260, 410))
+
+
+def test_graph_indexes_are_compacted_by_their_rebuild_not_by_maybe_compact():
+    store = slot_index(faiss.IndexHNSWFlat(DIM, 8, faiss.METRIC_INNER_PRODUCT))
+    store.add(np.arange(50, dtype=np.int64), np.random.default_rng(0).standard_normal((50, DIM)).astype(np.float32))
+    store.remove(np.arange(40, dtype=np.int64))
+    assert not store.maybe_compact(min_rows=1)
+
+
+def test_reset_leaves_an_empty_index_that_takes_vectors_again():
+    rng = np.random.default_rng(6)
+    template = faiss.index_factory(DIM, "IVF4,SQ8", faiss.METRIC_INNER_PRODUCT)
+    vectors = rng.standard_normal((200, DIM)).astype(np.float32)
+    template.train(vectors)
+    store = slot_index(template)
+    store.add(np.arange(200, dtype=np.int64), vectors)
+    store.reset()
+    assert store.ntotal == 0 and store.high_water == 0
+    store.add(np.arange(5, dtype=np.int64), vectors[:5])
+    assert store.ntotal == 5 and store.search(vectors[:1], 1)[1][0, 0] in range(5)
+
+
+@pytest.mark.parametrize("factory", ["IVF8,SQ8", "IVF8,PQ4x4", "OPQ4,IVF8,SQ8", "PCA6,IVF8,Flat"])
+def test_ivf_prepared_adds_and_moves_store_what_faiss_add_stores(factory):
+    """prepare() (transforms + coarse assignment, outside the lock) then add, and a move between two indexes of
+    one training (lists kept, no centroid search), give the codes and lists of FAISS's own add_with_ids."""
+    rng = np.random.default_rng(7)
+    template = faiss.index_factory(DIM, factory, faiss.METRIC_INNER_PRODUCT)
+    vectors = rng.standard_normal((600, DIM)).astype(np.float32)
+    template.train(vectors)
+    blob = faiss.serialize_index(template)
+    reference = faiss.deserialize_index(blob)
+    faiss.extract_index_ivf(reference).set_direct_map_type(faiss.DirectMap.Hashtable)
+    reference.add_with_ids(vectors, np.arange(600, dtype=np.int64))
+    pending, backfilled = (slot_index(faiss.deserialize_index(blob)) for _ in range(2))
+    assert isinstance(pending, IVFSlots) and pending.prepare(vectors[:3]) is not None
+    pending.add(np.arange(300, dtype=np.int64), vectors[:300], pending.prepare(vectors[:300]))
+    pending.add(np.arange(300, 600, dtype=np.int64), vectors[300:])
+    pending.move_to(backfilled, np.arange(0, 600, 2, dtype=np.int64))
+    assert pending.quantizer_key == backfilled.quantizer_key
+    assert (pending.ntotal, backfilled.ntotal, pending.index.ntotal) == (300, 300, 300)
+
+    def lists_of(index):
+        ivf = faiss.extract_index_ivf(index)
+        return {
+            int(i): int(lst)
+            for lst in range(ivf.nlist)
+            for i in faiss.rev_swig_ptr(ivf.invlists.get_ids(lst), ivf.invlists.list_size(lst))
+        }
+
+    want = lists_of(reference)
+    got = lists_of(pending.index) | lists_of(backfilled.index)
+    assert got == want
+    for store, slots in ((pending, np.arange(1, 600, 2)), (backfilled, np.arange(0, 600, 2))):
+        np.testing.assert_allclose(store.reconstruct(slots), reference.reconstruct_batch(slots), atol=1e-5)
+    pending.remove(np.arange(1, 600, 4, dtype=np.int64))  # the direct map followed the prepared adds
+    assert pending.ntotal == 150
+
+
+def test_a_move_between_ivf_indexes_of_different_trainings_searches_the_centroids_again():
+    rng = np.random.default_rng(8)
+    vectors = rng.standard_normal((300, DIM)).astype(np.float32)
+    stores = []
+    for seed in (1, 2):
+        template = faiss.index_factory(DIM, "IVF4,Flat", faiss.METRIC_INNER_PRODUCT)
+        template.cp.seed = seed
+        template.train(rng.standard_normal((300, DIM)).astype(np.float32))
+        stores.append(slot_index(template))
+    source, target = stores
+    assert source.quantizer_key != target.quantizer_key
+    source.add(np.arange(300, dtype=np.int64), vectors)
+    source.move_to(target, np.arange(300, dtype=np.int64))
+    reference = faiss.clone_index(target.index)
+    reference.reset()
+    reference.add_with_ids(vectors, np.arange(300, dtype=np.int64))
+    np.testing.assert_array_equal(target.search(vectors[:5], 3, {"nprobe": 1})[1], reference.search(vectors[:5], 3)[1])

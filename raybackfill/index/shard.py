@@ -37,11 +37,12 @@ dropped once a true new vector replaces it (state new): less memory, but no stra
 Atomicity. All mutations and searches run under one lock, so a search sees every id exactly once
 (in pending, or in new) and never half a batch. GPU copies follow their CPU index in place
 (raybackfill.index.gpu). The actor's default concurrency group runs one call at a
-time (search, upsert, ...); `counts`/`describe` run in a separate "light" group and read only immutable
-values that mutations replace in one assignment, so they answer while a long search runs; `snapshot`
-runs in its own group and copies code rows in chunks, taking the lock per chunk and once more at the end to
-copy the rows changed meanwhile (see :meth:`IndexShard.snapshot`), so serving goes on while it copies and
-uploads.
+time (search, promote, rollback, ...), and a "write" group runs upserts and loads one at a time; an upsert
+encodes its vectors between two holds of the lock, so searches go on meanwhile; `counts`/`describe` run in a
+separate "light" group and read only immutable values that mutations replace in one assignment, so they answer
+while a long search runs; `snapshot` runs in its own group and copies code rows in chunks, taking the lock per
+chunk and once more at the end to copy the rows changed meanwhile (see :meth:`IndexShard.snapshot`), so
+serving goes on while it copies and uploads.
 
 Restart. A shard created with ``snapshot_uri`` restores its last snapshot in its constructor, so a Ray
 restart (max_restarts) comes back with the state of the last snapshot; later upserts are replayed by
@@ -54,6 +55,7 @@ import dataclasses
 import io
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -68,7 +70,7 @@ from raybackfill.index import kinds
 from raybackfill.index.gpu import GPU_MAX_K, GpuMirror, gpu_supported
 from raybackfill.index.merge import EMPTY_ID, TopK, empty_topk, merge_results
 from raybackfill.index.metrics import ShardMetrics
-from raybackfill.index.slots import CodesSlots, GraphSlots, IVFSlots, SlotIndex, slot_index
+from raybackfill.index.slots import CodesSlots, GraphSlots, IVFSlots, SlotIndex, release_free_memory, slot_index
 from raybackfill.index.snapshot import SnapshotWriter, read_snapshot
 from raybackfill.index.validate import as_batch, as_ids, as_queries, check_k, show_ids, unit_rows
 from raybackfill.logs import configure_logging
@@ -89,6 +91,8 @@ UPSERT_STATES = (Space.TRANSFORMED, Space.NEW)
 # in chunks. 4: generations (per-item lineage, the retired generation kept for rollback after promote).
 SNAPSHOT_FORMAT = 4
 SNAPSHOT_CHUNK_ROWS = 65_536  # code rows (or IVF entries) copied per lock hold while a snapshot runs
+MOVE_CHUNK_ROWS = 65_536  # vectors decoded at once when a rollback moves every item back (bounds its memory)
+COMPACT_MIN_ROWS = 65_536  # vectors that must have left an index before it is copied into exact-size storage
 # Config fields that change what a shard stores (a snapshot restores only under the same values); the others
 # (search parameters, limits, GPU, rebuild and sync thresholds) only change how it serves.
 STORED_FIELDS = ("factory", "metric", "keep_old")
@@ -120,6 +124,8 @@ class IndexConfig:
         use_gpu: search on a GPU copy when faiss has GPU support and the actor got a GPU.
         retention_s: how long a promote keeps the generation it replaced (for ``rollback`` after promote);
             None keeps it until ``gc``. The retired generation holds its vectors in memory meanwhile.
+        write_nice: CPU priority (Linux nice value, 0..19) of the thread that applies upserts and loads; above 0,
+            queries on the same cores are served first while a backfill writes. 0 treats them alike.
 
     Example:
         >>> IndexConfig(factory="IVF1024,PQ32", search_params={"nprobe": 32}).needs_training
@@ -137,6 +143,7 @@ class IndexConfig:
     max_queries: int = 10_000
     use_gpu: bool = True  # only when faiss has GPU support AND the actor was given a GPU
     retention_s: float | None = None
+    write_nice: int = 10
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "metric", parse(Metric, self.metric))
@@ -150,6 +157,8 @@ class IndexConfig:
             raise ValueError(f"rebuild_deleted_fraction must be in (0, 1], got {self.rebuild_deleted_fraction}")
         if self.gpu_sync_seconds < 0:
             raise ValueError(f"gpu_sync_seconds must be non-negative, got {self.gpu_sync_seconds}")
+        if not 0 <= self.write_nice <= 19:
+            raise ValueError(f"write_nice must be a nice value in [0, 19], got {self.write_nice}")
         if self.retention_s is not None and self.retention_s < 0:
             raise ValueError(f"retention_s must be non-negative (or None: until gc), got {self.retention_s}")
 
@@ -271,6 +280,15 @@ def train_index(config: IndexConfig, vectors: np.ndarray) -> bytes:
     return bytes(_to_bytes(index))
 
 
+def _rows_of(prepared, rows: np.ndarray):
+    """The part of a prepared encoding (codes, or an IVF's (vectors, lists)) for a boolean row mask."""
+    if prepared is None:
+        return None
+    if isinstance(prepared, tuple):
+        return tuple(part[rows] for part in prepared)
+    return prepared[rows]
+
+
 def _threads() -> int:
     """FAISS threads: the actor's CPUs (one outside an actor, e.g. a shard object in a test process)."""
     if not ray.is_initialized():
@@ -295,6 +313,7 @@ class _IndexShard:
         self._mirrors: dict[str, GpuMirror] = {}
         self._no_gpu: set[str] = set()  # indexes whose GPU copy failed: searched on the CPU
         self._rebuilds: dict[str, threading.Thread] = {}
+        self._niced: set[int] = set()  # threads already lowered to write_nice
         actor_name = ray.get_runtime_context().get_actor_name() if ray.is_initialized() else None
         self._metrics = ShardMetrics(actor_name or "")
         self._reset()
@@ -365,10 +384,14 @@ class _IndexShard:
         retired, self._retired = self._retired, None
         self._drop_derived(*RETIRED)
         self._publish()
-        return retired.describe() if retired else {}
+        description = retired.describe() if retired else {}
+        del retired  # the last reference to its indexes: their memory goes back to the system below
+        release_free_memory()
+        return description
 
     def _publish(self) -> None:
         """Replace the immutable views that the light concurrency group reads without the lock."""
+        self._published = getattr(self, "_published", 0) + 1  # changes on every change of the shard
         per_state = np.bincount(self._state, minlength=len(Space))
         self._counts: dict[str, int] = {space: int(per_state[space.code]) for space in Space}
         stores = {name: store for name in INDEXES if (store := self._index(name)) is not None}
@@ -512,7 +535,11 @@ class _IndexShard:
 
     def upsert(self, ids, vectors, state: Space, version: str, dry_run: bool = False) -> dict[str, int]:
         """Put new-space vectors for gallery items: old items move to the new space, transformed ones are
-        replaced. Idempotent: the same batch twice gives the same state. ``dry_run`` only validates."""
+        replaced. Idempotent: the same batch twice gives the same state. ``dry_run`` only validates.
+
+        The costly part, encoding the vectors for the new index (an IVF's coarse assignment, a code's
+        quantisation), runs between two holds of the lock, so queries go on meanwhile; if a lifecycle call
+        replaced the new index in between, the second hold encodes again."""
         with self._lock:
             self._set_threads()
             self._expire()
@@ -520,27 +547,57 @@ class _IndexShard:
             if dry_run:
                 return self._counts
             self._ensure_space(Space.NEW, vectors.shape[1], version)
-            drop_old = code == Space.NEW.code and not self._config.keep_old
-            waiting = self._state[slots] == Space.OLD.code
-            moving = slots[waiting]
-            if len(moving):
-                if drop_old:
-                    self._remove("pending", moving)
-                else:
-                    self._move("pending", "backfilled", moving)
-                self._add("new", moving, vectors[waiting])
-            replacing = ~waiting
-            if replacing.any():
-                self._replace("new", slots[replacing], vectors[replacing])
-                transformed = slots[replacing][self._state[slots[replacing]] == Space.TRANSFORMED.code]
-                if drop_old and len(transformed):
-                    self._remove("backfilled", transformed)
-            self._state[slots] = code
-            for name in ("pending", "backfilled", "new"):
-                self._maybe_rebuild(name)
-            self._publish()
-            self._metrics.observe_write("upsert", len(ids))
+            store, published = self._new, self._published
+        assert store is not None  # _ensure_space made it
+        prepared = store.prepare(vectors)
+        with self._lock:
+            self._set_threads()
+            if self._published != published:  # a call changed the shard in between: validate again
+                ids, vectors, slots, code = self._validated_upsert(ids, vectors, state, version)
+                self._ensure_space(Space.NEW, vectors.shape[1], version)
+            if self._new is not store:
+                prepared = None
+            self._apply_upsert(ids, vectors, slots, code, prepared)
             return self._counts
+
+    def _apply_upsert(self, ids: np.ndarray, vectors: np.ndarray, slots: np.ndarray, code: int, prepared) -> None:
+        """Under the lock: move, add and replace a validated batch (``prepared``: its encoding for the new index,
+        or None)."""
+        drop_old = code == Space.NEW.code and not self._config.keep_old
+        waiting = self._state[slots] == Space.OLD.code
+        moving = slots[waiting]
+        if len(moving):
+            if drop_old:
+                self._remove("pending", moving)
+            else:
+                self._move("pending", "backfilled", moving)
+            self._add("new", moving, vectors[waiting], _rows_of(prepared, waiting))
+        replacing = ~waiting
+        if replacing.any():
+            self._replace("new", slots[replacing], vectors[replacing], _rows_of(prepared, replacing))
+            transformed = slots[replacing][self._state[slots[replacing]] == Space.TRANSFORMED.code]
+            if drop_old and len(transformed):
+                self._remove("backfilled", transformed)
+        self._state[slots] = code
+        for name in ("pending", "backfilled", "new"):
+            self._maybe_rebuild(name)
+        self._publish()
+        self._metrics.observe_write("upsert", len(ids))
+
+    def _lower_write_priority(self) -> None:
+        """Run writes at ``write_nice`` (the calling thread only, Linux): on a node where the backfill and queries
+        share the cores, the scheduler then serves the queries first. Writes run in their own concurrency
+        group, so this thread does nothing else."""
+        thread = threading.get_native_id()
+        if self._config.write_nice <= 0 or thread in self._niced:
+            return
+        self._niced.add(thread)
+        try:
+            current = os.getpriority(os.PRIO_PROCESS, thread)
+            if current < self._config.write_nice:
+                os.setpriority(os.PRIO_PROCESS, thread, self._config.write_nice)
+        except (AttributeError, OSError) as error:  # not Linux, or not allowed: writes keep the query priority
+            logger.debug("write priority unchanged: %s", error)
 
     def _validated_upsert(self, ids, vectors, state: Space, version: str):
         state = parse(Space, state, what="upsert state", among=UPSERT_STATES)
@@ -573,10 +630,10 @@ class _IndexShard:
         return unit_rows(q, name) if self._config.metric is Metric.COSINE else q
 
     # Every change to an index goes through these, so its GPU copy follows it.
-    def _add(self, name: str, slots: np.ndarray, vectors: np.ndarray) -> None:
+    def _add(self, name: str, slots: np.ndarray, vectors: np.ndarray, prepared=None) -> None:
         store = self._index(name)
         assert store is not None  # the space exists
-        store.add(slots, vectors)
+        store.add(slots, vectors, prepared)
         if (mirror := self._mirrors.get(name)) is not None:
             mirror.add(slots, vectors, store.layout)
 
@@ -586,11 +643,12 @@ class _IndexShard:
         store.remove(slots)
         if (mirror := self._mirrors.get(name)) is not None:
             mirror.remove(slots)
+        store.maybe_compact(COMPACT_MIN_ROWS)
 
-    def _replace(self, name: str, slots: np.ndarray, vectors: np.ndarray) -> None:
+    def _replace(self, name: str, slots: np.ndarray, vectors: np.ndarray, prepared=None) -> None:
         store = self._index(name)
         assert store is not None
-        store.replace(slots, vectors)
+        store.replace(slots, vectors, prepared)
         if (mirror := self._mirrors.get(name)) is not None:
             mirror.remove(slots)
             mirror.add(slots, vectors, store.layout)
@@ -603,6 +661,7 @@ class _IndexShard:
         src.move_to(dst, slots)
         if (mirror := self._mirrors.get(source)) is not None:
             mirror.remove(slots)
+        src.maybe_compact(COMPACT_MIN_ROWS)
         if target_mirror is not None:
             assert vectors is not None
             target_mirror.add(slots, vectors, dst.layout)
@@ -721,6 +780,7 @@ class _IndexShard:
             self._lineage = lineage
             self._generation += 1
             self._publish()
+            release_free_memory()  # the indexes a promote without retention dropped
             return self._counts
 
     @staticmethod
@@ -745,7 +805,10 @@ class _IndexShard:
             moved = np.flatnonzero(self._state != Space.OLD.code).astype(np.int64)
             if len(moved):
                 assert self._pending is not None and self._backfilled is not None  # items loaded
-                self._move("backfilled", "pending", moved)
+                self._new = None  # its memory goes before the old space grows back
+                self._drop_derived("new")
+                for start in range(0, len(moved), MOVE_CHUNK_ROWS):
+                    self._move("backfilled", "pending", moved[start : start + MOVE_CHUNK_ROWS])
                 self._backfilled.reset()
                 self._drop_derived("backfilled")
             self._new = None
@@ -754,6 +817,7 @@ class _IndexShard:
             self._state[:] = Space.OLD.code
             self._drop_derived("new")
             self._publish()
+            release_free_memory()
             return self._counts
 
     def _undo_promote(self) -> None:
@@ -1283,11 +1347,23 @@ class _IndexShard:
         self._publish()
 
 
-@ray.remote(concurrency_groups={"light": 2, "snapshot": 1})  # type: ignore[call-overload]  # ray's overloads omit it
+@ray.remote(concurrency_groups={"light": 2, "snapshot": 1, "write": 1})  # type: ignore[call-overload]  # ray's overloads omit it
 class IndexShard(_IndexShard):
-    """The shard actor: one call of the default group at a time; ``counts``/``describe`` and
-    ``wait_for_rebuilds`` in the light group, ``snapshot`` in its own. (The overrides only place the calls in
-    their concurrency groups; mypy sees ray.method's remote-method type instead of the plain method.)"""
+    """The shard actor: one call of the default group (searches, lifecycle) at a time; ``upsert``/``load_old``
+    in the write group (one at a time, on a thread lowered to ``write_nice``), so a search waits for a write's
+    short holds of the lock only, not for the whole call; ``counts``/``describe`` and ``wait_for_rebuilds`` in
+    the light group, ``snapshot`` in its own. (The overrides only place the calls in their concurrency groups;
+    mypy sees ray.method's remote-method type instead of the plain method.)"""
+
+    @ray.method(concurrency_group="write")
+    def upsert(self, ids, vectors, state: Space, version: str, dry_run: bool = False) -> dict[str, int]:  # type: ignore[override]
+        self._lower_write_priority()
+        return super().upsert(ids, vectors, state, version, dry_run)
+
+    @ray.method(concurrency_group="write")
+    def load_old(self, ids, vectors, version: str, dry_run: bool = False, lineage=None) -> dict[str, int]:  # type: ignore[override]
+        self._lower_write_priority()
+        return super().load_old(ids, vectors, version, dry_run, lineage)
 
     @ray.method(concurrency_group="light")
     def counts(self) -> dict[str, int]:  # type: ignore[override]

@@ -19,12 +19,23 @@ O(batch) way:
   deleted fraction the shard rebuilds the index from the live rows in the background
   (:meth:`GraphSlots.begin_rebuild` / :meth:`GraphSlots.finish_rebuild`), replaying the moves made meanwhile.
 
-Every class has the same interface (add, replace, remove, reconstruct, move_to, search, reset), so the shard
-never looks at the layout.
+Every class has the same interface (add, replace, remove, reconstruct, move_to, search, reset, maybe_compact), so
+the shard never looks at the layout.
+
+Memory. FAISS never gives back the capacity of its storage when vectors leave it (a ``std::vector`` keeps its
+capacity when it shrinks), and a backfill empties the pending index while it fills two others. So
+:meth:`CodesSlots.maybe_compact` and :meth:`IVFSlots.maybe_compact` copy an index that has lost half of its
+largest size into exact-size storage (``faiss.clone_index``: same rows, same order, same ids), drop the old
+one and ask the C allocator to hand the freed pages back to the system (:func:`release_free_memory`). Each
+compaction halves the size it compares against, so the copying costs O(1) per removed vector.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import hashlib
+import logging
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -36,6 +47,52 @@ from raybackfill.types import Layout
 
 NO_ROW = -1
 NO_PARAMS: Mapping[str, Any] = {}
+
+logger = logging.getLogger(__name__)
+
+
+def _libc_malloc_trim():
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS): freed memory stays with the process
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def release_free_memory() -> bool:
+    """Ask glibc to return the free pages of its heap to the system (``malloc_trim(0)``); False where there is
+    no glibc. After FAISS frees a large index the pages are free but still counted against the process."""
+    if _MALLOC_TRIM is None:
+        return False
+    _MALLOC_TRIM(0)
+    return True
+
+
+class _Compacting:
+    """Largest size since the last compaction, and the compaction rule shared by the code and IVF layouts."""
+
+    high_water: int = 0
+
+    def _grew(self, ntotal: int) -> None:
+        self.high_water = max(self.high_water, ntotal)
+
+    def maybe_compact(self, min_rows: int) -> bool:
+        """Copy the index into exact-size storage when it holds less than half of its largest size and at least
+        ``min_rows`` vectors left it since; True when it did."""
+        ntotal = int(self.index.ntotal)  # type: ignore[attr-defined]
+        if 2 * ntotal >= self.high_water or self.high_water - ntotal < min_rows:
+            return False
+        self._swap_index(faiss.clone_index(self.index))  # type: ignore[attr-defined]
+        logger.debug("compacted an index from %d to %d vectors", self.high_water, ntotal)
+        self.high_water = ntotal
+        release_free_memory()
+        return True
+
+    def _swap_index(self, index: faiss.Index) -> None:
+        raise NotImplementedError
 
 
 def _ids(slots: np.ndarray) -> np.ndarray:
@@ -81,7 +138,7 @@ class RowMap:
         return np.where(labels >= 0, self.row_slot[np.maximum(labels, 0)], NO_ROW)
 
 
-class CodesSlots:
+class CodesSlots(_Compacting):
     """An index of fixed-size code rows (IndexFlatCodes, possibly behind transforms) over slots; rows are kept
     dense, so a flat index is always searched by a plain BLAS scan."""
 
@@ -95,6 +152,7 @@ class CodesSlots:
         if len(self._map.row_slot) != index.ntotal:
             raise ValueError(f"{len(self._map.row_slot)} slots for an index of {index.ntotal} rows")
         self._dirty: np.ndarray | None = None  # rows written since track() (a snapshot in progress)
+        self.high_water = int(index.ntotal)
 
     @property
     def ntotal(self) -> int:
@@ -136,18 +194,32 @@ class CodesSlots:
             return np.zeros((0, self.code_size), np.uint8)
         return faiss.rev_swig_ptr(self._codes_index.codes.data(), n).reshape(self.ntotal, self.code_size)
 
-    def add(self, slots: np.ndarray, vectors: np.ndarray) -> None:
+    def prepare(self, vectors: np.ndarray) -> np.ndarray:
+        """The code rows of ``vectors``: the encoding a later :meth:`add` or :meth:`replace` of them would do,
+        computed without touching the stored rows (so outside the shard lock)."""
+        return self.index.sa_encode(np.ascontiguousarray(vectors, np.float32))
+
+    def add(self, slots: np.ndarray, vectors: np.ndarray, prepared: np.ndarray | None = None) -> None:
+        if prepared is not None:
+            self.add_codes(slots, prepared)
+            return
         self.index.add(vectors)
         self._written(self._map.append(slots))
+        self._grew(self.ntotal)
 
     def add_codes(self, slots: np.ndarray, codes: np.ndarray) -> None:
         self._codes_index.add_sa_codes(np.ascontiguousarray(codes, dtype=np.uint8))
         self.index.ntotal = self._codes_index.ntotal  # a transform in front counts its own ntotal
         self._written(self._map.append(slots))
+        self._grew(self.ntotal)
 
-    def replace(self, slots: np.ndarray, vectors: np.ndarray) -> None:
+    def _swap_index(self, index: faiss.Index) -> None:
+        self.index = index
+        self._codes_index = cast(Any, unwrap(index))
+
+    def replace(self, slots: np.ndarray, vectors: np.ndarray, prepared: np.ndarray | None = None) -> None:
         rows = self._map.rows(slots)
-        self.codes()[rows] = self.index.sa_encode(vectors)
+        self.codes()[rows] = self.prepare(vectors) if prepared is None else prepared
         self._written(rows)
 
     def remove(self, slots: np.ndarray) -> None:
@@ -194,9 +266,12 @@ class CodesSlots:
     def reset(self) -> None:
         self.index.reset()
         self._map = RowMap()
+        self._swap_index(faiss.clone_index(self.index))  # reset keeps the capacity; an empty copy has none
+        self.high_water = 0
+        release_free_memory()
 
 
-class IVFSlots:
+class IVFSlots(_Compacting):
     """An IVF index (possibly behind transforms) whose FAISS ids are the slots (hashtable direct map: remove
     and reconstruct by id)."""
 
@@ -209,6 +284,15 @@ class IVFSlots:
             self._ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]
         self._dirty: np.ndarray | None = None  # lists changed since track() (a snapshot in progress)
         self._sizes = np.zeros(0, np.int64)
+        self.high_water = int(index.ntotal)
+        # Coarse assignment (the costly part of an add) done here rather than inside FAISS's add, so that
+        # prepare() can run it outside the shard lock and a move between indexes of one training skips it:
+        # only for an IVF alone or behind plain transforms (other wrappers add through FAISS).
+        self._chain = _transform_chain(index, self._ivf)
+        self._list_of = np.full(0, NO_ROW, np.int64)  # slot -> inverted list (when _chain is not None)
+        self._quantizer_key: bytes | None = None
+        if self._chain is not None and index.ntotal:
+            self._map_lists(np.arange(self.nlist, dtype=np.int64))
 
     # ------------------------------------------------------------- snapshot support
     @property
@@ -271,9 +355,13 @@ class IVFSlots:
 
     def finish_restore(self) -> None:
         """Count the restored entries and rebuild the id -> (list, offset) map."""
+        if self._chain is not None:
+            self._list_of = np.full(0, NO_ROW, np.int64)
+            self._map_lists(np.arange(self.nlist, dtype=np.int64))
         total = int(self.list_sizes().sum())
         self._ivf.ntotal = total
         self.index.ntotal = total  # a transform in front counts its own ntotal
+        self.high_water = total
         self._ivf.set_direct_map_type(faiss.DirectMap.NoMap)  # type: ignore[attr-defined]
         self._ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]  # rebuilt from lists
 
@@ -286,13 +374,71 @@ class IVFSlots:
     def row_slots(self) -> np.ndarray:
         return np.zeros(0, np.int64)  # the ids live inside the IVF index itself
 
-    def add(self, slots: np.ndarray, vectors: np.ndarray) -> None:
-        self.index.add_with_ids(vectors, _ids(slots))
-        self._changed()
+    @property
+    def quantizer_key(self) -> bytes:
+        """A fingerprint of the coarse centroids: two indexes with the same key assign a vector to the same list."""
+        if self._quantizer_key is None:
+            quantizer = self._ivf.quantizer
+            centroids = quantizer.reconstruct_n(0, quantizer.ntotal)
+            self._quantizer_key = hashlib.blake2b(centroids.tobytes(), digest_size=16).digest()
+        return self._quantizer_key
 
-    def replace(self, slots: np.ndarray, vectors: np.ndarray) -> None:
+    def _map_lists(self, lists: np.ndarray) -> None:
+        invlists = self._ivf.invlists
+        for i in lists.tolist():
+            n = invlists.list_size(i)
+            if n:
+                self._set_lists(faiss.rev_swig_ptr(invlists.get_ids(i), n).copy(), np.full(n, i, np.int64))
+
+    def _set_lists(self, slots: np.ndarray, lists: np.ndarray) -> None:
+        if len(slots) and int(slots.max()) >= len(self._list_of):
+            grown = np.full(max(int(slots.max()) + 1, 2 * len(self._list_of)), NO_ROW, np.int64)
+            grown[: len(self._list_of)] = self._list_of
+            self._list_of = grown
+        self._list_of[slots] = lists
+
+    def prepare(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """(vectors after the index's transforms, their inverted lists): the coarse assignment an :meth:`add`
+        would do, computed without touching the lists (so outside the shard lock); None when this index adds
+        through FAISS."""
+        if self._chain is None:
+            return None
+        x = np.ascontiguousarray(vectors, np.float32)
+        for transform in self._chain:
+            x = transform.apply(x)
+        _, lists = self._ivf.quantizer.search(x, 1)
+        return np.ascontiguousarray(x, np.float32), lists.ravel().astype(np.int64)
+
+    def add(
+        self, slots: np.ndarray, vectors: np.ndarray, prepared: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> None:
+        if prepared is None:
+            prepared = self.prepare(vectors)
+        if prepared is None:
+            self.index.add_with_ids(vectors, _ids(slots))
+        else:
+            self._add_assigned(_ids(slots), *prepared)
+        self._changed()
+        self._grew(self.ntotal)
+
+    def _add_assigned(self, ids: np.ndarray, x: np.ndarray, lists: np.ndarray) -> None:
+        """Add transformed vectors to given lists (FAISS encodes them; the direct map follows)."""
+        if (lists < 0).any():
+            raise RuntimeError("index inconsistency: a vector without an inverted list")
+        self._ivf.add_core(len(ids), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
+        self.index.ntotal = self._ivf.ntotal  # a transform in front counts its own ntotal
+        self._set_lists(ids, lists)
+
+    def _swap_index(self, index: faiss.Index) -> None:
+        self.index = index
+        self._ivf = faiss.extract_index_ivf(index)
+        self._chain = _transform_chain(index, self._ivf)
+
+    def replace(
+        self, slots: np.ndarray, vectors: np.ndarray, prepared: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> None:
         self.remove(slots)
-        self.add(slots, vectors)
+        self.add(slots, vectors, prepared)
 
     def remove(self, slots: np.ndarray) -> None:
         slots = _ids(slots)
@@ -305,7 +451,20 @@ class IVFSlots:
         return self.index.reconstruct_batch(_ids(slots))
 
     def move_to(self, other: SlotIndex, slots: np.ndarray) -> None:
-        other.add(slots, self.reconstruct(slots))
+        """Move ``slots`` to ``other``; into an index of the same coarse centroids each vector keeps its list,
+        so the move decodes and re-encodes but searches no centroid."""
+        if (
+            isinstance(other, IVFSlots)
+            and self._chain is not None
+            and other._chain is not None
+            and other.quantizer_key == self.quantizer_key
+        ):
+            ids = _ids(slots)
+            other._add_assigned(ids, np.ascontiguousarray(self._ivf.reconstruct_batch(ids)), self._list_of[ids])
+            other._changed()
+            other._grew(other.ntotal)
+        else:
+            other.add(slots, self.reconstruct(slots))
         self.remove(slots)
 
     def search(self, queries: np.ndarray, k: int, params: Mapping[str, Any] = NO_PARAMS, index=None):
@@ -315,6 +474,9 @@ class IVFSlots:
 
     def reset(self) -> None:
         self.index.reset()
+        self._swap_index(faiss.clone_index(self.index))  # reset keeps the lists' capacity; an empty copy has none
+        self.high_water = 0
+        release_free_memory()
         if self._dirty is not None:
             self._dirty[:] = True
 
@@ -354,14 +516,18 @@ class GraphSlots:
     def row_slots(self) -> np.ndarray:
         return self._map.row_slot
 
-    def add(self, slots: np.ndarray, vectors: np.ndarray) -> None:
+    def prepare(self, vectors: np.ndarray) -> None:
+        """Nothing: a graph insertion cannot be computed apart from the graph."""
+        return None
+
+    def add(self, slots: np.ndarray, vectors: np.ndarray, prepared: None = None) -> None:
         self.index.add(vectors)
         self._map.append(slots)
         self.alive = np.concatenate([self.alive, np.ones(len(slots), bool)])
         if self._journal is not None:
             self._journal.append(("add", np.array(slots, np.int64), np.array(vectors, np.float32)))
 
-    def replace(self, slots: np.ndarray, vectors: np.ndarray) -> None:
+    def replace(self, slots: np.ndarray, vectors: np.ndarray, prepared: None = None) -> None:
         self.remove(slots)
         self.add(slots, vectors)
 
@@ -379,6 +545,10 @@ class GraphSlots:
     def move_to(self, other: SlotIndex, slots: np.ndarray) -> None:
         other.add(slots, self.reconstruct(slots))
         self.remove(slots)
+
+    def maybe_compact(self, min_rows: int) -> bool:
+        """A graph keeps deleted rows until its background rebuild (:meth:`begin_rebuild`), which compacts it."""
+        return False
 
     def search(self, queries: np.ndarray, k: int, params: Mapping[str, Any] = NO_PARAMS, index=None):
         index = index or self.index
@@ -464,6 +634,16 @@ class GraphSlots:
 
 
 SlotIndex = CodesSlots | IVFSlots | GraphSlots
+
+
+def _transform_chain(index: faiss.Index, ivf: faiss.Index) -> list | None:
+    """The vector transforms in front of ``ivf`` (empty for a bare IVF), or None when ``index`` wraps it in
+    anything else (then adds go through FAISS's own ``add_with_ids``)."""
+    if isinstance(index, faiss.IndexIVF):
+        return []
+    if isinstance(index, faiss.IndexPreTransform) and isinstance(faiss.downcast_index(index.index), faiss.IndexIVF):
+        return [faiss.downcast_VectorTransform(index.chain.at(i)) for i in range(index.chain.size())]
+    return None
 
 
 def _search(index: faiss.Index, queries: np.ndarray, k: int, params):
