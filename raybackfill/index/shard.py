@@ -92,6 +92,7 @@ UPSERT_STATES = (Space.TRANSFORMED, Space.NEW)
 SNAPSHOT_FORMAT = 4
 SNAPSHOT_CHUNK_ROWS = 65_536  # code rows (or IVF entries) copied per lock hold while a snapshot runs
 MOVE_CHUNK_ROWS = 65_536  # vectors decoded at once when a rollback moves every item back (bounds its memory)
+MAX_NICE = 19  # the lowest CPU priority of a Linux thread
 COMPACT_MIN_ROWS = 65_536  # vectors that must have left an index before it is copied into exact-size storage
 # Config fields that change what a shard stores (a snapshot restores only under the same values); the others
 # (search parameters, limits, GPU, rebuild and sync thresholds) only change how it serves.
@@ -124,8 +125,10 @@ class IndexConfig:
         use_gpu: search on a GPU copy when faiss has GPU support and the actor got a GPU.
         retention_s: how long a promote keeps the generation it replaced (for ``rollback`` after promote);
             None keeps it until ``gc``. The retired generation holds its vectors in memory meanwhile.
-        write_nice: CPU priority (Linux nice value, 0..19) of the thread that applies upserts and loads; above 0,
-            queries on the same cores are served first while a backfill writes. 0 treats them alike.
+        write_nice_increment: how many nice steps (Linux) the thread that applies upserts and loads runs below the
+            process's own priority (capped at nice 19): above 0, the scheduler serves queries on the same cores
+            first while a backfill writes. Ray starts workers at nice 15, so at most 4 steps count there. 0
+            treats writes and queries alike.
 
     Example:
         >>> IndexConfig(factory="IVF1024,PQ32", search_params={"nprobe": 32}).needs_training
@@ -143,7 +146,7 @@ class IndexConfig:
     max_queries: int = 10_000
     use_gpu: bool = True  # only when faiss has GPU support AND the actor was given a GPU
     retention_s: float | None = None
-    write_nice: int = 10
+    write_nice_increment: int = 4
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "metric", parse(Metric, self.metric))
@@ -157,8 +160,11 @@ class IndexConfig:
             raise ValueError(f"rebuild_deleted_fraction must be in (0, 1], got {self.rebuild_deleted_fraction}")
         if self.gpu_sync_seconds < 0:
             raise ValueError(f"gpu_sync_seconds must be non-negative, got {self.gpu_sync_seconds}")
-        if not 0 <= self.write_nice <= 19:
-            raise ValueError(f"write_nice must be a nice value in [0, 19], got {self.write_nice}")
+        if not 0 <= self.write_nice_increment <= MAX_NICE:
+            raise ValueError(
+                f"write_nice_increment must be in [0, {MAX_NICE}] (nice steps below the queries), "
+                f"got {self.write_nice_increment}"
+            )
         if self.retention_s is not None and self.retention_s < 0:
             raise ValueError(f"retention_s must be non-negative (or None: until gc), got {self.retention_s}")
 
@@ -313,7 +319,7 @@ class _IndexShard:
         self._mirrors: dict[str, GpuMirror] = {}
         self._no_gpu: set[str] = set()  # indexes whose GPU copy failed: searched on the CPU
         self._rebuilds: dict[str, threading.Thread] = {}
-        self._niced: set[int] = set()  # threads already lowered to write_nice
+        self._niced: set[int] = set()  # threads already lowered to write_nice_increment
         actor_name = ray.get_runtime_context().get_actor_name() if ray.is_initialized() else None
         self._metrics = ShardMetrics(actor_name or "")
         self._reset()
@@ -585,17 +591,17 @@ class _IndexShard:
         self._metrics.observe_write("upsert", len(ids))
 
     def _lower_write_priority(self) -> None:
-        """Run writes at ``write_nice`` (the calling thread only, Linux): on a node where the backfill and queries
-        share the cores, the scheduler then serves the queries first. Writes run in their own concurrency
-        group, so this thread does nothing else."""
+        """Run this thread ``write_nice_increment`` nice steps below the process's main thread (Linux; nice is per
+        thread there): on a node where the backfill and queries share the cores, the scheduler then serves the
+        queries first. Writes run in their own concurrency group, so this thread does nothing else."""
         thread = threading.get_native_id()
-        if self._config.write_nice <= 0 or thread in self._niced:
+        if self._config.write_nice_increment <= 0 or thread in self._niced:
             return
         self._niced.add(thread)
         try:
-            current = os.getpriority(os.PRIO_PROCESS, thread)
-            if current < self._config.write_nice:
-                os.setpriority(os.PRIO_PROCESS, thread, self._config.write_nice)
+            target = min(MAX_NICE, os.getpriority(os.PRIO_PROCESS, os.getpid()) + self._config.write_nice_increment)
+            if os.getpriority(os.PRIO_PROCESS, thread) < target:
+                os.setpriority(os.PRIO_PROCESS, thread, target)
         except (AttributeError, OSError) as error:  # not Linux, or not allowed: writes keep the query priority
             logger.debug("write priority unchanged: %s", error)
 
@@ -1350,7 +1356,7 @@ class _IndexShard:
 @ray.remote(concurrency_groups={"light": 2, "snapshot": 1, "write": 1})  # type: ignore[call-overload]  # ray's overloads omit it
 class IndexShard(_IndexShard):
     """The shard actor: one call of the default group (searches, lifecycle) at a time; ``upsert``/``load_old``
-    in the write group (one at a time, on a thread lowered to ``write_nice``), so a search waits for a write's
+    in the write group (one at a time, on a thread lowered to ``write_nice_increment``), so a search waits for a write's
     short holds of the lock only, not for the whole call; ``counts``/``describe`` and ``wait_for_rebuilds`` in
     the light group, ``snapshot`` in its own. (The overrides only place the calls in their concurrency groups;
     mypy sees ray.method's remote-method type instead of the plain method.)"""
