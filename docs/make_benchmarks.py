@@ -283,9 +283,8 @@ def _scale(runs: list[dict]) -> list[str]:
         f"({_nprobe_text(config)}; each space trained on {config['train_sample']:,} vectors), then backfilled "
         "through the transform path (plan by id, instant phase, no image re-embedded) while one client sends "
         f"single `{config['strategy']}` queries (k={config['k']}). Recall@10 is against an exact scan of the "
-        "old table, for queries on the old space right after the load (the benchmark's transformation is untrained and "
-        "collapses its output, so the new space's top-10 would be decided by ties); memory is the peak PSS of this "
-        "process and every Ray process. Reproduce: "
+        f"old table, for queries on the old space right after the load; {_transformation_text(config)} Memory is "
+        "the peak PSS of this process and every Ray process. Reproduce: "
         f"`python -m benchmarks.bench_scale --sizes {','.join(str(n) for n in config['sizes'])} "
         f"--index '{config['index']}' --out FILE`.",
         "",
@@ -323,6 +322,7 @@ def _scale(runs: list[dict]) -> list[str]:
         f"{growth['exponent_load_seconds']:.2f}, backfill {growth['exponent_backfill_seconds']:.2f}, peak PSS "
         f"{growth['exponent_peak_pss']:.2f}, idle p50 latency {growth['exponent_idle_p50']:.2f}.",
         "",
+        *_windows(largest),
     ]
     if len(runs) > 1:
         lines += [
@@ -344,6 +344,33 @@ def _scale(runs: list[dict]) -> list[str]:
             )
         lines.append("")
     return lines
+
+
+def _windows(largest: dict) -> list[str]:
+    """Where in the largest backfill the latency tail is: p99 per 10 s window (runs that recorded it)."""
+    lines = []
+    for label, during in (
+        ("the backfill", largest["during_backfill"]),
+        ("the paced backfill", (largest.get("paced") or {}).get("during_backfill", {})),
+    ):
+        windows = during.get("windows")
+        if not windows:
+            continue
+        cells = ", ".join(f"{w['start_s']:.0f} s: {w['p99_ms']:.0f}" for w in windows)
+        lines += [f"p99 (ms) per 10 s window of {label}, by start time: {cells}.", ""]
+    return lines
+
+
+def _transformation_text(config: dict) -> str:
+    if config.get("fit_steps"):
+        return (
+            f"the forward transformation is trained for {config['fit_steps']} steps to keep the space's structure, "
+            "as a trained FCT does, so the new index's lists are balanced."
+        )
+    return (
+        "this run's transformation was untrained and collapsed its output into one direction (one huge IVF list "
+        "in the new space, so queries slowed as the backfill went on)."
+    )
 
 
 def _nprobe_text(config: dict) -> str:
