@@ -349,11 +349,10 @@ def _scale(runs: list[dict]) -> list[str]:
 def _windows(largest: dict) -> list[str]:
     """Where in the largest backfill the latency tail is: p99 per 10 s window (runs that recorded it)."""
     lines = []
-    for label, during in (
-        ("the backfill", largest["during_backfill"]),
-        ("the paced backfill", (largest.get("paced") or {}).get("during_backfill", {})),
+    for label, windows in (
+        ("the backfill", largest["during_backfill"].get("windows")),
+        ("the paced backfill", (largest.get("paced") or {}).get("windows")),
     ):
-        windows = during.get("windows")
         if not windows:
             continue
         cells = ", ".join(f"{w['start_s']:.0f} s: {w['p99_ms']:.0f}" for w in windows)
