@@ -413,3 +413,35 @@ def test_writes_run_some_nice_steps_below_the_process_on_their_own_thread():
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before  # the caller's thread is untouched
     with pytest.raises(ValueError, match="write_nice_increment must be in"):
         IndexConfig(write_nice_increment=25)
+
+
+def test_a_write_lets_searches_waiting_for_the_lock_go_first(monkeypatch):
+    import threading
+
+    monkeypatch.setattr(shard_module, "WRITE_YIELD_S", 30.0)
+    shard, _ = make("Flat")
+    order: list[str] = []
+    shard._lock.acquire()  # a long hold (a search or a write) in progress
+
+    def search() -> None:
+        with shard._search_waiting():
+            shard._lock.acquire()
+        order.append("search")
+        shard._lock.release()
+
+    def write() -> None:
+        shard._yield_to_searches()
+        with shard._lock:
+            order.append("write")
+
+    searcher = threading.Thread(target=search)
+    searcher.start()
+    while shard._searches_waiting != 1:
+        threading.Event().wait(0.001)
+    writer = threading.Thread(target=write)
+    writer.start()
+    shard._lock.release()
+    searcher.join(10)
+    writer.join(10)
+    assert order == ["search", "write"] and shard._searches_waiting == 0
+    shard._yield_to_searches()  # none waiting: returns at once

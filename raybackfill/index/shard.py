@@ -51,6 +51,7 @@ the backfill from its ledger (upserts are idempotent).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -92,6 +93,7 @@ UPSERT_STATES = (Space.TRANSFORMED, Space.NEW)
 SNAPSHOT_FORMAT = 4
 SNAPSHOT_CHUNK_ROWS = 65_536  # code rows (or IVF entries) copied per lock hold while a snapshot runs
 MOVE_CHUNK_ROWS = 65_536  # vectors decoded at once when a rollback moves every item back (bounds its memory)
+WRITE_YIELD_S = 0.05  # the longest a write waits for searches queued on the shard lock to go first
 MAX_NICE = 19  # the lowest CPU priority of a Linux thread
 COMPACT_MIN_ROWS = 65_536  # vectors that must have left an index before it is copied into exact-size storage
 # Config fields that change what a shard stores (a snapshot restores only under the same values); the others
@@ -320,6 +322,10 @@ class _IndexShard:
         self._no_gpu: set[str] = set()  # indexes whose GPU copy failed: searched on the CPU
         self._rebuilds: dict[str, threading.Thread] = {}
         self._niced: set[int] = set()  # threads already lowered to write_nice_increment
+        # Python's lock is not fair: a writer that releases and takes it again at once can keep a waiting search
+        # out for several batches. Searches count themselves waiting; writes wait (briefly) until none is.
+        self._searches = threading.Condition()
+        self._searches_waiting = 0
         actor_name = ray.get_runtime_context().get_actor_name() if ray.is_initialized() else None
         self._metrics = ShardMetrics(actor_name or "")
         self._reset()
@@ -545,7 +551,9 @@ class _IndexShard:
 
         The costly part, encoding the vectors for the new index (an IVF's coarse assignment, a code's
         quantisation), runs between two holds of the lock, so queries go on meanwhile; if a lifecycle call
-        replaced the new index in between, the second hold encodes again."""
+        replaced the new index in between, the second hold encodes again. Before each hold it lets waiting
+        searches go first (:meth:`_yield_to_searches`)."""
+        self._yield_to_searches()
         with self._lock:
             self._set_threads()
             self._expire()
@@ -556,6 +564,7 @@ class _IndexShard:
             store, published = self._new, self._published
         assert store is not None  # _ensure_space made it
         prepared = store.prepare(vectors)
+        self._yield_to_searches()
         with self._lock:
             self._set_threads()
             if self._published != published:  # a call changed the shard in between: validate again
@@ -589,6 +598,25 @@ class _IndexShard:
             self._maybe_rebuild(name)
         self._publish()
         self._metrics.observe_write("upsert", len(ids))
+
+    @contextlib.contextmanager
+    def _search_waiting(self):
+        """Around a search's wait for the lock: counted, so writes let it go first."""
+        with self._searches:
+            self._searches_waiting += 1
+        try:
+            yield
+        finally:
+            with self._searches:
+                self._searches_waiting -= 1
+                if not self._searches_waiting:
+                    self._searches.notify_all()
+
+    def _yield_to_searches(self) -> None:
+        """Wait until no search waits for the lock, at most WRITE_YIELD_S (a steady stream of searches must not
+        stop a backfill)."""
+        with self._searches:
+            self._searches.wait_for(lambda: not self._searches_waiting, timeout=WRITE_YIELD_S)
 
     def _lower_write_priority(self) -> None:
         """Run this thread ``write_nice_increment`` nice steps below the process's main thread (Linux; nice is per
@@ -883,7 +911,9 @@ class _IndexShard:
         k = check_k(k, self._config.max_k)
         search_params = self._config.query_params(params)
         started = time.perf_counter()
-        with self._lock:
+        with self._search_waiting():
+            self._lock.acquire()
+        try:
             self._set_threads()
             self._expire()
             parts = self._plan(queries_old, queries_new, strategy)
@@ -893,6 +923,8 @@ class _IndexShard:
             results = [
                 self._search_part(name, q, k, code, search_params) for name, q, code in parts if self._live(name)
             ]
+        finally:
+            self._lock.release()
         self._metrics.observe_search(time.perf_counter() - started)
         if not results:
             return empty_topk(rows.pop(), k, self._config.metric)
