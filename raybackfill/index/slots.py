@@ -642,7 +642,8 @@ def _transform_chain(index: faiss.Index, ivf: faiss.Index) -> list | None:
     if isinstance(index, faiss.IndexIVF):
         return []
     if isinstance(index, faiss.IndexPreTransform) and isinstance(faiss.downcast_index(index.index), faiss.IndexIVF):
-        return [faiss.downcast_VectorTransform(index.chain.at(i)) for i in range(index.chain.size())]
+        chain: Any = index.chain  # a SWIG std::vector (the stubs say list)
+        return [faiss.downcast_VectorTransform(chain.at(i)) for i in range(chain.size())]
     return None
 
 
