@@ -326,6 +326,7 @@ class _IndexShard:
         # out for several batches. Searches count themselves waiting; writes wait (briefly) until none is.
         self._searches = threading.Condition()
         self._searches_waiting = 0
+        self._published = 0  # counts _publish calls: an upsert sees whether the shard changed between its holds
         actor_name = ray.get_runtime_context().get_actor_name() if ray.is_initialized() else None
         self._metrics = ShardMetrics(actor_name or "")
         self._reset()
@@ -403,7 +404,7 @@ class _IndexShard:
 
     def _publish(self) -> None:
         """Replace the immutable views that the light concurrency group reads without the lock."""
-        self._published = getattr(self, "_published", 0) + 1  # changes on every change of the shard
+        self._published += 1  # changes on every change of the shard
         per_state = np.bincount(self._state, minlength=len(Space))
         self._counts: dict[str, int] = {space: int(per_state[space.code]) for space in Space}
         stores = {name: store for name in INDEXES if (store := self._index(name)) is not None}
@@ -836,20 +837,18 @@ class _IndexShard:
                 self._undo_promote()
                 return self._counts
             self._refuse_without_old("rollback")
+            self._new = None  # its memory goes before the old space grows back
+            self._drop_derived("new")
             moved = np.flatnonzero(self._state != Space.OLD.code).astype(np.int64)
             if len(moved):
                 assert self._pending is not None and self._backfilled is not None  # items loaded
-                self._new = None  # its memory goes before the old space grows back
-                self._drop_derived("new")
                 for start in range(0, len(moved), MOVE_CHUNK_ROWS):
                     self._move("backfilled", "pending", moved[start : start + MOVE_CHUNK_ROWS])
                 self._backfilled.reset()
                 self._drop_derived("backfilled")
-            self._new = None
             self._new_space = None
             self._templates.pop(Space.NEW, None)
             self._state[:] = Space.OLD.code
-            self._drop_derived("new")
             self._publish()
             release_free_memory()
             return self._counts
