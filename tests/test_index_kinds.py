@@ -393,26 +393,33 @@ def test_an_upsert_encodes_outside_the_lock_and_a_rollback_meanwhile_makes_it_en
     check_against_reference(shard, g, "IVF8,SQ8", rng)
 
 
-def test_writes_run_some_nice_steps_below_the_process_on_their_own_thread():
+def test_writes_run_some_nice_steps_below_the_process_on_their_own_thread(ray_cluster):
+    """A real shard actor: after an upsert, the one thread of its write group runs 3 steps below the worker's
+    main thread; the thread that serves searches keeps the worker's priority."""
     import os
-    import threading
 
-    shard, _ = make("Flat", write_nice_increment=3)
-    seen: dict[str, int] = {}
-    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    main = os.getpriority(os.PRIO_PROCESS, os.getpid())
+    import ray
 
-    def write() -> None:
-        shard._lower_write_priority()
-        seen["writer"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    from raybackfill.index.shard import IndexShard
 
-    writer = threading.Thread(target=write)
-    writer.start()
-    writer.join()
-    assert seen["writer"] == min(19, main + 3)  # 3 steps below the process (Ray workers start at 15)
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before  # the caller's thread is untouched
-    with pytest.raises(ValueError, match="write_nice_increment must be in"):
-        IndexConfig(write_nice_increment=25)
+    def nices(_) -> dict:
+        tasks = os.listdir("/proc/self/task")
+        return {
+            "main": os.getpriority(os.PRIO_PROCESS, os.getpid()),
+            "all": [os.getpriority(os.PRIO_PROCESS, int(t)) for t in tasks],
+        }
+
+    shard = IndexShard.options(num_cpus=0).remote(IndexConfig(write_nice_increment=3))
+    try:
+        vectors = np.eye(4, dtype=np.float32)
+        ray.get(shard.load_old.remote(np.arange(4), vectors, "v1"))
+        ray.get(shard.upsert.remote(np.arange(2), vectors[:2], Space.NEW, "v2"))
+        seen = ray.get(shard.__ray_call__.remote(nices))
+    finally:
+        ray.kill(shard)
+    target = min(19, seen["main"] + 3)
+    assert seen["all"].count(target) == 1  # the write thread only (load_old and upsert share it)
+    assert seen["all"].count(seen["main"]) >= 1
 
 
 def test_a_write_lets_searches_waiting_for_the_lock_go_first(monkeypatch):

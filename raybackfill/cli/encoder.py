@@ -54,6 +54,13 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
         "the autoscaler launch one",
     )
     parser.add_argument("--batch-size", type=int, default=256, help="rows per batch (default 256)")
+    parser.add_argument(
+        "--nice-increment",
+        type=int,
+        default=4,
+        metavar="N",
+        help="nice steps (Linux) the actors run below the queries served on the same nodes (default 4; 0: equal)",
+    )
 
 
 def pool_from(args: argparse.Namespace, **extra):
@@ -65,6 +72,7 @@ def pool_from(args: argparse.Namespace, **extra):
         cpus_per_actor=args.cpus_per_actor,
         gpus_per_actor=args.gpus_per_actor,
         batch_size=args.batch_size,
+        nice_increment=args.nice_increment,
         **extra,
     )
 

@@ -1,7 +1,9 @@
 """Callable classes for ``Dataset.map_batches(..., compute=ActorPoolStrategy(...))``.
 
 An encoder is loaded once per actor (not per batch), on the GPU when the actor was given one, with torch
-threads matched to the actor's CPUs (oversubscribed threads on a 2-core box cost more than they give).
+threads matched to the actor's CPUs (oversubscribed threads on a 2-core box cost more than they give). Every
+thread of an actor runs ``nice_increment`` nice steps below the worker's start (raybackfill.priority): the
+actors are a backfill's background work, and the queries served from the same node go first.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from raybackfill.encoders import EntrypointTrust, load_encoder
 from raybackfill.logs import configure_logging
 from raybackfill.models.artifacts import load_model
 from raybackfill.models.transformations import apply_transformation
+from raybackfill.priority import BackgroundPriority
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +50,11 @@ class EmbedRows:
         trust: EntrypointTrust | None = None,
         num_threads: int = 1,
         chunk: int = 256,
+        nice_increment: int = 0,
     ) -> None:
         configure_logging()
+        self.priority = BackgroundPriority(nice_increment)
+        self.priority.apply()
         torch.set_num_threads(max(int(num_threads), 1))
         self.device = actor_device()
         self.encoders = {
@@ -63,6 +69,7 @@ class EmbedRows:
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.priority.apply()  # threads torch or Ray started since the last batch
         prepared = set(self.inputs.values())
         out = {k: v for k, v in batch.items() if k not in prepared}
         rows = len(batch[ID])
@@ -87,8 +94,10 @@ class TransformEmbeddings:
     Works on Arrow batches so the fixed-size-list vectors are read zero-copy.
     """
 
-    def __init__(self, model_uri: str, num_threads: int = 1, chunk: int = 256) -> None:
+    def __init__(self, model_uri: str, num_threads: int = 1, chunk: int = 256, nice_increment: int = 0) -> None:
         configure_logging()
+        self.priority = BackgroundPriority(nice_increment)
+        self.priority.apply()
         torch.set_num_threads(max(int(num_threads), 1))
         self.device = actor_device()
         self.model = load_model(model_uri).module.to(self.device).eval()
@@ -96,6 +105,7 @@ class TransformEmbeddings:
         logger.info("transformation actor ready on %s: %s", self.device, model_uri)
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        self.priority.apply()  # threads torch or Ray started since the last batch
         return transform_batch(self.model, batch, chunk=self.chunk, device=self.device)
 
 

@@ -47,6 +47,7 @@ from raybackfill.data.storage import TableFiles
 from raybackfill.embed.actors import EmbedRows, TransformEmbeddings
 from raybackfill.encoders import EntrypointTrust, check_trusted, encoder_preprocessing
 from raybackfill.models.artifacts import MODEL_JSON, read_spec
+from raybackfill.priority import check_nice_increment
 from raybackfill.types import ENCODER_STAGES, Stage
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,9 @@ class PoolConfig:
     gpus_per_actor: float | None = None
     batch_size: int = 256
     rows_per_shard: int = 50_000  # the embed jobs' shard size: also the most work a kill loses
+    # Nice steps (Linux) the actors run below the Ray worker they start as: on a node that also serves queries,
+    # the scheduler gives the queries the cores first (raybackfill.priority). 0 treats both alike.
+    nice_increment: int = 4
 
     def __post_init__(self) -> None:
         """Refuse sizes that Ray would reject deep inside a job (or wait on for ever: no actors)."""
@@ -75,6 +79,7 @@ class PoolConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be non-negative, got {value}")
+        check_nice_increment(self.nice_increment, "nice_increment")
 
     def gpus(self) -> float:
         """GPUs each actor requests: ``gpus_per_actor``, else 1 if the cluster has a GPU now."""
@@ -159,10 +164,14 @@ def _actor_stage(
     ds: ray.data.Dataset, actor: type, kwargs: dict, pool: PoolConfig, batch_format: str
 ) -> ray.data.Dataset:
     """An actor pool that loads its models once per actor (not once per batch), with torch threads matched
-    to the actor's CPUs."""
+    to the actor's CPUs and ``pool.nice_increment`` nice steps below the queries."""
     return ds.map_batches(
         actor,
-        fn_constructor_kwargs={**kwargs, "num_threads": max(int(pool.cpus_per_actor), 1)},
+        fn_constructor_kwargs={
+            **kwargs,
+            "num_threads": max(int(pool.cpus_per_actor), 1),
+            "nice_increment": pool.nice_increment,
+        },
         compute=ray.data.ActorPoolStrategy(size=pool.actors),
         batch_size=pool.batch_size,
         batch_format=batch_format,

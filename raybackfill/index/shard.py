@@ -56,7 +56,6 @@ import dataclasses
 import io
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -75,6 +74,7 @@ from raybackfill.index.slots import CodesSlots, GraphSlots, IVFSlots, SlotIndex,
 from raybackfill.index.snapshot import SnapshotWriter, read_snapshot
 from raybackfill.index.validate import as_batch, as_ids, as_queries, check_k, show_ids, unit_rows
 from raybackfill.logs import configure_logging
+from raybackfill.priority import check_nice_increment, lower_thread_priority
 from raybackfill.types import Layout, Metric, Space, Strategy, locate_sorted, parse
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,6 @@ SNAPSHOT_FORMAT = 4
 SNAPSHOT_CHUNK_ROWS = 65_536  # code rows (or IVF entries) copied per lock hold while a snapshot runs
 MOVE_CHUNK_ROWS = 65_536  # vectors decoded at once when a rollback moves every item back (bounds its memory)
 WRITE_YIELD_S = 0.05  # the longest a write waits for searches queued on the shard lock to go first
-MAX_NICE = 19  # the lowest CPU priority of a Linux thread
 COMPACT_MIN_ROWS = 65_536  # vectors that must have left an index before it is copied into exact-size storage
 # Config fields that change what a shard stores (a snapshot restores only under the same values); the others
 # (search parameters, limits, GPU, rebuild and sync thresholds) only change how it serves.
@@ -162,11 +161,7 @@ class IndexConfig:
             raise ValueError(f"rebuild_deleted_fraction must be in (0, 1], got {self.rebuild_deleted_fraction}")
         if self.gpu_sync_seconds < 0:
             raise ValueError(f"gpu_sync_seconds must be non-negative, got {self.gpu_sync_seconds}")
-        if not 0 <= self.write_nice_increment <= MAX_NICE:
-            raise ValueError(
-                f"write_nice_increment must be in [0, {MAX_NICE}] (nice steps below the queries), "
-                f"got {self.write_nice_increment}"
-            )
+        check_nice_increment(self.write_nice_increment, "write_nice_increment")
         if self.retention_s is not None and self.retention_s < 0:
             raise ValueError(f"retention_s must be non-negative (or None: until gc), got {self.retention_s}")
 
@@ -321,7 +316,6 @@ class _IndexShard:
         self._mirrors: dict[str, GpuMirror] = {}
         self._no_gpu: set[str] = set()  # indexes whose GPU copy failed: searched on the CPU
         self._rebuilds: dict[str, threading.Thread] = {}
-        self._niced: set[int] = set()  # threads already lowered to write_nice_increment
         # Python's lock is not fair: a writer that releases and takes it again at once can keep a waiting search
         # out for several batches. Searches count themselves waiting; writes wait (briefly) until none is.
         self._searches = threading.Condition()
@@ -618,21 +612,6 @@ class _IndexShard:
         stop a backfill)."""
         with self._searches:
             self._searches.wait_for(lambda: not self._searches_waiting, timeout=WRITE_YIELD_S)
-
-    def _lower_write_priority(self) -> None:
-        """Run this thread ``write_nice_increment`` nice steps below the process's main thread (Linux; nice is per
-        thread there): on a node where the backfill and queries share the cores, the scheduler then serves the
-        queries first. Writes run in their own concurrency group, so this thread does nothing else."""
-        thread = threading.get_native_id()
-        if self._config.write_nice_increment <= 0 or thread in self._niced:
-            return
-        self._niced.add(thread)
-        try:
-            target = min(MAX_NICE, os.getpriority(os.PRIO_PROCESS, os.getpid()) + self._config.write_nice_increment)
-            if os.getpriority(os.PRIO_PROCESS, thread) < target:
-                os.setpriority(os.PRIO_PROCESS, thread, target)
-        except (AttributeError, OSError) as error:  # not Linux, or not allowed: writes keep the query priority
-            logger.debug("write priority unchanged: %s", error)
 
     def _validated_upsert(self, ids, vectors, state: Space, version: str):
         state = parse(Space, state, what="upsert state", among=UPSERT_STATES)
@@ -1387,19 +1366,19 @@ class _IndexShard:
 @ray.remote(concurrency_groups={"light": 2, "snapshot": 1, "write": 1})  # type: ignore[call-overload]  # ray's overloads omit it
 class IndexShard(_IndexShard):
     """The shard actor: one call of the default group (searches, lifecycle) at a time; ``upsert``/``load_old``
-    in the write group (one at a time, on a thread lowered to ``write_nice_increment``), so a search waits for a write's
-    short holds of the lock only, not for the whole call; ``counts``/``describe`` and ``wait_for_rebuilds`` in
-    the light group, ``snapshot`` in its own. (The overrides only place the calls in their concurrency groups;
-    mypy sees ray.method's remote-method type instead of the plain method.)"""
+    in the write group (one at a time, on a thread ``write_nice_increment`` nice steps lower: raybackfill.priority),
+    so a search waits for a write's short holds of the lock only, not for the whole call; ``counts``/``describe``
+    and ``wait_for_rebuilds`` in the light group, ``snapshot`` in its own. (The overrides only place the calls in
+    their concurrency groups; mypy sees ray.method's remote-method type instead of the plain method.)"""
 
     @ray.method(concurrency_group="write")
     def upsert(self, ids, vectors, state: Space, version: str, dry_run: bool = False) -> dict[str, int]:  # type: ignore[override]
-        self._lower_write_priority()
+        lower_thread_priority(self._config.write_nice_increment)
         return super().upsert(ids, vectors, state, version, dry_run)
 
     @ray.method(concurrency_group="write")
     def load_old(self, ids, vectors, version: str, dry_run: bool = False, lineage=None) -> dict[str, int]:  # type: ignore[override]
-        self._lower_write_priority()
+        lower_thread_priority(self._config.write_nice_increment)
         return super().load_old(ids, vectors, version, dry_run, lineage)
 
     @ray.method(concurrency_group="light")
