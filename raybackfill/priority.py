@@ -73,6 +73,7 @@ class BackgroundPriority:
 
     def __init__(self, increment: int) -> None:
         self.increment = check_nice_increment(increment, "nice_increment")
+        self.target: int | None
         try:
             self.target = min(MAX_NICE, _nice_of(os.getpid()) + self.increment)
         except (AttributeError, OSError):
