@@ -78,13 +78,21 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
-def memory_of(pid: int) -> tuple[int, int]:
-    """(RSS, PSS) bytes of one process from /proc/PID/smaps_rollup; (0, 0) if it ended meanwhile."""
+PSS_KINDS = ("Pss_Anon", "Pss_Shmem", "Pss_File")  # a process's PSS by kind of page (Linux 5.8+)
+
+
+def memory_fields(pid: int) -> dict[str, int]:
+    """The byte counts of /proc/PID/smaps_rollup (Rss, Pss, Pss_Anon, ...); empty if the process ended meanwhile."""
     try:
         lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
     except OSError:
-        return 0, 0
-    fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in lines[1:] if line.endswith("kB")}
+        return {}
+    return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in lines[1:] if line.endswith("kB")}
+
+
+def memory_of(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) bytes of one process; (0, 0) if it ended meanwhile."""
+    fields = memory_fields(pid)
     return fields.get("Rss", 0), fields.get("Pss", 0)
 
 
@@ -115,14 +123,23 @@ class PeakMemory:
 
     def sample(self) -> None:
         pids = process_tree(os.getpid())
-        usage = [memory_of(pid) for pid in pids]
-        rss, pss = (sum(values) for values in zip(*usage, strict=True))
+        usage = [memory_fields(pid) for pid in pids]
+        rss, pss = sum(u.get("Rss", 0) for u in usage), sum(u.get("Pss", 0) for u in usage)
         if pss > self.peak_pss:
-            by_name: dict[str, list[int]] = {}
-            for pid, (_, share) in zip(pids, usage, strict=True):
-                by_name.setdefault(process_name(pid), []).append(share)
+            # Anonymous pages are a process's own heap; shmem pages are the object store's (shared memory)
+            by_name: dict[str, list[dict[str, int]]] = {}
+            for pid, fields in zip(pids, usage, strict=True):
+                by_name.setdefault(process_name(pid), []).append(fields)
             self.peak_breakdown = sorted(
-                ({"process": name, "count": len(shares), "pss_bytes": sum(shares)} for name, shares in by_name.items()),
+                (
+                    {
+                        "process": name,
+                        "count": len(rows),
+                        "pss_bytes": sum(r.get("Pss", 0) for r in rows),
+                        **{f"{kind.lower()}_bytes": sum(r.get(kind, 0) for r in rows) for kind in PSS_KINDS},
+                    }
+                    for name, rows in by_name.items()
+                ),
                 key=lambda row: -row["pss_bytes"],
             )
         self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)

@@ -5,6 +5,7 @@ import faiss
 import numpy as np
 import pytest
 
+from raybackfill.index import slots as slots_module
 from raybackfill.index.slots import CodesSlots, GraphSlots, IVFSlots, slot_index
 
 DIM = 8
@@ -343,3 +344,35 @@ def test_a_move_between_ivf_indexes_of_different_trainings_searches_the_centroid
     reference.reset()
     reference.add_with_ids(vectors, np.arange(300, dtype=np.int64))
     np.testing.assert_array_equal(target.search(vectors[:5], 3, {"nprobe": 1})[1], reference.search(vectors[:5], 3)[1])
+
+
+MAPPED_BLOCK_SCRIPT = """
+import ctypes, ctypes.util, json, sys
+from raybackfill.index.slots import map_large_blocks
+pinned = map_large_blocks() if sys.argv[1] == "pinned" else None
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.free(libc.malloc(8 << 20))  # a freed 8 MB mapped block: by default glibc raises its threshold to 8 MB
+block = libc.malloc(1 << 20)  # a 1 MB block, like a list that grew
+heap = next(line.split()[0] for line in open("/proc/self/maps") if line.rstrip().endswith("[heap]"))
+low, high = (int(x, 16) for x in heap.split("-"))
+print(json.dumps({"pinned": pinned, "in_heap": low <= block < high}))
+"""
+
+
+@pytest.mark.skipif(slots_module._MALLOPT is None, reason="glibc only")
+def test_large_blocks_keep_pages_of_their_own_once_the_threshold_is_pinned():
+    import json
+    import subprocess
+    import sys
+
+    def run(mode: str) -> dict:
+        done = subprocess.run(
+            [sys.executable, "-c", MAPPED_BLOCK_SCRIPT, mode], capture_output=True, text=True, timeout=60, check=True
+        )
+        return json.loads(done.stdout)
+
+    assert run("default") == {"pinned": None, "in_heap": True}  # glibc's own rule puts it in the heap
+    assert run("pinned") == {"pinned": True, "in_heap": False}  # mapped on its own: freed pages go back

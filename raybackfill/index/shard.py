@@ -70,7 +70,15 @@ from raybackfill.index import kinds
 from raybackfill.index.gpu import GPU_MAX_K, GpuMirror, gpu_supported
 from raybackfill.index.merge import EMPTY_ID, TopK, empty_topk, merge_results
 from raybackfill.index.metrics import ShardMetrics
-from raybackfill.index.slots import CodesSlots, GraphSlots, IVFSlots, SlotIndex, release_free_memory, slot_index
+from raybackfill.index.slots import (
+    CodesSlots,
+    GraphSlots,
+    IVFSlots,
+    SlotIndex,
+    map_large_blocks,
+    release_free_memory,
+    slot_index,
+)
 from raybackfill.index.snapshot import SnapshotWriter, read_snapshot
 from raybackfill.index.validate import as_batch, as_ids, as_queries, check_k, show_ids, unit_rows
 from raybackfill.logs import configure_logging
@@ -308,6 +316,7 @@ class _IndexShard:
 
     def __init__(self, config: IndexConfig | None = None, snapshot_uri: str | None = None) -> None:
         configure_logging()
+        map_large_blocks()  # the process holds the index: its growing lists must not fragment the heap
         self._config = config or IndexConfig()
         self._snapshot_uri = snapshot_uri
         self._lock = threading.Lock()

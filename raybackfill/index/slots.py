@@ -27,7 +27,9 @@ capacity when it shrinks), and a backfill empties the pending index while it fil
 :meth:`CodesSlots.maybe_compact` and :meth:`IVFSlots.maybe_compact` copy an index that has lost half of its
 largest size into exact-size storage (``faiss.clone_index``: same rows, same order, same ids), drop the old
 one and ask the C allocator to hand the freed pages back to the system (:func:`release_free_memory`). Each
-compaction halves the size it compares against, so the copying costs O(1) per removed vector.
+compaction halves the size it compares against, so the copying costs O(1) per removed vector. A shard process
+also has glibc map every large block on its own (:func:`map_large_blocks`): lists that grow by reallocation then
+leave no holes in the heap.
 """
 
 from __future__ import annotations
@@ -51,15 +53,35 @@ NO_PARAMS: Mapping[str, Any] = {}
 logger = logging.getLogger(__name__)
 
 
-def _libc_malloc_trim():
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+MMAP_THRESHOLD_BYTES = 256 * 1024  # blocks this large or larger get pages of their own (see map_large_blocks)
+
+
+def _glibc(function: str):
     name = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # not glibc (musl, macOS): freed memory stays with the process
+        return getattr(ctypes.CDLL(name), function) if name else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS): the allocator is left as it is
         return None
 
 
-_MALLOC_TRIM = _libc_malloc_trim()
+_MALLOC_TRIM = _glibc("malloc_trim")
+_MALLOPT = _glibc("mallopt")
+
+
+def map_large_blocks(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Have glibc give every block of at least ``threshold`` bytes pages of its own (``mmap``), for the rest of the
+    process's life; False where there is no glibc.
+
+    Inverted lists and code arrays grow by reallocation while a backfill fills them. By default glibc raises its
+    mmap threshold to the size of the largest mapped block freed so far (up to 32 MB), so after the first
+    reallocations those blocks come from the heap instead: freed blocks leave holes there, and a reused block's
+    spare capacity is resident. Mapped blocks give their pages back on free and keep untouched capacity out of
+    the resident set. Setting the threshold also turns the raising off. Past glibc's limit on mapped blocks
+    (``M_MMAP_MAX``, 65,536) blocks come from the heap again, so the setting never makes an allocation fail."""
+    if _MALLOPT is None:
+        return False
+    return bool(_MALLOPT(M_MMAP_THRESHOLD, int(threshold)))
 
 
 def release_free_memory() -> bool:
