@@ -30,7 +30,10 @@ in one run, over a clustered synthetic gallery (default 1M x 128): recall@10 aga
 per item (serialised size / n) and their ratios. Both sides train on the same sample. The router holds the
 gallery with a fraction ``--beta`` moved to the new space *with the same vectors* (so exact search over the
 gallery is the ground truth of both sides) and answers ``rank_merge`` queries, which search the pending old
-vectors and the new space of every shard and merge them.
+vectors and the new space of every shard and merge them. A third side, ``bare_parts``, is bare FAISS over the
+same parts (one index per shard and space, searched one after the other in this process, merged with numpy):
+``split_qps_ratio`` (bare parts / bare) is what splitting the gallery costs FAISS itself, ``serving_qps_ratio``
+(router / bare parts) what the serving system adds; their product is ``qps_ratio``.
 
     PYTHONPATH=. python benchmarks/bench_index.py kinds --n 1000000   # the issue's size
     PYTHONPATH=. python benchmarks/bench_index.py kinds --n 20000 --factories "Flat;IVF1024,SQ8;HNSW32"
@@ -57,6 +60,7 @@ from raybackfill import NAMESPACE
 from raybackfill.index.kinds import default_params, faiss_metric, search_parameters
 from raybackfill.index.router import RouterConfig, create_index, destroy_index, get
 from raybackfill.index.shard import IndexConfig
+from raybackfill.index.sharding import shard_of
 from raybackfill.runtime import init_ray
 from raybackfill.types import Metric, Space, Strategy
 
@@ -414,9 +418,65 @@ def bare_kind(factory: str, params: dict, gallery, sample, queries, k: int, thre
     }
 
 
-def router_kind(factory: str, params: dict, gallery, sample, queries, k: int, args, rng) -> dict:
-    """The router over ``args.shards`` shards: train both spaces on ``sample``, load the gallery, move a
-    fraction beta to the new space with the same vectors, then time rank_merge queries."""
+def bare_parts_kind(
+    factory: str, params: dict, gallery, sample, queries, k: int, moved: np.ndarray, args, threads: list[int]
+) -> dict:
+    """The router's FAISS work without the serving system: one bare index per part the router searches (each
+    shard's old and new space, the same ids in each), trained on ``sample``, searched one after the other in this
+    process and merged with numpy; the best of ``threads`` counts.
+
+    Set beside :func:`bare_kind` it separates what splitting the gallery costs FAISS itself (a coarse search, the
+    list visits or a graph descent per part) from what serving adds (Ray calls, the merge, processes sharing
+    cores), which is the ratio of the router to this."""
+    n = len(gallery)
+    in_new = np.zeros(n, bool)
+    in_new[moved] = True
+    owner = shard_of(np.arange(n, dtype=np.int64), args.shards)
+    parts: list[tuple[faiss.Index, np.ndarray, Any]] = []
+    keep: list = []
+    faiss.omp_set_num_threads(max(threads))
+    start = time.perf_counter()
+    for shard in range(args.shards):
+        for new_space in (False, True):
+            rows = np.flatnonzero((owner == shard) & (in_new == new_space))
+            if not len(rows):
+                continue
+            index = faiss.index_factory(gallery.shape[1], factory, faiss_metric(Metric.IP))
+            if not index.is_trained:
+                index.train(sample)
+            index.add(gallery[rows])
+            parts.append((index, rows, search_parameters(index, params, None, keep)))
+    build_s = time.perf_counter() - start
+
+    def search_all() -> np.ndarray:
+        scores, ids = [], []
+        for index, rows, sp in parts:
+            found_scores, labels = index.search(queries, k) if sp is None else index.search(queries, k, params=sp)
+            scores.append(found_scores)
+            ids.append(np.where(labels >= 0, rows[np.maximum(labels, 0)], -1))
+        all_scores, all_ids = np.concatenate(scores, axis=1), np.concatenate(ids, axis=1)
+        best = np.argsort(-all_scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(all_ids, best, axis=1)
+
+    by_threads = {}
+    for t in threads:
+        faiss.omp_set_num_threads(t)
+        by_threads[t] = best_of(args.repeats, search_all)
+    best = min(by_threads, key=lambda t: by_threads[t][0])
+    return {
+        "parts": len(parts),
+        "build_seconds": build_s,
+        "threads": best,
+        "search_seconds": by_threads[best][0],
+        "qps": len(queries) / by_threads[best][0],
+        "qps_by_threads": {t: len(queries) / v[0] for t, v in by_threads.items()},
+        "ids": by_threads[best][1],
+    }
+
+
+def router_kind(factory: str, params: dict, gallery, sample, queries, k: int, args, moved: np.ndarray) -> dict:
+    """The router over ``args.shards`` shards: train both spaces on ``sample``, load the gallery, move the items
+    ``moved`` to the new space with the same vectors, then time rank_merge queries."""
     n = len(gallery)
     ids = np.arange(n, dtype=np.int64)
     index = IndexConfig(factory=factory, metric=Metric.COSINE, search_params=params)
@@ -431,7 +491,6 @@ def router_kind(factory: str, params: dict, gallery, sample, queries, k: int, ar
         for lo in range(0, n, CHUNK):
             get(router.load_old.remote(ids[lo : lo + CHUNK], gallery[lo : lo + CHUNK], "v1"))
         load_s = time.perf_counter() - start
-        moved = np.sort(rng.permutation(n)[: int(args.beta * n)])
         start = time.perf_counter()
         for lo in range(0, len(moved), CHUNK):
             part = moved[lo : lo + CHUNK]
@@ -508,9 +567,12 @@ def kinds_main(argv: list[str] | None = None) -> dict:
     try:
         for factory in factories:
             params = default_params(factory, Metric.COSINE, {})
-            bare = bare_kind(factory, params, gallery, sample, queries, RECALL_K, sorted({args.cpus, 1}), args.repeats)
-            ours = router_kind(factory, params, gallery, sample, queries, RECALL_K, args, rng)
-            bare_ids, our_ids = bare.pop("ids"), ours.pop("ids")
+            threads = sorted({args.cpus, 1})
+            moved = np.sort(rng.permutation(args.n)[: int(args.beta * args.n)])
+            bare = bare_kind(factory, params, gallery, sample, queries, RECALL_K, threads, args.repeats)
+            parts = bare_parts_kind(factory, params, gallery, sample, queries, RECALL_K, moved, args, threads)
+            ours = router_kind(factory, params, gallery, sample, queries, RECALL_K, args, moved)
+            bare_ids, parts_ids, our_ids = bare.pop("ids"), parts.pop("ids"), ours.pop("ids")
             results[factory] = {
                 "search_params": params,
                 "bare": {
@@ -518,6 +580,7 @@ def kinds_main(argv: list[str] | None = None) -> dict:
                     "recall_at_10": recall_at(bare_ids, truth, RECALL_K),
                     "bytes_per_item": bare["bytes"] / args.n,
                 },
+                "bare_parts": {**parts, "recall_at_10": recall_at(parts_ids, truth, RECALL_K)},
                 "index": {
                     **ours,
                     "recall_at_10": recall_at(our_ids, truth, RECALL_K),
@@ -525,12 +588,16 @@ def kinds_main(argv: list[str] | None = None) -> dict:
                     "bytes_per_item_held": ours["bytes_held"] / args.n,
                 },
                 "qps_ratio": ours["qps"] / bare["qps"],
+                # the two factors of qps_ratio: what splitting costs FAISS, and what serving adds to that
+                "split_qps_ratio": parts["qps"] / bare["qps"],
+                "serving_qps_ratio": ours["qps"] / parts["qps"],
                 "recall_difference": recall_at(our_ids, truth, RECALL_K) - recall_at(bare_ids, truth, RECALL_K),
             }
             r = results[factory]
             print(
                 f"{factory:>20}: recall@10 {r['index']['recall_at_10']:.3f} (bare {r['bare']['recall_at_10']:.3f}), "
-                f"{r['index']['qps']:,.0f} QPS (bare {r['bare']['qps']:,.0f}, ratio {r['qps_ratio']:.2f}), "
+                f"{r['index']['qps']:,.0f} QPS (bare {r['bare']['qps']:,.0f}, ratio {r['qps_ratio']:.2f} = split "
+                f"{r['split_qps_ratio']:.2f} x serving {r['serving_qps_ratio']:.2f}), "
                 f"{r['index']['bytes_per_item_served']:.0f} B/item served "
                 f"({r['index']['bytes_per_item_held']:.0f} held; bare {r['bare']['bytes_per_item']:.0f})"
             )

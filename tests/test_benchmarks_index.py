@@ -99,8 +99,16 @@ def test_kinds_run_compares_each_factory_with_bare_faiss_on_the_session_ray(ray_
         for side in ("index", "bare"):
             assert_finite(k[side]["qps"], f"{name}.{side}.qps")
         assert k["qps_ratio"] == pytest.approx(k["index"]["qps"] / k["bare"]["qps"])
+        # The same FAISS work without the serving system: 2 shards x (old, new) bare parts, merged with numpy.
+        assert k["bare_parts"]["parts"] == 4
+        assert_finite(k["bare_parts"]["qps"], f"{name}.bare_parts.qps")
+        assert k["split_qps_ratio"] * k["serving_qps_ratio"] == pytest.approx(k["qps_ratio"])
         # Half the items moved with keep_old: the router holds their old vectors too.
         assert k["index"]["bytes_per_item_held"] > k["index"]["bytes_per_item_served"]
+    assert kinds["Flat"]["bare_parts"]["recall_at_10"] == 1.0
+    # One training, one partition: the router and its bare parts probe the same lists.
+    ivf = kinds["IVF8,SQ8"]
+    assert ivf["bare_parts"]["recall_at_10"] == pytest.approx(ivf["index"]["recall_at_10"], abs=0.02)
 
 
 def test_clustered_rows_are_unit_vectors_around_their_centres():
