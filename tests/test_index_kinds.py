@@ -366,13 +366,8 @@ def test_a_large_k_or_a_kind_without_gpu_search_stays_on_the_cpu(monkeypatch):
     assert fake.copies == 1
 
 
-@pytest.mark.parametrize("applier", [False, True], ids=["same-thread", "apply-thread"])
-def test_an_upsert_encodes_outside_the_lock_and_a_rollback_meanwhile_makes_it_encode_again(monkeypatch, applier):
-    from concurrent.futures import ThreadPoolExecutor
-
+def test_an_upsert_encodes_outside_the_lock_and_a_rollback_meanwhile_makes_it_encode_again(monkeypatch):
     shard, config = trained("IVF8,SQ8", {"nprobe": 8})
-    if applier:  # as in the actor: the second hold runs on another thread, its errors and result come back
-        shard._applier = ThreadPoolExecutor(max_workers=1)
     g = Gallery.random(60, D, seed=9)
     shard.load_old(g.ids, g.old, "v1")
     rng = np.random.default_rng(3)
@@ -396,27 +391,22 @@ def test_an_upsert_encodes_outside_the_lock_and_a_rollback_meanwhile_makes_it_en
     assert shard.counts() == {Space.OLD: 40, Space.TRANSFORMED: 0, Space.NEW: 20}  # the rollback undid the first
     g.upsert(np.arange(20, 40), vectors, "new")
     check_against_reference(shard, g, "IVF8,SQ8", rng)
-    with pytest.raises(ValueError, match="version"):  # refused in the first hold, whichever thread applies
-        shard.upsert(g.ids[:2], vectors[:2], "new", "v3")
 
 
 def test_writes_run_some_nice_steps_below_the_process_on_their_own_thread(ray_cluster):
     """A real shard actor: after an upsert, the one thread of its write group runs 3 steps below the worker's
     main thread; the thread that serves searches keeps the worker's priority."""
     import os
-    import threading
 
     import ray
 
     from raybackfill.index.shard import IndexShard
 
-    def nices(actor) -> dict:
+    def nices(_) -> dict:
         tasks = os.listdir("/proc/self/task")
-        applier = actor._applier.submit(threading.get_native_id).result()
         return {
             "main": os.getpriority(os.PRIO_PROCESS, os.getpid()),
             "all": [os.getpriority(os.PRIO_PROCESS, int(t)) for t in tasks],
-            "apply": [os.getpriority(os.PRIO_PROCESS, applier)],
         }
 
     shard = IndexShard.options(num_cpus=0).remote(IndexConfig(write_nice_increment=3))
@@ -430,8 +420,6 @@ def test_writes_run_some_nice_steps_below_the_process_on_their_own_thread(ray_cl
     target = min(19, seen["main"] + 3)
     assert seen["all"].count(target) == 1  # the write thread only (load_old and upsert share it)
     assert seen["all"].count(seen["main"]) >= 1
-    # The upsert's second hold of the lock ran on a thread at the queries' priority, not the write thread's.
-    assert seen["apply"] == [seen["main"]]
 
 
 def test_a_write_lets_searches_waiting_for_the_lock_go_first(monkeypatch):

@@ -58,7 +58,6 @@ import json
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -329,8 +328,6 @@ class _IndexShard:
         # Python's lock is not fair: a writer that releases and takes it again at once can keep a waiting search
         # out for several batches. Searches count themselves waiting; writes wait (briefly) until none is.
         self._searches = threading.Condition()
-        # Where an upsert's second hold of the lock runs; None: on the calling thread (the actor sets one up)
-        self._applier: ThreadPoolExecutor | None = None
         self._searches_waiting = 0
         self._published = 0  # counts _publish calls: an upsert sees whether the shard changed between its holds
         actor_name = ray.get_runtime_context().get_actor_name() if ray.is_initialized() else None
@@ -559,9 +556,7 @@ class _IndexShard:
         The costly part, encoding the vectors for the new index (an IVF's coarse assignment, a code's
         quantisation), runs between two holds of the lock, so queries go on meanwhile; if a lifecycle call
         replaced the new index in between, the second hold encodes again. Before each hold it lets waiting
-        searches go first (:meth:`_yield_to_searches`). In the actor the second hold runs on a thread at the
-        queries' priority: a write thread nice steps lower would hold the lock while the scheduler serves every
-        other thread first, and the searches waiting for the lock would wait for that too."""
+        searches go first (:meth:`_yield_to_searches`)."""
         self._yield_to_searches()
         with self._lock:
             self._set_threads()
@@ -574,13 +569,6 @@ class _IndexShard:
         assert store is not None  # _ensure_space made it
         prepared = store.prepare(vectors)
         self._yield_to_searches()
-        finish = (ids, vectors, slots, code, state, version, store, published, prepared)
-        if self._applier is None:
-            return self._finish_upsert(*finish)
-        return self._applier.submit(self._finish_upsert, *finish).result()
-
-    def _finish_upsert(self, ids, vectors, slots, code, state, version, store, published, prepared) -> dict[str, int]:
-        """The second hold of an upsert: apply the prepared batch (validated again if the shard changed)."""
         with self._lock:
             self._set_threads()
             if self._published != published:  # a call changed the shard in between: validate again
@@ -1391,12 +1379,6 @@ class IndexShard(_IndexShard):
     so a search waits for a write's short holds of the lock only, not for the whole call; ``counts``/``describe``
     and ``wait_for_rebuilds`` in the light group, ``snapshot`` in its own. (The overrides only place the calls in
     their concurrency groups; mypy sees ray.method's remote-method type instead of the plain method.)"""
-
-    def __init__(self, config: IndexConfig | None = None, snapshot_uri: str | None = None) -> None:
-        super().__init__(config, snapshot_uri)
-        # Its thread starts here, so it has this thread's (the queries') priority, not the lowered write thread's.
-        self._applier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-apply")
-        self._applier.submit(int).result()
 
     @ray.method(concurrency_group="write")
     def upsert(self, ids, vectors, state: Space, version: str, dry_run: bool = False) -> dict[str, int]:  # type: ignore[override]
