@@ -389,41 +389,56 @@ def recall_at(found: np.ndarray, exact: np.ndarray, k: int) -> float:
     )
 
 
-def bare_kind(factory: str, params: dict, gallery, sample, queries, k: int, threads: list[int], repeats: int) -> dict:
-    """One bare FAISS index of ``factory`` (inner product over unit rows = the router's cosine): train on
-    ``sample``, add ``gallery``, search with ``params``; the best of ``threads`` counts."""
-    index = faiss.index_factory(gallery.shape[1], factory, faiss_metric(Metric.IP))
-    faiss.omp_set_num_threads(max(threads))
+def trained_template(factory: str, d: int, sample: np.ndarray, threads: int) -> tuple[faiss.Index, float]:
+    """An empty bare FAISS index of ``factory`` (inner product over unit rows = the router's cosine), trained on
+    ``sample`` once; every bare side adds to a copy of it. Returns it and the training's seconds."""
+    index = faiss.index_factory(d, factory, faiss_metric(Metric.IP))
+    faiss.omp_set_num_threads(threads)
     train_s, _ = best_of(1, lambda: index.train(sample) if not index.is_trained else None)
-    add_s, _ = best_of(1, lambda: index.add(gallery))
-    keep: list = []
-    sp = search_parameters(index, params, None, keep)
+    return index, train_s
+
+
+def fastest_threads(threads: list[int], repeats: int, nq: int, search) -> dict:
+    """Time ``search()`` (returns the ids found) with each FAISS thread count; the fastest counts."""
     by_threads = {}
     for t in threads:
         faiss.omp_set_num_threads(t)
-        seconds, (_, ids) = best_of(
-            repeats, lambda: index.search(queries, k) if sp is None else index.search(queries, k, params=sp)
-        )
-        by_threads[t] = (seconds, ids)
+        by_threads[t] = best_of(repeats, search)
     best = min(by_threads, key=lambda t: by_threads[t][0])
     return {
-        "train_seconds": train_s,
-        "add_seconds": add_s,
         "threads": best,
         "search_seconds": by_threads[best][0],
-        "qps": len(queries) / by_threads[best][0],
-        "qps_by_threads": {t: len(queries) / v[0] for t, v in by_threads.items()},
-        "bytes": len(faiss.serialize_index(index)),
+        "qps": nq / by_threads[best][0],
+        "qps_by_threads": {t: nq / v[0] for t, v in by_threads.items()},
         "ids": by_threads[best][1],
     }
 
 
+def bare_kind(template: faiss.Index, params: dict, gallery, queries, k: int, threads: list[int], repeats: int) -> dict:
+    """One bare FAISS index: a copy of the trained ``template`` holding ``gallery``, searched with ``params``; the
+    best of ``threads`` counts."""
+    index = faiss.clone_index(template)
+    faiss.omp_set_num_threads(max(threads))
+    add_s, _ = best_of(1, lambda: index.add(gallery))
+    keep: list = []
+    sp = search_parameters(index, params, None, keep)
+
+    def search() -> np.ndarray:
+        return (index.search(queries, k) if sp is None else index.search(queries, k, params=sp))[1]
+
+    return {
+        "add_seconds": add_s,
+        **fastest_threads(threads, repeats, len(queries), search),
+        "bytes": len(faiss.serialize_index(index)),
+    }
+
+
 def bare_parts_kind(
-    factory: str, params: dict, gallery, sample, queries, k: int, moved: np.ndarray, args, threads: list[int]
+    template: faiss.Index, params: dict, gallery, queries, k: int, moved: np.ndarray, args, threads: list[int]
 ) -> dict:
     """The router's FAISS work without the serving system: one bare index per part the router searches (each
-    shard's old and new space, the same ids in each), trained on ``sample``, searched one after the other in this
-    process and merged with numpy; the best of ``threads`` counts.
+    shard's old and new space, the same ids in each), each a copy of the trained ``template``, searched one after
+    the other in this process and merged with numpy; the best of ``threads`` counts.
 
     Set beside :func:`bare_kind` it separates what splitting the gallery costs FAISS itself (a coarse search, the
     list visits or a graph descent per part) from what serving adds (Ray calls, the merge, processes sharing
@@ -441,9 +456,7 @@ def bare_parts_kind(
             rows = np.flatnonzero((owner == shard) & (in_new == new_space))
             if not len(rows):
                 continue
-            index = faiss.index_factory(gallery.shape[1], factory, faiss_metric(Metric.IP))
-            if not index.is_trained:
-                index.train(sample)
+            index = faiss.clone_index(template)
             index.add(gallery[rows])
             parts.append((index, rows, search_parameters(index, params, None, keep)))
     build_s = time.perf_counter() - start
@@ -458,19 +471,10 @@ def bare_parts_kind(
         best = np.argsort(-all_scores, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(all_ids, best, axis=1)
 
-    by_threads = {}
-    for t in threads:
-        faiss.omp_set_num_threads(t)
-        by_threads[t] = best_of(args.repeats, search_all)
-    best = min(by_threads, key=lambda t: by_threads[t][0])
     return {
         "parts": len(parts),
         "build_seconds": build_s,
-        "threads": best,
-        "search_seconds": by_threads[best][0],
-        "qps": len(queries) / by_threads[best][0],
-        "qps_by_threads": {t: len(queries) / v[0] for t, v in by_threads.items()},
-        "ids": by_threads[best][1],
+        **fastest_threads(threads, args.repeats, len(queries), search_all),
     }
 
 
@@ -569,8 +573,13 @@ def kinds_main(argv: list[str] | None = None) -> dict:
             params = default_params(factory, Metric.COSINE, {})
             threads = sorted({args.cpus, 1})
             moved = np.sort(rng.permutation(args.n)[: int(args.beta * args.n)])
-            bare = bare_kind(factory, params, gallery, sample, queries, RECALL_K, threads, args.repeats)
-            parts = bare_parts_kind(factory, params, gallery, sample, queries, RECALL_K, moved, args, threads)
+            template, train_s = trained_template(factory, args.d, sample, max(threads))
+            bare = {
+                "train_seconds": train_s,
+                **bare_kind(template, params, gallery, queries, RECALL_K, threads, args.repeats),
+            }
+            parts = bare_parts_kind(template, params, gallery, queries, RECALL_K, moved, args, threads)
+            del template
             ours = router_kind(factory, params, gallery, sample, queries, RECALL_K, args, moved)
             bare_ids, parts_ids, our_ids = bare.pop("ids"), parts.pop("ids"), ours.pop("ids")
             results[factory] = {

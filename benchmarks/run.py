@@ -90,12 +90,6 @@ def memory_fields(pid: int) -> dict[str, int]:
     return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in lines[1:] if line.endswith("kB")}
 
 
-def memory_of(pid: int) -> tuple[int, int]:
-    """(RSS, PSS) bytes of one process; (0, 0) if it ended meanwhile."""
-    fields = memory_fields(pid)
-    return fields.get("Rss", 0), fields.get("Pss", 0)
-
-
 def process_name(pid: int) -> str:
     """A process's command line, cut short (a Ray worker's reads ``ray::ActorName.method``)."""
     try:
