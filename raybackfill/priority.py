@@ -35,6 +35,11 @@ def _nice_of(thread: int) -> int:
     return os.getpriority(os.PRIO_PROCESS, thread)
 
 
+def _target(increment: int) -> int:
+    """The nice value ``increment`` steps below this process's main thread, capped at MAX_NICE."""
+    return min(MAX_NICE, _nice_of(os.getpid()) + increment)
+
+
 def _lower(thread: int, target: int) -> None:
     """Set ``thread`` to ``target`` unless it already runs at that priority or lower."""
     if _nice_of(thread) < target:
@@ -51,8 +56,7 @@ def lower_thread_priority(increment: int) -> bool:
     if increment <= 0:
         return True
     try:
-        target = min(MAX_NICE, _nice_of(os.getpid()) + increment)
-        _lower(threading.get_native_id(), target)
+        _lower(threading.get_native_id(), _target(increment))
     except (AttributeError, OSError) as error:  # not Linux, or not allowed
         logger.debug("thread priority unchanged: %s", error)
         return False
@@ -75,13 +79,14 @@ class BackgroundPriority:
         self.increment = check_nice_increment(increment, "nice_increment")
         self.target: int | None
         try:
-            self.target = min(MAX_NICE, _nice_of(os.getpid()) + self.increment)
+            self.target = _target(self.increment)
         except (AttributeError, OSError):
             self.target = None
         self._done: set[int] = set()
 
     def apply(self) -> int:
-        """Lower the threads not lowered yet; returns how many this call lowered."""
+        """Bring the threads not seen yet to the target; returns how many this call saw (a thread that inherited
+        the target from the thread that started it counts, though nothing needed changing)."""
         if not self.increment or self.target is None:
             return 0
         try:
