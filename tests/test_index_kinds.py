@@ -132,9 +132,13 @@ def check_against_reference(shard: _IndexShard, g: Gallery, factory: str, rng) -
 
 @pytest.mark.parametrize("factory", list(KINDS))
 def test_moves_between_spaces_keep_every_id_exactly_once_for_every_kind(factory, monkeypatch):
-    # small thresholds: indexes are compacted as they empty, and the rollback moves items back in chunks
+    # small thresholds: indexes are compacted as they empty, the rollback moves items back in chunks and an
+    # upsert applies its batch a few rows per hold of the lock (the counts are kept per chunk, not recounted)
     monkeypatch.setattr(shard_module, "COMPACT_MIN_ROWS", 8)
     monkeypatch.setattr(shard_module, "MOVE_CHUNK_ROWS", 7)
+    monkeypatch.setattr(shard_module, "APPLY_FIRST_ROWS", 6)
+    monkeypatch.setattr(shard_module, "APPLY_MIN_ROWS", 4)
+    monkeypatch.setattr(shard_module, "WRITE_HOLD_S", 0.0)
     shard, _ = trained(factory, KINDS[factory])
     rng = np.random.default_rng(7)
     g = Gallery.random(160, D, seed=5)
@@ -391,6 +395,57 @@ def test_an_upsert_encodes_outside_the_lock_and_a_rollback_meanwhile_makes_it_en
     assert shard.counts() == {Space.OLD: 40, Space.TRANSFORMED: 0, Space.NEW: 20}  # the rollback undid the first
     g.upsert(np.arange(20, 40), vectors, "new")
     check_against_reference(shard, g, "IVF8,SQ8", rng)
+
+
+def test_an_upsert_applies_in_chunks_and_a_rollback_between_two_of_them_leaves_the_rest_applied(monkeypatch):
+    monkeypatch.setattr(shard_module, "APPLY_FIRST_ROWS", 5)
+    monkeypatch.setattr(shard_module, "APPLY_MIN_ROWS", 5)
+    monkeypatch.setattr(shard_module, "WRITE_HOLD_S", 0.0)
+    shard, config = trained("IVF8,SQ8", {"nprobe": 8})
+    g = Gallery.random(60, D, seed=11)
+    shard.load_old(g.ids, g.old, "v1")
+    rng = np.random.default_rng(4)
+    vectors = rng.standard_normal((20, D)).astype(np.float32)
+    store = shard._new
+    holds: list[tuple[int, bool]] = []
+    apply = shard._apply_upsert
+
+    def recorded(ids, *args):
+        holds.append((len(ids), shard._new is store))
+        return apply(ids, *args)
+
+    yields = 0
+    yield_to_searches = shard._yield_to_searches
+
+    def roll_back_after_the_first_chunk() -> None:
+        nonlocal yields
+        yields += 1
+        if yields == 3:  # before the first hold, before chunk 1, then here: chunk 1 is in
+            shard.rollback()
+            shard.set_trained(Space.NEW, train_index(config, rng.standard_normal((600, D)).astype(np.float32)), "v2")
+        yield_to_searches()
+
+    monkeypatch.setattr(shard, "_apply_upsert", recorded)
+    monkeypatch.setattr(shard, "_yield_to_searches", roll_back_after_the_first_chunk)
+    shard.upsert(g.ids[:20], vectors, "new", "v2")
+    # one hold per 5 rows; after the rollback the rest is validated and encoded again for the new index
+    assert holds == [(5, True), (5, False), (5, False), (5, False)]
+    assert shard.counts() == {Space.OLD: 45, Space.TRANSFORMED: 0, Space.NEW: 15}
+    g.upsert(np.arange(5, 20), vectors[5:], "new")
+    check_against_reference(shard, g, "IVF8,SQ8", rng)
+
+
+def test_the_chunk_of_an_upsert_follows_how_fast_the_shard_applied_lately(monkeypatch):
+    monkeypatch.setattr(shard_module, "WRITE_HOLD_S", 0.01)
+    shard, _ = make("Flat")
+    assert shard._apply_chunk_rows() == shard_module.APPLY_FIRST_ROWS  # nothing measured yet
+    shard._observe_apply(1000, 0.1)  # 10k rows/s: 100 rows fill the hold
+    assert shard._apply_chunk_rows() == 100
+    shard._observe_apply(2000, 0.1)  # a faster chunk moves the estimate 30% of the way: 13k rows/s
+    assert shard._apply_chunk_rows() == 130
+    shard._observe_apply(1, 1.0)  # two stalled chunks: 0.7 * (0.7 * 13k + 0.3) + 0.3 = 6370 rows/s, 63 rows ...
+    shard._observe_apply(1, 1.0)
+    assert shard._apply_chunk_rows() == shard_module.APPLY_MIN_ROWS == 64  # ... are below the floor
 
 
 def test_writes_run_some_nice_steps_below_the_process_on_their_own_thread(ray_cluster):

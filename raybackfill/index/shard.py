@@ -35,10 +35,12 @@ under the lock after replaying the moves made meanwhile. With ``keep_old=False``
 dropped once a true new vector replaces it (state new): less memory, but no strategy 'old' and no rollback.
 
 Atomicity. All mutations and searches run under one lock, so a search sees every id exactly once
-(in pending, or in new) and never half a batch. GPU copies follow their CPU index in place
-(raybackfill.index.gpu). The actor's default concurrency group runs one call at a
-time (search, promote, rollback, ...), and a "write" group runs upserts and loads one at a time; an upsert
-encodes its vectors between two holds of the lock, so searches go on meanwhile; `counts`/`describe` run in a
+(in pending, or in new). GPU copies follow their CPU index in place (raybackfill.index.gpu). The actor's
+default concurrency group runs one call at a time (search, promote, rollback, ...), and a "write" group runs
+upserts and loads one at a time; an upsert encodes its vectors before it takes the lock and applies them in
+chunks, one short hold of the lock each (about WRITE_HOLD_S), so searches go on meanwhile and a search may see
+part of a batch moved (a batch spread over several shards is never applied at one instant anyway); the counts
+the light group reads are kept per chunk in O(chunk), not recounted over the shard; `counts`/`describe` run in a
 separate "light" group and read only immutable values that mutations replace in one assignment, so they answer
 while a long search runs; `snapshot` runs in its own group and copies code rows in chunks, taking the lock per
 chunk and once more at the end to copy the rows changed meanwhile (see :meth:`IndexShard.snapshot`), so
@@ -102,6 +104,12 @@ SNAPSHOT_FORMAT = 4
 SNAPSHOT_CHUNK_ROWS = 65_536  # code rows (or IVF entries) copied per lock hold while a snapshot runs
 MOVE_CHUNK_ROWS = 65_536  # vectors decoded at once when a rollback moves every item back (bounds its memory)
 WRITE_YIELD_S = 0.05  # the longest a write waits for searches queued on the shard lock to go first
+# An upsert applies its batch in chunks sized so that one hold of the lock lasts about WRITE_HOLD_S: the write
+# thread runs below the queries' priority, and a search that waits for it must not wait for a whole batch of
+# graph insertions or list moves done at that priority on busy cores.
+WRITE_HOLD_S = 0.002
+APPLY_MIN_ROWS = 64  # the smallest chunk (below it the per-hold overhead is a large part of the hold)
+APPLY_FIRST_ROWS = 256  # the first chunk of a shard, before it has measured how fast it applies
 COMPACT_MIN_ROWS = 65_536  # vectors that must have left an index before it is copied into exact-size storage
 # Config fields that change what a shard stores (a snapshot restores only under the same values); the others
 # (search parameters, limits, GPU, rebuild and sync thresholds) only change how it serves.
@@ -291,8 +299,8 @@ def train_index(config: IndexConfig, vectors: np.ndarray) -> bytes:
     return bytes(_to_bytes(index))
 
 
-def _rows_of(prepared, rows: np.ndarray):
-    """The part of a prepared encoding (codes, or an IVF's (vectors, lists)) for a boolean row mask."""
+def _rows_of(prepared, rows: np.ndarray | slice):
+    """The part of a prepared encoding (codes, or an IVF's (vectors, lists)) for a boolean row mask or a slice."""
     if prepared is None:
         return None
     if isinstance(prepared, tuple):
@@ -330,6 +338,7 @@ class _IndexShard:
         self._searches = threading.Condition()
         self._searches_waiting = 0
         self._published = 0  # counts _publish calls: an upsert sees whether the shard changed between its holds
+        self._apply_rows_per_s: float | None = None  # how fast upserts apply here: sizes their chunks
         actor_name = ray.get_runtime_context().get_actor_name() if ray.is_initialized() else None
         self._metrics = ShardMetrics(actor_name or "")
         self._reset()
@@ -405,11 +414,13 @@ class _IndexShard:
         release_free_memory()
         return description
 
-    def _publish(self) -> None:
-        """Replace the immutable views that the light concurrency group reads without the lock."""
+    def _publish(self, recount: bool = True) -> None:
+        """Replace the immutable views that the light concurrency group reads without the lock. ``recount=False``:
+        the caller kept the per-state counts up to date (an upsert, which must not scan every slot per chunk)."""
         self._published += 1  # changes on every change of the shard
-        per_state = np.bincount(self._state, minlength=len(Space))
-        self._counts: dict[str, int] = {space: int(per_state[space.code]) for space in Space}
+        if recount:
+            self._per_state = np.bincount(self._state, minlength=len(Space)).astype(np.int64)
+        self._counts: dict[str, int] = {space: int(self._per_state[space.code]) for space in Space}
         stores = {name: store for name in INDEXES if (store := self._index(name)) is not None}
         self._description = {
             "counts": self._counts,
@@ -554,9 +565,10 @@ class _IndexShard:
         replaced. Idempotent: the same batch twice gives the same state. ``dry_run`` only validates.
 
         The costly part, encoding the vectors for the new index (an IVF's coarse assignment, a code's
-        quantisation), runs between two holds of the lock, so queries go on meanwhile; if a lifecycle call
-        replaced the new index in between, the second hold encodes again. Before each hold it lets waiting
-        searches go first (:meth:`_yield_to_searches`)."""
+        quantisation), runs before the lock is taken again, so queries go on meanwhile; the batch is then applied
+        in chunks, one hold of the lock each, sized so that a hold lasts about WRITE_HOLD_S. Before each hold it
+        lets waiting searches go first (:meth:`_yield_to_searches`). If a lifecycle call changed the shard between
+        two holds, the rest of the batch is validated again (and encoded again if the new index was replaced)."""
         self._yield_to_searches()
         with self._lock:
             self._set_threads()
@@ -568,16 +580,36 @@ class _IndexShard:
             store, published = self._new, self._published
         assert store is not None  # _ensure_space made it
         prepared = store.prepare(vectors)
-        self._yield_to_searches()
-        with self._lock:
-            self._set_threads()
-            if self._published != published:  # a call changed the shard in between: validate again
-                ids, vectors, slots, code = self._validated_upsert(ids, vectors, state, version)
-                self._ensure_space(Space.NEW, vectors.shape[1], version)
-            if self._new is not store:
-                prepared = None
-            self._apply_upsert(ids, vectors, slots, code, prepared)
-            return self._counts
+        done = 0
+        while done < len(ids):
+            self._yield_to_searches()
+            with self._lock:
+                self._set_threads()
+                if self._published != published:  # a call changed the shard in between: validate the rest again
+                    ids, vectors, slots, code = self._validated_upsert(ids[done:], vectors[done:], state, version)
+                    prepared, done = _rows_of(prepared, slice(done, None)), 0
+                    self._ensure_space(Space.NEW, vectors.shape[1], version)
+                if self._new is not store:
+                    prepared = None
+                rows = slice(done, done + self._apply_chunk_rows())
+                started = time.perf_counter()
+                self._apply_upsert(ids[rows], vectors[rows], slots[rows], code, _rows_of(prepared, rows))
+                self._observe_apply(len(ids[rows]), time.perf_counter() - started)
+                done, published = rows.stop, self._published
+        return self._counts
+
+    def _apply_chunk_rows(self) -> int:
+        """Rows of the next chunk of an upsert: what this shard applied in about WRITE_HOLD_S lately."""
+        if self._apply_rows_per_s is None:
+            return APPLY_FIRST_ROWS
+        return max(APPLY_MIN_ROWS, int(self._apply_rows_per_s * WRITE_HOLD_S))
+
+    def _observe_apply(self, rows: int, seconds: float) -> None:
+        """Fold one chunk's speed into the estimate that sizes the next (a moving average: the cost per row
+        drifts with the index kind, the lists' sizes and how busy the cores are)."""
+        rate = rows / max(seconds, 1e-6)
+        previous = self._apply_rows_per_s
+        self._apply_rows_per_s = rate if previous is None else 0.7 * previous + 0.3 * rate
 
     def _apply_upsert(self, ids: np.ndarray, vectors: np.ndarray, slots: np.ndarray, code: int, prepared) -> None:
         """Under the lock: move, add and replace a validated batch (``prepared``: its encoding for the new index,
@@ -597,10 +629,12 @@ class _IndexShard:
             transformed = slots[replacing][self._state[slots[replacing]] == Space.TRANSFORMED.code]
             if drop_old and len(transformed):
                 self._remove("backfilled", transformed)
+        self._per_state -= np.bincount(self._state[slots], minlength=len(Space))
+        self._per_state[code] += len(slots)
         self._state[slots] = code
         for name in ("pending", "backfilled", "new"):
             self._maybe_rebuild(name)
-        self._publish()
+        self._publish(recount=False)
         self._metrics.observe_write("upsert", len(ids))
 
     @contextlib.contextmanager
