@@ -70,7 +70,7 @@ from raybackfill.types import Method, Space, Strategy
 FULL = {
     "sizes": "1000000,10000000",
     "index": "IVF1024,SQ8",
-    "probes": 300,
+    "probes": 1000,
     "recall_queries": 200,
     "paced_rate": 20_000.0,
     "fit_steps": 1000,
