@@ -27,7 +27,10 @@ is already initialised (or RAY_ADDRESS) and otherwise starts a local one with ``
 of ``--factories`` (default: Flat, IVF1024,Flat, IVF1024,SQ8, IVF1024,PQ32, OPQ16,IVF1024,PQ16, HNSW32), the
 router's merged query with a bare FAISS index of the same factory string and search parameters, side by side
 in one run, over a clustered synthetic gallery (default 1M x 128): recall@10 against exact search, QPS, bytes
-per item (serialised size / n) and their ratios. Both sides train on the same sample. The router holds the
+per item (serialised size / n) and their ratios. The router serves with each shard count of ``--shards``
+(default 1 and 2, each shard with ``--cpus / shards`` CPUs: on one box, one shard with every core is one process
+searching two parts, two shards are two processes searching four); the fastest is the headline, as the bare
+side's fastest thread count is its own. Both sides train on the same sample. The router holds the
 gallery with a fraction ``--beta`` moved to the new space *with the same vectors* (so exact search over the
 gallery is the ground truth of both sides) and answers ``rank_merge`` queries, which search the pending old
 vectors and the new space of every shard and merge them. A third side, ``bare_parts``, is bare FAISS over the
@@ -198,7 +201,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--d", type=int, default=128, help="dim (default 128)")
     parser.add_argument("--queries", type=int, default=1000, help="queries per search call (default 1000)")
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument(
+        "--shards", default="1,2", help="shard counts the router serves with, comma-separated (the fastest counts)"
+    )
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="total threads, both sides")
     parser.add_argument("--beta", type=float, default=0.5, help="backfilled fraction for merged queries")
     parser.add_argument("--repeats", type=int, default=3)
@@ -434,7 +439,15 @@ def bare_kind(template: faiss.Index, params: dict, gallery, queries, k: int, thr
 
 
 def bare_parts_kind(
-    template: faiss.Index, params: dict, gallery, queries, k: int, moved: np.ndarray, args, threads: list[int]
+    template: faiss.Index,
+    params: dict,
+    gallery,
+    queries,
+    k: int,
+    moved: np.ndarray,
+    shards: int,
+    args,
+    threads: list[int],
 ) -> dict:
     """The router's FAISS work without the serving system: one bare index per part the router searches (each
     shard's old and new space, the same ids in each), each a copy of the trained ``template``, searched one after
@@ -446,12 +459,12 @@ def bare_parts_kind(
     n = len(gallery)
     in_new = np.zeros(n, bool)
     in_new[moved] = True
-    owner = shard_of(np.arange(n, dtype=np.int64), args.shards)
+    owner = shard_of(np.arange(n, dtype=np.int64), shards)
     parts: list[tuple[faiss.Index, np.ndarray, Any]] = []
     keep: list = []
     faiss.omp_set_num_threads(max(threads))
     start = time.perf_counter()
-    for shard in range(args.shards):
+    for shard in range(shards):
         for new_space in (False, True):
             rows = np.flatnonzero((owner == shard) & (in_new == new_space))
             if not len(rows):
@@ -478,13 +491,15 @@ def bare_parts_kind(
     }
 
 
-def router_kind(factory: str, params: dict, gallery, sample, queries, k: int, args, moved: np.ndarray) -> dict:
-    """The router over ``args.shards`` shards: train both spaces on ``sample``, load the gallery, move the items
-    ``moved`` to the new space with the same vectors, then time rank_merge queries."""
+def router_kind(
+    factory: str, params: dict, gallery, sample, queries, k: int, shards: int, args, moved: np.ndarray
+) -> dict:
+    """The router over ``shards`` shards of ``args.cpus / shards`` CPUs each: train both spaces on ``sample``, load
+    the gallery, move the items ``moved`` to the new space with the same vectors, then time rank_merge queries."""
     n = len(gallery)
     ids = np.arange(n, dtype=np.int64)
     index = IndexConfig(factory=factory, metric=Metric.COSINE, search_params=params)
-    config = RouterConfig(name=KINDS_INDEX, shards=args.shards, shard_num_cpus=args.cpus / args.shards, index=index)
+    config = RouterConfig(name=KINDS_INDEX, shards=shards, shard_num_cpus=args.cpus / shards, index=index)
     router = create_index(config)
     try:
         start = time.perf_counter()
@@ -500,17 +515,18 @@ def router_kind(factory: str, params: dict, gallery, sample, queries, k: int, ar
             part = moved[lo : lo + CHUNK]
             get(router.upsert.remote(ids[part], gallery[part], Space.NEW, "v2"))
         upsert_s = time.perf_counter() - start
-        shards = [ray.get_actor(config.shard_name(i), namespace=NAMESPACE) for i in range(args.shards)]
-        for shard in shards:  # a graph index rebuilds in the background after the moves: time the settled index
-            get(shard.wait_for_rebuilds.remote())
+        actors = [ray.get_actor(config.shard_name(i), namespace=NAMESPACE) for i in range(shards)]
+        for actor in actors:  # a graph index rebuilds in the background after the moves: time the settled index
+            get(actor.wait_for_rebuilds.remote())
         seconds, result = best_of(
             args.repeats, lambda: get(router.search.remote(queries, queries, k, Strategy.RANK_MERGE))
         )
-        described = [get(shard.describe.remote()) for shard in shards]
-        sizes = [get(shard.index_bytes.remote()) for shard in shards]
+        described = [get(actor.describe.remote()) for actor in actors]
+        sizes = [get(actor.index_bytes.remote()) for actor in actors]
     finally:
         destroy_index(config.name)
     return {
+        "shards": shards,
         "train_seconds": train_s,
         "load_seconds": load_s,
         "upsert_seconds": upsert_s,
@@ -538,7 +554,9 @@ def kinds_main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--clusters", type=int, default=1000, help="clusters of the synthetic gallery")
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--train-size", type=int, default=100_000, help="training sample (both sides)")
-    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument(
+        "--shards", default="1,2", help="shard counts the router serves with, comma-separated (the fastest counts)"
+    )
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="total threads, both sides")
     parser.add_argument("--beta", type=float, default=0.5, help="fraction moved to the new space")
     parser.add_argument("--repeats", type=int, default=3)
@@ -549,6 +567,9 @@ def kinds_main(argv: list[str] | None = None) -> dict:
         parser.set_defaults(**KINDS_QUICK)
     args = parser.parse_args(argv)
     factories = [f.strip() for f in args.factories.split(";") if f.strip()]
+    shard_counts = sorted({int(s) for s in str(args.shards).split(",") if s.strip()})
+    if not shard_counts or min(shard_counts) < 1:
+        parser.error(f"--shards needs shard counts >= 1, got {args.shards!r}")
     for factory in factories:
         IndexConfig(factory=factory)  # a bad string fails here, before minutes of data generation
 
@@ -578,35 +599,40 @@ def kinds_main(argv: list[str] | None = None) -> dict:
                 "train_seconds": train_s,
                 **bare_kind(template, params, gallery, queries, RECALL_K, threads, args.repeats),
             }
-            parts = bare_parts_kind(template, params, gallery, queries, RECALL_K, moved, args, threads)
+            truth_recall = recall_at(bare.pop("ids"), truth, RECALL_K)
+            by_shards = {}
+            for shards in shard_counts:
+                parts = bare_parts_kind(template, params, gallery, queries, RECALL_K, moved, shards, args, threads)
+                ours = router_kind(factory, params, gallery, sample, queries, RECALL_K, shards, args, moved)
+                parts_ids, our_ids = parts.pop("ids"), ours.pop("ids")
+                by_shards[str(shards)] = {
+                    "bare_parts": {**parts, "recall_at_10": recall_at(parts_ids, truth, RECALL_K)},
+                    "index": {
+                        **ours,
+                        "recall_at_10": recall_at(our_ids, truth, RECALL_K),
+                        "bytes_per_item_served": ours["bytes_served"] / args.n,
+                        "bytes_per_item_held": ours["bytes_held"] / args.n,
+                    },
+                    "qps_ratio": ours["qps"] / bare["qps"],
+                    # the two factors of qps_ratio: what splitting costs FAISS, and what serving adds to that
+                    "split_qps_ratio": parts["qps"] / bare["qps"],
+                    "serving_qps_ratio": ours["qps"] / parts["qps"],
+                    "recall_difference": recall_at(our_ids, truth, RECALL_K) - truth_recall,
+                }
             del template
-            ours = router_kind(factory, params, gallery, sample, queries, RECALL_K, args, moved)
-            bare_ids, parts_ids, our_ids = bare.pop("ids"), parts.pop("ids"), ours.pop("ids")
+            fastest = max(by_shards, key=lambda s: by_shards[s]["index"]["qps"])
             results[factory] = {
                 "search_params": params,
-                "bare": {
-                    **bare,
-                    "recall_at_10": recall_at(bare_ids, truth, RECALL_K),
-                    "bytes_per_item": bare["bytes"] / args.n,
-                },
-                "bare_parts": {**parts, "recall_at_10": recall_at(parts_ids, truth, RECALL_K)},
-                "index": {
-                    **ours,
-                    "recall_at_10": recall_at(our_ids, truth, RECALL_K),
-                    "bytes_per_item_served": ours["bytes_served"] / args.n,
-                    "bytes_per_item_held": ours["bytes_held"] / args.n,
-                },
-                "qps_ratio": ours["qps"] / bare["qps"],
-                # the two factors of qps_ratio: what splitting costs FAISS, and what serving adds to that
-                "split_qps_ratio": parts["qps"] / bare["qps"],
-                "serving_qps_ratio": ours["qps"] / parts["qps"],
-                "recall_difference": recall_at(our_ids, truth, RECALL_K) - recall_at(bare_ids, truth, RECALL_K),
+                "bare": {**bare, "recall_at_10": truth_recall, "bytes_per_item": bare["bytes"] / args.n},
+                "shards": int(fastest),
+                **by_shards[fastest],
+                "by_shards": by_shards,
             }
             r = results[factory]
             print(
                 f"{factory:>20}: recall@10 {r['index']['recall_at_10']:.3f} (bare {r['bare']['recall_at_10']:.3f}), "
                 f"{r['index']['qps']:,.0f} QPS (bare {r['bare']['qps']:,.0f}, ratio {r['qps_ratio']:.2f} = split "
-                f"{r['split_qps_ratio']:.2f} x serving {r['serving_qps_ratio']:.2f}), "
+                f"{r['split_qps_ratio']:.2f} x serving {r['serving_qps_ratio']:.2f}, {r['shards']} shard(s)), "
                 f"{r['index']['bytes_per_item_served']:.0f} B/item served "
                 f"({r['index']['bytes_per_item_held']:.0f} held; bare {r['bare']['bytes_per_item']:.0f})"
             )
@@ -617,10 +643,11 @@ def kinds_main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "bench_index_kinds",
         "what": f"rank_merge top-{RECALL_K} of {args.queries} queries over {args.n} clustered unit vectors (d={args.d})"
-        f", a fraction {args.beta} moved to the new space with the same vectors, {args.shards} shards x "
-        f"{args.cpus / args.shards:g} CPU, vs one bare FAISS index of the same factory and search parameters "
+        f", a fraction {args.beta} moved to the new space with the same vectors, served by "
+        + " or ".join(f"{s} shard(s) x {args.cpus / s:g} CPU" for s in shard_counts)
+        + f" (the fastest counts), vs one bare FAISS index of the same factory and search parameters "
         f"(best of {sorted({args.cpus, 1})} threads); recall against exact search",
-        "config": vars(args) | {"factories": factories},
+        "config": vars(args) | {"factories": factories, "shards": shard_counts},
         "machine": {**machine_info(), "loadavg_start": load_start, "loadavg_end": load_end},
         "kinds": results,
     }

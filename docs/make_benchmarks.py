@@ -245,27 +245,38 @@ def _index_kinds(run: dict) -> list[str]:
         "",
     ]
     split = all("split_qps_ratio" in k for k in kinds["by_factory"].values())
+    swept = all("qps_ratio_by_shards" in k for k in kinds["by_factory"].values())
     if split:
-        parts = next(iter(kinds["by_factory"].values()))["bare_parts"]
         lines += [
-            f"The ratio is the product of two: *split* is bare FAISS searching the same {parts} parts as the router "
-            "(each shard's old and new space) one after the other in one process, against one bare index: what "
+            "The ratio is the product of two: *split* is bare FAISS searching the same parts as the router (each "
+            "shard's old and new space) one after the other in one process, against one bare index: what "
             "splitting the gallery costs FAISS itself. *serving* is the router against those bare parts: what Ray "
             "calls, the merge and processes sharing the cores add.",
+            "",
+        ]
+    if swept:
+        lines += [
+            "The router serves with each shard count in *ratio by shards*; the fastest is the row's figure, as the "
+            "bare side's fastest thread count is its own.",
             "",
         ]
     lines += [
         "| factory | search params | recall@10 | bare recall@10 | QPS | bare QPS | ratio "
         + ("| split | serving " if split else "")
+        + ("| ratio by shards " if swept else "")
         + "| bytes/item served (held) | bare bytes/item |",
-        "|---|---|---|---|---|---|---|" + ("---|---|" if split else "") + "---|---|",
+        "|---|---|---|---|---|---|---|" + ("---|---|" if split else "") + ("---|" if swept else "") + "---|---|",
     ]
     for factory, k in kinds["by_factory"].items():
         params = ", ".join(f"{name}={value}" for name, value in k["search_params"].items()) or "-"
+        by_shards = (
+            ", ".join(f"{shards}: {ratio:.2f}" for shards, ratio in k["qps_ratio_by_shards"].items()) if swept else ""
+        )
         lines.append(
             f"| `{factory}` | {params} | {k['recall_at_10']:.3f} | {k['bare_recall_at_10']:.3f} | {k['qps']:,.0f} "
             f"| {k['bare_qps']:,.0f} | {k['qps_ratio']:.2f} "
             + (f"| {k['split_qps_ratio']:.2f} | {k['serving_qps_ratio']:.2f} " if split else "")
+            + (f"| {by_shards} " if swept else "")
             + f"| {k['bytes_per_item_served']:.0f} "
             f"({k['bytes_per_item_held']:.0f}) | {k['bare_bytes_per_item']:.0f} |"
         )

@@ -79,7 +79,9 @@ def test_kinds_run_compares_each_factory_with_bare_faiss_on_the_session_ray(ray_
     out = tmp_path / "kinds.json"
     bench = load_benchmark()
     argv = ["--n", "2000", "--queries", "40", "--train-size", "2000", "--clusters", "20", "--cpus", "1"]
-    returned = bench.kinds_main([*argv, "--repeats", "1", "--factories", "Flat;IVF8,SQ8;HNSW16", "--out", str(out)])
+    returned = bench.kinds_main(
+        [*argv, "--repeats", "1", "--shards", "2,1", "--factories", "Flat;IVF8,SQ8;HNSW16", "--out", str(out)]
+    )
 
     assert ray.is_initialized(), "the benchmark must not shut down a Ray it did not start"
     with pytest.raises(ValueError):
@@ -94,21 +96,27 @@ def test_kinds_run_compares_each_factory_with_bare_faiss_on_the_session_ray(ray_
     assert kinds["IVF8,SQ8"]["bare"]["bytes_per_item"] < kinds["Flat"]["bare"]["bytes_per_item"] / 2  # 8-bit codes
     assert kinds["IVF8,SQ8"]["search_params"] == {"nprobe": 16} and kinds["HNSW16"]["search_params"] == {"efSearch": 64}
     for name, k in kinds.items():
-        assert k["index"]["moved"] == 1000
-        assert 0.5 <= k["index"]["recall_at_10"] <= 1.0 and 0.5 <= k["bare"]["recall_at_10"] <= 1.0, name
-        for side in ("index", "bare"):
-            assert_finite(k[side]["qps"], f"{name}.{side}.qps")
-        assert k["qps_ratio"] == pytest.approx(k["index"]["qps"] / k["bare"]["qps"])
-        # The same FAISS work without the serving system: 2 shards x (old, new) bare parts, merged with numpy.
-        assert k["bare_parts"]["parts"] == 4
-        assert_finite(k["bare_parts"]["qps"], f"{name}.bare_parts.qps")
-        assert k["split_qps_ratio"] * k["serving_qps_ratio"] == pytest.approx(k["qps_ratio"])
-        # Half the items moved with keep_old: the router holds their old vectors too.
-        assert k["index"]["bytes_per_item_held"] > k["index"]["bytes_per_item_served"]
-    assert kinds["Flat"]["bare_parts"]["recall_at_10"] == 1.0
+        assert_finite(k["bare"]["qps"], f"{name}.bare.qps")
+        # Served by 1 shard and by 2; the headline is the faster of the two.
+        assert sorted(k["by_shards"]) == ["1", "2"]
+        fastest = max(k["by_shards"], key=lambda s: k["by_shards"][s]["index"]["qps"])
+        assert k["shards"] == int(fastest) and k["qps_ratio"] == k["by_shards"][fastest]["qps_ratio"]
+        for shards, run in k["by_shards"].items():
+            assert run["index"]["shards"] == int(shards) and run["index"]["moved"] == 1000
+            assert 0.5 <= run["index"]["recall_at_10"] <= 1.0 and 0.5 <= k["bare"]["recall_at_10"] <= 1.0, name
+            assert_finite(run["index"]["qps"], f"{name}.{shards}.qps")
+            assert run["qps_ratio"] == pytest.approx(run["index"]["qps"] / k["bare"]["qps"])
+            # The same FAISS work without the serving system: shards x (old, new) bare parts, merged with numpy.
+            assert run["bare_parts"]["parts"] == 2 * int(shards)
+            assert_finite(run["bare_parts"]["qps"], f"{name}.{shards}.bare_parts.qps")
+            assert run["split_qps_ratio"] * run["serving_qps_ratio"] == pytest.approx(run["qps_ratio"])
+            # Half the items moved with keep_old: the router holds their old vectors too.
+            assert run["index"]["bytes_per_item_held"] > run["index"]["bytes_per_item_served"]
+    for run in kinds["Flat"]["by_shards"].values():
+        assert run["bare_parts"]["recall_at_10"] == 1.0 and run["index"]["recall_at_10"] == 1.0
     # One training, one partition: the router and its bare parts probe the same lists.
-    ivf = kinds["IVF8,SQ8"]
-    assert ivf["bare_parts"]["recall_at_10"] == pytest.approx(ivf["index"]["recall_at_10"], abs=0.02)
+    for run in kinds["IVF8,SQ8"]["by_shards"].values():
+        assert run["bare_parts"]["recall_at_10"] == pytest.approx(run["index"]["recall_at_10"], abs=0.02)
 
 
 def test_clustered_rows_are_unit_vectors_around_their_centres():

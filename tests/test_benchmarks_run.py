@@ -98,6 +98,8 @@ def test_quick_suite_writes_every_key_with_finite_figures(ray_cluster, tmp_path)
         kinds["by_factory"]["Flat"]["recall_at_10"] == 1.0 and kinds["by_factory"]["Flat"]["bare_recall_at_10"] == 1.0
     )
     assert kinds["min_qps_ratio"] == min(k["qps_ratio"] for k in kinds["by_factory"].values())
+    for k in kinds["by_factory"].values():  # served by one shard and by two; the faster is the headline
+        assert k["qps_ratio"] == k["qps_ratio_by_shards"][str(k["shards"])] == max(k["qps_ratio_by_shards"].values())
     assert kinds["by_factory"]["IVF16,SQ8"]["bare_bytes_per_item"] < kinds["by_factory"]["Flat"]["bare_bytes_per_item"]
 
     growth = result["growth"]
