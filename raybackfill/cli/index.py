@@ -75,6 +75,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--shard-gpus", type=float, default=0.0, help="GPUs per shard actor (default 0)")
     serve.add_argument(
+        "--serving-nice",
+        type=int,
+        default=RouterConfig.serving_nice,
+        metavar="N",
+        help="nice value the router and shard processes start at (default 0, the raylet's; Ray starts its other "
+        "workers, a backfill's among them, at 15)",
+    )
+    serve.add_argument(
         "--node-resource",
         metavar="NAME",
         help="custom Ray resource of the nodes that hold the index (e.g. index_node): the router and shards run "
@@ -224,6 +232,7 @@ def _serve(args: argparse.Namespace) -> int:
         ),
         snapshot_uri=args.snapshot_uri,
         node_resource=args.node_resource,
+        serving_nice=args.serving_nice,
     )
     if args.train_sample < 1:
         raise ValueError(f"--train-sample must be positive, got {args.train_sample}")

@@ -52,6 +52,7 @@ from raybackfill.index.shard import TRAINABLE_SPACES, IndexConfig, IndexShard, I
 from raybackfill.index.sharding import split_by_shard
 from raybackfill.index.validate import as_batch, as_ids, as_queries, as_vectors, check_k
 from raybackfill.logs import configure_logging
+from raybackfill.priority import MAX_NICE
 from raybackfill.runtime import init_ray
 from raybackfill.types import Phase, Space, Strategy, parse
 
@@ -63,6 +64,10 @@ ROUTER_STATE = "router.json"
 # What the router and each shard ask of RouterConfig.node_resource: a sliver, so that only nodes started with
 # that resource take them, without capping how many index actors fit on one such node.
 NODE_RESOURCE_SHARE = 0.001
+# Ray starts each worker process at the nice value of this variable (15 unless set), so that workers never slow
+# the raylet; a worker whose runtime environment sets it starts at that value instead (Ray's job supervisor
+# starts at 0 this way).
+RAY_WORKER_NICENESS = "RAY_worker_niceness"
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,10 @@ class RouterConfig:
     # A custom resource (e.g. "index_node") that only the cluster's fixed, never-autoscaled nodes declare: the
     # router and the shards then run only there, never on a worker the autoscaler may remove. None: anywhere.
     node_resource: str | None = None
+    # The nice value (Linux) the router and shard processes start at. Ray starts its workers at 15; queries are
+    # the latency-critical work of the nodes that hold the index, so it runs at 0 like the raylet and a driver,
+    # above a backfill's read tasks (15) and actors (lower still). 15 keeps Ray's default.
+    serving_nice: int = 0
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -92,10 +101,22 @@ class RouterConfig:
             raise ValueError(f"rate_window_s must be positive, got {self.rate_window_s}")
         if self.node_resource is not None and not self.node_resource:
             raise ValueError("node_resource must be a resource name or None")
+        if isinstance(self.serving_nice, bool) or not isinstance(self.serving_nice, int):
+            raise ValueError(f"serving_nice must be an integer nice value, got {self.serving_nice!r}")
+        if not 0 <= self.serving_nice <= MAX_NICE:
+            raise ValueError(
+                f"serving_nice must be in [0, {MAX_NICE}] (a process cannot start above the raylet's priority "
+                f"without privileges), got {self.serving_nice}"
+            )
 
     def actor_resources(self) -> dict[str, float]:
         """Custom resources of the router and of each shard: a sliver of ``node_resource``, if set."""
         return {self.node_resource: NODE_RESOURCE_SHARE} if self.node_resource else {}
+
+    def actor_runtime_env(self) -> dict:
+        """The runtime environment of the router and of each shard: Ray starts their processes at
+        ``serving_nice``."""
+        return {"env_vars": {RAY_WORKER_NICENESS: str(self.serving_nice)}}
 
     def shard_name(self, shard: int) -> str:
         return f"{self.name}-shard-{shard:03d}"
@@ -158,6 +179,7 @@ class IndexRouter:
                 num_cpus=config.shard_num_cpus,
                 num_gpus=config.shard_num_gpus,
                 resources=config.actor_resources(),
+                runtime_env=config.actor_runtime_env(),
                 # Across nodes, not packed on the first that fits: a shard's memory is its share of the gallery.
                 scheduling_strategy="SPREAD",
             ).remote(config.index, config.shard_snapshot_uri(i))
@@ -608,6 +630,7 @@ def create_index(config: RouterConfig | None = None):
         max_restarts=-1,
         num_cpus=0,
         resources=config.actor_resources(),
+        runtime_env=config.actor_runtime_env(),
     ).remote(config)
     running = get(router.health.remote())["config"]
     if running != dataclasses.asdict(config):

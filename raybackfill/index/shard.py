@@ -144,8 +144,9 @@ class IndexConfig:
             None keeps it until ``gc``. The retired generation holds its vectors in memory meanwhile.
         write_nice_increment: how many nice steps (Linux) the thread that applies upserts and loads runs below the
             process's own priority (capped at nice 19): above 0, the scheduler serves queries on the same cores
-            first while a backfill writes. Ray starts workers at nice 15, so at most 4 steps count there. 0
-            treats writes and queries alike.
+            first while a backfill writes. A shard's process starts at ``RouterConfig.serving_nice`` (0 by
+            default; capped at 19, so from Ray's default of 15 at most 4 steps count). 0 treats writes and
+            queries alike.
 
     Example:
         >>> IndexConfig(factory="IVF1024,PQ32", search_params={"nprobe": 32}).needs_training
