@@ -23,7 +23,8 @@ def test_bench_scale_writes_every_figure_for_each_size(ray_cluster, tmp_path):
         assert 0.0 <= point["recall_at_10"] <= 1.0 and point["recall_queries"] == 8
         assert point["trained_on"] == 2000 and point["phases"]["instant"]["items"] == point["items"]
         assert point["idle"]["queries"] == 8 and point["during_backfill"]["queries"] >= 1
-        for key in ("load_seconds", "backfill_items_per_s", "peak_pss_gb", "p99_ratio", "p99_ratio_paced"):
+        keys = ("load_seconds", "backfill_items_per_s", "backfill_alone_items_per_s", "peak_pss_gb", "p99_ratio")
+        for key in (*keys, "p99_ratio_paced"):
             assert math.isfinite(point[key]) and point[key] > 0, key
         # nprobe chosen on validation queries: the smallest candidate reaching the goal, or the largest tried
         tried = {int(k): v for k, v in point["nprobe_validation_recall"].items()}
@@ -34,6 +35,7 @@ def test_bench_scale_writes_every_figure_for_each_size(ray_cluster, tmp_path):
         fallback = min(n for n, r in tried.items() if r >= best - bench_scale.RECALL_TIE)
         assert point["nprobe"] == (min(reached) if reached else fallback)
         assert point["paced"]["max_rate"] == 4000 and point["paced"]["during_backfill"]["queries"] >= 1
+        assert point["phases_alone"]["instant"]["items"] == point["items"]  # the third run, alone, moved them all
     assert set(result["targets"]) <= set(result["largest"])
     assert all(math.isfinite(v) for k, v in result["growth"].items() if k.startswith("exponent"))
 
