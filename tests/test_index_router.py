@@ -46,6 +46,27 @@ def make_index(ray_cluster):
         destroy_index(name)
 
 
+@pytest.mark.parametrize("bad", [-1, 20, True, 1.5, "0"])
+def test_serving_nice_is_a_nice_value_a_process_may_start_at(bad):
+    with pytest.raises(ValueError, match="serving_nice"):
+        RouterConfig(serving_nice=bad)
+    assert RouterConfig(serving_nice=7).actor_runtime_env() == {"env_vars": {"RAY_worker_niceness": "7"}}
+
+
+def test_the_router_and_its_shards_start_at_the_serving_nice_value(make_index):
+    def nice(_) -> int:
+        return os.getpriority(os.PRIO_PROCESS, os.getpid())
+
+    router, config = make_index(shards=2, serving_nice=7)  # neither Ray's worker default (15) nor the raylet's (0)
+    shards = [ray.get_actor(config.shard_name(i), namespace=NAMESPACE) for i in range(2)]
+    assert ray.get(router.__ray_call__.remote(nice)) == 7
+    assert [ray.get(shard.__ray_call__.remote(nice)) for shard in shards] == [7, 7]
+    g = Gallery.random(40, 8, seed=3)
+    get(router.load_old.remote(g.ids, g.old, "v1"))
+    found = get(router.search.remote(g.old[:2], None, 3, "old"))
+    assert found.ids[:, 0].tolist() == g.ids[:2].tolist()  # each query's own vector first
+
+
 def test_merged_answers_match_brute_force_and_batches_are_all_or_nothing(make_index):
     router, config = make_index(shards=3)
     g = Gallery.random(200, 8, seed=21)
