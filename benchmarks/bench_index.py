@@ -201,9 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--d", type=int, default=128, help="dim (default 128)")
     parser.add_argument("--queries", type=int, default=1000, help="queries per search call (default 1000)")
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument(
-        "--shards", default="1,2", help="shard counts the router serves with, comma-separated (the fastest counts)"
-    )
+    parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="total threads, both sides")
     parser.add_argument("--beta", type=float, default=0.5, help="backfilled fraction for merged queries")
     parser.add_argument("--repeats", type=int, default=3)
