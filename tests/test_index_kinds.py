@@ -435,6 +435,24 @@ def test_an_upsert_applies_in_chunks_and_a_rollback_between_two_of_them_leaves_t
     check_against_reference(shard, g, "IVF8,SQ8", rng)
 
 
+@pytest.mark.parametrize("factory, holds", [("Flat", 1), ("SQ8", 1), ("IVF8,Flat", 4), ("HNSW16", 4)])
+def test_only_indexes_that_remove_in_o_of_the_batch_apply_an_upsert_in_chunks(factory, holds, monkeypatch):
+    # a code-row index compacts its rows on every removal (O(rows held) per call): one hold for the whole batch
+    monkeypatch.setattr(shard_module, "APPLY_FIRST_ROWS", 5)
+    monkeypatch.setattr(shard_module, "APPLY_MIN_ROWS", 5)
+    monkeypatch.setattr(shard_module, "WRITE_HOLD_S", 0.0)
+    shard, _ = trained(factory, KINDS[factory])
+    g = Gallery.random(40, D, seed=2)
+    shard.load_old(g.ids, g.old, "v1")
+    sizes: list[int] = []
+    apply = shard._apply_upsert
+    monkeypatch.setattr(shard, "_apply_upsert", lambda ids, *args: (sizes.append(len(ids)), apply(ids, *args))[1])
+    vectors = np.random.default_rng(1).standard_normal((20, D)).astype(np.float32)
+    shard.upsert(g.ids[:20], vectors, "transformed", "v2")
+    assert len(sizes) == holds and sum(sizes) == 20
+    assert shard.counts() == {Space.OLD: 20, Space.TRANSFORMED: 20, Space.NEW: 0}
+
+
 def test_the_chunk_of_an_upsert_follows_how_fast_the_shard_applied_lately(monkeypatch):
     monkeypatch.setattr(shard_module, "WRITE_HOLD_S", 0.01)
     shard, _ = make("Flat")

@@ -37,10 +37,11 @@ dropped once a true new vector replaces it (state new): less memory, but no stra
 Atomicity. All mutations and searches run under one lock, so a search sees every id exactly once
 (in pending, or in new). GPU copies follow their CPU index in place (raybackfill.index.gpu). The actor's
 default concurrency group runs one call at a time (search, promote, rollback, ...), and a "write" group runs
-upserts and loads one at a time; an upsert encodes its vectors before it takes the lock and applies them in
-chunks, one short hold of the lock each (about WRITE_HOLD_S), so searches go on meanwhile and a search may see
-part of a batch moved (a batch spread over several shards is never applied at one instant anyway); the counts
-the light group reads are kept per chunk in O(chunk), not recounted over the shard; `counts`/`describe` run in a
+upserts and loads one at a time; an upsert encodes its vectors before it takes the lock and applies them (to
+an IVF or graph index) in chunks, one short hold of the lock each (about WRITE_HOLD_S), so searches go on
+meanwhile and a search may see part of a batch moved (a batch spread over several shards is never applied at
+one instant anyway); the counts the light group reads are kept per chunk in O(chunk), not recounted over the
+shard; `counts`/`describe` run in a
 separate "light" group and read only immutable values that mutations replace in one assignment, so they answer
 while a long search runs; `snapshot` runs in its own group and copies code rows in chunks, taking the lock per
 chunk and once more at the end to copy the rows changed meanwhile (see :meth:`IndexShard.snapshot`), so
@@ -340,6 +341,9 @@ class _IndexShard:
         self._searches_waiting = 0
         self._published = 0  # counts _publish calls: an upsert sees whether the shard changed between its holds
         self._apply_rows_per_s: float | None = None  # how fast upserts apply here: sizes their chunks
+        # A code-row index (Flat, PQ, SQ) compacts its rows on every removal, O(rows held) per call: split into
+        # chunks, a batch would cost that many times over, so it is applied in one hold of the lock.
+        self._chunked_writes = self._config.layout is not Layout.CODES
         actor_name = ray.get_runtime_context().get_actor_name() if ray.is_initialized() else None
         self._metrics = ShardMetrics(actor_name or "")
         self._reset()
@@ -567,7 +571,8 @@ class _IndexShard:
 
         The costly part, encoding the vectors for the new index (an IVF's coarse assignment, a code's
         quantisation), runs before the lock is taken again, so queries go on meanwhile; the batch is then applied
-        in chunks, one hold of the lock each, sized so that a hold lasts about WRITE_HOLD_S. Before each hold it
+        in chunks, one hold of the lock each, sized so that a hold lasts about WRITE_HOLD_S (an IVF or graph
+        index; a code-row index, whose removals cost O(rows held) per call, in one hold). Before each hold it
         lets waiting searches go first (:meth:`_yield_to_searches`). If a lifecycle call changed the shard between
         two holds, the rest of the batch is validated again (and encoded again if the new index was replaced)."""
         self._yield_to_searches()
@@ -592,7 +597,7 @@ class _IndexShard:
                     self._ensure_space(Space.NEW, vectors.shape[1], version)
                 if self._new is not store:
                     prepared = None
-                rows = slice(done, done + self._apply_chunk_rows())
+                rows = slice(done, done + self._apply_chunk_rows() if self._chunked_writes else len(ids))
                 started = time.perf_counter()
                 self._apply_upsert(ids[rows], vectors[rows], slots[rows], code, _rows_of(prepared, rows))
                 self._observe_apply(len(ids[rows]), time.perf_counter() - started)
