@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 
-__all__ = ["MAX_NICE", "BackgroundPriority", "check_nice_increment", "lower_thread_priority"]
+__all__ = ["MAX_NICE", "BackgroundPriority", "check_nice", "check_nice_increment", "lower_thread_priority"]
 
 logger = logging.getLogger(__name__)
 
@@ -24,11 +24,17 @@ MAX_NICE = 19  # the lowest CPU priority of a Linux thread
 TASKS = "/proc/self/task"  # one entry per thread of this process (Linux)
 
 
+def check_nice(value: int, name: str, meaning: str) -> int:
+    """``value`` when it is an integer from 0 to MAX_NICE; a ValueError naming ``name`` and what it means
+    otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_NICE:
+        raise ValueError(f"{name} must be an integer in [0, {MAX_NICE}] ({meaning}), got {value!r}")
+    return value
+
+
 def check_nice_increment(value: int, name: str) -> int:
     """``value`` when it is a valid number of nice steps (0 to MAX_NICE); a ValueError naming ``name`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_NICE:
-        raise ValueError(f"{name} must be an integer in [0, {MAX_NICE}] (nice steps below the queries), got {value!r}")
-    return value
+    return check_nice(value, name, "nice steps below the queries")
 
 
 def _nice_of(thread: int) -> int:

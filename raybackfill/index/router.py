@@ -52,7 +52,7 @@ from raybackfill.index.shard import TRAINABLE_SPACES, IndexConfig, IndexShard, I
 from raybackfill.index.sharding import split_by_shard
 from raybackfill.index.validate import as_batch, as_ids, as_queries, as_vectors, check_k
 from raybackfill.logs import configure_logging
-from raybackfill.priority import MAX_NICE
+from raybackfill.priority import check_nice
 from raybackfill.runtime import init_ray
 from raybackfill.types import Phase, Space, Strategy, parse
 
@@ -101,13 +101,11 @@ class RouterConfig:
             raise ValueError(f"rate_window_s must be positive, got {self.rate_window_s}")
         if self.node_resource is not None and not self.node_resource:
             raise ValueError("node_resource must be a resource name or None")
-        if isinstance(self.serving_nice, bool) or not isinstance(self.serving_nice, int):
-            raise ValueError(f"serving_nice must be an integer nice value, got {self.serving_nice!r}")
-        if not 0 <= self.serving_nice <= MAX_NICE:
-            raise ValueError(
-                f"serving_nice must be in [0, {MAX_NICE}] (a process cannot start above the raylet's priority "
-                f"without privileges), got {self.serving_nice}"
-            )
+        check_nice(
+            self.serving_nice,
+            "serving_nice",
+            "the nice value the index's processes start at: not above the raylet's priority without privileges",
+        )
 
     def actor_resources(self) -> dict[str, float]:
         """Custom resources of the router and of each shard: a sliver of ``node_resource``, if set."""
