@@ -57,7 +57,7 @@ import ray
 import torch
 
 from benchmarks import bench_backfill, bench_index
-from benchmarks.run import PeakMemory, loglog_exponent, transform_path
+from benchmarks.run import PeakMemory, loglog_exponent, phase_rates, transform_path
 from raybackfill.backfill.run import run_backfill
 from raybackfill.data import storage
 from raybackfill.data.images import encode_png
@@ -345,7 +345,7 @@ def scale_point(root: str, n: int, args: argparse.Namespace, centres: np.ndarray
         alone_counts = get(router.progress.remote()).counts
     finally:
         destroy_index(INDEX_NAME)
-    phases = {p.name: {"items": p.items, "seconds": p.seconds, "items_per_s": p.rate} for p in summary.phases}
+    phases = phase_rates(summary)
     for left in (counts, alone_counts):
         if left.get(Space.TRANSFORMED, 0) != n:
             raise RuntimeError(f"the backfill left {left} in the index, expected {n} items transformed")
@@ -363,9 +363,7 @@ def scale_point(root: str, n: int, args: argparse.Namespace, centres: np.ndarray
         "phases": phases,
         "backfill_alone_seconds": alone_s,
         "backfill_alone_items_per_s": n / alone_s,
-        "phases_alone": {
-            p.name: {"items": p.items, "seconds": p.seconds, "items_per_s": p.rate} for p in alone_summary.phases
-        },
+        "phases_alone": phase_rates(alone_summary),
         "peak_pss_bytes": memory.peak_pss,
         "peak_pss_gb": memory.peak_pss / 1e9,
         "peak_rss_sum_bytes": memory.peak_rss,

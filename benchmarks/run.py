@@ -36,7 +36,7 @@ import pyarrow as pa
 import ray
 
 from benchmarks import bench_backfill, bench_index
-from raybackfill.backfill.run import BackfillConfig, run_backfill
+from raybackfill.backfill.run import BackfillConfig, BackfillSummary, run_backfill
 from raybackfill.data import storage
 from raybackfill.data.images import encode_png
 from raybackfill.data.schema import ID, IMAGE, embedding_table
@@ -176,6 +176,11 @@ def write_scale_inputs(root: str, n: int, seed: int) -> tuple[dict[str, str], np
     return paths, old
 
 
+def phase_rates(summary: BackfillSummary) -> dict[str, dict[str, float]]:
+    """Items, seconds and items/s of each phase of a finished backfill, by phase name."""
+    return {p.name: {"items": p.items, "seconds": p.seconds, "items_per_s": p.rate} for p in summary.phases}
+
+
 def transform_path(paths: dict[str, str], index: str, **overrides) -> BackfillConfig:
     """The backfill the scale benchmarks time: through the forward transformation only (plan by id, budget 0:
     no image is re-embedded), one transformation actor, into the live index ``index``."""
@@ -214,7 +219,7 @@ def scale_point(root: str, n: int, probes: int, seed: int) -> dict:
             summary = run_backfill(backfill)
             wall_s = time.perf_counter() - start
         loadavg_end = os.getloadavg()
-        phases = {p.name: {"items": p.items, "seconds": p.seconds, "items_per_s": p.rate} for p in summary.phases}
+        phases = phase_rates(summary)
         if phases.get("instant", {}).get("items") != n:
             raise RuntimeError(f"the instant phase moved {phases.get('instant')} items, expected {n}")
         rng = np.random.default_rng(seed + 1)
