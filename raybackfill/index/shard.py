@@ -328,6 +328,7 @@ class _IndexShard:
         configure_logging()
         map_large_blocks()  # the process holds the index: its growing lists must not fragment the heap
         self._config = config or IndexConfig()
+        self._config_fields = dataclasses.asdict(self._config)  # frozen: described on every publish, built once
         self._snapshot_uri = snapshot_uri
         self._lock = threading.Lock()
         self._threads = _threads()
@@ -435,7 +436,7 @@ class _IndexShard:
             "generation": self._generation,
             "promoted": self._generation > 1,
             "retired": self._retired_info(),
-            "config": dataclasses.asdict(self._config),
+            "config": self._config_fields,
             "threads": self._threads,
             "gpu": self._gpu is not None,
             "indexes": {
@@ -597,7 +598,8 @@ class _IndexShard:
                     self._ensure_space(Space.NEW, vectors.shape[1], version)
                 if self._new is not store:
                     prepared = None
-                rows = slice(done, done + self._apply_chunk_rows() if self._chunked_writes else len(ids))
+                chunk = self._apply_chunk_rows() if self._chunked_writes else len(ids)
+                rows = slice(done, done + chunk)
                 started = time.perf_counter()
                 self._apply_upsert(ids[rows], vectors[rows], slots[rows], code, _rows_of(prepared, rows))
                 self._observe_apply(len(ids[rows]), time.perf_counter() - started)
@@ -1324,7 +1326,7 @@ class _IndexShard:
     def _meta(self, chunks: dict[str, int], templates: dict[Space, bytes]) -> dict:
         return {
             "format": SNAPSHOT_FORMAT,
-            "config": dataclasses.asdict(self._config),
+            "config": self._config_fields,
             "old_space": dataclasses.asdict(self._old_space) if self._old_space else None,
             "new_space": dataclasses.asdict(self._new_space) if self._new_space else None,
             "trained": sorted(templates),
