@@ -326,10 +326,16 @@ class IndexRouter:
         params = self._config.index.query_params(params) if params else None  # refused here, before any shard
         # Bounded here, before the batch is copied to the object store and fanned out to every shard.
         limit = self._config.index.max_queries
-        q_old = None if queries_old is None else ray.put(as_queries(queries_old, None, limit, "queries_old"))
-        q_new = None if queries_new is None else ray.put(as_queries(queries_new, None, limit, "queries_new"))
+        q_old = None if queries_old is None else self._shared(as_queries(queries_old, None, limit, "queries_old"))
+        q_new = None if queries_new is None else self._shared(as_queries(queries_new, None, limit, "queries_new"))
         results = await _gather([s.search.remote(q_old, q_new, k, strategy, params) for s in self._shards])
+        if len(results) == 1:  # a shard's answer is already merged across its spaces
+            return results[0]
         return merge_results(results, k, self._config.index.metric)
+
+    def _shared(self, queries: np.ndarray):
+        """The batch as every shard's call takes it: stored once for many shards, passed inline to one."""
+        return queries if len(self._shards) == 1 else ray.put(queries)
 
     async def vectors(self, ids) -> ItemVectors:
         """Stored vectors of some items, in the order asked (e.g. to query with an item)."""
