@@ -16,12 +16,23 @@ import logging
 import os
 import threading
 
-__all__ = ["MAX_NICE", "BackgroundPriority", "check_nice", "check_nice_increment", "lower_thread_priority"]
+__all__ = [
+    "MAX_NICE",
+    "BackgroundPriority",
+    "check_nice",
+    "check_nice_increment",
+    "lower_thread_priority",
+    "started_at_nice",
+]
 
 logger = logging.getLogger(__name__)
 
 MAX_NICE = 19  # the lowest CPU priority of a Linux thread
 TASKS = "/proc/self/task"  # one entry per thread of this process (Linux)
+# Ray starts each worker process at the nice value of this variable (15 unless set), so that workers never slow
+# the raylet; a worker whose runtime environment sets it starts at that value instead (Ray's job supervisor
+# starts at 0 this way).
+RAY_WORKER_NICENESS = "RAY_worker_niceness"
 
 
 def check_nice(value: int, name: str, meaning: str) -> int:
@@ -30,6 +41,12 @@ def check_nice(value: int, name: str, meaning: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_NICE:
         raise ValueError(f"{name} must be an integer in [0, {MAX_NICE}] ({meaning}), got {value!r}")
     return value
+
+
+def started_at_nice(nice: int) -> dict:
+    """The ``runtime_env`` of a Ray actor whose process must start at ``nice`` rather than Ray's 15: one that
+    serves queries (an index router or shard, a search service replica)."""
+    return {"env_vars": {RAY_WORKER_NICENESS: str(nice)}}
 
 
 def check_nice_increment(value: int, name: str) -> int:

@@ -177,6 +177,10 @@ def test_service_args_round_trip_and_refuse_unknown_keys_and_bad_values(monkeypa
     for bad in ({"device": "tpu"}, {"max_replicas": 0}, {"min_replicas": 3, "max_replicas": 2}, {"num_gpus": -1}):
         with pytest.raises(ValueError):
             ServiceConfig(**bad)
+    for nice in (-1, 20, 1.5):
+        with pytest.raises(ValueError, match="serving_nice"):
+            ServiceConfig(serving_nice=nice)
+    assert ServiceConfig.from_args({"serving_nice": "7"}).serving_nice == 7
     with pytest.raises(ValueError, match="64 hex digits"):
         ServiceConfig(api_key_sha256="abc")
     digest = hashlib.sha256(b"s3cret").hexdigest()
@@ -195,8 +199,14 @@ def test_replicas_get_gpus_and_autoscaling_from_the_config_and_pick_cuda_only_wi
 
     from raybackfill.service import app
 
-    options = app.deployment_options(ServiceConfig(num_gpus=1, min_replicas=2, max_replicas=6, num_cpus=2))
-    assert options["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 1}
+    options = app.deployment_options(
+        ServiceConfig(num_gpus=1, min_replicas=2, max_replicas=6, num_cpus=2, serving_nice=5)
+    )
+    assert options["ray_actor_options"] == {
+        "num_cpus": 2,
+        "num_gpus": 1,
+        "runtime_env": {"env_vars": {"RAY_worker_niceness": "5"}},
+    }
     assert options["autoscaling_config"]["min_replicas"] == 2 and options["autoscaling_config"]["max_replicas"] == 6
     assert app.resolve_device("cpu") == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

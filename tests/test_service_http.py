@@ -146,6 +146,7 @@ def service(ray_cluster, tmp_path_factory):
         "tmp": tmp,
         "txt_index": txt_index,
         "img_index": img_index,
+        "img_app": f"img-{tag}",
         "table": table,
     }
     serve.shutdown()
@@ -448,7 +449,7 @@ def test_raybackfill_serve_http_deploys_the_service_with_its_flags(service, caps
 
     argv = ["serve", "--http", "--name", service["img_index"], "--port", str(service["port"])]
     argv += ["--old-model", service["old_uri"], "--new-model", service["new_uri"], "--api-key-env", "RB_TEST_API_KEY"]
-    argv += ["--min-replicas", "1", "--max-replicas", "1", "--replica-cpus", "0"]
+    argv += ["--min-replicas", "1", "--max-replicas", "1", "--replica-cpus", "0", "--serving-nice", "3"]
     monkeypatch.delenv("RB_TEST_API_KEY", raising=False)
     assert main(argv) == 2  # the key's variable is unset: refused before anything is deployed
     assert "RB_TEST_API_KEY" in capsys.readouterr().err
@@ -463,8 +464,22 @@ def test_raybackfill_serve_http_deploys_the_service_with_its_flags(service, caps
         with pytest.raises(ServiceHTTPError) as err:
             ServiceClient(service["base"]).search_image(image, k=K)
         assert err.value.status == 401
+        # Replicas start where the flag says (Ray's workers start at 15), the fixture's at the default 0.
+        assert _replica_nice_values(APP_NAME) == [3]
+        assert _replica_nice_values(service["img_app"]) == [0]
     finally:
         serve.delete(APP_NAME)
+
+
+def _replica_nice_values(app: str) -> list[int]:
+    """The nice value of each replica process of ``app`` on this machine (Ray titles them ray::ServeReplica:...)."""
+    title = f"ray::ServeReplica:{app}:".encode()
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):  # a process that ended meanwhile
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(title):
+                found.append(os.getpriority(os.PRIO_PROCESS, int(pid)))
+    return found
 
 
 def test_request_counts_latencies_and_errors_reach_rays_prometheus_export(service):

@@ -79,8 +79,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=RouterConfig.serving_nice,
         metavar="N",
-        help="nice value the router and shard processes start at (default 0, the raylet's; Ray starts its other "
-        "workers, a backfill's among them, at 15)",
+        help="nice value the router, shard and (with --http) service replica processes start at (default 0, the "
+        "raylet's; Ray starts its other workers, a backfill's among them, at 15)",
     )
     serve.add_argument(
         "--node-resource",

@@ -76,6 +76,7 @@ def service_config(args: argparse.Namespace):
         num_cpus=args.replica_cpus,
         num_gpus=args.replica_gpus,
         max_body_bytes=args.max_body_bytes,
+        serving_nice=args.serving_nice,
     )
 
 

@@ -52,7 +52,7 @@ from raybackfill.index.shard import TRAINABLE_SPACES, IndexConfig, IndexShard, I
 from raybackfill.index.sharding import split_by_shard
 from raybackfill.index.validate import as_batch, as_ids, as_queries, as_vectors, check_k
 from raybackfill.logs import configure_logging
-from raybackfill.priority import check_nice
+from raybackfill.priority import check_nice, started_at_nice
 from raybackfill.runtime import init_ray
 from raybackfill.types import Phase, Space, Strategy, parse
 
@@ -64,10 +64,6 @@ ROUTER_STATE = "router.json"
 # What the router and each shard ask of RouterConfig.node_resource: a sliver, so that only nodes started with
 # that resource take them, without capping how many index actors fit on one such node.
 NODE_RESOURCE_SHARE = 0.001
-# Ray starts each worker process at the nice value of this variable (15 unless set), so that workers never slow
-# the raylet; a worker whose runtime environment sets it starts at that value instead (Ray's job supervisor
-# starts at 0 this way).
-RAY_WORKER_NICENESS = "RAY_worker_niceness"
 
 
 @dataclass(frozen=True)
@@ -114,7 +110,7 @@ class RouterConfig:
     def actor_runtime_env(self) -> dict:
         """The runtime environment of the router and of each shard: Ray starts their processes at
         ``serving_nice``."""
-        return {"env_vars": {RAY_WORKER_NICENESS: str(self.serving_nice)}}
+        return started_at_nice(self.serving_nice)
 
     def shard_name(self, shard: int) -> str:
         return f"{self.name}-shard-{shard:03d}"

@@ -66,6 +66,7 @@ from raybackfill.index.merge import EMPTY_ID, TopK
 from raybackfill.index.router import IndexUnavailableError
 from raybackfill.index.serving import serving_strategy
 from raybackfill.logs import configure_logging
+from raybackfill.priority import started_at_nice
 from raybackfill.service.api import (
     API_KEY_HEADER,
     DEFAULT_K,
@@ -571,7 +572,8 @@ class SearchService:
 
 
 def deployment_options(config: ServiceConfig) -> dict[str, Any]:
-    """Serve options of the deployment: autoscaling between the replica bounds, CPUs and GPUs per replica."""
+    """Serve options of the deployment: autoscaling between the replica bounds, CPUs and GPUs per replica, and the
+    nice value replicas start at."""
     return {
         "autoscaling_config": {
             "min_replicas": config.min_replicas,
@@ -580,7 +582,11 @@ def deployment_options(config: ServiceConfig) -> dict[str, Any]:
             "target_ongoing_requests": config.target_ongoing_requests,
         },
         "max_ongoing_requests": max(2 * config.max_batch_size, int(4 * config.target_ongoing_requests)),
-        "ray_actor_options": {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
+        "ray_actor_options": {
+            "num_cpus": config.num_cpus,
+            "num_gpus": config.num_gpus,
+            "runtime_env": started_at_nice(config.serving_nice),
+        },
     }
 
 

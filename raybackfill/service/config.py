@@ -32,6 +32,7 @@ max_replicas             autoscaling ceiling (4)
 target_ongoing_requests  in-flight requests per replica the autoscaler aims at (8)
 num_cpus                 CPUs per replica (0.5)
 num_gpus                 GPUs per replica (0; 1 puts the encoders on a GPU)
+serving_nice             nice value the replica processes start at (0, the raylet's; Ray's default is 15)
 ======================== =============================================================================
 
 The API key never travels in ``args`` in clear: give the name of a variable the replicas' environment holds
@@ -47,6 +48,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from raybackfill.index.router import DEFAULT_NAME
+from raybackfill.priority import check_nice
 from raybackfill.types import Method, parse
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -82,6 +84,9 @@ class ServiceConfig:
     target_ongoing_requests: float = 8.0
     num_cpus: float = 0.5
     num_gpus: float = 0.0
+    # Replicas turn requests into index calls and embed queries: latency-critical work that would otherwise run
+    # at Ray's worker default of 15, beside a backfill's read tasks, so they start where the index's actors do.
+    serving_nice: int = 0
 
     def __post_init__(self) -> None:
         if self.method is not None:
@@ -99,6 +104,7 @@ class ServiceConfig:
         for name in ("batch_wait_timeout_s", "status_ttl_s", "alias_ttl_s", "retry_after_s", "num_cpus", "num_gpus"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
+        check_nice(self.serving_nice, "serving_nice", "the nice value the replicas start at")
         if self.image_size is not None and self.image_size <= 0:
             raise ValueError(f"image_size must be positive, got {self.image_size}")
         if self.api_key_sha256 is not None:
