@@ -376,6 +376,8 @@ def run(args: argparse.Namespace) -> dict:
                     "qps_ratio": k["qps_ratio"],
                     "split_qps_ratio": k["split_qps_ratio"],
                     "serving_qps_ratio": k["serving_qps_ratio"],
+                    "one_space_qps_ratio": k["one_space_qps_ratio"],
+                    "one_space_shards": k["one_space_shards"],
                     "shards": k["shards"],
                     "qps_ratio_by_shards": {shards: v["qps_ratio"] for shards, v in k["by_shards"].items()},
                     "bare_parts": k["bare_parts"]["parts"],
@@ -442,7 +444,7 @@ def summary(result: dict) -> str:
     lines += [
         f"index kind {factory}: recall@10 {k['recall_at_10']:.3f} (bare {k['bare_recall_at_10']:.3f}), QPS ratio "
         f"{k['qps_ratio']:.2f} (split {k['split_qps_ratio']:.2f} x serving {k['serving_qps_ratio']:.2f}, "
-        f"{k['shards']} shard(s)), "
+        f"{k['shards']} shard(s); one space {k['one_space_qps_ratio']:.2f}), "
         f"{k['bytes_per_item_served']:.0f} B/item (bare {k['bare_bytes_per_item']:.0f})"
         for factory, k in result["index_kinds"]["by_factory"].items()
     ]

@@ -246,12 +246,21 @@ def _index_kinds(run: dict) -> list[str]:
     ]
     split = all("split_qps_ratio" in k for k in kinds["by_factory"].values())
     swept = all("qps_ratio_by_shards" in k for k in kinds["by_factory"].values())
+    alone = all("one_space_qps_ratio" in k for k in kinds["by_factory"].values())
     if split:
         lines += [
             "The ratio is the product of two: *split* is bare FAISS searching the same parts as the router (each "
             "shard's old and new space) one after the other in one process, against one bare index: what "
             "splitting the gallery costs FAISS itself. *serving* is the router against those bare parts: what Ray "
             "calls, the merge and processes sharing the cores add.",
+            "",
+        ]
+    if alone:
+        lines += [
+            "*one space* is the router answering the same queries before any item moved, every item in the old "
+            "space (one FAISS search per shard, merged across the shards), against the bare index: what serving "
+            "costs when a query searches one space (before and after a backfill); the other columns are the "
+            "two-space query of a backfill under way.",
             "",
         ]
     if swept:
@@ -264,8 +273,13 @@ def _index_kinds(run: dict) -> list[str]:
         "| factory | search params | recall@10 | bare recall@10 | QPS | bare QPS | ratio "
         + ("| split | serving " if split else "")
         + ("| ratio by shards " if swept else "")
+        + ("| one space " if alone else "")
         + "| bytes/item served (held) | bare bytes/item |",
-        "|---|---|---|---|---|---|---|" + ("---|---|" if split else "") + ("---|" if swept else "") + "---|---|",
+        "|---|---|---|---|---|---|---|"
+        + ("---|---|" if split else "")
+        + ("---|" if swept else "")
+        + ("---|" if alone else "")
+        + "---|---|",
     ]
     for factory, k in kinds["by_factory"].items():
         params = ", ".join(f"{name}={value}" for name, value in k["search_params"].items()) or "-"
@@ -277,6 +291,7 @@ def _index_kinds(run: dict) -> list[str]:
             f"| {k['bare_qps']:,.0f} | {k['qps_ratio']:.2f} "
             + (f"| {k['split_qps_ratio']:.2f} | {k['serving_qps_ratio']:.2f} " if split else "")
             + (f"| {by_shards} " if swept else "")
+            + (f"| {k['one_space_qps_ratio']:.2f} ({k['one_space_shards']}) " if alone else "")
             + f"| {k['bytes_per_item_served']:.0f} "
             f"({k['bytes_per_item_held']:.0f}) | {k['bare_bytes_per_item']:.0f} |"
         )

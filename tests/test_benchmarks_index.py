@@ -101,6 +101,8 @@ def test_kinds_run_compares_each_factory_with_bare_faiss_on_the_session_ray(ray_
         assert sorted(k["by_shards"]) == ["1", "2"]
         fastest = max(k["by_shards"], key=lambda s: k["by_shards"][s]["index"]["qps"])
         assert k["shards"] == int(fastest) and k["qps_ratio"] == k["by_shards"][fastest]["qps_ratio"]
+        ratios = {s: run["one_space_qps_ratio"] for s, run in k["by_shards"].items()}
+        assert k["one_space_qps_ratio"] == max(ratios.values()) == ratios[str(k["one_space_shards"])]
         for shards, run in k["by_shards"].items():
             assert run["index"]["shards"] == int(shards) and run["index"]["moved"] == 1000
             assert 0.5 <= run["index"]["recall_at_10"] <= 1.0 and 0.5 <= k["bare"]["recall_at_10"] <= 1.0, name
@@ -110,10 +112,15 @@ def test_kinds_run_compares_each_factory_with_bare_faiss_on_the_session_ray(ray_
             assert run["bare_parts"]["parts"] == 2 * int(shards)
             assert_finite(run["bare_parts"]["qps"], f"{name}.{shards}.bare_parts.qps")
             assert run["split_qps_ratio"] * run["serving_qps_ratio"] == pytest.approx(run["qps_ratio"])
+            # Before the moves: the old space alone, merged across the shards, against the bare index.
+            assert_finite(run["index"]["one_space_qps"], f"{name}.{shards}.one_space_qps")
+            assert run["one_space_qps_ratio"] == pytest.approx(run["index"]["one_space_qps"] / k["bare"]["qps"])
+            assert 0.5 <= run["index"]["one_space_recall_at_10"] <= 1.0, name
             # Half the items moved with keep_old: the router holds their old vectors too.
             assert run["index"]["bytes_per_item_held"] > run["index"]["bytes_per_item_served"]
     for run in kinds["Flat"]["by_shards"].values():
         assert run["bare_parts"]["recall_at_10"] == 1.0 and run["index"]["recall_at_10"] == 1.0
+        assert run["index"]["one_space_recall_at_10"] == 1.0
     # One training, one partition: the router and its bare parts probe the same lists.
     for run in kinds["IVF8,SQ8"]["by_shards"].values():
         assert run["bare_parts"]["recall_at_10"] == pytest.approx(run["index"]["recall_at_10"], abs=0.02)
