@@ -36,9 +36,13 @@ gallery is the ground truth of both sides) and answers ``rank_merge`` queries, w
 vectors and the new space of every shard and merge them. A third side, ``bare_parts``, is bare FAISS over the
 same parts (one index per shard and space, searched one after the other in this process, merged with numpy):
 ``split_qps_ratio`` (bare parts / bare) is what splitting the gallery costs FAISS itself, ``serving_qps_ratio``
-(router / bare parts) what the serving system adds; their product is ``qps_ratio``. Before the moves, while
-every item is old, the router also answers the same queries on the old space alone (one FAISS search per shard,
+(index / bare parts) what the serving system adds; their product is ``qps_ratio``. Before the moves, while
+every item is old, the index also answers the same queries on the old space alone (one FAISS search per shard,
 merged across the shards): ``one_space_qps_ratio`` (that / bare) is the serving cost without the split.
+
+The index side searches through an ``IndexSearcher`` (the driver calls the shards, as the HTTP service does);
+``router_qps_ratio`` and ``router_one_space_qps_ratio`` are the same searches through the router, one Ray hop
+more. Both paths must return the same answer.
 
     PYTHONPATH=. python benchmarks/bench_index.py kinds --n 1000000   # the issue's size
     PYTHONPATH=. python benchmarks/bench_index.py kinds --n 20000 --factories "Flat;IVF1024,SQ8;HNSW32"
@@ -63,7 +67,7 @@ import ray
 
 from raybackfill import NAMESPACE
 from raybackfill.index.kinds import default_params, faiss_metric, search_parameters
-from raybackfill.index.router import RouterConfig, create_index, destroy_index, get
+from raybackfill.index.router import IndexSearcher, RouterConfig, create_index, destroy_index, get
 from raybackfill.index.shard import IndexConfig
 from raybackfill.index.sharding import shard_of
 from raybackfill.runtime import init_ray
@@ -510,11 +514,10 @@ def router_kind(
         for lo in range(0, n, CHUNK):
             get(router.load_old.remote(ids[lo : lo + CHUNK], gallery[lo : lo + CHUNK], "v1"))
         load_s = time.perf_counter() - start
+        searcher = IndexSearcher.connect(config.name)
         # Before any move every item is in the old space: one FAISS search per shard, merged across the shards,
         # the query the bare index answers too.
-        one_space_s, one_space = best_of(
-            args.repeats, lambda: get(router.search.remote(queries, None, k, Strategy.OLD))
-        )
+        one_space = timed_paths(router, searcher, args.repeats, queries, None, k, Strategy.OLD)
         start = time.perf_counter()
         for lo in range(0, len(moved), CHUNK):
             part = moved[lo : lo + CHUNK]
@@ -523,9 +526,7 @@ def router_kind(
         actors = [ray.get_actor(config.shard_name(i), namespace=NAMESPACE) for i in range(shards)]
         for actor in actors:  # a graph index rebuilds in the background after the moves: time the settled index
             get(actor.wait_for_rebuilds.remote())
-        seconds, result = best_of(
-            args.repeats, lambda: get(router.search.remote(queries, queries, k, Strategy.RANK_MERGE))
-        )
+        two_spaces = timed_paths(router, searcher, args.repeats, queries, queries, k, Strategy.RANK_MERGE)
         described = [get(actor.describe.remote()) for actor in actors]
         sizes = [get(actor.index_bytes.remote()) for actor in actors]
     finally:
@@ -536,15 +537,29 @@ def router_kind(
         "load_seconds": load_s,
         "upsert_seconds": upsert_s,
         "moved": len(moved),
-        "search_seconds": seconds,
-        "qps": len(queries) / seconds,
-        "one_space_search_seconds": one_space_s,
-        "one_space_qps": len(queries) / one_space_s,
-        "one_space_ids": one_space.ids,
+        **two_spaces,
+        **{f"one_space_{key}": value for key, value in one_space.items()},
         "bytes_served": sum(s.get("pending", 0) + s.get("new", 0) for s in sizes),
         "bytes_held": sum(sum(s.values()) for s in sizes),
         "indexes": [d["indexes"] for d in described],
-        "ids": result.ids,
+    }
+
+
+def timed_paths(router, searcher, repeats: int, q_old, q_new, k: int, strategy: Strategy) -> dict:
+    """The same search through an IndexSearcher (the headline: how the HTTP service and a client that keeps the
+    shards search) and through the router (one Ray hop more), each the best of ``repeats``; both must answer
+    the same."""
+    seconds, found = best_of(repeats, lambda: searcher.search(q_old, q_new, k, strategy))
+    router_seconds, routed = best_of(repeats, lambda: get(router.search.remote(q_old, q_new, k, strategy)))
+    if not all(np.array_equal(a, b) for a, b in zip(found, routed, strict=True)):
+        raise RuntimeError(f"the searcher and the router answered a {strategy} search differently")
+    nq = len(q_old if q_old is not None else q_new)
+    return {
+        "search_seconds": seconds,
+        "qps": nq / seconds,
+        "router_search_seconds": router_seconds,
+        "router_qps": nq / router_seconds,
+        "ids": found.ids,
     }
 
 
@@ -630,6 +645,9 @@ def kinds_main(argv: list[str] | None = None) -> dict:
                     "recall_difference": our_recall - truth_recall,
                     # every item still old: the router's one-space query against the bare index, serving alone
                     "one_space_qps_ratio": ours["one_space_qps"] / bare["qps"],
+                    # the same searches through the router (one Ray hop more)
+                    "router_qps_ratio": ours["router_qps"] / bare["qps"],
+                    "router_one_space_qps_ratio": ours["one_space_router_qps"] / bare["qps"],
                 }
             del template
             fastest = max(by_shards, key=lambda s: by_shards[s]["index"]["qps"])
@@ -641,6 +659,7 @@ def kinds_main(argv: list[str] | None = None) -> dict:
                 **by_shards[fastest],
                 "one_space_qps_ratio": by_shards[one_space]["one_space_qps_ratio"],
                 "one_space_shards": int(one_space),
+                "router_one_space_qps_ratio": by_shards[one_space]["router_one_space_qps_ratio"],
                 "by_shards": by_shards,
             }
             r = results[factory]

@@ -378,6 +378,8 @@ def run(args: argparse.Namespace) -> dict:
                     "serving_qps_ratio": k["serving_qps_ratio"],
                     "one_space_qps_ratio": k["one_space_qps_ratio"],
                     "one_space_shards": k["one_space_shards"],
+                    "router_qps_ratio": k["router_qps_ratio"],
+                    "router_one_space_qps_ratio": k["router_one_space_qps_ratio"],
                     "shards": k["shards"],
                     "qps_ratio_by_shards": {shards: v["qps_ratio"] for shards, v in k["by_shards"].items()},
                     "bare_parts": k["bare_parts"]["parts"],

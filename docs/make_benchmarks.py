@@ -247,6 +247,7 @@ def _index_kinds(run: dict) -> list[str]:
     split = all("split_qps_ratio" in k for k in kinds["by_factory"].values())
     swept = all("qps_ratio_by_shards" in k for k in kinds["by_factory"].values())
     alone = all("one_space_qps_ratio" in k for k in kinds["by_factory"].values())
+    routed = all("router_qps_ratio" in k for k in kinds["by_factory"].values())
     if split:
         lines += [
             "The ratio is the product of two: *split* is bare FAISS searching the same parts as the router (each "
@@ -263,6 +264,13 @@ def _index_kinds(run: dict) -> list[str]:
             "two-space query of a backfill under way.",
             "",
         ]
+    if routed:
+        lines += [
+            "The index is searched as the HTTP service searches it: the client calls the shards "
+            "(`IndexSearcher`). *via router* is the same two-space and one-space searches through the router, "
+            "one Ray call more.",
+            "",
+        ]
     if swept:
         lines += [
             "The router serves with each shard count in *ratio by shards*; the fastest is the row's figure, as the "
@@ -274,11 +282,13 @@ def _index_kinds(run: dict) -> list[str]:
         + ("| split | serving " if split else "")
         + ("| ratio by shards " if swept else "")
         + ("| one space " if alone else "")
+        + ("| via router (one space) " if routed else "")
         + "| bytes/item served (held) | bare bytes/item |",
         "|---|---|---|---|---|---|---|"
         + ("---|---|" if split else "")
         + ("---|" if swept else "")
         + ("---|" if alone else "")
+        + ("---|" if routed else "")
         + "---|---|",
     ]
     for factory, k in kinds["by_factory"].items():
@@ -292,6 +302,7 @@ def _index_kinds(run: dict) -> list[str]:
             + (f"| {k['split_qps_ratio']:.2f} | {k['serving_qps_ratio']:.2f} " if split else "")
             + (f"| {by_shards} " if swept else "")
             + (f"| {k['one_space_qps_ratio']:.2f} ({k['one_space_shards']}) " if alone else "")
+            + (f"| {k['router_qps_ratio']:.2f} ({k['router_one_space_qps_ratio']:.2f}) " if routed else "")
             + f"| {k['bytes_per_item_served']:.0f} "
             f"({k['bytes_per_item_held']:.0f}) | {k['bare_bytes_per_item']:.0f} |"
         )

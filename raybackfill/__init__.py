@@ -56,6 +56,7 @@ _EXPORTS: dict[str, str] = {
     "PoolConfig": "raybackfill.embed.pipeline",
     "embed_gallery": "raybackfill.embed.pipeline",
     # the live index
+    "IndexSearcher": "raybackfill.index.router",
     "RouterConfig": "raybackfill.index.router",
     "connect": "raybackfill.index.router",
     "create_index": "raybackfill.index.router",
@@ -91,6 +92,7 @@ __all__ = [
     "EncoderSource",
     "EntrypointTrust",
     "EvalInputs",
+    "IndexSearcher",
     "Method",
     "Metric",
     "OfflineConfig",
@@ -141,7 +143,7 @@ if TYPE_CHECKING:
     from raybackfill.encoders.register import EncoderSource, register_encoder
     from raybackfill.eval.offline import EvalInputs, OfflineConfig, evaluate_tables
     from raybackfill.index.aliases import get_alias, list_aliases, remove_alias, set_alias
-    from raybackfill.index.router import RouterConfig, connect, create_index, destroy_index
+    from raybackfill.index.router import IndexSearcher, RouterConfig, connect, create_index, destroy_index
     from raybackfill.train.api import train_backbone, train_reverse, train_side_info, train_transformation
     from raybackfill.train.trainer import TrainConfig
     from raybackfill.types import Method, Metric, Phase, Policy, Space, Stage, Strategy

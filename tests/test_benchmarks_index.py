@@ -116,6 +116,9 @@ def test_kinds_run_compares_each_factory_with_bare_faiss_on_the_session_ray(ray_
             assert_finite(run["index"]["one_space_qps"], f"{name}.{shards}.one_space_qps")
             assert run["one_space_qps_ratio"] == pytest.approx(run["index"]["one_space_qps"] / k["bare"]["qps"])
             assert 0.5 <= run["index"]["one_space_recall_at_10"] <= 1.0, name
+            # The same searches through the router (the benchmark checks that both paths answer the same).
+            assert run["router_qps_ratio"] == pytest.approx(run["index"]["router_qps"] / k["bare"]["qps"])
+            assert_finite(run["router_one_space_qps_ratio"], f"{name}.{shards}.router_one_space_qps_ratio")
             # Half the items moved with keep_old: the router holds their old vectors too.
             assert run["index"]["bytes_per_item_held"] > run["index"]["bytes_per_item_served"]
     for run in kinds["Flat"]["by_shards"].values():

@@ -64,7 +64,7 @@ CHILD = textwrap.dedent(
     from raybackfill.data.storage import write_table
     from raybackfill.data.synth import synthesize
     from raybackfill.embed.pipeline import PoolConfig
-    from raybackfill.index.router import RouterConfig, create_index, get
+    from raybackfill.index.router import IndexSearcher, RouterConfig, create_index, get
     from raybackfill.models.artifacts import ModelSpec, save_model
     from raybackfill.models.registry import build_model
 
@@ -104,6 +104,12 @@ CHILD = textwrap.dedent(
             get(router.search.remote(queries, None, 3, "old"))
             get(router.search.remote(queries, queries, 3, "rank_merge"))
             get(router.search.remote(None, queries, 3, "compatible"))
+            done(step)
+        elif step == "searcher":  # the same searches from this process, without the router
+            searcher = IndexSearcher.connect(name)
+            searcher.search(queries, None, 3, "old")
+            searcher.search(queries, queries, 3, "rank_merge")
+            searcher.search(None, queries, 3, "compatible")
             done(step)
         elif step == "refused":
             try:
@@ -298,6 +304,17 @@ def test_router_and_shard_metrics_reach_prometheus_and_move_during_a_backfill(tm
             )
             assert all(_value(seen, queries, strategy=k) == 2 for k in ("old", "rank_merge", "compatible"))
             assert _value(seen, shard_search_count) == 2 * 3  # every search reaches both shards, exactly once
+
+            child.step("searcher")
+            seen = _wait_for(
+                port,
+                lambda s: (
+                    all(_value(s, query_count, strategy=k) == 2 for k in ("old", "rank_merge", "compatible"))
+                    and _value(s, shard_search_count) == 2 * 6
+                ),
+                "the searcher's searches, counted like the router's",
+            )
+            assert all(_value(seen, queries, strategy=k) == 4 for k in ("old", "rank_merge", "compatible"))
 
             refused = child.step("refused")
             assert "another-version" in refused["error"]

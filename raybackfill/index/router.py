@@ -3,7 +3,8 @@
 Ids hash to shards (raybackfill.index.sharding); an upsert is split by shard, checked on every shard
 (``dry_run``) and only then applied, so a bad id or a version mismatch refuses the whole batch instead
 of applying part of it. A query goes to every shard at once (the query batch is put in the object store
-once) and the per-shard top-k lists are merged by raybackfill.index.merge.
+once) and the per-shard top-k lists are merged by raybackfill.index.merge. An :class:`IndexSearcher` does
+that fan-out and merge in the caller's process, without the hop through the router.
 
 Strategies (chosen per query):
     old         old query vs every item's old vector: the pre-upgrade answer (until promote);
@@ -26,6 +27,7 @@ replays its ledger to bring it level again (raybackfill.backfill.ledger).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -158,6 +160,137 @@ async def _gather(refs: list) -> list:
         raise _unavailable(err, "an index shard") from None
 
 
+def _get_from_shards(refs: list, timeout: float | None) -> list:
+    """:func:`_gather` for a caller that blocks."""
+    try:
+        return ray.get(refs, timeout=timeout)
+    except RayTaskError as err:
+        raise _cause(err) from None
+    except RayActorError as err:
+        raise _unavailable(err, "an index shard") from None
+
+
+@dataclass(frozen=True)
+class SearchTargets:
+    """What a search needs to reach an index without its router: the shards' handles and the index config
+    (limits, metric, search parameters). A router gives it (``search_targets``) to an :class:`IndexSearcher`."""
+
+    name: str
+    index: IndexConfig
+    shards: tuple
+
+
+@dataclass(frozen=True)
+class _SearchCall:
+    """One search sent to every shard: their answers' refs, and how to merge them."""
+
+    refs: list
+    k: int
+    strategy: Strategy
+
+
+def _send_search(
+    targets: SearchTargets, queries_old, queries_new, k: int, strategy: Strategy, params: dict | None
+) -> _SearchCall:
+    """Validate a search (k, parameters, batch sizes: refused here, before any shard) and send it to every shard.
+    A batch goes inline to one shard and through the object store, once, to several."""
+    strategy = parse(Strategy, strategy)
+    k = check_k(k, targets.index.max_k)
+    params = targets.index.query_params(params) if params else None
+    limit = targets.index.max_queries
+    shared = (lambda q: q) if len(targets.shards) == 1 else ray.put
+    q_old = None if queries_old is None else shared(as_queries(queries_old, None, limit, "queries_old"))
+    q_new = None if queries_new is None else shared(as_queries(queries_new, None, limit, "queries_new"))
+    return _SearchCall([s.search.remote(q_old, q_new, k, strategy, params) for s in targets.shards], k, strategy)
+
+
+def _merged(call: _SearchCall, answers: list[TopK], metric: str) -> TopK:
+    """The shards' answers as one top-k; a lone shard's answer is merged across its spaces already."""
+    return answers[0] if len(answers) == 1 else merge_results(answers, call.k, metric)
+
+
+class IndexSearcher:
+    """Searches an index from the calling process: the router's fan-out and merge, one Ray call per shard
+    instead of a call to the router that calls the shards (the hop costs a few milliseconds per call, more
+    for large batches). The answers are the router's: the same shards, the same merge.
+
+    The router stays the index's control plane (writes, training, lifecycle, progress); it hands out the
+    shards once. A shard that restarts keeps its handle; an index destroyed meanwhile makes every search an
+    :class:`IndexUnavailableError` (connect again). Searches are counted in the index's query metrics, from
+    this process.
+
+    Args:
+        targets: from the router's ``search_targets`` (or use :meth:`connect`).
+
+    Example:
+        >>> searcher = IndexSearcher.connect("raybackfill-router")  # doctest: +SKIP
+        >>> top = searcher.search(q_old, q_new, 10, Strategy.RANK_MERGE)  # doctest: +SKIP
+    """
+
+    def __init__(self, targets: SearchTargets) -> None:
+        self.targets = targets
+        self._metrics: IndexMetrics | None = None  # made on the first search: metrics need a connected Ray
+
+    @classmethod
+    def connect(cls, name: str = DEFAULT_NAME) -> IndexSearcher:
+        """A searcher of the index (or alias) ``name``, see :func:`connect`."""
+        return cls(get(connect(name).search_targets.remote()))
+
+    @property
+    def name(self) -> str:
+        return self.targets.name
+
+    def search(
+        self,
+        queries_old,
+        queries_new,
+        k: int,
+        strategy: Strategy,
+        params: dict | None = None,
+        timeout: float | None = None,
+    ) -> TopK:
+        """Top-k per query over every shard, merged; the arguments are the router's ``search``'s.
+
+        Raises:
+            ValueError: a bad query, k or parameter (the message names it).
+            IndexUnavailableError: a shard is dead or restarting (no partial answer).
+            ray.exceptions.GetTimeoutError: no complete answer within ``timeout`` seconds.
+        """
+        started = time.perf_counter()
+        try:
+            call = _send_search(self.targets, queries_old, queries_new, k, strategy, params)
+            top = _merged(call, _get_from_shards(call.refs, timeout), self.targets.index.metric)
+        except Exception as err:
+            self._observed().count_error("search", err)
+            raise
+        self._observed().observe_query(call.strategy, len(top.ids), time.perf_counter() - started)
+        return top
+
+    async def search_async(self, queries_old, queries_new, k: int, strategy: Strategy, params: dict | None = None):
+        """:meth:`search` for an event loop (a Serve replica, an async actor). Cancelled (e.g. by a timeout), it
+        cancels the shards' calls."""
+        started = time.perf_counter()
+        call = None
+        try:
+            call = _send_search(self.targets, queries_old, queries_new, k, strategy, params)
+            top = _merged(call, await _gather(call.refs), self.targets.index.metric)
+        except asyncio.CancelledError:
+            for ref in call.refs if call else []:
+                with contextlib.suppress(Exception):  # best effort: a shard may have answered meanwhile
+                    ray.cancel(ref)
+            raise
+        except Exception as err:
+            self._observed().count_error("search", err)
+            raise
+        self._observed().observe_query(call.strategy, len(top.ids), time.perf_counter() - started)
+        return top
+
+    def _observed(self) -> IndexMetrics:
+        if self._metrics is None:
+            self._metrics = IndexMetrics(self.targets.name)
+        return self._metrics
+
+
 @ray.remote(concurrency_groups={"light": 2})  # type: ignore[call-overload]  # ray's overloads omit it
 class IndexRouter:
     def __init__(self, config: RouterConfig) -> None:
@@ -179,6 +312,7 @@ class IndexRouter:
             ).remote(config.index, config.shard_snapshot_uri(i))
             for i in range(config.shards)
         ]
+        self._targets = SearchTargets(config.name, config.index, tuple(self._shards))
         # Small state shared by the default and the light event loops (two threads).
         self._lock = threading.Lock()
         self._shard_counts: list[dict[str, int]] = [dict.fromkeys(Space, 0) for _ in self._shards]
@@ -317,21 +451,13 @@ class IndexRouter:
         return top
 
     async def _search(self, queries_old, queries_new, k: int, strategy: Strategy, params: dict | None) -> TopK:
-        strategy = parse(Strategy, strategy)
-        k = check_k(k, self._config.index.max_k)
-        params = self._config.index.query_params(params) if params else None  # refused here, before any shard
-        # Bounded here, before the batch is copied to the object store and fanned out to every shard.
-        limit = self._config.index.max_queries
-        q_old = None if queries_old is None else self._shared(as_queries(queries_old, None, limit, "queries_old"))
-        q_new = None if queries_new is None else self._shared(as_queries(queries_new, None, limit, "queries_new"))
-        results = await _gather([s.search.remote(q_old, q_new, k, strategy, params) for s in self._shards])
-        if len(results) == 1:  # a shard's answer is already merged across its spaces
-            return results[0]
-        return merge_results(results, k, self._config.index.metric)
+        call = _send_search(self._targets, queries_old, queries_new, k, strategy, params)
+        return _merged(call, await _gather(call.refs), self._config.index.metric)
 
-    def _shared(self, queries: np.ndarray):
-        """The batch as every shard's call takes it: stored once for many shards, passed inline to one."""
-        return queries if len(self._shards) == 1 else ray.put(queries)
+    @ray.method(concurrency_group="light")
+    async def search_targets(self) -> SearchTargets:
+        """The shards' handles and the index config, for an :class:`IndexSearcher` (searches without this hop)."""
+        return self._targets
 
     async def vectors(self, ids) -> ItemVectors:
         """Stored vectors of some items, in the order asked (e.g. to query with an item)."""

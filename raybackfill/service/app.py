@@ -8,7 +8,9 @@ Routes:
     GET  /openapi.json, /docs   the schema (FastAPI)
 
 Requests are batched (``@serve.batch``): raw queries of one batch go through each encoder in one forward pass,
-and the queries of a batch that share a strategy, k and parameters reach the router in one ``search`` call.
+and the queries of a batch that share a strategy, k and parameters reach the index in one search: the replica
+calls the shards itself (an :class:`~raybackfill.index.router.IndexSearcher` from the router, kept per index), one
+Ray hop less than a search through the router.
 The phase and the spaces' model versions are cached for ``status_ttl_s`` (one router round trip per second,
 not one per request).
 
@@ -24,7 +26,7 @@ refused (409), never answered from the wrong space.
 
 Errors are typed (:class:`~raybackfill.service.api.ServiceError`): a bad request is a 400 naming its field, a
 missing or wrong API key a 401, a body over the limit a 413, a shard or router outage a 503 with
-``Retry-After`` (the router never returns a partial answer, so neither does the service). Messages pass through
+``Retry-After`` (a search never returns a partial answer, so neither does the service). Messages pass through
 :func:`~raybackfill.service.api.redact`: no model path, URI or credential reaches a client.
 
 Metrics go through ``ray.util.metrics`` to Ray's Prometheus export (the metrics port of each node, scraped as
@@ -63,7 +65,7 @@ from raybackfill.adapters.gate import check_adapter
 from raybackfill.compat.recipes import get_recipe
 from raybackfill.index.aliases import Resolved, resolve
 from raybackfill.index.merge import EMPTY_ID, TopK
-from raybackfill.index.router import IndexUnavailableError
+from raybackfill.index.router import IndexSearcher, IndexUnavailableError
 from raybackfill.index.serving import serving_strategy
 from raybackfill.logs import configure_logging
 from raybackfill.priority import started_at_nice
@@ -160,6 +162,7 @@ class SearchService:
         self.during = self._mixed_strategy()
         # Per index (an alias's targets over time): router handles and cached status, dropped on a switch.
         self._routers: dict[str, Any] = {}
+        self._searchers: dict[str, IndexSearcher] = {}  # searches reach the shards without the router's hop
         self._statuses: dict[str, tuple[dict[str, Any], float]] = {}
         self._status_lock = asyncio.Lock()
         self._target: Resolved | None = None
@@ -435,7 +438,7 @@ class SearchService:
         q_old = None if parts_old[0] is None else np.concatenate(parts_old)
         q_new = None if parts_new[0] is None else np.concatenate(parts_new)
         try:
-            topk = await self._router_search(index, q_old, q_new, k, strategy, dict(params) if params else None)
+            topk = await self._index_search(index, q_old, q_new, k, strategy, dict(params) if params else None)
         except ServiceError as err:
             if err.status != 400 or len(members) == 1:
                 for i in members:
@@ -471,6 +474,7 @@ class SearchService:
                         logger.info("%r now resolves to index %r (was %r)", self.config.index, resolved.index,
                                     self._target.index)  # fmt: skip
                     self._routers = {k: v for k, v in self._routers.items() if k == resolved.index}
+                    self._searchers = {k: v for k, v in self._searchers.items() if k == resolved.index}
                     self._statuses = {k: v for k, v in self._statuses.items() if k == resolved.index}
                 self._target, self._target_at = resolved, now
             return self._target
@@ -490,17 +494,18 @@ class SearchService:
             self._routers[index] = router
         return router
 
+    def _forget(self, index: str) -> None:
+        """After an outage: the index may be restarting, or destroyed (its handles never answer again) and an alias
+        moved on. Find its router and shards by name again next time, and read an alias again."""
+        self._routers.pop(index, None)
+        self._searchers.pop(index, None)
+        self._target_at = -float("inf")
+
     def _unavailable(self, message: str) -> ServiceError:
         return ServiceError(503, "index_unavailable", message, retry_after=self.config.retry_after_s)
 
     async def _call(self, index: str, method: str, *args, **kwargs):
-        router = self._connect(index)
-        try:
-            ref = getattr(router, method).remote(*args, **kwargs)
-        except TypeError:  # Ray checks the signature here: a router without search parameters
-            if "params" in kwargs:
-                raise bad_request("params", "this index takes no search parameters") from None
-            raise
+        ref = getattr(self._connect(index), method).remote(*args, **kwargs)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(ref.future()), self.config.index_timeout_s)
         except TimeoutError:
@@ -517,14 +522,26 @@ class SearchService:
                 raise bad_request(field_of(str(cause)), str(cause)) from None
             raise
         except RayActorError:
-            # Destroyed or restarting: find it by name again next time, and read an alias again (it may have moved).
-            self._routers.pop(index, None)
-            self._target_at = -float("inf")
+            self._forget(index)
             raise self._unavailable("the index router is down or restarting; retry") from None
 
-    async def _router_search(self, index: str, q_old, q_new, k: int, strategy: Strategy, params: dict | None) -> TopK:
-        extra = {"params": params} if params else {}  # only when given: older routers take no such keyword
-        return await self._call(index, "search", q_old, q_new, k, strategy, **extra)
+    async def _index_search(self, index: str, q_old, q_new, k: int, strategy: Strategy, params: dict | None) -> TopK:
+        searcher = self._searchers.get(index)
+        if searcher is None:
+            searcher = IndexSearcher(await self._call(index, "search_targets"))
+            self._searchers[index] = searcher
+        try:
+            return await asyncio.wait_for(
+                searcher.search_async(q_old, q_new, k, strategy, params), self.config.index_timeout_s
+            )
+        except TimeoutError:
+            seconds = self.config.index_timeout_s
+            raise self._unavailable(f"the index did not answer within {seconds:g} s; retry") from None
+        except IndexUnavailableError:
+            self._forget(index)
+            raise self._unavailable("an index shard is down or restarting; no partial answer, retry") from None
+        except ValueError as err:
+            raise bad_request(field_of(str(err)), str(err)) from None
 
     async def _cached_status(self, index: str, force: bool = False) -> dict:
         """The phase, progress and spaces (versions, dims) of ``index``, at most ``status_ttl_s`` old."""
