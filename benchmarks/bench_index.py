@@ -44,6 +44,11 @@ The index side searches through an ``IndexSearcher`` (the driver calls the shard
 ``router_qps_ratio`` and ``router_one_space_qps_ratio`` are the same searches through the router, one Ray hop
 more. Both paths must return the same answer.
 
+Every side is timed in ``--repeats`` interleaved rounds (each round runs the bare index at each thread count,
+the bare parts, the searcher and the router once, in an order rotated between rounds) and keeps its best run:
+a slow spell of a shared machine falls on every side instead of on whichever ran then, and each ratio divides
+by the bare index timed in the same rounds.
+
     PYTHONPATH=. python benchmarks/bench_index.py kinds --n 1000000   # the issue's size
     PYTHONPATH=. python benchmarks/bench_index.py kinds --n 20000 --factories "Flat;IVF1024,SQ8;HNSW32"
 """
@@ -58,6 +63,7 @@ import platform
 import re
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -407,66 +413,78 @@ def trained_template(factory: str, d: int, sample: np.ndarray, threads: int) -> 
     return index, train_s
 
 
-def fastest_threads(threads: list[int], repeats: int, nq: int, search) -> dict:
-    """Time ``search()`` (returns the ids found) with each FAISS thread count; the fastest counts."""
-    by_threads = {}
-    for t in threads:
-        faiss.omp_set_num_threads(t)
-        by_threads[t] = best_of(repeats, search)
-    best = min(by_threads, key=lambda t: by_threads[t][0])
+def interleaved(rounds: int, contenders: dict[str, Callable[[], Any]]) -> dict[str, tuple[float, Any]]:
+    """The best seconds of each contender over ``rounds`` rounds, with what that run returned. Each round runs
+    every contender once, in an order rotated from round to round, so that a slow spell of a shared machine
+    falls on every side rather than on whichever side ran then."""
+    names = list(contenders)
+    best: dict[str, tuple[float, Any]] = {name: (float("inf"), None) for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            start = time.perf_counter()
+            out = contenders[name]()
+            seconds = time.perf_counter() - start
+            if seconds < best[name][0]:
+                best[name] = (seconds, out)
+    return best
+
+
+def at_threads(side: str, threads: list[int], search: Callable[[], Any]) -> dict[str, Callable[[], Any]]:
+    """One contender per FAISS thread count of an in-process ``search`` (named ``side@threads``)."""
+
+    def run(t: int) -> Callable[[], Any]:
+        def timed() -> Any:
+            faiss.omp_set_num_threads(t)
+            return search()
+
+        return timed
+
+    return {f"{side}@{t}": run(t) for t in threads}
+
+
+def fastest(best: dict[str, tuple[float, Any]], side: str, nq: int) -> dict:
+    """The fastest thread count of ``side`` among :func:`at_threads` contenders timed by :func:`interleaved`."""
+    mine = {int(name.split("@")[1]): v for name, v in best.items() if name.startswith(f"{side}@")}
+    threads = min(mine, key=lambda t: mine[t][0])
     return {
-        "threads": best,
-        "search_seconds": by_threads[best][0],
-        "qps": nq / by_threads[best][0],
-        "qps_by_threads": {t: nq / v[0] for t, v in by_threads.items()},
-        "ids": by_threads[best][1],
+        "threads": threads,
+        "search_seconds": mine[threads][0],
+        "qps": nq / mine[threads][0],
+        "qps_by_threads": {t: nq / v[0] for t, v in mine.items()},
+        "ids": mine[threads][1],
     }
 
 
-def bare_kind(template: faiss.Index, params: dict, gallery, queries, k: int, threads: list[int], repeats: int) -> dict:
-    """One bare FAISS index: a copy of the trained ``template`` holding ``gallery``, searched with ``params``; the
-    best of ``threads`` counts."""
+def bare_kind(template: faiss.Index, params: dict, gallery, queries, k: int) -> tuple[dict, Callable[[], Any]]:
+    """One bare FAISS index: a copy of the trained ``template`` holding ``gallery``, searched with ``params``.
+    Returns its build figures and its search (the ids found), timed later beside the index."""
     index = faiss.clone_index(template)
-    faiss.omp_set_num_threads(max(threads))
     add_s, _ = best_of(1, lambda: index.add(gallery))
     keep: list = []
     sp = search_parameters(index, params, None, keep)
 
-    def search() -> np.ndarray:
+    def search(keep: list = keep) -> np.ndarray:  # holds what ``sp`` points to as long as the search exists
         return (index.search(queries, k) if sp is None else index.search(queries, k, params=sp))[1]
 
-    return {
-        "add_seconds": add_s,
-        **fastest_threads(threads, repeats, len(queries), search),
-        "bytes": len(faiss.serialize_index(index)),
-    }
+    return {"add_seconds": add_s, "bytes": len(faiss.serialize_index(index))}, search
 
 
 def bare_parts_kind(
-    template: faiss.Index,
-    params: dict,
-    gallery,
-    queries,
-    k: int,
-    moved: np.ndarray,
-    shards: int,
-    args,
-    threads: list[int],
-) -> dict:
+    template: faiss.Index, params: dict, gallery, queries, k: int, moved: np.ndarray, shards: int
+) -> tuple[dict, Callable[[], Any]]:
     """The router's FAISS work without the serving system: one bare index per part the router searches (each
     shard's old and new space, the same ids in each), each a copy of the trained ``template``, searched one after
-    the other in this process and merged with numpy; the best of ``threads`` counts.
+    the other in this process and merged with numpy. Returns its build figures and its search.
 
     Set beside :func:`bare_kind` it separates what splitting the gallery costs FAISS itself (a coarse search, the
     list visits or a graph descent per part) from what serving adds (Ray calls, the merge, processes sharing
-    cores), which is the ratio of the router to this."""
+    cores), which is the ratio of the index to this."""
     n = len(gallery)
     in_new = np.zeros(n, bool)
     in_new[moved] = True
     owner = shard_of(np.arange(n, dtype=np.int64), shards)
     parts: list[tuple[faiss.Index, np.ndarray, Any]] = []
     keep: list = []
-    faiss.omp_set_num_threads(max(threads))
     start = time.perf_counter()
     for shard in range(shards):
         for new_space in (False, True):
@@ -478,7 +496,7 @@ def bare_parts_kind(
             parts.append((index, rows, search_parameters(index, params, None, keep)))
     build_s = time.perf_counter() - start
 
-    def search_all() -> np.ndarray:
+    def search_all(keep: list = keep) -> np.ndarray:  # holds what the parameters point to, as in bare_kind
         scores, ids = [], []
         for index, rows, sp in parts:
             found_scores, labels = index.search(queries, k) if sp is None else index.search(queries, k, params=sp)
@@ -488,18 +506,26 @@ def bare_parts_kind(
         best = np.argsort(-all_scores, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(all_ids, best, axis=1)
 
-    return {
-        "parts": len(parts),
-        "build_seconds": build_s,
-        **fastest_threads(threads, args.repeats, len(queries), search_all),
-    }
+    return {"parts": len(parts), "build_seconds": build_s}, search_all
 
 
 def router_kind(
-    factory: str, params: dict, gallery, sample, queries, k: int, shards: int, args, moved: np.ndarray
+    factory: str,
+    params: dict,
+    gallery,
+    sample,
+    queries,
+    k: int,
+    shards: int,
+    args,
+    moved: np.ndarray,
+    bare: dict[str, Callable[[], Any]],
+    parts: dict[str, Callable[[], Any]],
 ) -> dict:
-    """The router over ``shards`` shards of ``args.cpus / shards`` CPUs each: train both spaces on ``sample``, load
-    the gallery, move the items ``moved`` to the new space with the same vectors, then time rank_merge queries."""
+    """The index over ``shards`` shards of ``args.cpus / shards`` CPUs each: train both spaces on ``sample``,
+    load the gallery, time one-space queries (every item still old), move the items ``moved`` to the new space
+    with the same vectors, then time rank_merge queries. Each search is timed in :func:`interleaved` rounds with
+    the bare contenders ``bare`` (and, after the moves, ``parts``), through an IndexSearcher and the router."""
     n = len(gallery)
     ids = np.arange(n, dtype=np.int64)
     index = IndexConfig(factory=factory, metric=Metric.COSINE, search_params=params)
@@ -517,7 +543,7 @@ def router_kind(
         searcher = IndexSearcher.connect(config.name)
         # Before any move every item is in the old space: one FAISS search per shard, merged across the shards,
         # the query the bare index answers too.
-        one_space = timed_paths(router, searcher, args.repeats, queries, None, k, Strategy.OLD)
+        one_space = timed_paths(router, searcher, args.repeats, bare, queries, None, k, Strategy.OLD)
         start = time.perf_counter()
         for lo in range(0, len(moved), CHUNK):
             part = moved[lo : lo + CHUNK]
@@ -526,7 +552,9 @@ def router_kind(
         actors = [ray.get_actor(config.shard_name(i), namespace=NAMESPACE) for i in range(shards)]
         for actor in actors:  # a graph index rebuilds in the background after the moves: time the settled index
             get(actor.wait_for_rebuilds.remote())
-        two_spaces = timed_paths(router, searcher, args.repeats, queries, queries, k, Strategy.RANK_MERGE)
+        two_spaces = timed_paths(
+            router, searcher, args.repeats, {**bare, **parts}, queries, queries, k, Strategy.RANK_MERGE
+        )
         described = [get(actor.describe.remote()) for actor in actors]
         sizes = [get(actor.index_bytes.remote()) for actor in actors]
     finally:
@@ -537,30 +565,31 @@ def router_kind(
         "load_seconds": load_s,
         "upsert_seconds": upsert_s,
         "moved": len(moved),
-        **two_spaces,
-        **{f"one_space_{key}": value for key, value in one_space.items()},
+        "one_space": one_space,
+        "two_spaces": two_spaces,
         "bytes_served": sum(s.get("pending", 0) + s.get("new", 0) for s in sizes),
         "bytes_held": sum(sum(s.values()) for s in sizes),
         "indexes": [d["indexes"] for d in described],
     }
 
 
-def timed_paths(router, searcher, repeats: int, q_old, q_new, k: int, strategy: Strategy) -> dict:
+def timed_paths(
+    router, searcher, rounds: int, bare: dict[str, Callable[[], Any]], q_old, q_new, k: int, strategy: Strategy
+) -> dict[str, tuple[float, Any]]:
     """The same search through an IndexSearcher (the headline: how the HTTP service and a client that keeps the
-    shards search) and through the router (one Ray hop more), each the best of ``repeats``; both must answer
-    the same."""
-    seconds, found = best_of(repeats, lambda: searcher.search(q_old, q_new, k, strategy))
-    router_seconds, routed = best_of(repeats, lambda: get(router.search.remote(q_old, q_new, k, strategy)))
-    if not all(np.array_equal(a, b) for a, b in zip(found, routed, strict=True)):
+    shards search) and through the router (one Ray hop more), in :func:`interleaved` rounds with the ``bare``
+    contenders; both paths must answer the same."""
+    best = interleaved(
+        rounds,
+        {
+            **bare,
+            "searcher": lambda: searcher.search(q_old, q_new, k, strategy),
+            "router": lambda: get(router.search.remote(q_old, q_new, k, strategy)),
+        },
+    )
+    if not all(np.array_equal(a, b) for a, b in zip(best["searcher"][1], best["router"][1], strict=True)):
         raise RuntimeError(f"the searcher and the router answered a {strategy} search differently")
-    nq = len(q_old if q_old is not None else q_new)
-    return {
-        "search_seconds": seconds,
-        "qps": nq / seconds,
-        "router_search_seconds": router_seconds,
-        "router_qps": nq / router_seconds,
-        "ids": found.ids,
-    }
+    return best
 
 
 def kinds_main(argv: list[str] | None = None) -> dict:
@@ -582,7 +611,7 @@ def kinds_main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="total threads, both sides")
     parser.add_argument("--beta", type=float, default=0.5, help="fraction moved to the new space")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds; each side keeps its best")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/bench_index_kinds.json")
     parser.add_argument("--quick", action="store_true", help=f"small run, fast-training kinds: defaults {KINDS_QUICK}")
@@ -618,45 +647,67 @@ def kinds_main(argv: list[str] | None = None) -> dict:
             threads = sorted({args.cpus, 1})
             moved = np.sort(rng.permutation(args.n)[: int(args.beta * args.n)])
             template, train_s = trained_template(factory, args.d, sample, max(threads))
-            bare = {
-                "train_seconds": train_s,
-                **bare_kind(template, params, gallery, queries, RECALL_K, threads, args.repeats),
-            }
-            truth_recall = recall_at(bare.pop("ids"), truth, RECALL_K)
+            built, bare_search = bare_kind(template, params, gallery, queries, RECALL_K)
+            bare_side = at_threads("bare", threads, bare_search)
+            nq = len(queries)
             by_shards = {}
             for shards in shard_counts:
-                parts = bare_parts_kind(template, params, gallery, queries, RECALL_K, moved, shards, args, threads)
-                ours = router_kind(factory, params, gallery, sample, queries, RECALL_K, shards, args, moved)
+                parts_built, parts_search = bare_parts_kind(template, params, gallery, queries, RECALL_K, moved, shards)
+                parts_side = at_threads("parts", threads, parts_search)
+                ours = router_kind(
+                    factory, params, gallery, sample, queries, RECALL_K, shards, args, moved, bare_side, parts_side
+                )
+                del parts_side, parts_search  # the parts' indexes
+                one, two = ours.pop("one_space"), ours.pop("two_spaces")
+                bare, one_bare, parts = fastest(two, "bare", nq), fastest(one, "bare", nq), fastest(two, "parts", nq)
+                index_qps, router_qps = nq / two["searcher"][0], nq / two["router"][0]
+                one_qps, one_router_qps = nq / one["searcher"][0], nq / one["router"][0]
+                our_recall = recall_at(two["searcher"][1].ids, truth, RECALL_K)
+                truth_recall = recall_at(bare.pop("ids"), truth, RECALL_K)
                 parts_recall = recall_at(parts.pop("ids"), truth, RECALL_K)
-                our_recall = recall_at(ours.pop("ids"), truth, RECALL_K)
-                ours["one_space_recall_at_10"] = recall_at(ours.pop("one_space_ids"), truth, RECALL_K)
+                one_bare.pop("ids")
                 by_shards[str(shards)] = {
-                    "bare_parts": {**parts, "recall_at_10": parts_recall},
+                    "bare": {**bare, "recall_at_10": truth_recall},
+                    "bare_parts": {**parts_built, **parts, "recall_at_10": parts_recall},
                     "index": {
                         **ours,
+                        "search_seconds": two["searcher"][0],
+                        "qps": index_qps,
+                        "router_qps": router_qps,
                         "recall_at_10": our_recall,
+                        "one_space_qps": one_qps,
+                        "one_space_router_qps": one_router_qps,
+                        "one_space_recall_at_10": recall_at(one["searcher"][1].ids, truth, RECALL_K),
                         "bytes_per_item_served": ours["bytes_served"] / args.n,
                         "bytes_per_item_held": ours["bytes_held"] / args.n,
                     },
-                    "qps_ratio": ours["qps"] / bare["qps"],
+                    # the bare index timed in the one-space rounds
+                    "one_space_bare": one_bare,
+                    "qps_ratio": index_qps / bare["qps"],
                     # the two factors of qps_ratio: what splitting costs FAISS, and what serving adds to that
                     "split_qps_ratio": parts["qps"] / bare["qps"],
-                    "serving_qps_ratio": ours["qps"] / parts["qps"],
+                    "serving_qps_ratio": index_qps / parts["qps"],
                     "recall_difference": our_recall - truth_recall,
-                    # every item still old: the router's one-space query against the bare index, serving alone
-                    "one_space_qps_ratio": ours["one_space_qps"] / bare["qps"],
+                    # every item still old: the one-space query against the bare index, serving alone
+                    "one_space_qps_ratio": one_qps / one_bare["qps"],
                     # the same searches through the router (one Ray hop more)
-                    "router_qps_ratio": ours["router_qps"] / bare["qps"],
-                    "router_one_space_qps_ratio": ours["one_space_router_qps"] / bare["qps"],
+                    "router_qps_ratio": router_qps / bare["qps"],
+                    "router_one_space_qps_ratio": one_router_qps / one_bare["qps"],
                 }
-            del template
-            fastest = max(by_shards, key=lambda s: by_shards[s]["index"]["qps"])
+            del template, bare_side, bare_search  # the bare index
+            fastest_shards = max(by_shards, key=lambda s: by_shards[s]["index"]["qps"])
             one_space = max(by_shards, key=lambda s: by_shards[s]["one_space_qps_ratio"])
+            headline = by_shards[fastest_shards]
             results[factory] = {
                 "search_params": params,
-                "bare": {**bare, "recall_at_10": truth_recall, "bytes_per_item": bare["bytes"] / args.n},
-                "shards": int(fastest),
-                **by_shards[fastest],
+                **{key: value for key, value in headline.items() if key != "bare"},
+                "bare": {
+                    "train_seconds": train_s,
+                    **built,
+                    **headline["bare"],
+                    "bytes_per_item": built["bytes"] / args.n,
+                },
+                "shards": int(fastest_shards),
                 "one_space_qps_ratio": by_shards[one_space]["one_space_qps_ratio"],
                 "one_space_shards": int(one_space),
                 "router_one_space_qps_ratio": by_shards[one_space]["router_one_space_qps_ratio"],
@@ -681,7 +732,8 @@ def kinds_main(argv: list[str] | None = None) -> dict:
         f", a fraction {args.beta} moved to the new space with the same vectors, served by "
         + " or ".join(f"{s} shard(s) x {args.cpus / s:g} CPU" for s in shard_counts)
         + f" (the fastest counts), vs one bare FAISS index of the same factory and search parameters "
-        f"(best of {sorted({args.cpus, 1})} threads); recall against exact search",
+        f"(best of {sorted({args.cpus, 1})} threads), each side the best of {args.repeats} interleaved rounds; "
+        "recall against exact search",
         "config": vars(args) | {"factories": factories, "shards": shard_counts},
         "machine": {**machine_info(), "loadavg_start": load_start, "loadavg_end": load_end},
         "kinds": results,

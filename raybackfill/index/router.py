@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from raybackfill import NAMESPACE
 from raybackfill.data.storage import exists, join, read_bytes, write_bytes
@@ -139,31 +139,22 @@ def _cause(err: RayTaskError) -> Exception:
     return err.cause if isinstance(err.cause, (ValueError, IndexUnavailableError)) else err
 
 
-def get(refs, timeout: float | None = None):
+def get(refs, timeout: float | None = None, *, actor: str = "index router"):
     """``ray.get`` for index calls: a ValueError or IndexUnavailableError raised by the router or a shard
-    comes back as itself; a dead or restarting router is an IndexUnavailableError too."""
+    comes back as itself; a dead or restarting ``actor`` (what the refs are calls of) is an
+    IndexUnavailableError too."""
     try:
         return ray.get(refs, timeout=timeout)
     except RayTaskError as err:
         raise _cause(err) from None
     except RayActorError as err:
-        raise _unavailable(err, "index router") from None
+        raise _unavailable(err, actor) from None
 
 
 async def _gather(refs: list) -> list:
     """Every shard's answer, or an error: a shard that died or is restarting fails the whole call."""
     try:
         return list(await asyncio.gather(*refs))
-    except RayTaskError as err:
-        raise _cause(err) from None
-    except RayActorError as err:
-        raise _unavailable(err, "an index shard") from None
-
-
-def _get_from_shards(refs: list, timeout: float | None) -> list:
-    """:func:`_gather` for a caller that blocks."""
-    try:
-        return ray.get(refs, timeout=timeout)
     except RayTaskError as err:
         raise _cause(err) from None
     except RayActorError as err:
@@ -204,6 +195,13 @@ def _send_search(
     return _SearchCall([s.search.remote(q_old, q_new, k, strategy, params) for s in targets.shards], k, strategy)
 
 
+def _cancel(call: _SearchCall | None) -> None:
+    """Best effort: the shards' calls of a search nobody waits for any more (some may have answered)."""
+    for ref in call.refs if call else []:
+        with contextlib.suppress(Exception):
+            ray.cancel(ref)
+
+
 def _merged(call: _SearchCall, answers: list[TopK], metric: str) -> TopK:
     """The shards' answers as one top-k; a lone shard's answer is merged across its spaces already."""
     return answers[0] if len(answers) == 1 else merge_results(answers, call.k, metric)
@@ -211,8 +209,8 @@ def _merged(call: _SearchCall, answers: list[TopK], metric: str) -> TopK:
 
 class IndexSearcher:
     """Searches an index from the calling process: the router's fan-out and merge, one Ray call per shard
-    instead of a call to the router that calls the shards (the hop costs a few milliseconds per call, more
-    for large batches). The answers are the router's: the same shards, the same merge.
+    instead of a call to the router that calls the shards (a hop that copies the queries and the answers once
+    more). The answers are the router's: the same shards, the same merge.
 
     The router stays the index's control plane (writes, training, lifecycle, progress); it hands out the
     shards once. A shard that restarts keeps its handle; an index destroyed meanwhile makes every search an
@@ -257,16 +255,23 @@ class IndexSearcher:
             ray.exceptions.GetTimeoutError: no complete answer within ``timeout`` seconds.
         """
         started = time.perf_counter()
+        call = None
         try:
             call = _send_search(self.targets, queries_old, queries_new, k, strategy, params)
-            top = _merged(call, _get_from_shards(call.refs, timeout), self.targets.index.metric)
+            top = _merged(call, get(call.refs, timeout, actor="an index shard"), self.targets.index.metric)
+        except GetTimeoutError as err:
+            _cancel(call)
+            self._observed().count_error("search", err)
+            raise
         except Exception as err:
             self._observed().count_error("search", err)
             raise
         self._observed().observe_query(call.strategy, len(top.ids), time.perf_counter() - started)
         return top
 
-    async def search_async(self, queries_old, queries_new, k: int, strategy: Strategy, params: dict | None = None):
+    async def search_async(
+        self, queries_old, queries_new, k: int, strategy: Strategy, params: dict | None = None
+    ) -> TopK:
         """:meth:`search` for an event loop (a Serve replica, an async actor). Cancelled (e.g. by a timeout), it
         cancels the shards' calls."""
         started = time.perf_counter()
@@ -275,9 +280,7 @@ class IndexSearcher:
             call = _send_search(self.targets, queries_old, queries_new, k, strategy, params)
             top = _merged(call, await _gather(call.refs), self.targets.index.metric)
         except asyncio.CancelledError:
-            for ref in call.refs if call else []:
-                with contextlib.suppress(Exception):  # best effort: a shard may have answered meanwhile
-                    ray.cancel(ref)
+            _cancel(call)
             raise
         except Exception as err:
             self._observed().count_error("search", err)
