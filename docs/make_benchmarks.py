@@ -252,13 +252,13 @@ def _index_kinds(run: dict) -> list[str]:
         lines += [
             "The ratio is the product of two: *split* is bare FAISS searching the same parts as the router (each "
             "shard's old and new space) one after the other in one process, against one bare index: what "
-            "splitting the gallery costs FAISS itself. *serving* is the router against those bare parts: what Ray "
+            "splitting the gallery costs FAISS itself. *serving* is the index against those bare parts: what Ray "
             "calls, the merge and processes sharing the cores add.",
             "",
         ]
     if alone:
         lines += [
-            "*one space* is the router answering the same queries before any item moved, every item in the old "
+            "*one space* is the index answering the same queries before any item moved, every item in the old "
             "space (one FAISS search per shard, merged across the shards), against the bare index: what serving "
             "costs when a query searches one space (before and after a backfill); the other columns are the "
             "two-space query of a backfill under way.",
