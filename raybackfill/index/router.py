@@ -258,16 +258,13 @@ class IndexSearcher:
         call = None
         try:
             call = _send_search(self.targets, queries_old, queries_new, k, strategy, params)
-            top = _merged(call, get(call.refs, timeout, actor="an index shard"), self.targets.index.metric)
-        except GetTimeoutError as err:
-            _cancel(call)
-            self._observed().count_error("search", err)
-            raise
+            answers = get(call.refs, timeout, actor="an index shard")
         except Exception as err:
+            if isinstance(err, GetTimeoutError):
+                _cancel(call)
             self._observed().count_error("search", err)
             raise
-        self._observed().observe_query(call.strategy, len(top.ids), time.perf_counter() - started)
-        return top
+        return self._merged(call, answers, started)
 
     async def search_async(
         self, queries_old, queries_new, k: int, strategy: Strategy, params: dict | None = None
@@ -278,13 +275,17 @@ class IndexSearcher:
         call = None
         try:
             call = _send_search(self.targets, queries_old, queries_new, k, strategy, params)
-            top = _merged(call, await _gather(call.refs), self.targets.index.metric)
+            answers = await _gather(call.refs)
         except asyncio.CancelledError:
             _cancel(call)
             raise
         except Exception as err:
             self._observed().count_error("search", err)
             raise
+        return self._merged(call, answers, started)
+
+    def _merged(self, call: _SearchCall, answers: list[TopK], started: float) -> TopK:
+        top = _merged(call, answers, self.targets.index.metric)
         self._observed().observe_query(call.strategy, len(top.ids), time.perf_counter() - started)
         return top
 
