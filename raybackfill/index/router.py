@@ -202,11 +202,6 @@ def _cancel(call: _SearchCall | None) -> None:
             ray.cancel(ref)
 
 
-def _merged(call: _SearchCall, answers: list[TopK], metric: str) -> TopK:
-    """The shards' answers as one top-k; a lone shard's answer is merged across its spaces already."""
-    return answers[0] if len(answers) == 1 else merge_results(answers, call.k, metric)
-
-
 class IndexSearcher:
     """Searches an index from the calling process: the router's fan-out and merge, one Ray call per shard
     instead of a call to the router that calls the shards (a hop that copies the queries and the answers once
@@ -219,15 +214,17 @@ class IndexSearcher:
 
     Args:
         targets: from the router's ``search_targets`` (or use :meth:`connect`).
+        metrics: where searches are counted (the router passes its own); by default the index's query metrics,
+            made in this process on the first search.
 
     Example:
         >>> searcher = IndexSearcher.connect("raybackfill-router")  # doctest: +SKIP
         >>> top = searcher.search(q_old, q_new, 10, Strategy.RANK_MERGE)  # doctest: +SKIP
     """
 
-    def __init__(self, targets: SearchTargets) -> None:
+    def __init__(self, targets: SearchTargets, metrics: IndexMetrics | None = None) -> None:
         self.targets = targets
-        self._metrics: IndexMetrics | None = None  # made on the first search: metrics need a connected Ray
+        self._metrics = metrics  # None: made on the first search, since metrics need a connected Ray
 
     @classmethod
     def connect(cls, name: str = DEFAULT_NAME) -> IndexSearcher:
@@ -264,7 +261,7 @@ class IndexSearcher:
                 _cancel(call)
             self._observed().count_error("search", err)
             raise
-        return self._merged(call, answers, started)
+        return self._answer(call, answers, started)
 
     async def search_async(
         self, queries_old, queries_new, k: int, strategy: Strategy, params: dict | None = None
@@ -282,10 +279,11 @@ class IndexSearcher:
         except Exception as err:
             self._observed().count_error("search", err)
             raise
-        return self._merged(call, answers, started)
+        return self._answer(call, answers, started)
 
-    def _merged(self, call: _SearchCall, answers: list[TopK], started: float) -> TopK:
-        top = _merged(call, answers, self.targets.index.metric)
+    def _answer(self, call: _SearchCall, answers: list[TopK], started: float) -> TopK:
+        """The shards' answers as one top-k, counted; a lone shard's answer is merged across its spaces already."""
+        top = answers[0] if len(answers) == 1 else merge_results(answers, call.k, self.targets.index.metric)
         self._observed().observe_query(call.strategy, len(top.ids), time.perf_counter() - started)
         return top
 
@@ -317,12 +315,13 @@ class IndexRouter:
             for i in range(config.shards)
         ]
         self._targets = SearchTargets(config.name, config.index, tuple(self._shards))
+        self._metrics = IndexMetrics(config.name)
+        self._searcher = IndexSearcher(self._targets, self._metrics)  # the router's searches are a searcher's
         # Small state shared by the default and the light event loops (two threads).
         self._lock = threading.Lock()
         self._shard_counts: list[dict[str, int]] = [dict.fromkeys(Space, 0) for _ in self._shards]
         self._tracker = RateTracker(config.rate_window_s)
         self._phase, self._started_at, self._last_error = Phase.IDLE, None, None
-        self._metrics = IndexMetrics(config.name)
         self._state_uri = join(config.snapshot_uri, ROUTER_STATE) if config.snapshot_uri else None
         if self._state_uri and exists(self._state_uri):
             state = json.loads(read_bytes(self._state_uri))
@@ -445,18 +444,7 @@ class IndexRouter:
         """Top-k per query over every shard, merged and de-duplicated (see raybackfill.index.merge).
         ``params`` overrides the index's search parameters for this query (``{"nprobe": 32}``,
         ``{"efSearch": 128}``); a parameter the index kind does not take is refused by name."""
-        started = time.perf_counter()
-        try:
-            top = await self._search(queries_old, queries_new, k, strategy, params)
-        except Exception as err:
-            self._metrics.count_error("search", err)
-            raise
-        self._metrics.observe_query(parse(Strategy, strategy), len(top.ids), time.perf_counter() - started)
-        return top
-
-    async def _search(self, queries_old, queries_new, k: int, strategy: Strategy, params: dict | None) -> TopK:
-        call = _send_search(self._targets, queries_old, queries_new, k, strategy, params)
-        return _merged(call, await _gather(call.refs), self._config.index.metric)
+        return await self._searcher.search_async(queries_old, queries_new, k, strategy, params)
 
     @ray.method(concurrency_group="light")
     async def search_targets(self) -> SearchTargets:

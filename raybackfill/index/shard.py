@@ -41,11 +41,10 @@ upserts and loads one at a time; an upsert encodes its vectors before it takes t
 an IVF or graph index) in chunks, one short hold of the lock each (about WRITE_HOLD_S), so searches go on
 meanwhile and a search may see part of a batch moved (a batch spread over several shards is never applied at
 one instant anyway); the counts the light group reads are kept per chunk in O(chunk), not recounted over the
-shard; `counts`/`describe` run in a
-separate "light" group and read only immutable values that mutations replace in one assignment, so they answer
-while a long search runs; `snapshot` runs in its own group and copies code rows in chunks, taking the lock per
-chunk and once more at the end to copy the rows changed meanwhile (see :meth:`IndexShard.snapshot`), so
-serving goes on while it copies and uploads.
+shard; `counts`/`describe` run in a separate "light" group and read only immutable values that mutations
+replace in one assignment, so they answer while a long search runs; `snapshot` runs in its own group and
+copies code rows in chunks, taking the lock per chunk and once more at the end to copy the rows changed
+meanwhile (see :meth:`IndexShard.snapshot`), so serving goes on while it copies and uploads.
 
 Restart. A shard created with ``snapshot_uri`` restores its last snapshot in its constructor, so a Ray
 restart (max_restarts) comes back with the state of the last snapshot; later upserts are replayed by

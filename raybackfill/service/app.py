@@ -504,6 +504,9 @@ class SearchService:
     def _unavailable(self, message: str) -> ServiceError:
         return ServiceError(503, "index_unavailable", message, retry_after=self.config.retry_after_s)
 
+    def _timed_out(self) -> ServiceError:
+        return self._unavailable(f"the index did not answer within {self.config.index_timeout_s:g} s; retry")
+
     async def _call(self, index: str, method: str, *args, **kwargs):
         ref = getattr(self._connect(index), method).remote(*args, **kwargs)
         try:
@@ -511,9 +514,7 @@ class SearchService:
         except TimeoutError:
             with contextlib.suppress(Exception):  # best effort: the router may have finished meanwhile
                 ray.cancel(ref)
-            raise self._unavailable(
-                f"the index did not answer within {self.config.index_timeout_s:g} s; retry"
-            ) from None
+            raise self._timed_out() from None
         except RayTaskError as err:
             cause = err.cause
             if isinstance(cause, IndexUnavailableError):
@@ -534,9 +535,8 @@ class SearchService:
             return await asyncio.wait_for(
                 searcher.search_async(q_old, q_new, k, strategy, params), self.config.index_timeout_s
             )
-        except TimeoutError:
-            seconds = self.config.index_timeout_s
-            raise self._unavailable(f"the index did not answer within {seconds:g} s; retry") from None
+        except TimeoutError:  # search_async cancels the shards' calls
+            raise self._timed_out() from None
         except IndexUnavailableError:
             self._forget(index)
             raise self._unavailable("an index shard is down or restarting; no partial answer, retry") from None
