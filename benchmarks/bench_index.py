@@ -38,7 +38,12 @@ same parts (one index per shard and space, searched one after the other in this 
 ``split_qps_ratio`` (bare parts / bare) is what splitting the gallery costs FAISS itself, ``serving_qps_ratio``
 (index / bare parts) what the serving system adds; their product is ``qps_ratio``. Before the moves, while
 every item is old, the index also answers the same queries on the old space alone (one FAISS search per shard,
-merged across the shards): ``one_space_qps_ratio`` (that / bare) is the serving cost without the split.
+merged across the shards): ``one_space_qps_ratio`` (that / bare) is the serving cost without the split. After the
+``rank_merge`` rounds, the items still old are transformed into the new space (same vectors) and a fraction
+``--beta`` of those re-embedded in place, as in a transform-path backfill (FCT, FastFill) under way: every item is
+in the new space, some rows were replaced (a graph index keeps them as deleted rows, filtered at search, until its
+rebuild), and a ``compatible`` query searches one space per shard. ``transform_qps_ratio`` is that against the
+bare index.
 
 The index side searches through an ``IndexSearcher`` (the driver calls the shards, as the HTTP service does);
 ``router_qps_ratio`` and ``router_one_space_qps_ratio`` are the same searches through the router, one Ray hop
@@ -555,6 +560,23 @@ def router_kind(
         two_spaces = timed_paths(
             router, searcher, args.repeats, {**bare, **parts}, queries, queries, k, Strategy.RANK_MERGE
         )
+        # The transform path: the items still old are transformed into the new space, then some of those are
+        # re-embedded in place (same vectors), so the new space holds every item and has replaced rows (a graph
+        # keeps them as deleted rows until its rebuild), as in a transform-path backfill under way. Its query is
+        # one FAISS search per shard, against the bare index over the same items.
+        still_old = np.setdiff1d(ids, moved)
+        reembedded = still_old[:: max(1, round(1 / args.beta))] if args.beta > 0 else still_old[:0]
+        start = time.perf_counter()
+        for state, batch in ((Space.TRANSFORMED, still_old), (Space.NEW, reembedded)):
+            for lo in range(0, len(batch), CHUNK):
+                part = batch[lo : lo + CHUNK]
+                get(router.upsert.remote(part, gallery[part], state, "v2"))
+        transform_s = time.perf_counter() - start
+        news = [get(actor.describe.remote())["indexes"]["new"] for actor in actors]
+        deleted = [new["stored"] - new["live"] for new in news]
+        for actor in actors:
+            get(actor.wait_for_rebuilds.remote())
+        transform = timed_paths(router, searcher, args.repeats, bare, None, queries, k, Strategy.COMPATIBLE)
         described = [get(actor.describe.remote()) for actor in actors]
         sizes = [get(actor.index_bytes.remote()) for actor in actors]
     finally:
@@ -567,6 +589,11 @@ def router_kind(
         "moved": len(moved),
         "one_space": one_space,
         "two_spaces": two_spaces,
+        "transform": transform,
+        "transform_seconds": transform_s,
+        "transformed": len(still_old),
+        "reembedded_in_place": len(reembedded),
+        "deleted_rows_new_space": sum(deleted),
         "bytes_served": sum(s.get("pending", 0) + s.get("new", 0) for s in sizes),
         "bytes_held": sum(sum(s.values()) for s in sizes),
         "indexes": [d["indexes"] for d in described],
@@ -658,8 +685,11 @@ def kinds_main(argv: list[str] | None = None) -> dict:
                     factory, params, gallery, sample, queries, RECALL_K, shards, args, moved, bare_side, parts_side
                 )
                 del parts_side, parts_search  # the parts' indexes
-                one, two = ours.pop("one_space"), ours.pop("two_spaces")
+                one, two, moving = ours.pop("one_space"), ours.pop("two_spaces"), ours.pop("transform")
                 bare, one_bare, parts = fastest(two, "bare", nq), fastest(one, "bare", nq), fastest(two, "parts", nq)
+                transform_bare = fastest(moving, "bare", nq)
+                transform_bare.pop("ids")
+                transform_qps, transform_router_qps = nq / moving["searcher"][0], nq / moving["router"][0]
                 index_qps, router_qps = nq / two["searcher"][0], nq / two["router"][0]
                 one_qps, one_router_qps = nq / one["searcher"][0], nq / one["router"][0]
                 our_recall = recall_at(two["searcher"][1].ids, truth, RECALL_K)
@@ -678,6 +708,9 @@ def kinds_main(argv: list[str] | None = None) -> dict:
                         "one_space_qps": one_qps,
                         "one_space_router_qps": one_router_qps,
                         "one_space_recall_at_10": recall_at(one["searcher"][1].ids, truth, RECALL_K),
+                        "transform_qps": transform_qps,
+                        "transform_router_qps": transform_router_qps,
+                        "transform_recall_at_10": recall_at(moving["searcher"][1].ids, truth, RECALL_K),
                         "bytes_per_item_served": ours["bytes_served"] / args.n,
                         "bytes_per_item_held": ours["bytes_held"] / args.n,
                     },
@@ -690,6 +723,11 @@ def kinds_main(argv: list[str] | None = None) -> dict:
                     "recall_difference": our_recall - truth_recall,
                     # every item still old: the one-space query against the bare index, serving alone
                     "one_space_qps_ratio": one_qps / one_bare["qps"],
+                    # the bare index timed in the transform-path rounds
+                    "transform_bare": transform_bare,
+                    # a transform-path backfill under way: every item in the new space, some re-embedded in place
+                    "transform_qps_ratio": transform_qps / transform_bare["qps"],
+                    "router_transform_qps_ratio": transform_router_qps / transform_bare["qps"],
                     # the same searches through the router (one Ray hop more)
                     "router_qps_ratio": router_qps / bare["qps"],
                     "router_one_space_qps_ratio": one_router_qps / one_bare["qps"],
@@ -697,6 +735,7 @@ def kinds_main(argv: list[str] | None = None) -> dict:
             del template, bare_side, bare_search  # the bare index
             fastest_shards = max(by_shards, key=lambda s: by_shards[s]["index"]["qps"])
             one_space = max(by_shards, key=lambda s: by_shards[s]["one_space_qps_ratio"])
+            transform = max(by_shards, key=lambda s: by_shards[s]["transform_qps_ratio"])
             headline = by_shards[fastest_shards]
             results[factory] = {
                 "search_params": params,
@@ -711,6 +750,10 @@ def kinds_main(argv: list[str] | None = None) -> dict:
                 "one_space_qps_ratio": by_shards[one_space]["one_space_qps_ratio"],
                 "one_space_shards": int(one_space),
                 "router_one_space_qps_ratio": by_shards[one_space]["router_one_space_qps_ratio"],
+                "transform_qps_ratio": by_shards[transform]["transform_qps_ratio"],
+                "transform_shards": int(transform),
+                "router_transform_qps_ratio": by_shards[transform]["router_transform_qps_ratio"],
+                "transform_recall_at_10": by_shards[transform]["index"]["transform_recall_at_10"],
                 "by_shards": by_shards,
             }
             r = results[factory]
@@ -718,7 +761,9 @@ def kinds_main(argv: list[str] | None = None) -> dict:
                 f"{factory:>20}: recall@10 {r['index']['recall_at_10']:.3f} (bare {r['bare']['recall_at_10']:.3f}), "
                 f"{r['index']['qps']:,.0f} QPS (bare {r['bare']['qps']:,.0f}, ratio {r['qps_ratio']:.2f} = split "
                 f"{r['split_qps_ratio']:.2f} x serving {r['serving_qps_ratio']:.2f}, {r['shards']} shard(s); one "
-                f"space {r['one_space_qps_ratio']:.2f}, {r['one_space_shards']} shard(s)), "
+                f"space {r['one_space_qps_ratio']:.2f}, {r['one_space_shards']} shard(s); transform path "
+                f"{r['transform_qps_ratio']:.2f}, recall@10 {r['transform_recall_at_10']:.3f}, "
+                f"{r['transform_shards']} shard(s)), "
                 f"{r['index']['bytes_per_item_served']:.0f} B/item served "
                 f"({r['index']['bytes_per_item_held']:.0f} held; bare {r['bare']['bytes_per_item']:.0f})"
             )

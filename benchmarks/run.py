@@ -380,6 +380,10 @@ def run(args: argparse.Namespace) -> dict:
                     "one_space_shards": k["one_space_shards"],
                     "router_qps_ratio": k["router_qps_ratio"],
                     "router_one_space_qps_ratio": k["router_one_space_qps_ratio"],
+                    "transform_qps_ratio": k["transform_qps_ratio"],
+                    "transform_shards": k["transform_shards"],
+                    "router_transform_qps_ratio": k["router_transform_qps_ratio"],
+                    "transform_recall_at_10": k["transform_recall_at_10"],
                     "shards": k["shards"],
                     "qps_ratio_by_shards": {shards: v["qps_ratio"] for shards, v in k["by_shards"].items()},
                     "bare_parts": k["bare_parts"]["parts"],
@@ -446,7 +450,8 @@ def summary(result: dict) -> str:
     lines += [
         f"index kind {factory}: recall@10 {k['recall_at_10']:.3f} (bare {k['bare_recall_at_10']:.3f}), QPS ratio "
         f"{k['qps_ratio']:.2f} (split {k['split_qps_ratio']:.2f} x serving {k['serving_qps_ratio']:.2f}, "
-        f"{k['shards']} shard(s); one space {k['one_space_qps_ratio']:.2f}), "
+        f"{k['shards']} shard(s); one space {k['one_space_qps_ratio']:.2f}; transform path "
+        f"{k['transform_qps_ratio']:.2f}), "
         f"{k['bytes_per_item_served']:.0f} B/item (bare {k['bare_bytes_per_item']:.0f})"
         for factory, k in result["index_kinds"]["by_factory"].items()
     ]

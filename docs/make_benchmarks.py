@@ -248,6 +248,7 @@ def _index_kinds(run: dict) -> list[str]:
     swept = all("qps_ratio_by_shards" in k for k in kinds["by_factory"].values())
     alone = all("one_space_qps_ratio" in k for k in kinds["by_factory"].values())
     routed = all("router_qps_ratio" in k for k in kinds["by_factory"].values())
+    transform = all("transform_qps_ratio" in k for k in kinds["by_factory"].values())
     if split:
         lines += [
             "The ratio is the product of two: *split* is bare FAISS searching the same parts as the router (each "
@@ -262,6 +263,15 @@ def _index_kinds(run: dict) -> list[str]:
             "space (one FAISS search per shard, merged across the shards), against the bare index: what serving "
             "costs when a query searches one space (before and after a backfill); the other columns are the "
             "two-space query of a backfill under way.",
+            "",
+        ]
+    if transform:
+        lines += [
+            "*transform path* is the index during a transform-path backfill (FCT, FastFill): after the moves, "
+            "the items still old are transformed into the new space and some of those re-embedded in place, so "
+            "every item is in the new space and some rows were replaced (a graph index keeps them as deleted "
+            "rows until its rebuild). A query searches one space, one FAISS search per shard, against the bare "
+            "index over the same items; its recall@10 is in brackets.",
             "",
         ]
     if routed:
@@ -282,12 +292,14 @@ def _index_kinds(run: dict) -> list[str]:
         + ("| split | serving " if split else "")
         + ("| ratio by shards " if swept else "")
         + ("| one space " if alone else "")
+        + ("| transform path (recall@10) " if transform else "")
         + ("| via router (one space) " if routed else "")
         + "| bytes/item served (held) | bare bytes/item |",
         "|---|---|---|---|---|---|---|"
         + ("---|---|" if split else "")
         + ("---|" if swept else "")
         + ("---|" if alone else "")
+        + ("---|" if transform else "")
         + ("---|" if routed else "")
         + "---|---|",
     ]
@@ -302,6 +314,7 @@ def _index_kinds(run: dict) -> list[str]:
             + (f"| {k['split_qps_ratio']:.2f} | {k['serving_qps_ratio']:.2f} " if split else "")
             + (f"| {by_shards} " if swept else "")
             + (f"| {k['one_space_qps_ratio']:.2f} ({k['one_space_shards']}) " if alone else "")
+            + (f"| {k['transform_qps_ratio']:.2f} ({k['transform_recall_at_10']:.3f}) " if transform else "")
             + (f"| {k['router_qps_ratio']:.2f} ({k['router_one_space_qps_ratio']:.2f}) " if routed else "")
             + f"| {k['bytes_per_item_served']:.0f} "
             f"({k['bytes_per_item_held']:.0f}) | {k['bare_bytes_per_item']:.0f} |"

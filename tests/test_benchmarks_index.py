@@ -104,6 +104,8 @@ def test_kinds_run_compares_each_factory_with_bare_faiss_on_the_session_ray(ray_
         assert k["bare"]["qps"] == k["by_shards"][fastest]["bare"]["qps"]
         ratios = {s: run["one_space_qps_ratio"] for s, run in k["by_shards"].items()}
         assert k["one_space_qps_ratio"] == max(ratios.values()) == ratios[str(k["one_space_shards"])]
+        ratios = {s: run["transform_qps_ratio"] for s, run in k["by_shards"].items()}
+        assert k["transform_qps_ratio"] == max(ratios.values()) == ratios[str(k["transform_shards"])]
         for shards, run in k["by_shards"].items():
             assert run["index"]["shards"] == int(shards) and run["index"]["moved"] == 1000
             assert 0.5 <= run["index"]["recall_at_10"] <= 1.0 and 0.5 <= k["bare"]["recall_at_10"] <= 1.0, name
@@ -124,11 +126,23 @@ def test_kinds_run_compares_each_factory_with_bare_faiss_on_the_session_ray(ray_
             # The same searches through the router (the benchmark checks that both paths answer the same).
             assert run["router_qps_ratio"] == pytest.approx(run["index"]["router_qps"] / run["bare"]["qps"])
             assert_finite(run["router_one_space_qps_ratio"], f"{name}.{shards}.router_one_space_qps_ratio")
+            # The transform path: the 1000 items still old are transformed, every other one of them re-embedded in
+            # place; every item then answers from the new space, against the bare index of the same rounds.
+            assert run["index"]["transformed"] == 1000 and run["index"]["reembedded_in_place"] == 500
+            assert run["transform_qps_ratio"] == pytest.approx(
+                run["index"]["transform_qps"] / run["transform_bare"]["qps"]
+            )
+            assert 0.5 <= run["index"]["transform_recall_at_10"] <= 1.0, name
+            assert_finite(run["router_transform_qps_ratio"], f"{name}.{shards}.router_transform_qps_ratio")
             # Half the items moved with keep_old: the router holds their old vectors too.
             assert run["index"]["bytes_per_item_held"] > run["index"]["bytes_per_item_served"]
     for run in kinds["Flat"]["by_shards"].values():
         assert run["bare_parts"]["recall_at_10"] == 1.0 and run["index"]["recall_at_10"] == 1.0
-        assert run["index"]["one_space_recall_at_10"] == 1.0
+        assert run["index"]["one_space_recall_at_10"] == 1.0 and run["index"]["transform_recall_at_10"] == 1.0
+        assert run["index"]["deleted_rows_new_space"] == 0  # a flat index removes its replaced rows
+    # A graph cannot remove: the replaced rows stay as deleted rows (below the rebuild fraction) and are filtered.
+    for run in kinds["HNSW16"]["by_shards"].values():
+        assert run["index"]["deleted_rows_new_space"] == 500
     # One training, one partition: the router and its bare parts probe the same lists.
     for run in kinds["IVF8,SQ8"]["by_shards"].values():
         assert run["bare_parts"]["recall_at_10"] == pytest.approx(run["index"]["recall_at_10"], abs=0.02)

@@ -102,6 +102,8 @@ def test_quick_suite_writes_every_key_with_finite_figures(ray_cluster, tmp_path)
         assert k["qps_ratio"] == k["qps_ratio_by_shards"][str(k["shards"])] == max(k["qps_ratio_by_shards"].values())
         assert math.isfinite(k["one_space_qps_ratio"]) and k["one_space_qps_ratio"] > 0
         assert k["one_space_shards"] in (1, 2)
+        assert math.isfinite(k["transform_qps_ratio"]) and k["transform_qps_ratio"] > 0
+        assert 0.5 <= k["transform_recall_at_10"] <= 1.0
     assert kinds["by_factory"]["IVF16,SQ8"]["bare_bytes_per_item"] < kinds["by_factory"]["Flat"]["bare_bytes_per_item"]
 
     growth = result["growth"]
