@@ -82,6 +82,26 @@ def test_merge_matches_brute_force_reference_with_duplicates_and_ties(metric, se
         assert_same(merge_topk(ids, scores, spaces, k, metric), reference_merge(ids, scores, spaces, k, metric))
 
 
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("case", ["distinct", "distinct_ties", "infinite_scores"])
+def test_merge_of_distinct_ids_matches_the_reference(metric, case):
+    # Disjoint shards and spaces: no id repeats in a row, which skips the grouping sort, and without a tie on a
+    # valid score one sort of the scores gives the order; ties and infinite scores take the three-key sort.
+    rng = np.random.default_rng(7)
+    nq, m = 50, 30
+    ids = np.stack([rng.permutation(1000)[:m] for _ in range(nq)]).astype(np.int64)
+    ids[rng.random((nq, m)) < 0.15] = -1
+    scores = rng.standard_normal((nq, m)).astype(np.float32)
+    if case == "distinct_ties":
+        scores = np.round(scores, 1)
+    if case == "infinite_scores":
+        scores[:, 0] = -np.inf if metric == "ip" else np.inf
+        scores[:, 1] = np.inf if metric == "ip" else -np.inf
+    spaces = rng.integers(0, 3, size=(nq, m)).astype(np.int8)
+    for k in (1, 10, 40):
+        assert_same(merge_topk(ids, scores, spaces, k, metric), reference_merge(ids, scores, spaces, k, metric))
+
+
 def _brute_topk(scores: np.ndarray, item_ids: np.ndarray, spaces: np.ndarray, k: int, metric: str):
     """Global top-k over a (nq, N) score matrix, ordered like the merge (score, then lower id)."""
     key = scores if metric == "ip" else -scores

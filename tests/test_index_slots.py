@@ -212,6 +212,39 @@ def test_graph_slots_filter_deleted_rows_and_refill_to_k(selector):
     np.testing.assert_array_equal(store.reconstruct(slots), np.stack([reference[s] for s in slots]))
 
 
+@pytest.mark.parametrize("deleted_fraction", [0.2, 0.7])
+def test_a_graph_searched_for_twice_k_and_filtered_answers_as_with_an_id_selector(deleted_fraction, monkeypatch):
+    # Approximate search (small efSearch over 4000 rows), so any difference in the visited nodes would show; at
+    # 70% deleted many queries find fewer than k live rows in the first 2k and are searched again.
+    rng = np.random.default_rng(11)
+    index = faiss.index_factory(16, "HNSW8", faiss.METRIC_INNER_PRODUCT)
+    store = slot_index(index)
+    store.add(np.arange(4000), rng.standard_normal((4000, 16)).astype(np.float32))
+    store.remove(rng.permutation(4000)[: int(deleted_fraction * 4000)])
+    queries = rng.standard_normal((300, 16)).astype(np.float32)
+    calls: list[int] = []
+    search = faiss.IndexHNSW.search
+
+    def counted(self, x, k, *args, **kwargs):
+        calls.append(k)
+        return search(self, x, k, *args, **kwargs)
+
+    monkeypatch.setattr(faiss.IndexHNSWFlat, "search", counted)
+    twice = store.search(queries, 10, {"efSearch": 24})
+    assert calls[0] == 20 and (deleted_fraction < 0.5 or len(calls) == 2)  # 2k first, then the short queries
+    monkeypatch.setattr(GraphSlots, "_fetch_twice_is_same", lambda *args: False)
+    with_selector = store.search(queries, 10, {"efSearch": 24})
+    np.testing.assert_array_equal(twice[1], with_selector[1])
+    np.testing.assert_array_equal(twice[0], with_selector[0])
+    assert (twice[1] >= 0).all() and not np.isin(twice[1], np.flatnonzero(~store.alive)).any()
+    # efSearch below 2k: a search for 2k rows would visit more nodes, so the selector is used.
+    calls.clear()
+    monkeypatch.undo()
+    monkeypatch.setattr(faiss.IndexHNSWFlat, "search", counted)
+    store.search(queries, 10, {"efSearch": 16})
+    assert calls == [10]
+
+
 def test_graph_rebuild_replays_the_moves_made_while_it_was_built():
     rng = np.random.default_rng(6)
     template = faiss.index_factory(DIM, "HNSW16", faiss.METRIC_INNER_PRODUCT)

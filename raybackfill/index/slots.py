@@ -579,6 +579,8 @@ class GraphSlots:
             keep: list = []
             scores, labels = _search(index, queries, k, search_parameters(self.index, params, None, keep))
             return scores, self._map.slots_of(labels)
+        if self._fetch_twice_is_same(index, k, params):
+            return self._search_fetch_twice(index, queries, k, params)
         if self.takes_selector:
             keep = []
             bitmap = np.packbits(self.alive, bitorder="little")
@@ -590,6 +592,37 @@ class GraphSlots:
             except RuntimeError:  # this kind takes no selector (e.g. NSG): filter below from now on
                 self.takes_selector = False
         return self._search_filtered(index, queries, k, params)
+
+    def _fetch_twice_is_same(self, index, k: int, params: Mapping[str, Any]) -> bool:
+        """Whether a plain search for 2k rows, filtered, answers as a search with an IDSelector does: an HNSW graph
+        visits the same nodes for any k up to efSearch, and a selector only keeps deleted nodes out of the k
+        results, so the live top k of the visited nodes are among the first 2k whenever those hold k live rows.
+        The plain search skips the selector's test of every visited node."""
+        if not isinstance(index, faiss.IndexHNSW) or not self.takes_selector:
+            return False
+        return 2 * k <= int(params.get("efSearch", index.hnsw.efSearch))
+
+    def _search_fetch_twice(self, index, queries: np.ndarray, k: int, params: Mapping[str, Any]):
+        """See :meth:`_fetch_twice_is_same`; the queries whose first 2k rows hold fewer than k live ones are searched
+        again with the selector."""
+        keep: list = []
+        scores, labels = _search(
+            index, queries, min(2 * k, self.ntotal), search_parameters(self.index, params, None, keep)
+        )
+        live = (labels >= 0) & self.alive[np.maximum(labels, 0)]
+        first_live = np.argsort(~live, axis=1, kind="stable")[:, :k]  # live rows first, in the search's order
+        out_scores = np.take_along_axis(scores, first_live, axis=1)
+        out_labels = np.where(
+            np.take_along_axis(live, first_live, axis=1), np.take_along_axis(labels, first_live, axis=1), NO_ROW
+        )
+        short = np.flatnonzero(live.sum(axis=1) < k)
+        if len(short):
+            bitmap = np.packbits(self.alive, bitorder="little")
+            selector = faiss.IDSelectorBitmap(self.ntotal, faiss.swig_ptr(bitmap))
+            keep += [bitmap, selector]
+            again = _search(index, queries[short], k, search_parameters(self.index, params, selector, keep))
+            out_scores[short], out_labels[short] = again
+        return out_scores, self._map.slots_of(out_labels)
 
     def _search_filtered(self, index, queries: np.ndarray, k: int, params: Mapping[str, Any]):
         """Over-fetch and drop deleted rows; queries left with fewer than k live rows are searched again with a
