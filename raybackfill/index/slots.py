@@ -14,8 +14,11 @@ O(batch) way:
 - :class:`IVFSlots` (any IVF, also behind a transform): FAISS's ids are the slots, and a hashtable direct
   map removes and reconstructs by id without scanning the lists.
 - :class:`GraphSlots` (HNSW, NSG, refined indexes: FAISS cannot remove from them): rows are appended and a
-  removed row is marked deleted. A search filters deleted rows with an IDSelector when the index takes one
-  (HNSW does), else over-fetches and refills until every query has k live rows or none are left. Past a
+  removed row is marked deleted. An HNSW search whose efSearch is at least 2k asks for 2k rows and drops the
+  deleted ones (the graph visits the same nodes for any k up to efSearch, so this is the answer an IDSelector
+  gives, without the selector's test of every visited node), and searches the few queries left short again
+  with the selector; another kind that takes an IDSelector is searched with one, and one that takes none is
+  over-fetched and refilled until every query has k live rows or none are left. Past a
   deleted fraction the shard rebuilds the index from the live rows in the background
   (:meth:`GraphSlots.begin_rebuild` / :meth:`GraphSlots.finish_rebuild`), replaying the moves made meanwhile.
 
