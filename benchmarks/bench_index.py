@@ -25,7 +25,7 @@ is already initialised (or RAY_ADDRESS) and otherwise starts a local one with ``
 
 ``kinds`` (``python benchmarks/bench_index.py kinds``, :func:`kinds_main`) compares, for each FAISS factory string
 of ``--factories`` (default: Flat, IVF1024,Flat, IVF1024,SQ8, IVF1024,PQ32, OPQ16,IVF1024,PQ16, HNSW32), the
-router's merged query with a bare FAISS index of the same factory string and search parameters, side by side
+router's merged query with a bare FAISS index of the same factory string, build and search parameters, side by side
 in one run, over a clustered synthetic gallery (default 1M x 128): recall@10 against exact search, QPS, bytes
 per item (serialised size / n) and their ratios. The router serves with each shard count of ``--shards``
 (default 1 and 2, each shard with ``--cpus / shards`` CPUs: on one box, one shard with every core is one process
@@ -77,7 +77,7 @@ import numpy as np
 import ray
 
 from raybackfill import NAMESPACE
-from raybackfill.index.kinds import default_params, faiss_metric, search_parameters
+from raybackfill.index.kinds import build, default_build_params, default_params, search_parameters
 from raybackfill.index.router import IndexSearcher, RouterConfig, create_index, destroy_index, get
 from raybackfill.index.shard import IndexConfig
 from raybackfill.index.sharding import shard_of
@@ -410,9 +410,10 @@ def recall_at(found: np.ndarray, exact: np.ndarray, k: int) -> float:
 
 
 def trained_template(factory: str, d: int, sample: np.ndarray, threads: int) -> tuple[faiss.Index, float]:
-    """An empty bare FAISS index of ``factory`` (inner product over unit rows = the router's cosine), trained on
-    ``sample`` once; every bare side adds to a copy of it. Returns it and the training's seconds."""
-    index = faiss.index_factory(d, factory, faiss_metric(Metric.IP))
+    """An empty bare FAISS index of ``factory`` (inner product over unit rows = the router's cosine) with the build
+    parameters the index uses (efConstruction), trained on ``sample`` once; every bare side adds to a copy of it.
+    Returns it and the training's seconds."""
+    index = build(factory, d, Metric.IP, default_build_params(factory, Metric.IP, {}))
     faiss.omp_set_num_threads(threads)
     train_s, _ = best_of(1, lambda: index.train(sample) if not index.is_trained else None)
     return index, train_s
@@ -739,6 +740,7 @@ def kinds_main(argv: list[str] | None = None) -> dict:
             headline = by_shards[fastest_shards]
             results[factory] = {
                 "search_params": params,
+                "build_params": default_build_params(factory, Metric.IP, {}),
                 **{key: value for key, value in headline.items() if key != "bare"},
                 "bare": {
                     "train_seconds": train_s,
@@ -776,7 +778,7 @@ def kinds_main(argv: list[str] | None = None) -> dict:
         "what": f"rank_merge top-{RECALL_K} of {args.queries} queries over {args.n} clustered unit vectors (d={args.d})"
         f", a fraction {args.beta} moved to the new space with the same vectors, served by "
         + " or ".join(f"{s} shard(s) x {args.cpus / s:g} CPU" for s in shard_counts)
-        + f" (the fastest counts), vs one bare FAISS index of the same factory and search parameters "
+        + f" (the fastest counts), vs one bare FAISS index of the same factory, build and search parameters "
         f"(best of {sorted({args.cpus, 1})} threads), each side the best of {args.repeats} interleaved rounds; "
         "recall against exact search",
         "config": vars(args) | {"factories": factories, "shards": shard_counts},

@@ -391,6 +391,7 @@ def run(args: argparse.Namespace) -> dict:
                     "bytes_per_item_held": k["index"]["bytes_per_item_held"],
                     "bare_bytes_per_item": k["bare"]["bytes_per_item"],
                     "search_params": k["search_params"],
+                    "build_params": k.get("build_params", {}),
                 }
                 for factory, k in kinds["kinds"].items()
             },

@@ -288,7 +288,7 @@ def _index_kinds(run: dict) -> list[str]:
             "",
         ]
     lines += [
-        "| factory | search params | recall@10 | bare recall@10 | QPS | bare QPS | ratio "
+        "| factory | search and build parameters | recall@10 | bare recall@10 | QPS | bare QPS | ratio "
         + ("| split | serving " if split else "")
         + ("| ratio by shards " if swept else "")
         + ("| one space " if alone else "")
@@ -304,7 +304,8 @@ def _index_kinds(run: dict) -> list[str]:
         + "---|---|",
     ]
     for factory, k in kinds["by_factory"].items():
-        params = ", ".join(f"{name}={value}" for name, value in k["search_params"].items()) or "-"
+        given = {**k["search_params"], **k.get("build_params", {})}
+        params = ", ".join(f"{name}={value}" for name, value in given.items()) or "-"
         by_shards = (
             ", ".join(f"{shards}: {ratio:.2f}" for shards, ratio in k["qps_ratio_by_shards"].items()) if swept else ""
         )

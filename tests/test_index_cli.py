@@ -207,12 +207,15 @@ def test_serve_any_factory_trains_the_old_space_and_query_sets_search_params(ind
     with pytest.raises(ValueError, match="factory 'IVF4,Junk' is not an index FAISS can build"):
         run("serve", "--old-embeddings", str(tmp_path / "old"), "--index", "IVF4,Junk", "--name", index_name)
     argv = ["--old-embeddings", str(tmp_path / "old"), "--index", "IVF4,SQ8", "--train-sample", "200"]
+    with pytest.raises(ValueError, match="build_params: 'efConstruction' does not apply to index 'IVF4,SQ8'"):
+        run("serve", *argv, "--ef-construction", "100", "--name", index_name)
     assert run("serve", *argv, "--nprobe", "1", "--name", index_name) == 0
     out = capsys.readouterr().out
     assert "serving 300 items of model 'v1'" in out and "IVF4,SQ8" in out
     health = get(connect(index_name).health.remote())
     assert health["config"]["index"]["factory"] == "IVF4,SQ8"
     assert health["config"]["index"]["search_params"] == {"nprobe": 1}
+    assert health["config"]["index"]["build_params"] == {}
     query = ["query", "--vector", str(tmp_path / "q.npy"), "--strategy", "old", "--k", "300", "--json"]
     run(*query, "--nprobe", "4", "--name", index_name)  # every list: every item comes back
     hits = json.loads(capsys.readouterr().out)[0]

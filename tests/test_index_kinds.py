@@ -77,6 +77,39 @@ def test_factory_strings_are_checked_up_front_with_the_field_named():
     assert IndexConfig(factory="HNSW32").query_params() == {"efSearch": 64}  # the default: FAISS's 16 is too low
 
 
+def test_build_params_are_checked_and_every_graph_of_a_space_is_built_with_them():
+    with pytest.raises(ValueError, match="build_params: 'efConstruction' does not apply to index 'IVF64,Flat'"):
+        IndexConfig(factory="IVF64,Flat", build_params={"efConstruction": 100})
+    with pytest.raises(ValueError, match="unknown build parameter 'efConstruct'"):
+        IndexConfig(factory="HNSW32", build_params={"efConstruct": 100})
+    with pytest.raises(ValueError, match="efConstruction must be at least 1"):
+        IndexConfig(factory="HNSW32", build_params={"efConstruction": 0})
+    assert IndexConfig(factory="HNSW32").index_build_params() == {"efConstruction": 80}  # FAISS's 40 is too low
+    assert IndexConfig(factory="IVF64,Flat").index_build_params() == {}
+    assert IndexConfig(factory="HNSW16", build_params={"efConstruction": 120}).index_build_params() == {
+        "efConstruction": 120
+    }
+
+    def ef_construction(shard: _IndexShard, name: str) -> int:
+        store = shard._index(name)
+        assert store is not None
+        return int(store.index.hnsw.efConstruction)
+
+    g = Gallery.random(300, D, seed=2)
+    shard, _ = make("HNSW16")
+    shard.load_old(g.ids, g.old, "v1")
+    assert ef_construction(shard, "pending") == 80
+    shard, _ = make("HNSW16", build_params={"efConstruction": 120})
+    shard.load_old(g.ids, g.old, "v1")
+    shard.upsert(g.ids[:200], g.old[:200] + 0.1, Space.NEW, "v2")
+    assert ef_construction(shard, "new") == 120
+    # 200 of 300 pending rows deleted, past the fraction: the rebuilt graph is built from the same template.
+    assert shard.wait_for_rebuilds(timeout=60)
+    pending = shard._index("pending")
+    assert pending is not None and pending.ntotal == 100 and pending.deleted == 0
+    assert ef_construction(shard, "pending") == 120
+
+
 def test_a_factory_that_does_not_fit_the_data_dim_is_refused_when_the_dim_is_known():
     shard, config = make("PQ3")  # 3 sub-quantizers: dim 8 does not split
     with pytest.raises(ValueError, match="index factory 'PQ3' does not build an index of dim 8"):

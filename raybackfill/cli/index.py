@@ -56,6 +56,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _search_flags(serve, "default for every query")
     serve.add_argument(
+        "--ef-construction",
+        type=int,
+        help="HNSW build candidate list size (efConstruction; default 80: a shard grows its graphs by small "
+        "additions, which FAISS's own 40 builds poorly)",
+    )
+    serve.add_argument(
         "--drop-old-vectors",
         action="store_true",
         help="drop an item's old vector once its true new vector arrives (saves memory; then no strategy "
@@ -227,6 +233,7 @@ def _serve(args: argparse.Namespace) -> int:
             factory=args.index,
             metric=args.metric,
             search_params=search_params(args),
+            build_params={} if args.ef_construction is None else {"efConstruction": args.ef_construction},
             keep_old=not args.drop_old_vectors,
             retention_s=args.retention,
         ),

@@ -11,7 +11,9 @@ Any ``faiss.index_factory`` string names the index of a space ("Flat", "IVF4096,
 - whether an empty index must be trained before anything is added;
 - which search parameters it takes (``nprobe`` and ``max_codes`` for IVF, ``efSearch`` for HNSW, ``k_factor``
   for a refined index), turned into a FAISS ``SearchParameters`` object per query, so a query can override
-  the configured defaults without touching the shared index.
+  the configured defaults without touching the shared index;
+- which build parameters it takes (``efConstruction`` for HNSW), set on the empty index before anything is
+  added, so every index of a space, its rebuilds and its snapshots are built alike.
 
 Pure FAISS, no Ray.
 """
@@ -41,19 +43,61 @@ PARAM_TYPES: dict[str, tuple[type, float]] = {
     "efSearch": (int, 1),
     "k_factor": (float, 1.0),
 }
+# Build parameters a kind gets unless its config says otherwise. A shard grows a graph by many small additions
+# (loads and upserts arrive in batches, applied in chunks between searches), and FAISS's own efConstruction of
+# 40, made for one large add, then builds a markedly worse graph than one add of the same rows would; at 80,
+# small additions build a graph as good as one add (bench_index.py kinds reports recall beside a bare index
+# built with the same parameters).
+DEFAULT_BUILD_PARAMS = {"efConstruction": 80}
+BUILD_PARAM_TYPES: dict[str, tuple[type, float]] = {"efConstruction": (int, 1)}
 
 
 def faiss_metric(metric: Metric) -> int:
     return faiss.METRIC_L2 if parse(Metric, metric) is Metric.L2 else faiss.METRIC_INNER_PRODUCT
 
 
-def build(factory: str, dim: int, metric: Metric) -> faiss.Index:
-    """An empty index of ``factory`` at ``dim``; a string FAISS cannot build at this dim is a ValueError."""
+def build(factory: str, dim: int, metric: Metric, build_params: Mapping[str, Any] | None = None) -> faiss.Index:
+    """An empty index of ``factory`` at ``dim`` with ``build_params`` set (see :func:`set_build_params`); a string
+    FAISS cannot build at this dim is a ValueError."""
     try:
-        return faiss.index_factory(int(dim), factory, faiss_metric(metric))
+        index = faiss.index_factory(int(dim), factory, faiss_metric(metric))
     except RuntimeError as err:
         reason = str(err).strip().splitlines()[-1]
         raise ValueError(f"index factory {factory!r} does not build an index of dim {dim}: {reason}") from None
+    if build_params:
+        set_build_params(index, build_params)
+    return index
+
+
+def set_build_params(index: faiss.Index, build_params: Mapping[str, Any]) -> faiss.Index:
+    """Set validated build parameters (:func:`check_build_params`) on an empty ``index``; returns it."""
+    inner = unwrap(index)
+    if "efConstruction" in build_params and isinstance(inner, faiss.IndexHNSW):
+        inner.hnsw.efConstruction = int(build_params["efConstruction"])
+    return index
+
+
+def applicable_build_params(index: faiss.Index) -> set[str]:
+    """The build parameter names an index takes."""
+    return {"efConstruction"} if isinstance(unwrap(index), faiss.IndexHNSW) else set()
+
+
+def check_build_params(
+    params: Mapping[str, Any] | None, factory: str, metric: Metric, what: str = "build_params"
+) -> dict:
+    """Validated build parameters for an index of ``factory`` (as :func:`check_params` for search parameters).
+
+    Raises:
+        ValueError: naming the parameter, the index and the parameters that do apply.
+    """
+    takes = applicable_build_params(probe(factory, metric))
+    return _checked(params, takes, BUILD_PARAM_TYPES, factory, what, "build parameter")
+
+
+def default_build_params(factory: str, metric: Metric, configured: Mapping[str, Any]) -> dict:
+    """The build parameters of an index: DEFAULT_BUILD_PARAMS that apply, then the config's."""
+    takes = applicable_build_params(probe(factory, metric))
+    return {name: value for name, value in DEFAULT_BUILD_PARAMS.items() if name in takes} | dict(configured)
 
 
 @functools.lru_cache(maxsize=64)
@@ -120,20 +164,31 @@ def check_params(params: Mapping[str, Any] | None, factory: str, metric: Metric,
     Raises:
         ValueError: naming the parameter, the index and the parameters that do apply.
     """
+    return _checked(params, applicable_params(probe(factory, metric)), PARAM_TYPES, factory, what, "search parameter")
+
+
+def _checked(
+    params: Mapping[str, Any] | None,
+    takes: set[str],
+    types: dict[str, tuple[type, float]],
+    factory: str,
+    what: str,
+    noun: str,
+) -> dict:
     if params is None:
         return {}
+    example = next(iter(types))
     if not isinstance(params, Mapping):
-        raise ValueError(f"{what} must be a dict of search parameters (e.g. {{'nprobe': 32}}), got {params!r}")
-    takes = applicable_params(probe(factory, metric))
+        raise ValueError(f"{what} must be a dict of {noun}s (e.g. {{{example!r}: 32}}), got {params!r}")
     out: dict[str, Any] = {}
     for name, value in params.items():
-        if name not in PARAM_TYPES:
-            raise ValueError(f"{what}: unknown search parameter {name!r}; known: {sorted(PARAM_TYPES)}")
+        if name not in types:
+            raise ValueError(f"{what}: unknown {noun} {name!r}; known: {sorted(types)}")
         if name not in takes:
             raise ValueError(
                 f"{what}: {name!r} does not apply to index {factory!r} (it takes {sorted(takes) or 'no parameters'})"
             )
-        kind, minimum = PARAM_TYPES[name]
+        kind, minimum = types[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"{what}: {name} must be a number, got {value!r}")
         if kind is int and int(value) != value:

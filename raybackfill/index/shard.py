@@ -132,6 +132,9 @@ class IndexConfig:
         metric: cosine (vectors and queries are L2-normalised by the shard), ip or l2.
         search_params: defaults for every query (``nprobe``/``max_codes`` for IVF, ``efSearch`` for HNSW,
             ``k_factor`` for a refined index); a query may override them. Unset ones: nprobe 16, efSearch 64.
+        build_params: how each index of a space is built (``efConstruction`` for HNSW; unset: 80, since a shard
+            grows a graph by small additions, see raybackfill.index.kinds). Kept in the trained template, so a
+            rebuild and a restored snapshot build alike.
         keep_old: keep an item's old vector after a true new one arrives (state new). False saves the memory
             of the old vectors but refuses strategy 'old' and rollback once any item is new.
         rebuild_deleted_fraction: a graph index (HNSW, ...) is rebuilt in the background once this fraction of
@@ -156,6 +159,7 @@ class IndexConfig:
     factory: str = "Flat"
     metric: Metric = Metric.COSINE  # the models' default; vectors and queries are L2-normalised by the shard
     search_params: dict[str, Any] = field(default_factory=dict)
+    build_params: dict[str, Any] = field(default_factory=dict)
     keep_old: bool = True
     rebuild_deleted_fraction: float = 0.25
     gpu_sync_rows: int = 50_000
@@ -171,6 +175,8 @@ class IndexConfig:
         kinds.probe(self.factory, self.metric)  # a string FAISS cannot build fails here, naming the factory
         params = kinds.check_params(self.search_params, self.factory, self.metric, "search_params")
         object.__setattr__(self, "search_params", params)
+        built = kinds.check_build_params(self.build_params, self.factory, self.metric, "build_params")
+        object.__setattr__(self, "build_params", built)
         for name in ("max_k", "max_queries", "gpu_sync_rows"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -190,6 +196,10 @@ class IndexConfig:
     @property
     def layout(self) -> Layout:
         return kinds.layout_of(kinds.probe(self.factory, self.metric))
+
+    def index_build_params(self) -> dict[str, Any]:
+        """The build parameters of every index of a space: the defaults that apply, then ``build_params``."""
+        return kinds.default_build_params(self.factory, self.metric, self.build_params)
 
     def query_params(self, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         """The search parameters of a query: the defaults, then ``overrides`` (validated)."""
@@ -288,7 +298,7 @@ def train_index(config: IndexConfig, vectors: np.ndarray) -> bytes:
     vectors = as_vectors(vectors, None, "training vectors")
     if config.metric is Metric.COSINE:
         vectors = unit_rows(vectors, "training vectors")
-    index = kinds.build(config.factory, vectors.shape[1], config.metric)
+    index = kinds.build(config.factory, vectors.shape[1], config.metric, config.index_build_params())
     try:
         index.train(vectors)
     except RuntimeError as err:
@@ -525,7 +535,7 @@ class _IndexShard:
                 f"trains the old space from --train-sample rows of the table; a backfill trains the new space "
                 f"before its first upsert)"
             )
-        template = kinds.build(self._config.factory, dim, self._config.metric)
+        template = kinds.build(self._config.factory, dim, self._config.metric, self._config.index_build_params())
         self._install(space, bytes(_to_bytes(template)), SpaceInfo(version, dim))
 
     # ----------------------------------------------------------------- mutations
