@@ -28,7 +28,7 @@ from raybackfill.index.serving import serving_strategy
 from raybackfill.index.shard import IndexConfig
 from raybackfill.models.artifacts import ModelSpec, save_model
 from raybackfill.models.registry import build_model
-from raybackfill.types import Phase, Strategy
+from raybackfill.types import Phase, Space, Strategy
 
 N, DIM = 96, 8
 
@@ -80,6 +80,28 @@ class Client:
         self.thread.join(60)
         assert not self.errors, self.errors[:3]
         assert self.answers > 0
+
+
+def test_a_count_read_that_overlapped_a_promote_is_not_recorded_over_the_promotes_counts(make_index):
+    # progress() runs on the router's light thread while promote() runs on its default one: a read of the shards'
+    # counts begun before (or during) a promote may see some shards before it and must not land after it.
+    router, _ = make_index()
+
+    def race(self) -> dict:
+        before = [dict.fromkeys(Space, 0) | {Space.TRANSFORMED: 5} for _ in self._shard_counts]
+        after = [dict.fromkeys(Space, 0) | {Space.OLD: 5} for _ in self._shard_counts]
+        read_at = self._epoch()  # a progress() read begins
+        self._bump_epoch()  # a promote begins, its shards promote, it records their counts
+        self._record_counts(after)
+        self._bump_epoch()
+        self._record_counts(before, read_at=read_at)  # the read that began before it lands now: dropped
+        stale = self._progress().counts
+        self._record_counts(after, read_at=self._epoch())  # a read begun after it is recorded
+        return {"stale": stale, "fresh": self._progress().counts}
+
+    seen = get(router.__ray_call__.remote(race))
+    assert seen["stale"][Space.OLD] == 10 and seen["stale"][Space.TRANSFORMED] == 0
+    assert seen["fresh"][Space.OLD] == 10
 
 
 def test_v1_v2_promote_rollback_promote_then_v3_answers_every_id_once_and_tracks_lineage(make_index):

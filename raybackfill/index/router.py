@@ -320,6 +320,10 @@ class IndexRouter:
         # Small state shared by the default and the light event loops (two threads).
         self._lock = threading.Lock()
         self._shard_counts: list[dict[str, int]] = [dict.fromkeys(Space, 0) for _ in self._shards]
+        # Bumped before and after a lifecycle call (train, promote, rollback) records the counts its shards
+        # return. The light calls run on their own thread; a read of the shards' counts that overlapped one of
+        # those calls may mix shards before and after it, and is not recorded over the call's own counts.
+        self._count_epoch = 0
         self._tracker = RateTracker(config.rate_window_s)
         self._phase, self._started_at, self._last_error = Phase.IDLE, None, None
         self._state_uri = join(config.snapshot_uri, ROUTER_STATE) if config.snapshot_uri else None
@@ -353,14 +357,16 @@ class IndexRouter:
 
     @ray.method(concurrency_group="light")
     async def progress(self) -> Progress:
-        self._record_counts(await _gather([s.counts.remote() for s in self._shards]))
+        epoch = self._epoch()
+        self._record_counts(await _gather([s.counts.remote() for s in self._shards]), read_at=epoch)
         return self._progress()
 
     @ray.method(concurrency_group="light")
     async def set_phase(self, phase: Phase) -> Progress:
         """Set by the backfill ("instant", "backfill", "done", ...); restarts the rate measurement."""
         phase = parse(Phase, phase)
-        self._record_counts(await _gather([s.counts.remote() for s in self._shards]))
+        epoch = self._epoch()
+        self._record_counts(await _gather([s.counts.remote() for s in self._shards]), read_at=epoch)
         self._enter_phase(phase)
         return self._progress()
 
@@ -405,7 +411,8 @@ class IndexRouter:
         state = parse(Space, args[0]) if method == "upsert" else Space.OLD
         self._metrics.observe_write(method, state, len(ids), time.perf_counter() - started)
         # Every shard's counts (light calls), so totals are right even for shards this batch missed.
-        self._record_counts(await _gather([s.counts.remote() for s in self._shards]))
+        epoch = self._epoch()
+        self._record_counts(await _gather([s.counts.remote() for s in self._shards]), read_at=epoch)
         return self._progress().counts
 
     async def train(self, space: Space, vectors, version: str) -> None:
@@ -437,7 +444,9 @@ class IndexRouter:
         task = _train_task.options(num_cpus=0)  # type: ignore[attr-defined]  # a RemoteFunction
         (blob,) = await _gather([task.remote(config, vectors, max(1, int(self._config.shard_num_cpus)))])
         blob_ref = ray.put(blob)
+        self._bump_epoch()
         self._record_counts(await _gather([s.set_trained.remote(space, blob_ref, version) for s in self._shards]))
+        self._bump_epoch()
         logger.info("trained the %s space (%s) of %r on %d vectors", space, version, config.factory, len(vectors))
 
     async def search(self, queries_old, queries_new, k: int, strategy: Strategy, params: dict | None = None) -> TopK:
@@ -487,7 +496,9 @@ class IndexRouter:
         new_space = next((d["new_space"] for d in shards if d["new_space"]), None)
         if new_space is None:
             raise ValueError("cannot promote: there is no new space (no upgrade was started)")
+        self._bump_epoch()
         self._record_counts(await _gather([s.promote.remote(new_space, retain) for s in self._shards]))
+        self._bump_epoch()
         self._enter_phase(Phase.PROMOTED)
         logger.info("index %s: generation %s promoted", self._config.name, new_space["version"])
         return self._progress().counts
@@ -510,7 +521,9 @@ class IndexRouter:
                     "cannot roll back the promote: the generation it replaced is gone (collected by gc or its "
                     f"retention, or never kept) on shards {missing}"
                 )
+        self._bump_epoch()
         self._record_counts(await _gather([s.rollback.remote(undo_promote) for s in self._shards]))
+        self._bump_epoch()
         self._enter_phase(Phase.DONE if undo_promote else Phase.ROLLED_BACK)
         return self._progress().counts
 
@@ -602,8 +615,20 @@ class IndexRouter:
             self._tracker.reset(time.time(), self._done())
         self._save_state()
 
-    def _record_counts(self, counts: list[dict[str, int]]) -> None:
+    def _epoch(self) -> int:
         with self._lock:
+            return self._count_epoch
+
+    def _bump_epoch(self) -> None:
+        with self._lock:
+            self._count_epoch += 1
+
+    def _record_counts(self, counts: list[dict[str, int]], read_at: int | None = None) -> None:
+        """Record the shards' counts; a read begun at epoch ``read_at`` is dropped if a lifecycle call began or
+        ended since (its counts may predate that call's)."""
+        with self._lock:
+            if read_at is not None and read_at != self._count_epoch:
+                return
             self._shard_counts = list(counts)
             self._tracker.observe(time.time(), self._done())
 
