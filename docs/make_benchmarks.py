@@ -283,7 +283,7 @@ def _index_kinds(run: dict) -> list[str]:
         ]
     if swept:
         lines += [
-            "The router serves with each shard count in *ratio by shards*; the fastest is the row's figure, as the "
+            "The router serves with each shard count in *ratio by shards*; the best is the row's figure, as the "
             "bare side's fastest thread count is its own.",
             "",
         ]

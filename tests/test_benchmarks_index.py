@@ -97,9 +97,9 @@ def test_kinds_run_compares_each_factory_with_bare_faiss_on_the_session_ray(ray_
     assert kinds["IVF8,SQ8"]["search_params"] == {"nprobe": 16} and kinds["HNSW16"]["search_params"] == {"efSearch": 64}
     for name, k in kinds.items():
         assert_finite(k["bare"]["qps"], f"{name}.bare.qps")
-        # Served by 1 shard and by 2; the headline is the faster of the two.
+        # Served by 1 shard and by 2; the headline is the better ratio of the two.
         assert sorted(k["by_shards"]) == ["1", "2"]
-        fastest = max(k["by_shards"], key=lambda s: k["by_shards"][s]["index"]["qps"])
+        fastest = max(k["by_shards"], key=lambda s: k["by_shards"][s]["qps_ratio"])
         assert k["shards"] == int(fastest) and k["qps_ratio"] == k["by_shards"][fastest]["qps_ratio"]
         assert k["bare"]["qps"] == k["by_shards"][fastest]["bare"]["qps"]
         ratios = {s: run["one_space_qps_ratio"] for s, run in k["by_shards"].items()}
