@@ -27,7 +27,6 @@ replays its ledger to bring it level again (raybackfill.backfill.ledger).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
@@ -37,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 
 from raybackfill import NAMESPACE
 from raybackfill.data.storage import exists, join, read_bytes, write_bytes
@@ -195,13 +194,6 @@ def _send_search(
     return _SearchCall([s.search.remote(q_old, q_new, k, strategy, params) for s in targets.shards], k, strategy)
 
 
-def _cancel(call: _SearchCall | None) -> None:
-    """Best effort: the shards' calls of a search nobody waits for any more (some may have answered)."""
-    for ref in call.refs if call else []:
-        with contextlib.suppress(Exception):
-            ray.cancel(ref)
-
-
 class IndexSearcher:
     """Searches an index from the calling process: the router's fan-out and merge, one Ray call per shard
     instead of a call to the router that calls the shards (a hop that copies the queries and the answers once
@@ -252,13 +244,13 @@ class IndexSearcher:
             ray.exceptions.GetTimeoutError: no complete answer within ``timeout`` seconds.
         """
         started = time.perf_counter()
-        call = None
         try:
             call = _send_search(self.targets, queries_old, queries_new, k, strategy, params)
             answers = get(call.refs, timeout, actor="an index shard")
         except Exception as err:
-            if isinstance(err, GetTimeoutError):
-                _cancel(call)
+            # A search that timed out is left to finish, not cancelled: in Ray 2.60 a shard call cancelled while
+            # queued leaves a gap in the shard's ordered task queue, and the shard then stalls for 30 s and fails
+            # every call queued behind it. A search is bounded (max_queries, max_k), so its work is short.
             self._observed().count_error("search", err)
             raise
         return self._answer(call, answers, started)
@@ -267,15 +259,11 @@ class IndexSearcher:
         self, queries_old, queries_new, k: int, strategy: Strategy, params: dict | None = None
     ) -> TopK:
         """:meth:`search` for an event loop (a Serve replica, an async actor). Cancelled (e.g. by a timeout), it
-        cancels the shards' calls."""
+        stops waiting; the shards' calls finish (see :meth:`search`)."""
         started = time.perf_counter()
-        call = None
         try:
             call = _send_search(self.targets, queries_old, queries_new, k, strategy, params)
             answers = await _gather(call.refs)
-        except asyncio.CancelledError:
-            _cancel(call)
-            raise
         except Exception as err:
             self._observed().count_error("search", err)
             raise
@@ -357,16 +345,14 @@ class IndexRouter:
 
     @ray.method(concurrency_group="light")
     async def progress(self) -> Progress:
-        epoch = self._epoch()
-        self._record_counts(await _gather([s.counts.remote() for s in self._shards]), read_at=epoch)
+        await self._refresh_counts()
         return self._progress()
 
     @ray.method(concurrency_group="light")
     async def set_phase(self, phase: Phase) -> Progress:
         """Set by the backfill ("instant", "backfill", "done", ...); restarts the rate measurement."""
         phase = parse(Phase, phase)
-        epoch = self._epoch()
-        self._record_counts(await _gather([s.counts.remote() for s in self._shards]), read_at=epoch)
+        await self._refresh_counts()
         self._enter_phase(phase)
         return self._progress()
 
@@ -411,8 +397,7 @@ class IndexRouter:
         state = parse(Space, args[0]) if method == "upsert" else Space.OLD
         self._metrics.observe_write(method, state, len(ids), time.perf_counter() - started)
         # Every shard's counts (light calls), so totals are right even for shards this batch missed.
-        epoch = self._epoch()
-        self._record_counts(await _gather([s.counts.remote() for s in self._shards]), read_at=epoch)
+        await self._refresh_counts()
         return self._progress().counts
 
     async def train(self, space: Space, vectors, version: str) -> None:
@@ -444,9 +429,7 @@ class IndexRouter:
         task = _train_task.options(num_cpus=0)  # type: ignore[attr-defined]  # a RemoteFunction
         (blob,) = await _gather([task.remote(config, vectors, max(1, int(self._config.shard_num_cpus)))])
         blob_ref = ray.put(blob)
-        self._bump_epoch()
-        self._record_counts(await _gather([s.set_trained.remote(space, blob_ref, version) for s in self._shards]))
-        self._bump_epoch()
+        await self._record_lifecycle([s.set_trained.remote(space, blob_ref, version) for s in self._shards])
         logger.info("trained the %s space (%s) of %r on %d vectors", space, version, config.factory, len(vectors))
 
     async def search(self, queries_old, queries_new, k: int, strategy: Strategy, params: dict | None = None) -> TopK:
@@ -496,9 +479,7 @@ class IndexRouter:
         new_space = next((d["new_space"] for d in shards if d["new_space"]), None)
         if new_space is None:
             raise ValueError("cannot promote: there is no new space (no upgrade was started)")
-        self._bump_epoch()
-        self._record_counts(await _gather([s.promote.remote(new_space, retain) for s in self._shards]))
-        self._bump_epoch()
+        await self._record_lifecycle([s.promote.remote(new_space, retain) for s in self._shards])
         self._enter_phase(Phase.PROMOTED)
         logger.info("index %s: generation %s promoted", self._config.name, new_space["version"])
         return self._progress().counts
@@ -521,9 +502,7 @@ class IndexRouter:
                     "cannot roll back the promote: the generation it replaced is gone (collected by gc or its "
                     f"retention, or never kept) on shards {missing}"
                 )
-        self._bump_epoch()
-        self._record_counts(await _gather([s.rollback.remote(undo_promote) for s in self._shards]))
-        self._bump_epoch()
+        await self._record_lifecycle([s.rollback.remote(undo_promote) for s in self._shards])
         self._enter_phase(Phase.DONE if undo_promote else Phase.ROLLED_BACK)
         return self._progress().counts
 
@@ -622,6 +601,18 @@ class IndexRouter:
     def _bump_epoch(self) -> None:
         with self._lock:
             self._count_epoch += 1
+
+    async def _refresh_counts(self) -> None:
+        """Read every shard's counts (light calls) and record them, unless a lifecycle call overlapped the read."""
+        epoch = self._epoch()
+        self._record_counts(await _gather([s.counts.remote() for s in self._shards]), read_at=epoch)
+
+    async def _record_lifecycle(self, calls: list) -> None:
+        """Await one lifecycle call per shard (each returns its shard's counts) and record those counts; the
+        epoch is bumped on both sides, so a plain read that overlapped the calls is not recorded over them."""
+        self._bump_epoch()
+        self._record_counts(await _gather(calls))
+        self._bump_epoch()
 
     def _record_counts(self, counts: list[dict[str, int]], read_at: int | None = None) -> None:
         """Record the shards' counts; a read begun at epoch ``read_at`` is dropped if a lifecycle call began or

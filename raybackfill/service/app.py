@@ -38,7 +38,6 @@ the Ray docs describe; there is no ``/metrics`` route), where Ray prefixes them 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations (Request) at run time.
 
 import asyncio
-import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -511,9 +510,7 @@ class SearchService:
         ref = getattr(self._connect(index), method).remote(*args, **kwargs)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(ref.future()), self.config.index_timeout_s)
-        except TimeoutError:
-            with contextlib.suppress(Exception):  # best effort: the router may have finished meanwhile
-                ray.cancel(ref)
+        except TimeoutError:  # not cancelled: see IndexSearcher.search
             raise self._timed_out() from None
         except RayTaskError as err:
             cause = err.cause
@@ -535,7 +532,7 @@ class SearchService:
             return await asyncio.wait_for(
                 searcher.search_async(q_old, q_new, k, strategy, params), self.config.index_timeout_s
             )
-        except TimeoutError:  # search_async cancels the shards' calls
+        except TimeoutError:  # the shards' calls finish on their own (IndexSearcher.search)
             raise self._timed_out() from None
         except IndexUnavailableError:
             self._forget(index)
