@@ -53,7 +53,8 @@ more. Both paths must return the same answer.
 Every side is timed in ``--repeats`` interleaved rounds (each round runs the bare index at each thread count,
 the bare parts, the searcher and the router once, in an order rotated between rounds) and keeps its best run:
 a slow spell of a shared machine falls on every side instead of on whichever ran then, and each ratio divides
-by the bare index timed in the same rounds.
+by the bare index timed in the same rounds. ``*_qps_ratio_rounds`` hold the same ratios paired within each round
+(sorted), the spread against which a difference between two figures is read.
 
     PYTHONPATH=. python benchmarks/bench_index.py kinds --n 1000000   # the issue's size
     PYTHONPATH=. python benchmarks/bench_index.py kinds --n 20000 --factories "Flat;IVF1024,SQ8;HNSW32"
@@ -420,10 +421,13 @@ def trained_template(factory: str, d: int, sample: np.ndarray, threads: int) -> 
     return index, train_s
 
 
-def interleaved(rounds: int, contenders: dict[str, Callable[[], Any]]) -> dict[str, tuple[float, Any]]:
+def interleaved(
+    rounds: int, contenders: dict[str, Callable[[], Any]], times: dict[str, list[float]] | None = None
+) -> dict[str, tuple[float, Any]]:
     """The best seconds of each contender over ``rounds`` rounds, with what that run returned. Each round runs
     every contender once, in an order rotated from round to round, so that a slow spell of a shared machine
-    falls on every side rather than on whichever side ran then."""
+    falls on every side rather than on whichever side ran then. ``times``, when given, receives every round's
+    seconds per contender (round order), for ratios paired within a round (:func:`paired_ratios`)."""
     names = list(contenders)
     best: dict[str, tuple[float, Any]] = {name: (float("inf"), None) for name in names}
     for r in range(rounds):
@@ -431,9 +435,21 @@ def interleaved(rounds: int, contenders: dict[str, Callable[[], Any]]) -> dict[s
             start = time.perf_counter()
             out = contenders[name]()
             seconds = time.perf_counter() - start
+            if times is not None:
+                times.setdefault(name, []).append(seconds)
             if seconds < best[name][0]:
                 best[name] = (seconds, out)
     return best
+
+
+def paired_ratios(times: dict[str, list[float]], side: str, against: str) -> list[float]:
+    """Per round, the QPS of ``side`` over that of the fastest ``against@threads`` contender of the same round,
+    sorted: the spread of a ratio whose headline is best against best. A round runs both sides within seconds of
+    each other, so a slow spell of the machine moves both; the spread is how far one round's ratio is from
+    another's."""
+    mine = times[side]
+    theirs = [seconds for name, seconds in times.items() if name.startswith(f"{against}@")]
+    return sorted(min(other[r] for other in theirs) / mine[r] for r in range(len(mine)))
 
 
 def at_threads(side: str, threads: list[int], search: Callable[[], Any]) -> dict[str, Callable[[], Any]]:
@@ -604,10 +620,12 @@ def router_kind(
 
 def timed_paths(
     router, searcher, rounds: int, bare: dict[str, Callable[[], Any]], q_old, q_new, k: int, strategy: Strategy
-) -> dict[str, tuple[float, Any]]:
+) -> tuple[dict[str, tuple[float, Any]], dict[str, list[float]]]:
     """The same search through an IndexSearcher (the headline: how the HTTP service and a client that keeps the
     shards search) and through the router (one Ray hop more), in :func:`interleaved` rounds with the ``bare``
-    contenders; both paths must answer the same."""
+    contenders; both paths must answer the same. Returns each contender's best (seconds, answer) and every
+    round's seconds."""
+    times: dict[str, list[float]] = {}
     best = interleaved(
         rounds,
         {
@@ -615,10 +633,11 @@ def timed_paths(
             "searcher": lambda: searcher.search(q_old, q_new, k, strategy),
             "router": lambda: get(router.search.remote(q_old, q_new, k, strategy)),
         },
+        times,
     )
     if not all(np.array_equal(a, b) for a, b in zip(best["searcher"][1], best["router"][1], strict=True)):
         raise RuntimeError(f"the searcher and the router answered a {strategy} search differently")
-    return best
+    return best, times
 
 
 def kinds_main(argv: list[str] | None = None) -> dict:
@@ -687,7 +706,8 @@ def kinds_main(argv: list[str] | None = None) -> dict:
                     factory, params, gallery, sample, queries, RECALL_K, shards, args, moved, bare_side, parts_side
                 )
                 del parts_side, parts_search  # the parts' indexes
-                one, two, moving = ours.pop("one_space"), ours.pop("two_spaces"), ours.pop("transform")
+                (one, one_times), (two, two_times) = ours.pop("one_space"), ours.pop("two_spaces")
+                moving, moving_times = ours.pop("transform")
                 bare, one_bare, parts = fastest(two, "bare", nq), fastest(one, "bare", nq), fastest(two, "parts", nq)
                 transform_bare = fastest(moving, "bare", nq)
                 transform_bare.pop("ids")
@@ -719,6 +739,11 @@ def kinds_main(argv: list[str] | None = None) -> dict:
                     # the bare index timed in the one-space rounds
                     "one_space_bare": one_bare,
                     "qps_ratio": index_qps / bare["qps"],
+                    # each ratio paired within a round, sorted: how far the best-against-best figure can move
+                    "qps_ratio_rounds": paired_ratios(two_times, "searcher", "bare"),
+                    "serving_qps_ratio_rounds": paired_ratios(two_times, "searcher", "parts"),
+                    "one_space_qps_ratio_rounds": paired_ratios(one_times, "searcher", "bare"),
+                    "transform_qps_ratio_rounds": paired_ratios(moving_times, "searcher", "bare"),
                     # the two factors of qps_ratio: what splitting costs FAISS, and what serving adds to that
                     "split_qps_ratio": parts["qps"] / bare["qps"],
                     "serving_qps_ratio": index_qps / parts["qps"],
@@ -751,9 +776,11 @@ def kinds_main(argv: list[str] | None = None) -> dict:
                 },
                 "shards": int(fastest_shards),
                 "one_space_qps_ratio": by_shards[one_space]["one_space_qps_ratio"],
+                "one_space_qps_ratio_rounds": by_shards[one_space]["one_space_qps_ratio_rounds"],
                 "one_space_shards": int(one_space),
                 "router_one_space_qps_ratio": by_shards[one_space]["router_one_space_qps_ratio"],
                 "transform_qps_ratio": by_shards[transform]["transform_qps_ratio"],
+                "transform_qps_ratio_rounds": by_shards[transform]["transform_qps_ratio_rounds"],
                 "transform_shards": int(transform),
                 "router_transform_qps_ratio": by_shards[transform]["router_transform_qps_ratio"],
                 "transform_recall_at_10": by_shards[transform]["index"]["transform_recall_at_10"],

@@ -249,6 +249,7 @@ def _index_kinds(run: dict) -> list[str]:
     alone = all("one_space_qps_ratio" in k for k in kinds["by_factory"].values())
     routed = all("router_qps_ratio" in k for k in kinds["by_factory"].values())
     transform = all("transform_qps_ratio" in k for k in kinds["by_factory"].values())
+    spread = all("qps_ratio_rounds" in k for k in kinds["by_factory"].values())
     if split:
         lines += [
             "The ratio is the product of two: *split* is bare FAISS searching the same parts as the router (each "
@@ -281,6 +282,14 @@ def _index_kinds(run: dict) -> list[str]:
             "one Ray call more.",
             "",
         ]
+    if spread:
+        lines += [
+            "Each side's figure is its best round, as the QPS columns are. In square brackets, the lowest and "
+            "highest of the same ratio paired within one round (the index against the fastest bare thread count "
+            "of that round): a ratio moves that far from one round to the next on this shared machine, so two "
+            "figures inside each other's range are not a difference.",
+            "",
+        ]
     if swept:
         lines += [
             "The router serves with each shard count in *ratio by shards*; the best is the row's figure, as the "
@@ -303,6 +312,11 @@ def _index_kinds(run: dict) -> list[str]:
         + ("---|" if routed else "")
         + "---|---|",
     ]
+
+    def ratio(k: dict, key: str) -> str:
+        rounds = k.get(f"{key}_rounds")
+        return f"{k[key]:.2f}" + (f" [{min(rounds):.2f}-{max(rounds):.2f}]" if spread and rounds else "")
+
     for factory, k in kinds["by_factory"].items():
         given = {**k["search_params"], **k.get("build_params", {})}
         params = ", ".join(f"{name}={value}" for name, value in given.items()) or "-"
@@ -311,11 +325,11 @@ def _index_kinds(run: dict) -> list[str]:
         )
         lines.append(
             f"| `{factory}` | {params} | {k['recall_at_10']:.3f} | {k['bare_recall_at_10']:.3f} | {k['qps']:,.0f} "
-            f"| {k['bare_qps']:,.0f} | {k['qps_ratio']:.2f} "
-            + (f"| {k['split_qps_ratio']:.2f} | {k['serving_qps_ratio']:.2f} " if split else "")
+            f"| {k['bare_qps']:,.0f} | {ratio(k, 'qps_ratio')} "
+            + (f"| {k['split_qps_ratio']:.2f} | {ratio(k, 'serving_qps_ratio')} " if split else "")
             + (f"| {by_shards} " if swept else "")
-            + (f"| {k['one_space_qps_ratio']:.2f} ({k['one_space_shards']}) " if alone else "")
-            + (f"| {k['transform_qps_ratio']:.2f} ({k['transform_recall_at_10']:.3f}) " if transform else "")
+            + (f"| {ratio(k, 'one_space_qps_ratio')} ({k['one_space_shards']}) " if alone else "")
+            + (f"| {ratio(k, 'transform_qps_ratio')} ({k['transform_recall_at_10']:.3f}) " if transform else "")
             + (f"| {k['router_qps_ratio']:.2f} ({k['router_one_space_qps_ratio']:.2f}) " if routed else "")
             + f"| {k['bytes_per_item_served']:.0f} "
             f"({k['bytes_per_item_held']:.0f}) | {k['bare_bytes_per_item']:.0f} |"

@@ -80,7 +80,7 @@ def test_kinds_run_compares_each_factory_with_bare_faiss_on_the_session_ray(ray_
     bench = load_benchmark()
     argv = ["--n", "2000", "--queries", "40", "--train-size", "2000", "--clusters", "20", "--cpus", "1"]
     returned = bench.kinds_main(
-        [*argv, "--repeats", "1", "--shards", "2,1", "--factories", "Flat;IVF8,SQ8;HNSW16", "--out", str(out)]
+        [*argv, "--repeats", "2", "--shards", "2,1", "--factories", "Flat;IVF8,SQ8;HNSW16", "--out", str(out)]
     )
 
     assert ray.is_initialized(), "the benchmark must not shut down a Ray it did not start"
@@ -117,6 +117,11 @@ def test_kinds_run_compares_each_factory_with_bare_faiss_on_the_session_ray(ray_
             assert run["bare_parts"]["parts"] == 2 * int(shards)
             assert_finite(run["bare_parts"]["qps"], f"{name}.{shards}.bare_parts.qps")
             assert run["split_qps_ratio"] * run["serving_qps_ratio"] == pytest.approx(run["qps_ratio"])
+            # Each ratio paired within each of the 2 rounds, sorted; best against best lies between the two.
+            for key in ("qps_ratio", "serving_qps_ratio", "one_space_qps_ratio", "transform_qps_ratio"):
+                rounds = run[f"{key}_rounds"]
+                assert len(rounds) == 2 and rounds == sorted(rounds), key
+                assert rounds[0] * (1 - 1e-9) <= run[key] <= rounds[1] * (1 + 1e-9), key
             # Before the moves: the old space alone, merged across the shards, against the bare index.
             assert_finite(run["index"]["one_space_qps"], f"{name}.{shards}.one_space_qps")
             assert run["one_space_qps_ratio"] == pytest.approx(
@@ -172,6 +177,12 @@ def test_interleaved_rounds_rotate_the_order_and_keep_each_sides_best_run():
     assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # each side leads one round
     assert {name: out for name, (_, out) in best.items()} == {"a": 1, "b": 2, "c": 3}
     assert all(np.isfinite(seconds) for seconds, _ in best.values())
+    times: dict[str, list[float]] = {}
+    bench.interleaved(2, {"a": side("a", 1), "b": side("b", 2)}, times)
+    assert sorted(times) == ["a", "b"] and all(len(t) == 2 and min(t) > 0 for t in times.values())
+    # Paired within a round: the fastest bare thread count of that round over the side's seconds, sorted.
+    paired = {"bare@1": [4.0, 3.0, 6.0], "bare@2": [2.0, 5.0, 3.0], "searcher": [4.0, 4.0, 2.0], "router": [9, 9, 9]}
+    assert bench.paired_ratios(paired, "searcher", "bare") == [0.5, 0.75, 1.5]
     # The fastest thread count of one side; other contenders are not its own.
     fast = bench.fastest({"bare@1": (2.0, "one"), "bare@2": (0.5, "two"), "other": (0.1, None)}, "bare", 100)
     assert fast == {

@@ -101,6 +101,9 @@ def test_quick_suite_writes_every_key_with_finite_figures(ray_cluster, tmp_path)
     for k in kinds["by_factory"].values():  # served by one shard and by two; the faster is the headline
         assert k["qps_ratio"] == k["qps_ratio_by_shards"][str(k["shards"])] == max(k["qps_ratio_by_shards"].values())
         assert math.isfinite(k["one_space_qps_ratio"]) and k["one_space_qps_ratio"] > 0
+        for key in ("qps_ratio", "serving_qps_ratio", "one_space_qps_ratio", "transform_qps_ratio"):
+            rounds = k[f"{key}_rounds"]
+            assert rounds == sorted(rounds) and min(rounds) * (1 - 1e-9) <= k[key] <= max(rounds) * (1 + 1e-9), key
         assert k["one_space_shards"] in (1, 2)
         assert math.isfinite(k["transform_qps_ratio"]) and k["transform_qps_ratio"] > 0
         assert 0.5 <= k["transform_recall_at_10"] <= 1.0
