@@ -429,7 +429,7 @@ class IndexRouter:
         task = _train_task.options(num_cpus=0)  # type: ignore[attr-defined]  # a RemoteFunction
         (blob,) = await _gather([task.remote(config, vectors, max(1, int(self._config.shard_num_cpus)))])
         blob_ref = ray.put(blob)
-        await self._record_lifecycle([s.set_trained.remote(space, blob_ref, version) for s in self._shards])
+        await self._record_lifecycle("set_trained", space, blob_ref, version)
         logger.info("trained the %s space (%s) of %r on %d vectors", space, version, config.factory, len(vectors))
 
     async def search(self, queries_old, queries_new, k: int, strategy: Strategy, params: dict | None = None) -> TopK:
@@ -479,7 +479,7 @@ class IndexRouter:
         new_space = next((d["new_space"] for d in shards if d["new_space"]), None)
         if new_space is None:
             raise ValueError("cannot promote: there is no new space (no upgrade was started)")
-        await self._record_lifecycle([s.promote.remote(new_space, retain) for s in self._shards])
+        await self._record_lifecycle("promote", new_space, retain)
         self._enter_phase(Phase.PROMOTED)
         logger.info("index %s: generation %s promoted", self._config.name, new_space["version"])
         return self._progress().counts
@@ -502,7 +502,7 @@ class IndexRouter:
                     "cannot roll back the promote: the generation it replaced is gone (collected by gc or its "
                     f"retention, or never kept) on shards {missing}"
                 )
-        await self._record_lifecycle([s.rollback.remote(undo_promote) for s in self._shards])
+        await self._record_lifecycle("rollback", undo_promote)
         self._enter_phase(Phase.DONE if undo_promote else Phase.ROLLED_BACK)
         return self._progress().counts
 
@@ -607,11 +607,12 @@ class IndexRouter:
         epoch = self._epoch()
         self._record_counts(await _gather([s.counts.remote() for s in self._shards]), read_at=epoch)
 
-    async def _record_lifecycle(self, calls: list) -> None:
-        """Await one lifecycle call per shard (each returns its shard's counts) and record those counts; the
-        epoch is bumped on both sides, so a plain read that overlapped the calls is not recorded over them."""
+    async def _record_lifecycle(self, method: str, *args) -> None:
+        """Call the lifecycle ``method`` (train, promote, rollback: each returns its shard's counts) on every shard
+        and record those counts; the epoch is bumped before the calls go out and after they are recorded, so a
+        plain read that overlapped them is not recorded over them."""
         self._bump_epoch()
-        self._record_counts(await _gather(calls))
+        self._record_counts(await _gather([getattr(s, method).remote(*args) for s in self._shards]))
         self._bump_epoch()
 
     def _record_counts(self, counts: list[dict[str, int]], read_at: int | None = None) -> None:
