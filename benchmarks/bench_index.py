@@ -53,8 +53,11 @@ more. Both paths must return the same answer.
 Every side is timed in ``--repeats`` interleaved rounds (each round runs the bare index at each thread count,
 the bare parts, the searcher and the router once, in an order rotated between rounds) and keeps its best run:
 a slow spell of a shared machine falls on every side instead of on whichever ran then, and each ratio divides
-by the bare index timed in the same rounds. ``*_qps_ratio_rounds`` hold the same ratios paired within each round
-(sorted), the spread against which a difference between two figures is read.
+by the bare index timed in the same rounds. Each timed search follows an untimed search of the same side, so
+both sides are timed warm, as an index answering queries back to back is; timed cold, the order decided (the bare
+index at 2 threads ran right after itself at 1 thread, warm, and the searcher right after it, on its caches).
+``*_qps_ratio_rounds`` hold the same ratios paired within each round (sorted), the spread against which a
+difference between two figures is read.
 
     PYTHONPATH=. python benchmarks/bench_index.py kinds --n 1000000   # the issue's size
     PYTHONPATH=. python benchmarks/bench_index.py kinds --n 20000 --factories "Flat;IVF1024,SQ8;HNSW32"
@@ -422,16 +425,26 @@ def trained_template(factory: str, d: int, sample: np.ndarray, threads: int) -> 
 
 
 def interleaved(
-    rounds: int, contenders: dict[str, Callable[[], Any]], times: dict[str, list[float]] | None = None
+    rounds: int,
+    contenders: dict[str, Callable[[], Any]],
+    times: dict[str, list[float]] | None = None,
+    warm: bool = False,
 ) -> dict[str, tuple[float, Any]]:
     """The best seconds of each contender over ``rounds`` rounds, with what that run returned. Each round runs
     every contender once, in an order rotated from round to round, so that a slow spell of a shared machine
     falls on every side rather than on whichever side ran then. ``times``, when given, receives every round's
-    seconds per contender (round order), for ratios paired within a round (:func:`paired_ratios`)."""
+    seconds per contender (round order), for ratios paired within a round (:func:`paired_ratios`).
+
+    ``warm``: each timed run follows an untimed run of the same contender, so every side is timed with its own
+    data in the CPU caches, as an index answering queries back to back is. Without it the order decides: a side
+    that follows its twin (the bare index at 2 threads after the same index at 1) runs warm, and the side after
+    it runs on caches the other side filled."""
     names = list(contenders)
     best: dict[str, tuple[float, Any]] = {name: (float("inf"), None) for name in names}
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
+            if warm:
+                contenders[name]()
             start = time.perf_counter()
             out = contenders[name]()
             seconds = time.perf_counter() - start
@@ -634,6 +647,7 @@ def timed_paths(
             "router": lambda: get(router.search.remote(q_old, q_new, k, strategy)),
         },
         times,
+        warm=True,
     )
     if not all(np.array_equal(a, b) for a, b in zip(best["searcher"][1], best["router"][1], strict=True)):
         raise RuntimeError(f"the searcher and the router answered a {strategy} search differently")
@@ -807,7 +821,8 @@ def kinds_main(argv: list[str] | None = None) -> dict:
         f", a fraction {args.beta} moved to the new space with the same vectors, served by "
         + " or ".join(f"{s} shard(s) x {args.cpus / s:g} CPU" for s in shard_counts)
         + f" (the fastest counts), vs one bare FAISS index of the same factory, build and search parameters "
-        f"(best of {sorted({args.cpus, 1})} threads), each side the best of {args.repeats} interleaved rounds; "
+        f"(best of {sorted({args.cpus, 1})} threads), each side the best of {args.repeats} interleaved rounds, each "
+        "timed search right after an untimed one of the same side; "
         "recall against exact search",
         "config": vars(args) | {"factories": factories, "shards": shard_counts},
         "machine": {**machine_info(), "loadavg_start": load_start, "loadavg_end": load_end},

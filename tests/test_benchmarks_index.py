@@ -180,6 +180,12 @@ def test_interleaved_rounds_rotate_the_order_and_keep_each_sides_best_run():
     times: dict[str, list[float]] = {}
     bench.interleaved(2, {"a": side("a", 1), "b": side("b", 2)}, times)
     assert sorted(times) == ["a", "b"] and all(len(t) == 2 and min(t) > 0 for t in times.values())
+    # warm: each timed run right after an untimed run of the same side; only the timed runs are recorded.
+    calls.clear()
+    warm_times: dict[str, list[float]] = {}
+    bench.interleaved(2, {"a": side("a", 1), "b": side("b", 2)}, warm_times, warm=True)
+    assert calls == ["a", "a", "b", "b", "b", "b", "a", "a"]
+    assert all(len(t) == 2 for t in warm_times.values())
     # Paired within a round: the fastest bare thread count of that round over the side's seconds, sorted.
     paired = {"bare@1": [4.0, 3.0, 6.0], "bare@2": [2.0, 5.0, 3.0], "searcher": [4.0, 4.0, 2.0], "router": [9, 9, 9]}
     assert bench.paired_ratios(paired, "searcher", "bare") == [0.5, 0.75, 1.5]
