@@ -69,3 +69,22 @@ def test_the_scale_section_shows_each_size_and_judges_the_largest_against_its_ta
         "p99_ratio": "misses)",
     }
     assert script._scale([]) == []
+
+
+def test_each_index_kind_is_judged_against_the_qps_target_per_query():
+    script = _script()
+    assert script._verdict(0.93, [0.85, 0.95], 0.9) == "meets"
+    assert script._verdict(0.86, [0.84, 0.91], 0.9) == "within the spread"
+    assert script._verdict(0.86, [0.84, 0.88], 0.9) == "misses"
+    assert script._verdict(0.86, None, 0.9) == "misses"
+    kind = {
+        "one_space_qps_ratio": 0.95, "one_space_qps_ratio_rounds": [0.9, 0.96],
+        "transform_qps_ratio": 0.88, "transform_qps_ratio_rounds": [0.85, 0.92],
+        "qps_ratio": 0.6, "qps_ratio_rounds": [0.55, 0.62], "split_qps_ratio": 0.65,
+        "serving_qps_ratio": 0.92, "serving_qps_ratio_rounds": [0.9, 0.93],
+    }  # fmt: skip
+    lines = script._kinds_verdicts({"target_qps_ratio": 0.9, "by_factory": {"HNSW32": kind}})
+    assert lines[-1] == (
+        "- `HNSW32`: one space 0.95 (meets), transform path 0.88 (within the spread), two spaces 0.60 (misses) "
+        "= split 0.65 x serving 0.92 (meets)"
+    )
