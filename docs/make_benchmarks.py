@@ -374,7 +374,7 @@ def _kinds_verdicts(kinds: dict) -> list[str]:
 
 
 def _judged(kind: dict, key: str, target: float) -> str:
-    return f"{kind[key]:.2f} ({_verdict(kind[key], kind.get(f'{key}_rounds'), target)})"
+    return f"{kind[key]:.3f} ({_verdict(kind[key], kind.get(f'{key}_rounds'), target)})"
 
 
 def load_scale_runs() -> list[dict]:

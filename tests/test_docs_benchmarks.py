@@ -85,6 +85,6 @@ def test_each_index_kind_is_judged_against_the_qps_target_per_query():
     }  # fmt: skip
     lines = script._kinds_verdicts({"target_qps_ratio": 0.9, "by_factory": {"HNSW32": kind}})
     assert lines[-1] == (
-        "- `HNSW32`: one space 0.95 (meets), transform path 0.88 (within the spread), two spaces 0.60 (misses) "
-        "= split 0.65 x serving 0.92 (meets)"
+        "- `HNSW32`: one space 0.950 (meets), transform path 0.880 (within the spread), two spaces 0.600 (misses) "
+        "= split 0.65 x serving 0.920 (meets)"
     )
