@@ -44,7 +44,10 @@ merged across the shards): ``one_space_qps_ratio`` (that / bare) is the serving 
 ``--beta`` of those re-embedded in place, as in a transform-path backfill (FCT, FastFill) under way: every item is
 in the new space, some rows were replaced (a graph index keeps them as deleted rows, filtered at search, until its
 rebuild), and a ``compatible`` query searches one space per shard. ``transform_qps_ratio`` is that against the
-bare index.
+bare index. A graph kind cannot remove a row, so a fourth side, ``transform_bare_replaced``, is bare FAISS after the
+same replacements (the same adds in the same order, the replaced rows excluded by an IDSelector):
+``transform_replaced_qps_ratio`` (that / bare) is what the replaced rows cost FAISS itself,
+``transform_serving_qps_ratio`` (index / that) what serving adds.
 
 The index side searches through an ``IndexSearcher`` (the driver calls the shards, as the HTTP service does);
 ``router_qps_ratio`` and ``router_one_space_qps_ratio`` are the same searches through the router, one Ray hop
@@ -82,14 +85,16 @@ import numpy as np
 import ray
 
 from raybackfill import NAMESPACE
-from raybackfill.index.kinds import build, default_build_params, default_params, search_parameters
+from raybackfill.index.kinds import build, default_build_params, default_params, layout_of, search_parameters
 from raybackfill.index.router import IndexSearcher, RouterConfig, create_index, destroy_index, get
 from raybackfill.index.shard import IndexConfig
 from raybackfill.index.sharding import shard_of
 from raybackfill.runtime import init_ray
-from raybackfill.types import Metric, Space, Strategy
+from raybackfill.types import Layout, Metric, Space, Strategy
 
 CHUNK = 10_000  # rows per load_old / upsert call, like a backfill batch
+# the transform-path figures of a graph kind against the bare index with the same replaced rows
+REPLACED_PREFIXES = ("transform_bare_replaced", "transform_replaced_", "transform_serving_")
 QUICK = {"n": 50_000, "queries": 200, "latency_probes": 100}
 LATENCY_K, LATENCY_STRATEGY = 10, Strategy.RANK_MERGE
 WARMUP_PROBES = 3  # single queries before the idle measurement, not recorded
@@ -545,6 +550,46 @@ def bare_parts_kind(
     return {"parts": len(parts), "build_seconds": build_s}, search_all
 
 
+def transform_rows(n: int, moved: np.ndarray, beta: float) -> tuple[np.ndarray, np.ndarray]:
+    """The items a transform-path backfill transforms after the moves (every item not moved) and the part of those
+    re-embedded in place (every ``1/beta``-th)."""
+    still_old = np.setdiff1d(np.arange(n, dtype=np.int64), moved)
+    return still_old, (still_old[:: max(1, round(1 / beta))] if beta > 0 else still_old[:0])
+
+
+def bare_replaced_kind(
+    template: faiss.Index, params: dict, gallery, queries, k: int, moved: np.ndarray, beta: float
+) -> tuple[dict, Callable[[], Any]] | None:
+    """For a graph kind, which cannot remove a row: one bare index over the items of the transform path after the
+    same replacements, built by the index's adds in the index's order (the moved items, then the items transformed,
+    then the re-embedded ones again, in batches of ``CHUNK``), the replaced rows left in the graph and excluded by
+    an IDSelectorBitmap, FAISS's own way to keep rows out of a search. Returns its build figures and its search
+    (the item ids found); None for a kind that removes rows (its bare index after the replacements is the bare
+    index). Set beside :func:`bare_kind` it separates what the replaced rows cost FAISS itself from what serving
+    adds."""
+    if layout_of(template) is not Layout.GRAPH:
+        return None
+    still_old, reembedded = transform_rows(len(gallery), moved, beta)
+    rows = np.concatenate([moved, still_old, reembedded])
+    alive = np.ones(len(rows), bool)
+    alive[len(moved) + np.searchsorted(still_old, reembedded)] = False  # the rows the re-embedding replaced
+    index = faiss.clone_index(template)
+    start = time.perf_counter()
+    for lo in range(0, len(rows), CHUNK):
+        index.add(gallery[rows[lo : lo + CHUNK]])
+    build_s = time.perf_counter() - start
+    bitmap = np.packbits(alive, bitorder="little")
+    selector = faiss.IDSelectorBitmap(len(rows), faiss.swig_ptr(bitmap))
+    keep: list = [bitmap, selector]
+    sp = search_parameters(index, params, selector, keep)
+
+    def search(keep: list = keep) -> np.ndarray:  # holds the bitmap and the selector as long as the search exists
+        labels = index.search(queries, k, params=sp)[1]
+        return np.where(labels >= 0, rows[np.maximum(labels, 0)], -1)
+
+    return {"build_seconds": build_s, "rows": len(rows), "replaced_rows": int((~alive).sum())}, search
+
+
 def router_kind(
     factory: str,
     params: dict,
@@ -557,6 +602,7 @@ def router_kind(
     moved: np.ndarray,
     bare: dict[str, Callable[[], Any]],
     parts: dict[str, Callable[[], Any]],
+    replaced: dict[str, Callable[[], Any]],
 ) -> dict:
     """The index over ``shards`` shards of ``args.cpus / shards`` CPUs each: train both spaces on ``sample``,
     load the gallery, time one-space queries (every item still old), move the items ``moved`` to the new space
@@ -595,8 +641,7 @@ def router_kind(
         # re-embedded in place (same vectors), so the new space holds every item and has replaced rows (a graph
         # keeps them as deleted rows until its rebuild), as in a transform-path backfill under way. Its query is
         # one FAISS search per shard, against the bare index over the same items.
-        still_old = np.setdiff1d(ids, moved)
-        reembedded = still_old[:: max(1, round(1 / args.beta))] if args.beta > 0 else still_old[:0]
+        still_old, reembedded = transform_rows(n, moved, args.beta)
         start = time.perf_counter()
         for state, batch in ((Space.TRANSFORMED, still_old), (Space.NEW, reembedded)):
             for lo in range(0, len(batch), CHUNK):
@@ -607,7 +652,9 @@ def router_kind(
         deleted = [new["stored"] - new["live"] for new in news]
         for actor in actors:
             get(actor.wait_for_rebuilds.remote())
-        transform = timed_paths(router, searcher, args.repeats, bare, None, queries, k, Strategy.COMPATIBLE)
+        transform = timed_paths(
+            router, searcher, args.repeats, {**bare, **replaced}, None, queries, k, Strategy.COMPATIBLE
+        )
         described = [get(actor.describe.remote()) for actor in actors]
         sizes = [get(actor.index_bytes.remote()) for actor in actors]
     finally:
@@ -711,13 +758,28 @@ def kinds_main(argv: list[str] | None = None) -> dict:
             template, train_s = trained_template(factory, args.d, sample, max(threads))
             built, bare_search = bare_kind(template, params, gallery, queries, RECALL_K)
             bare_side = at_threads("bare", threads, bare_search)
+            replaced = bare_replaced_kind(template, params, gallery, queries, RECALL_K, moved, args.beta)
+            replaced_built, replaced_side = (
+                (None, {}) if replaced is None else (replaced[0], at_threads("replaced", threads, replaced[1]))
+            )
             nq = len(queries)
             by_shards = {}
             for shards in shard_counts:
                 parts_built, parts_search = bare_parts_kind(template, params, gallery, queries, RECALL_K, moved, shards)
                 parts_side = at_threads("parts", threads, parts_search)
                 ours = router_kind(
-                    factory, params, gallery, sample, queries, RECALL_K, shards, args, moved, bare_side, parts_side
+                    factory,
+                    params,
+                    gallery,
+                    sample,
+                    queries,
+                    RECALL_K,
+                    shards,
+                    args,
+                    moved,
+                    bare_side,
+                    parts_side,
+                    replaced_side,
                 )
                 del parts_side, parts_search  # the parts' indexes
                 (one, one_times), (two, two_times) = ours.pop("one_space"), ours.pop("two_spaces")
@@ -725,6 +787,17 @@ def kinds_main(argv: list[str] | None = None) -> dict:
                 bare, one_bare, parts = fastest(two, "bare", nq), fastest(one, "bare", nq), fastest(two, "parts", nq)
                 transform_bare = fastest(moving, "bare", nq)
                 transform_bare.pop("ids")
+                # a graph kind: the bare index with the same replaced rows, and the index against it
+                transform_replaced: dict[str, Any] = {}
+                if replaced_built is not None:
+                    same_rows = fastest(moving, "replaced", nq)
+                    same_rows["recall_at_10"] = recall_at(same_rows.pop("ids"), truth, RECALL_K)
+                    transform_replaced = {
+                        "transform_bare_replaced": {**replaced_built, **same_rows},
+                        "transform_replaced_qps_ratio": same_rows["qps"] / transform_bare["qps"],
+                        "transform_serving_qps_ratio": nq / moving["searcher"][0] / same_rows["qps"],
+                        "transform_serving_qps_ratio_rounds": paired_ratios(moving_times, "searcher", "replaced"),
+                    }
                 transform_qps, transform_router_qps = nq / moving["searcher"][0], nq / moving["router"][0]
                 index_qps, router_qps = nq / two["searcher"][0], nq / two["router"][0]
                 one_qps, one_router_qps = nq / one["searcher"][0], nq / one["router"][0]
@@ -769,15 +842,20 @@ def kinds_main(argv: list[str] | None = None) -> dict:
                     # a transform-path backfill under way: every item in the new space, some re-embedded in place
                     "transform_qps_ratio": transform_qps / transform_bare["qps"],
                     "router_transform_qps_ratio": transform_router_qps / transform_bare["qps"],
+                    # a graph kind: what the replaced rows cost FAISS itself, and what serving adds to that
+                    **transform_replaced,
                     # the same searches through the router (one Ray hop more)
                     "router_qps_ratio": router_qps / bare["qps"],
                     "router_one_space_qps_ratio": one_router_qps / one_bare["qps"],
                 }
-            del template, bare_side, bare_search  # the bare index
+            del template, bare_side, bare_search, replaced, replaced_side  # the bare indexes
             fastest_shards = max(by_shards, key=lambda s: by_shards[s]["qps_ratio"])
             one_space = max(by_shards, key=lambda s: by_shards[s]["one_space_qps_ratio"])
             transform = max(by_shards, key=lambda s: by_shards[s]["transform_qps_ratio"])
             headline = by_shards[fastest_shards]
+            replaced_figures: dict[str, Any] = {
+                key: value for key, value in by_shards[transform].items() if key.startswith(REPLACED_PREFIXES)
+            }
             results[factory] = {
                 "search_params": params,
                 "build_params": default_build_params(factory, Metric.IP, {}),
@@ -798,6 +876,7 @@ def kinds_main(argv: list[str] | None = None) -> dict:
                 "transform_shards": int(transform),
                 "router_transform_qps_ratio": by_shards[transform]["router_transform_qps_ratio"],
                 "transform_recall_at_10": by_shards[transform]["index"]["transform_recall_at_10"],
+                **replaced_figures,
                 "by_shards": by_shards,
             }
             r = results[factory]

@@ -388,6 +388,8 @@ def run(args: argparse.Namespace) -> dict:
                     "transform_shards": k["transform_shards"],
                     "router_transform_qps_ratio": k["router_transform_qps_ratio"],
                     "transform_recall_at_10": k["transform_recall_at_10"],
+                    # a graph kind: the transform path against bare FAISS with the same replaced rows
+                    **{key: value for key, value in k.items() if key.startswith(bench_index.REPLACED_PREFIXES)},
                     "shards": k["shards"],
                     "qps_ratio_by_shards": {shards: v["qps_ratio"] for shards, v in k["by_shards"].items()},
                     "bare_parts": k["bare_parts"]["parts"],

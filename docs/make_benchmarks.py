@@ -358,7 +358,10 @@ def _kinds_verdicts(kinds: dict) -> list[str]:
         f"Against the target (merged QPS >= {target}x bare). A real backfill's two spaces hold vectors of two "
         "models, which no single bare index can hold: bare FAISS would search one index per space and merge, the "
         "*split* above, so the two-space query is judged as a whole and by its *serving* factor (against bare "
-        "FAISS over the same parts).",
+        "FAISS over the same parts). A graph kind cannot remove a row: during the transform path its new space "
+        "keeps the rows that re-embedding replaced until a rebuild, and so would bare FAISS (which excludes them "
+        "with an IDSelector); *replaced rows* is that bare index against the clean one, and the transform path is "
+        "judged by its *serving* factor beside it.",
         "",
     ]
     for factory, k in kinds["by_factory"].items():
@@ -366,6 +369,11 @@ def _kinds_verdicts(kinds: dict) -> list[str]:
             _judged(k, key, target)
             for key in ("one_space_qps_ratio", "transform_qps_ratio", "qps_ratio", "serving_qps_ratio")
         )
+        if "transform_replaced_qps_ratio" in k:  # a graph kind: the replaced rows' own cost, then serving's
+            moving += (
+                f" = replaced rows {k['transform_replaced_qps_ratio']:.2f} x serving "
+                f"{_judged(k, 'transform_serving_qps_ratio', target)}"
+            )
         lines.append(
             f"- `{factory}`: one space {one}, transform path {moving}, two spaces {two} = split "
             f"{k['split_qps_ratio']:.2f} x serving {serving}"

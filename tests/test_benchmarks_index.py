@@ -148,6 +148,21 @@ def test_kinds_run_compares_each_factory_with_bare_faiss_on_the_session_ray(ray_
     # A graph cannot remove: the replaced rows stay as deleted rows (below the rebuild fraction) and are filtered.
     for run in kinds["HNSW16"]["by_shards"].values():
         assert run["index"]["deleted_rows_new_space"] == 500
+        # Bare FAISS with the same rows: the same adds, the 500 replaced rows excluded by a selector.
+        replaced = run["transform_bare_replaced"]
+        assert replaced["rows"] == 2500 and replaced["replaced_rows"] == 500
+        assert 0.5 <= replaced["recall_at_10"] <= 1.0
+        assert run["transform_replaced_qps_ratio"] * run["transform_serving_qps_ratio"] == pytest.approx(
+            run["transform_qps_ratio"]
+        )
+        assert len(run["transform_serving_qps_ratio_rounds"]) == 2
+    hnsw = kinds["HNSW16"]
+    assert (
+        hnsw["transform_serving_qps_ratio"]
+        == hnsw["by_shards"][str(hnsw["transform_shards"])]["transform_serving_qps_ratio"]
+    )
+    # A kind that removes rows has no such side: its bare index after the replacements is the bare index.
+    assert not any(key.startswith("transform_serving") for run in kinds["Flat"]["by_shards"].values() for key in run)
     # One training, one partition: the router and its bare parts probe the same lists.
     for run in kinds["IVF8,SQ8"]["by_shards"].values():
         assert run["bare_parts"]["recall_at_10"] == pytest.approx(run["index"]["recall_at_10"], abs=0.02)

@@ -83,8 +83,12 @@ def test_each_index_kind_is_judged_against_the_qps_target_per_query():
         "qps_ratio": 0.6, "qps_ratio_rounds": [0.55, 0.62], "split_qps_ratio": 0.65,
         "serving_qps_ratio": 0.92, "serving_qps_ratio_rounds": [0.9, 0.93],
     }  # fmt: skip
-    lines = script._kinds_verdicts({"target_qps_ratio": 0.9, "by_factory": {"HNSW32": kind}})
+    lines = script._kinds_verdicts({"target_qps_ratio": 0.9, "by_factory": {"IVF1024,PQ32": kind}})
     assert lines[-1] == (
-        "- `HNSW32`: one space 0.950 (meets), transform path 0.880 (within the spread), two spaces 0.600 (misses) "
-        "= split 0.65 x serving 0.920 (meets)"
+        "- `IVF1024,PQ32`: one space 0.950 (meets), transform path 0.880 (within the spread), two spaces 0.600 "
+        "(misses) = split 0.65 x serving 0.920 (meets)"
     )
+    # A graph kind's transform path also against bare FAISS with the same replaced rows.
+    graph = {**kind, "transform_replaced_qps_ratio": 0.85, "transform_serving_qps_ratio": 0.93}
+    lines = script._kinds_verdicts({"target_qps_ratio": 0.9, "by_factory": {"HNSW32": graph}})
+    assert "transform path 0.880 (within the spread) = replaced rows 0.85 x serving 0.930 (meets)," in lines[-1]
