@@ -510,6 +510,11 @@ def bare_kind(template: faiss.Index, params: dict, gallery, queries, k: int) -> 
     return {"add_seconds": add_s, "bytes": len(faiss.serialize_index(index))}, search
 
 
+def items_of(labels: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The item ids of a bare index's answer: its labels are positions in ``rows``, the items it holds (-1 kept)."""
+    return np.where(labels >= 0, rows[np.maximum(labels, 0)], -1)
+
+
 def bare_parts_kind(
     template: faiss.Index, params: dict, gallery, queries, k: int, moved: np.ndarray, shards: int
 ) -> tuple[dict, Callable[[], Any]]:
@@ -542,7 +547,7 @@ def bare_parts_kind(
         for index, rows, sp in parts:
             found_scores, labels = index.search(queries, k) if sp is None else index.search(queries, k, params=sp)
             scores.append(found_scores)
-            ids.append(np.where(labels >= 0, rows[np.maximum(labels, 0)], -1))
+            ids.append(items_of(labels, rows))
         all_scores, all_ids = np.concatenate(scores, axis=1), np.concatenate(ids, axis=1)
         best = np.argsort(-all_scores, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(all_ids, best, axis=1)
@@ -585,7 +590,7 @@ def bare_replaced_kind(
 
     def search(keep: list = keep) -> np.ndarray:  # holds the bitmap and the selector as long as the search exists
         labels = index.search(queries, k, params=sp)[1]
-        return np.where(labels >= 0, rows[np.maximum(labels, 0)], -1)
+        return items_of(labels, rows)
 
     return {"build_seconds": build_s, "rows": len(rows), "replaced_rows": int((~alive).sum())}, search
 
@@ -787,6 +792,7 @@ def kinds_main(argv: list[str] | None = None) -> dict:
                 bare, one_bare, parts = fastest(two, "bare", nq), fastest(one, "bare", nq), fastest(two, "parts", nq)
                 transform_bare = fastest(moving, "bare", nq)
                 transform_bare.pop("ids")
+                transform_qps, transform_router_qps = nq / moving["searcher"][0], nq / moving["router"][0]
                 # a graph kind: the bare index with the same replaced rows, and the index against it
                 transform_replaced: dict[str, Any] = {}
                 if replaced_built is not None:
@@ -795,10 +801,9 @@ def kinds_main(argv: list[str] | None = None) -> dict:
                     transform_replaced = {
                         "transform_bare_replaced": {**replaced_built, **same_rows},
                         "transform_replaced_qps_ratio": same_rows["qps"] / transform_bare["qps"],
-                        "transform_serving_qps_ratio": nq / moving["searcher"][0] / same_rows["qps"],
+                        "transform_serving_qps_ratio": transform_qps / same_rows["qps"],
                         "transform_serving_qps_ratio_rounds": paired_ratios(moving_times, "searcher", "replaced"),
                     }
-                transform_qps, transform_router_qps = nq / moving["searcher"][0], nq / moving["router"][0]
                 index_qps, router_qps = nq / two["searcher"][0], nq / two["router"][0]
                 one_qps, one_router_qps = nq / one["searcher"][0], nq / one["router"][0]
                 our_recall = recall_at(two["searcher"][1].ids, truth, RECALL_K)
