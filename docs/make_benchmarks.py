@@ -535,6 +535,12 @@ def _kept(runs: list[dict]) -> list[str]:
     return lines
 
 
+def _duration(runs: list[dict], quick: bool) -> str:
+    """How long the newest kept run of these sizes took (the Reproduce block's estimate comes from a real run)."""
+    minutes = [run["seconds"] / 60 for run in runs if run["config"]["quick"] == quick]
+    return f"~{max(1, round(minutes[-1]))} min on this page's machine" if minutes else "not run yet"
+
+
 def render(runs: list[dict] | None = None, scale_runs: list[dict] | None = None) -> str:
     runs = load_runs() if runs is None else runs
     scale_runs = load_scale_runs() if scale_runs is None else scale_runs
@@ -572,8 +578,9 @@ def render(runs: list[dict] | None = None, scale_runs: list[dict] | None = None)
         "",
         "```bash",
         "export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0   # a local Ray without a token",
-        ".venv/bin/python -m benchmarks.run --quick --out docs/benchmarks/quick.json  # a few minutes",
-        ".venv/bin/python -m benchmarks.run --out docs/benchmarks/full.json   # full sizes: ~15 min on 2 cores",
+        f".venv/bin/python -m benchmarks.run --quick --out docs/benchmarks/quick.json  # {_duration(runs, quick=True)}",
+        ".venv/bin/python -m benchmarks.run --out docs/benchmarks/full.json   # full sizes: "
+        + _duration(runs, quick=False),
         ".venv/bin/python docs/make_benchmarks.py                             # rewrite this page",
         "```",
         "",

@@ -92,3 +92,15 @@ def test_each_index_kind_is_judged_against_the_qps_target_per_query():
     graph = {**kind, "transform_replaced_qps_ratio": 0.85, "transform_serving_qps_ratio": 0.93}
     lines = script._kinds_verdicts({"target_qps_ratio": 0.9, "by_factory": {"HNSW32": graph}})
     assert "transform path 0.880 (within the spread) = replaced rows 0.85 x serving 0.930 (meets)," in lines[-1]
+
+
+def test_the_reproduce_block_states_how_long_the_newest_kept_run_of_each_size_took():
+    duration = _script()._duration
+    runs = [
+        {"config": {"quick": False}, "seconds": 3000},
+        {"config": {"quick": True}, "seconds": 20},
+        {"config": {"quick": False}, "seconds": 3330},
+    ]
+    assert duration(runs, quick=False) == "~56 min on this page's machine"
+    assert duration(runs, quick=True) == "~1 min on this page's machine"  # under a minute still reads as one
+    assert duration(runs[:1], quick=True) == "not run yet"
