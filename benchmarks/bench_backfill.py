@@ -637,6 +637,7 @@ def write_plan_only(args: argparse.Namespace, figures: dict[str, Any], load_star
     """The JSON of a ``--plan-only`` run (its own file next to the full run's)."""
     result = {
         "benchmark": "bench_backfill",
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": vars(args),
         "machine": {**machine_info(), "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
         "plan_storage": figures,

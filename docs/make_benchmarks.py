@@ -5,17 +5,21 @@
 Each file in docs/benchmarks/ is the JSON that ``python -m benchmarks.run --out FILE`` wrote, copied as is. The
 page shows the latest of them (by its ``date_utc``) in full and lists the others. The page is never edited by
 hand: run the suite, keep its JSON here, and run this script (a test checks the page is what this script makes).
+The scale and plan-storage benchmarks keep theirs in docs/benchmarks/scale/ and docs/benchmarks/plan/; the page
+shows the latest of each.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS, PAGE = HERE / "benchmarks", HERE / "benchmarks.md"
 SCALE_RESULTS = RESULTS / "scale"  # what ``python -m benchmarks.bench_scale --out FILE`` wrote
+PLAN_RESULTS = RESULTS / "plan"  # what ``python benchmarks/bench_backfill.py --plan-only --out FILE`` wrote
 
 # key -> (what it measures, in words; what the ratio compares)
 KEYS = {
@@ -385,14 +389,59 @@ def _judged(kind: dict, key: str, target: float) -> str:
     return f"{kind[key]:.3f} ({_verdict(kind[key], kind.get(f'{key}_rounds'), target)})"
 
 
-def load_scale_runs() -> list[dict]:
-    """Every kept scale result (docs/benchmarks/scale/), oldest first, each with its ``_file``."""
+def _kept_runs(directory: Path) -> list[dict]:
+    """Every result kept in a folder of docs/benchmarks/, oldest first, each with its ``_file`` (the path there)."""
     runs = []
-    for path in sorted(SCALE_RESULTS.glob("*.json")):
+    for path in sorted(directory.glob("*.json")):
         run = json.loads(path.read_text())
-        run["_file"] = f"scale/{path.name}"
+        run["_file"] = f"{directory.name}/{path.name}"
         runs.append(run)
     return sorted(runs, key=lambda run: run["date_utc"])
+
+
+def load_scale_runs() -> list[dict]:
+    """Every kept scale result (docs/benchmarks/scale/), oldest first."""
+    return _kept_runs(SCALE_RESULTS)
+
+
+def load_plan_runs() -> list[dict]:
+    """Every kept plan-storage result (docs/benchmarks/plan/), oldest first."""
+    return _kept_runs(PLAN_RESULTS)
+
+
+def _plan(runs: list[dict]) -> list[str]:
+    """The latest plan-storage run: the plan's bytes against the gallery's and against the former plan's copy."""
+    if not runs:
+        return []
+    run = runs[-1]
+    plan, config = run["plan_storage"], run["config"]
+    target = plan["target_fraction"]
+    fraction = plan["plan_fraction"]
+    n = plan["planned_items"]
+    verdict = "meets" if fraction < target else "misses"
+    rows = [
+        ("plan: ids, ranks and where each row lives", plan["plan_bytes"], fraction),
+        ("former plan: the rows copied into tiers", plan["former_plan_bytes"], plan["former_plan_fraction"]),
+        ("the gallery", plan["gallery_bytes"], 1.0),
+    ]
+    return [
+        "## Plan storage",
+        "",
+        f"`docs/benchmarks/{run['_file']}` ({run['date_utc']}; load {_load(run['machine'])}). The priority plan "
+        f"of a gallery of {n:,} JPEGs against the gallery itself and against what the former plan stored "
+        f"(written in the same run): {plan['what']}. Reproduce: `python benchmarks/bench_backfill.py --plan-only "
+        f"--plan-images {config['plan_images']} --plan-size {config['plan_size']} --repeats {config['repeats']} "
+        "--out FILE` (it writes FILE's name with `_plan`).",
+        "",
+        "| stored | bytes | bytes per item | share of the gallery's bytes |",
+        "|---|---|---|---|",
+        *(f"| {what} | {size:,.0f} | {size / n:,.1f} | {100 * share:.2f} % |" for what, size, share in rows),
+        "",
+        f"Target: the plan < {100 * target:.0f} % of the gallery's bytes: {100 * fraction:.2f} % ({verdict}). "
+        f"Time (median of {len(plan['plan_seconds'])}): the plan {statistics.median(plan['plan_seconds']):.1f} s, "
+        f"the former copy {statistics.median(plan['former_plan_seconds']):.1f} s.",
+        "",
+    ]
 
 
 def _scale(runs: list[dict]) -> list[str]:
@@ -541,9 +590,12 @@ def _duration(runs: list[dict], quick: bool) -> str:
     return f"~{max(1, round(minutes[-1]))} min on this page's machine" if minutes else "not run yet"
 
 
-def render(runs: list[dict] | None = None, scale_runs: list[dict] | None = None) -> str:
+def render(
+    runs: list[dict] | None = None, scale_runs: list[dict] | None = None, plan_runs: list[dict] | None = None
+) -> str:
     runs = load_runs() if runs is None else runs
     scale_runs = load_scale_runs() if scale_runs is None else scale_runs
+    plan_runs = load_plan_runs() if plan_runs is None else plan_runs
     if not runs:
         raise ValueError(f"no benchmark results in {RESULTS}: run python -m benchmarks.run --out {RESULTS}/NAME.json")
     latest = runs[-1]
@@ -574,6 +626,7 @@ def render(runs: list[dict] | None = None, scale_runs: list[dict] | None = None)
         "",
         *_index_kinds(latest),
         *_scale(scale_runs),
+        *_plan(plan_runs),
         "## Reproduce",
         "",
         "```bash",

@@ -104,3 +104,38 @@ def test_the_reproduce_block_states_how_long_the_newest_kept_run_of_each_size_to
     assert duration(runs, quick=False) == "~56 min on this page's machine"
     assert duration(runs, quick=True) == "~1 min on this page's machine"  # under a minute still reads as one
     assert duration(runs[:1], quick=True) == "not run yet"
+
+
+def _plan_run(plan_bytes: int) -> dict:
+    return {
+        "_file": "plan/bench_backfill_plan.json",
+        "date_utc": "2026-01-01T00:00:00Z",
+        "config": {"plan_images": 1000, "plan_size": 64, "repeats": 3},
+        "machine": {"loadavg_start": [0.5, 0, 0], "loadavg_end": [1.0, 0, 0]},
+        "plan_storage": {
+            "what": "policy random",
+            "planned_items": 1000,
+            "gallery_bytes": 2_000_000,
+            "plan_bytes": plan_bytes,
+            "plan_fraction": plan_bytes / 2_000_000,
+            "former_plan_bytes": 2_010_000,
+            "former_plan_fraction": 1.005,
+            "target_fraction": 0.02,
+            "plan_seconds": [3.0, 1.0, 2.0],
+            "former_plan_seconds": [4.0, 6.0, 5.0],
+        },
+    }
+
+
+def test_the_plan_section_shows_the_latest_plan_run_against_the_gallery_and_judges_the_target():
+    script = _script()
+    lines = script._plan([_plan_run(90_000), _plan_run(12_000)])  # oldest first: the second is shown
+    text = "\n".join(lines)
+    assert "| plan: ids, ranks and where each row lives | 12,000 | 12.0 | 0.60 % |" in text
+    assert "| former plan: the rows copied into tiers | 2,010,000 | 2,010.0 | 100.50 % |" in text
+    assert "| the gallery | 2,000,000 | 2,000.0 | 100.00 % |" in text
+    assert "< 2 % of the gallery's bytes: 0.60 % (meets)" in text
+    assert "the plan 2.0 s, the former copy 5.0 s" in text  # medians
+    assert "--plan-images 1000 --plan-size 64 --repeats 3" in text
+    assert "(misses)" in "\n".join(script._plan([_plan_run(40_000)]))  # 2.00 % is not under 2 %
+    assert script._plan([]) == []
