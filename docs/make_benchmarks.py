@@ -437,7 +437,9 @@ def _plan(runs: list[dict]) -> list[str]:
         "|---|---|---|---|",
         *(f"| {what} | {size:,.0f} | {size / n:,.1f} | {100 * share:.2f} % |" for what, size, share in rows),
         "",
-        f"Target: the plan < {100 * target:.0f} % of the gallery's bytes: {100 * fraction:.2f} % ({verdict}). "
+        f"Target: the plan < {100 * target:.0f} % of the gallery's bytes: {100 * fraction:.2f} % ({verdict}). The "
+        f"plan's bytes per item do not depend on the images, so any gallery whose images average more than "
+        f"{plan['plan_bytes'] / n / target:,.0f} bytes meets it. "
         f"Time (median of {len(plan['plan_seconds'])}): the plan {statistics.median(plan['plan_seconds']):.1f} s, "
         f"the former copy {statistics.median(plan['former_plan_seconds']):.1f} s.",
         "",

@@ -135,6 +135,7 @@ def test_the_plan_section_shows_the_latest_plan_run_against_the_gallery_and_judg
     assert "| former plan: the rows copied into tiers | 2,010,000 | 2,010.0 | 100.50 % |" in text
     assert "| the gallery | 2,000,000 | 2,000.0 | 100.00 % |" in text
     assert "< 2 % of the gallery's bytes: 0.60 % (meets)" in text
+    assert "images average more than 600 bytes meets it" in text  # 12 bytes per item / 2 %
     assert "the plan 2.0 s, the former copy 5.0 s" in text  # medians
     assert "--plan-images 1000 --plan-size 64 --repeats 3" in text
     assert "(misses)" in "\n".join(script._plan([_plan_run(40_000)]))  # 2.00 % is not under 2 %
