@@ -418,7 +418,7 @@ def _plan(runs: list[dict]) -> list[str]:
     target = plan["target_fraction"]
     fraction = plan["plan_fraction"]
     n = plan["planned_items"]
-    verdict = "meets" if fraction < target else "misses"
+    verdict = _meets(fraction, f"< {target}")
     rows = [
         ("plan: ids, ranks and where each row lives", plan["plan_bytes"], fraction),
         ("former plan: the rows copied into tiers", plan["former_plan_bytes"], plan["former_plan_fraction"]),
